@@ -1,0 +1,1 @@
+"""Microbenchmarks (pytest-benchmark): kernels against the eager reference."""
