@@ -1,0 +1,98 @@
+"""Shared fixtures: a small real data set (scikit-learn's bundled digits), a small CNN factory, and
+a fixed seed for every test."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    """Every test starts from the same global RNG state."""
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Run a module's tests with one intra-op thread (restored afterwards). Their tensors are
+    tiny, so threads only add synchronisation cost, which explodes on a busy machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _load_digits_tensors(n_train: int = 512, n_test: int = 256):
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float64)
+    y = torch.tensor(data.target, dtype=torch.long)
+    # A fixed permutation so train and test both hold every class.
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(1234))
+    x, y = x[perm], y[perm]
+    x_train, y_train = x[:n_train], y[:n_train]
+    x_test, y_test = x[n_train:n_train + n_test], y[n_train:n_train + n_test]
+    # Standardise every pixel with the training statistics (constant pixels stay at 0).
+    mean = x_train.mean(0)
+    std = x_train.std(0).clamp_min(1e-6)
+    x_train = ((x_train - mean) / std).to(torch.float32).reshape(-1, 1, 8, 8)
+    x_test = ((x_test - mean) / std).to(torch.float32).reshape(-1, 1, 8, 8)
+    return x_train.contiguous(), y_train, x_test.contiguous(), y_test
+
+
+class Digits:
+    """A deterministic, standardised subset of digits: ``(N, 1, 8, 8)`` float32 images."""
+
+    def __init__(self, n_train: int = 512, n_test: int = 256):
+        self.x_train, self.y_train, self.x_test, self.y_test = _load_digits_tensors(
+            n_train, n_test)
+
+    def batches(self, batch_size: int, steps: int, seed: int = 0):
+        """``steps`` training batches drawn from a seeded generator (the same every call)."""
+        gen = torch.Generator().manual_seed(seed)
+        n = self.x_train.shape[0]
+        out = []
+        perm = torch.randperm(n, generator=gen)
+        pos = 0
+        for _ in range(steps):
+            if pos + batch_size > n:
+                perm = torch.randperm(n, generator=gen)
+                pos = 0
+            idx = perm[pos:pos + batch_size]
+            pos += batch_size
+            out.append((self.x_train[idx], self.y_train[idx]))
+        return out
+
+
+@pytest.fixture(scope="session")
+def digits() -> Digits:
+    return Digits()
+
+
+def build_cnn(seed: int = 0, *, inplace: bool = True, groups: int = 2,
+              dtype: torch.dtype = torch.float32) -> nn.Sequential:
+    """Conv(1->8) -> ReLU -> Conv(8->16, groups) -> ReLU -> MaxPool -> Linear(256->32) -> ReLU
+    -> Linear(32->10), for ``(N, 1, 8, 8)`` inputs; initialised from ``seed``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.ReLU(inplace=inplace),
+            nn.Conv2d(8, 16, 3, padding=1, groups=groups),
+            nn.ReLU(inplace=inplace),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(16 * 4 * 4, 32),
+            nn.ReLU(inplace=inplace),
+            nn.Linear(32, 10),
+        )
+    return model.to(dtype)
+
+
+@pytest.fixture
+def make_cnn():
+    """Factory: ``make_cnn(seed=0, inplace=True, groups=2, dtype=torch.float32)``."""
+    return build_cnn
