@@ -1,0 +1,189 @@
+"""The ``kfac-train`` command (kfac_kernels.train), its data set and its model."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kfac_kernels.data import load_digits_split
+from kfac_kernels.models import DigitsCNN, build_digits_cnn
+from kfac_kernels.train import DEFAULT_LR, BatchSampler, main
+
+REQUIRED_KEYS = {"optimizer", "steps", "batch_size", "lr", "seed", "device", "dtype",
+                 "train_loss", "train_accuracy", "test_loss", "test_accuracy", "wall_time_s",
+                 "steps_per_s", "history"}
+
+
+def _train(tmp_path, *args: str) -> dict:
+    path = tmp_path / "metrics.json"
+    assert main([*args, "--no-progress", "--json", str(path)]) == 0
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _check_metrics(result: dict, optimizer: str, steps: int) -> None:
+    assert REQUIRED_KEYS <= set(result)
+    assert result["optimizer"] == optimizer
+    assert result["steps"] == steps
+    assert result["batch_size"] == 64
+    assert result["lr"] == DEFAULT_LR[optimizer]
+    assert result["device"] == "cpu"
+    for key in ("train_loss", "test_loss"):
+        assert math.isfinite(result[key]) and result[key] >= 0, key
+    for key in ("train_accuracy", "test_accuracy"):
+        assert 0.0 <= result[key] <= 1.0, key
+    assert result["wall_time_s"] > 0 and result["steps_per_s"] > 0
+    steps_logged = [h["step"] for h in result["history"]]
+    assert steps_logged == sorted(steps_logged) and steps_logged[-1] == steps
+    for entry in result["history"]:
+        assert math.isfinite(entry["train_batch_loss"])
+        assert 0.0 <= entry["train_batch_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw", "kfac"])
+def test_short_run_writes_sane_json(tmp_path, capsys, optimizer):
+    result = _train(tmp_path, "--optimizer", optimizer, "--steps", "20")
+    _check_metrics(result, optimizer, 20)
+    assert [h["step"] for h in result["history"]] == [10, 20]
+    # 20 steps already learn something on 10 classes.
+    assert result["test_accuracy"] > 0.3
+    out = capsys.readouterr().out
+    assert "test  accuracy" in out and "wall time" in out
+
+
+def test_runs_are_reproducible(tmp_path):
+    a = _train(tmp_path, "--optimizer", "kfac", "--steps", "12", "--seed", "3")
+    b = _train(tmp_path, "--optimizer", "kfac", "--steps", "12", "--seed", "3")
+    for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
+        assert a[key] == b[key], key
+    assert [h["train_batch_loss"] for h in a["history"]] == [
+        h["train_batch_loss"] for h in b["history"]]
+
+
+def test_same_batches_and_initial_weights_for_every_optimizer():
+    # The mini-batch order depends only on (n, batch size, seed) ...
+    s1, s2 = (BatchSampler(100, 32, seed=5, device=torch.device("cpu")) for _ in range(2))
+    seq1 = [s1.next() for _ in range(10)]
+    seq2 = [s2.next() for _ in range(10)]
+    assert all(torch.equal(a, b) for a, b in zip(seq1, seq2))
+    # ... each epoch is a permutation (the incomplete last batch is dropped) ...
+    epoch = torch.cat(seq1[:3])
+    assert epoch.numel() == 96 and epoch.unique().numel() == 96
+    # ... and the initial weights only on the seed.
+    m1, m2, m3 = build_digits_cnn(5), build_digits_cnn(5), build_digits_cnn(6)
+    assert all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters()))
+    assert not all(torch.equal(p, q) for p, q in zip(m1.parameters(), m3.parameters()))
+
+
+def test_same_seed_gives_same_first_loss_across_optimizers(tmp_path):
+    # One step: the loss of the first batch is computed before any update, so it must agree.
+    first = {}
+    for optimizer in ("sgd", "adamw", "kfac"):
+        result = _train(tmp_path, "--optimizer", optimizer, "--steps", "1", "--seed", "2")
+        first[optimizer] = result["history"][0]["train_batch_loss"]
+    assert first["sgd"] == first["adamw"] == first["kfac"]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "bfloat16"])
+def test_other_dtypes(tmp_path, dtype):
+    result = _train(tmp_path, "--optimizer", "kfac", "--steps", "10", "--dtype", dtype,
+                    "--log-every", "5")
+    assert result["dtype"] == dtype
+    assert math.isfinite(result["train_loss"]) and math.isfinite(result["test_loss"])
+    assert [h["step"] for h in result["history"]] == [5, 10]
+
+
+def test_kfac_options_are_passed_through(tmp_path):
+    result = _train(tmp_path, "--optimizer", "kfac", "--steps", "6", "--kfac-approx", "reduce",
+                    "--damping-form", "factored", "--kl-clip", "1e-2", "--damping", "0.1",
+                    "--inv-update-steps", "3", "--lr", "0.01")
+    assert result["kfac_approx"] == "reduce" and result["damping"] == 0.1
+    assert result["lr"] == 0.01
+    assert math.isfinite(result["train_loss"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--optimizer", "lbfgs"], "invalid choice: 'lbfgs'"),
+    (["--steps", "0"], "expected a positive integer"),
+    (["--steps", "ten"], "expected a positive integer"),
+    (["--batch-size", "-4"], "expected a positive integer"),
+    (["--lr", "-0.1"], "expected a positive finite number"),
+    (["--lr", "nan"], "expected a positive finite number"),
+    (["--dtype", "float16"], "invalid choice: 'float16'"),
+    (["--device", "tpu"], "invalid choice: 'tpu'"),
+    (["--momentum", "1.5"], "expected a momentum in [0, 1)"),
+    (["--factor-decay", "1"], "--factor-decay must be in [0, 1)"),
+    (["--optimizer", "sgd", "--damping", "0.1"], "--damping only applies to --optimizer kfac"),
+    (["--json", "/nonexistent-folder/x.json"], "does not exist"),
+])
+def test_bad_arguments_exit_with_a_message(capsys, argv, message):
+    with pytest.raises(SystemExit) as err:
+        main(argv + ["--no-progress"])
+    assert err.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
+def test_cuda_without_cuda_is_an_error(capsys):
+    with pytest.raises(SystemExit):
+        main(["--device", "cuda", "--no-progress"])
+    assert "no CUDA device is available" in capsys.readouterr().err
+
+
+def test_batch_size_larger_than_the_training_set():
+    with pytest.raises(ValueError, match="exceeds the"):
+        main(["--batch-size", "100000", "--steps", "1", "--no-progress"])
+
+
+def test_help_runs_as_a_module_and_as_the_console_script():
+    env = dict(os.environ)
+    proc = subprocess.run([sys.executable, "-m", "kfac_kernels.train", "--help"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0 and "--optimizer" in proc.stdout
+    script = shutil.which("kfac-train")
+    if script is not None:  # installed with pip (as in the README)
+        proc = subprocess.run([script, "--help"], capture_output=True, text=True, env=env,
+                              timeout=120)
+        assert proc.returncode == 0 and "kfac-train" in proc.stdout
+
+
+def test_digits_split():
+    split = load_digits_split(0)
+    n_train, n_test = split.x_train.shape[0], split.x_test.shape[0]
+    assert n_train + n_test == 1797
+    assert split.x_train.shape[1:] == (1, 8, 8) and split.x_test.shape[1:] == (1, 8, 8)
+    assert split.x_train.dtype == torch.float32 and split.y_train.dtype == torch.int64
+    assert abs(n_test / 1797 - 0.2) < 0.01
+    # Stratified: every class has about the same share in both sets.
+    train_share = torch.bincount(split.y_train, minlength=10) / n_train
+    test_share = torch.bincount(split.y_test, minlength=10) / n_test
+    assert (train_share - test_share).abs().max() < 0.01
+    # Standardised with the training statistics.
+    assert abs(float(split.x_train.mean())) < 1e-5
+    assert abs(float(split.x_train.std()) - 1) < 1e-4
+    # Fixed by the seed; a different seed gives a different split.
+    again = load_digits_split(0, dtype=torch.float64)
+    assert torch.equal(again.y_test, split.y_test)
+    assert torch.allclose(again.x_test.float(), split.x_test)
+    assert not torch.equal(load_digits_split(1).y_test, split.y_test)
+    with pytest.raises(ValueError, match="test_fraction"):
+        load_digits_split(0, test_fraction=1.0)
+
+
+def test_digits_cnn_shapes():
+    model = DigitsCNN()
+    out = model(torch.zeros(3, 1, 8, 8))
+    assert out.shape == (3, 10)
+
+
+def test_kfac_default_reaches_95_percent(tmp_path):
+    """The acceptance run: ``kfac-train --optimizer kfac --steps 300`` (seed 0)."""
+    result = _train(tmp_path, "--optimizer", "kfac", "--steps", "300")
+    _check_metrics(result, "kfac", 300)
+    assert result["test_accuracy"] >= 0.95, result["test_accuracy"]
