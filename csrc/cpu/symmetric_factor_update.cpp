@@ -13,78 +13,34 @@
 // When there are few tile pairs but many rows, the rows are also split into slices whose partial
 // sums are added in a fixed order afterwards. The split depends only on the problem size, never on
 // the number of threads, so results are bitwise reproducible for any OMP_NUM_THREADS.
+//
+// The micro-kernel and the ISA selection live in gram_tiles.h (shared with patch_covariance.cpp).
 #include "symmetric_factor_update.h"
 
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
-#include <new>
 #include <string>
 
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
-// KFAC_KERNELS_NO_VECTOR_EXT / KFAC_KERNELS_NO_ISA_DISPATCH (compile definitions) select the plain
-// C++ micro-kernel / the baseline path only, as other compilers and CPUs get them.
-#if defined(__GNUC__) || defined(__clang__)
-#define KFK_ALWAYS_INLINE inline __attribute__((always_inline))
-#define KFK_RESTRICT __restrict__
-#else
-#define KFK_ALWAYS_INLINE inline
-#define KFK_RESTRICT
-#endif
-#if (defined(__GNUC__) || defined(__clang__)) && !defined(KFAC_KERNELS_NO_VECTOR_EXT)
-#define KFK_HAVE_VECTOR_EXT 1
-#else
-#define KFK_HAVE_VECTOR_EXT 0
-#endif
-
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__)) && \
-    !defined(KFAC_KERNELS_NO_ISA_DISPATCH)
-#define KFK_X86_DISPATCH 1
-#define KFK_TARGET(s) __attribute__((target(s)))
-#else
-#define KFK_X86_DISPATCH 0
-#endif
-
-#if defined(__clang__)
-#define KFK_UNROLL _Pragma("unroll")
-#elif defined(__GNUC__)
-#define KFK_UNROLL _Pragma("GCC unroll 32")
-#else
-#define KFK_UNROLL
-#endif
+#include "gram_tiles.h"
 
 namespace kfac_kernels {
 namespace cpu {
 namespace {
 
+using gram::Buffer;
+using gram::ceil_div;
+using gram::round_up;
+
 constexpr int64_t kTile = 64;             // output tile edge
 constexpr int64_t kKc = 128;              // rows of x packed per chunk
 constexpr int64_t kMinRowsPerSlice = 512; // never split m into slices shorter than this
 constexpr int64_t kTargetItems = 16;      // split m until there are about this many work items
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
-
-// 64-byte aligned scratch buffer (no value initialisation).
-template <typename T>
-class Buffer {
- public:
-  explicit Buffer(size_t n)
-      : ptr_(n ? static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))) : nullptr) {}
-  ~Buffer() {
-    if (ptr_) ::operator delete(ptr_, std::align_val_t(64));
-  }
-  Buffer(const Buffer&) = delete;
-  Buffer& operator=(const Buffer&) = delete;
-  T* get() const { return ptr_; }
-
- private:
-  T* ptr_;
-};
 
 // One tile pair over one range of rows.
 template <typename T>
@@ -102,75 +58,16 @@ struct TileJob {
 
 template <typename T, int MR, int NR, int VL>
 struct Kernel {
-  static_assert(NR % VL == 0, "NR must be a multiple of the vector length");
   static_assert(kTile % MR == 0 && kTile % NR == 0, "tile must be a multiple of MR and NR");
   static constexpr int NV = NR / VL;
 
-  // c[r][j] += sum_k a[k][r] * b[k][j] for an MRU x (NVU * VL) block; a is kc x MR, b is kc x NR
-  // (MRU <= MR, NVU <= NV: smaller for the last, narrower blocks of the panels). The chunk's sum
-  // starts from zero and is then added to c (two-level summation: the rounding error grows with
-  // kKc + m / kKc rather than with m).
-  template <int MRU, int NVU>
-  static KFK_ALWAYS_INLINE void micro(int64_t kc, const T* KFK_RESTRICT a,
-                                      const T* KFK_RESTRICT b, T* KFK_RESTRICT c, int64_t ldc) {
-#if KFK_HAVE_VECTOR_EXT
-    typedef T vec __attribute__((vector_size(VL * sizeof(T))));
-    vec acc[MRU][NVU];
-    KFK_UNROLL
-    for (int r = 0; r < MRU; ++r) {
-      KFK_UNROLL
-      for (int v = 0; v < NVU; ++v) acc[r][v] = vec{};
-    }
-    for (int64_t k = 0; k < kc; ++k) {
-      vec bv[NVU];
-      KFK_UNROLL
-      for (int v = 0; v < NVU; ++v) std::memcpy(&bv[v], b + k * NR + v * VL, sizeof(vec));
-      KFK_UNROLL
-      for (int r = 0; r < MRU; ++r) {
-        const T s = a[k * MR + r];
-        KFK_UNROLL
-        for (int v = 0; v < NVU; ++v) acc[r][v] += bv[v] * s;
-      }
-    }
-    KFK_UNROLL
-    for (int r = 0; r < MRU; ++r) {
-      KFK_UNROLL
-      for (int v = 0; v < NVU; ++v) {
-        vec cv;
-        std::memcpy(&cv, c + r * ldc + v * VL, sizeof(vec));
-        cv += acc[r][v];
-        std::memcpy(c + r * ldc + v * VL, &cv, sizeof(vec));
-      }
-    }
-#else
-    constexpr int NU = NVU * VL;
-    T acc[MRU][NU];
-    for (int r = 0; r < MRU; ++r)
-      for (int j = 0; j < NU; ++j) acc[r][j] = T(0);
-    for (int64_t k = 0; k < kc; ++k)
-      for (int r = 0; r < MRU; ++r) {
-        const T s = a[k * MR + r];
-        for (int j = 0; j < NU; ++j) acc[r][j] += s * b[k * NR + j];
-      }
-    for (int r = 0; r < MRU; ++r)
-      for (int j = 0; j < NU; ++j) c[r * ldc + j] += acc[r][j];
-#endif
-  }
+  using Micro = gram::MicroKernel<T, MR, NR, VL>;
 
-  // The micro-kernel for a block with `rows` (1..MR) useful rows: rows are rounded up to 1, 2,
-  // MR / 2 or MR, so a narrow last block does not cost a full one.
+  // The micro-kernel on blocks packed MR columns wide (a[k * MR + r]).
   template <int NVU>
   static KFK_ALWAYS_INLINE void micro_rows(int64_t rows, int64_t kc, const T* a, const T* b, T* c,
                                            int64_t ldc) {
-    if (rows > MR / 2) {
-      micro<MR, NVU>(kc, a, b, c, ldc);
-    } else if (rows > 2) {
-      micro<MR / 2, NVU>(kc, a, b, c, ldc);
-    } else if (rows == 2) {
-      micro<2, NVU>(kc, a, b, c, ldc);
-    } else {
-      micro<1, NVU>(kc, a, b, c, ldc);
-    }
+    Micro::template micro_rows<NVU, MR>(rows, kc, a, b, c, ldc);
   }
 
   // dst[(blk * kc + k) * W + l] = x[k0 + k][c0 + blk * W + l], zero past column w.
@@ -269,7 +166,10 @@ KFK_TARGET("avx512f,avx2,fma") void tile_avx512_f64(const TileJob<double>& j) {
 }
 #endif
 
-enum Isa : int { kIsaGeneric = 0, kIsaAvx2 = 1, kIsaAvx512 = 2, kIsaAuto = -1 };
+using gram::kIsaAuto;
+using gram::kIsaAvx2;
+using gram::kIsaAvx512;
+using gram::kIsaGeneric;
 
 int detect_isa() {
 #if KFK_X86_DISPATCH
@@ -287,10 +187,16 @@ int best_isa() {
 
 std::atomic<int> g_forced_isa{kIsaAuto};
 
-int current_isa() {
+}  // namespace
+
+int gram::current_isa() {
   const int forced = g_forced_isa.load(std::memory_order_relaxed);
   return forced == kIsaAuto ? best_isa() : forced;
 }
+
+namespace {
+
+using gram::current_isa;
 
 template <typename T>
 TileFn<T> tile_fn(int isa);

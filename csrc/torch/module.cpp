@@ -1,6 +1,6 @@
 // kfac_kernels._C: the op schemas (TORCH_LIBRARY) and a small Python module describing the build.
 // The CPU and CUDA implementations register themselves in their own files
-// (symmetric_factor_update.cpp, symmetric_factor_update_cuda.cpp).
+// (symmetric_factor_update.cpp, symmetric_factor_update_cuda.cpp, patch_covariance.cpp, ...).
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
@@ -10,6 +10,13 @@
 
 TORCH_LIBRARY(kfac_kernels, m) {
   m.def("symmetric_factor_update(Tensor? factor, Tensor x, float decay, float alpha) -> Tensor");
+  // x: (N, C, H, W); kernel_size, stride, dilation, padding (top, left), out_size: 2 ints each.
+  // See csrc/include/patch_covariance.h for the definition.
+  m.def(
+      "patch_covariance(Tensor x, int[] kernel_size, int[] stride, int[] dilation, int[] padding, "
+      "int[] out_size, int num_segments, int segment_start, int segment_step, "
+      "int segment_channels, bool reduce, bool bias, Tensor? factor, float decay, float alpha) "
+      "-> Tensor");
 }
 
 namespace {

@@ -1,0 +1,290 @@
+// Standalone test of the CUDA patch covariance kernels against the CPU kernel (itself checked
+// against explicit patches by test_patch_covariance). Exit status 0: all passed, 1: a failure,
+// 77: no CUDA device.
+//
+// The grid covers every code path of csrc/cuda/patch_covariance.cu: the small kernel (D <= 16:
+// depthwise, 1x1 of few channels) and the tile kernel (one and several 64-wide tiles), each with
+// and without the split over rows, the tensor-core path (fp16 / bf16 with D > 16 on sm_80+), more
+// than 65535 segments (grid-y striding), expand and reduce (both mean-patch kernels: NCHW and
+// channels_last), bias, factors (none, symmetric, asymmetric, strided), four layouts of x and all
+// four input types. Outputs must agree with the CPU kernel, be exactly symmetric whenever the
+// factor is, and be bitwise identical across two runs (determinism).
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "patch_covariance.h"
+
+namespace {
+
+using kfac_kernels::InputType;
+using kfac_kernels::PatchCovarianceParams;
+
+int g_passed = 0;
+int g_failed = 0;
+
+#define CUDA_OK(expr)                                                                   \
+  do {                                                                                  \
+    const cudaError_t err_ = (expr);                                                    \
+    if (err_ != cudaSuccess) {                                                          \
+      std::printf("CUDA error %s at %s:%d: %s\n", cudaGetErrorString(err_), __FILE__, \
+                  __LINE__, #expr);                                                     \
+      std::exit(1);                                                                     \
+    }                                                                                   \
+  } while (0)
+
+struct Rng {
+  uint64_t s;
+  explicit Rng(uint64_t seed) : s(seed * 6364136223846793005ULL + 1442695040888963407ULL) {}
+  double uniform() {  // in [-1, 1)
+    s = s * 6364136223846793005ULL + 1442695040888963407ULL;
+    return static_cast<double>(s >> 11) * (2.0 / 9007199254740992.0) - 1.0;
+  }
+  // k / 64 with |k| <= 128: exact in float16 and bfloat16 alike
+  double grid() { return std::round(uniform() * 128.0) / 64.0; }
+};
+
+uint32_t float_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+// float -> bfloat16 / float16 bits for values of Rng::grid() (exact in both).
+uint16_t to_bf16(float f) { return static_cast<uint16_t>(float_bits(f) >> 16); }
+uint16_t to_half(float f) {
+  const uint32_t u = float_bits(f);
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  if ((u & 0x7fffffffu) == 0) return sign;
+  const int32_t exp = static_cast<int32_t>((u >> 23) & 0xff) - 127 + 15;
+  return static_cast<uint16_t>(sign | (exp << 10) | ((u >> 13) & 0x3ffu));
+}
+
+size_t elem_size(InputType t) {
+  return t == InputType::kFloat64 ? 8 : t == InputType::kFloat32 ? 4 : 2;
+}
+const char* type_name(InputType t) {
+  switch (t) {
+    case InputType::kFloat32: return "float32";
+    case InputType::kFloat64: return "float64";
+    case InputType::kFloat16: return "float16";
+    default: return "bfloat16";
+  }
+}
+
+void store(unsigned char* p, InputType t, double v) {
+  switch (t) {
+    case InputType::kFloat32: {
+      const float f = static_cast<float>(v);
+      std::memcpy(p, &f, 4);
+      break;
+    }
+    case InputType::kFloat64:
+      std::memcpy(p, &v, 8);
+      break;
+    case InputType::kFloat16: {
+      const uint16_t h = to_half(static_cast<float>(v));
+      std::memcpy(p, &h, 2);
+      break;
+    }
+    default: {
+      const uint16_t b = to_bf16(static_cast<float>(v));
+      std::memcpy(p, &b, 2);
+      break;
+    }
+  }
+}
+
+template <typename T>
+T* to_device(const std::vector<T>& h) {
+  T* d = nullptr;
+  CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&d), std::max<size_t>(h.size(), 1) * sizeof(T)));
+  if (!h.empty()) CUDA_OK(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
+  return d;
+}
+
+struct Shape {
+  int64_t n, c, h, w;
+  int64_t kh, kw, sh, sw, dh, dw, pt, pb, pl, pr;
+  int64_t segments, start, step, seg_channels;  // segments 0: groups = c / seg_channels
+};
+
+enum Layout { kNCHW = 0, kNHWC = 1, kPadded = 2, kChannelsOuter = 3 };
+
+template <typename A>
+void run_case(const Shape& s, InputType type, bool reduce, bool bias, int layout,
+              int factor_kind, uint64_t seed) {
+  Rng rng(seed);
+  PatchCovarianceParams p;
+  p.x_type = type;
+  p.n = s.n, p.channels = s.c, p.height = s.h, p.width = s.w;
+  int64_t sn, sc, sh, sw, size;
+  switch (layout) {
+    case kNCHW: sw = 1, sh = s.w, sc = s.h * s.w, sn = s.c * sc, size = s.n * sn; break;
+    case kNHWC: sc = 1, sw = s.c, sh = s.w * s.c, sn = s.h * sh, size = s.n * sn; break;
+    case kPadded: sw = 2, sh = 2 * s.w + 3, sc = s.h * sh + 1, sn = s.c * sc + 5, size = s.n * sn;
+      break;
+    default: sn = 1, sw = s.n, sh = s.w * s.n + 1, sc = s.h * sh + 2, size = s.c * sc; break;
+  }
+  p.x_stride_n = sn, p.x_stride_c = sc, p.x_stride_h = sh, p.x_stride_w = sw;
+  p.kernel_h = s.kh, p.kernel_w = s.kw, p.stride_h = s.sh, p.stride_w = s.sw;
+  p.dilation_h = s.dh, p.dilation_w = s.dw, p.pad_top = s.pt, p.pad_left = s.pl;
+  p.out_h = (s.h + s.pt + s.pb - (s.dh * (s.kh - 1) + 1)) / s.sh + 1;
+  p.out_w = (s.w + s.pl + s.pr - (s.dw * (s.kw - 1) + 1)) / s.sw + 1;
+  if (s.segments == 0) {
+    p.num_segments = s.c / s.seg_channels, p.segment_start = 0;
+    p.segment_step = s.seg_channels, p.segment_channels = s.seg_channels;
+  } else {
+    p.num_segments = s.segments, p.segment_start = s.start;
+    p.segment_step = s.step, p.segment_channels = s.seg_channels;
+  }
+  p.reduce = reduce;
+  p.bias = bias;
+  p.decay = 0.95;
+  p.alpha = reduce ? 1.0 / static_cast<double>(s.n)
+                   : 1.0 / static_cast<double>(s.n * p.out_h * p.out_w);
+  const int64_t S = p.num_segments, D = p.dim();
+
+  const size_t es = elem_size(type);
+  std::vector<unsigned char> x(static_cast<size_t>(std::max<int64_t>(size, 1)) * es, 0);
+  for (int64_t n = 0; n < s.n; ++n)
+    for (int64_t c = 0; c < s.c; ++c)
+      for (int64_t h = 0; h < s.h; ++h)
+        for (int64_t w = 0; w < s.w; ++w)
+          store(&x[static_cast<size_t>(n * sn + c * sc + h * sh + w * sw) * es], type,
+                rng.grid() + (c % 3 == 0 ? 0.5 : 0.0));
+  std::vector<A> f;
+  const int64_t fsb = D * D + 2, fsr = 1, fsc = D;  // column-major, gaps between segments
+  if (factor_kind > 0) {
+    f.assign(static_cast<size_t>(S * fsb + 1), A(0));
+    for (int64_t b = 0; b < S; ++b)
+      for (int64_t i = 0; i < D; ++i)
+        for (int64_t j = i; j < D; ++j) {
+          const A v = static_cast<A>(rng.uniform());
+          f[b * fsb + i * fsr + j * fsc] = v;
+          f[b * fsb + j * fsr + i * fsc] = factor_kind == 1 ? v : static_cast<A>(rng.uniform());
+        }
+    p.factor_stride_batch = fsb, p.factor_stride_row = fsr, p.factor_stride_col = fsc;
+  }
+
+  std::vector<A> want(static_cast<size_t>(S * D * D));
+  p.x = x.data();
+  p.factor = factor_kind > 0 ? f.data() : nullptr;
+  p.out = want.data();
+  kfac_kernels::cpu::patch_covariance(p);
+
+  unsigned char* dx = to_device(x);
+  A* df = factor_kind > 0 ? to_device(f) : nullptr;
+  A* dout = nullptr;
+  CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&dout),
+                     std::max<size_t>(want.size(), 1) * sizeof(A)));
+  CUDA_OK(cudaMemset(dout, 0xff, std::max<size_t>(want.size(), 1) * sizeof(A)));  // NaN
+  p.x = dx, p.factor = df, p.out = dout;
+  const size_t ws_bytes = kfac_kernels::cuda::patch_covariance_workspace_bytes(p);
+  void* ws = nullptr;
+  if (ws_bytes) {
+    CUDA_OK(cudaMalloc(&ws, ws_bytes));
+    CUDA_OK(cudaMemset(ws, 0xff, ws_bytes));
+  }
+  std::vector<A> got(want.size()), again(want.size());
+  CUDA_OK(kfac_kernels::cuda::patch_covariance(p, ws, nullptr));
+  CUDA_OK(cudaDeviceSynchronize());
+  if (!got.empty())
+    CUDA_OK(cudaMemcpy(got.data(), dout, got.size() * sizeof(A), cudaMemcpyDeviceToHost));
+  CUDA_OK(kfac_kernels::cuda::patch_covariance(p, ws, nullptr));
+  CUDA_OK(cudaDeviceSynchronize());
+  if (!again.empty())
+    CUDA_OK(cudaMemcpy(again.data(), dout, again.size() * sizeof(A), cudaMemcpyDeviceToHost));
+  cudaFree(dx);
+  if (df) cudaFree(df);
+  cudaFree(dout);
+  if (ws) cudaFree(ws);
+
+  const double tol = sizeof(A) == 4 ? 2e-5 : 1e-12;
+  double worst = 0;
+  bool symmetric = true;
+  const bool deterministic =
+      got.empty() || std::memcmp(got.data(), again.data(), got.size() * sizeof(A)) == 0;
+  for (int64_t b = 0; b < S; ++b)
+    for (int64_t i = 0; i < D; ++i)
+      for (int64_t j = 0; j < D; ++j) {
+        const size_t e = static_cast<size_t>(b * D * D + i * D + j);
+        const double err = std::fabs(static_cast<double>(got[e]) - static_cast<double>(want[e])) /
+                           (1.0 + std::fabs(static_cast<double>(want[e])));
+        worst = std::isnan(err) ? INFINITY : std::max(worst, err);
+        if (factor_kind != 2 && !(got[e] == got[static_cast<size_t>(b * D * D + j * D + i)]))
+          symmetric = false;
+      }
+  const bool pass = worst <= tol && symmetric && deterministic;
+  (pass ? g_passed : g_failed)++;
+  if (!pass || std::getenv("KFAC_KERNELS_TEST_VERBOSE")) {
+    std::printf(
+        "%s %s %s%s N=%lld C=%lld %lldx%lld k=%lldx%lld s=%lldx%lld d=%lldx%lld S=%lld D=%lld "
+        "layout=%d factor=%d workspace=%zu: err %.3g%s%s\n",
+        pass ? "ok  " : "FAIL", type_name(type), reduce ? "reduce" : "expand", bias ? "+bias" : "",
+        static_cast<long long>(s.n), static_cast<long long>(s.c), static_cast<long long>(s.h),
+        static_cast<long long>(s.w), static_cast<long long>(s.kh), static_cast<long long>(s.kw),
+        static_cast<long long>(s.sh), static_cast<long long>(s.sw), static_cast<long long>(s.dh),
+        static_cast<long long>(s.dw), static_cast<long long>(S), static_cast<long long>(D),
+        layout, factor_kind, ws_bytes, worst, symmetric ? "" : " (NOT SYMMETRIC)",
+        deterministic ? "" : " (NOT DETERMINISTIC)");
+  }
+}
+
+void run_shape(const Shape& s, uint64_t& seed, bool all_layouts) {
+  const InputType types[] = {InputType::kFloat32, InputType::kFloat64, InputType::kFloat16,
+                             InputType::kBFloat16};
+  for (InputType t : types)
+    for (int reduce = 0; reduce < 2; ++reduce)
+      for (int bias = 0; bias < 2; ++bias)
+        for (int layout = 0; layout < (all_layouts ? 4 : 2); ++layout) {
+          const int fk = static_cast<int>(seed % 3);
+          if (t == InputType::kFloat64)
+            run_case<double>(s, t, reduce, bias, layout, fk, seed++);
+          else
+            run_case<float>(s, t, reduce, bias, layout, fk, seed++);
+        }
+}
+
+}  // namespace
+
+int main() {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+    std::printf("no CUDA device visible: skipped\n");
+    return 77;
+  }
+  // n, c, h, w, kh, kw, sh, sw, dh, dw, pt, pb, pl, pr, segments, start, step, seg_channels
+  const Shape small[] = {
+      {2, 3, 7, 6, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 3},    // 3x3, D = 27 / 28: one tile
+      {1, 1, 9, 9, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 1},    // C = 1: small kernel, D = 9 / 10
+      {2, 8, 9, 7, 3, 3, 2, 2, 1, 1, 1, 0, 1, 1, 0, 0, 0, 1},    // depthwise, stride 2
+      {2, 6, 8, 8, 3, 3, 1, 1, 2, 2, 2, 2, 2, 2, 0, 0, 0, 3},    // groups 2, dilation 2
+      {1, 5, 6, 11, 1, 7, 1, 1, 1, 1, 0, 0, 3, 3, 0, 0, 0, 5},   // 1x7
+      {2, 4, 10, 5, 3, 1, 3, 1, 1, 1, 2, 0, 0, 0, 0, 0, 0, 4},   // 3x1, stride 3
+      {2, 9, 7, 7, 5, 5, 2, 2, 1, 1, 2, 2, 2, 2, 0, 0, 0, 9},    // 5x5, D = 225: 4 x 4 tiles
+      {1, 12, 5, 5, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 12},  // 1x1, D = 12 / 13
+      {2, 7, 6, 6, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 3, 0, 2, 3},    // overlapping block segments
+      {1, 70, 1, 40, 1, 3, 1, 1, 1, 1, 0, 0, 1, 1, 1, 5, 0, 60},  // conv1d, one block, D = 180
+  };
+  const Shape large[] = {
+      {4, 1, 40, 40, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 1},     // small kernel + split
+      {4, 2, 33, 35, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 2},     // tile + split, D = 18 / 19
+      {2, 16, 24, 24, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 16},   // 3 x 3 tiles + split
+      {8, 64, 14, 14, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 1},    // depthwise, 64 segments
+      {1, 131080, 1, 1, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 2},  // 65540 segments, D = 18
+      {4, 4096, 5, 5, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 1},   // channels_last reduce: a thread
+                                                                   // per mean-patch item
+  };
+  uint64_t seed = 1;
+  for (const Shape& s : small) run_shape(s, seed, true);
+  for (const Shape& s : large) run_shape(s, seed, false);
+  std::printf("%d passed, %d failed\n", g_passed, g_failed);
+  return g_failed == 0 ? 0 : 1;
+}
