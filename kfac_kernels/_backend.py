@@ -65,6 +65,25 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Filled eagerly (each op module asks at import), so torch.compile sees a plain dict lookup.
+_NATIVE_OPS: dict[str, bool] = {}
+
+
+def native_has_op(op: str) -> bool:
+    """Whether the built extension registers ``torch.ops.kfac_kernels.<op>`` (an extension built
+    from older sources may lack a newer op)."""
+    if op in _NATIVE_OPS:
+        return _NATIVE_OPS[op]
+    found = has_native_cpu()
+    if found:
+        try:
+            getattr(torch.ops.kfac_kernels, op)
+        except (AttributeError, RuntimeError):
+            found = False
+    _NATIVE_OPS[op] = found
+    return found
+
+
 def _native_hint() -> str:
     mod = _load_native()
     why = f" ({mod})" if isinstance(mod, BaseException) else ""
@@ -97,10 +116,10 @@ def resolve_backend(backend: str, device: torch.device, op: str) -> str:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         if device.type == "cuda":
-            if has_native_cuda():
+            if has_native_cuda() and native_has_op(op):
                 return "cuda"
             return "triton" if has_triton() else "eager"
-        if device.type == "cpu" and has_native_cpu():
+        if device.type == "cpu" and has_native_cpu() and native_has_op(op):
             return "cpu"
         return "eager"
     if backend == "eager":
@@ -111,6 +130,10 @@ def resolve_backend(backend: str, device: torch.device, op: str) -> str:
                 f"{op}: backend='cpu' needs CPU tensors, got tensors on {device}")
         if not has_native_cpu():
             raise BackendUnavailableError(f"{op}: backend='cpu' is unavailable: {_native_hint()}")
+        if not native_has_op(op):
+            raise BackendUnavailableError(
+                f"{op}: backend='cpu' is unavailable: the built kfac_kernels._C predates this op; "
+                "rebuild it with `pip install --no-build-isolation -e .`")
         return backend
     if backend == "cuda":
         if device.type != "cuda":
@@ -123,6 +146,10 @@ def resolve_backend(backend: str, device: torch.device, op: str) -> str:
             else:
                 hint = _native_hint()
             raise BackendUnavailableError(f"{op}: backend='cuda' is unavailable: {hint}")
+        if not native_has_op(op):
+            raise BackendUnavailableError(
+                f"{op}: backend='cuda' is unavailable: the built kfac_kernels._C predates this op; "
+                "rebuild it with `pip install --no-build-isolation -e .`")
         return backend
     # triton
     if not has_triton():

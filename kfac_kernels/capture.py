@@ -5,8 +5,9 @@ the module's forward hook. Such a hook sees the gradient of the tensor as it was
 registered, so a following ``nn.ReLU(inplace=True)`` (which makes module backward hooks fail) is
 handled: the factor receives the gradient w.r.t. the pre-activation output.
 
-Both sides are accumulated as sums with :func:`kfac_kernels.ops.symmetric_factor_update`
-(``decay=1``), so several forward/backward passes before a step (a module called twice, gradient
+Both sides are accumulated as sums by the kernel-backed ops -- :func:`kfac_kernels.ops.patch_covariance`
+for convolution inputs (never unfolded), :func:`kfac_kernels.ops.symmetric_factor_update` for linear
+inputs and :func:`kfac_kernels.ops.gradient_covariance` for output gradients -- so several forward/backward passes before a step (a module called twice, gradient
 accumulation, type-2 and MC backward passes) add up:
 
 * ``A = (sum of input rows' outer products) / (number of rows)`` -- the average input second
@@ -26,7 +27,6 @@ from typing import Callable
 import torch
 
 from .layers import LayerAdapter
-from .ops import symmetric_factor_update
 
 LOSS_AVERAGES = (None, "batch", "batch+sequence")
 KFAC_APPROXES = ("expand", "reduce")
@@ -105,11 +105,6 @@ class CurvatureCapture:
     def dtype_of(self, name: str) -> torch.dtype:
         return self.factor_dtype or default_factor_dtype(self.adapters[name].weight)
 
-    def _accumulate(self, current, rows, alpha):
-        if current is None:
-            return symmetric_factor_update(None, rows, 0.0, alpha, backend=self.backend)
-        return symmetric_factor_update(current, rows, 1.0, alpha, backend=self.backend)
-
     def _forward_hook(self, name: str, module, args, output) -> None:
         if not torch.is_grad_enabled() or not self.adapters[name].trainable:
             return
@@ -119,12 +114,11 @@ class CurvatureCapture:
             return
         adapter = self.adapters[name]
         if self.capture_inputs:
-            rows, count = adapter.input_rows(args[0].detach(), self.kfac_approx)
-            if count > 0:
-                acc = self.acc[name]
-                rows = rows.to(self.dtype_of(name))
-                acc.a_sum = self._accumulate(acc.a_sum, rows, 1.0)
-                acc.a_rows += count
+            acc = self.acc[name]
+            acc.a_sum, count = adapter.accumulate_input(acc.a_sum, args[0].detach(),
+                                                        self.kfac_approx, self.dtype_of(name),
+                                                        self.backend)
+            acc.a_rows += count
         if isinstance(output, torch.Tensor) and output.requires_grad:
             output.register_hook(partial(self._grad_hook, name))
 
@@ -146,9 +140,9 @@ class CurvatureCapture:
         scale = self.loss_scale() if self.loss_scale is not None else None
         if scale:
             multiplier /= float(scale) ** 2
-        rows = adapter.output_rows(grad.detach(), self.kfac_approx).to(self.dtype_of(name))
         acc = self.acc[name]
-        acc.g_sum = self._accumulate(acc.g_sum, rows, multiplier)
+        acc.g_sum = adapter.accumulate_output(acc.g_sum, grad.detach(), self.kfac_approx,
+                                              self.dtype_of(name), multiplier, self.backend)
         acc.g_passes += 1
 
     # --- results ------------------------------------------------------------------------------

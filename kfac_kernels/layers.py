@@ -16,8 +16,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from ._backend import resolve_backend
+from .ops.patch_covariance import (Segments, accumulation_dtype, as_4d, conv_geometry,
+                                   patch_gram, pre_pad)
+from .ops.gradient_covariance import gradient_covariance
+from .ops.symmetric_factor_update import symmetric_factor_update
 
 SUPPORTED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
@@ -88,8 +93,8 @@ class LayerAdapter:
         """Layer input as ``(groups, N, R, D_g)`` without the bias coordinate."""
         raise NotImplementedError
 
-    def output_positions(self, g: torch.Tensor) -> torch.Tensor:
-        """Output gradient as ``(groups, N, R, d_out_g)``."""
+    def batched_output(self, g: torch.Tensor) -> torch.Tensor:
+        """An output (gradient) with its batch dim (added for unbatched calls)."""
         raise NotImplementedError
 
     def input_rows(self, x: torch.Tensor, kfac_approx: str) -> tuple[torch.Tensor, int]:
@@ -105,17 +110,32 @@ class LayerAdapter:
             rows = torch.cat([rows, ones], dim=-1)
         return rows, rows.shape[1]
 
-    def output_rows(self, g: torch.Tensor, kfac_approx: str) -> torch.Tensor:
-        pos = self.output_positions(g)
-        groups, n, r, d = pos.shape
-        if kfac_approx == "expand":
-            return pos.reshape(groups, n * r, d)
-        return pos.sum(dim=2)
+    def accumulate_input(self, current: torch.Tensor | None, x: torch.Tensor, kfac_approx: str,
+                         dtype: torch.dtype, backend: str) -> tuple[torch.Tensor | None, int]:
+        """``current + sum of input-row outer products`` (``(groups, D, D)``, ``dtype``) and the
+        number of rows added; ``current=None`` starts a sum."""
+        rows, count = self.input_rows(x, kfac_approx)
+        if count == 0:
+            return current, 0
+        rows = rows.to(dtype)
+        decay = 0.0 if current is None else 1.0
+        return symmetric_factor_update(current, rows, decay, 1.0, backend=backend), count
+
+    channel_dim = -1  # where an output (gradient) holds the features
+
+    def accumulate_output(self, current: torch.Tensor | None, grad: torch.Tensor,
+                          kfac_approx: str, dtype: torch.dtype, alpha: float,
+                          backend: str) -> torch.Tensor:
+        """``current + alpha * sum of output-gradient row outer products`` (``(groups, d, d)``)."""
+        return gradient_covariance(self.batched_output(grad), channel_dim=self.channel_dim, groups=self.groups,
+                                   mode=kfac_approx, factor=current, decay=1.0, alpha=alpha,
+                                   out_dtype=dtype, backend=backend)
 
     def batch_and_positions(self, g: torch.Tensor) -> tuple[int, int]:
         """``(N, R)`` of an output (gradient) tensor."""
-        pos_shape = self.output_positions(g).shape
-        return pos_shape[1], pos_shape[2]
+        g = self.batched_output(g)
+        n, c = g.shape[0], g.shape[self.channel_dim]
+        return n, (g.numel() // (n * c) if n * c else 0)
 
 
 class LinearAdapter(LayerAdapter):
@@ -131,14 +151,15 @@ class LinearAdapter(LayerAdapter):
     def input_positions(self, x: torch.Tensor) -> torch.Tensor:
         return self._split(x)
 
-    def output_positions(self, g: torch.Tensor) -> torch.Tensor:
-        return self._split(g)
+    def batched_output(self, g: torch.Tensor) -> torch.Tensor:
+        return g.unsqueeze(0) if g.dim() == 1 else g
 
 
 class ConvAdapter(LayerAdapter):
-    """``nn.Conv1d`` / ``nn.Conv2d``: rows are im2col patches (channel-major, then kernel
-    positions, matching ``weight.reshape(C_out, -1)``), one factor pair per group. Padding is
-    applied exactly as the module applies it (``"same"``, ``"valid"``, every ``padding_mode``).
+    """``nn.Conv1d`` / ``nn.Conv2d``: A is the patch covariance of the input (patches
+    channel-major, then kernel positions, matching ``weight.reshape(C_out, -1)``), one factor pair
+    per group. Padding is applied exactly as the module applies it (``"same"``, ``"valid"``,
+    every ``padding_mode``).
     """
 
     def __init__(self, name: str, module: nn.Module):
@@ -146,40 +167,31 @@ class ConvAdapter(LayerAdapter):
         self.groups = module.groups
         self.spatial_dims = 1 if isinstance(module, nn.Conv1d) else 2
 
-    def _pad(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
-        """Pad ``x`` as the module does; returns the padded input and the padding left for
-        unfold (zero when padding was applied here)."""
-        m = self.module
-        if m.padding_mode != "zeros" or isinstance(m.padding, str):
-            mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
-            # _reversed_padding_repeated_twice is what nn.ConvNd itself passes to F.pad; for
-            # "same" it holds the asymmetric split PyTorch uses (left = total // 2).
-            x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
-            return x, (0,) * self.spatial_dims
-        return x, tuple(m.padding)
-
-    def input_positions(self, x: torch.Tensor) -> torch.Tensor:
+    def accumulate_input(self, current, x, kfac_approx, dtype, backend):
+        """Through :func:`kfac_kernels.ops.patch_covariance`'s kernels: the patches are never
+        unfolded (except by the eager backend, whose definition that is)."""
         m = self.module
         if x.dim() == self.spatial_dims + 1:  # unbatched input
             x = x.unsqueeze(0)
-        x, padding = self._pad(x)
-        if self.spatial_dims == 1:
-            x = x.unsqueeze(2)
-            kernel, stride, dilation = (1, *m.kernel_size), (1, *m.stride), (1, *m.dilation)
-            padding = (0, *padding)
-        else:
-            kernel, stride, dilation = m.kernel_size, m.stride, m.dilation
-        patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
-        n, _, r = patches.shape
-        patches = patches.reshape(n, self.groups, -1, r)
-        return patches.permute(1, 0, 3, 2)
+        n = x.shape[0]
+        if n == 0:
+            return current, 0
+        chosen = resolve_backend(backend, x.device, "patch_covariance")
+        if chosen == "eager" or accumulation_dtype(x.dtype) != dtype:
+            x = x.to(dtype)
+        geom = conv_geometry(tuple(x.shape[2:]), m.kernel_size, m.stride, m.padding, m.dilation)
+        x, geom = pre_pad(x, geom, m.padding_mode)
+        cg = x.shape[1] // self.groups
+        seg = Segments(self.groups, 0, cg, cg, self.bias is not None)
+        reduce = kfac_approx == "reduce"
+        decay = 0.0 if current is None else 1.0
+        out = patch_gram(as_4d(x), geom, seg, reduce, current, decay, 1.0, chosen)
+        return out.to(dtype), (n if reduce else n * geom.positions)
 
-    def output_positions(self, g: torch.Tensor) -> torch.Tensor:
-        if g.dim() == self.spatial_dims + 1:
-            g = g.unsqueeze(0)
-        n, c = g.shape[:2]
-        g = g.reshape(n, self.groups, c // self.groups, -1)
-        return g.permute(1, 0, 3, 2)
+    channel_dim = 1
+
+    def batched_output(self, g: torch.Tensor) -> torch.Tensor:
+        return g.unsqueeze(0) if g.dim() == self.spatial_dims + 1 else g
 
 
 def make_adapter(name: str, module: nn.Module) -> LayerAdapter | None:

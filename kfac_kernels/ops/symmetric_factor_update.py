@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from .._backend import native_module, resolve_backend
+from .._backend import native_has_op, resolve_backend
 
 _OP = "symmetric_factor_update"
 _DTYPES = (torch.float32, torch.float64)
@@ -91,7 +91,7 @@ def symmetric_factor_update(factor: torch.Tensor | None, x: torch.Tensor, decay:
 
 def _register_fake() -> None:
     """Shape/dtype propagation for torch.compile and FakeTensor (the op itself lives in _C)."""
-    if native_module() is None:
+    if not native_has_op(_OP):
         return
 
     @torch.library.register_fake("kfac_kernels::symmetric_factor_update")

@@ -1,0 +1,301 @@
+r"""Patch covariance: the input-side Kronecker factor A of a convolution, without im2col.
+
+For a convolution with input ``x`` of shape ``(N, C, L)`` or ``(N, C, H, W)``, let
+``a_{n,r}`` be the im2col patch of example ``n`` at output position ``r`` (``R`` positions),
+flattened channel-major then kernel rows then kernel columns, the order of
+``weight.reshape(C_out, -1)``; with ``bias=True`` a last coordinate equal to 1 is appended.
+
+.. math::
+
+    \text{expand:}\quad A = \frac{1}{N R} \sum_{n, r} a_{n,r} a_{n,r}^\top
+    \qquad
+    \text{reduce:}\quad A = \frac{1}{N} \sum_n \bar a_n \bar a_n^\top,\;
+    \bar a_n = \frac{1}{R} \sum_r a_{n,r}
+
+(seed 001, Eq. 7 and 10). ``groups > 1`` gives one factor per group, stacked. ``num_blocks``
+gives only the diagonal blocks of a channel partition (BD-KFAC, seed 000 Sec. 4.2).
+
+The ``eager`` backend is the definition (``F.unfold`` then a matmul). The ``cpu``, ``cuda`` and
+``triton`` kernels never build the unfolded tensor: expand forms tiles of ``A`` from input tiles
+(implicit im2col), reduce sums each kernel offset's window of the input (a box sum) to get the
+mean patches, and both compute one triangle and mirror it. They accumulate in fp32 (fp64 for fp64
+inputs).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .._backend import native_has_op, resolve_backend
+
+_OP = "patch_covariance"
+_MODES = ("expand", "reduce")
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """A convolution's geometry in 2-d form (a 1-d convolution has a height of 1)."""
+
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+    pad: tuple[int, int, int, int]  # top, bottom, left, right (zero padding)
+    in_size: tuple[int, int]
+    out_size: tuple[int, int]
+
+    @property
+    def positions(self) -> int:
+        return self.out_size[0] * self.out_size[1]
+
+
+def _tuple(value, n: int, name: str) -> tuple[int, ...]:
+    if isinstance(value, bool):
+        raise TypeError(f"{_OP}: {name} must be an int or a tuple of {n} ints, got {value!r}")
+    if isinstance(value, int):
+        return (value,) * n
+    if isinstance(value, (tuple, list)) and len(value) == n and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return tuple(value)
+    raise TypeError(f"{_OP}: {name} must be an int or a tuple of {n} ints, got {value!r}")
+
+
+def conv_geometry(in_size, kernel_size, stride=1, padding=0, dilation=1) -> ConvGeometry:
+    """Normalise nn.Conv1d/2d-style arguments for an input of spatial size ``in_size``.
+
+    ``padding`` may be an int, a tuple (symmetric per dim), ``"valid"`` or ``"same"`` (stride
+    1; an odd total is split as PyTorch does, the extra row/column at the end).
+    """
+    nd = len(in_size)
+    kernel = _tuple(kernel_size, nd, "kernel_size")
+    stride_t = _tuple(stride, nd, "stride")
+    dilation_t = _tuple(dilation, nd, "dilation")
+    for name, vals in (("kernel_size", kernel), ("stride", stride_t), ("dilation", dilation_t)):
+        if any(v < 1 for v in vals):
+            raise ValueError(f"{_OP}: {name} must be positive, got {vals}")
+    if isinstance(padding, str):
+        if padding == "valid":
+            pads = [(0, 0)] * nd
+        elif padding == "same":
+            if any(s != 1 for s in stride_t):
+                raise ValueError(f"{_OP}: padding='same' needs stride 1, got stride {stride_t}")
+            pads = []
+            for k, d in zip(kernel, dilation_t):
+                total = d * (k - 1)
+                pads.append((total // 2, total - total // 2))
+        else:
+            raise ValueError(f"{_OP}: padding must be an int, a tuple, 'same' or 'valid', got "
+                             f"{padding!r}")
+    else:
+        pad_t = _tuple(padding, nd, "padding")
+        if any(p < 0 for p in pad_t):
+            raise ValueError(f"{_OP}: padding must be non-negative, got {pad_t}")
+        pads = [(p, p) for p in pad_t]
+    out = []
+    for size, k, s, d, (p0, p1) in zip(in_size, kernel, stride_t, dilation_t, pads):
+        span = d * (k - 1) + 1
+        if size + p0 + p1 < span:
+            raise ValueError(
+                f"{_OP}: the kernel (extent {span} with dilation {d}) is larger than the padded "
+                f"input (size {size} + padding {p0 + p1})")
+        out.append((size + p0 + p1 - span) // s + 1)
+    if nd == 1:
+        return ConvGeometry((1, kernel[0]), (1, stride_t[0]), (1, dilation_t[0]),
+                            (0, 0, *pads[0]), (1, in_size[0]), (1, out[0]))
+    return ConvGeometry(kernel, stride_t, dilation_t, (*pads[0], *pads[1]), tuple(in_size),
+                        tuple(out))
+
+
+def as_4d(x: torch.Tensor) -> torch.Tensor:
+    return x.unsqueeze(2) if x.dim() == 3 else x
+
+
+def block_sizes(channels: int, num_blocks) -> list[int]:
+    """Channel counts of the blocks: ``num_blocks`` near-equal parts (the last absorbs the
+    remainder) or an explicit list that sums to ``channels``."""
+    if isinstance(num_blocks, bool):
+        raise TypeError(f"{_OP}: num_blocks must be an int or a list of channel counts")
+    if isinstance(num_blocks, int):
+        if not 1 <= num_blocks <= channels:
+            raise ValueError(f"{_OP}: num_blocks must be between 1 and the channels per group "
+                             f"({channels}), got {num_blocks}")
+        q = channels // num_blocks
+        return [q] * (num_blocks - 1) + [channels - q * (num_blocks - 1)]
+    if isinstance(num_blocks, (list, tuple)) and num_blocks and all(
+            isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in num_blocks):
+        if sum(num_blocks) != channels:
+            raise ValueError(f"{_OP}: the block channel counts {list(num_blocks)} must sum to the "
+                             f"channels per group ({channels})")
+        return list(num_blocks)
+    raise TypeError(f"{_OP}: num_blocks must be an int or a list of positive channel counts, got "
+                    f"{num_blocks!r}")
+
+
+@dataclass(frozen=True)
+class Segments:
+    """Equal-width channel segments ``[start + s * step, ... + channels)``, ``s < count``."""
+
+    count: int
+    start: int
+    step: int
+    channels: int
+    bias: bool
+
+
+def plan_segments(channels: int, groups: int, num_blocks, bias: bool) -> list[Segments]:
+    """Segment batches whose concatenated outputs are the factors, by group then block."""
+    cg = channels // groups
+    if num_blocks is None:
+        return [Segments(groups, 0, cg, cg, bias)]
+    sizes = block_sizes(cg, num_blocks)
+    plans = []
+    for g in range(groups):
+        start = g * cg
+        for b, size in enumerate(sizes):
+            plans.append(Segments(1, start, size, size, bias and b == len(sizes) - 1))
+            start += size
+    return plans
+
+
+def patch_gram_eager(x4: torch.Tensor, geom: ConvGeometry, seg: Segments, reduce: bool,
+                     factor, decay: float, alpha: float) -> torch.Tensor:
+    """The definition for one segment batch: F.unfold, then ``decay*factor + alpha*X^T X``
+    (sum over patches for expand, over examples of mean patches for reduce)."""
+    top, bottom, left, right = geom.pad
+    xp = F.pad(x4, (left, right, top, bottom))
+    patches = F.unfold(xp, geom.kernel, dilation=geom.dilation, stride=geom.stride)
+    n, _, r = patches.shape
+    k = geom.kernel[0] * geom.kernel[1]
+    patches = patches.reshape(n, x4.shape[1], k, r)
+    outs = []
+    for s in range(seg.count):
+        c0 = seg.start + s * seg.step
+        p = patches[:, c0:c0 + seg.channels].reshape(n, seg.channels * k, r)
+        if reduce:
+            rows = p.mean(dim=2)
+        else:
+            rows = p.permute(0, 2, 1).reshape(n * r, seg.channels * k)
+        if seg.bias:
+            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+        gram = (rows.mT @ rows) * alpha
+        if factor is not None:
+            gram = gram + decay * factor[s].to(gram.dtype)
+        outs.append(gram)
+    return torch.stack(outs)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def patch_gram(x4: torch.Tensor, geom: ConvGeometry, seg: Segments, reduce: bool,
+               factor: torch.Tensor | None, decay: float, alpha: float,
+               backend: str) -> torch.Tensor:
+    """``decay * factor + alpha * sum`` for one segment batch on a concrete backend, as
+    ``(count, D, D)``; the native/Triton result has the accumulation dtype."""
+    if backend == "eager":
+        return patch_gram_eager(x4, geom, seg, reduce, factor, decay, alpha)
+    args = (x4, list(geom.kernel), list(geom.stride), list(geom.dilation),
+            [geom.pad[0], geom.pad[2]], list(geom.out_size), seg.count, seg.start, seg.step,
+            seg.channels, reduce, seg.bias, factor, float(decay), float(alpha))
+    if backend == "triton":
+        from triton_kernels.patch_covariance import patch_covariance_triton
+        return patch_covariance_triton(*args)
+    return torch.ops.kfac_kernels.patch_covariance(*args)
+
+
+def pre_pad(x: torch.Tensor, geom: ConvGeometry, padding_mode: str) -> tuple[torch.Tensor,
+                                                                           ConvGeometry]:
+    """Apply a non-zero padding mode explicitly (O(input) memory) so the kernels only see zero
+    padding."""
+    if padding_mode == "zeros" or not any(geom.pad):
+        return x, geom
+    top, bottom, left, right = geom.pad
+    pads = (left, right) if x.dim() == 3 else (left, right, top, bottom)
+    xp = F.pad(x, pads, mode=padding_mode)
+    size = tuple(xp.shape[2:]) if x.dim() == 4 else (1, xp.shape[-1])
+    return xp, ConvGeometry(geom.kernel, geom.stride, geom.dilation, (0, 0, 0, 0), size,
+                            geom.out_size)
+
+
+def check_input(x, groups: int) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{_OP}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() not in (3, 4):
+        raise ValueError(f"{_OP}: x must be (N, C, L) or (N, C, H, W), got shape "
+                         f"{tuple(x.shape)}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"{_OP}: x must be float32, float64, float16 or bfloat16, got {x.dtype}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{_OP}: x has a zero-size batch (shape {tuple(x.shape)}); a factor "
+                         "needs at least one example")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"{_OP}: groups must be a positive int, got {groups!r}")
+    if x.shape[1] % groups != 0:
+        raise ValueError(f"{_OP}: the {x.shape[1]} input channels are not divisible by "
+                         f"groups={groups}")
+
+
+def patch_covariance(x: torch.Tensor, kernel_size, stride=1, padding=0, dilation=1, groups=1, *,
+                     mode: str = "expand", num_blocks=None, bias: bool = False,
+                     out_dtype: torch.dtype | None = None, padding_mode: str = "zeros",
+                     backend: str = "auto"):
+    """The convolution input factor ``A`` (see the module docstring for the formula).
+
+    Args:
+        x: ``(N, C, L)`` or ``(N, C, H, W)``, any strides (channels_last included); fp32,
+            fp16, bf16 or fp64.
+        kernel_size, stride, padding, dilation, groups: as ``nn.Conv1d``/``nn.Conv2d`` take them
+            (``padding`` also ``"same"``/``"valid"``).
+        mode: ``"expand"`` or ``"reduce"``.
+        num_blocks: ``None``, an int, or a list of channel counts per group: compute only the
+            diagonal blocks of that channel partition (the bias coordinate joins the last block).
+        bias: append a constant-1 coordinate (last).
+        out_dtype: dtype of the result (default ``x.dtype``); kernels accumulate in fp32 (fp64).
+        padding_mode: ``"zeros"``, ``"reflect"``, ``"replicate"`` or ``"circular"``.
+        backend: ``"auto"``, ``"eager"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
+
+    Returns:
+        ``(D, D)`` for ``groups == 1``, ``(groups, D_g, D_g)`` for ``groups > 1``, or with
+        ``num_blocks`` a list of ``(D_i, D_i)`` tensors by group then block.
+    """
+    check_input(x, groups)
+    if mode not in _MODES:
+        raise ValueError(f"{_OP}: mode must be 'expand' or 'reduce', got {mode!r}")
+    if padding_mode not in _PADDING_MODES:
+        raise ValueError(f"{_OP}: padding_mode must be one of {_PADDING_MODES}, got "
+                         f"{padding_mode!r}")
+    if out_dtype is not None and out_dtype not in _DTYPES:
+        raise TypeError(f"{_OP}: out_dtype must be a floating dtype or None, got {out_dtype!r}")
+    chosen = resolve_backend(backend, x.device, _OP)
+    geom = conv_geometry(tuple(x.shape[2:]), kernel_size, stride, padding, dilation)
+    xp, geom = pre_pad(x, geom, padding_mode)
+    x4 = as_4d(xp)
+    out_dtype = out_dtype or x.dtype
+    reduce = mode == "reduce"
+    n = x.shape[0]
+    alpha = 1.0 / n if reduce else 1.0 / (n * geom.positions)
+    results = [patch_gram(x4, geom, seg, reduce, None, 0.0, alpha, chosen).to(out_dtype)
+               for seg in plan_segments(x.shape[1], groups, num_blocks, bias)]
+    if num_blocks is not None:
+        return [block for stacked in results for block in stacked]
+    out = results[0]
+    return out[0] if groups == 1 else out
+
+
+def _register_fake() -> None:
+    if not native_has_op(_OP):
+        return
+
+    @torch.library.register_fake("kfac_kernels::patch_covariance")
+    def _(x, kernel_size, stride, dilation, padding, out_size, num_segments, segment_start,
+          segment_step, segment_channels, reduce, bias, factor, decay, alpha):
+        d = segment_channels * kernel_size[0] * kernel_size[1] + (1 if bias else 0)
+        dtype = accumulation_dtype(x.dtype)
+        return x.new_empty((num_segments, d, d), dtype=dtype)
+
+
+_register_fake()

@@ -1,0 +1,346 @@
+"""Tests of the Triton patch-covariance kernels (``triton_kernels.patch_covariance``) and, on a GPU,
+of the CUDA op ``torch.ops.kfac_kernels.patch_covariance``, against an ``F.unfold`` reference.
+
+The reference is written here from the definition (csrc/include/patch_covariance.h): unfold the
+zero-padded input, take each segment's channels, append a ones column for the bias, then
+``alpha * rows^T rows + decay * factor`` over all patches (expand) or over the examples' mean
+patches (reduce), in fp64. The Triton kernels run on CPU tensors only under the interpreter:
+
+    TRITON_INTERPRET=1 python -m pytest tests/test_patch_covariance_triton.py
+
+Tests on CUDA tensors carry the ``gpu`` marker and are skipped without a CUDA device.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton", reason="the Triton kernels need the triton package")
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+HAS_CUDA = torch.cuda.is_available()
+if not (INTERPRETED or HAS_CUDA):
+    pytest.skip("the Triton kernels run on CUDA tensors, or on CPU tensors with TRITON_INTERPRET=1 "
+                "set before triton is imported; neither is available",
+                allow_module_level=True)
+
+from triton_kernels.patch_covariance import patch_covariance_triton  # noqa: E402
+
+interpreter_only = pytest.mark.skipif(
+    not INTERPRETED, reason="CPU tensors need TRITON_INTERPRET=1 (set before triton is imported)")
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+# ---------------------------------------------------------------------------------------------
+# the reference and problem set-up
+
+
+def out_len(size: int, k: int, s: int, d: int, before: int, after: int) -> int:
+    return (size + before + after - (d * (k - 1) + 1)) // s + 1
+
+
+def reference(x, kernel, stride, dilation, padding, out_size, num_segments, start, step,
+              channels, reduce, bias, factor, decay, alpha, dtype=torch.float64):
+    """The definition with ``F.unfold``, computed in ``dtype`` (fp64: the reference; x's own
+    dtype: the eager computation whose error the kernels' error is judged against)."""
+    n, _, h, w = x.shape
+    (kh, kw), (sh, sw), (dh, dw), (pt, pl), (oh, ow) = kernel, stride, dilation, padding, out_size
+    pb = max(0, (oh - 1) * sh + dh * (kh - 1) + 1 - h - pt)
+    pr = max(0, (ow - 1) * sw + dw * (kw - 1) + 1 - w - pl)
+    xp = F.pad(x.to(dtype), (pl, pr, pt, pb))
+    patches = F.unfold(xp, (kh, kw), dilation=(dh, dw), stride=(sh, sw))
+    lh = out_len(xp.shape[2], kh, sh, dh, 0, 0)
+    lw = out_len(xp.shape[3], kw, sw, dw, 0, 0)
+    patches = patches.reshape(n, x.shape[1], kh * kw, lh, lw)[..., :oh, :ow]
+    patches = patches.reshape(n, x.shape[1], kh * kw, oh * ow)
+    outs = []
+    for s in range(num_segments):
+        c0 = start + s * step
+        p = patches[:, c0:c0 + channels].reshape(n, channels * kh * kw, oh * ow)
+        rows = p.mean(dim=2) if reduce else p.permute(0, 2, 1).reshape(n * oh * ow, -1)
+        if bias:
+            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+        g = alpha * (rows.mT @ rows)
+        if factor is not None:
+            g = g.to(factor.dtype) + decay * factor[s]
+        outs.append(g.to(torch.float64))
+    return torch.stack(outs)
+
+
+SEGMENTS = {  # C = 4: (num_segments, start, step, channels)
+    "groups1": (1, 0, 4, 4),
+    "groups2": (2, 0, 2, 2),
+    "depthwise": (4, 0, 1, 1),
+    "block": (1, 1, 0, 2),
+}
+
+
+def make_case(seed, *, n=2, c=4, h=7, w=6, kernel=(3, 3), stride=(1, 1), dilation=(1, 1),
+              pads=(1, 1, 1, 1), segments="groups1", reduce=False, bias=False, factor="none",
+              dtype=torch.float32):
+    """Inputs and op arguments; ``pads`` = (top, bottom, left, right)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, c, h, w, generator=gen) + 0.3).to(dtype)
+    pt, pb, pl, pr = pads
+    out_size = (out_len(h, kernel[0], stride[0], dilation[0], pt, pb),
+                out_len(w, kernel[1], stride[1], dilation[1], pl, pr))
+    s, start, step, channels = SEGMENTS[segments]
+    d = channels * kernel[0] * kernel[1] + int(bias)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    f = None
+    if factor != "none":
+        f = torch.randn(s, d, d, generator=gen, dtype=torch.float64)
+        if factor == "symmetric":
+            f = f + f.mT
+        f = f.to(acc)
+    positions = out_size[0] * out_size[1]
+    alpha = 1.0 / n if reduce else 1.0 / (n * positions)
+    args = (kernel, stride, dilation, (pt, pl), out_size, s, start, step, channels, reduce, bias,
+            f, 0.95, alpha)
+    return x, args
+
+
+def assert_matches(got, want, rtol):
+    scale = want.abs().max().item()
+    err = (got.double() - want).abs().max().item()
+    assert err <= rtol * max(scale, 1e-30), f"max error {err:.3g} > {rtol:g} * scale {scale:.3g}"
+
+
+def geometry_grid():
+    """A fixed sample of the grid: kernels 1, 3, (3, 1), (1, 3); stride 1, 2, (2, 1); dilation 1,
+    2; symmetric, asymmetric and no padding; the four segment layouts; bias; expand / reduce."""
+    kernels = [(1, 1), (3, 3), (3, 1), (1, 3)]
+    strides = [(1, 1), (2, 2), (2, 1)]
+    dilations = [(1, 1), (2, 2)]
+    pads = [(0, 0, 0, 0), (1, 1, 1, 1), (2, 0, 0, 1), (0, 2, 1, 0)]
+    full = list(itertools.product(kernels, strides, dilations, pads, SEGMENTS, (False, True),
+                                  (False, True)))
+    picked = random.Random(0).sample(full, 96)
+    # every kernel with every segment layout at least once
+    for kernel, seg in itertools.product(kernels, SEGMENTS):
+        picked.append((kernel, (1, 1), (1, 1), (1, 1, 1, 1), seg, True, False))
+    return picked
+
+
+def _grid_params(count=None):
+    params = []
+    for i, (kernel, stride, dilation, pads, seg, reduce, bias) in enumerate(geometry_grid()):
+        hw = (7, 6) if i % 3 else (5, 7)
+        pid = (f"k{kernel[0]}x{kernel[1]}-s{stride[0]}x{stride[1]}-d{dilation[0]}-"
+               f"p{''.join(map(str, pads))}-{seg}-{'reduce' if reduce else 'expand'}"
+               f"{'-bias' if bias else ''}-{hw[0]}x{hw[1]}")
+        params.append(pytest.param(i, kernel, stride, dilation, pads, seg, reduce, bias, hw,
+                                   id=pid))
+    return params if count is None else params[::max(1, len(params) // count)]
+
+
+# ---------------------------------------------------------------------------------------------
+# the interpreter (CPU tensors)
+
+
+@interpreter_only
+@pytest.mark.parametrize("i, kernel, stride, dilation, pads, seg, reduce, bias, hw",
+                         _grid_params())
+def test_grid_float32(i, kernel, stride, dilation, pads, seg, reduce, bias, hw):
+    factor = ("none", "symmetric", "asymmetric")[i % 3]
+    x, args = make_case(i, n=1 + i % 2, h=hw[0], w=hw[1], kernel=kernel, stride=stride,
+                        dilation=dilation, pads=pads, segments=seg, reduce=reduce, bias=bias,
+                        factor=factor)
+    got = patch_covariance_triton(x, *args)
+    assert got.dtype == torch.float32 and got.is_contiguous()
+    d = args[8] * kernel[0] * kernel[1] + bias
+    assert got.shape == (args[5], d, d)
+    assert_matches(got, reference(x, *args), 1e-5)
+    if factor != "asymmetric":
+        assert torch.equal(got, got.mT)
+
+
+@interpreter_only
+@pytest.mark.parametrize("i, kernel, stride, dilation, pads, seg, reduce, bias, hw",
+                         _grid_params(24))
+def test_grid_float64(i, kernel, stride, dilation, pads, seg, reduce, bias, hw):
+    x, args = make_case(100 + i, n=2, h=hw[0], w=hw[1], kernel=kernel, stride=stride,
+                        dilation=dilation, pads=pads, segments=seg, reduce=reduce, bias=bias,
+                        factor=("none", "symmetric")[i % 2], dtype=torch.float64)
+    got = patch_covariance_triton(x, *args)
+    assert got.dtype == torch.float64
+    assert_matches(got, reference(x, *args), 1e-10)
+    assert torch.equal(got, got.mT)
+
+
+@interpreter_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("i, kernel, stride, dilation, pads, seg, reduce, bias, hw",
+                         _grid_params(12))
+def test_grid_half(dtype, i, kernel, stride, dilation, pads, seg, reduce, bias, hw):
+    """Kernel error against fp64 (on the same 16-bit inputs) at most twice the error of the eager
+    computation carried out in the input's dtype."""
+    x, args = make_case(200 + i, n=2, h=hw[0], w=hw[1], kernel=kernel, stride=stride,
+                        dilation=dilation, pads=pads, segments=seg, reduce=reduce, bias=bias,
+                        factor=("none", "symmetric")[i % 2], dtype=dtype)
+    got = patch_covariance_triton(x, *args)
+    assert got.dtype == torch.float32
+    want = reference(x, *args)
+    eager = reference(x, *args, dtype=dtype)
+    err = (got.double() - want).abs().max().item()
+    eager_err = (eager - want).abs().max().item()
+    assert err <= 2 * eager_err + 1e-6 * want.abs().max().item(), (err, eager_err)
+    assert torch.equal(got, got.mT)
+
+
+@interpreter_only
+@pytest.mark.parametrize("layout", ["channels_last", "permuted", "sliced"])
+@pytest.mark.parametrize("reduce", [False, True], ids=["expand", "reduce"])
+def test_layouts(layout, reduce):
+    """Any strides of x are read in place, with the same result as the contiguous input."""
+    x, args = make_case(7, n=2, c=4, h=7, w=7, kernel=(3, 3), stride=(2, 1), pads=(1, 2, 0, 1),
+                        segments="groups2", reduce=reduce, bias=True, factor="symmetric")
+    if layout == "channels_last":
+        xs = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "permuted":  # (N, C, H, W) view of a (W, H, C, N) buffer
+        xs = x.permute(3, 2, 1, 0).contiguous().permute(3, 2, 1, 0)
+    else:  # every 2nd row / column of a NaN buffer: a read outside the view poisons the result
+        big = torch.full((2, 4, 14, 21), float("nan"))
+        big[:, :, ::2, ::3] = x
+        xs = big[:, :, ::2, ::3]
+    assert not xs.is_contiguous()
+    got = patch_covariance_triton(xs, *args)
+    assert_matches(got, reference(x, *args), 1e-5)
+    assert torch.equal(got, patch_covariance_triton(x.contiguous(), *args))
+    assert torch.equal(got, got.mT)
+
+
+@interpreter_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_split_rows_and_several_tiles(dtype):
+    """The split over rows (partials in a workspace, summed by a second kernel) and several tiles
+    per side (D = 37 with 16-wide tiles) give the reference result."""
+    x, args = make_case(11, n=2, c=4, h=7, w=6, kernel=(3, 3), segments="groups1", bias=True,
+                        factor="asymmetric", dtype=dtype)
+    want = reference(x, *args)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    for splits in (1, 3):
+        got = patch_covariance_triton(x, *args, block=16, block_k=16, splits=splits)
+        assert_matches(got, want, tol)
+
+
+@interpreter_only
+def test_empty_batch_gives_decayed_factor():
+    x, args = make_case(3, n=1, factor="symmetric")
+    args = list(args)
+    got = patch_covariance_triton(x[:0], *args)
+    assert torch.allclose(got, 0.95 * args[11])
+    args[9] = True  # reduce
+    got = patch_covariance_triton(x[:0], *args)
+    assert torch.allclose(got, 0.95 * args[11])
+
+
+@interpreter_only
+def test_argument_errors():
+    x, args = make_case(0)
+    with pytest.raises(ValueError, match="4-D"):
+        patch_covariance_triton(x[0], *args)
+    with pytest.raises(TypeError, match="float32, float64, float16 or bfloat16"):
+        patch_covariance_triton(x.to(torch.int32), *args)
+    bad = list(args)
+    bad[5] = 2  # two segments of 4 channels from a 4-channel input with step 4
+    with pytest.raises(ValueError, match="do not fit"):
+        patch_covariance_triton(x, *bad)
+    bad = list(args)
+    bad[11] = torch.zeros(1, 3, 3)
+    with pytest.raises(ValueError, match="factor must be"):
+        patch_covariance_triton(x, *bad)
+    bad = list(args)
+    bad[0] = (3,)
+    with pytest.raises(ValueError, match="kernel_size"):
+        patch_covariance_triton(x, *bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA tensors
+
+
+GPU_SHAPES = [  # n, c, h, w, kernel, stride, pads, segments
+    pytest.param(8, 16, 14, 14, (3, 3), (1, 1), (1, 1, 1, 1), (1, 0, 16, 16), id="dense3x3"),
+    pytest.param(4, 32, 15, 13, (3, 3), (2, 2), (1, 0, 1, 1), (32, 0, 1, 1), id="depthwise"),
+    pytest.param(2, 12, 17, 9, (1, 3), (1, 1), (0, 0, 1, 1), (2, 0, 6, 6), id="groups2-1x3"),
+    pytest.param(16, 3, 32, 32, (5, 5), (1, 1), (2, 2, 2, 2), (1, 0, 3, 3), id="many-rows"),
+    pytest.param(2, 80, 6, 6, (3, 3), (1, 1), (1, 1, 1, 1), (1, 0, 80, 80), id="d720"),
+]
+
+
+def _gpu_case(n, c, h, w, kernel, stride, pads, segs, dtype, reduce, bias, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, c, h, w, generator=gen) + 0.3).to(dtype)
+    pt, pb, pl, pr = pads
+    out_size = (out_len(h, kernel[0], stride[0], 1, pt, pb), out_len(w, kernel[1], stride[1], 1,
+                                                                      pl, pr))
+    s, start, step, channels = segs
+    d = channels * kernel[0] * kernel[1] + int(bias)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    f = torch.randn(s, d, d, generator=gen, dtype=torch.float64)
+    f = (f + f.mT).to(acc)
+    alpha = 1.0 / n if reduce else 1.0 / (n * out_size[0] * out_size[1])
+    return x, ((kernel, stride, (1, 1), (pt, pl), out_size, s, start, step, channels, reduce, bias,
+                f, 0.9, alpha))
+
+
+def _check_gpu(fn, x, args, dtype):
+    dev = torch.device("cuda")
+    xd = x.to(dev)
+    argsd = list(args)
+    argsd[11] = args[11].to(dev)
+    got = fn(xd, *argsd).cpu()
+    want = reference(x, *args)
+    if dtype in (torch.float32, torch.float64):
+        assert_matches(got, want, 1e-5 if dtype == torch.float32 else 1e-10)
+    else:
+        eager_err = (reference(x, *args, dtype=dtype) - want).abs().max().item()
+        err = (got.double() - want).abs().max().item()
+        assert err <= 2 * eager_err + 1e-6 * want.abs().max().item(), (err, eager_err)
+    assert torch.equal(got, got.mT)
+    # a channels_last input is read in place (a kernel may pick another loop order for it)
+    got_cl = fn(xd.contiguous(memory_format=torch.channels_last), *argsd).cpu()
+    assert_matches(got_cl, got.double(), 1e-10 if dtype == torch.float64 else 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("reduce", [False, True], ids=["expand", "reduce"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=["fp32", "fp64", "bf16", "fp16"])
+@pytest.mark.parametrize("n, c, h, w, kernel, stride, pads, segs", GPU_SHAPES)
+def test_triton_cuda(n, c, h, w, kernel, stride, pads, segs, dtype, reduce):
+    x, args = _gpu_case(n, c, h, w, kernel, stride, pads, segs, dtype, reduce, True)
+    _check_gpu(patch_covariance_triton, x, args, dtype)
+
+
+def _native_cuda_reason() -> str:
+    if not HAS_CUDA:
+        return "needs a CUDA device"
+    try:
+        from kfac_kernels import _backend
+    except ImportError as err:  # pragma: no cover
+        return f"kfac_kernels is not importable: {err}"
+    if not _backend.has_native_cuda():
+        return "kfac_kernels._C was not built with CUDA"
+    if not _backend.native_has_op("patch_covariance"):
+        return "kfac_kernels._C has no patch_covariance op (built from older sources)"
+    return ""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(bool(_native_cuda_reason()), reason=_native_cuda_reason() or "available")
+@pytest.mark.parametrize("reduce", [False, True], ids=["expand", "reduce"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=["fp32", "fp64", "bf16", "fp16"])
+@pytest.mark.parametrize("n, c, h, w, kernel, stride, pads, segs", GPU_SHAPES)
+def test_native_cuda_op(n, c, h, w, kernel, stride, pads, segs, dtype, reduce):
+    x, args = _gpu_case(n, c, h, w, kernel, stride, pads, segs, dtype, reduce, True, seed=1)
+    _check_gpu(torch.ops.kfac_kernels.patch_covariance, x, args, dtype)

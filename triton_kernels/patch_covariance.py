@@ -1,0 +1,457 @@
+r"""Triton kernels for the patch covariance (the ``A`` factor of a convolution) without im2col.
+
+Definition (``csrc/include/patch_covariance.h``): ``x`` is ``(N, C, H, W)``; the patch of example
+``n`` at output position ``(oh, ow)`` and channel segment ``s`` has coordinates ``(c, i, j)``,
+flattened as ``d = (c * kh + i) * kw + j``, with value
+``x[n, c0(s) + c, oh * sh + i * dh - pad_top, ow * sw + j * dw - pad_left]`` (0 in the padding),
+``c0(s) = segment_start + s * segment_step``; with ``bias`` a last coordinate equal to 1 is
+appended (``D = segment_channels * kh * kw + bias``). For every segment::
+
+    expand:  out[s] = decay * factor[s] + alpha * sum_{n, oh, ow} a a^T
+    reduce:  out[s] = decay * factor[s] + alpha * sum_n abar_n abar_n^T     (abar_n: mean patch)
+
+Expand: implicit im2col
+-----------------------
+The patch matrix (rows ``r = (n, oh, ow)``, ``N * out_h * out_w`` of them; columns ``d``) is
+never stored. One program per (segment, upper-triangular output tile ``ti <= tj``) — a linear
+program index is mapped to ``(ti, tj)`` so no program is spent on the lower triangle — walks the
+rows in ``BLOCK_K`` steps. For a step it computes the row coordinates (``n, oh, ow`` -> a row
+offset and the top-left input position) and, once per program, the column coordinates
+(``c, i, j`` -> a column offset and the kernel offset), so the ``[BLOCK_K, BLOCK]`` tile of patches
+is one masked gather from ``x`` (any strides; masked elements, the padding, read as 0). The two
+tiles' product is accumulated:
+
+* float32: ``tl.dot(tl.trans(a), b, input_precision="ieee")`` (never TF32), fp32 accumulation;
+* float16 / bfloat16: the 16-bit tiles go to ``tl.dot`` directly (tensor cores), fp32 accumulation
+  (under the interpreter, whose ``tl.dot`` mishandles bfloat16, bfloat16 tiles are widened to fp32
+  first: the same exact products);
+* float64: a sum of outer products in fp64 (``tl.dot`` has no portable fp64 path).
+
+Every ``CHUNK`` steps the chunk's sum is added to the running total (two-level summation). The
+epilogue computes ``g = alpha * acc`` once for each upper-triangle entry of the tile and writes
+``decay * factor[i, j] + g`` to ``(i, j)`` and ``decay * factor[j, i] + g`` to ``(j, i)``, so the
+result is exactly symmetric whenever the factor is.
+When the tile programs cannot fill a GPU and there are many rows, the rows are split into ranges
+whose partial tiles go to a workspace and are summed in a fixed order by a second kernel
+(deterministic, no atomics).
+
+Reduce
+------
+A first kernel writes the mean patches ``abar`` into an ``(N, S, D)`` buffer (the bias coordinate
+set to 1): one program per ``(n, s)`` and block of columns sums the patches over the output grid
+in ``BLOCK_P`` chunks. ``alpha * X^T X`` is then :func:`triton_kernels.symmetric_factor_update`
+on the buffer viewed as ``(S, N, D)``, and ``decay * factor`` is added entry by entry.
+
+``decay`` and ``alpha`` are fp64 kernel arguments on a GPU; the interpreter narrows float
+arguments to fp32, so there they are read from a small fp64 tensor instead. Under
+``TRITON_INTERPRET=1`` the kernels run on CPU tensors (slowly: keep shapes small).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+__all__ = ["patch_covariance_triton"]
+
+_NAME = "patch_covariance_triton"
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# Axis 1 of a CUDA grid is limited to 65535 programs.
+_MAX_GRID_Y = 65535
+
+
+@triton.jit
+def _upper_tile(pid):
+    """Linear index -> upper-triangle tile ``(ti, tj)``, ``ti <= tj``, numbered column by column
+    (``pid = tj (tj + 1) / 2 + ti``); the float estimate is corrected by one step either way."""
+    kf = pid.to(tl.float32)
+    tj = ((tl.sqrt(8.0 * kf + 1.0) - 1.0) * 0.5).to(tl.int32)
+    tj = tl.where(tj * (tj + 1) // 2 > pid, tj - 1, tj)
+    tj = tl.where((tj + 1) * (tj + 2) // 2 <= pid, tj + 1, tj)
+    ti = pid - tj * (tj + 1) // 2
+    return ti, tj
+
+
+@triton.jit
+def _columns(offs_d, DN, KH, KW, DIL_H, DIL_W, PAD_T, PAD_L, sxc, sxh, sxw):
+    """Column coordinates of patch columns ``offs_d``: element offset (relative to the segment's
+    first channel), kernel offsets ``(dy, dx)`` relative to the top-left input position, and
+    whether the column is a data column (``d < DN``)."""
+    kk = KH * KW
+    ch = offs_d // kk
+    rem = offs_d - ch * kk
+    ki = rem // KW
+    kj = rem - ki * KW
+    dy = ki * DIL_H - PAD_T
+    dx = kj * DIL_W - PAD_L
+    off = ch.to(tl.int64) * sxc + dy.to(tl.int64) * sxh + dx.to(tl.int64) * sxw
+    return off, dy, dx, offs_d < DN
+
+
+@triton.jit
+def _gather(x_seg, row_off, y0, x0, row_ok, col_off, dy, dx, col_data, col_bias, H, W):
+    """``[BLOCK_K, BLOCK]`` tile of patches: masked gather (0 in the padding and past the row
+    range), 1 in the bias column of the valid rows."""
+    y = y0[:, None] + dy[None, :]
+    xx = x0[:, None] + dx[None, :]
+    mask = (row_ok[:, None] & col_data[None, :] & (y >= 0) & (y < H) & (xx >= 0) & (xx < W))
+    v = tl.load(x_seg + row_off[:, None] + col_off[None, :], mask=mask, other=0.0)
+    v = tl.where(row_ok[:, None] & col_bias[None, :], 1.0, v)
+    return v.to(x_seg.dtype.element_ty)
+
+
+@triton.jit
+def _epilogue_store(acc, f_base, o_base, decay, alpha, offs_i, offs_j, D, sfi, sfj, soi, soj,
+                    HAS_FACTOR: tl.constexpr):
+    """For the upper entries (i <= j) of the tile: ``out[i, j] = decay * F[i, j] + alpha * acc``
+    and ``out[j, i] = decay * F[j, i] + alpha * acc`` (the same value whenever F is symmetric)."""
+    mask_ij = (offs_i < D)[:, None] & (offs_j < D)[None, :]
+    upper = mask_ij & (offs_i[:, None] <= offs_j[None, :])
+    ii = offs_i.to(tl.int64)
+    jj = offs_j.to(tl.int64)
+    g = acc * alpha.to(acc.dtype)
+    if HAS_FACTOR:
+        f = tl.load(f_base + ii[:, None] * sfi + jj[None, :] * sfj, mask=upper, other=0.0)
+        f_t = tl.load(f_base + jj[None, :] * sfi + ii[:, None] * sfj, mask=upper, other=0.0)
+        out = f.to(acc.dtype) * decay.to(acc.dtype) + g
+        out_t = f_t.to(acc.dtype) * decay.to(acc.dtype) + g
+    else:
+        out = g
+        out_t = g
+    tl.store(o_base + ii[:, None] * soi + jj[None, :] * soj, out.to(o_base.dtype.element_ty),
+             mask=upper)
+    tl.store(o_base + jj[None, :] * soi + ii[:, None] * soj, out_t.to(o_base.dtype.element_ty),
+             mask=upper)
+
+
+@triton.jit
+def _pc_expand_kernel(x_ptr, f_ptr, out_ptr, ws_ptr, scal_ptr, decay: tl.float64,
+                      alpha: tl.float64,
+                      M, R, OUT_W, H, W, D, DN, C_START, C_STEP, N_TILES, ROWS_PER_SPLIT,
+                      sxn, sxc, sxh, sxw, KH, KW, STR_H, STR_W, DIL_H, DIL_W, PAD_T, PAD_L,
+                      sfb, sfi, sfj, sob, soi, soj, wss, wsb, wsi, wsj,
+                      HAS_BIAS: tl.constexpr, HAS_FACTOR: tl.constexpr, SPLIT: tl.constexpr,
+                      ACC_FP64: tl.constexpr, IEEE_DOT: tl.constexpr, WIDEN: tl.constexpr,
+                      BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
+                      SCALARS_IN_MEMORY: tl.constexpr):
+    """One program per (segment, upper tile[, row range]); see the module docstring."""
+    pid = tl.program_id(0)
+    s = pid // N_TILES
+    ti, tj = _upper_tile(pid % N_TILES)
+    split = tl.program_id(1)
+    offs_i = ti * BLOCK + tl.arange(0, BLOCK)
+    offs_j = tj * BLOCK + tl.arange(0, BLOCK)
+    s64 = s.to(tl.int64)
+    x_seg = x_ptr + (C_START + s64 * C_STEP) * sxc
+    off_i, dy_i, dx_i, data_i = _columns(offs_i, DN, KH, KW, DIL_H, DIL_W, PAD_T, PAD_L,
+                                         sxc, sxh, sxw)
+    off_j, dy_j, dx_j, data_j = _columns(offs_j, DN, KH, KW, DIL_H, DIL_W, PAD_T, PAD_L,
+                                         sxc, sxh, sxw)
+    if HAS_BIAS:
+        bias_i = offs_i == DN
+        bias_j = offs_j == DN
+    else:
+        bias_i = offs_i < 0
+        bias_j = offs_j < 0
+    row_start = split.to(tl.int64) * ROWS_PER_SPLIT
+    row_end = tl.minimum(row_start + ROWS_PER_SPLIT, M)
+    if ACC_FP64:
+        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    for c0 in range(row_start, row_end, BLOCK_K * CHUNK):
+        c_end = tl.minimum(c0 + BLOCK_K * CHUNK, row_end)
+        if ACC_FP64:
+            part = tl.zeros((BLOCK, BLOCK), dtype=tl.float64)
+        else:
+            part = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+        for k0 in range(c0, c_end, BLOCK_K):
+            r = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+            row_ok = r < c_end
+            n = r // R
+            p = r - n * R
+            oh = p // OUT_W
+            ow = p - oh * OUT_W
+            y0 = (oh * STR_H).to(tl.int32)
+            x0 = (ow * STR_W).to(tl.int32)
+            row_off = n * sxn + y0.to(tl.int64) * sxh + x0.to(tl.int64) * sxw
+            a = _gather(x_seg, row_off, y0, x0, row_ok, off_i, dy_i, dx_i, data_i, bias_i, H, W)
+            b = _gather(x_seg, row_off, y0, x0, row_ok, off_j, dy_j, dx_j, data_j, bias_j, H, W)
+            if ACC_FP64:
+                part += tl.sum(a[:, :, None] * b[:, None, :], axis=0)
+            elif IEEE_DOT:
+                if WIDEN:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                part = tl.dot(tl.trans(a), b, part, input_precision="ieee")
+            else:
+                part = tl.dot(tl.trans(a), b, part)
+        acc += part
+    if SPLIT:
+        mask_ij = (offs_i < D)[:, None] & (offs_j < D)[None, :]
+        w_base = ws_ptr + split.to(tl.int64) * wss + s64 * wsb
+        tl.store(w_base + offs_i.to(tl.int64)[:, None] * wsi + offs_j.to(tl.int64)[None, :] * wsj,
+                 acc, mask=mask_ij)
+    else:
+        if SCALARS_IN_MEMORY:
+            decay = tl.load(scal_ptr)
+            alpha = tl.load(scal_ptr + 1)
+        _epilogue_store(acc, f_ptr + s64 * sfb, out_ptr + s64 * sob, decay, alpha, offs_i, offs_j,
+                        D, sfi, sfj, soi, soj, HAS_FACTOR)
+
+
+@triton.jit
+def _pc_split_reduce_kernel(f_ptr, out_ptr, ws_ptr, scal_ptr, decay: tl.float64,
+                            alpha: tl.float64, D, N_TILES, N_SPLIT,
+                            sfb, sfi, sfj, sob, soi, soj, wss, wsb, wsi, wsj,
+                            HAS_FACTOR: tl.constexpr, ACC_FP64: tl.constexpr,
+                            BLOCK: tl.constexpr, SCALARS_IN_MEMORY: tl.constexpr):
+    """Sum the row ranges' partial tiles of one (segment, upper tile) in order, then the
+    epilogue."""
+    pid = tl.program_id(0)
+    s = pid // N_TILES
+    ti, tj = _upper_tile(pid % N_TILES)
+    offs_i = ti * BLOCK + tl.arange(0, BLOCK)
+    offs_j = tj * BLOCK + tl.arange(0, BLOCK)
+    s64 = s.to(tl.int64)
+    mask_ij = (offs_i < D)[:, None] & (offs_j < D)[None, :]
+    if ACC_FP64:
+        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    w_tile = (ws_ptr + s64 * wsb + offs_i.to(tl.int64)[:, None] * wsi
+              + offs_j.to(tl.int64)[None, :] * wsj)
+    for k in range(0, N_SPLIT):
+        acc += tl.load(w_tile + k * wss, mask=mask_ij, other=0.0)
+    if SCALARS_IN_MEMORY:
+        decay = tl.load(scal_ptr)
+        alpha = tl.load(scal_ptr + 1)
+    _epilogue_store(acc, f_ptr + s64 * sfb, out_ptr + s64 * sob, decay, alpha, offs_i, offs_j,
+                    D, sfi, sfj, soi, soj, HAS_FACTOR)
+
+
+@triton.jit
+def _pc_mean_kernel(x_ptr, abar_ptr, S, R, OUT_W, H, W, D, DN, C_START, C_STEP,
+                    sxn, sxc, sxh, sxw, KH, KW, STR_H, STR_W, DIL_H, DIL_W, PAD_T, PAD_L,
+                    HAS_BIAS: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_P: tl.constexpr):
+    """abar[(n * S + s) * D + d] = mean over the output grid of patch column d (1 for the bias);
+    program (n * S + s, column block)."""
+    pid = tl.program_id(0)
+    n = pid // S
+    s = pid - n * S
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    off_d, dy, dx, data = _columns(offs_d, DN, KH, KW, DIL_H, DIL_W, PAD_T, PAD_L, sxc, sxh, sxw)
+    base = x_ptr + n.to(tl.int64) * sxn + (C_START + s.to(tl.int64) * C_STEP) * sxc
+    if ACC_FP64:
+        acc = tl.zeros((BLOCK_D,), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for p0 in range(0, R, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        ok = p < R
+        oh = p // OUT_W
+        ow = p - oh * OUT_W
+        y = (oh * STR_H)[:, None] + dy[None, :]
+        xx = (ow * STR_W)[:, None] + dx[None, :]
+        mask = ok[:, None] & data[None, :] & (y >= 0) & (y < H) & (xx >= 0) & (xx < W)
+        row_off = (oh * STR_H).to(tl.int64) * sxh + (ow * STR_W).to(tl.int64) * sxw
+        v = tl.load(base + row_off[:, None] + off_d[None, :], mask=mask, other=0.0)
+        acc += tl.sum(v.to(acc.dtype), axis=0)
+    mean = acc / R
+    if HAS_BIAS:
+        mean = tl.where(offs_d == DN, 1.0, mean)
+    tl.store(abar_ptr + pid.to(tl.int64) * D + offs_d, mean.to(abar_ptr.dtype.element_ty),
+             mask=offs_d < D)
+
+
+def _interpreted() -> bool:
+    """Whether the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``)."""
+    return isinstance(_pc_expand_kernel, InterpretedFunction)
+
+
+def _pair(name: str, value) -> tuple[int, int]:
+    try:
+        a, b = (int(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{_NAME}: {name} must be 2 ints (height, width), got {value!r}") from None
+    return a, b
+
+
+def _default_blocks(dtype: torch.dtype, d: int, device: torch.device) -> tuple[int, int]:
+    """``(BLOCK, BLOCK_K)``: ``tl.dot`` needs every dimension >= 16; fp64 materialises a
+    ``BLOCK_K x BLOCK x BLOCK`` product per step, kept small in registers on a GPU (under the
+    interpreter a larger step is cheaper)."""
+    block = min(64, max(16, triton.next_power_of_2(d)))
+    if dtype == torch.float64:
+        return min(block, 32), (8 if device.type == "cuda" else 32)
+    return block, 32
+
+
+def _num_splits(device: torch.device, programs: int, m: int, block_k: int) -> int:
+    """How many row ranges to use so that ``programs * splits`` roughly fills a GPU (1 on CPU)."""
+    if device.type != "cuda" or m <= 0:
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if programs >= sms:
+        return 1
+    want = math.ceil(2 * sms / programs)
+    most = max(1, m // (8 * block_k))  # every range at least 8 steps long
+    return max(1, min(want, most, _MAX_GRID_Y))
+
+
+def patch_covariance_triton(x: torch.Tensor, kernel_size, stride, dilation, padding, out_size,
+                            num_segments: int, segment_start: int, segment_step: int,
+                            segment_channels: int, reduce: bool, bias: bool,
+                            factor: torch.Tensor | None, decay: float, alpha: float, *,
+                            block: int | None = None, block_k: int | None = None,
+                            splits: int | None = None) -> torch.Tensor:
+    """The patch covariance of ``x`` computed by the Triton kernels (a new tensor).
+
+    The arguments mean what they mean for ``torch.ops.kfac_kernels.patch_covariance`` (see the
+    module docstring and ``csrc/include/patch_covariance.h``):
+
+    Args:
+        x: ``(N, C, H, W)`` float32, float64, float16 or bfloat16, any strides, on CUDA or (under
+            ``TRITON_INTERPRET=1``) on the CPU.
+        kernel_size, stride, dilation: ``(height, width)`` ints.
+        padding: ``(pad_top, pad_left)``; the padding after the input is implied by ``out_size``.
+        out_size: ``(out_h, out_w)``, the convolution's output size.
+        num_segments, segment_start, segment_step, segment_channels: segment ``s`` covers the
+            channels ``[segment_start + s * segment_step, ... + segment_channels)``.
+        reduce: ``False`` (expand: sum over every patch) or ``True`` (reduce: sum over examples
+            of the mean patches).
+        bias: append a constant-1 coordinate to every patch.
+        factor: ``(num_segments, D, D)`` of the accumulation dtype, any strides, or ``None``
+            (zeros; ``decay`` unused).
+        decay, alpha: Python numbers.
+        block, block_k: tile sizes (powers of two, ``>= 16`` except for float64), for tests and
+            tuning.
+        splits: number of row ranges of the expand kernel (default: chosen from the GPU's SM
+            count, 1 on the CPU).
+
+    Returns:
+        ``(num_segments, D, D)``, contiguous, float64 for a float64 ``x`` and float32 otherwise;
+        exactly symmetric when ``factor`` is (or is ``None``).
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"{_NAME}: x must be a 4-D (N, C, H, W) tensor, got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"{_NAME}: x must be float32, float64, float16 or bfloat16, got {x.dtype}")
+    kh, kw = _pair("kernel_size", kernel_size)
+    sh, sw = _pair("stride", stride)
+    dh, dw = _pair("dilation", dilation)
+    pt, pl = _pair("padding", padding)
+    oh, ow = _pair("out_size", out_size)
+    if min(kh, kw, sh, sw, dh, dw, oh, ow) < 1 or min(pt, pl) < 0:
+        raise ValueError(f"{_NAME}: kernel_size, stride, dilation and out_size must be positive "
+                         f"and padding non-negative")
+    n, c, h, w = x.shape
+    num_segments, segment_start = int(num_segments), int(segment_start)
+    segment_step, segment_channels = int(segment_step), int(segment_channels)
+    if num_segments < 1 or segment_channels < 1 or segment_start < 0 or segment_step < 0:
+        raise ValueError(f"{_NAME}: num_segments and segment_channels must be positive, "
+                         f"segment_start and segment_step non-negative")
+    if segment_start + (num_segments - 1) * segment_step + segment_channels > c:
+        raise ValueError(f"{_NAME}: the segments do not fit in the {c} channels of x")
+    reduce, bias = bool(reduce), bool(bias)
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dn = segment_channels * kh * kw
+    d = dn + (1 if bias else 0)
+    if factor is not None:
+        if (tuple(factor.shape) != (num_segments, d, d) or factor.dtype != acc_dtype
+                or factor.device != x.device):
+            raise ValueError(f"{_NAME}: factor must be a ({num_segments}, {d}, {d}) {acc_dtype} "
+                             f"tensor on {x.device}, got {tuple(factor.shape)} {factor.dtype} "
+                             f"on {factor.device}")
+    decay, alpha = float(decay), float(alpha)
+    geometry = (kh, kw, sh, sw, dh, dw, pt, pl)
+    guard = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        if reduce:
+            return _reduce(x, geometry, oh, ow, num_segments, segment_start, segment_step,
+                           dn, d, bias, factor, decay, alpha, acc_dtype)
+        return _expand(x, geometry, oh, ow, num_segments, segment_start, segment_step, dn, d,
+                       bias, factor, decay, alpha, acc_dtype, block, block_k, splits)
+
+
+def _expand(x, geometry, oh, ow, num_segments, segment_start, segment_step, dn, d, bias, factor,
+            decay, alpha, acc_dtype, block, block_k, splits):
+    kh, kw, sh, sw, dh, dw, pt, pl = geometry
+    n, _, h, w = x.shape
+    out = torch.empty((num_segments, d, d), dtype=acc_dtype, device=x.device)
+    m = n * oh * ow
+    fp64 = x.dtype == torch.float64
+    dflt_block, dflt_block_k = _default_blocks(x.dtype, d, x.device)
+    block = block or dflt_block
+    block_k = block_k or dflt_block_k
+    if not fp64 and (block < 16 or block_k < 16):
+        raise ValueError(f"{_NAME}: tiles of a {x.dtype} input need block, block_k >= 16")
+    n_t = triton.cdiv(d, block)
+    n_tiles = n_t * (n_t + 1) // 2
+    programs = num_segments * n_tiles
+    if programs >= 2**31:
+        raise ValueError(f"{_NAME}: too many tiles for one launch")
+    n_split = splits if splits is not None else _num_splits(x.device, programs, m, block_k)
+    n_split = max(1, min(int(n_split), max(1, triton.cdiv(m, block_k)), _MAX_GRID_Y))
+    rows_per_split = triton.cdiv(max(m, 1), n_split * block_k) * block_k
+    interpreted = _interpreted()
+    # the interpreter narrows float arguments to fp32: there the scalars travel in a tensor
+    scal = (torch.tensor([decay, alpha], dtype=torch.float64, device=x.device) if interpreted
+            else out)
+    f_arg = factor if factor is not None else out  # never read without HAS_FACTOR
+    f_strides = factor.stride() if factor is not None else (0, 0, 0)
+    ws = None
+    ws_strides = (0, 0, 0, 0)
+    if n_split > 1:
+        ws = torch.empty((n_split, num_segments, d, d), dtype=acc_dtype, device=x.device)
+        ws_strides = ws.stride()
+    _pc_expand_kernel[(programs, n_split)](
+        x, f_arg, out, ws if ws is not None else out, scal, decay, alpha,
+        m, oh * ow, ow, h, w, d, dn, segment_start, segment_step, n_tiles, rows_per_split,
+        *x.stride(), kh, kw, sh, sw, dh, dw, pt, pl,
+        *f_strides, *out.stride(), *ws_strides,
+        HAS_BIAS=bias, HAS_FACTOR=factor is not None, SPLIT=n_split > 1, ACC_FP64=fp64,
+        IEEE_DOT=x.dtype == torch.float32 or (interpreted and x.dtype == torch.bfloat16),
+        WIDEN=interpreted and x.dtype == torch.bfloat16,
+        BLOCK=block, BLOCK_K=block_k, CHUNK=8, SCALARS_IN_MEMORY=interpreted,
+    )
+    if n_split > 1:
+        _pc_split_reduce_kernel[(programs,)](
+            f_arg, out, ws, scal, decay, alpha, d, n_tiles, n_split,
+            *f_strides, *out.stride(), *ws_strides,
+            HAS_FACTOR=factor is not None, ACC_FP64=fp64, BLOCK=block,
+            SCALARS_IN_MEMORY=interpreted,
+        )
+    return out
+
+
+def _reduce(x, geometry, oh, ow, num_segments, segment_start, segment_step, dn, d, bias, factor,
+            decay, alpha, acc_dtype):
+    from .symmetric_factor_update import symmetric_factor_update_triton
+
+    kh, kw, sh, sw, dh, dw, pt, pl = geometry
+    n, _, h, w = x.shape
+    abar = torch.empty((n, num_segments, d), dtype=acc_dtype, device=x.device)
+    if n > 0:
+        block_d = min(64, triton.next_power_of_2(d))
+        block_p = min(128 if _interpreted() else 32, triton.next_power_of_2(oh * ow))
+        grid = (n * num_segments, triton.cdiv(d, block_d))
+        _pc_mean_kernel[grid](
+            x, abar, num_segments, oh * ow, ow, h, w, d, dn, segment_start, segment_step,
+            *x.stride(), kh, kw, sh, sw, dh, dw, pt, pl,
+            HAS_BIAS=bias, ACC_FP64=acc_dtype == torch.float64, BLOCK_D=block_d,
+            BLOCK_P=block_p,
+        )
+    # alpha * X[s]^T X[s] with X[s] = abar[:, s, :]  (N, D), exactly symmetric. The factor term
+    # is added here, entry by entry, rather than by symmetric_factor_update_triton, which reads
+    # only the factor's upper triangle: out[j, i] must use factor[j, i].
+    out = symmetric_factor_update_triton(None, abar.transpose(0, 1), 0.0, alpha)
+    if factor is not None:
+        out.add_(factor, alpha=decay)
+    return out
