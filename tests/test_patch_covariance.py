@@ -592,8 +592,18 @@ if given is not None:
                        seed=g["seed"])
         out = patch_covariance(x, mode=g["mode"], backend=backend, **g["kwargs"])
         ref = reference(x, mode=g["mode"], **g["kwargs"])
+        rtol = testing.RTOL[g["dtype"]]
+        if backend != "eager":
+            # Random shapes include ill-conditioned ones (a reduce-mode mean patch that nearly
+            # cancels amplifies fp32 rounding ~60x; eager errs exactly as much there). A kernel
+            # is held to the fixed tolerance or to the low-precision rule: at most twice the
+            # eager same-dtype error against the fp64 reference, whichever is larger.
+            eager = patch_covariance(x, mode=g["mode"], backend="eager", **g["kwargs"])
+            pairs = zip(eager, ref) if isinstance(eager, list) else [(eager, ref)]
+            eager_err = max(testing.rel_error(e, r) for e, r in pairs)
+            rtol = max(rtol, testing.LOW_PRECISION_FACTOR * eager_err)
         check_result(out, ref, dtype=g["dtype"], backend=backend, device=device,
-                     rtol=testing.RTOL[g["dtype"]], msg=f"backend={backend} {g}")
+                     rtol=rtol, msg=f"backend={backend} {g}")
 
     @settings(max_examples=150, deadline=None)
     @given(g=_geometries())
