@@ -1,7 +1,8 @@
 """Kernel-backed operations. Each module holds the eager reference, the dispatch and the formula."""
+from .block_eigh import block_damped_inverse, block_eigh
 from .gradient_covariance import gradient_covariance
 from .patch_covariance import patch_covariance
 from .symmetric_factor_update import symmetric_factor_update, symmetric_factor_update_eager
 
-__all__ = ["gradient_covariance", "patch_covariance", "symmetric_factor_update",
-           "symmetric_factor_update_eager"]
+__all__ = ["block_damped_inverse", "block_eigh", "gradient_covariance", "patch_covariance",
+           "symmetric_factor_update", "symmetric_factor_update_eager"]
