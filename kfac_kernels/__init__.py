@@ -8,9 +8,10 @@ __version__ = "0.1.0"
 __all__ = ["BackendUnavailableError", "available_backends", "kronecker_factors", "ops"]
 
 try:  # the optimizer layer
+    from .bdkfac import BDKFAC  # noqa: F401
     from .kfac import KFAC  # noqa: F401
     from .optim import PreconditionedOptimizer  # noqa: F401
-    __all__ += ["KFAC", "PreconditionedOptimizer"]
+    __all__ += ["BDKFAC", "KFAC", "PreconditionedOptimizer"]
 except ImportError as _err:  # pragma: no cover - only while the package is partially installed
-    if "kfac_kernels.kfac" not in str(_err) and "kfac_kernels.optim" not in str(_err):
+    if not any(f"kfac_kernels.{m}" in str(_err) for m in ("kfac", "optim", "bdkfac")):
         raise

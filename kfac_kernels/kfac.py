@@ -58,6 +58,20 @@ def _positive_int(who, name, value):
         raise ValueError(f"{who}: {name} must be an int >= 1, got {value!r}")
 
 
+def _all_finite(factors) -> bool:
+    """Whether every tensor of a factor (a tensor or a list of blocks, nested) is finite."""
+    if isinstance(factors, torch.Tensor):
+        return bool(torch.isfinite(factors).all())
+    return all(_all_finite(f) for f in factors)
+
+
+def _lerp(new, old, decay: float):
+    """The moving average ``decay * old + (1 - decay) * new`` of a tensor or a list of blocks."""
+    if isinstance(new, torch.Tensor):
+        return torch.lerp(new, old, decay)
+    return [_lerp(n, o, decay) for n, o in zip(new, old)]
+
+
 class KFAC:
     """K-FAC preconditioner: ``loss.backward(); precond.step(); optimizer.step()``.
 
@@ -141,10 +155,10 @@ class KFAC:
             raise ValueError(f"{who}: factor_dtype must be torch.float32, torch.float64 or None, "
                              f"got {factor_dtype!r}")
         skip_modules = validate_skip_modules(model, skip_modules, who)
-        self.adapters = find_adapters(model, skip_modules, who)
+        self.adapters = self._find_adapters(model, skip_modules, who)
         if not self.adapters:
-            raise ValueError(f"{who}: the model has no supported layers (nn.Linear, nn.Conv1d, "
-                             "nn.Conv2d) with trainable weights")
+            raise ValueError(f"{who}: the model has no supported layers "
+                             f"({self._SUPPORTED_NAMES}) with trainable weights")
         self.model = model
         self.damping = float(damping)
         self.factor_decay = float(factor_decay)
@@ -168,11 +182,18 @@ class KFAC:
         # name -> tensors of the current preconditioner (eigen- or inverse-form)
         self.preconditioners: dict[str, dict[str, torch.Tensor]] = {}
         self._warned: set[str] = set()
-        self.capture = CurvatureCapture(self.adapters, kfac_approx=kfac_approx,
-                                        loss_average=loss_average, factor_dtype=factor_dtype,
-                                        backend=backend, loss_scale=self._loss_scale,
-                                        train_only=True).attach()
+        self.capture = self._capture_class(self.adapters, kfac_approx=kfac_approx,
+                                           loss_average=loss_average, factor_dtype=factor_dtype,
+                                           backend=backend, loss_scale=self._loss_scale,
+                                           train_only=True).attach()
         self._arm_capture()
+
+    # Subclasses (BDKFAC) cover other layers and keep factors in other forms.
+    _SUPPORTED_NAMES = "nn.Linear, nn.Conv1d, nn.Conv2d"
+    _capture_class = CurvatureCapture
+
+    def _find_adapters(self, model: nn.Module, skip_modules: tuple, who: str) -> dict:
+        return find_adapters(model, skip_modules, who)
 
     # --- capture ----------------------------------------------------------------------------
     def _loss_scale(self) -> float | None:
@@ -258,9 +279,9 @@ class KFAC:
             self._update_factors()
         self.capture.reset()
         refresh = self.steps % self.inv_update_steps == 0
-        for name in mats:
-            if name in self.factors and (refresh or name not in self.preconditioners):
-                self._update_preconditioner(name)
+        self._refresh_preconditioners([
+            name for name in mats
+            if name in self.factors and (refresh or name not in self.preconditioners)])
         updates = {name: self._precondition(name, mat) for name, mat in mats.items()
                    if name in self.preconditioners}
         if self.kl_clip is not None and updates:
@@ -287,7 +308,7 @@ class KFAC:
             pair = self.capture.factors(name)
             if pair is None:
                 continue
-            if not all(bool(torch.isfinite(f).all()) for f in pair):
+            if not _all_finite(pair):
                 self._warn_once(f"nonfinite-batch:{name}", (
                     f"{type(self).__name__}: non-finite curvature for module {name!r} (NaN/inf "
                     "in its inputs or output gradients); its factor update is skipped this "
@@ -298,7 +319,11 @@ class KFAC:
             else:
                 a, g = self.factors[name]
                 d = self.factor_decay
-                self.factors[name] = (torch.lerp(pair[0], a, d), torch.lerp(pair[1], g, d))
+                self.factors[name] = (_lerp(pair[0], a, d), _lerp(pair[1], g, d))
+
+    def _refresh_preconditioners(self, names: list[str]) -> None:
+        for name in names:
+            self._update_preconditioner(name)
 
     def _pi(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """Per-group pi of seed 004 Eq. 8 (1 where a trace is not positive)."""

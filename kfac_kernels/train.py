@@ -32,15 +32,18 @@ from torch import nn
 from .data import load_digits_split
 from .models import build_digits_cnn, num_parameters
 
-OPTIMIZERS = ("sgd", "adamw", "kfac")
+OPTIMIZERS = ("sgd", "adamw", "kfac", "bdkfac")
+SECOND_ORDER = ("kfac", "bdkfac")  # take the K-FAC options
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 # Defaults per optimizer. K-FAC's lr and damping come from a sweep over lr x damping (with and
 # without KL-clipping) at 300 steps and batch size 64: lr 0.02 with damping 0.3 trained stably for
 # every seed tried (0-9), each reaching >= 0.98 test accuracy; larger steps (lr >= 0.05, or
 # damping <= 0.1 at lr 0.03) let some seeds spike or diverge.
-DEFAULT_LR = {"sgd": 0.05, "adamw": 3e-3, "kfac": 0.02}
-DEFAULT_WEIGHT_DECAY = {"sgd": 0.0, "adamw": 1e-2, "kfac": 0.0}
+# BD-KFAC preconditions AdamW (seed 000's setting) and keeps AdamW's weight decay; its lr comes
+# from a sweep recorded in bench/results/bdkfac_digits_sweep.json.
+DEFAULT_LR = {"sgd": 0.05, "adamw": 3e-3, "kfac": 0.02, "bdkfac": 1e-2}
+DEFAULT_WEIGHT_DECAY = {"sgd": 0.0, "adamw": 1e-2, "kfac": 0.0, "bdkfac": 1e-2}
 DEFAULT_MOMENTUM = 0.9
 DEFAULT_DAMPING = 0.3
 
@@ -124,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
                         help="dtype of the model and data (K-FAC keeps bf16 layers' factors "
                              "in float32)")
-    kfac = parser.add_argument_group("K-FAC (--optimizer kfac)")
+    kfac = parser.add_argument_group("K-FAC (--optimizer kfac, bdkfac)")
     kfac.add_argument("--damping", type=_positive_float, default=DEFAULT_DAMPING,
                       help="Tikhonov damping of K-FAC")
     kfac.add_argument("--kfac-approx", choices=("expand", "reduce"), default="expand",
@@ -139,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="recompute the eigendecompositions every this many steps")
     kfac.add_argument("--kl-clip", type=_positive_float, default=None,
                       help="KL-clipping constant (off by default)")
+    kfac.add_argument("--num-blocks", type=_positive_int, default=4,
+                      help="diagonal blocks per Kronecker factor (--optimizer bdkfac)")
     kfac.add_argument("--backend", choices=("auto", "eager", "triton", "cuda", "cpu"),
                       default="auto", help="kernel backend of K-FAC's factor updates")
     out = parser.add_argument_group("output")
@@ -157,12 +162,14 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
                      f"({torch.__version__}); use --device cpu")
     if args.factor_decay >= 1:
         parser.error(f"--factor-decay must be in [0, 1), got {args.factor_decay}")
-    if args.optimizer != "kfac":
+    if args.optimizer not in SECOND_ORDER:
         kfac_only = [flag for flag, value, default in (
             ("--damping", args.damping, DEFAULT_DAMPING),
             ("--kl-clip", args.kl_clip, None)) if value != default]
         if kfac_only:
-            parser.error(f"{', '.join(kfac_only)} only applies to --optimizer kfac")
+            parser.error(f"{', '.join(kfac_only)} only applies to --optimizer kfac or bdkfac")
+    if args.optimizer != "bdkfac" and args.num_blocks != 4:
+        parser.error("--num-blocks only applies to --optimizer bdkfac")
     if args.json is not None:
         folder = os.path.dirname(os.path.abspath(args.json))
         if not os.path.isdir(folder):
@@ -177,8 +184,16 @@ def _make_optimizer(args: argparse.Namespace, model: nn.Module):
                                weight_decay=args.weight_decay)
     if args.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    from . import KFAC, PreconditionedOptimizer  # the optimizer layer
+    from . import BDKFAC, KFAC, PreconditionedOptimizer  # the optimizer layer
 
+    if args.optimizer == "bdkfac":
+        base = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+        precond = BDKFAC(model, num_blocks=args.num_blocks, damping=args.damping,
+                         factor_decay=args.factor_decay,
+                         factor_update_steps=args.factor_update_steps,
+                         inv_update_steps=args.inv_update_steps, kfac_approx=args.kfac_approx,
+                         kl_clip=args.kl_clip, loss_average="batch", backend=args.backend)
+        return PreconditionedOptimizer(base, precond)
     base = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum,
                            weight_decay=args.weight_decay)
     precond = KFAC(model, damping=args.damping, factor_decay=args.factor_decay,
@@ -301,8 +316,9 @@ def _run(args: argparse.Namespace) -> dict:
         "lr": args.lr,
         "momentum": args.momentum if args.optimizer in ("sgd", "kfac") else None,
         "weight_decay": args.weight_decay,
-        "damping": args.damping if args.optimizer == "kfac" else None,
-        "kfac_approx": args.kfac_approx if args.optimizer == "kfac" else None,
+        "damping": args.damping if args.optimizer in SECOND_ORDER else None,
+        "kfac_approx": args.kfac_approx if args.optimizer in SECOND_ORDER else None,
+        "num_blocks": args.num_blocks if args.optimizer == "bdkfac" else None,
         "seed": args.seed,
         "device": args.device,
         "dtype": args.dtype,

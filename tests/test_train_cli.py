@@ -187,3 +187,24 @@ def test_kfac_default_reaches_95_percent(tmp_path):
     result = _train(tmp_path, "--optimizer", "kfac", "--steps", "300")
     _check_metrics(result, "kfac", 300)
     assert result["test_accuracy"] >= 0.95, result["test_accuracy"]
+
+
+def test_bdkfac_default_reaches_95_percent(tmp_path):
+    """``kfac-train --optimizer bdkfac --steps 300`` (seed 0): BD-KFAC over AdamW."""
+    result = _train(tmp_path, "--optimizer", "bdkfac", "--steps", "300")
+    _check_metrics(result, "bdkfac", 300)
+    assert result["num_blocks"] == 4 and result["damping"] == 0.3
+    assert result["test_accuracy"] >= 0.95, result["test_accuracy"]
+
+
+def test_bdkfac_options_are_passed_through(tmp_path):
+    result = _train(tmp_path, "--optimizer", "bdkfac", "--steps", "6", "--num-blocks", "2",
+                    "--kfac-approx", "reduce", "--kl-clip", "1e-3", "--damping", "0.1")
+    assert result["num_blocks"] == 2 and result["kfac_approx"] == "reduce"
+    assert math.isfinite(result["train_loss"])
+
+
+def test_num_blocks_only_for_bdkfac(capsys):
+    with pytest.raises(SystemExit):
+        main(["--optimizer", "kfac", "--num-blocks", "2", "--no-progress"])
+    assert "--num-blocks only applies to --optimizer bdkfac" in capsys.readouterr().err
