@@ -1,0 +1,267 @@
+"""Two-level K-FAC (seed 004): the coarse Fisher against a brute-force sum of explicitly formed
+cross-layer Kronecker blocks, Algorithm 1 against the per-example-sums form, the decay schedule,
+the correction of Eq. 6 against the one-level update, checkpoints, argument validation, and the
+deep linear MLP of App. B.1 at reduced size."""
+from __future__ import annotations
+
+import copy
+import io
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kfac_kernels import BDKFAC, KFAC, PreconditionedOptimizer, TwoLevel
+
+DT = torch.float64
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def net(seed=0, norm=False):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        layers = [nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(),
+                  nn.Conv2d(4, 6, 3, stride=2, groups=2), nn.ReLU()]
+        if norm:
+            layers.append(nn.BatchNorm2d(6))
+        layers += [nn.Flatten(), nn.Linear(6 * 3 * 3, 5), nn.ReLU(),
+                   nn.Linear(5, 3, bias=False)]
+        return nn.Sequential(*layers).to(DT)
+
+
+def data(n=9, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 2, 7, 7, generator=gen, dtype=DT), torch.randint(0, 3, (n,),
+                                                                              generator=gen)
+
+
+def brute_force_coarse(model, x, y, loss_average):
+    """Per layer and group: the per-example mean patch (F.unfold) with bias 1 and the
+    per-example output gradient summed over positions; A_ij, G_ij as explicit matrices, the
+    Kronecker block kron(A_ij, G_ij) formed explicitly and summed."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    ins, outs = {}, {}
+    def keep(mod, args, out, key):
+        ins[key], outs[key] = args[0], out
+
+    hooks = [m.register_forward_hook(lambda mod, a, o, key=name: keep(mod, a, o, key))
+             for name, m in layers]
+    logits = model(x)
+    for o in outs.values():
+        o.retain_grad()
+    reduction = "sum" if loss_average is None else "mean"
+    F.cross_entropy(logits, y, reduction=reduction).backward()
+    for h in hooks:
+        h.remove()
+    n = x.shape[0]
+    mult = 1.0 if loss_average is None else float(n)
+    units = []  # (layer index, a (N, D), g (N, d))
+    for i, (name, m) in enumerate(layers):
+        xin, go = ins[name].detach(), outs[name].grad
+        if isinstance(m, nn.Conv2d):
+            patches = F.unfold(xin, m.kernel_size, dilation=m.dilation, padding=m.padding,
+                               stride=m.stride).mean(dim=2)     # (N, C*k)
+            groups, k = m.groups, m.kernel_size[0] * m.kernel_size[1]
+            cg = m.in_channels // groups
+            og = m.out_channels // groups
+            gsum = go.sum(dim=(2, 3))                            # (N, C_out)
+            for grp in range(groups):
+                a = patches[:, grp * cg * k:(grp + 1) * cg * k]
+                if m.bias is not None:
+                    a = torch.cat([a, torch.ones(n, 1, dtype=DT)], dim=1)
+                units.append((i, a, gsum[:, grp * og:(grp + 1) * og]))
+        else:
+            a = xin
+            if m.bias is not None:
+                a = torch.cat([a, torch.ones(n, 1, dtype=DT)], dim=1)
+            units.append((i, a, go))
+    coarse = torch.zeros(len(layers), len(layers), dtype=DT)
+    for i, a_i, g_i in units:
+        for j, a_j, g_j in units:
+            a_ij = a_i.T @ a_j / n
+            g_ij = mult * g_i.T @ g_j
+            coarse[i, j] += torch.kron(a_ij, g_ij).sum()
+    return coarse
+
+
+@pytest.mark.parametrize("method", ["sums", "algorithm1"])
+@pytest.mark.parametrize("loss_average", [None, "batch"])
+def test_coarse_fisher_equals_brute_force_sum_of_kronecker_blocks(method, loss_average):
+    model = net()
+    ref = copy.deepcopy(model)
+    x, y = data()
+    two = TwoLevel(KFAC(model, loss_average=loss_average), coarse_method=method)
+    reduction = "sum" if loss_average is None else "mean"
+    F.cross_entropy(model(x), y, reduction=reduction).backward()
+    assert two.step(lr=0.1)
+    want = brute_force_coarse(ref, x, y, loss_average)
+    got = two.coarse_fisher()
+    assert got.shape == (4, 4)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert float((want - torch.diag(torch.diagonal(want))).abs().max()) > 1e-3  # cross terms
+
+
+@pytest.mark.parametrize("decay", [0.95, 0.3])
+def test_algorithm1_decay_schedule(decay):
+    """eps_k = min(1 - 1/k, coarse_decay) at the k-th update: the batch itself (k=1), then
+    eps_2 = min(1/2, decay), eps_3 = min(2/3, decay). Each batch's own statistic comes from a
+    fresh TwoLevel on the same (unchanged) model."""
+    pristine = net()  # copied before any hooks are attached (deepcopy copies hooks)
+    model = copy.deepcopy(pristine)
+    two = TwoLevel(KFAC(model), coarse_decay=decay)
+    running, batch_stats = [], []
+    for s in range(3):
+        x, y = data(seed=s)
+        fresh = TwoLevel(KFAC(copy.deepcopy(pristine)))
+        F.cross_entropy(fresh.inner.model(x), y).backward()
+        fresh.step(lr=0.1)
+        batch_stats.append(fresh.stats["sum_G"])
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        two.step(lr=0.1)  # no optimizer step: the model stays as it is
+        running.append(two.stats["sum_G"].clone())
+    assert two.updates == 3
+    torch.testing.assert_close(running[0], batch_stats[0], rtol=1e-12, atol=0)
+    expected = running[0]
+    for k in (2, 3):
+        eps = min(1 - 1 / k, decay)
+        expected = eps * expected + (1 - eps) * batch_stats[k - 1]
+        torch.testing.assert_close(running[k - 1], expected, rtol=1e-10, atol=1e-14)
+    assert not torch.allclose(batch_stats[0], batch_stats[1])
+
+
+def test_correction_is_added_to_every_parameter_of_each_layer():
+    """Two-level gradients = one-level gradients + (F_coarse + lambda I)^{-1} Z grad, the same
+    scalar on every weight and bias entry of a layer (Eq. 6)."""
+    model = net()
+    ref = copy.deepcopy(model)
+    two = TwoLevel(KFAC(model, damping=0.1), coarse_damping=0.05)
+    one = KFAC(ref, damping=0.1)
+    x, y = data()
+    for m in (model, ref):
+        F.cross_entropy(m(x), y).backward()
+    raw = {n: a.grad_matrix().clone() for n, a in two.inner.adapters.items()}
+    two.step(lr=0.1)
+    one.step(lr=0.1)
+    fc = two.coarse_fisher()
+    z = torch.stack([raw[n].sum() for n in two.names])
+    corr = torch.linalg.solve(fc + 0.05 * torch.eye(len(z), dtype=DT), z)
+    for i, n in enumerate(two.names):
+        diff = two.inner.adapters[n].grad_matrix() - one.adapters[n].grad_matrix()
+        torch.testing.assert_close(diff, torch.full_like(diff, float(corr[i])), rtol=1e-9,
+                                   atol=1e-12)
+    assert float(corr.abs().max()) > 1e-6
+
+
+def test_kl_clip_applies_to_the_whole_update():
+    """nu = min(1, sqrt(kappa / (lr^2 S))) with S = sum_l |<V_l, M_l>| of the whole two-level
+    update V (fine part plus correction): the clipped update V' = nu V has
+    lr^2 S'^2 / S = kappa."""
+    model = net()
+    ref = copy.deepcopy(model)
+    clipped = TwoLevel(KFAC(model, damping=0.1, kl_clip=1e-6))
+    free = TwoLevel(KFAC(ref, damping=0.1))
+    x, y = data()
+    for m in (model, ref):
+        F.cross_entropy(m(x), y).backward()
+    raw = {n: a.grad_matrix().clone() for n, a in clipped.inner.adapters.items()}
+    clipped.step(lr=1.0)
+    free.step(lr=1.0)
+    s_free = sum(abs(float((free.inner.adapters[n].grad_matrix() * raw[n]).sum())) for n in raw)
+    s_clip = sum(abs(float((clipped.inner.adapters[n].grad_matrix() * raw[n]).sum()))
+                 for n in raw)
+    assert s_clip < s_free
+    assert s_clip ** 2 / s_free == pytest.approx(1e-6, rel=1e-9)
+
+
+def test_works_over_bdkfac_with_norm_layers():
+    model = net(norm=True)
+    two = TwoLevel(BDKFAC(model, num_blocks=2, kl_clip=None))
+    opt = PreconditionedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), two)
+    for s in range(3):
+        x, y = data(seed=s)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    fc = two.coarse_fisher()
+    assert fc.shape == (5, 5) and bool(torch.isfinite(fc).all())
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_shared_module_is_a_clear_error():
+    lin = nn.Linear(4, 4).double()
+    model = nn.Sequential(lin, nn.ReLU(), lin, nn.Linear(4, 2)).double()
+    two = TwoLevel(KFAC(model))
+    F.cross_entropy(model(torch.randn(5, 4, dtype=DT)), torch.zeros(5, dtype=torch.long)).backward()
+    with pytest.raises(RuntimeError, match="every layer must be called exactly once per example"):
+        two.step(lr=0.1)
+
+
+def test_checkpoint_resumes_bit_identically():
+    def make():
+        model = net()
+        two = TwoLevel(KFAC(model, inv_update_steps=2))
+        return model, PreconditionedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05,
+                                                              momentum=0.9), two)
+
+    def run(model, opt, start, steps):
+        for s in range(start, start + steps):
+            x, y = data(seed=s)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    model, opt = make()
+    run(model, opt, 0, 6)
+    full = [p.detach().clone() for p in model.parameters()]
+    model, opt = make()
+    run(model, opt, 0, 3)
+    buf = io.BytesIO()
+    torch.save({"m": model.state_dict(), "o": opt.state_dict()}, buf)
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=False)
+    model2, opt2 = make()
+    model2.load_state_dict(ck["m"])
+    opt2.load_state_dict(ck["o"])
+    run(model2, opt2, 3, 3)
+    for p, q in zip(model2.parameters(), full):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("kwargs,exc,message", [
+    (dict(coarse_damping=0.0), ValueError,
+     "TwoLevel: coarse_damping must be a positive finite float or None, got 0.0"),
+    (dict(coarse_decay=1.0), ValueError, "TwoLevel: coarse_decay must be in [0, 1), got 1.0"),
+    (dict(coarse_method="exact"), ValueError,
+     "TwoLevel: coarse_method must be 'sums' or 'algorithm1', got 'exact'"),
+])
+def test_invalid_arguments(kwargs, exc, message):
+    with pytest.raises(exc, match=re.escape(message)):
+        TwoLevel(KFAC(net()), **kwargs)
+
+
+def test_invalid_preconditioner():
+    with pytest.raises(TypeError, match="TwoLevel: preconditioner must be a kfac_kernels.KFAC"):
+        TwoLevel(torch.optim.SGD(net().parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="fisher_type='empirical', got 'mc'"):
+        TwoLevel(KFAC(net(), fisher_type="mc", loss_fn=nn.CrossEntropyLoss()))
+
+
+def test_deep_linear_mlp_two_level_ahead_of_one_level():
+    """Seed 004 App. B.1 at reduced size (16 layers instead of 64, 4096 samples, 100 steps):
+    over 3 seeds, two-level K-FAC's training loss is below one-level K-FAC's after the same
+    steps (the paper's Fig. 1, left)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+    from deep_linear_two_level import train
+
+    for seed in (0, 1, 2):
+        kw = dict(depth=16, width=10, steps=100, n_train=4096, batch=512, seed=seed, lr=1e-3,
+                  log_every=100)
+        one = train(False, **kw)[-1]
+        two = train(True, **kw)[-1]
+        assert two < one, (seed, one, two)
