@@ -205,7 +205,21 @@ class BDKFAC(KFAC):
                 at += groups
         return out
 
-    def _refresh_preconditioners(self, names: list[str]) -> None:
+    def _factor_template(self, name: str):
+        ad = self.adapters[name]
+        kw = dict(dtype=self.capture.dtype_of(name), device=ad.weight.device)
+        shapes_a, shapes_g = self._block_shapes(name)
+        return ([torch.zeros(s, **kw) for s in shapes_a], [torch.zeros(s, **kw) for s in shapes_g])
+
+    def _preconditioner_template(self, name: str) -> dict:
+        zeros_a, zeros_g = self._factor_template(name)
+        return {"inv_A": zeros_a, "inv_G": zeros_g}
+
+    def _decomposition_cost(self, name: str) -> float:
+        shapes_a, shapes_g = self._block_shapes(name)
+        return float(sum(s[0] * s[-1] ** 3 for s in (*shapes_a, *shapes_g)))
+
+    def _refresh_local(self, names: list[str]) -> None:
         names = [n for n in names if self._factors_finite(n)]
         if not names:
             return
@@ -235,7 +249,7 @@ class BDKFAC(KFAC):
         return False
 
     def _update_preconditioner(self, name: str) -> None:
-        self._refresh_preconditioners([name])
+        self._refresh_local([name])
 
     def _precondition(self, name: str, mat: torch.Tensor) -> torch.Tensor:
         dec = self.preconditioners[name]

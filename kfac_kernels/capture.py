@@ -77,6 +77,9 @@ class CurvatureCapture:
         self.capture_grads = True
         # When set, every captured output gradient is weighted by this instead of 1/c.
         self.grad_multiplier: float | None = None
+        # Micro-batches per optimizer step whose losses the user averaged (gradient
+        # accumulation): the loss is the mean over all of them, so 1/c grows by this factor.
+        self.accumulation_steps = 1
         self.acc: dict[str, Accumulator] = {name: Accumulator() for name in adapters}
         self._handles: list = []
 
@@ -129,21 +132,26 @@ class CurvatureCapture:
         n, r = adapter.batch_and_positions(grad)
         if n * r == 0:
             return
+        multiplier = self.multiplier(n, r)
+        acc = self.acc[name]
+        acc.g_sum = adapter.accumulate_output(acc.g_sum, grad.detach(), self.kfac_approx,
+                                              self.dtype_of(name), multiplier, self.backend)
+        acc.g_passes += 1
+
+    def multiplier(self, n: int, r: int) -> float:
+        """Weight of ``g g^T`` for an output gradient of ``n`` examples and ``r`` positions."""
         if self.grad_multiplier is not None:
             multiplier = self.grad_multiplier
         elif self.loss_average is None:
             multiplier = 1.0
         elif self.loss_average == "batch":
-            multiplier = float(n)
+            multiplier = float(n * self.accumulation_steps)
         else:
-            multiplier = float(n * r)
+            multiplier = float(n * r * self.accumulation_steps)
         scale = self.loss_scale() if self.loss_scale is not None else None
         if scale:
             multiplier /= float(scale) ** 2
-        acc = self.acc[name]
-        acc.g_sum = adapter.accumulate_output(acc.g_sum, grad.detach(), self.kfac_approx,
-                                              self.dtype_of(name), multiplier, self.backend)
-        acc.g_passes += 1
+        return multiplier
 
     # --- results ------------------------------------------------------------------------------
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -36,6 +36,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from . import distributed as dist_utils
 from .capture import CurvatureCapture
 from .curvature import (check_common, curvature_backward, find_adapters,
                         validate_skip_modules)
@@ -63,6 +64,13 @@ def _all_finite(factors) -> bool:
     if isinstance(factors, torch.Tensor):
         return bool(torch.isfinite(factors).all())
     return all(_all_finite(f) for f in factors)
+
+
+def _scale(x, factor: float):
+    """``factor * x`` for a tensor or a list of blocks."""
+    if isinstance(x, torch.Tensor):
+        return x * factor
+    return [_scale(t, factor) for t in x]
 
 
 def _lerp(new, old, decay: float):
@@ -102,6 +110,13 @@ class KFAC:
             the parameter dtype otherwise).
         backend: kernel backend for the factor accumulation (``"auto"``, ``"eager"``, ...).
         generator: random generator for ``"mc"`` (its state is part of :meth:`state_dict`).
+        grad_accumulation_steps: micro-batches per step whose losses are averaged (each
+            ``loss / k`` backpropagated, e.g. under DDP's ``no_sync``): the factors are then
+            those of the whole step's batch.
+        distributed: ``None`` (default: on when ``torch.distributed`` is initialised with more
+            than one rank), ``True`` or ``False``. On: factors are all-reduced and the
+            decompositions shared out between ranks (:mod:`kfac_kernels.distributed`).
+        process_group: the ``torch.distributed`` group (default: the world).
 
     A module called several times in one forward pass contributes each call's inputs and output
     gradients as additional examples. A step whose gradients contain NaN/inf (an AMP overflow)
@@ -117,7 +132,9 @@ class KFAC:
                  lr: float | None = None, skip_modules: Iterable = (),
                  grad_scaler: torch.amp.GradScaler | None = None,
                  factor_dtype: torch.dtype | None = None, backend: str = "auto",
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None,
+                 grad_accumulation_steps: int = 1, distributed: bool | None = None,
+                 process_group=None):
         who = type(self).__name__
         if not isinstance(model, nn.Module):
             raise TypeError(f"{who}: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -154,6 +171,14 @@ class KFAC:
                                          factor_dtype not in (torch.float32, torch.float64)):
             raise ValueError(f"{who}: factor_dtype must be torch.float32, torch.float64 or None, "
                              f"got {factor_dtype!r}")
+        _positive_int(who, "grad_accumulation_steps", grad_accumulation_steps)
+        if distributed not in (None, True, False):
+            raise ValueError(f"{who}: distributed must be None (automatic), True or False, got "
+                             f"{distributed!r}")
+        if distributed and not (torch.distributed.is_available()
+                                and torch.distributed.is_initialized()):
+            raise RuntimeError(f"{who}: distributed=True needs torch.distributed to be "
+                               "initialised first (torch.distributed.init_process_group)")
         skip_modules = validate_skip_modules(model, skip_modules, who)
         self.adapters = self._find_adapters(model, skip_modules, who)
         if not self.adapters:
@@ -176,6 +201,9 @@ class KFAC:
         self.grad_scaler = grad_scaler
         self.generator = generator
         self.backend = backend
+        self.grad_accumulation_steps = grad_accumulation_steps
+        self.distributed = distributed
+        self.process_group = process_group
         self.steps = 0
         # name -> (A, G) moving averages, stacked over groups
         self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -186,6 +214,7 @@ class KFAC:
                                            loss_average=loss_average, factor_dtype=factor_dtype,
                                            backend=backend, loss_scale=self._loss_scale,
                                            train_only=True).attach()
+        self.capture.accumulation_steps = grad_accumulation_steps
         self._arm_capture()
 
     # Subclasses (BDKFAC) cover other layers and keep factors in other forms.
@@ -294,7 +323,48 @@ class KFAC:
         self._arm_capture()
         return True
 
+    def _is_distributed(self) -> bool:
+        if self.distributed is None:
+            return dist_utils.is_active(self.process_group)
+        return self.distributed
+
+    def _factor_template(self, name: str):
+        """Zero tensors with the structure of a layer's (A, G) sums."""
+        ad = self.adapters[name]
+        kw = dict(dtype=self.capture.dtype_of(name), device=ad.weight.device)
+        g, da, dg = ad.groups, ad.in_features_per_group, ad.out_features_per_group
+        return torch.zeros(g, da, da, **kw), torch.zeros(g, dg, dg, **kw)
+
+    def _allreduce_capture(self) -> None:
+        """Sum every layer's unnormalised factor sums and row counts over the ranks (one
+        triangle, bucketed); G becomes the ranks' average (see :mod:`kfac_kernels.distributed`)."""
+        world = torch.distributed.get_world_size(self.process_group)
+        names = sorted(self.adapters)
+        entries = []
+        for name in names:
+            acc = self.capture.acc[name]
+            zero_a, zero_g = self._factor_template(name)
+            a = acc.a_sum if acc.a_sum is not None else zero_a
+            g = acc.g_sum if acc.g_sum is not None else zero_g
+            counts = torch.tensor([float(acc.a_rows), float(acc.g_sum is not None)],
+                                  dtype=torch.float64,
+                                  device=self.adapters[name].weight.device)
+            entries.append((name, a, g, counts))
+        flat = [t for _, a, g, c in entries for t in (*dist_utils._flatten(a),
+                                                       *dist_utils._flatten(g), c)]
+        dist_utils.allreduce_symmetric(flat, self.process_group)
+        for name, a, g, counts in entries:
+            acc = self.capture.acc[name]
+            acc.a_rows = int(round(float(counts[0])))
+            acc.a_sum = a if acc.a_rows > 0 else None
+            if float(counts[1]) > 0:
+                acc.g_sum = _scale(g, 1.0 / world)
+            else:
+                acc.g_sum = None
+
     def _update_factors(self) -> None:
+        if self._is_distributed():
+            self._allreduce_capture()
         if self.fisher_type != "empirical":
             missing_g = [name for name, acc in self.capture.acc.items()
                          if acc.a_sum is not None and acc.g_sum is None]
@@ -322,8 +392,32 @@ class KFAC:
                 self.factors[name] = (_lerp(pair[0], a, d), _lerp(pair[1], g, d))
 
     def _refresh_preconditioners(self, names: list[str]) -> None:
+        if not self._is_distributed():
+            self._refresh_local(names)
+            return
+        # Every rank decomposes its share (greedy by cost) and broadcasts it.
+        world = torch.distributed.get_world_size(self.process_group)
+        rank = torch.distributed.get_rank(self.process_group)
+        owner = dist_utils.assign_greedily({n: self._decomposition_cost(n) for n in names},
+                                            world)
+        self._refresh_local([n for n in names if owner[n] == rank])
+        templates = {n: self._preconditioner_template(n) for n in names}
+        results = {n: self.preconditioners.get(n) for n in names if owner[n] == rank}
+        shared = dist_utils.broadcast_owned(results, templates, owner, self.process_group)
+        self.preconditioners.update(shared)
+
+    def _refresh_local(self, names: list[str]) -> None:
         for name in names:
             self._update_preconditioner(name)
+
+    def _decomposition_cost(self, name: str) -> float:
+        ad = self.adapters[name]
+        return float(ad.groups * (ad.in_features_per_group ** 3 + ad.out_features_per_group ** 3))
+
+    def _preconditioner_template(self, name: str) -> dict:
+        ad = self.adapters[name]
+        kw = dict(dtype=self.capture.dtype_of(name), device=ad.weight.device)
+        return {k: torch.zeros(shape, **kw) for k, shape in self._preconditioner_shapes(name).items()}
 
     def _pi(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """Per-group pi of seed 004 Eq. 8 (1 where a trace is not positive)."""

@@ -178,18 +178,7 @@ class TwoLevel:
         n, r = adapter.batch_and_positions(grad)
         if n * r == 0:
             return
-        cap = inner.capture
-        if cap.grad_multiplier is not None:
-            mult = cap.grad_multiplier
-        elif cap.loss_average is None:
-            mult = 1.0
-        elif cap.loss_average == "batch":
-            mult = float(n)
-        else:
-            mult = float(n * r)
-        scale = cap.loss_scale() if cap.loss_scale is not None else None
-        if scale:
-            mult /= float(scale) ** 2
+        mult = inner.capture.multiplier(n, r)
         g = example_gradients(adapter, grad.detach(), self._dtype(name))
         rec = self._pending.setdefault(name, {"a": [], "g": {}})
         rec["g"][index] = g * math.sqrt(mult)  # so that t t^T carries the multiplier m

@@ -1,0 +1,148 @@
+"""Multi-process K-FAC on torch.distributed (gloo on CPU, NCCL on GPU), KAISA's COMM-OPT layout.
+
+Under DistributedDataParallel every rank sees its own part of the batch and the gradients are
+averaged across ranks, i.e. the loss being optimised is ``L = (1/R) sum_r L_r``. Its Kronecker
+factors are
+
+* ``A``: the pooled input second moment, ``sum_r a_sum_r / sum_r a_rows_r``;
+* ``G``: the average of the ranks' ``G_r`` (each built for its own ``L_r``).
+
+So each factor-update step all-reduces (sums) every layer's unnormalised ``a_sum``, row count and
+``g_sum``: only the upper triangles, packed into flat buckets of at most ``bucket_bytes`` (one
+collective per bucket instead of one per tensor), then mirrored. With equal per-rank batches this
+gives exactly the factors of one process on the concatenated batch.
+
+Decompositions (eigendecompositions, inverses, damped block inverses) are assigned to ranks
+greedily by cost (largest first, to the least loaded rank; cost ``sum n^3`` over a layer's
+matrices) and every rank broadcasts the preconditioners it computed in one flat buffer, so all
+ranks precondition with bit-identical tensors and the replicas stay in sync.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_BUCKET_BYTES = 25 * 2 ** 20
+
+
+def is_active(process_group=None) -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(
+        process_group) > 1
+
+
+def _flatten(x) -> list[torch.Tensor]:
+    if x is None:
+        return []
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, dict):
+        return [t for k in sorted(x) for t in _flatten(x[k])]
+    return [t for item in x for t in _flatten(item)]
+
+
+def _triangle(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n = t.shape[-1]
+    idx = torch.triu_indices(n, n, device=t.device)
+    return idx, t[..., idx[0], idx[1]].reshape(-1)
+
+
+def allreduce_symmetric(tensors: list[torch.Tensor], process_group=None,
+                        bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+    """Sum symmetric ``(..., n, n)`` tensors (and 0/1-d tensors, summed whole) over all ranks,
+    in place, sending one triangle in flat buckets per dtype."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for dtype, group in by_dtype.items():
+        bucket: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
+        size = 0
+
+        def flush():
+            if not bucket:
+                return
+            flat = torch.cat([payload for _, _, payload in bucket])
+            dist.all_reduce(flat, group=process_group)
+            at = 0
+            for target, idx, payload in bucket:
+                part = flat[at:at + payload.numel()]
+                at += payload.numel()
+                if idx is None:
+                    target.copy_(part.reshape(target.shape))
+                else:
+                    lead = target.shape[:-2]
+                    vals = part.reshape(*lead, -1)
+                    target[..., idx[0], idx[1]] = vals
+                    target[..., idx[1], idx[0]] = vals
+            bucket.clear()
+
+        for t in group:
+            if t.dim() >= 2:
+                idx, payload = _triangle(t)
+            else:
+                idx, payload = None, t.reshape(-1)
+            if size and size + payload.numel() * payload.element_size() > bucket_bytes:
+                flush()
+                size = 0
+            bucket.append((t, idx, payload))
+            size += payload.numel() * payload.element_size()
+        flush()
+
+
+def assign_greedily(costs: dict[str, float], world_size: int) -> dict[str, int]:
+    """Owner rank per key: largest cost first, each to the currently least loaded rank (ties to
+    the lowest rank), so the result is the same on every rank."""
+    load = [0.0] * world_size
+    owner = {}
+    for key in sorted(costs, key=lambda k: (-costs[k], k)):
+        rank = min(range(world_size), key=lambda r: (load[r], r))
+        owner[key] = rank
+        load[rank] += costs[key]
+    return owner
+
+
+def broadcast_owned(results: dict[str, object], templates: dict[str, object],
+                    owner: dict[str, int], process_group=None) -> dict[str, object]:
+    """Every rank sends the entries it owns; returns every entry on every rank.
+
+    ``templates[key]`` gives the structure (dict/list of tensors) an entry has; an owner without
+    a result for ``key`` sends a 0 flag and the key is left out of the result everywhere.
+    """
+    world = dist.get_world_size(process_group)
+    me = dist.get_rank(process_group)
+    out: dict[str, object] = {}
+    for src in range(world):
+        keys = sorted(k for k, r in owner.items() if r == src)
+        if not keys:
+            continue
+        ref = _flatten(templates[keys[0]])[0]
+        tensors = []
+        flags = torch.zeros(len(keys), dtype=ref.dtype, device=ref.device)
+        for i, key in enumerate(keys):
+            if me == src and results.get(key) is not None:
+                flags[i] = 1
+                tensors += [t.to(ref.dtype) for t in _flatten(results[key])]
+            else:
+                tensors += [torch.zeros_like(t, dtype=ref.dtype) for t in
+                            _flatten(templates[key])]
+        flat = torch.cat([flags] + [t.reshape(-1) for t in tensors])
+        global_src = src if process_group is None else dist.get_global_rank(process_group, src)
+        dist.broadcast(flat, src=global_src, group=process_group)
+        flags = flat[:len(keys)]
+        at = len(keys)
+        for i, key in enumerate(keys):
+            parts = _flatten(templates[key])
+            values = []
+            for t in parts:
+                values.append(flat[at:at + t.numel()].reshape(t.shape).to(t.dtype))
+                at += t.numel()
+            if bool(flags[i] > 0):
+                out[key] = _rebuild(templates[key], iter(values))
+    return out
+
+
+def _rebuild(template, values):
+    if isinstance(template, torch.Tensor):
+        return next(values)
+    if isinstance(template, dict):
+        return {k: _rebuild(template[k], values) for k in sorted(template)}
+    return [_rebuild(t, values) for t in template]

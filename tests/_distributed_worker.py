@@ -1,0 +1,99 @@
+"""One process of the multi-process parity test (tests/test_distributed.py), also runnable alone.
+
+    python tests/_distributed_worker.py --rank R --world W --init-file F --method kfac --out P
+
+Trains a small fp64 CNN for a few steps on a fixed batch sequence. With ``--world 1`` it is the
+single-process reference on the whole batch; with ``--world 2`` each rank takes its half under
+DistributedDataParallel (gloo) and, with ``--accumulate 2``, splits it into two micro-batches
+(the first under ``no_sync``). Rank 0 saves the final parameters to ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+BATCH = 16
+STEPS = 4
+
+
+def model_for_test() -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2), nn.ReLU(),
+            nn.Flatten(), nn.Linear(6 * 3 * 3, 7), nn.ReLU(), nn.Linear(7, 5)).double()
+
+
+def batches():
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(BATCH, 1, 8, 8, generator=gen, dtype=torch.float64),
+             torch.randint(0, 5, (BATCH,), generator=gen)) for _ in range(STEPS)]
+
+
+def make_optimizer(method: str, model: nn.Module, accumulate: int):
+    from kfac_kernels import BDKFAC, KFAC, PreconditionedOptimizer
+
+    common = dict(factor_update_steps=1, inv_update_steps=2, grad_accumulation_steps=accumulate)
+    if method == "kfac":
+        precond = KFAC(model, damping=0.1, **common)
+    elif method == "bdkfac":
+        precond = BDKFAC(model, num_blocks=2, damping=0.1, kl_clip=None, **common)
+    elif method == "singd":
+        from kfac_kernels import SINGD
+        return SINGD(model, lr=0.05, grad_accumulation_steps=accumulate)
+    else:
+        raise ValueError(method)
+    return PreconditionedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                                   precond)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--rank", type=int, default=0)
+    p.add_argument("--world", type=int, default=1)
+    p.add_argument("--init-file", default=None)
+    p.add_argument("--method", default="kfac")
+    p.add_argument("--accumulate", type=int, default=1)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    model = model_for_test()
+    wrapped = model
+    if args.world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{args.init_file}", rank=args.rank,
+                                world_size=args.world)
+        wrapped = nn.parallel.DistributedDataParallel(model)
+    opt = make_optimizer(args.method, model, args.accumulate)
+    share = BATCH // args.world
+    for x, y in batches():
+        x, y = x[args.rank * share:(args.rank + 1) * share], y[args.rank * share:(args.rank + 1) * share]
+        opt.zero_grad()
+        micro = share // args.accumulate
+        for i in range(args.accumulate):
+            last = i == args.accumulate - 1
+            sync = contextlib.nullcontext() if (last or args.world == 1) else wrapped.no_sync()
+            with sync:
+                xs, ys = x[i * micro:(i + 1) * micro], y[i * micro:(i + 1) * micro]
+                (F.cross_entropy(wrapped(xs), ys) / args.accumulate).backward()
+        opt.step()
+    if args.rank == 0:
+        torch.save([p.detach().clone() for p in model.parameters()], args.out)
+    if args.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
