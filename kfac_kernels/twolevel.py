@@ -136,6 +136,12 @@ class TwoLevel:
         if coarse_method not in COARSE_METHODS:
             raise ValueError(f"{who}: coarse_method must be 'sums' or 'algorithm1', got "
                              f"{coarse_method!r}")
+        special = [n for n, a in preconditioner.adapters.items()
+                   if getattr(a, "attention_module", None) is not None or getattr(a, "tied", False)]
+        if special:
+            raise ValueError(f"{who}: the coarse space does not cover nn.MultiheadAttention or "
+                             f"tied embedding weights (modules {special}); build the "
+                             "preconditioner with skip_modules=[...] for them")
         self.inner = preconditioner
         self.coarse_damping = float(preconditioner.damping if coarse_damping is None
                                     else coarse_damping)
