@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class GraphRows:
     """The graph of every input row of the layers in ``module_ids``."""
 
