@@ -151,6 +151,8 @@ def main() -> None:
     parser.add_argument("--adam-lr", type=float, default=3e-3)
     parser.add_argument("--no-tie", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--optimizers", default="kfac,adamw",
+                        help="comma-separated subset of kfac,adamw")
     args = parser.parse_args()
     torch.set_num_threads(1)
     text = stdlib_text()
@@ -159,7 +161,7 @@ def main() -> None:
     split = int(0.9 * len(data))
     print(f"{len(text)} characters, vocabulary {len(chars)}, "
           f"{'tied' if not args.no_tie else 'untied'} embedding/output weights")
-    for name in ("kfac", "adamw"):
+    for name in args.optimizers.split(","):
         train(name, args, data[:split], data[split:], len(chars))
 
 

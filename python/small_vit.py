@@ -95,10 +95,12 @@ def main() -> None:
     parser.add_argument("--damping", type=float, default=0.1)
     parser.add_argument("--adam-lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--optimizers", default="kfac,adamw",
+                        help="comma-separated subset of kfac,adamw")
     args = parser.parse_args()
     torch.set_num_threads(1)
     data = load_digits_split(0)
-    for name in ("kfac", "adamw"):
+    for name in args.optimizers.split(","):
         train(name, args, data)
 
 
