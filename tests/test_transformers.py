@@ -409,3 +409,33 @@ def test_errors_name_the_module_and_the_fix():
     with pytest.raises(ValueError, match="TwoLevel: the coarse space does not cover "
                        "nn.MultiheadAttention"):
         kfac_kernels.TwoLevel(KFAC(_mha()))
+
+
+def test_state_dict_round_trip_with_attention_embedding_and_tied_weights():
+    torch.manual_seed(6)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = TiedLM()
+            self.attn = nn.MultiheadAttention(4, 2, batch_first=True).to(DT)
+
+        def forward(self, x):
+            h = self.lm.emb(x)
+            h = h + self.attn(h, h, h, need_weights=False)[0]
+            return self.lm.head(h).transpose(1, 2)
+
+    model = Model()
+    x = torch.randint(0, 6, (3, 5))
+    precond = KFAC(model, damping=0.1, skip_modules=["lm.mid"])
+    F.cross_entropy(model(x), x).backward()
+    precond.step()
+    assert set(precond.factors) == {"lm.head", "attn", "attn.out_proj"}
+    state = precond.state_dict()
+    other = KFAC(model, damping=0.1, skip_modules=["lm.mid"])
+    other.load_state_dict(state)
+    for name, (a, g) in precond.factors.items():
+        assert torch.equal(other.factors[name][0], a) and torch.equal(other.factors[name][1], g)
+    a, g = precond.factors["attn"]
+    assert a.shape == (3, 5, 5) and g.shape == (3, 4, 4)
+    assert precond.factors["lm.head"][1].shape == (1, 6, 6)
