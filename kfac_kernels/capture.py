@@ -243,8 +243,8 @@ class CurvatureCapture:
         adapter = self.adapters[name]
         dtype = self.dtype_of(name)
         parts, counts = [], []
-        for src in sources:
-            rows, count = adapter.input_rows(src, self.kfac_approx)  # (1, rows, D)
+        for group, src in enumerate(sources):
+            rows, count = adapter.input_rows(src, adapter.group_approx(group, self.kfac_approx))
             rows = rows.to(dtype)
             parts.append(torch.einsum("gri,grj->gij", rows, rows))
             counts.append(count)
@@ -265,7 +265,8 @@ class CurvatureCapture:
             return
         dtype = self.dtype_of(name)
         part = gradient_covariance(grad.detach(), channel_dim=-1, groups=1,
-                                   mode=self.kfac_approx, factor=None, decay=1.0,
+                                   mode=adapter.group_approx(group, self.kfac_approx),
+                                   factor=None, decay=1.0,
                                    alpha=self._multiplier(n, r), out_dtype=dtype,
                                    backend=self.backend)[0]
         acc = self.acc[name]

@@ -102,6 +102,13 @@ class AttentionInProjAdapter(LinearAdapter):
     def weight(self):
         return self.module.in_proj_weight
 
+    @staticmethod
+    def group_approx(group: int, kfac_approx: str) -> str:
+        """The key group always uses the expand form: the output gradients of the key
+        projection sum to zero over the key positions (softmax is invariant to a shift shared
+        by all keys), so K-FAC-reduce would give it ``G = 0``."""
+        return "expand" if group == 1 else kfac_approx
+
     @property
     def bias(self):
         b = self.module.in_proj_bias

@@ -111,7 +111,7 @@ def train(name, args, data_train, data_val, vocab):
     if name == "kfac":
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
         # LayerNorm affine parameters keep their gradients (AdamW-free SGD for them).
-        precond = kfac_kernels.KFAC(model, damping=args.damping, inv_update_steps=10,
+        precond = kfac_kernels.KFAC(model, damping=args.damping, inv_update_steps=10, kl_clip=args.kl_clip, lr=args.lr,
                                     kfac_approx="expand", loss_average="batch+sequence",
                                     skip_modules=[nn.LayerNorm])
         if args.steps and not hasattr(train, "printed"):
@@ -148,6 +148,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=32)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--damping", type=float, default=0.1)
+    parser.add_argument("--kl-clip", type=float, default=1e-3)
     parser.add_argument("--adam-lr", type=float, default=3e-3)
     parser.add_argument("--no-tie", action="store_true")
     parser.add_argument("--seed", type=int, default=0)

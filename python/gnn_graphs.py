@@ -130,7 +130,7 @@ def train(name, args, train_set, test_batch):
     model = GraphNet()
     if name == "kfac":
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
-        precond = kfac_kernels.KFAC(model, damping=args.damping, inv_update_steps=10,
+        precond = kfac_kernels.KFAC(model, damping=args.damping, inv_update_steps=10, kl_clip=args.kl_clip, lr=args.lr,
                                     kfac_approx=args.kfac_approx, loss_average="batch")
     else:
         optimizer = torch.optim.Adam(model.parameters(), lr=args.adam_lr)
@@ -161,6 +161,7 @@ def main() -> None:
     parser.add_argument("--kfac-approx", choices=("reduce", "expand"), default="reduce")
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--damping", type=float, default=0.1)
+    parser.add_argument("--kl-clip", type=float, default=1e-3)
     parser.add_argument("--adam-lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--optimizers", default="kfac,adam",

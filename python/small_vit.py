@@ -59,7 +59,7 @@ def train(name, args, data):
     model = SmallViT(patch=args.patch)
     if name == "kfac":
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
-        precond = kfac_kernels.KFAC(model, damping=args.damping, inv_update_steps=10,
+        precond = kfac_kernels.KFAC(model, damping=args.damping, inv_update_steps=10, kl_clip=args.kl_clip, lr=args.lr,
                                     kfac_approx=args.kfac_approx, loss_average="batch",
                                     skip_modules=[nn.LayerNorm, ""])  # "" = the root's pos
         print("K-FAC covers:", ", ".join(precond.adapters))
@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument("--kfac-approx", choices=("reduce", "expand"), default="reduce")
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--damping", type=float, default=0.1)
+    parser.add_argument("--kl-clip", type=float, default=1e-3)
     parser.add_argument("--adam-lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--optimizers", default="kfac,adamw",
