@@ -50,9 +50,10 @@ def graph_rows(index: torch.Tensor, modules: nn.Module | Iterable[nn.Module],
     who = "graph_rows"
     if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.dtype.is_floating_point \
             or index.dtype.is_complex or index.dtype == torch.bool:
+        got = (f"{index.dtype} of shape {tuple(index.shape)}" if isinstance(index, torch.Tensor)
+               else type(index).__name__)
         raise ValueError(f"{who}: index must be a 1-D integer tensor (the graph of each row), "
-                         f"got {index.dtype if isinstance(index, torch.Tensor) else type(index)}"
-                         f"{' of shape ' + str(tuple(index.shape)) if isinstance(index, torch.Tensor) else ''}")
+                         f"got {got}")
     if isinstance(modules, nn.Module):
         modules = [modules]
     try:

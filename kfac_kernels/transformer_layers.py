@@ -30,8 +30,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import LayerAdapter, LinearAdapter
-from .ops.gradient_covariance import gradient_covariance
-from .ops.symmetric_factor_update import symmetric_factor_update
 
 
 def _token_rows(x: torch.Tensor) -> torch.Tensor:
@@ -217,10 +215,3 @@ class TiedEmbeddingAdapter(LinearAdapter):
         super().__init__(name, head)
         self.embedding = embedding
         self.head_name = head_name
-
-    def grad_matrix(self):
-        mat = super().grad_matrix()
-        if mat is not None and self.weight.grad.is_sparse:
-            raise ValueError(f"module {self.name!r}: sparse embedding gradients are not "
-                             "supported")
-        return mat

@@ -39,8 +39,8 @@ def stdlib_text() -> str:
         with open(os.path.join(root, fname), encoding="utf-8") as f:
             source = f.read()
         if fname == "this.py":  # the Zen of Python is stored rot13-encoded
-            parts.append(codecs.decode(ast.literal_eval(source.split("s = ", 1)[1].split("\n\nd")[0]),
-                                       "rot13"))
+            encoded = ast.literal_eval(source.split("s = ", 1)[1].split("\n\nd")[0])
+            parts.append(codecs.decode(encoded, "rot13"))
             continue
         for node in ast.walk(ast.parse(source)):
             if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)):
@@ -110,13 +110,12 @@ def train(name, args, data_train, data_val, vocab):
     model = CharTransformer(vocab, args.context, tie=not args.no_tie)
     if name == "kfac":
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
-        # LayerNorm affine parameters keep their gradients (AdamW-free SGD for them).
-        precond = kfac_kernels.KFAC(model, damping=args.damping, inv_update_steps=10, kl_clip=args.kl_clip, lr=args.lr,
+        # LayerNorm affine parameters are left out: plain momentum SGD updates them.
+        precond = kfac_kernels.KFAC(model, damping=args.damping, inv_update_steps=10,
+                                    kl_clip=args.kl_clip, lr=args.lr,
                                     kfac_approx="expand", loss_average="batch+sequence",
                                     skip_modules=[nn.LayerNorm])
-        if args.steps and not hasattr(train, "printed"):
-            print("K-FAC covers:", ", ".join(precond.adapters))
-            train.printed = True
+        print("K-FAC covers:", ", ".join(precond.adapters))
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.adam_lr, weight_decay=0.01)
         precond = None

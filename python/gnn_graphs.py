@@ -130,7 +130,8 @@ def train(name, args, train_set, test_batch):
     model = GraphNet()
     if name == "kfac":
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
-        precond = kfac_kernels.KFAC(model, damping=args.damping, inv_update_steps=10, kl_clip=args.kl_clip, lr=args.lr,
+        precond = kfac_kernels.KFAC(model, damping=args.damping, inv_update_steps=10,
+                                    kl_clip=args.kl_clip, lr=args.lr,
                                     kfac_approx=args.kfac_approx, loss_average="batch")
     else:
         optimizer = torch.optim.Adam(model.parameters(), lr=args.adam_lr)

@@ -59,7 +59,8 @@ def train(name, args, data):
     model = SmallViT(patch=args.patch)
     if name == "kfac":
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
-        precond = kfac_kernels.KFAC(model, damping=args.damping, inv_update_steps=10, kl_clip=args.kl_clip, lr=args.lr,
+        precond = kfac_kernels.KFAC(model, damping=args.damping, inv_update_steps=10,
+                                    kl_clip=args.kl_clip, lr=args.lr,
                                     kfac_approx=args.kfac_approx, loss_average="batch",
                                     skip_modules=[nn.LayerNorm, ""])  # "" = the root's pos
         print("K-FAC covers:", ", ".join(precond.adapters))
