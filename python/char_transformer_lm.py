@@ -145,7 +145,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--context", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--lr", type=float, default=0.3)
     parser.add_argument("--damping", type=float, default=0.1)
     parser.add_argument("--kl-clip", type=float, default=1e-3)
     parser.add_argument("--adam-lr", type=float, default=3e-3)

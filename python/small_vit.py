@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--patch", type=int, choices=(2, 4), default=2)
     parser.add_argument("--kfac-approx", choices=("reduce", "expand"), default="reduce")
-    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--lr", type=float, default=0.2)
     parser.add_argument("--damping", type=float, default=0.1)
     parser.add_argument("--kl-clip", type=float, default=1e-3)
     parser.add_argument("--adam-lr", type=float, default=3e-3)
