@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from .block_layers import NormAdapter
+from .graph import active_graph_rows
 from .kfac import KFAC
 from .layers import ConvAdapter
 from .ops.gradient_covariance import gradient_rows
@@ -168,6 +169,10 @@ class TwoLevel:
                 return
             if not inner._is_factor_step() or not inner.adapters[name].trainable:
                 return
+            if active_graph_rows(module) is not None:
+                raise ValueError(f"TwoLevel: module {name!r} runs inside graph_rows; the "
+                                 "coarse space treats rows as examples and does not support "
+                                 "graph batches")
             adapter = inner.adapters[name]
             rec = self._pending.setdefault(name, {"a": [], "g": {}})
             index = len(rec["a"])  # pairs this pass's inputs with its output gradients

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kfac_kernels import BDKFAC, KFAC, graph_rows, kronecker_factors
+from kfac_kernels import BDKFAC, KFAC, TwoLevel, graph_rows, kronecker_factors
 
 try:
     from _ggn import exact_ggn_block, rel_err
@@ -141,3 +141,9 @@ def test_nested_contexts_and_errors():
         with graph_rows(index, modules=model.node):
             model(x)
     precond.remove_hooks()
+    two = TwoLevel(KFAC(model))
+    with pytest.raises(ValueError, match=r"TwoLevel: module 'node' runs inside graph_rows"):
+        with graph_rows(index, modules=model.node):
+            model(x)
+    two.remove_hooks()
+    two.inner.remove_hooks()
