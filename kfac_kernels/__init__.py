@@ -2,10 +2,12 @@
 from . import ops
 from ._backend import BackendUnavailableError, available_backends
 from .curvature import kronecker_factors
+from .graph import graph_rows
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendUnavailableError", "available_backends", "kronecker_factors", "ops"]
+__all__ = ["BackendUnavailableError", "available_backends", "graph_rows", "kronecker_factors",
+           "ops"]
 
 try:  # the optimizer layer
     from .bdkfac import BDKFAC  # noqa: F401

@@ -26,7 +26,10 @@ from typing import Callable
 
 import torch
 
-from .layers import LayerAdapter
+from .graph import GraphRows, active_graph_rows, check_rows, graph_sums
+from .layers import LayerAdapter, LinearAdapter
+from .ops.gradient_covariance import gradient_covariance
+from .ops.symmetric_factor_update import symmetric_factor_update
 
 LOSS_AVERAGES = (None, "batch", "batch+sequence")
 KFAC_APPROXES = ("expand", "reduce")
@@ -40,6 +43,8 @@ class Accumulator:
     a_rows: int = 0
     g_sum: torch.Tensor | None = None
     g_passes: int = 0
+    # Tied embedding/output weights: token counts of the embedding use (vocabulary side).
+    token_counts: torch.Tensor | None = None
 
 
 def default_factor_dtype(param: torch.Tensor) -> torch.dtype:
@@ -85,9 +90,22 @@ class CurvatureCapture:
 
     # --- hook management ----------------------------------------------------------------------
     def attach(self) -> "CurvatureCapture":
+        from .transformer_layers import TiedEmbeddingAdapter
+        attention: dict[int, tuple] = {}
         for name, adapter in self.adapters.items():
+            mha = getattr(adapter, "attention_module", None)
+            if mha is not None:  # fed by one hook on the attention module
+                attention.setdefault(id(mha), (mha, {}))[1][adapter.attention_role] = name
+                continue
             self._handles.append(
                 adapter.module.register_forward_hook(partial(self._forward_hook, name)))
+            if isinstance(adapter, TiedEmbeddingAdapter):
+                self._handles.append(adapter.embedding.register_forward_hook(
+                    partial(self._tied_embedding_hook, name)))
+        for mha, names in attention.values():
+            self._handles.append(mha.register_forward_pre_hook(self._attention_pre_hook))
+            self._handles.append(mha.register_forward_hook(
+                partial(self._attention_hook, names), with_kwargs=True))
         return self
 
     def detach(self) -> None:
@@ -108,14 +126,21 @@ class CurvatureCapture:
     def dtype_of(self, name: str) -> torch.dtype:
         return self.factor_dtype or default_factor_dtype(self.adapters[name].weight)
 
-    def _forward_hook(self, name: str, module, args, output) -> None:
+    def _active(self, name: str, module) -> bool:
         if not torch.is_grad_enabled() or not self.adapters[name].trainable:
-            return
+            return False
         if self.train_only and not module.training:
-            return
-        if not (self.capture_inputs or self.capture_grads):
+            return False
+        return self.capture_inputs or self.capture_grads
+
+    def _forward_hook(self, name: str, module, args, output) -> None:
+        if not self._active(name, module):
             return
         adapter = self.adapters[name]
+        graph = active_graph_rows(module)
+        if graph is not None:
+            self._graph_forward(name, adapter, args[0].detach(), output, graph)
+            return
         if self.capture_inputs:
             acc = self.acc[name]
             acc.a_sum, count = adapter.accumulate_input(acc.a_sum, args[0].detach(),
@@ -124,19 +149,6 @@ class CurvatureCapture:
             acc.a_rows += count
         if isinstance(output, torch.Tensor) and output.requires_grad:
             output.register_hook(partial(self._grad_hook, name))
-
-    def _grad_hook(self, name: str, grad: torch.Tensor) -> None:
-        if not self.capture_grads:
-            return
-        adapter = self.adapters[name]
-        n, r = adapter.batch_and_positions(grad)
-        if n * r == 0:
-            return
-        multiplier = self.multiplier(n, r)
-        acc = self.acc[name]
-        acc.g_sum = adapter.accumulate_output(acc.g_sum, grad.detach(), self.kfac_approx,
-                                              self.dtype_of(name), multiplier, self.backend)
-        acc.g_passes += 1
 
     def multiplier(self, n: int, r: int) -> float:
         """Weight of ``g g^T`` for an output gradient of ``n`` examples and ``r`` positions."""
@@ -153,10 +165,178 @@ class CurvatureCapture:
             multiplier /= float(scale) ** 2
         return multiplier
 
+    def _grad_hook(self, name: str, grad: torch.Tensor) -> None:
+        if not self.capture_grads:
+            return
+        adapter = self.adapters[name]
+        n, r = adapter.batch_and_positions(grad)
+        if n * r == 0:
+            return
+        multiplier = self.multiplier(n, r)
+        acc = self.acc[name]
+        acc.g_sum = adapter.accumulate_output(acc.g_sum, grad.detach(), self.kfac_approx,
+                                              self.dtype_of(name), multiplier, self.backend)
+        acc.g_passes += 1
+
+    # --- graph batches (kfac_kernels.graph) -----------------------------------------------------
+    def _graph_forward(self, name: str, adapter, x: torch.Tensor, output,
+                       graph: GraphRows) -> None:
+        if type(adapter) is not LinearAdapter:
+            raise ValueError(f"graph_rows: module {name!r} is a {type(adapter).__name__}; graph "
+                             "batches are supported for the dense nn.Linear factors of KFAC "
+                             "and kronecker_factors")
+        check_rows(name, x, graph)
+        dtype = self.dtype_of(name)
+        if self.capture_inputs and x.shape[0]:
+            rows = x.to(dtype)
+            if adapter.bias is not None:
+                rows = torch.cat([rows, rows.new_ones((rows.shape[0], 1))], dim=1)
+            if self.kfac_approx == "reduce":
+                rows, _ = graph_sums(rows, graph)
+            acc = self.acc[name]
+            decay = 0.0 if acc.a_sum is None else 1.0
+            acc.a_sum = symmetric_factor_update(acc.a_sum, rows.unsqueeze(0), decay, 1.0,
+                                                backend=self.backend)
+            acc.a_rows += rows.shape[0]
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(partial(self._graph_grad_hook, name, graph))
+
+    def _graph_grad_hook(self, name: str, graph: GraphRows, grad: torch.Tensor) -> None:
+        if not self.capture_grads or grad.shape[0] == 0:
+            return
+        rows = grad.detach().to(self.dtype_of(name))
+        sums, counts = graph_sums(rows, graph)
+        # Examples are graphs: loss_average="batch" means a mean over graphs, and
+        # "batch+sequence" a mean over all rows.
+        multiplier = self.multiplier(counts.numel(), rows.shape[0] / counts.numel())
+        if self.kfac_approx == "reduce":
+            rows = sums
+        acc = self.acc[name]
+        decay = 0.0 if acc.g_sum is None else 1.0
+        acc.g_sum = symmetric_factor_update(acc.g_sum, rows.unsqueeze(0), decay, multiplier,
+                                            backend=self.backend)
+        acc.g_passes += 1
+
+    # --- nn.MultiheadAttention (kfac_kernels.transformer_layers) --------------------------------
+    def _attention_pre_hook(self, module, args) -> None:
+        # The recomputation in _attention_hook replays the dropout masks of the original call.
+        if module.training and module.dropout > 0 and torch.is_grad_enabled():
+            cuda = None
+            if torch.cuda.is_available() and args and args[0].is_cuda:
+                cuda = torch.cuda.get_rng_state(args[0].device)
+            module._kfac_rng_state = (torch.random.get_rng_state(), cuda)
+        else:
+            module._kfac_rng_state = None
+
+    def _attention_hook(self, names: dict, module, args, kwargs, output):
+        from .transformer_layers import attention_forward
+        rng = getattr(module, "_kfac_rng_state", None)
+        module._kfac_rng_state = None
+        wanted = {role: name for role, name in names.items() if self._active(name, module)}
+        if not wanted:
+            return None
+        return attention_forward(self, module, args, kwargs, wanted, rng)
+
+    def add_grouped_inputs(self, name: str, sources: list[torch.Tensor]) -> None:
+        """Input rows of a grouped adapter, one ``(N, R_g, D)`` tensor per group. The groups'
+        sums are normalised by the first group's row count (sums of groups with another count
+        are rescaled so that each group's ``A`` is its own mean)."""
+        if not self.capture_inputs:
+            return
+        adapter = self.adapters[name]
+        dtype = self.dtype_of(name)
+        parts, counts = [], []
+        for group, src in enumerate(sources):
+            rows, count = adapter.input_rows(src, adapter.group_approx(group, self.kfac_approx))
+            rows = rows.to(dtype)
+            parts.append(torch.einsum("gri,grj->gij", rows, rows))
+            counts.append(count)
+        if counts[0] == 0:
+            return
+        total = torch.cat([p * (counts[0] / c if c else 0.0) for p, c in zip(parts, counts)])
+        acc = self.acc[name]
+        acc.a_sum = total if acc.a_sum is None else acc.a_sum + total
+        acc.a_rows += counts[0]
+
+    def grouped_grad(self, name: str, group: int, grad: torch.Tensor) -> None:
+        """Output-gradient rows ``(N, R, d_g)`` of one group of a grouped adapter."""
+        if not self.capture_grads:
+            return
+        adapter = self.adapters[name]
+        n, r = adapter.batch_and_positions(grad)
+        if n * r == 0:
+            return
+        dtype = self.dtype_of(name)
+        part = gradient_covariance(grad.detach(), channel_dim=-1, groups=1,
+                                   mode=adapter.group_approx(group, self.kfac_approx),
+                                   factor=None, decay=1.0,
+                                   alpha=self.multiplier(n, r), out_dtype=dtype,
+                                   backend=self.backend)[0]
+        acc = self.acc[name]
+        if acc.g_sum is None:
+            d = adapter.out_features_per_group
+            acc.g_sum = torch.zeros((adapter.groups, d, d), dtype=dtype, device=grad.device)
+        acc.g_sum[group] += part
+        acc.g_passes += 1
+
+    def feed(self, name: str, x: torch.Tensor, output: torch.Tensor | None,
+             grad_transform) -> None:
+        """Input ``x`` of an adapter whose module is applied functionally, and the output
+        tensor whose gradient (passed through ``grad_transform``) feeds ``G``."""
+        adapter = self.adapters[name]
+        if self.capture_inputs:
+            acc = self.acc[name]
+            acc.a_sum, count = adapter.accumulate_input(acc.a_sum, x, self.kfac_approx,
+                                                        self.dtype_of(name), self.backend)
+            acc.a_rows += count
+        if output is not None:
+            output.register_hook(lambda g: self._grad_hook(name, grad_transform(g)))
+
+    # --- tied embedding / output projection ------------------------------------------------------
+    def _tied_embedding_hook(self, name: str, module, args, output) -> None:
+        """The embedding use of a tied weight: token counts go to the vocabulary side (G),
+        output gradients to the feature side (A) as extra rows (seed 003 App. A.1)."""
+        if not self._active(name, module):
+            return
+        acc = self.acc[name]
+        adapter = self.adapters[name]
+        if self.capture_inputs:
+            counts = torch.bincount(args[0].detach().reshape(-1),
+                                    minlength=adapter.weight.shape[0]).to(self.dtype_of(name))
+            acc.token_counts = counts if acc.token_counts is None else acc.token_counts + counts
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(partial(self._tied_embedding_grad_hook, name))
+
+    def _tied_embedding_grad_hook(self, name: str, grad: torch.Tensor) -> None:
+        if not self.capture_grads:
+            return
+        adapter = self.adapters[name]
+        g = grad.detach().reshape(-1, grad.shape[-1]) if grad.dim() > 1 else grad.reshape(1, -1)
+        if g.shape[0] == 0:
+            return
+        n = grad.shape[0] if grad.dim() > 1 else 1
+        dtype = self.dtype_of(name)
+        part = gradient_covariance(g, channel_dim=-1, groups=1, mode="expand", factor=None,
+                                   decay=1.0, alpha=self.multiplier(n, g.shape[0] // n),
+                                   out_dtype=dtype, backend=self.backend)
+        width = adapter.in_features_per_group
+        if width != part.shape[-1]:  # the head's bias coordinate: 0 for embedding rows
+            part = torch.nn.functional.pad(part, (0, width - part.shape[-1]) * 2)
+        acc = self.acc[name]
+        acc.a_sum = part if acc.a_sum is None else acc.a_sum + part
+        acc.a_rows += g.shape[0]
+
     # --- results ------------------------------------------------------------------------------
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(A, G)`` stacked over groups, or ``None`` if either side saw no data."""
         acc = self.acc[name]
         if acc.a_sum is None or acc.g_sum is None or acc.a_rows == 0:
             return None
-        return acc.a_sum / acc.a_rows, acc.g_sum
+        g = acc.g_sum
+        if acc.token_counts is not None or getattr(self.adapters[name], "tied", False):
+            # The vocabulary side of a tied weight is diagonal (seed 003 App. A.1).
+            diag = torch.diagonal(g, dim1=-2, dim2=-1)
+            if acc.token_counts is not None:
+                diag = diag + acc.token_counts
+            g = torch.diag_embed(diag)
+        return acc.a_sum / acc.a_rows, g

@@ -47,22 +47,92 @@ def validate_skip_modules(model: nn.Module, skip_modules, who: str) -> tuple:
     return skip_modules
 
 
+def _transformer_adapters(name: str, module: nn.Module, skip_modules, who: str):
+    """Adapters of an ``nn.Embedding`` or ``nn.MultiheadAttention`` (``None`` for other
+    types): a list of ``(name, adapter)``."""
+    from .transformer_layers import (AttentionInProjAdapter, AttentionOutProjAdapter,
+                                     EmbeddingAdapter, unsupported_attention_reason)
+    if isinstance(module, nn.Embedding):
+        if module.sparse:
+            raise ValueError(f"{who}: module {name!r} is an nn.Embedding with sparse=True; "
+                             "its sparse gradients cannot be preconditioned: use sparse=False "
+                             f"or skip_modules=[{name!r}]")
+        return [(name, EmbeddingAdapter(name, module))]
+    if isinstance(module, nn.MultiheadAttention):
+        reason = unsupported_attention_reason(module)
+        if reason is not None:
+            raise ValueError(
+                f"{who}: module {name!r} (nn.MultiheadAttention) is not supported: {reason}. "
+                f"Pass skip_modules=[{name!r}, {name + '.out_proj'!r}] or build the attention "
+                "from nn.Linear projections")
+        out = [(name, AttentionInProjAdapter(name, module))]
+        out_name = f"{name}.out_proj" if name else "out_proj"
+        if not _skipped(out_name, module.out_proj, skip_modules):
+            out.append((out_name, AttentionOutProjAdapter(out_name, module.out_proj, module)))
+        return out
+    return None
+
+
+def _tie(adapters: dict, kfac_approx: str | None, who: str) -> dict:
+    """Replace an ``nn.Embedding`` and an ``nn.Linear`` that share their weight Parameter by
+    one :class:`~kfac_kernels.transformer_layers.TiedEmbeddingAdapter` (named after the
+    Linear); any other sharing of a weight between adapted layers is refused."""
+    from .transformer_layers import EmbeddingAdapter, TiedEmbeddingAdapter
+    from .layers import LinearAdapter
+    owners: dict[int, list[str]] = {}
+    for name, adapter in adapters.items():
+        owners.setdefault(id(adapter.weight), []).append(name)
+    for names in owners.values():
+        if len(names) == 1:
+            continue
+        kinds = {type(adapters[n]) for n in names}
+        if len(names) != 2 or kinds != {EmbeddingAdapter, LinearAdapter}:
+            raise ValueError(f"{who}: modules {names} share one weight Parameter; only an "
+                             "nn.Embedding tied to an output nn.Linear is supported: pass "
+                             "skip_modules=[...] for the others")
+        emb_name = next(n for n in names if isinstance(adapters[n], EmbeddingAdapter))
+        head_name = next(n for n in names if n != emb_name)
+        if kfac_approx == "reduce":
+            raise ValueError(f"{who}: the weight tied between {emb_name!r} and {head_name!r} "
+                             "needs kfac_approx='expand' (seed 003 App. A.1 defines it for "
+                             "sequence outputs)")
+        emb, head = adapters.pop(emb_name), adapters.pop(head_name)
+        adapters[head_name] = TiedEmbeddingAdapter(head_name, emb.module, head_name,
+                                                   head.module)
+    return adapters
+
+
 def find_adapters(model: nn.Module, skip_modules: Iterable = (), who: str = "kfac_kernels",
-                  warn: bool = True) -> dict[str, LayerAdapter]:
+                  warn: bool = True, kfac_approx: str | None = None) -> dict[str, LayerAdapter]:
     """Adapters for every supported module with a trainable weight, by qualified name.
 
     Modules that own trainable parameters but have no adapter are listed in one warning (their
     gradients are left as they are); ``skip_modules`` silences it for the modules it names.
+    An ``nn.MultiheadAttention`` named ``name`` gives the adapters ``name`` (its packed
+    ``in_proj``) and ``name.out_proj``; an ``nn.Embedding`` whose weight is the weight of an
+    ``nn.Linear`` gives one tied adapter named after the Linear.
     """
     adapters: dict[str, LayerAdapter] = {}
     unsupported = []
+    handled: set[int] = set()
     for name, module in model.named_modules():
-        if _skipped(name, module, skip_modules):
+        if _skipped(name, module, skip_modules) or id(module) in handled:
             continue
-        adapter = make_adapter(name, module)
-        if adapter is not None:
-            if adapter.trainable:
-                adapters[name] = adapter
+        found = _transformer_adapters(name, module, skip_modules, who)
+        if found is None:
+            adapter = make_adapter(name, module)
+            found = [(name, adapter)] if adapter is not None else None
+        if found is not None:
+            for key, adapter in found:
+                handled.add(id(adapter.module))
+                if adapter.trainable:
+                    adapters[key] = adapter
+            if isinstance(module, nn.MultiheadAttention):
+                handled.add(id(module.out_proj))
+                extra = [n for n in ("bias_k", "bias_v") if getattr(module, n) is not None
+                         and getattr(module, n).requires_grad]
+                if extra:
+                    unsupported.append(f"{name}.{'/'.join(extra)} (nn.MultiheadAttention)")
             continue
         own = [p for p in module.parameters(recurse=False) if p.requires_grad]
         if own:
@@ -73,7 +143,7 @@ def find_adapters(model: nn.Module, skip_modules: Iterable = (), who: str = "kfa
             f"{', '.join(unsupported)}; their gradients are used unchanged. Pass "
             "skip_modules=[...] with their names or types to silence this warning.",
             stacklevel=3)
-    return adapters
+    return _tie(adapters, kfac_approx, who)
 
 
 def curvature_backward(capture: CurvatureCapture, loss_fn, outputs: torch.Tensor,
@@ -168,10 +238,11 @@ def kronecker_factors(model: nn.Module, loss_fn: nn.Module, inputs, targets: tor
     check_common(who, kfac_approx, fisher_type, loss_average, mc_samples, backend, generator)
     check_loss_fn(loss_fn, loss_average, who)
     skip_modules = validate_skip_modules(model, skip_modules, who)
-    adapters = find_adapters(model, skip_modules, who)
+    adapters = find_adapters(model, skip_modules, who, kfac_approx=kfac_approx)
     if not adapters:
         raise ValueError(f"{who}: the model has no supported layers (nn.Linear, nn.Conv1d, "
-                         "nn.Conv2d) with trainable weights")
+                         "nn.Conv2d, nn.Embedding, nn.MultiheadAttention) with trainable "
+                         "weights")
     capture = CurvatureCapture(adapters, kfac_approx=kfac_approx, loss_average=loss_average,
                                backend=backend)
     params = [p for a in adapters.values() for p in a.params()]

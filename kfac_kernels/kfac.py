@@ -180,6 +180,7 @@ class KFAC:
             raise RuntimeError(f"{who}: distributed=True needs torch.distributed to be "
                                "initialised first (torch.distributed.init_process_group)")
         skip_modules = validate_skip_modules(model, skip_modules, who)
+        self._kfac_approx_for_adapters = kfac_approx
         self.adapters = self._find_adapters(model, skip_modules, who)
         if not self.adapters:
             raise ValueError(f"{who}: the model has no supported layers "
@@ -218,11 +219,11 @@ class KFAC:
         self._arm_capture()
 
     # Subclasses (BDKFAC) cover other layers and keep factors in other forms.
-    _SUPPORTED_NAMES = "nn.Linear, nn.Conv1d, nn.Conv2d"
+    _SUPPORTED_NAMES = "nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.MultiheadAttention"
     _capture_class = CurvatureCapture
 
     def _find_adapters(self, model: nn.Module, skip_modules: tuple, who: str) -> dict:
-        return find_adapters(model, skip_modules, who)
+        return find_adapters(model, skip_modules, who, kfac_approx=self._kfac_approx_for_adapters)
 
     # --- capture ----------------------------------------------------------------------------
     def _loss_scale(self) -> float | None:

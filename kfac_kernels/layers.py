@@ -49,7 +49,7 @@ class LayerAdapter:
 
     @property
     def trainable(self) -> bool:
-        return self.module.weight.requires_grad
+        return self.weight.requires_grad
 
     def params(self) -> list[nn.Parameter]:
         return [p for p in (self.weight, self.bias) if p is not None]
@@ -195,9 +195,12 @@ class ConvAdapter(LayerAdapter):
 
 
 def make_adapter(name: str, module: nn.Module) -> LayerAdapter | None:
-    """The adapter for ``module`` or ``None`` if its type is not supported."""
-    # nn.MultiheadAttention's out_proj is a Linear subclass applied functionally: its hooks never
-    # fire, so it is not adapted here (it is reported as unsupported instead).
+    """The adapter for ``module`` or ``None`` if its type is not supported.
+
+    ``nn.MultiheadAttention`` (whose ``out_proj`` is a Linear subclass applied functionally, so
+    its own hooks never fire) and ``nn.Embedding`` are adapted in
+    :func:`kfac_kernels.curvature.find_adapters` (:mod:`kfac_kernels.transformer_layers`).
+    """
     if isinstance(module, nn.Linear) and not isinstance(
             module, nn.modules.linear.NonDynamicallyQuantizableLinear):
         return LinearAdapter(name, module)

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from .block_layers import NormAdapter
+from .graph import active_graph_rows
 from .kfac import KFAC
 from .layers import ConvAdapter
 from .ops.gradient_covariance import gradient_rows
@@ -136,6 +137,12 @@ class TwoLevel:
         if coarse_method not in COARSE_METHODS:
             raise ValueError(f"{who}: coarse_method must be 'sums' or 'algorithm1', got "
                              f"{coarse_method!r}")
+        special = [n for n, a in preconditioner.adapters.items()
+                   if getattr(a, "attention_module", None) is not None or getattr(a, "tied", False)]
+        if special:
+            raise ValueError(f"{who}: the coarse space does not cover nn.MultiheadAttention or "
+                             f"tied embedding weights (modules {special}); build the "
+                             "preconditioner with skip_modules=[...] for them")
         self.inner = preconditioner
         self.coarse_damping = float(preconditioner.damping if coarse_damping is None
                                     else coarse_damping)
@@ -162,6 +169,10 @@ class TwoLevel:
                 return
             if not inner._is_factor_step() or not inner.adapters[name].trainable:
                 return
+            if active_graph_rows(module) is not None:
+                raise ValueError(f"TwoLevel: module {name!r} runs inside graph_rows; the "
+                                 "coarse space treats rows as examples and does not support "
+                                 "graph batches")
             adapter = inner.adapters[name]
             rec = self._pending.setdefault(name, {"a": [], "g": {}})
             index = len(rec["a"])  # pairs this pass's inputs with its output gradients

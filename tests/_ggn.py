@@ -116,3 +116,34 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     a = actual.detach().to(torch.float64)
     e = expected.detach().to(torch.float64)
     return float(torch.linalg.norm(a - e) / torch.linalg.norm(e))
+
+
+def param_ggn_block(model: nn.Module, loss_fn, inputs, targets: torch.Tensor, w_key: str,
+                    b_key: str | None = None) -> torch.Tensor:
+    """The exact GGN block of the parameters ``w_key`` (and ``b_key``) of ``model`` by their
+    ``named_parameters`` keys, in the row-major order of ``[W | b]`` (``W`` reshaped to
+    ``(rows, -1)``); for parameters that are not a module's ``weight``/``bias`` (e.g.
+    ``in_proj_weight`` of ``nn.MultiheadAttention``). ``inputs`` may be a tuple."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+
+    def f(w, b):
+        p = dict(params)
+        p[w_key] = w
+        if b_key is not None:
+            p[b_key] = b
+        return functional_call(model, (p, buffers), args)
+
+    w = params[w_key]
+    b = params[b_key] if b_key is not None else torch.zeros(0, dtype=w.dtype)
+    with torch.no_grad():
+        out = f(w, b)
+    h = output_hessian(loss_fn, out, targets)
+    m, rows = out.numel(), w.shape[0]
+    jw, jb = jacrev(f, argnums=(0, 1))(w, b)
+    j = jw.reshape(m, rows, -1)
+    if b_key is not None:
+        j = torch.cat([j, jb.reshape(m, rows, 1)], dim=-1)
+    j = j.reshape(m, -1)
+    return j.T @ h @ j

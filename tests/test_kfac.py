@@ -190,8 +190,8 @@ INVALID = [
     ("generator", lambda: dict(generator=5), TypeError,
      "KFAC: generator must be a torch.Generator or None, got int"),
     ("no-supported-layers", lambda: dict(model=nn.Sequential(nn.ReLU())), ValueError,
-     "KFAC: the model has no supported layers (nn.Linear, nn.Conv1d, nn.Conv2d) with "
-     "trainable weights"),
+     "KFAC: the model has no supported layers (nn.Linear, nn.Conv1d, nn.Conv2d, "
+     "nn.Embedding, nn.MultiheadAttention) with trainable weights"),
     ("all-layers-frozen", lambda: dict(model=mlp().requires_grad_(False)), ValueError,
      "KFAC: the model has no supported layers"),
     ("all-layers-skipped", lambda: dict(skip_modules=[nn.Linear]), ValueError,
