@@ -17,15 +17,16 @@ the interpreter (slow, so on blocks of size <= 16):
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 
 import pytest
 import torch
 
 import kfac_kernels._backend as _backend
+import kfac_kernels.ops.block_eigh  # noqa: F401  (the module; the package attribute is the op)
 from kfac_kernels import testing
 from kfac_kernels.ops import block_damped_inverse, block_eigh
-from kfac_kernels.ops import block_eigh as block_eigh_module
 
 try:
     from hypothesis import given, settings
@@ -34,6 +35,7 @@ except ImportError:  # pragma: no cover - hypothesis is a test dependency
     given = None
 
 pytestmark = pytest.mark.usefixtures("single_thread")
+block_eigh_module = sys.modules["kfac_kernels.ops.block_eigh"]
 
 OP = "block_eigh"
 HAS_CPU_KERNEL = _backend.has_native_cpu() and _backend.native_has_op(OP)
@@ -216,7 +218,7 @@ def test_negative_round_off_is_clamped(backend):
     clamped = (q * (1 / (lam.clamp_min(0) + gamma))) @ q.T
     testing.assert_close_rel(inv, clamped, 1e-4)  # fp32 with a 1e5 condition number
     unclamped = torch.linalg.inv(q @ torch.diag(lam + gamma) @ q.T)
-    assert testing.rel_error(inv, unclamped) > 0.5
+    assert testing.rel_error(inv, unclamped) > 0.4  # the unclamped inverse is 2x larger
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
