@@ -53,6 +53,16 @@ void norms(const T* a, int64_t n, double* off, double* full) {
   *full = std::sqrt(2 * o + d);
 }
 
+// x' = c x - s y, y' = s x + c y over two distinct rows (restrict: the loop vectorises).
+template <typename U>
+inline void rotate_rows(U* __restrict x, U* __restrict y, int64_t n, U c, U s) {
+  for (int64_t r = 0; r < n; ++r) {
+    const U xr = x[r], yr = y[r];
+    x[r] = c * xr - s * yr;
+    y[r] = s * xr + c * yr;
+  }
+}
+
 // One Jacobi rotation that zeroes a[p][q] (p < q).
 template <typename T>
 void rotate(T* a, V* vt, int64_t n, int64_t p, int64_t q) {
@@ -68,32 +78,23 @@ void rotate(T* a, V* vt, int64_t n, int64_t p, int64_t q) {
     return;
   }
   const V theta = (V(aqq) - V(app)) / (V(2) * V(apq));
-  V tv = V(1) / (std::abs(theta) + std::hypot(theta, V(1)));
+  const V abs_theta = std::abs(theta);  // theta^2 overflows past 1e154: t = 1 / (2 theta) there
+  V tv = abs_theta > V(1e100) ? V(0.5) / abs_theta
+                              : V(1) / (abs_theta + std::sqrt(abs_theta * abs_theta + V(1)));
   if (theta < V(0)) tv = -tv;
   const V cv = V(1) / std::sqrt(V(1) + tv * tv);
   const V sv = tv * cv;
   const T c = static_cast<T>(cv), s = static_cast<T>(sv), t = static_cast<T>(tv);
-  // rows p and q: a'_pr = c a_pr - s a_qr, a'_qr = s a_pr + c a_qr
-  for (int64_t r = 0; r < n; ++r) {
-    const T x = ap[r], y = aq[r];
-    ap[r] = c * x - s * y;
-    aq[r] = s * x + c * y;
-  }
+  rotate_rows(ap, aq, n, c, s);
   ap[p] = app - t * apq;
   aq[q] = aqq + t * apq;
   ap[q] = aq[p] = T(0);
+  // the matching column update of the symmetric matrix is the mirror of the new rows
   for (int64_t r = 0; r < n; ++r) {
-    if (r == p || r == q) continue;
     a[r * n + p] = ap[r];
     a[r * n + q] = aq[r];
   }
-  V* vp = vt + p * n;
-  V* vq = vt + q * n;
-  for (int64_t r = 0; r < n; ++r) {
-    const V x = vp[r], y = vq[r];
-    vp[r] = cv * x - sv * y;
-    vq[r] = sv * x + cv * y;
-  }
+  rotate_rows(vt + p * n, vt + q * n, n, cv, sv);
 }
 
 template <typename T>
