@@ -370,3 +370,33 @@ def test_triton_kernel_compiles_for_sm90():
             pytest.skip(f"no ptxas for the CUDA backend: {err}")
         raise
     assert "cubin" in compiled.asm
+
+
+GPU_CASES = [pytest.param(b, d, marks=pytest.mark.gpu, id=f"{b}-{str(d)[6:]}")
+             for b in (testing.backends_for("cuda") if torch.cuda.is_available() else [])
+             for d in dtypes_for(b)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend,dtype", GPU_CASES)
+def test_corpus_cuda(backend, dtype):
+    """The corpus on CUDA tensors, sizes up to each backend's limit, a NaN block included."""
+    sizes = (1, 2, 7, 16, 33, 64) + ((96, 128) if backend != "triton" else ())
+    named = corpus(sizes, dtype)
+    blocks = [a.cuda() for _, a in named]
+    blocks[3] = blocks[3].clone()
+    blocks[3][-1, 0] = math.nan
+    vals, vecs, sweeps = block_eigh(blocks, backend=backend, return_sweeps=True)
+    for i, ((name, a), v, q) in enumerate(zip(named, vals, vecs)):
+        if i == 3:
+            assert v.isnan().all() and q.isnan().all()
+            continue
+        check_eigh(a, v.cpu(), q.cpu(), TOL[dtype], f"cuda {backend} {dtype} {name}")
+    spd = torch.stack([make_block("spd", 24, torch.Generator().manual_seed(i))
+                       for i in range(3)]).to(dtype)
+    inv = block_damped_inverse(spd.cuda(), [0.1, 0.2, 0.3], backend=backend).cpu()
+    assert torch.equal(inv, inv.mT)
+    for i, g in enumerate((0.1, 0.2, 0.3)):
+        ref = torch.linalg.inv(spd[i].double() + g * torch.eye(24, dtype=torch.float64))
+        testing.assert_close_rel(inv[i], ref, TOL[dtype])

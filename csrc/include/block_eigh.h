@@ -55,14 +55,18 @@ void block_eigh(const BlockEighParams<T>& p);
 namespace kfac_kernels {
 namespace cuda {
 
-// Largest n the CUDA kernel accepts (the block lives in shared memory).
+// Largest n the CUDA kernel accepts (the block lives in shared memory: 128 KiB in fp64).
 constexpr int64_t kBlockEighMaxN = 128;
 
-// Parallel-order (round-robin) Jacobi, one thread block per matrix, the matrix in shared memory
-// and the eigenvectors accumulated in `eigenvectors` (required, device memory). All pointers are
-// device pointers; enqueued on `stream`. Returns the launch error, cudaSuccess otherwise.
+// Bytes of device workspace block_eigh needs: the eigenvectors are accumulated in double there.
+size_t block_eigh_workspace_bytes(int64_t batch, int64_t n);
+
+// Parallel-order (round-robin) Jacobi, one thread block per matrix, the matrix in shared memory.
+// All pointers are device pointers; `workspace` holds block_eigh_workspace_bytes(batch, n) bytes
+// and must stay alive until the work on `stream` is done. Returns cudaErrorInvalidValue for
+// n > kBlockEighMaxN, the launch error, or cudaSuccess. Deterministic.
 template <typename T>
-cudaError_t block_eigh(const BlockEighParams<T>& p, cudaStream_t stream);
+cudaError_t block_eigh(const BlockEighParams<T>& p, void* workspace, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace kfac_kernels
