@@ -34,8 +34,15 @@ try:
 except ImportError:  # pragma: no cover - hypothesis is a test dependency
     given = None
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = pytest.mark.usefixtures("single_thread", "kernels_at_every_size")
 block_eigh_module = sys.modules["kfac_kernels.ops.block_eigh"]
+
+
+@pytest.fixture
+def kernels_at_every_size(monkeypatch):
+    """The C++ kernel solves any size; its default hand-off to LAPACK above n = 8 is a speed
+    choice, so the tests raise it to reach the kernel (test_default_cpu_hand_off checks it)."""
+    monkeypatch.setitem(block_eigh_module.MAX_N, "cpu", 256)
 
 OP = "block_eigh"
 HAS_CPU_KERNEL = _backend.has_native_cpu() and _backend.native_has_op(OP)
@@ -251,12 +258,25 @@ def test_above_limit_goes_to_lapack_with_one_warning(backend, monkeypatch):
     monkeypatch.setattr(block_eigh_module, "_warned", set())
     gen = torch.Generator().manual_seed(8)
     blocks = [make_block("spd", 6, gen).float(), make_block("spd", 3, gen).float()]
-    with pytest.warns(UserWarning, match="exceed the .* backend's limit"):
+    with pytest.warns(UserWarning, match="are solved with torch.linalg.eigh"):
         _, _, sweeps = block_eigh(blocks, backend=backend, return_sweeps=True)
     assert int(sweeps[0]) == -1 and int(sweeps[1]) >= 0
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         block_eigh(blocks, backend=backend)
+
+
+@needs_cpu_kernel
+def test_default_cpu_hand_off(monkeypatch):
+    monkeypatch.setitem(block_eigh_module.MAX_N, "cpu", 8)
+    monkeypatch.setattr(block_eigh_module, "_warned", set())
+    gen = torch.Generator().manual_seed(11)
+    blocks = [make_block("spd", 9, gen), make_block("spd", 8, gen)]
+    with pytest.warns(UserWarning, match=r"limit \(8\) are solved with torch.linalg.eigh"):
+        vals, vecs, sweeps = block_eigh(blocks, backend="cpu", return_sweeps=True)
+    assert int(sweeps[0]) == -1 and int(sweeps[1]) >= 0
+    for a, v, q in zip(blocks, vals, vecs):
+        check_eigh(a, v, q, 1e-10, "hand-off")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

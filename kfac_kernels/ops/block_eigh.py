@@ -21,14 +21,18 @@ solve (one launch on the native and Triton backends).
 Backends
 --------
 * ``"eager"``: ``torch.linalg.eigh`` on each bucket.
-* ``"cpu"``: C++ cyclic Jacobi, OpenMP across blocks, fp32 and fp64, for ``n <= 256``.
+* ``"cpu"``: C++ cyclic Jacobi, OpenMP across blocks, fp32 and fp64, for ``n <= 8`` by
+  default: the kernel solves any size, but batched LAPACK is faster from about ``n = 8`` on
+  (measured, one thread: ``n = 4`` 1.9x faster than ``torch.linalg.eigh``, ``n = 8`` 0.8x,
+  ``n = 16`` 0.4x; ``bench/results/block_eigh_cpu.json``). Raise ``MAX_N["cpu"]`` to use it
+  further (tested up to 256).
 * ``"cuda"``: batched parallel-order Jacobi with the block in shared memory, fp32 and fp64,
   ``n <= 128``.
 * ``"triton"``: batched parallel-order (round-robin) Jacobi, one program per block, fp32 only
   (fp64 raises a ``TypeError``), ``n <= 64``.
 
-A bucket whose size exceeds the chosen backend's limit is handed to ``torch.linalg.eigh``, with a
-``UserWarning`` once per (backend, size). ``"auto"`` picks as every op does
+A bucket whose size exceeds the chosen backend's limit (``MAX_N``) is handed to
+``torch.linalg.eigh``, with a ``UserWarning`` the first time per backend. ``"auto"`` picks as every op does
 (``kfac_kernels._backend.resolve_backend``).
 
 Jacobi convergence
@@ -78,10 +82,12 @@ _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _LOW = (torch.float16, torch.bfloat16)
 
 # Largest block each Jacobi backend solves itself; above it the bucket goes to torch.linalg.eigh.
-MAX_N = {"cpu": 256, "cuda": 128, "triton": 64}
+# cuda and triton: the kernels' limits (shared memory, registers). cpu: the measured crossover
+# with batched LAPACK (the kernel itself has no limit).
+MAX_N = {"cpu": 8, "cuda": 128, "triton": 64}
 DEFAULT_MAX_SWEEPS = 30
 
-_warned: set[tuple[str, int]] = set()
+_warned: set[str] = set()
 
 
 # ------------------------------------------------------------------------------------ checks
@@ -205,12 +211,12 @@ def _solve_bucket(stack: torch.Tensor, backend: str, max_sweeps: int, tol: float
     Returns (vals, vecs, sweeps) or, with damping, (inverse, sweeps)."""
     n = stack.shape[-1]
     if backend != "eager" and n > MAX_N[backend]:
-        key = (backend, n)
-        if key not in _warned:
-            _warned.add(key)
+        if backend not in _warned:
+            _warned.add(backend)
             warnings.warn(
-                f"{_OP}: blocks of size {n} exceed the {backend!r} backend's limit "
-                f"({MAX_N[backend]}); solving them with torch.linalg.eigh", stacklevel=4)
+                f"{_OP}: blocks larger than the {backend!r} backend's limit ({MAX_N[backend]}) "
+                f"are solved with torch.linalg.eigh (first seen: n = {n}); this is said once",
+                stacklevel=4)
         backend = "eager"
     if backend == "eager":
         vals, vecs, sweeps = block_eigh_eager(stack)
