@@ -242,10 +242,12 @@ def print_record(r: dict) -> None:
         print(f"{r['case']:22s} {r['backend']:6s} skipped: {r['skipped']}")
         return
     t = r.get("kernel_s", r.get("op_s"))
+    res, orth = r.get("residual"), r.get("orthogonality")
+    quality = "" if res is None else f"res={res:.1e} orth={orth:.1e}"
     print(f"{r['case']:22s} {r['backend']:6s} thr={r['threads']} t={t * 1e3:10.2f} ms "
           f"batched={r['batched_eigh_s'] * 1e3:10.2f} ms loop={r['loop_eigh_s'] * 1e3:10.2f} ms "
           f"x_batched={r['speedup_vs_batched']:7.2f} x_loop={r['speedup_vs_loop']:7.2f} "
-          f"res={r['residual']:.1e} orth={r['orthogonality']:.1e}", flush=True)
+          f"{quality}", flush=True)
 
 
 def main(argv=None) -> int:

@@ -62,7 +62,6 @@ __global__ void __launch_bounds__(kThreads)
   double* red = sn + np / 2;                          // kThreads / 32 partial sums
   T* dnew = reinterpret_cast<T*>(red + kThreads / 32);  // per pair: new a_pp, a_qq
   T* a = dnew + np;                                   // np x np
-  __shared__ int bad;
 
   const int64_t b = blockIdx.x;
   const int n = static_cast<int>(prm.n);
@@ -70,21 +69,20 @@ __global__ void __launch_bounds__(kThreads)
   const T* src = prm.blocks + b * prm.n * prm.n;
   double* v = vws + b * np * np;
 
-  if (tid == 0) bad = 0;
-  __syncthreads();
+  int bad_here = 0;
   double sq_off = 0, sq_all = 0;
   for (int e = tid; e < np * np; e += kThreads) {
     const int i = e / np, j = e % np;
     T x = T(0);
     if (i < n && j < n) x = i >= j ? src[i * n + j] : src[j * n + i];
-    if (!isfinite(x)) bad = 1;
+    if (!isfinite(x)) bad_here = 1;
     a[e] = x;
     v[e] = i == j ? 1.0 : 0.0;
     const double xd = static_cast<double>(x);
     sq_all += xd * xd;
     if (i != j) sq_off += xd * xd;
   }
-  __syncthreads();
+  const bool bad = __syncthreads_or(bad_here);
   T* vals = prm.eigenvalues ? prm.eigenvalues + b * n : nullptr;
   T* vecs = prm.eigenvectors ? prm.eigenvectors + b * n * n : nullptr;
   T* inv = prm.inverse ? prm.inverse + b * n * n : nullptr;
