@@ -1,9 +1,10 @@
 """Microbenchmark: ``block_eigh`` (batched Jacobi) against ``torch.linalg.eigh``.
 
 Cases: the grid ``n in {16, 32, 48, 64, 96, 128, 256} x B in {64, 512, 4096}`` of random SPD
-blocks, and the real block sets of ResNet-50 and ViT-B/16 factors at 4 blocks per layer (for
-every layer ``A`` has ``C_in kh kw`` (+1 with a bias) rows and ``G`` has ``C_out``; each is split
-into 4 near-equal channel blocks, the last absorbing the remainder). Contenders, all fp32:
+blocks (plus ``n in {2, 4, 8}`` at ``B = 512``, where the CPU kernel's crossover lies), and the
+real block sets of ResNet-50 and ViT-B/16 factors at 4 blocks per layer (for every layer ``A``
+has ``C_in kh kw`` (+1 with a bias) rows and ``G`` has ``C_out``; each is split into 4
+near-equal channel blocks, the last absorbing the remainder). Contenders, all fp32:
 
 * ``kernel``: the backend's Jacobi kernel on every bucket (the raw op; no hand-off to LAPACK),
   grid only;
@@ -49,6 +50,7 @@ from kfac_kernels.ops.block_eigh import MAX_N
 
 GRID_N = (16, 32, 48, 64, 96, 128, 256)
 GRID_B = (64, 512, 4096)
+SMALL_N = (2, 4, 8)  # below the grid: where the CPU kernel's crossover with LAPACK lies
 
 
 # ------------------------------------------------------------------------------ block sets
@@ -272,6 +274,12 @@ def main(argv=None) -> int:
     grid_n = GRID_N[:2] if args.quick else GRID_N
     grid_b = GRID_B[:1] if args.quick else GRID_B
     for backend in _backends(device):
+        if not args.quick:
+            for n in SMALL_N:
+                rec = grid_record(n, 512, backend, device, None, args.budget,
+                                  args.loop_max_blocks)
+                records.append(rec)
+                print_record(rec)
         for n in grid_n:
             per_block = None
             for b in grid_b:

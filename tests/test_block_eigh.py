@@ -1,10 +1,11 @@
 """Tests of ``kfac_kernels.ops.block_eigh`` and ``block_damped_inverse``.
 
-The oracles come from outside the solvers: the eigen residual ``||A Q - Q Lambda||_2 / ||A||_2`` and
-the orthogonality ``||Q^T Q - I||_2`` (both computed in fp64 from the block that was actually
-passed; spectral norms, as LAPACK's own tests bound them: in the Frobenius norm even
-``torch.linalg.eigh`` exceeds 1e-5 orthogonality in fp32 at n = 256, 1.8e-5 measured), the ascending order, eigenvalues against ``torch.linalg.eigh`` in fp64 (Weyl: an
-eigenvalue error is bounded by the backward error, so ``|lambda - lambda_ref| <= tol ||A||``),
+The oracles come from outside the solvers: the eigen residual ``||A Q - Q Lambda||_2 / ||A||_2``
+and the orthogonality ``||Q^T Q - I||_2`` (both computed in fp64 from the block that was
+actually passed; spectral norms, as LAPACK's own tests bound them: in the Frobenius norm even
+``torch.linalg.eigh`` exceeds 1e-5 orthogonality in fp32 at n = 256, 1.8e-5 measured), the
+ascending order, eigenvalues against ``torch.linalg.eigh`` in fp64 (Weyl: an eigenvalue error is
+bounded by the backward error, so ``|lambda - lambda_ref| <= tol ||A||``),
 and the damped inverse against ``torch.linalg.inv(A + gamma I)``. The corpus holds random SPD,
 low-rank, repeated and clustered spectra, 1e10-conditioned, indefinite, zero, diagonal and
 ``1 x 1`` blocks, odd sizes included.
@@ -16,15 +17,14 @@ the interpreter (slow, so on blocks of size <= 16):
 """
 from __future__ import annotations
 
+import importlib
 import math
-import sys
 import warnings
 
 import pytest
 import torch
 
 import kfac_kernels._backend as _backend
-import kfac_kernels.ops.block_eigh  # noqa: F401  (the module; the package attribute is the op)
 from kfac_kernels import testing
 from kfac_kernels.ops import block_damped_inverse, block_eigh
 
@@ -35,7 +35,8 @@ except ImportError:  # pragma: no cover - hypothesis is a test dependency
     given = None
 
 pytestmark = pytest.mark.usefixtures("single_thread", "kernels_at_every_size")
-block_eigh_module = sys.modules["kfac_kernels.ops.block_eigh"]
+# the module (the package attribute of the same name is the op)
+block_eigh_module = importlib.import_module("kfac_kernels.ops.block_eigh")
 
 
 @pytest.fixture
