@@ -26,7 +26,7 @@ void cuda_ok(cudaError_t err, const char* what) {
 template <typename U>
 U* device_copy(const std::vector<U>& host) {
   U* ptr = nullptr;
-  cuda_ok(cudaMalloc(&ptr, host.size() * sizeof(U) + 1), "cudaMalloc");
+  cuda_ok(cudaMalloc(reinterpret_cast<void**>(&ptr), host.size() * sizeof(U) + 1), "cudaMalloc");
   cuda_ok(cudaMemcpy(ptr, host.data(), host.size() * sizeof(U), cudaMemcpyHostToDevice), "copy");
   return ptr;
 }
