@@ -119,7 +119,7 @@ def dtypes_for(backend):
     return (torch.float32,) if backend == "triton" else (torch.float32, torch.float64)
 
 
-CASES = [(b, d) for b in BACKENDS for d in dtypes_for(b)]
+CASES = [pytest.param(b, d, id=f"{b}-{str(d)[6:]}") for b in BACKENDS for d in dtypes_for(b)]
 
 
 @pytest.mark.parametrize("backend,dtype", CASES)
