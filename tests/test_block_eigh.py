@@ -300,6 +300,16 @@ def test_triton_rejects_fp64():
         block_eigh(torch.eye(3, dtype=torch.float64)[None], backend="triton")
 
 
+def test_auto_never_picks_triton_for_fp64(monkeypatch):
+    """On CUDA tensors without the CUDA extension "auto" resolves to Triton, which is fp32-only:
+    fp64 blocks then go to the eager path instead of raising."""
+    monkeypatch.setattr(block_eigh_module, "resolve_backend", lambda backend, device, op: "triton")
+    a = make_block("spd", 4, torch.Generator().manual_seed(12))[None]
+    vals, vecs, sweeps = block_eigh(a, return_sweeps=True)
+    assert int(sweeps[0]) == -1
+    check_eigh(a[0], vals[0], vecs[0], 1e-10, "auto fp64")
+
+
 @pytest.mark.parametrize("call,exc,match", [
     (lambda: block_eigh(torch.zeros(2, 3, 4)), ValueError, r"blocks must be a \(B, n, n\) tensor"),
     (lambda: block_eigh(torch.zeros(3, 3)), ValueError, r"blocks must be a \(B, n, n\) tensor"),

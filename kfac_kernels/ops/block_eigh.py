@@ -29,7 +29,8 @@ Backends
 * ``"cuda"``: batched parallel-order (round-robin) Jacobi, one thread block per matrix, the
   matrix in shared memory, fp32 and fp64, ``n <= 128``; the damped inverse is fused.
 * ``"triton"``: batched parallel-order (round-robin) Jacobi, one program per block, the block in
-  registers, fp32 only (fp64 raises a ``TypeError``), ``n <= 64``.
+  registers, fp32 only (``backend="triton"`` with fp64 blocks raises a ``TypeError``;
+  ``"auto"`` sends them to the eager path), ``n <= 64``.
 
 A bucket whose size exceeds the chosen backend's limit (``MAX_N``) is handed to
 ``torch.linalg.eigh``, with a ``UserWarning`` the first time per backend. ``"auto"`` picks as
@@ -249,6 +250,8 @@ def _run(blocks, backend, max_sweeps, tol, damping, op):
     chosen = resolve_backend(backend, ref.device, _OP)
     in_dtype = ref.dtype
     compute_dtype = torch.float32 if in_dtype in _LOW else in_dtype
+    if chosen == "triton" and compute_dtype == torch.float64 and backend == "auto":
+        chosen = "eager"  # "auto" never picks a backend that cannot take the dtype
     if chosen == "triton" and compute_dtype == torch.float64:
         raise TypeError(f"{op}: the 'triton' backend computes in float32 only; use backend='cpu', "
                         "'cuda' or 'eager' for float64 blocks")
