@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["symmetric_factor_update"]
+__all__ = ["block_eigh", "symmetric_factor_update"]
 
 
 def __getattr__(name: str):

@@ -17,6 +17,13 @@ TORCH_LIBRARY(kfac_kernels, m) {
       "int[] out_size, int num_segments, int segment_start, int segment_step, "
       "int segment_channels, bool reduce, bool bias, Tensor? factor, float decay, float alpha) "
       "-> Tensor");
+  // blocks: (B, n, n), lower triangle read; returns (eigenvalues (B, n) ascending, eigenvectors
+  // (B, n, n) as columns, sweeps (B,) int32). See csrc/include/block_eigh.h.
+  m.def("block_eigh(Tensor blocks, int max_sweeps, float tol) -> (Tensor, Tensor, Tensor)");
+  // Q (max(Lambda, 0) + damping[b] I)^-1 Q^T per block; returns (inverse, sweeps).
+  m.def(
+      "block_damped_inverse(Tensor blocks, Tensor damping, int max_sweeps, float tol) "
+      "-> (Tensor, Tensor)");
 }
 
 namespace {

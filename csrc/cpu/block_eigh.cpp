@@ -1,0 +1,191 @@
+// CPU kernel of block_eigh: cyclic Jacobi per block, OpenMP across blocks.
+//
+// Per block the working matrix `a` is the full symmetric n x n matrix (mirrored from the lower
+// triangle) and the eigenvectors are accumulated transposed (`vt`, row k = eigenvector k), so a
+// rotation of the pair (p, q) updates rows p and q of both arrays: contiguous loops the compiler
+// vectorises. The matching column updates of `a` are the mirrored copies of the new rows.
+#include "block_eigh.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace kfac_kernels {
+namespace cpu {
+namespace {
+
+// The eigenvectors and the rotation coefficients are kept in double for every T: in fp32 each
+// of the ~n^2/2 rotations per sweep would otherwise cost Q about one unit round-off of
+// orthogonality (||Q^T Q - I||_2 grew to 3.7e-5 at n = 128, measured), while the matrix itself
+// tolerates fp32 (residual ||AQ - Q Lambda||_2 / ||A||_2 stayed near 2e-6).
+using V = double;
+
+template <typename T>
+struct Scratch {
+  std::vector<T> a;
+  std::vector<V> vt, acc;
+  std::vector<int64_t> order;
+  void resize(int64_t n, bool inverse) {
+    a.resize(static_cast<size_t>(n * n));
+    vt.resize(static_cast<size_t>(n * n));
+    if (inverse) acc.resize(static_cast<size_t>(n * n));
+    order.resize(static_cast<size_t>(n));
+  }
+};
+
+// Off-diagonal Frobenius norm and full Frobenius norm of the symmetric a (accumulated in double
+// so the stopping test itself is not limited by fp32 round-off of the sum).
+template <typename T>
+void norms(const T* a, int64_t n, double* off, double* full) {
+  double o = 0, d = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t j = 0; j < i; ++j) o += static_cast<double>(a[i * n + j]) * a[i * n + j];
+    d += static_cast<double>(a[i * n + i]) * a[i * n + i];
+  }
+  *off = std::sqrt(2 * o);
+  *full = std::sqrt(2 * o + d);
+}
+
+// x' = c x - s y, y' = s x + c y over two distinct rows (restrict: the loop vectorises).
+template <typename U>
+inline void rotate_rows(U* __restrict x, U* __restrict y, int64_t n, U c, U s) {
+  for (int64_t r = 0; r < n; ++r) {
+    const U xr = x[r], yr = y[r];
+    x[r] = c * xr - s * yr;
+    y[r] = s * xr + c * yr;
+  }
+}
+
+// One Jacobi rotation that zeroes a[p][q] (p < q).
+template <typename T>
+void rotate(T* a, V* vt, int64_t n, int64_t p, int64_t q) {
+  T* ap = a + p * n;
+  T* aq = a + q * n;
+  const T apq = ap[q];
+  if (apq == T(0)) return;
+  const T app = ap[p], aqq = aq[q];
+  // Negligible against both diagonal entries: setting it to zero is within round-off.
+  const T g = T(100) * std::abs(apq);
+  if (std::abs(app) + g == std::abs(app) && std::abs(aqq) + g == std::abs(aqq)) {
+    ap[q] = aq[p] = T(0);
+    return;
+  }
+  const V theta = (V(aqq) - V(app)) / (V(2) * V(apq));
+  const V abs_theta = std::abs(theta);  // theta^2 overflows past 1e154: t = 1 / (2 theta) there
+  V tv = abs_theta > V(1e100) ? V(0.5) / abs_theta
+                              : V(1) / (abs_theta + std::sqrt(abs_theta * abs_theta + V(1)));
+  if (theta < V(0)) tv = -tv;
+  const V cv = V(1) / std::sqrt(V(1) + tv * tv);
+  const V sv = tv * cv;
+  const T c = static_cast<T>(cv), s = static_cast<T>(sv), t = static_cast<T>(tv);
+  rotate_rows(ap, aq, n, c, s);
+  ap[p] = app - t * apq;
+  aq[q] = aqq + t * apq;
+  ap[q] = aq[p] = T(0);
+  // the matching column update of the symmetric matrix is the mirror of the new rows
+  for (int64_t r = 0; r < n; ++r) {
+    a[r * n + p] = ap[r];
+    a[r * n + q] = aq[r];
+  }
+  rotate_rows(vt + p * n, vt + q * n, n, cv, sv);
+}
+
+template <typename T>
+void solve_block(const BlockEighParams<T>& p, int64_t b, Scratch<T>& w) {
+  const int64_t n = p.n;
+  const T* src = p.blocks + b * n * n;
+  T* a = w.a.data();
+  V* vt = w.vt.data();
+  bool finite = true;
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t j = 0; j <= i; ++j) {
+      const T v = src[i * n + j];
+      finite = finite && std::isfinite(v);
+      a[i * n + j] = a[j * n + i] = v;
+    }
+  }
+  T* vals = p.eigenvalues ? p.eigenvalues + b * n : nullptr;
+  T* vecs = p.eigenvectors ? p.eigenvectors + b * n * n : nullptr;
+  T* inv = p.inverse ? p.inverse + b * n * n : nullptr;
+  if (!finite) {
+    const T nan = std::numeric_limits<T>::quiet_NaN();
+    if (vals) std::fill(vals, vals + n, nan);
+    if (vecs) std::fill(vecs, vecs + n * n, nan);
+    if (inv) std::fill(inv, inv + n * n, nan);
+    if (p.sweeps) p.sweeps[b] = -1;
+    return;
+  }
+  std::fill(vt, vt + n * n, V(0));
+  for (int64_t i = 0; i < n; ++i) vt[i * n + i] = V(1);
+
+  double off = 0, full = 0;
+  norms(a, n, &off, &full);
+  const double target = p.tol * full;
+  int sweep = 0;
+  while (off > target && sweep < p.max_sweeps) {
+    for (int64_t i = 0; i + 1 < n; ++i)
+      for (int64_t j = i + 1; j < n; ++j) rotate(a, vt, n, i, j);
+    ++sweep;
+    norms(a, n, &off, &full);
+  }
+  if (p.sweeps) p.sweeps[b] = sweep;
+
+  // ascending order; ties keep their index order (stable), so the output is deterministic
+  std::iota(w.order.begin(), w.order.end(), int64_t(0));
+  std::stable_sort(w.order.begin(), w.order.end(),
+                   [a, n](int64_t x, int64_t y) { return a[x * n + x] < a[y * n + y]; });
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t src_k = w.order[k];
+    if (vals) vals[k] = a[src_k * n + src_k];
+    if (vecs)
+      for (int64_t i = 0; i < n; ++i) vecs[i * n + k] = static_cast<T>(vt[src_k * n + i]);
+  }
+  if (!inv) return;
+  // sum_k s_k v_k v_k^T, accumulated in double: the lower triangle, rounded once and mirrored.
+  const V gamma = p.damping[b];
+  std::vector<V>& acc = w.acc;
+  std::fill(acc.begin(), acc.end(), V(0));
+  for (int64_t k = 0; k < n; ++k) {
+    const V s = V(1) / (std::max(V(a[k * n + k]), V(0)) + gamma);
+    const V* v = vt + k * n;
+    for (int64_t i = 0; i < n; ++i) {
+      const V si = s * v[i];
+      V* row = acc.data() + i * n;
+      for (int64_t j = 0; j <= i; ++j) row[j] += si * v[j];
+    }
+  }
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j <= i; ++j)
+      inv[i * n + j] = inv[j * n + i] = static_cast<T>(acc[i * n + j]);
+}
+
+}  // namespace
+
+template <typename T>
+void block_eigh(const BlockEighParams<T>& p) {
+  if (p.batch <= 0) return;
+  if (p.n == 0) {
+    for (int64_t b = 0; b < p.batch && p.sweeps; ++b) p.sweeps[b] = 0;
+    return;
+  }
+#pragma omp parallel if (p.batch > 1)
+  {
+    Scratch<T> w;
+    w.resize(p.n, p.inverse != nullptr);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < p.batch; ++b) solve_block(p, b, w);
+  }
+}
+
+template void block_eigh<float>(const BlockEighParams<float>&);
+template void block_eigh<double>(const BlockEighParams<double>&);
+
+}  // namespace cpu
+}  // namespace kfac_kernels

@@ -1,0 +1,145 @@
+r"""Triton kernel for ``block_eigh``: batched parallel-order Jacobi, one program per block.
+
+Algorithm
+---------
+Each program holds one block, padded to ``NP = max(16, next_pow2(n))``, in registers as an
+``NP x NP`` fp32 tile ``A`` (the symmetric matrix mirrored from the lower triangle; padding rows
+and columns are zero), and the eigenvector tile ``V`` (identity at the start). A sweep is
+``NP - 1`` rounds of the round-robin (circle) tournament: in round ``r`` index ``NP - 1`` meets
+``r`` and every other ``i`` meets ``(2 r - i) mod (NP - 1)``, so the ``NP / 2`` pairs of a round
+are disjoint and every pair meets exactly once per sweep. For every pair ``(p, q)``, ``p < q``,
+the rotation that zeroes ``a_pq`` has
+
+    theta = (a_qq - a_pp) / (2 a_pq),  t = sign(theta) / (|theta| + sqrt(theta^2 + 1)),
+    c = 1 / sqrt(1 + t^2),  s = t c
+
+(``c = 1, s = 0`` when ``a_pq = 0``). The round's rotations commute, so they form one orthogonal
+``J`` with ``J_pp = J_qq = c``, ``J_pq = s``, ``J_qp = -s``, and the round is
+``A <- J^T A J``, ``V <- V J`` as three ``tl.dot`` products (``input_precision="ieee"``: never
+TF32). The rotated entries ``a_pq`` are then set to exactly 0, as the formula makes them.
+A padding index only ever meets entries that are exactly zero, so it never mixes with the block.
+
+Before every sweep the program compares ``off(A) = ||A - diag(A)||_F`` with
+``tol * ||A||_F`` and stops when it is below, or after ``max_sweeps`` sweeps. At the end the
+eigenvalues (the diagonal) are ranked (ties by index, so the order is deterministic) and every
+eigenvalue and eigenvector column is stored at its rank: ascending output without a sort.
+
+A block with a non-finite entry in its lower triangle is solved as a zero matrix and its outputs
+are overwritten with NaN (``sweeps = -1``); other programs never see it.
+
+Under ``TRITON_INTERPRET=1`` the kernel runs on CPU tensors (slowly: keep blocks small).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["block_eigh_triton", "MAX_N"]
+
+MAX_N = 64
+
+
+@triton.jit
+def _block_eigh_kernel(a_ptr, vals_ptr, vecs_ptr, sweeps_ptr, n, max_sweeps, tol,
+                       NP: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = tl.arange(0, NP)
+    cols = tl.arange(0, NP)
+    ri = rows[:, None]
+    cj = cols[None, :]
+    base = pid * n * n
+    lower = (ri >= cj) & (ri < n) & (cj < n)
+    raw = tl.load(a_ptr + base + ri * n + cj, mask=lower, other=0.0)
+    # x - x is NaN exactly when x is NaN or +-inf
+    bad = tl.sum(tl.where(lower & ((raw - raw) != 0.0), 1, 0))
+    finite = bad == 0
+    raw = tl.where(finite, raw, 0.0)
+    eye = ri == cj
+    # mirror the lower triangle: A = L + L^T - diag(L)
+    a = raw + tl.trans(raw) - tl.where(eye, raw, 0.0)
+    v = tl.where(eye, 1.0, 0.0).to(tl.float64)
+
+    off = tl.sqrt(tl.sum(tl.sum(tl.where(eye, 0.0, a * a), axis=1), axis=0))
+    full = tl.sqrt(tl.sum(tl.sum(a * a, axis=1), axis=0))
+    target = tol * full
+    sweep = 0
+    while (off > target) & (sweep < max_sweeps):
+        for r in range(NP - 1):
+            # partner of every index in round r of the circle method
+            m = NP - 1
+            part = tl.where(rows == m, r, tl.where(rows == r, m, (2 * r - rows + m) % m))
+            part_cols = tl.broadcast_to(part[None, :], (NP, NP))
+            a_cols = tl.gather(a, part_cols, axis=1)               # a[i, partner(j)]
+            a_ip = tl.sum(tl.where(eye, a_cols, 0.0), axis=1)      # a[i, partner(i)]
+            diag = tl.sum(tl.where(eye, a, 0.0), axis=1)
+            d_part = tl.gather(diag, part, axis=0)
+            is_p = rows < part
+            app = tl.where(is_p, diag, d_part).to(tl.float64)
+            aqq = tl.where(is_p, d_part, diag).to(tl.float64)
+            apq = a_ip.to(tl.float64)
+            nonzero = apq != 0.0
+            theta = (aqq - app) / (2.0 * tl.where(nonzero, apq, 1.0))
+            at = tl.abs(theta)
+            # theta^2 overflows past ~1e154: t = 1 / (2 theta) there (both branches are
+            # evaluated, so each gets an argument that cannot overflow or divide by zero)
+            at_small = tl.minimum(at, 1e100)
+            t = tl.where(at > 1e100, 0.5 / tl.maximum(at, 1e100),
+                         1.0 / (at_small + tl.sqrt(at_small * at_small + 1.0)))
+            t = tl.where(theta < 0, -t, t)
+            t = tl.where(nonzero, t, 0.0)
+            c = 1.0 / tl.sqrt(1.0 + t * t)
+            # coefficient of the partner's row/column: J[q, p] = -s for p, J[p, q] = s for q
+            sc = tl.where(is_p, -t * c, t * c)
+            c32 = c.to(tl.float32)
+            sc32 = sc.to(tl.float32)
+            # A J (columns), then J^T (A J) (rows); V J in fp64
+            x = a * c32[None, :] + a_cols * sc32[None, :]
+            x_rows = tl.gather(x, tl.broadcast_to(part[:, None], (NP, NP)), axis=0)
+            a = x * c32[:, None] + x_rows * sc32[:, None]
+            v = v * c[None, :] + tl.gather(v, part_cols, axis=1) * sc[None, :]
+            # One value per pair for the next round (the products above round differently on
+            # the two sides of the diagonal), the rotated entries exactly zero, and the
+            # diagonal from the accurate a_pp - t a_pq, a_qq + t a_pq.
+            new_diag = tl.where(is_p, app - t * apq, aqq + t * apq).to(tl.float32)
+            a = (a + tl.trans(a)) * 0.5
+            a = tl.where(cj == part[:, None], 0.0, a)
+            a = tl.where(eye, new_diag[:, None], a)
+        sweep += 1
+        off = tl.sqrt(tl.sum(tl.sum(tl.where(eye, 0.0, a * a), axis=1), axis=0))
+
+    # rank of every eigenvalue among the n real ones (ties by index): its output position
+    lam_i = tl.sum(tl.where(eye, a, 0.0), axis=1)
+    lam_j = tl.sum(tl.where(eye, a, 0.0), axis=0)
+    before = ((lam_j[None, :] < lam_i[:, None]) |
+              ((lam_j[None, :] == lam_i[:, None]) & (cj < ri))) & (cj < n)
+    rank = tl.sum(tl.where(before, 1, 0), axis=1)              # indexed by i (row)
+    rank_col = tl.sum(tl.where(before, 1, 0).trans(), axis=0)  # the same, indexed by column
+    nan = float("nan")
+    tl.store(vals_ptr + pid * n + rank, tl.where(finite, lam_i, nan), mask=rows < n)
+    out_mask = (ri < n) & (cj < n)
+    tl.store(vecs_ptr + base + ri * n + rank_col[None, :], tl.where(finite, v.to(tl.float32), nan),
+             mask=out_mask)
+    tl.store(sweeps_ptr + pid, tl.where(finite, sweep, -1))
+
+
+def block_eigh_triton(blocks: torch.Tensor, max_sweeps: int, tol: float):
+    """``(eigenvalues, eigenvectors, sweeps)`` of a contiguous fp32 ``(B, n, n)`` stack,
+    ``n <= MAX_N``; only the lower triangles are read."""
+    if blocks.dtype != torch.float32:
+        raise TypeError(f"block_eigh_triton: blocks must be float32, got {blocks.dtype}")
+    b, n = blocks.shape[0], blocks.shape[-1]
+    if n > MAX_N:
+        raise ValueError(f"block_eigh_triton: n must be <= {MAX_N}, got {n}")
+    blocks = blocks.contiguous()
+    vals = blocks.new_empty((b, n))
+    vecs = blocks.new_empty((b, n, n))
+    sweeps = torch.empty((b,), dtype=torch.int32, device=blocks.device)
+    if b == 0:
+        return vals, vecs, sweeps
+    if n == 0:
+        return vals, vecs, sweeps.zero_()
+    np_ = max(16, triton.next_power_of_2(n))
+    _block_eigh_kernel[(b,)](blocks, vals, vecs, sweeps, n, int(max_sweeps), float(tol),
+                             NP=np_, num_warps=4 if np_ <= 32 else 8)
+    return vals, vecs, sweeps
