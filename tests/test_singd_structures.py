@@ -40,7 +40,10 @@ def table1_projection(name: str, m: torch.Tensor, k: int | None) -> torch.Tensor
                 else:
                     w = 1 if i == j else 0          # [0, Diag(M22)]
             elif name == "hierarchical":
-                d2, d3 = k - k // 2, k // 2
+                # d2 = ceil(k/2) leading, d3 = floor(k/2) trailing; a matrix smaller than k
+                # fills the leading block first
+                d2, d3 = min(k - k // 2, d), k // 2
+                d3 = min(d3, d - d2)
                 first, last = set(range(d2)), set(range(d - d3, d))
                 if i in first:
                     w = 1 if j in first else 2      # [M11, 2 M12, 2 M13]
