@@ -10,7 +10,9 @@ __all__ = ["BackendUnavailableError", "available_backends", "kronecker_factors",
 try:  # the optimizer layer
     from .kfac import KFAC  # noqa: F401
     from .optim import PreconditionedOptimizer  # noqa: F401
-    __all__ += ["KFAC", "PreconditionedOptimizer"]
+    from .singd import SINGD  # noqa: F401
+    __all__ += ["KFAC", "PreconditionedOptimizer", "SINGD"]
 except ImportError as _err:  # pragma: no cover - only while the package is partially installed
-    if "kfac_kernels.kfac" not in str(_err) and "kfac_kernels.optim" not in str(_err):
+    if not any(m in str(_err) for m in ("kfac_kernels.kfac", "kfac_kernels.optim",
+                                        "kfac_kernels.singd")):
         raise
