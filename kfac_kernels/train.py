@@ -32,7 +32,10 @@ from torch import nn
 from .data import load_digits_split
 from .models import build_digits_cnn, num_parameters
 
-OPTIMIZERS = ("sgd", "adamw", "kfac")
+SINGD_OPTIMIZERS = ("ingd", "ikfac", "singd-dense", "singd-diagonal", "singd-block-diagonal",
+                    "singd-hierarchical", "singd-lower-triangular",
+                    "singd-rank-k-lower-triangular", "singd-upper-triangular-toeplitz")
+OPTIMIZERS = ("sgd", "adamw", "kfac") + SINGD_OPTIMIZERS
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 # Defaults per optimizer. K-FAC's lr and damping come from a sweep over lr x damping (with and
@@ -43,6 +46,10 @@ DEFAULT_LR = {"sgd": 0.05, "adamw": 3e-3, "kfac": 0.02}
 DEFAULT_WEIGHT_DECAY = {"sgd": 0.0, "adamw": 1e-2, "kfac": 0.0}
 DEFAULT_MOMENTUM = 0.9
 DEFAULT_DAMPING = 0.3
+# SINGD family (see _make_singd for where these come from).
+DEFAULT_LR.update({name: 0.05 for name in SINGD_OPTIMIZERS})
+DEFAULT_WEIGHT_DECAY.update({name: 0.0 for name in SINGD_OPTIMIZERS})
+SINGD_DEFAULTS = {"lr_cov": 1e-3, "damping": 1e-3, "alpha1": 0.5, "T": 1, "block_size": 16}
 
 SPLIT_SEED = 0  # the train/test split is the same for every run
 
@@ -141,6 +148,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="KL-clipping constant (off by default)")
     kfac.add_argument("--backend", choices=("auto", "eager", "triton", "cuda", "cpu"),
                       default="auto", help="kernel backend of K-FAC's factor updates")
+    singd = parser.add_argument_group("SINGD (--optimizer singd-<structure>, ingd, ikfac)")
+    singd.add_argument("--lr-cov", type=_non_negative_float, default=SINGD_DEFAULTS["lr_cov"],
+                       help="beta1: learning rate of the Kronecker factors K and C")
+    singd.add_argument("--singd-damping", type=_non_negative_float,
+                       default=SINGD_DEFAULTS["damping"], help="lambda: damping of SINGD")
+    singd.add_argument("--alpha1", type=_momentum, default=SINGD_DEFAULTS["alpha1"],
+                       help="Riemannian momentum of the factors (not used by ikfac)")
+    singd.add_argument("--singd-T", type=_positive_int, default=SINGD_DEFAULTS["T"],
+                       help="update K and C every this many steps")
+    singd.add_argument("--block-size", type=_positive_int, default=SINGD_DEFAULTS["block_size"],
+                       help="k of the block-diagonal, hierarchical and rank-k structures")
     out = parser.add_argument_group("output")
     out.add_argument("--json", metavar="PATH", default=None,
                      help="write the settings, final metrics and history to this JSON file")
@@ -169,8 +187,24 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error(f"--json {args.json}: the folder {folder} does not exist")
 
 
+def _make_singd(args: argparse.Namespace, model: nn.Module):
+    """:class:`kfac_kernels.SINGD` for ``ingd`` (dense), ``ikfac`` (dense, kfac_like) and
+    ``singd-<structure>``; factors are stored in the model's dtype and updated in fp32."""
+    from . import SINGD
+
+    structure = "dense" if args.optimizer in ("ingd", "ikfac") else args.optimizer[6:]
+    kfac_like = args.optimizer == "ikfac"
+    return SINGD(model, lr=args.lr, momentum=args.momentum, damping=args.singd_damping,
+                 alpha1=0.0 if kfac_like else args.alpha1, weight_decay=args.weight_decay,
+                 T=args.singd_T, lr_cov=args.lr_cov, structures=structure,
+                 block_size=args.block_size, kfac_approx=args.kfac_approx,
+                 loss_average="batch", kfac_like=kfac_like, backend=args.backend)
+
+
 def _make_optimizer(args: argparse.Namespace, model: nn.Module):
     """The optimizer object to call ``zero_grad()`` / ``step()`` on."""
+    if args.optimizer in SINGD_OPTIMIZERS:
+        return _make_singd(args, model)
     params = model.parameters()
     if args.optimizer == "sgd":
         return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum,
@@ -299,7 +333,8 @@ def _run(args: argparse.Namespace) -> dict:
         "steps": args.steps,
         "batch_size": args.batch_size,
         "lr": args.lr,
-        "momentum": args.momentum if args.optimizer in ("sgd", "kfac") else None,
+        "momentum": (args.momentum if args.optimizer in ("sgd", "kfac") + SINGD_OPTIMIZERS
+                     else None),
         "weight_decay": args.weight_decay,
         "damping": args.damping if args.optimizer == "kfac" else None,
         "kfac_approx": args.kfac_approx if args.optimizer == "kfac" else None,
