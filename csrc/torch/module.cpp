@@ -17,6 +17,10 @@ TORCH_LIBRARY(kfac_kernels, m) {
       "int[] out_size, int num_segments, int segment_start, int segment_step, "
       "int segment_channels, bool reduce, bool bias, Tensor? factor, float decay, float alpha) "
       "-> Tensor");
+  // SINGD step for diagonal factors, in place; see csrc/include/singd_diagonal_step.h.
+  m.def(
+      "singd_diagonal_step(Tensor(a!) param, Tensor grad, Tensor c, Tensor k, Tensor(b!) buf, "
+      "float lr, float momentum, float weight_decay, bool first) -> ()");
 }
 
 namespace {

@@ -1,7 +1,9 @@
 """Kernel-backed operations. Each module holds the eager reference, the dispatch and the formula."""
 from .gradient_covariance import gradient_covariance
 from .patch_covariance import patch_covariance
+from .singd_diagonal_step import singd_diagonal_step, singd_diagonal_step_eager
 from .symmetric_factor_update import symmetric_factor_update, symmetric_factor_update_eager
 
-__all__ = ["gradient_covariance", "patch_covariance", "symmetric_factor_update",
+__all__ = ["gradient_covariance", "patch_covariance", "singd_diagonal_step",
+           "singd_diagonal_step_eager", "symmetric_factor_update",
            "symmetric_factor_update_eager"]
