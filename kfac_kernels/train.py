@@ -46,10 +46,13 @@ DEFAULT_LR = {"sgd": 0.05, "adamw": 3e-3, "kfac": 0.02}
 DEFAULT_WEIGHT_DECAY = {"sgd": 0.0, "adamw": 1e-2, "kfac": 0.0}
 DEFAULT_MOMENTUM = 0.9
 DEFAULT_DAMPING = 0.3
-# SINGD family (see _make_singd for where these come from).
+# SINGD family: lr (beta2) and lr_cov (beta1) from a sweep over lr in {0.02, 0.05, 0.1} x lr_cov
+# in {3e-4, 1e-3, 3e-3, 1e-2} (bench/sweep_singd_digits.py, results in
+# bench/results/singd_digits_sweep.json): lr_cov >= 3e-3 diverges for most settings, lr_cov 3e-4
+# reached >= 0.977 test accuracy at every lr for seeds 0 and 1 (0.992-0.994 at lr 0.05).
 DEFAULT_LR.update({name: 0.05 for name in SINGD_OPTIMIZERS})
 DEFAULT_WEIGHT_DECAY.update({name: 0.0 for name in SINGD_OPTIMIZERS})
-SINGD_DEFAULTS = {"lr_cov": 1e-3, "damping": 1e-3, "alpha1": 0.5, "T": 1, "block_size": 16}
+SINGD_DEFAULTS = {"lr_cov": 3e-4, "damping": 1e-3, "alpha1": 0.5, "T": 1, "block_size": 16}
 
 SPLIT_SEED = 0  # the train/test split is the same for every run
 
