@@ -357,3 +357,35 @@ def test_bad_types_and_state_dicts_are_rejected():
     with pytest.raises(ValueError, match=r"SINGD.load_state_dict: saved with structures "
                                          r"\('dense', 'dense'\)"):
         opt.load_state_dict(other)
+
+
+def test_grouped_conv1d_and_reduce_keep_one_factor_pair_per_group():
+    """Conv1d with groups=2 and kfac_approx="reduce": one K per group, built from that group's
+    mean patches only (on the first step from K = I, I - K = beta1 m_K with
+    m_K = (Tr(H_C)/d_o U_g + (c^2/d_o - 1) I) / 2, so its off-diagonal is proportional to U_g's)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(4, 6, 3, groups=2), nn.Flatten(), nn.Linear(6 * 5, 2))
+    opt = SINGD(model, lr=0.05, lr_cov=0.1, T=1, structures="dense", kfac_approx="reduce",
+                loss_average="batch")
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(5, 4, 7, generator=gen), torch.randint(0, 2, (5,), generator=gen)
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    U = [None, None]
+    # reduce: per-example mean patch of each group's input channels, bias coordinate last
+    patches = x.unfold(2, 3, 1)                                     # (N, C_in, L_out, 3)
+    for g in range(2):
+        mean = patches[:, 2 * g:2 * g + 2].mean(2).reshape(5, -1)   # (N, 2 * 3)
+        a = torch.cat([mean, torch.ones(5, 1)], 1)
+        U[g] = a.T @ a / 5
+    opt.step()
+    K = opt.factors["0"]["K"]
+    assert len(K) == 2 and K[0].dim == 7
+    for g in range(2):
+        k = K[g].to_dense()
+        assert torch.isfinite(k).all()
+        assert torch.allclose(k, k.T, atol=1e-6)
+        dev = torch.eye(7) - k
+        off = ~torch.eye(7, dtype=torch.bool)
+        ratio = dev[off] / U[g][off]
+        assert float(ratio.std() / ratio.mean().abs()) < 1e-3, ratio
