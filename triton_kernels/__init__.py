@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["symmetric_factor_update", "singd_diagonal_step"]
+__all__ = ["symmetric_factor_update", "singd_diagonal_step", "singd_diagonal_factor_update"]
 
 
 def __getattr__(name: str):

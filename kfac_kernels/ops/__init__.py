@@ -1,9 +1,12 @@
 """Kernel-backed operations. Each module holds the eager reference, the dispatch and the formula."""
 from .gradient_covariance import gradient_covariance
 from .patch_covariance import patch_covariance
+from .singd_diagonal_factor_update import (singd_diagonal_factor_update,
+                                           singd_diagonal_factor_update_eager)
 from .singd_diagonal_step import singd_diagonal_step, singd_diagonal_step_eager
 from .symmetric_factor_update import symmetric_factor_update, symmetric_factor_update_eager
 
-__all__ = ["gradient_covariance", "patch_covariance", "singd_diagonal_step",
+__all__ = ["gradient_covariance", "patch_covariance", "singd_diagonal_factor_update",
+           "singd_diagonal_factor_update_eager", "singd_diagonal_step",
            "singd_diagonal_step_eager", "symmetric_factor_update",
            "symmetric_factor_update_eager"]
