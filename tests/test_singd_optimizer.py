@@ -214,13 +214,15 @@ def _train(model, opt, data, scaler=None):
     return losses
 
 
-@pytest.mark.parametrize("structure,dtype", [("dense", None), ("block-diagonal", None),
-                                             ("diagonal", torch.bfloat16),
-                                             ("hierarchical", torch.bfloat16)])
-def test_state_dict_resume_is_bit_identical(structure, dtype):
+@pytest.mark.parametrize("structure,dtype,fused", [("dense", None, False),
+                                                   ("block-diagonal", None, False),
+                                                   ("diagonal", torch.bfloat16, False),
+                                                   ("diagonal", torch.bfloat16, True),
+                                                   ("hierarchical", torch.bfloat16, False)])
+def test_state_dict_resume_is_bit_identical(structure, dtype, fused):
     data = _data(9)
     kwargs = dict(lr=0.05, lr_cov=0.05, T=2, structures=structure, block_size=3,
-                  weight_decay=1e-3, preconditioner_dtype=dtype)
+                  weight_decay=1e-3, preconditioner_dtype=dtype, fused=fused)
     model = _cnn()
     opt = SINGD(model, **kwargs)
     _train(model, opt, data)

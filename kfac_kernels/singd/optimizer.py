@@ -53,6 +53,7 @@ from torch import nn
 
 from ..capture import CurvatureCapture, default_factor_dtype
 from ..curvature import check_common, find_adapters, validate_skip_modules
+from ..ops.singd_diagonal_factor_update import singd_diagonal_factor_update
 from ..ops.singd_diagonal_step import accumulation_dtype, singd_diagonal_step
 from .structures import Diagonal, StructuredMatrix, structure_class
 
@@ -105,11 +106,13 @@ class SINGD(torch.optim.Optimizer):
         skip_modules: module names (fnmatch patterns) or types whose parameters are updated
             without preconditioning.
         backend: kernel backend of the curvature capture and of the fused step.
-        fused: with diagonal ``K`` and ``C``, apply steps 2-3 of Fig. 4 (preconditioning,
-            weight decay, momentum, parameter update) to each weight and bias in one pass of
-            :func:`kfac_kernels.ops.singd_diagonal_step`; other structures (and convolutions
-            with groups, non-contiguous weights, or factors kept wider than fp32 for fp32
-            parameters) use the readable path. Same result up to round-off.
+        fused: with diagonal ``K`` and ``C``, update the factors of all layers in one launch of
+            :func:`kfac_kernels.ops.singd_diagonal_factor_update` and apply steps 2-3 of Fig. 4
+            (preconditioning, weight decay, momentum, parameter update) to each weight and bias
+            in one pass of :func:`kfac_kernels.ops.singd_diagonal_step`; other structures (and,
+            for the parameter step, convolutions with groups, non-contiguous weights, or factors
+            kept wider than fp32 for fp32 parameters) use the readable path. Same result up to
+            round-off.
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, momentum: float = 0.9,
@@ -262,9 +265,15 @@ class SINGD(torch.optim.Optimizer):
             return loss
         group = self.param_groups[0]
         update_factors = self.steps % self.T == 0
+        fused_factors = self.fused and all(c is Diagonal for c in self.structure_classes)
+        if update_factors and fused_factors:
+            for name in mats:
+                if name not in self.factors:
+                    self._init_layer(name)
+            self._update_diagonal_factors_fused(list(mats))
         for name, mat in mats.items():
             state = self.factors.get(name) or self._init_layer(name)
-            if update_factors:
+            if update_factors and not fused_factors:
                 self._update_factors(name, state)
             if self._fusable(name):
                 self._fused_layer_step(name, state, group)
@@ -303,6 +312,56 @@ class SINGD(torch.optim.Optimizer):
                 return
             for key, s in new.items():
                 state[key][gi] = s.to(dk if key.endswith("K") else dc)
+
+    def _update_diagonal_factors_fused(self, names: list[str]) -> None:
+        """Step 1 of Fig. 4 for diagonal K and C of every layer (and group) in one launch per
+        compute dtype; the layers are packed into flat vectors and unpacked afterwards."""
+        segments: dict[torch.dtype, list] = {}
+        for name in names:
+            pair = self.capture.factors(name)
+            if pair is None:
+                continue
+            if not all(bool(torch.isfinite(f).all()) for f in pair):
+                self._warn_once(f"nonfinite-curvature:{name}", (
+                    f"SINGD: non-finite curvature for module {name!r} (NaN/inf in its inputs or "
+                    "output gradients); its factor update is skipped this step and whenever "
+                    "this happens again"))
+                continue
+            compute = self._dtypes(name)[2]
+            u = torch.diagonal(pair[0], dim1=-2, dim2=-1).to(compute)
+            g = torch.diagonal(pair[1], dim1=-2, dim2=-1).to(compute)
+            for gi in range(u.shape[0]):
+                segments.setdefault(compute, []).append((name, gi, u[gi], g[gi]))
+        momentum = self._uses_riemannian_momentum
+        for compute, segs in segments.items():
+            def packed(key):
+                return torch.cat([self.factors[n][key][gi].data[0].to(compute)
+                                  for n, gi, _, _ in segs])
+            k, c = packed("K"), packed("C")
+            m_k, m_c = (packed("m_K"), packed("m_C")) if momentum else (None, None)
+            u = torch.cat([s[2] for s in segs])
+            g = torch.cat([s[3] for s in segs])
+            k_off, c_off = [0], [0]
+            for n, gi, uu, gg in segs:
+                k_off.append(k_off[-1] + uu.numel())
+                c_off.append(c_off[-1] + gg.numel())
+            singd_diagonal_factor_update(k, c, m_k, m_c, u, g, k_off, c_off, self.damping,
+                                         self.alpha1, self.lr_cov, self.kfac_like,
+                                         backend=self.backend)
+            new = {"K": (k, k_off), "C": (c, c_off)}
+            if momentum:
+                new.update({"m_K": (m_k, k_off), "m_C": (m_c, c_off)})
+            for i, (name, gi, _, _) in enumerate(segs):
+                vals = {key: vec[off[i]:off[i + 1]] for key, (vec, off) in new.items()}
+                if not all(bool(torch.isfinite(v).all()) for v in vals.values()):
+                    self._warn_once(f"nonfinite-factor:{name}", (
+                        f"SINGD: the factor update of module {name!r} is not finite (lr_cov too "
+                        "large for its curvature?); keeping its previous factors"))
+                    continue
+                dk, dc, _ = self._dtypes(name)
+                for key, v in vals.items():
+                    dt = dk if key.endswith("K") else dc
+                    self.factors[name][key][gi] = Diagonal(v.numel(), (v.to(dt, copy=True),))
 
     def _precondition(self, name: str, state, mat: torch.Tensor) -> torch.Tensor:
         """``C C^T M K K^T`` per group, in the compute dtype."""
