@@ -162,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="update K and C every this many steps")
     singd.add_argument("--block-size", type=_positive_int, default=SINGD_DEFAULTS["block_size"],
                        help="k of the block-diagonal, hierarchical and rank-k structures")
+    singd.add_argument("--singd-fused", action="store_true",
+                       help="fused kernels for diagonal factors (singd-diagonal)")
     out = parser.add_argument_group("output")
     out.add_argument("--json", metavar="PATH", default=None,
                      help="write the settings, final metrics and history to this JSON file")
@@ -201,7 +203,8 @@ def _make_singd(args: argparse.Namespace, model: nn.Module):
                  alpha1=0.0 if kfac_like else args.alpha1, weight_decay=args.weight_decay,
                  T=args.singd_T, lr_cov=args.lr_cov, structures=structure,
                  block_size=args.block_size, kfac_approx=args.kfac_approx,
-                 loss_average="batch", kfac_like=kfac_like, backend=args.backend)
+                 loss_average="batch", kfac_like=kfac_like, backend=args.backend,
+                 fused=args.singd_fused)
 
 
 def _make_optimizer(args: argparse.Namespace, model: nn.Module):

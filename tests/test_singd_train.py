@@ -12,10 +12,12 @@ def test_singd_diagonal_bf16_reaches_090_test_accuracy(capsys):
     assert acc >= 0.9, out
 
 
-@pytest.mark.parametrize("optimizer", ["ikfac", "singd-hierarchical"])
-def test_other_variants_train(optimizer):
+@pytest.mark.parametrize("optimizer,extra", [("ikfac", []), ("singd-hierarchical", []),
+                                             ("singd-diagonal", ["--singd-fused", "--dtype",
+                                                                 "bfloat16"])])
+def test_other_variants_train(optimizer, extra):
     args = build_parser().parse_args(["--optimizer", optimizer, "--steps", "40", "--no-progress",
-                                      "--lr", "0.05", "--weight-decay", "0"])
+                                      "--lr", "0.05", "--weight-decay", "0", *extra])
     result = run(args)
     assert result["train_loss"] < 1.0, result["train_loss"]
 
