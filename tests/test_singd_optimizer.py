@@ -353,6 +353,11 @@ def test_bad_types_and_state_dicts_are_rejected():
                                         r"None, got float"):
         SINGD(nn.Linear(3, 2), grad_scaler=1.0)
     opt = SINGD(nn.Linear(3, 2), structures="diagonal")
+    with pytest.raises(RuntimeError, match=r"SINGD: the optimizer has one parameter group"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
+    with pytest.raises(ValueError, match=r"SINGD: preconditioner_dtype must be None, a dtype or "
+                                         r"a pair \(K, C\)"):
+        SINGD(nn.Linear(3, 2), preconditioner_dtype=(None, None, None))
     with pytest.raises(KeyError, match=r"SINGD.load_state_dict: state_dict has no 'singd' entry"):
         opt.load_state_dict({"state": {}, "param_groups": []})
     other = SINGD(nn.Linear(3, 2), structures="dense").state_dict()

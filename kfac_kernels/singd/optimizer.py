@@ -160,6 +160,9 @@ class SINGD(torch.optim.Optimizer):
             raise TypeError(f"{who}: fused must be a bool, got {fused!r}")
         self.fused = fused
         dtypes = _pair(preconditioner_dtype)
+        if len(dtypes) != 2:
+            raise ValueError(f"{who}: preconditioner_dtype must be None, a dtype or a pair "
+                             f"(K, C), got {preconditioner_dtype!r}")
         for dt in dtypes:
             if dt is not None and dt not in STORAGE_DTYPES:
                 raise ValueError(f"{who}: preconditioner_dtype must be None, one of "
@@ -176,7 +179,9 @@ class SINGD(torch.optim.Optimizer):
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError(f"{who}: the model has no trainable parameters")
+        self._initialising = True
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        self._initialising = False
         covered = {id(p) for a in self.adapters.values() for p in a.params()}
         self._plain_params = [p for p in params if id(p) not in covered]
         self.model = model
@@ -191,6 +196,12 @@ class SINGD(torch.optim.Optimizer):
                                         loss_average=loss_average, backend=backend,
                                         loss_scale=self._loss_scale, train_only=True).attach()
         self._arm_capture()
+
+    def add_param_group(self, param_group: dict) -> None:
+        if getattr(self, "_initialising", False):
+            return super().add_param_group(param_group)
+        raise RuntimeError("SINGD: the optimizer has one parameter group holding all of the "
+                           "model's trainable parameters; add_param_group is not supported")
 
     # --- capture ----------------------------------------------------------------------------
     def _loss_scale(self):
