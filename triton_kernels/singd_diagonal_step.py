@@ -20,8 +20,8 @@ __all__ = ["singd_diagonal_step_triton"]
 
 @triton.jit
 def _step_kernel(p_ptr, g_ptr, c_ptr, k_ptr, b_ptr, s_ptr, rows, cols, p_sr, g_sr, b_sr,
-                 FIRST: tl.constexpr, DECAY: tl.constexpr, BLOCK_R: tl.constexpr,
-                 BLOCK_C: tl.constexpr):
+                 FIRST: tl.constexpr, DECAY: tl.constexpr, BF16: tl.constexpr,
+                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -44,7 +44,18 @@ def _step_kernel(p_ptr, g_ptr, c_ptr, k_ptr, b_ptr, s_ptr, rows, cols, p_sr, g_s
     else:
         b = mom * tl.load(b_ptr + b_off, mask=mask, other=0.0) + d
     tl.store(b_ptr + b_off, b, mask=mask)
-    tl.store(p_ptr + r[:, None] * p_sr + cc[None, :], (p - lr * b).to(p_raw.dtype), mask=mask)
+    out = p - lr * b
+    if BF16:
+        # Round to nearest even on the bits, as the eager, C++ and CUDA paths do (the
+        # interpreter's float32 -> bfloat16 cast truncates); NaN stays NaN (quiet bit set).
+        u = out.to(tl.uint32, bitcast=True)
+        rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+        nan = (u & 0x7FFFFFFF) > 0x7F800000
+        bits = tl.where(nan, (u >> 16) | 0x40, rounded).to(tl.uint16)
+        tl.store(p_ptr + r[:, None] * p_sr + cc[None, :], bits.to(tl.bfloat16, bitcast=True),
+                 mask=mask)
+    else:
+        tl.store(p_ptr + r[:, None] * p_sr + cc[None, :], out.to(p_raw.dtype), mask=mask)
 
 
 def singd_diagonal_step_triton(param, grad, c, k, buf, lr, momentum, weight_decay, first):
@@ -57,4 +68,5 @@ def singd_diagonal_step_triton(param, grad, c, k, buf, lr, momentum, weight_deca
     grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
     _step_kernel[grid](param, grad, c, k, buf, scalars, rows, cols, param.stride(0),
                        grad.stride(0), buf.stride(0), FIRST=bool(first),
-                       DECAY=weight_decay != 0.0, BLOCK_R=block_r, BLOCK_C=block_c)
+                       DECAY=weight_decay != 0.0, BF16=param.dtype == torch.bfloat16,
+                       BLOCK_R=block_r, BLOCK_C=block_c)
