@@ -237,7 +237,7 @@ class SINGD(torch.optim.Optimizer):
             compute = torch.promote_types(compute, torch.float32 if dt in LOW_PRECISION else dt)
         return store[0], store[1], compute
 
-    def _init_layer(self, name: str) -> dict[str, list[StructuredMatrix]]:
+    def _init_layer(self, name: str, store: bool = True) -> dict[str, list[StructuredMatrix]]:
         ad = self.adapters[name]
         dk, dc, _ = self._dtypes(name)
         dev = ad.weight.device
@@ -248,7 +248,8 @@ class SINGD(torch.optim.Optimizer):
         if self._uses_riemannian_momentum:
             state["m_K"] = [cls_k.zeros(di, kk, dtype=dk, device=dev) for _ in range(ad.groups)]
             state["m_C"] = [cls_c.zeros(do, kc, dtype=dc, device=dev) for _ in range(ad.groups)]
-        self.factors[name] = state
+        if store:
+            self.factors[name] = state
         return state
 
     @property
@@ -473,7 +474,7 @@ class SINGD(torch.optim.Optimizer):
                 raise ValueError(f"{who}: state_dict has factors for module {name!r}, which "
                                  "this optimizer does not cover")
             dev = self.adapters[name].weight.device
-            template = self._init_layer(name)
+            template = self._init_layer(name, store=False)
             if set(st) != set(template):
                 raise ValueError(f"{who}: factors of module {name!r} have entries {sorted(st)}, "
                                  f"expected {sorted(template)}")
