@@ -162,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="update K and C every this many steps")
     singd.add_argument("--block-size", type=_positive_int, default=SINGD_DEFAULTS["block_size"],
                        help="k of the block-diagonal, hierarchical and rank-k structures")
+    singd.add_argument("--normalize-lr-cov", action="store_true",
+                       help="normalised updates of K and C (lr_cov / max(1, max|m|))")
     singd.add_argument("--singd-fused", action="store_true",
                        help="fused kernels for diagonal factors (singd-diagonal)")
     out = parser.add_argument_group("output")
@@ -204,7 +206,7 @@ def _make_singd(args: argparse.Namespace, model: nn.Module):
                  T=args.singd_T, lr_cov=args.lr_cov, structures=structure,
                  block_size=args.block_size, kfac_approx=args.kfac_approx,
                  loss_average="batch", kfac_like=kfac_like, backend=args.backend,
-                 fused=args.singd_fused)
+                 fused=args.singd_fused, normalize_lr_cov=args.normalize_lr_cov)
 
 
 def _make_optimizer(args: argparse.Namespace, model: nn.Module):

@@ -396,3 +396,25 @@ def test_grouped_conv1d_and_reduce_keep_one_factor_pair_per_group():
         off = ~torch.eye(7, dtype=torch.bool)
         ratio = dev[off] / U[g][off]
         assert float(ratio.std() / ratio.mean().abs()) < 1e-3, ratio
+
+
+def test_normalize_lr_cov_bounds_the_factor_step():
+    """normalize_lr_cov: beta1 / max(1, max|m|) with m's new term scaled by (1 - alpha1), as the
+    reference implementation does; with large curvature the plain step leaves I - beta1 m
+    indefinite, the normalised one keeps it close to I (max|m| bounds m's spectrum here up to
+    the small off-diagonal part of U)."""
+    d = 4
+    K, C = STRUCTURES["dense"].eye(d, dtype=F64), STRUCTURES["dense"].eye(3, dtype=F64)
+    mK, mC = STRUCTURES["dense"].zeros(d, dtype=F64), STRUCTURES["dense"].zeros(3, dtype=F64)
+    U = 1e4 * torch.eye(d, dtype=F64) + torch.ones(d, d, dtype=F64)
+    G = torch.eye(3, dtype=F64)
+    kw = dict(damping=0.1, alpha1=0.5, lr_cov=0.1, kfac_like=False, m_K=mK, m_C=mC)
+    plain = factor_update(K, C, U, G, **kw)
+    normed = factor_update(K, C, U, G, **kw, normalize_lr_cov=True)
+    # by hand: m = (1 - alpha1)/2 (Tr(G)/d_o U + lam Tr(I_3)/d_o I - I)
+    m = 0.25 * (U + 0.1 * torch.eye(d, dtype=F64) - torch.eye(d, dtype=F64))
+    want = torch.eye(d, dtype=F64) - 0.1 / float(m.abs().max()) * m
+    assert float((normed["K"].to_dense() - want).norm() / want.norm()) < 1e-14
+    assert float(torch.linalg.eigvalsh(plain["K"].to_dense()).min()) < 0   # indefinite
+    eig = torch.linalg.eigvalsh(normed["K"].to_dense())
+    assert float(eig.min()) > 0.85 and float(eig.max()) <= 1.1

@@ -106,6 +106,11 @@ class SINGD(torch.optim.Optimizer):
         skip_modules: module names (fnmatch patterns) or types whose parameters are updated
             without preconditioning.
         backend: kernel backend of the curvature capture and of the fused step.
+        normalize_lr_cov: divide ``lr_cov`` by ``max(1, max |m|)`` for each factor (normalised
+            gradient descent on ``K`` and ``C``; the new momentum term is then scaled by
+            ``1 - alpha1`` so that ``max |m|`` cannot grow without bound), as the published
+            reference implementation offers it: it keeps ``I - beta1 m`` close to the identity
+            while the factors warm up from ``I``, so larger ``lr_cov`` stay stable.
         fused: with diagonal ``K`` and ``C``, update the factors of all layers in one launch of
             :func:`kfac_kernels.ops.singd_diagonal_factor_update` and apply steps 2-3 of Fig. 4
             (preconditioning, weight decay, momentum, parameter update) to each weight and bias
@@ -122,7 +127,8 @@ class SINGD(torch.optim.Optimizer):
                  block_size: int | tuple[int, int] = 16, kfac_approx: str = "expand",
                  loss_average: str | None = "batch", kfac_like: bool = False,
                  preconditioner_dtype=None, grad_scaler: torch.amp.GradScaler | None = None,
-                 skip_modules: Iterable = (), backend: str = "auto", fused: bool = False):
+                 skip_modules: Iterable = (), backend: str = "auto", fused: bool = False,
+                 normalize_lr_cov: bool = False):
         who = "SINGD"
         if not isinstance(model, nn.Module):
             raise TypeError(f"{who}: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -159,6 +165,9 @@ class SINGD(torch.optim.Optimizer):
         if not isinstance(fused, bool):
             raise TypeError(f"{who}: fused must be a bool, got {fused!r}")
         self.fused = fused
+        if not isinstance(normalize_lr_cov, bool):
+            raise TypeError(f"{who}: normalize_lr_cov must be a bool, got {normalize_lr_cov!r}")
+        self.normalize_lr_cov = normalize_lr_cov
         dtypes = _pair(preconditioner_dtype)
         if len(dtypes) != 2:
             raise ValueError(f"{who}: preconditioner_dtype must be None, a dtype or a pair "
@@ -277,7 +286,8 @@ class SINGD(torch.optim.Optimizer):
             return loss
         group = self.param_groups[0]
         update_factors = self.steps % self.T == 0
-        fused_factors = self.fused and all(c is Diagonal for c in self.structure_classes)
+        fused_factors = (self.fused and not self.normalize_lr_cov
+                         and all(c is Diagonal for c in self.structure_classes))
         if update_factors and fused_factors:
             for name in mats:
                 if name not in self.factors:
@@ -316,7 +326,7 @@ class SINGD(torch.optim.Optimizer):
             new = factor_update(old["K"], old["C"], u, g, damping=self.damping,
                                 alpha1=self.alpha1, lr_cov=self.lr_cov,
                                 kfac_like=self.kfac_like, m_K=old.get("m_K"),
-                                m_C=old.get("m_C"))
+                                m_C=old.get("m_C"), normalize_lr_cov=self.normalize_lr_cov)
             if not all(s.all_finite() for s in new.values()):
                 self._warn_once(f"nonfinite-factor:{name}", (
                     f"SINGD: the factor update of module {name!r} is not finite (lr_cov too "
@@ -505,10 +515,11 @@ class SINGD(torch.optim.Optimizer):
 
 def factor_update(K: StructuredMatrix, C: StructuredMatrix, U: torch.Tensor, G: torch.Tensor,
                   *, damping: float, alpha1: float, lr_cov: float, kfac_like: bool,
-                  m_K: StructuredMatrix | None = None, m_C: StructuredMatrix | None = None
-                  ) -> dict[str, StructuredMatrix]:
+                  m_K: StructuredMatrix | None = None, m_C: StructuredMatrix | None = None,
+                  normalize_lr_cov: bool = False) -> dict[str, StructuredMatrix]:
     """One update of Fig. 4 (``kfac_like``: Eq. 10) from the old ``K, C, m_K, m_C``; returns the
-    new ``K``, ``C`` (and ``m_K``, ``m_C`` when given)."""
+    new ``K``, ``C`` (and ``m_K``, ``m_C`` when given). ``normalize_lr_cov``: see
+    :class:`SINGD`."""
     d_i, d_o = K.dim, C.dim
     h_k, h_c = K.congruence(U), C.congruence(G)
     ktk, ctc = K.gram(), C.gram()
@@ -517,15 +528,20 @@ def factor_update(K: StructuredMatrix, C: StructuredMatrix, U: torch.Tensor, G: 
     else:           # the 1/(2 d_o) of Fig. 4 is taken into the trace terms and the 1/2
         a_k, b_k = h_c.trace() / d_o, damping * ctc.trace() / d_o
         a_c, b_c = h_k.trace() / d_i, damping * ktk.trace() / d_i
-    step_k = h_k.scale(a_k).add(ktk, b_k).add_identity(-1.0).scale(0.5)
-    step_c = h_c.scale(a_c).add(ctc, b_c).add_identity(-1.0).scale(0.5)
+    half = 0.5 * (1.0 - alpha1) if normalize_lr_cov and not kfac_like else 0.5
+    step_k = h_k.scale(a_k).add(ktk, b_k).add_identity(-1.0).scale(half)
+    step_c = h_c.scale(a_c).add(ctc, b_c).add_identity(-1.0).scale(half)
     out = {}
     if m_K is not None and not kfac_like:
         step_k = m_K.scale(alpha1).add(step_k)
         step_c = m_C.scale(alpha1).add(step_c)
         out["m_K"], out["m_C"] = step_k, step_c
-    out["K"] = K.compose(step_k.scale(-lr_cov).add_identity(1.0))
-    out["C"] = C.compose(step_c.scale(-lr_cov).add_identity(1.0))
+    beta_k = beta_c = lr_cov
+    if normalize_lr_cov:
+        beta_k = lr_cov / torch.clamp(step_k.max_abs(), min=1.0)
+        beta_c = lr_cov / torch.clamp(step_c.max_abs(), min=1.0)
+    out["K"] = K.compose(step_k.scale(-beta_k).add_identity(1.0))
+    out["C"] = C.compose(step_c.scale(-beta_c).add_identity(1.0))
     return out
 
 

@@ -128,6 +128,10 @@ class StructuredMatrix:
         if type(other) is not type(self) or other.dim != self.dim or other.k != self.k:
             raise ValueError(f"{self.name}: cannot combine with {other!r}")
 
+    def max_abs(self) -> torch.Tensor:
+        """Largest absolute entry (every stored value is an entry of the matrix)."""
+        return torch.stack([t.abs().max() if t.numel() else t.new_zeros(()) for t in self.data]).max()
+
     def all_finite(self) -> bool:
         return all(bool(torch.isfinite(t).all()) for t in self.data)
 
