@@ -13,8 +13,10 @@ try:  # the optimizer layer
     from .bdkfac import BDKFAC  # noqa: F401
     from .kfac import KFAC  # noqa: F401
     from .optim import PreconditionedOptimizer  # noqa: F401
+    from .singd import SINGD  # noqa: F401
     from .twolevel import TwoLevel  # noqa: F401
-    __all__ += ["BDKFAC", "KFAC", "PreconditionedOptimizer", "TwoLevel"]
+    __all__ += ["BDKFAC", "KFAC", "PreconditionedOptimizer", "SINGD", "TwoLevel"]
 except ImportError as _err:  # pragma: no cover - only while the package is partially installed
-    if not any(f"kfac_kernels.{m}" in str(_err) for m in ("kfac", "optim", "bdkfac", "twolevel")):
+    if not any(f"kfac_kernels.{m}" in str(_err)
+               for m in ("kfac", "optim", "bdkfac", "twolevel", "singd")):
         raise

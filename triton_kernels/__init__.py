@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["block_eigh", "symmetric_factor_update"]
+__all__ = ["block_eigh", "singd_diagonal_factor_update", "singd_diagonal_step",
+           "symmetric_factor_update"]
 
 
 def __getattr__(name: str):

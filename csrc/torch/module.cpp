@@ -24,6 +24,16 @@ TORCH_LIBRARY(kfac_kernels, m) {
   m.def(
       "block_damped_inverse(Tensor blocks, Tensor damping, int max_sweeps, float tol) "
       "-> (Tensor, Tensor)");
+  // SINGD step for diagonal factors, in place; see csrc/include/singd_diagonal_step.h.
+  m.def(
+      "singd_diagonal_step(Tensor(a!) param, Tensor grad, Tensor c, Tensor k, Tensor(b!) buf, "
+      "float lr, float momentum, float weight_decay, bool first) -> ()");
+  // SINGD factor update of diagonal K, C for many layers, in place; see
+  // csrc/include/singd_diagonal_factor_update.h.
+  m.def(
+      "singd_diagonal_factor_update(Tensor(a!) k, Tensor(b!) c, Tensor(c!)? m_k, Tensor(d!)? m_c, "
+      "Tensor u, Tensor g, int[] k_offsets, int[] c_offsets, float damping, float alpha1, "
+      "float lr_cov, bool kfac_like) -> ()");
 }
 
 namespace {

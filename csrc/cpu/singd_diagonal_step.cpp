@@ -1,0 +1,76 @@
+// CPU kernel of the fused SINGD parameter step for diagonal factors (torch-free); see
+// csrc/include/singd_diagonal_step.h for the definition.
+#include "singd_diagonal_step.h"
+
+#include <cstring>
+
+namespace kfac_kernels {
+namespace cpu {
+namespace {
+
+inline float bf16_to_float(uint16_t bits) {
+  const uint32_t u = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN kept quiet
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+template <typename A, typename LoadP, typename LoadG, typename Store>
+void run(const SingdDiagonalStepParams<A>& p, LoadP load_param, LoadG load_grad, Store store) {
+  const A lr = p.lr, mom = p.momentum, wd = p.weight_decay;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (p.rows * p.cols > 32768)
+#endif
+  for (int64_t i = 0; i < p.rows; ++i) {
+    const A ci = p.c[i];
+    A* b = p.buf + i * p.buf_stride_row;
+    for (int64_t j = 0; j < p.cols; ++j) {
+      const A kj = p.k[j];
+      const A pij = load_param(i, j);
+      A d = ci * (ci * ((load_grad(i, j) * kj) * kj));
+      if (wd != A(0)) d = d + wd * pij;
+      const A bij = p.first ? d : mom * b[j] + d;
+      b[j] = bij;
+      store(i, j, pij - lr * bij);
+    }
+  }
+}
+
+}  // namespace
+
+template <typename A>
+void singd_diagonal_step(const SingdDiagonalStepParams<A>& p) {
+  if (p.rows <= 0 || p.cols <= 0) return;
+  if (p.param_type == StepParamType::kBFloat16) {
+    auto* param = static_cast<uint16_t*>(p.param);
+    const auto* grad = static_cast<const uint16_t*>(p.grad);
+    run(
+        p,
+        [&](int64_t i, int64_t j) { return A(bf16_to_float(param[i * p.param_stride_row + j])); },
+        [&](int64_t i, int64_t j) { return A(bf16_to_float(grad[i * p.grad_stride_row + j])); },
+        [&](int64_t i, int64_t j, A v) {
+          param[i * p.param_stride_row + j] = float_to_bf16(static_cast<float>(v));
+        });
+    return;
+  }
+  auto* param = static_cast<A*>(p.param);
+  const auto* grad = static_cast<const A*>(p.grad);
+  run(
+      p, [&](int64_t i, int64_t j) { return param[i * p.param_stride_row + j]; },
+      [&](int64_t i, int64_t j) { return grad[i * p.grad_stride_row + j]; },
+      [&](int64_t i, int64_t j, A v) { param[i * p.param_stride_row + j] = v; });
+}
+
+template void singd_diagonal_step<float>(const SingdDiagonalStepParams<float>&);
+template void singd_diagonal_step<double>(const SingdDiagonalStepParams<double>&);
+
+}  // namespace cpu
+}  // namespace kfac_kernels

@@ -1,0 +1,5 @@
+"""SINGD, INGD and IKFAC (seed 002): structured inverse-free natural-gradient optimizers."""
+from .optimizer import SINGD
+from .structures import STRUCTURES, StructuredMatrix, structure_class
+
+__all__ = ["SINGD", "STRUCTURES", "StructuredMatrix", "structure_class"]

@@ -1,0 +1,551 @@
+r"""SINGD / INGD / IKFAC (seed 002, Fig. 3 and 4) as a ``torch.optim.Optimizer``.
+
+Per supported layer (``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``; bias folded in as a last input
+coordinate, one factor pair per convolution group) with gradient matrix ``M = [dW | db]``
+(``d_o x d_i``), structured factors ``K`` (``d_i``) and ``C`` (``d_o``) and their momenta:
+
+every ``T`` steps, with ``U`` and ``G`` the Kronecker factors captured on that step (the same
+scaling as :class:`kfac_kernels.KFAC`: ``U`` the average input second moment, ``G`` the output
+gradients' second moment of the summed loss over ``N``)::
+
+    H_K = Pi_K(K^T U K)           H_C = Pi_C(C^T G C)
+    c2  = lam Tr(C^T C)           kappa2 = lam Tr(K^T K)
+    m_K <- alpha1 m_K + Pi_K(Tr(H_C) H_K + c2 K^T K - d_o I) / (2 d_o)
+    m_C <- alpha1 m_C + Pi_C(Tr(H_K) H_C + kappa2 C^T C - d_i I) / (2 d_i)
+    K   <- K (I - beta1 m_K)      C <- C (I - beta1 m_C)
+
+and on every step::
+
+    m_mu <- alpha2 m_mu + C C^T M K K^T + gamma mu          mu <- mu - beta2 m_mu
+
+(``m_mu`` per parameter, weight and bias separately, as the published reference implementation
+applies momentum and weight decay per parameter). ``kfac_like=True`` is IKFAC (Eq. 10): the trace
+terms become ``Tr(I_{d_o}) = d_o`` and ``lam Tr(I_{d_o})`` (likewise for ``C``), with no Riemannian
+momentum. Dense structures give INGD. ``K`` and ``C`` start at the identity, the momenta at zero
+(the reference implementation's warm start). ``K K^T`` tracks ``(S_K + lam I)^{-1}`` of K-FAC
+(Theorem 1): no inverse or decomposition is computed anywhere.
+
+Parameters of other modules (e.g. normalisation layers) are updated by the same rule with
+``K = I`` and ``C = I``: SGD with momentum ``alpha2`` and weight decay ``gamma``.
+
+Low precision (``preconditioner_dtype=torch.bfloat16``, or bf16 parameters). Safeguards:
+
+* ``U`` and ``G`` are accumulated in fp32 by the curvature capture (bf16 sums of many outer
+  products lose the small ones);
+* ``K``, ``C``, ``m_K``, ``m_C`` are *stored* in the low precision but every product, trace and
+  the projection are evaluated in fp32 and rounded once when stored (the update ``I - beta1 m``
+  differs from ``I`` by ~``beta1``, below bf16's resolution near 1 when computed in bf16);
+* the preconditioned gradient ``C C^T M K K^T`` is computed in fp32 and the momentum buffer is kept
+  in fp32, so small preconditioned steps are not flushed before they are added up;
+* the parameter update ``mu - beta2 m_mu`` is evaluated in fp32 and rounded once;
+* a step whose gradients contain NaN/inf (an AMP overflow) changes nothing; non-finite captured
+  curvature skips that layer's factor update, and an update that would make a factor non-finite
+  is dropped (both warned once), so one bad batch cannot poison ``K`` or ``C``.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ..capture import CurvatureCapture, default_factor_dtype
+from ..curvature import check_common, find_adapters, validate_skip_modules
+from ..ops.singd_diagonal_factor_update import singd_diagonal_factor_update
+from ..ops.singd_diagonal_step import accumulation_dtype, singd_diagonal_step
+from .structures import Diagonal, StructuredMatrix, structure_class
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _number(who, name, value, *, low=0.0, high=None, high_open=True, low_open=False):
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if ok:
+        ok = (value > low) if low_open else (value >= low)
+        if ok and high is not None:
+            ok = value < high if high_open else value <= high
+    if not ok:
+        lo = "(" if low_open else "["
+        hi = "inf)" if high is None else (f"{high:g})" if high_open else f"{high:g}]")
+        raise ValueError(f"{who}: {name} must be a finite float in {lo}{low:g}, {hi}, got "
+                         f"{value!r}")
+    return float(value)
+
+
+def _pair(value):
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+class SINGD(torch.optim.Optimizer):
+    """Structured inverse-free natural gradient descent (SINGD; INGD, IKFAC as special cases).
+
+    Args:
+        model: the network; all its trainable parameters are optimised.
+        lr: ``beta2``, learning rate of the parameters.
+        momentum: ``alpha2``, momentum of the parameter update, in ``[0, 1)``.
+        damping: ``lambda >= 0``.
+        alpha1: Riemannian momentum of ``m_K``, ``m_C``, in ``[0, 1)`` (not used by IKFAC).
+        weight_decay: ``gamma >= 0``, added to the preconditioned gradient.
+        T: update ``K`` and ``C`` every ``T`` steps (curvature is captured on those steps only).
+        lr_cov: ``beta1 >= 0``, learning rate of ``K`` and ``C``.
+        structures: ``(K structure, C structure)`` or one name for both, from
+            :data:`kfac_kernels.singd.STRUCTURES`.
+        block_size: ``k`` of the block-diagonal, hierarchical and rank-k lower-triangular
+            structures (one int, or a pair for ``K`` and ``C``).
+        kfac_approx: ``"expand"`` or ``"reduce"`` for weight-sharing layers (seed 001).
+        loss_average: ``None`` (summed loss), ``"batch"`` or ``"batch+sequence"``.
+        kfac_like: IKFAC (Eq. 10).
+        preconditioner_dtype: storage dtype of ``K, C, m_K, m_C`` (one dtype or a pair); default
+            the parameter's dtype.
+        grad_scaler: a ``torch.amp.GradScaler`` used with this optimizer (its scale is removed
+            from the captured output gradients; ``scaler.step`` unscales the gradients and skips
+            steps with inf).
+        skip_modules: module names (fnmatch patterns) or types whose parameters are updated
+            without preconditioning.
+        backend: kernel backend of the curvature capture and of the fused step.
+        normalize_lr_cov: divide ``lr_cov`` by ``max(1, max |m|)`` for each factor (normalised
+            gradient descent on ``K`` and ``C``; the new momentum term is then scaled by
+            ``1 - alpha1`` so that ``max |m|`` cannot grow without bound), as the published
+            reference implementation offers it: it keeps ``I - beta1 m`` close to the identity
+            while the factors warm up from ``I``, so larger ``lr_cov`` stay stable.
+        fused: with diagonal ``K`` and ``C``, update the factors of all layers in one launch of
+            :func:`kfac_kernels.ops.singd_diagonal_factor_update` and apply steps 2-3 of Fig. 4
+            (preconditioning, weight decay, momentum, parameter update) to each weight and bias
+            in one pass of :func:`kfac_kernels.ops.singd_diagonal_step`; other structures (and,
+            for the parameter step, convolutions with groups, non-contiguous weights, or factors
+            kept wider than fp32 for fp32 parameters) use the readable path. Same result up to
+            round-off.
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 1e-3, momentum: float = 0.9,
+                 damping: float = 1e-3, alpha1: float = 0.5, weight_decay: float = 0.0,
+                 T: int = 10, lr_cov: float = 1e-2,
+                 structures: str | tuple[str, str] = ("dense", "dense"),
+                 block_size: int | tuple[int, int] = 16, kfac_approx: str = "expand",
+                 loss_average: str | None = "batch", kfac_like: bool = False,
+                 preconditioner_dtype=None, grad_scaler: torch.amp.GradScaler | None = None,
+                 skip_modules: Iterable = (), backend: str = "auto", fused: bool = False,
+                 normalize_lr_cov: bool = False):
+        who = "SINGD"
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{who}: model must be a torch.nn.Module, got {type(model).__name__}")
+        lr = _number(who, "lr", lr)
+        momentum = _number(who, "momentum", momentum, high=1.0)
+        self.damping = _number(who, "damping", damping)
+        self.alpha1 = _number(who, "alpha1", alpha1, high=1.0)
+        weight_decay = _number(who, "weight_decay", weight_decay)
+        self.lr_cov = _number(who, "lr_cov", lr_cov)
+        if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+            raise ValueError(f"{who}: T must be an int >= 1, got {T!r}")
+        self.T = T
+        names = _pair(structures)
+        if len(names) != 2:
+            raise ValueError(f"{who}: structures must be a name or a pair of names (K, C), got "
+                             f"{structures!r}")
+        self.structure_classes = tuple(structure_class(n, who) for n in names)
+        sizes = _pair(block_size)
+        if len(sizes) != 2:
+            raise ValueError(f"{who}: block_size must be an int or a pair of ints, got "
+                             f"{block_size!r}")
+        for k in sizes:
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise ValueError(f"{who}: block_size must be an int >= 1, got {k!r}")
+        self.block_sizes = tuple(k if cls.takes_block_size else None
+                                 for k, cls in zip(sizes, self.structure_classes))
+        check_common(who, kfac_approx, "empirical", loss_average, 1, backend, None)
+        if not isinstance(kfac_like, bool):
+            raise TypeError(f"{who}: kfac_like must be a bool, got {kfac_like!r}")
+        if kfac_like and self.alpha1 != 0.0:
+            warnings.warn(f"{who}: kfac_like=True (IKFAC) has no Riemannian momentum; "
+                          f"alpha1={self.alpha1} is not used", stacklevel=2)
+        self.kfac_like = kfac_like
+        if not isinstance(fused, bool):
+            raise TypeError(f"{who}: fused must be a bool, got {fused!r}")
+        self.fused = fused
+        if not isinstance(normalize_lr_cov, bool):
+            raise TypeError(f"{who}: normalize_lr_cov must be a bool, got {normalize_lr_cov!r}")
+        self.normalize_lr_cov = normalize_lr_cov
+        dtypes = _pair(preconditioner_dtype)
+        if len(dtypes) != 2:
+            raise ValueError(f"{who}: preconditioner_dtype must be None, a dtype or a pair "
+                             f"(K, C), got {preconditioner_dtype!r}")
+        for dt in dtypes:
+            if dt is not None and dt not in STORAGE_DTYPES:
+                raise ValueError(f"{who}: preconditioner_dtype must be None, one of "
+                                 f"{STORAGE_DTYPES} or a pair of them, got "
+                                 f"{preconditioner_dtype!r}")
+        self.preconditioner_dtypes = dtypes
+        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+            raise TypeError(f"{who}: grad_scaler must be a torch.amp.GradScaler or None, got "
+                            f"{type(grad_scaler).__name__}")
+        self.grad_scaler = grad_scaler
+        skip_modules = validate_skip_modules(model, skip_modules, who)
+        # Unsupported layers are not an error here: they get the K = C = I update (SGD).
+        self.adapters = find_adapters(model, skip_modules, who, warn=False)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"{who}: the model has no trainable parameters")
+        self._initialising = True
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        self._initialising = False
+        covered = {id(p) for a in self.adapters.values() for p in a.params()}
+        self._plain_params = [p for p in params if id(p) not in covered]
+        self.model = model
+        self.kfac_approx = kfac_approx
+        self.loss_average = loss_average
+        self.backend = backend
+        self.steps = 0
+        # name -> {"K": [per group], "C": [...], "m_K": [...], "m_C": [...]} (created lazily)
+        self.factors: dict[str, dict[str, list[StructuredMatrix]]] = {}
+        self._warned: set[str] = set()
+        self.capture = CurvatureCapture(self.adapters, kfac_approx=kfac_approx,
+                                        loss_average=loss_average, backend=backend,
+                                        loss_scale=self._loss_scale, train_only=True).attach()
+        self._arm_capture()
+
+    def add_param_group(self, param_group: dict) -> None:
+        if getattr(self, "_initialising", False):
+            return super().add_param_group(param_group)
+        raise RuntimeError("SINGD: the optimizer has one parameter group holding all of the "
+                           "model's trainable parameters; add_param_group is not supported")
+
+    # --- capture ----------------------------------------------------------------------------
+    def _loss_scale(self):
+        s = self.grad_scaler
+        return s.get_scale() if s is not None and s.is_enabled() else None
+
+    def _arm_capture(self) -> None:
+        on = self.steps % self.T == 0
+        self.capture.capture_inputs = on
+        self.capture.capture_grads = on
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Also drops curvature captured for a step that was never taken (e.g. skipped by a
+        GradScaler)."""
+        self.capture.reset()
+        super().zero_grad(set_to_none=set_to_none)
+
+    def remove_hooks(self) -> None:
+        self.capture.detach()
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    # --- dtypes and lazy state --------------------------------------------------------------
+    def _dtypes(self, name: str) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
+        """(storage of K, storage of C, compute dtype) of a layer."""
+        w = self.adapters[name].weight
+        store = tuple(dt if dt is not None else w.dtype for dt in self.preconditioner_dtypes)
+        compute = default_factor_dtype(w)
+        for dt in store:
+            compute = torch.promote_types(compute, torch.float32 if dt in LOW_PRECISION else dt)
+        return store[0], store[1], compute
+
+    def _init_layer(self, name: str, store: bool = True) -> dict[str, list[StructuredMatrix]]:
+        ad = self.adapters[name]
+        dk, dc, _ = self._dtypes(name)
+        dev = ad.weight.device
+        (cls_k, cls_c), (kk, kc) = self.structure_classes, self.block_sizes
+        di, do = ad.in_features_per_group, ad.out_features_per_group
+        state = {"K": [cls_k.eye(di, kk, dtype=dk, device=dev) for _ in range(ad.groups)],
+                 "C": [cls_c.eye(do, kc, dtype=dc, device=dev) for _ in range(ad.groups)]}
+        if self._uses_riemannian_momentum:
+            state["m_K"] = [cls_k.zeros(di, kk, dtype=dk, device=dev) for _ in range(ad.groups)]
+            state["m_C"] = [cls_c.zeros(do, kc, dtype=dc, device=dev) for _ in range(ad.groups)]
+        if store:
+            self.factors[name] = state
+        return state
+
+    @property
+    def _uses_riemannian_momentum(self) -> bool:
+        return self.alpha1 != 0.0 and not self.kfac_like
+
+    # --- the step ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One SINGD step. Returns the closure's loss (if given). A step whose gradients are
+        not finite is skipped without changing any state."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        mats = {}
+        for name, ad in self.adapters.items():
+            mat = ad.grad_matrix()
+            if mat is not None:
+                mats[name] = mat
+        plain = [p for p in self._plain_params if p.grad is not None]
+        grads = list(mats.values()) + [p.grad for p in plain]
+        if not grads or not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            self.capture.reset()
+            return loss
+        group = self.param_groups[0]
+        update_factors = self.steps % self.T == 0
+        fused_factors = (self.fused and not self.normalize_lr_cov
+                         and all(c is Diagonal for c in self.structure_classes))
+        if update_factors and fused_factors:
+            for name in mats:
+                if name not in self.factors:
+                    self._init_layer(name)
+            self._update_diagonal_factors_fused(list(mats))
+        for name, mat in mats.items():
+            state = self.factors.get(name) or self._init_layer(name)
+            if update_factors and not fused_factors:
+                self._update_factors(name, state)
+            if self._fusable(name):
+                self._fused_layer_step(name, state, group)
+                continue
+            direction = self._precondition(name, state, mat)
+            self._apply_layer(name, direction, group)
+        self.capture.reset()
+        for p in plain:
+            self._apply(p, p.grad.to(torch.promote_types(p.dtype, torch.float32)), group)
+        self.steps += 1
+        self._arm_capture()
+        return loss
+
+    def _update_factors(self, name: str, state) -> None:
+        pair = self.capture.factors(name)
+        if pair is None:
+            return
+        if not all(bool(torch.isfinite(f).all()) for f in pair):
+            self._warn_once(f"nonfinite-curvature:{name}", (
+                f"SINGD: non-finite curvature for module {name!r} (NaN/inf in its inputs or "
+                "output gradients); its factor update is skipped this step and whenever this "
+                "happens again"))
+            return
+        dk, dc, compute = self._dtypes(name)
+        for gi in range(len(state["K"])):
+            u, g = pair[0][gi].to(compute), pair[1][gi].to(compute)
+            old = {key: state[key][gi].to(compute) for key in state}
+            new = factor_update(old["K"], old["C"], u, g, damping=self.damping,
+                                alpha1=self.alpha1, lr_cov=self.lr_cov,
+                                kfac_like=self.kfac_like, m_K=old.get("m_K"),
+                                m_C=old.get("m_C"), normalize_lr_cov=self.normalize_lr_cov)
+            if not all(s.all_finite() for s in new.values()):
+                self._warn_once(f"nonfinite-factor:{name}", (
+                    f"SINGD: the factor update of module {name!r} is not finite (lr_cov too "
+                    "large for its curvature?); keeping its previous factors"))
+                return
+            for key, s in new.items():
+                state[key][gi] = s.to(dk if key.endswith("K") else dc)
+
+    def _update_diagonal_factors_fused(self, names: list[str]) -> None:
+        """Step 1 of Fig. 4 for diagonal K and C of every layer (and group) in one launch per
+        compute dtype; the layers are packed into flat vectors and unpacked afterwards."""
+        segments: dict[torch.dtype, list] = {}
+        for name in names:
+            pair = self.capture.factors(name)
+            if pair is None:
+                continue
+            if not all(bool(torch.isfinite(f).all()) for f in pair):
+                self._warn_once(f"nonfinite-curvature:{name}", (
+                    f"SINGD: non-finite curvature for module {name!r} (NaN/inf in its inputs or "
+                    "output gradients); its factor update is skipped this step and whenever "
+                    "this happens again"))
+                continue
+            compute = self._dtypes(name)[2]
+            u = torch.diagonal(pair[0], dim1=-2, dim2=-1).to(compute)
+            g = torch.diagonal(pair[1], dim1=-2, dim2=-1).to(compute)
+            for gi in range(u.shape[0]):
+                segments.setdefault(compute, []).append((name, gi, u[gi], g[gi]))
+        momentum = self._uses_riemannian_momentum
+        for compute, segs in segments.items():
+            def packed(key):
+                return torch.cat([self.factors[n][key][gi].data[0].to(compute)
+                                  for n, gi, _, _ in segs])
+            k, c = packed("K"), packed("C")
+            m_k, m_c = (packed("m_K"), packed("m_C")) if momentum else (None, None)
+            u = torch.cat([s[2] for s in segs])
+            g = torch.cat([s[3] for s in segs])
+            k_off, c_off = [0], [0]
+            for n, gi, uu, gg in segs:
+                k_off.append(k_off[-1] + uu.numel())
+                c_off.append(c_off[-1] + gg.numel())
+            singd_diagonal_factor_update(k, c, m_k, m_c, u, g, k_off, c_off, self.damping,
+                                         self.alpha1, self.lr_cov, self.kfac_like,
+                                         backend=self.backend)
+            new = {"K": (k, k_off), "C": (c, c_off)}
+            if momentum:
+                new.update({"m_K": (m_k, k_off), "m_C": (m_c, c_off)})
+            for i, (name, gi, _, _) in enumerate(segs):
+                vals = {key: vec[off[i]:off[i + 1]] for key, (vec, off) in new.items()}
+                if not all(bool(torch.isfinite(v).all()) for v in vals.values()):
+                    self._warn_once(f"nonfinite-factor:{name}", (
+                        f"SINGD: the factor update of module {name!r} is not finite (lr_cov too "
+                        "large for its curvature?); keeping its previous factors"))
+                    continue
+                dk, dc, _ = self._dtypes(name)
+                for key, v in vals.items():
+                    dt = dk if key.endswith("K") else dc
+                    self.factors[name][key][gi] = Diagonal(v.numel(), (v.to(dt, copy=True),))
+
+    def _precondition(self, name: str, state, mat: torch.Tensor) -> torch.Tensor:
+        """``C C^T M K K^T`` per group, in the compute dtype."""
+        compute = self._dtypes(name)[2]
+        out = []
+        for gi in range(mat.shape[0]):
+            k, c = state["K"][gi].to(compute), state["C"][gi].to(compute)
+            out.append(precondition(k, c, mat[gi].to(compute)))
+        return torch.stack(out)
+
+    def _fusable(self, name: str) -> bool:
+        if not self.fused or any(c is not Diagonal for c in self.structure_classes):
+            return False
+        ad = self.adapters[name]
+        w = ad.weight
+        return (ad.groups == 1 and w.is_contiguous() and w.grad is not None
+                and self._dtypes(name)[2] == accumulation_dtype(w.dtype)
+                and w.dtype in (torch.float32, torch.float64, torch.bfloat16))
+
+    def _fused_layer_step(self, name: str, state, group) -> None:
+        """Steps 2-3 of Fig. 4 for diagonal factors, one kernel per weight and bias."""
+        ad = self.adapters[name]
+        compute = self._dtypes(name)[2]
+        c = state["C"][0].data[0].to(compute)
+        k = state["K"][0].data[0].to(compute)
+        w, b = ad.weight, ad.bias
+        d_o = w.shape[0]
+        pieces = [(w, w.grad, k[:w[0].numel()])]
+        if b is not None:
+            db = b.grad if b.grad is not None else torch.zeros_like(b)
+            pieces.append((b, db, k[-1:]))
+        mom = group["momentum"]
+        for p, grad, kk in pieces:
+            st = self.state[p]
+            buf = st.get("momentum_buffer") if mom != 0.0 else None
+            first = buf is None
+            if first:
+                buf = torch.empty(p.shape, dtype=compute, device=p.device)
+            singd_diagonal_step(p.view(d_o, -1), grad.reshape(d_o, -1), c, kk,
+                                buf.view(d_o, -1), group["lr"], mom, group["weight_decay"],
+                                first, backend=self.backend)
+            if mom != 0.0:
+                st["momentum_buffer"] = buf
+
+    def _apply_layer(self, name: str, direction: torch.Tensor, group) -> None:
+        ad = self.adapters[name]
+        w, b = ad.weight, ad.bias
+        if b is not None:
+            self._apply(w, direction[..., :-1].reshape(w.shape), group)
+            self._apply(b, direction[..., -1].reshape(b.shape), group)
+        else:
+            self._apply(w, direction.reshape(w.shape), group)
+
+    def _apply(self, p: torch.Tensor, direction: torch.Tensor, group) -> None:
+        """``m <- alpha2 m + direction + gamma p``; ``p <- p - beta2 m`` (fp32 or wider)."""
+        wd, mom, lr = group["weight_decay"], group["momentum"], group["lr"]
+        d = direction
+        if wd != 0.0:
+            d = d + wd * p.to(d.dtype)
+        if mom != 0.0:
+            st = self.state[p]
+            buf = st.get("momentum_buffer")
+            if buf is None:
+                buf = d.clone()
+            else:
+                buf.mul_(mom).add_(d)
+            st["momentum_buffer"] = buf
+            d = buf
+        p.copy_(p.to(d.dtype) - lr * d)
+
+    # --- state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """torch.optim's state dict plus ``"singd"``: step count and the factors (stored
+        tensors, referenced, not copied)."""
+        sd = super().state_dict()
+        sd["singd"] = {
+            "steps": self.steps,
+            "structures": tuple(c.name for c in self.structure_classes),
+            "block_sizes": self.block_sizes,
+            "factors": {name: {key: [list(s.data) for s in mats] for key, mats in st.items()}
+                        for name, st in self.factors.items()},
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        who = "SINGD.load_state_dict"
+        if "singd" not in state_dict:
+            raise KeyError(f"{who}: state_dict has no 'singd' entry (not saved by SINGD)")
+        extra = state_dict["singd"]
+        names = tuple(c.name for c in self.structure_classes)
+        if tuple(extra["structures"]) != names or tuple(extra["block_sizes"]) != self.block_sizes:
+            raise ValueError(f"{who}: saved with structures {tuple(extra['structures'])} and "
+                             f"block sizes {tuple(extra['block_sizes'])}; this optimizer uses "
+                             f"{names} and {self.block_sizes}")
+        factors = {}
+        for name, st in extra["factors"].items():
+            if name not in self.adapters:
+                raise ValueError(f"{who}: state_dict has factors for module {name!r}, which "
+                                 "this optimizer does not cover")
+            dev = self.adapters[name].weight.device
+            template = self._init_layer(name, store=False)
+            if set(st) != set(template):
+                raise ValueError(f"{who}: factors of module {name!r} have entries {sorted(st)}, "
+                                 f"expected {sorted(template)}")
+            layer = {}
+            for key, mats in st.items():
+                layer[key] = []
+                for ref, data in zip(template[key], mats):
+                    shapes = [tuple(t.shape) for t in ref.data]
+                    if [tuple(t.shape) for t in data] != shapes:
+                        raise ValueError(f"{who}: {key} of module {name!r} has the wrong shapes")
+                    layer[key].append(type(ref)(ref.dim, tuple(t.detach().clone().to(dev)
+                                                               for t in data), ref.k))
+            factors[name] = layer
+        rest = {k: v for k, v in state_dict.items() if k != "singd"}
+        # torch.optim casts state to the parameter dtype; momentum buffers of low-precision
+        # parameters are kept in fp32, so they are restored as saved.
+        saved_buffers = {i: s["momentum_buffer"] for i, s in rest.get("state", {}).items()
+                         if "momentum_buffer" in s}
+        super().load_state_dict(rest)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, buf in saved_buffers.items():
+            self.state[params[i]]["momentum_buffer"] = buf.detach().clone().to(params[i].device)
+        self.factors = factors
+        self.steps = int(extra["steps"])
+        self.capture.reset()
+        self._arm_capture()
+
+
+def factor_update(K: StructuredMatrix, C: StructuredMatrix, U: torch.Tensor, G: torch.Tensor,
+                  *, damping: float, alpha1: float, lr_cov: float, kfac_like: bool,
+                  m_K: StructuredMatrix | None = None, m_C: StructuredMatrix | None = None,
+                  normalize_lr_cov: bool = False) -> dict[str, StructuredMatrix]:
+    """One update of Fig. 4 (``kfac_like``: Eq. 10) from the old ``K, C, m_K, m_C``; returns the
+    new ``K``, ``C`` (and ``m_K``, ``m_C`` when given). ``normalize_lr_cov``: see
+    :class:`SINGD`."""
+    d_i, d_o = K.dim, C.dim
+    h_k, h_c = K.congruence(U), C.congruence(G)
+    ktk, ctc = K.gram(), C.gram()
+    if kfac_like:   # Tr(H_C), Tr(C^T C) -> Tr(I_{d_o}) = d_o, and the same for K
+        a_k, b_k, a_c, b_c = 1.0, damping, 1.0, damping
+    else:           # the 1/(2 d_o) of Fig. 4 is taken into the trace terms and the 1/2
+        a_k, b_k = h_c.trace() / d_o, damping * ctc.trace() / d_o
+        a_c, b_c = h_k.trace() / d_i, damping * ktk.trace() / d_i
+    half = 0.5 * (1.0 - alpha1) if normalize_lr_cov and not kfac_like else 0.5
+    step_k = h_k.scale(a_k).add(ktk, b_k).add_identity(-1.0).scale(half)
+    step_c = h_c.scale(a_c).add(ctc, b_c).add_identity(-1.0).scale(half)
+    out = {}
+    if m_K is not None and not kfac_like:
+        step_k = m_K.scale(alpha1).add(step_k)
+        step_c = m_C.scale(alpha1).add(step_c)
+        out["m_K"], out["m_C"] = step_k, step_c
+    beta_k = beta_c = lr_cov
+    if normalize_lr_cov:
+        beta_k = lr_cov / torch.clamp(step_k.max_abs(), min=1.0)
+        beta_c = lr_cov / torch.clamp(step_c.max_abs(), min=1.0)
+    out["K"] = K.compose(step_k.scale(-beta_k).add_identity(1.0))
+    out["C"] = C.compose(step_c.scale(-beta_c).add_identity(1.0))
+    return out
+
+
+def precondition(K: StructuredMatrix, C: StructuredMatrix, M: torch.Tensor) -> torch.Tensor:
+    """``C C^T M K K^T`` through structured products only."""
+    x = K.rmatmul_t(K.rmatmul(M))
+    return C.matmul(C.t_matmul(x))

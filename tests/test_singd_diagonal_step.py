@@ -1,0 +1,97 @@
+"""The fused SINGD step for diagonal factors: every backend against the eager reference and
+against dense matrices, bf16 judged against fp64, opcheck and argument checks."""
+import pytest
+import torch
+
+from kfac_kernels._backend import native_has_op
+from kfac_kernels.ops.singd_diagonal_step import singd_diagonal_step
+from kfac_kernels.testing import LOW_PRECISION_FACTOR, RTOL, backends_for, rel_error
+
+BACKENDS = backends_for("cpu")
+SHAPES = [(5, 7), (1, 1), (17, 70), (3, 1)]
+
+
+def _inputs(shape, dtype, seed=0, strided=False):
+    gen = torch.Generator().manual_seed(seed)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    rows, cols = shape
+    if strided:   # rows of a wider matrix: row stride != cols
+        param = torch.randn(rows, cols + 3, generator=gen, dtype=torch.float64)[:, :cols]
+    else:
+        param = torch.randn(rows, cols, generator=gen, dtype=torch.float64)
+    grad = torch.randn(cols, rows, generator=gen, dtype=torch.float64).T  # column-major
+    c = torch.rand(rows, generator=gen, dtype=torch.float64) + 0.5
+    k = torch.rand(cols, generator=gen, dtype=torch.float64) + 0.5
+    buf = torch.randn(rows, cols, generator=gen, dtype=torch.float64)
+    return (param.to(dtype), grad.to(dtype), c.to(acc), k.to(acc), buf.to(acc))
+
+
+def _run(backend, inputs, **hp):
+    param, grad, c, k, buf = (t.clone() if i in (0, 4) else t for i, t in enumerate(inputs))
+    if param.dim() == 2 and inputs[0].stride(0) != inputs[0].shape[1]:
+        wide = torch.zeros(param.shape[0], param.shape[1] + 3, dtype=param.dtype)
+        wide[:, :param.shape[1]] = param
+        param = wide[:, :param.shape[1]]
+    singd_diagonal_step(param, grad, c, k, buf, backend=backend, **hp)
+    return param, buf
+
+
+HP = [dict(lr=0.1, momentum=0.9, weight_decay=0.01, first=False),
+      dict(lr=0.05, momentum=0.0, weight_decay=0.0, first=True)]
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "eager"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("hp", HP)
+def test_backends_match_eager(backend, dtype, shape, hp):
+    inputs = _inputs(shape, dtype, strided=shape[1] > 1)
+    p_ref, b_ref = _run("eager", inputs, **hp)
+    p, b = _run(backend, inputs, **hp)
+    assert rel_error(p, p_ref) <= RTOL[dtype]
+    assert rel_error(b, b_ref) <= RTOL[dtype]
+
+
+def test_eager_matches_dense_matrices():
+    """Oracle: C C^T G K K^T with dense diagonal matrices, then weight decay and momentum."""
+    param, grad, c, k, buf = _inputs((6, 9), torch.float64)
+    C, K = torch.diag(c), torch.diag(k)
+    d = C @ C.T @ grad @ K @ K.T + 0.01 * param
+    want_buf = 0.9 * buf + d
+    want_param = param - 0.1 * want_buf
+    p, b = _run("eager", (param, grad, c, k, buf), lr=0.1, momentum=0.9, weight_decay=0.01,
+                first=False)
+    assert rel_error(b, want_buf) < 1e-14
+    assert rel_error(p, want_param) < 1e-14
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "eager"])
+def test_bf16_error_against_fp64_within_twice_eager(backend):
+    inputs = _inputs((17, 70), torch.bfloat16, seed=1)
+    exact = _run("eager", tuple(t.double() for t in inputs), **HP[0])[0]
+    eager_err = rel_error(_run("eager", inputs, **HP[0])[0], exact)
+    err = rel_error(_run(backend, inputs, **HP[0])[0], exact)
+    assert err <= LOW_PRECISION_FACTOR * eager_err + 1e-7, (err, eager_err)
+
+
+@pytest.mark.skipif(not native_has_op("singd_diagonal_step"), reason="_C lacks the op")
+def test_opcheck():
+    param, grad, c, k, buf = _inputs((4, 6), torch.float32)
+    torch.library.opcheck(torch.ops.kfac_kernels.singd_diagonal_step.default,
+                          (param, grad.contiguous(), c, k, buf, 0.1, 0.9, 0.01, False))
+
+
+def test_bad_arguments():
+    param, grad, c, k, buf = _inputs((4, 6), torch.float32)
+    with pytest.raises(ValueError, match=r"singd_diagonal_step: buf must have shape \(4, 6\) and "
+                                         r"dtype torch.float32, got \(4, 6\) and torch.float64"):
+        singd_diagonal_step(param, grad, c, k, buf.double(), 0.1, 0.9, 0.0, False)
+    with pytest.raises(ValueError, match=r"singd_diagonal_step: k must be a torch.float32 vector "
+                                         r"of 6 entries, got shape \(5,\)"):
+        singd_diagonal_step(param, grad, c, k[:5], buf, 0.1, 0.9, 0.0, False)
+    with pytest.raises(TypeError, match=r"singd_diagonal_step: param must be float32, float64 or "
+                                        r"bfloat16, got torch.float16"):
+        singd_diagonal_step(param.half(), grad.half(), c, k, buf, 0.1, 0.9, 0.0, False)
+    with pytest.raises(ValueError, match=r"singd_diagonal_step: lr must be a finite float, got "
+                                         r"nan"):
+        singd_diagonal_step(param, grad, c, k, buf, float("nan"), 0.9, 0.0, False)
