@@ -88,6 +88,41 @@ def allreduce_symmetric(tensors: list[torch.Tensor], process_group=None,
         flush()
 
 
+def allreduce_capture(capture, names: list[str], template, process_group=None) -> None:
+    """All-reduce a :class:`~kfac_kernels.capture.CurvatureCapture`'s per-layer sums in place:
+    ``a_sum`` and the row counts summed, ``g_sum`` averaged over the ranks. ``template(name)``
+    gives zero tensors shaped like the layer's ``(a_sum, g_sum)`` (a rank that saw no data for a
+    layer sends zeros). Every rank must call it with the same ``names``."""
+    world = dist.get_world_size(process_group)
+    entries = []
+    for name in names:
+        acc = capture.acc[name]
+        if acc.token_counts is not None:
+            raise NotImplementedError(
+                f"module {name!r} is a tied embedding/output weight, whose factors are not "
+                "combined across processes yet; untie the weights or train in one process")
+        zero_a, zero_g = template(name)
+        a = acc.a_sum if acc.a_sum is not None else zero_a
+        g = acc.g_sum if acc.g_sum is not None else zero_g
+        device = _flatten(zero_a)[0].device
+        counts = torch.tensor([float(acc.a_rows), float(acc.g_sum is not None)],
+                              dtype=torch.float64, device=device)
+        entries.append((name, a, g, counts))
+    flat = [t for _, a, g, c in entries for t in (*_flatten(a), *_flatten(g), c)]
+    allreduce_symmetric(flat, process_group)
+    for name, a, g, counts in entries:
+        acc = capture.acc[name]
+        acc.a_rows = int(round(float(counts[0])))
+        acc.a_sum = a if acc.a_rows > 0 else None
+        acc.g_sum = _scale(g, 1.0 / world) if float(counts[1]) > 0 else None
+
+
+def _scale(x, factor: float):
+    if isinstance(x, torch.Tensor):
+        return x * factor
+    return [_scale(t, factor) for t in x]
+
+
 def assign_greedily(costs: dict[str, float], world_size: int) -> dict[str, int]:
     """Owner rank per key: largest cost first, each to the currently least loaded rank (ties to
     the lowest rank), so the result is the same on every rank."""

@@ -66,13 +66,6 @@ def _all_finite(factors) -> bool:
     return all(_all_finite(f) for f in factors)
 
 
-def _scale(x, factor: float):
-    """``factor * x`` for a tensor or a list of blocks."""
-    if isinstance(x, torch.Tensor):
-        return x * factor
-    return [_scale(t, factor) for t in x]
-
-
 def _lerp(new, old, decay: float):
     """The moving average ``decay * old + (1 - decay) * new`` of a tensor or a list of blocks."""
     if isinstance(new, torch.Tensor):
@@ -339,29 +332,8 @@ class KFAC:
     def _allreduce_capture(self) -> None:
         """Sum every layer's unnormalised factor sums and row counts over the ranks (one
         triangle, bucketed); G becomes the ranks' average (see :mod:`kfac_kernels.distributed`)."""
-        world = torch.distributed.get_world_size(self.process_group)
-        names = sorted(self.adapters)
-        entries = []
-        for name in names:
-            acc = self.capture.acc[name]
-            zero_a, zero_g = self._factor_template(name)
-            a = acc.a_sum if acc.a_sum is not None else zero_a
-            g = acc.g_sum if acc.g_sum is not None else zero_g
-            counts = torch.tensor([float(acc.a_rows), float(acc.g_sum is not None)],
-                                  dtype=torch.float64,
-                                  device=self.adapters[name].weight.device)
-            entries.append((name, a, g, counts))
-        flat = [t for _, a, g, c in entries for t in (*dist_utils._flatten(a),
-                                                       *dist_utils._flatten(g), c)]
-        dist_utils.allreduce_symmetric(flat, self.process_group)
-        for name, a, g, counts in entries:
-            acc = self.capture.acc[name]
-            acc.a_rows = int(round(float(counts[0])))
-            acc.a_sum = a if acc.a_rows > 0 else None
-            if float(counts[1]) > 0:
-                acc.g_sum = _scale(g, 1.0 / world)
-            else:
-                acc.g_sum = None
+        dist_utils.allreduce_capture(self.capture, sorted(self.adapters), self._factor_template,
+                                     self.process_group)
 
     def _update_factors(self) -> None:
         if self._is_distributed():

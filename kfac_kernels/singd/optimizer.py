@@ -51,6 +51,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from .. import distributed as dist_utils
 from ..capture import CurvatureCapture, default_factor_dtype
 from ..curvature import check_common, find_adapters, validate_skip_modules
 from ..ops.singd_diagonal_factor_update import singd_diagonal_factor_update
@@ -118,6 +119,12 @@ class SINGD(torch.optim.Optimizer):
             for the parameter step, convolutions with groups, non-contiguous weights, or factors
             kept wider than fp32 for fp32 parameters) use the readable path. Same result up to
             round-off.
+        grad_accumulation_steps: micro-batches per step whose losses are averaged (each
+            ``loss / k`` backpropagated): ``U`` and ``G`` are then those of the whole batch.
+        distributed: ``None`` (on when ``torch.distributed`` runs with more than one rank),
+            ``True`` or ``False``. On: ``U`` and ``G`` are all-reduced on factor-update steps
+            (one triangle, bucketed) so every rank updates ``K`` and ``C`` identically.
+        process_group: the ``torch.distributed`` group (default: the world).
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, momentum: float = 0.9,
@@ -128,7 +135,8 @@ class SINGD(torch.optim.Optimizer):
                  loss_average: str | None = "batch", kfac_like: bool = False,
                  preconditioner_dtype=None, grad_scaler: torch.amp.GradScaler | None = None,
                  skip_modules: Iterable = (), backend: str = "auto", fused: bool = False,
-                 normalize_lr_cov: bool = False):
+                 normalize_lr_cov: bool = False, grad_accumulation_steps: int = 1,
+                 distributed: bool | None = None, process_group=None):
         who = "SINGD"
         if not isinstance(model, nn.Module):
             raise TypeError(f"{who}: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -182,6 +190,19 @@ class SINGD(torch.optim.Optimizer):
             raise TypeError(f"{who}: grad_scaler must be a torch.amp.GradScaler or None, got "
                             f"{type(grad_scaler).__name__}")
         self.grad_scaler = grad_scaler
+        if isinstance(grad_accumulation_steps, bool) or not isinstance(
+                grad_accumulation_steps, int) or grad_accumulation_steps < 1:
+            raise ValueError(f"{who}: grad_accumulation_steps must be an int >= 1, got "
+                             f"{grad_accumulation_steps!r}")
+        if distributed not in (None, True, False):
+            raise ValueError(f"{who}: distributed must be None (automatic), True or False, got "
+                             f"{distributed!r}")
+        if distributed and not (torch.distributed.is_available()
+                                and torch.distributed.is_initialized()):
+            raise RuntimeError(f"{who}: distributed=True needs torch.distributed to be "
+                               "initialised first (torch.distributed.init_process_group)")
+        self.distributed = distributed
+        self.process_group = process_group
         skip_modules = validate_skip_modules(model, skip_modules, who)
         # Unsupported layers are not an error here: they get the K = C = I update (SGD).
         self.adapters = find_adapters(model, skip_modules, who, warn=False)
@@ -204,6 +225,7 @@ class SINGD(torch.optim.Optimizer):
         self.capture = CurvatureCapture(self.adapters, kfac_approx=kfac_approx,
                                         loss_average=loss_average, backend=backend,
                                         loss_scale=self._loss_scale, train_only=True).attach()
+        self.capture.accumulation_steps = grad_accumulation_steps
         self._arm_capture()
 
     def add_param_group(self, param_group: dict) -> None:
@@ -288,6 +310,11 @@ class SINGD(torch.optim.Optimizer):
         update_factors = self.steps % self.T == 0
         fused_factors = (self.fused and not self.normalize_lr_cov
                          and all(c is Diagonal for c in self.structure_classes))
+        if update_factors and self._is_distributed():
+            # U and G of the loss DDP optimises (see kfac_kernels.distributed); no
+            # decompositions to share: every rank updates K and C from the same statistics.
+            dist_utils.allreduce_capture(self.capture, sorted(self.adapters),
+                                         self._statistics_template, self.process_group)
         if update_factors and fused_factors:
             for name in mats:
                 if name not in self.factors:
@@ -308,6 +335,17 @@ class SINGD(torch.optim.Optimizer):
         self.steps += 1
         self._arm_capture()
         return loss
+
+    def _is_distributed(self) -> bool:
+        if self.distributed is None:
+            return dist_utils.is_active(self.process_group)
+        return self.distributed
+
+    def _statistics_template(self, name: str):
+        ad = self.adapters[name]
+        kw = dict(dtype=self.capture.dtype_of(name), device=ad.weight.device)
+        g, da, dg = ad.groups, ad.in_features_per_group, ad.out_features_per_group
+        return torch.zeros(g, da, da, **kw), torch.zeros(g, dg, dg, **kw)
 
     def _update_factors(self, name: str, state) -> None:
         pair = self.capture.factors(name)
