@@ -237,15 +237,31 @@ class TwoLevel:
         if self.coarse_method == "sums":
             s = torch.cat([a.sum(-1) for a, _ in vectors])        # (units, N)
             t = torch.cat([g.sum(-1) for _, g in vectors])
-            batch = {"sum_A": s @ s.T / n, "sum_G": t @ t.T}
+            batch = {"sum_A": s @ s.T, "sum_G": t @ t.T}
         else:
             a_all = [a[grp] for a, _ in vectors for grp in range(a.shape[0])]   # (N, D_u)
             g_all = [g[grp] for _, g in vectors for grp in range(g.shape[0])]
             batch = {}
             for u in range(len(a_all)):
                 for v in range(u + 1):
-                    batch[f"A{u},{v}"] = a_all[u].T @ a_all[v] / n
+                    batch[f"A{u},{v}"] = a_all[u].T @ a_all[v]
                     batch[f"G{u},{v}"] = g_all[u].T @ g_all[v]
+        scale_g = 1.0
+        if self.inner._is_distributed():
+            # As for the factors: the A side pooled over all ranks' examples, the G side
+            # averaged over ranks (kfac_kernels.distributed), so every rank gets the same F_coarse.
+            keys = sorted(batch)
+            ref = batch[keys[0]]
+            flat = torch.cat([batch[k].reshape(-1) for k in keys] + [ref.new_tensor([float(n)])])
+            torch.distributed.all_reduce(flat, group=self.inner.process_group)
+            at = 0
+            for k in keys:
+                batch[k] = flat[at:at + batch[k].numel()].reshape(batch[k].shape)
+                at += batch[k].numel()
+            n = float(flat[-1])
+            scale_g = 1.0 / torch.distributed.get_world_size(self.inner.process_group)
+        batch = {k: (v / n if k.startswith(("sum_A", "A")) else v * scale_g)
+                 for k, v in batch.items()}
         if not all(bool(torch.isfinite(t).all()) for t in batch.values()):
             self.inner._warn_once("twolevel-nonfinite", (
                 f"{type(self).__name__}: non-finite coarse statistics this step; skipped"))

@@ -46,6 +46,9 @@ def make_optimizer(method: str, model: nn.Module, accumulate: int):
     common = dict(factor_update_steps=1, inv_update_steps=2, grad_accumulation_steps=accumulate)
     if method == "kfac":
         precond = KFAC(model, damping=0.1, **common)
+    elif method == "twolevel":
+        from kfac_kernels import TwoLevel
+        precond = TwoLevel(KFAC(model, damping=0.1, **common), coarse_damping=0.05)
     elif method == "bdkfac":
         precond = BDKFAC(model, num_blocks=2, damping=0.1, kl_clip=None, **common)
     elif method == "singd":
