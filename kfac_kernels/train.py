@@ -1,10 +1,17 @@
-"""``kfac-train``: train a small CNN on scikit-learn's digits with SGD, AdamW or K-FAC.
+"""``kfac-train``: train a small workload with any optimizer of the package, or compare several.
 
 Examples::
 
     kfac-train --optimizer kfac --steps 300
     kfac-train --optimizer adamw --steps 300 --seed 1 --json adamw.json
     kfac-train --optimizer sgd --dtype float64 --no-progress
+    kfac-train --task char-lm --optimizer kfac --steps 300
+    kfac-train --compare adamw,kfac,singd-diagonal --seeds 0,1,2 --plot out.png
+
+Workloads (``--task``, :mod:`kfac_kernels.workloads`): ``digits`` (default), ``char-lm``,
+``deep-linear``, ``graphs``; none needs a download. ``--compare`` (:mod:`kfac_kernels.compare`)
+runs several optimizers with the same seeds and data order, each run in a fresh process, and
+prints steps and wall time to the target metric, final metrics and peak memory.
 
 For a given ``--seed`` every optimizer starts from the same initial weights and sees the same
 mini-batches in the same order (they are drawn by a dedicated seeded ``torch.Generator``), so runs
@@ -29,8 +36,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .data import load_digits_split
-from .models import build_digits_cnn, num_parameters
+from .models import num_parameters
+from .workloads import WORKLOADS
 
 SINGD_OPTIMIZERS = ("ingd", "ikfac", "singd-dense", "singd-diagonal", "singd-block-diagonal",
                     "singd-hierarchical", "singd-lower-triangular",
@@ -59,7 +66,26 @@ DEFAULT_LR.update({name: 0.05 for name in SINGD_OPTIMIZERS})
 DEFAULT_WEIGHT_DECAY.update({name: 0.0 for name in SINGD_OPTIMIZERS})
 SINGD_DEFAULTS = {"lr_cov": 3e-4, "damping": 1e-3, "alpha1": 0.5, "T": 1, "block_size": 16}
 
-SPLIT_SEED = 0  # the train/test split is the same for every run
+# Per-task learning rates (other tasks than digits), from the sweep of bench/sweep_train.py with
+# the same budget for every optimizer (results: bench/results/sweep_<task>.json). Missing entries
+# fall back to DEFAULT_LR.
+TASK_DEFAULT_LR: dict[str, dict[str, float]] = {}
+
+
+def default_lr(task: str, optimizer: str) -> float:
+    return TASK_DEFAULT_LR.get(task, {}).get(optimizer, DEFAULT_LR[optimizer])
+
+
+def _target(text: str) -> tuple[str, float]:
+    metric, sep, value = text.partition("=")
+    if not sep or metric not in ("test_accuracy", "test_loss", "train_loss"):
+        raise argparse.ArgumentTypeError(
+            f"expected METRIC=VALUE with METRIC test_accuracy, test_loss or train_loss, got "
+            f"{text!r}")
+    try:
+        return metric, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number after '=', got {value!r}") from None
 
 
 def _positive_int(text: str) -> int:
@@ -112,12 +138,21 @@ def _momentum(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kfac-train",
-        description="Train a small CNN on scikit-learn's digits data set (bundled, offline) with "
-                    "SGD, AdamW or K-FAC (SGD with momentum, K-FAC preconditioned) and report "
-                    "train/test loss, accuracy and wall time.",
+        description="Train a small workload (no download) with SGD, AdamW, K-FAC, BD-KFAC or the "
+                    "SINGD family and report train/test loss, accuracy, wall time and steps to a "
+                    "target; or compare several optimizers (--compare).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--task", choices=tuple(WORKLOADS), default="digits",
+                        help="workload: " + "; ".join(f"{k}: {w.description}"
+                                                      for k, w in WORKLOADS.items()))
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="kfac",
                         help="optimizer to train with")
+    parser.add_argument("--target", type=_target, default=None,
+                        help="METRIC=VALUE to record steps and time to (default per task: " +
+                             ", ".join(f"{k} {w.target[0]}={w.target[1]:g}"
+                                       for k, w in WORKLOADS.items()) + ")")
+    parser.add_argument("--eval-every", type=_positive_int, default=25,
+                        help="evaluate on the test set every this many steps (not timed)")
     parser.add_argument("--steps", type=_positive_int, default=300, help="optimizer steps")
     parser.add_argument("--batch-size", type=_positive_int, default=64, help="mini-batch size")
     parser.add_argument("--lr", type=_positive_float, default=None,
@@ -180,6 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="record the training loss every this many steps (history, progress "
                           "bar)")
     out.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
+    cmp = parser.add_argument_group("comparison")
+    cmp.add_argument("--compare", metavar="A,B,...", default=None,
+                     help="compare these optimizers (each with its defaults unless --lr etc. "
+                          "are given) on the same seeds and data order")
+    cmp.add_argument("--seeds", metavar="S,...", default=None,
+                     help="seeds of a comparison (default: --seed)")
+    cmp.add_argument("--plot", metavar="PATH", default=None,
+                     help="with --compare: write a PNG of loss/metric against steps and time")
     return parser
 
 
@@ -203,7 +246,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error(f"--json {args.json}: the folder {folder} does not exist")
 
 
-def _make_singd(args: argparse.Namespace, model: nn.Module):
+def _make_singd(args: argparse.Namespace, model: nn.Module, loss_average: str = "batch"):
     """:class:`kfac_kernels.SINGD` for ``ingd`` (dense), ``ikfac`` (dense, kfac_like) and
     ``singd-<structure>``; factors are stored in the model's dtype and updated in fp32."""
     from . import SINGD
@@ -214,14 +257,15 @@ def _make_singd(args: argparse.Namespace, model: nn.Module):
                  alpha1=0.0 if kfac_like else args.alpha1, weight_decay=args.weight_decay,
                  T=args.singd_T, lr_cov=args.lr_cov, structures=structure,
                  block_size=args.block_size, kfac_approx=args.kfac_approx,
-                 loss_average="batch", kfac_like=kfac_like, backend=args.backend,
+                 loss_average=loss_average, kfac_like=kfac_like, backend=args.backend,
                  fused=args.singd_fused, normalize_lr_cov=args.normalize_lr_cov)
 
 
-def _make_optimizer(args: argparse.Namespace, model: nn.Module):
+def _make_optimizer(args: argparse.Namespace, model: nn.Module, workload=None):
     """The optimizer object to call ``zero_grad()`` / ``step()`` on."""
+    loss_average = workload.loss_average if workload is not None else "batch"
     if args.optimizer in SINGD_OPTIMIZERS:
-        return _make_singd(args, model)
+        return _make_singd(args, model, loss_average)
     params = model.parameters()
     if args.optimizer == "sgd":
         return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum,
@@ -236,7 +280,7 @@ def _make_optimizer(args: argparse.Namespace, model: nn.Module):
                          factor_decay=args.factor_decay,
                          factor_update_steps=args.factor_update_steps,
                          inv_update_steps=args.inv_update_steps, kfac_approx=args.kfac_approx,
-                         kl_clip=args.kl_clip, loss_average="batch", backend=args.backend)
+                         kl_clip=args.kl_clip, loss_average=loss_average, backend=args.backend)
         return PreconditionedOptimizer(base, precond)
     base = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum,
                            weight_decay=args.weight_decay)
@@ -244,26 +288,66 @@ def _make_optimizer(args: argparse.Namespace, model: nn.Module):
                    factor_update_steps=args.factor_update_steps,
                    inv_update_steps=args.inv_update_steps, kfac_approx=args.kfac_approx,
                    damping_form=args.damping_form, kl_clip=args.kl_clip,
-                   loss_average="batch", backend=args.backend)
+                   loss_average=loss_average, backend=args.backend)
     return PreconditionedOptimizer(base, precond)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-             batch_size: int = 1024) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of ``model`` on ``(x, y)``, in eval mode."""
+def evaluate(workload, model: nn.Module, x, y: torch.Tensor,
+             batch_size: int = 256) -> tuple[float, float]:
+    """(mean loss, accuracy) of ``model`` on ``(x, y)`` in eval mode; for sequences, per token."""
     was_training = model.training
     model.eval()
-    loss = torch.zeros((), dtype=torch.float64, device=x.device)
-    correct = torch.zeros((), dtype=torch.int64, device=x.device)
-    for start in range(0, x.shape[0], batch_size):
-        logits = model(x[start:start + batch_size]).float()
-        target = y[start:start + batch_size]
-        loss += nn.functional.cross_entropy(logits, target, reduction="sum").double()
-        correct += (logits.argmax(1) == target).sum()
+    loss, weight, correct, total = 0.0, 0, 0, 0
+    n = int(y.shape[0])
+    for start in range(0, n, batch_size):
+        idx = torch.arange(start, min(start + batch_size, n), device=y.device)
+        out = model(workload.inputs(x, idx)).float()
+        target = y[idx]
+        count = int(target.numel()) if out.dim() > 2 or target.dim() > 1 else int(idx.numel())
+        loss += float(workload.loss(out, target)) * count
+        weight += count
+        c, t = workload.correct(out, target)
+        correct += c
+        total += t
     model.train(was_training)
-    n = max(int(x.shape[0]), 1)
-    return float(loss) / n, int(correct) / n
+    return loss / max(weight, 1), correct / max(total, 1)
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size so far."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm", encoding="utf-8") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def state_bytes(optimizer) -> int:
+    """Bytes of every tensor the optimizer (and its preconditioner) keeps between steps."""
+    seen, total = set(), 0
+
+    def walk(obj):
+        nonlocal total
+        if isinstance(obj, torch.Tensor):
+            key = (obj.data_ptr(), obj.numel(), obj.dtype)
+            if key not in seen and obj.numel():
+                seen.add(key)
+                total += obj.numel() * obj.element_size()
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                walk(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                walk(v)
+
+    walk(optimizer.state_dict())
+    return total
 
 
 class BatchSampler:
@@ -306,54 +390,77 @@ def _run(args: argparse.Namespace) -> dict:
 
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
+    workload = WORKLOADS[args.task]
+    target_metric, target_value = args.target or workload.target
     torch.manual_seed(args.seed)
-    data = load_digits_split(SPLIT_SEED, dtype=dtype, device=device)
-    model = build_digits_cnn(args.seed, dtype=dtype, device=device)
+    data = workload.load(dtype, device)
+    model = workload.build_model(args.seed, dtype, device, data)
     model.train()
-    optimizer = _make_optimizer(args, model)
-    loss_fn = nn.CrossEntropyLoss()
-    sampler = BatchSampler(data.x_train.shape[0], args.batch_size, args.seed, device)
-
-    history = []
-    run_loss = torch.zeros((), dtype=torch.float64, device=device)
-    run_correct = torch.zeros((), dtype=torch.int64, device=device)
-    run_steps = 0
-    bar = tqdm(total=args.steps, desc=f"kfac-train {args.optimizer}", unit="step",
-               disable=args.no_progress, file=sys.stderr, dynamic_ncols=True)
+    optimizer = _make_optimizer(args, model, workload)
+    sampler = BatchSampler(data.train_size, args.batch_size, args.seed, device)
+    rss_start = current_rss_bytes()
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
+        torch.cuda.reset_peak_memory_stats(device)
+        cuda_start = torch.cuda.memory_allocated(device)
+
+    history, evals = [], []
+    reached = None
+    run_loss = torch.zeros((), dtype=torch.float64, device=device)
+    run_steps = 0
+    bar = tqdm(total=args.steps, desc=f"kfac-train {args.task} {args.optimizer}", unit="step",
+               disable=args.no_progress, file=sys.stderr, dynamic_ncols=True)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def check_target(step, elapsed, metrics):
+        nonlocal reached
+        value = metrics[target_metric]
+        hit = value >= target_value if target_metric.endswith("accuracy") else value <= target_value
+        if reached is None and hit:
+            reached = {"step": step, "elapsed_s": elapsed}
+
+    sync()
+    train_time = 0.0
     for step in range(1, args.steps + 1):
+        t0 = time.perf_counter()
         idx = sampler.next()
-        x, y = data.x_train[idx], data.y_train[idx]
+        x, y = workload.inputs(data.x_train, idx), data.y_train[idx]
         optimizer.zero_grad(set_to_none=True)
-        logits = model(x).float()  # the loss in fp32 also for bf16 models
-        loss = loss_fn(logits, y)
+        loss = workload.loss(model(x), y)  # the loss in fp32 also for bf16 models
         loss.backward()
         optimizer.step()
-        # Accumulated on the device; read back (a sync) only every --log-every steps.
         run_loss += loss.detach().double()
-        run_correct += (logits.detach().argmax(1) == y).sum()
         run_steps += 1
+        sync()
+        train_time += time.perf_counter() - t0
+        # Read back (a sync) only every --log-every steps; evaluation is not timed.
         if step % args.log_every == 0 or step == args.steps:
             mean_loss = float(run_loss) / run_steps
-            accuracy = int(run_correct) / (run_steps * args.batch_size)
-            history.append({"step": step, "train_batch_loss": mean_loss,
-                            "train_batch_accuracy": accuracy,
-                            "elapsed_s": time.perf_counter() - start})
-            bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{accuracy:.3f}", refresh=False)
+            history.append({"step": step, "train_batch_loss": mean_loss, "elapsed_s": train_time})
+            bar.set_postfix(loss=f"{mean_loss:.4f}", refresh=False)
             bar.update(run_steps)
             run_loss.zero_()
-            run_correct.zero_()
             run_steps = 0
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    wall = time.perf_counter() - start
+        if step % args.eval_every == 0 or step == args.steps:
+            test_loss, test_acc = evaluate(workload, model, data.x_test, data.y_test)
+            metrics = {"step": step, "elapsed_s": train_time, "test_loss": test_loss,
+                       "test_accuracy": test_acc, "train_loss": history[-1]["train_batch_loss"]
+                       if history else float("nan")}
+            evals.append(metrics)
+            check_target(step, train_time, metrics)
     bar.close()
+    wall = train_time
 
-    train_loss, train_acc = evaluate(model, data.x_train, data.y_train)
-    test_loss, test_acc = evaluate(model, data.x_test, data.y_test)
+    train_loss, train_acc = evaluate(workload, model, data.x_train, data.y_train)
+    test_loss, test_acc = evaluate(workload, model, data.x_test, data.y_test)
+    peak = {"peak_rss_bytes": peak_rss_bytes(),
+            "peak_rss_growth_bytes": max(0, peak_rss_bytes() - rss_start)}
+    if device.type == "cuda":
+        peak["peak_cuda_extra_bytes"] = torch.cuda.max_memory_allocated(device) - cuda_start
     return {
+        "task": args.task,
         "optimizer": args.optimizer,
         "steps": args.steps,
         "batch_size": args.batch_size,
@@ -369,16 +476,22 @@ def _run(args: argparse.Namespace) -> dict:
         "dtype": args.dtype,
         "threads": torch.get_num_threads(),
         "num_parameters": num_parameters(model),
-        "num_train": int(data.x_train.shape[0]),
-        "num_test": int(data.x_test.shape[0]),
+        "num_train": data.train_size,
+        "num_test": int(data.y_test.shape[0]),
         "train_loss": train_loss,
         "train_accuracy": train_acc,
         "test_loss": test_loss,
         "test_accuracy": test_acc,
+        "target": {"metric": target_metric, "value": target_value,
+                   "reached_at_step": None if reached is None else reached["step"],
+                   "reached_after_s": None if reached is None else reached["elapsed_s"]},
         "wall_time_s": wall,
         "steps_per_s": args.steps / wall if wall > 0 else float("inf"),
+        "optimizer_state_bytes": state_bytes(optimizer),
+        **peak,
         "torch_version": torch.__version__,
         "history": history,
+        "evaluations": evals,
     }
 
 
@@ -387,19 +500,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
+    if args.compare is not None:
+        from .compare import compare_main
+        return compare_main(parser, args, argv)
+    if args.plot is not None or args.seeds is not None:
+        parser.error("--plot and --seeds apply to --compare")
     if args.lr is None:
-        args.lr = DEFAULT_LR[args.optimizer]
+        args.lr = default_lr(args.task, args.optimizer)
     if args.weight_decay is None:
         args.weight_decay = DEFAULT_WEIGHT_DECAY[args.optimizer]
 
     result = run(args)
 
-    print(f"optimizer {result['optimizer']}  steps {result['steps']}  batch size "
-          f"{result['batch_size']}  lr {result['lr']:g}  seed {result['seed']}  device "
-          f"{result['device']}  dtype {result['dtype']}")
+    print(f"task {result['task']}  optimizer {result['optimizer']}  steps {result['steps']}  "
+          f"batch size {result['batch_size']}  lr {result['lr']:g}  seed {result['seed']}  "
+          f"device {result['device']}  dtype {result['dtype']}")
     print(f"train loss {result['train_loss']:.4f}  train accuracy {result['train_accuracy']:.4f}")
     print(f"test  loss {result['test_loss']:.4f}  test  accuracy {result['test_accuracy']:.4f}")
-    print(f"wall time {result['wall_time_s']:.2f} s  ({result['steps_per_s']:.1f} steps/s)")
+    target = result["target"]
+    reached = (f"reached at step {target['reached_at_step']} after "
+               f"{target['reached_after_s']:.2f} s" if target["reached_at_step"] is not None
+               else "not reached")
+    print(f"target {target['metric']}={target['value']:g}: {reached}")
+    print(f"wall time {result['wall_time_s']:.2f} s  ({result['steps_per_s']:.1f} steps/s, "
+          "training only)")
     if not math.isfinite(result["train_loss"]):
         print("warning: the training loss is not finite (diverged); try a smaller --lr",
               file=sys.stderr)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import math
 import os
 import shutil
@@ -43,7 +44,16 @@ def _check_metrics(result: dict, optimizer: str, steps: int) -> None:
     assert steps_logged == sorted(steps_logged) and steps_logged[-1] == steps
     for entry in result["history"]:
         assert math.isfinite(entry["train_batch_loss"])
-        assert 0.0 <= entry["train_batch_accuracy"] <= 1.0
+        assert entry["elapsed_s"] > 0
+    evals = result["evaluations"]
+    assert evals and evals[-1]["step"] == steps
+    assert evals[-1]["test_accuracy"] == pytest.approx(result["test_accuracy"])
+    target = result["target"]
+    assert target["metric"] == "test_accuracy" and target["value"] == 0.97
+    if target["reached_at_step"] is not None:  # the first evaluation that met the target
+        first = next(e for e in evals if e["test_accuracy"] >= 0.97)
+        assert target["reached_at_step"] == first["step"]
+    assert result["optimizer_state_bytes"] >= 0 and result["peak_rss_bytes"] > 0
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw", "kfac"])
@@ -208,3 +218,46 @@ def test_num_blocks_only_for_bdkfac(capsys):
     with pytest.raises(SystemExit):
         main(["--optimizer", "kfac", "--num-blocks", "2", "--no-progress"])
     assert "--num-blocks only applies to --optimizer bdkfac" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task", ["char-lm", "deep-linear", "graphs"])
+@pytest.mark.parametrize("optimizer", ["adamw", "kfac"])
+def test_other_tasks_train(tmp_path, task, optimizer):
+    result = _train(tmp_path, "--task", task, "--optimizer", optimizer, "--steps", "30",
+                    "--batch-size", "16", "--eval-every", "15", "--log-every", "10")
+    assert result["task"] == task
+    assert math.isfinite(result["train_loss"]) and math.isfinite(result["test_loss"])
+    first_loss = result["history"][0]["train_batch_loss"]
+    assert result["history"][-1]["train_batch_loss"] < first_loss  # it learns something
+    assert [e["step"] for e in result["evaluations"]] == [15, 30]
+
+
+def test_compare_table_json_and_plot(tmp_path, capsys):
+    out, png = tmp_path / "cmp.json", tmp_path / "cmp.png"
+    assert main(["--compare", "adamw,kfac", "--steps", "30", "--seeds", "0,1",
+                 "--eval-every", "10", "--target", "test_accuracy=0.5", "--no-progress",
+                 "--json", str(out), "--plot", str(png)]) == 0
+    text = capsys.readouterr().out
+    assert "optimizer | target reached | steps to target" in text
+    data = json.loads(out.read_text())
+    assert [r["optimizer"] for r in data["summary"]] == ["adamw", "kfac"]
+    for row in data["summary"]:
+        assert row["seeds"] == [0, 1] and row["target"] == "test_accuracy=0.5"
+        runs = data["runs"][row["optimizer"]]
+        # the median over seeds of the runs' own steps to target
+        steps = [r["target"]["reached_at_step"] for r in runs]
+        if None not in steps:
+            assert row["median_steps_to_target"] == statistics.median(steps)
+    assert png.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--compare", "adamw,lbfgs"], "--compare: unknown optimizer(s) ['lbfgs']"),
+    (["--compare", "adamw", "--seeds", "a,b"], "--seeds: expected comma-separated integers"),
+    (["--plot", "x.png"], "--plot and --seeds apply to --compare"),
+    (["--target", "accuracy=3"], "expected METRIC=VALUE"),
+])
+def test_compare_bad_arguments(capsys, argv, message):
+    with pytest.raises(SystemExit):
+        main(argv + ["--no-progress"])
+    assert message in capsys.readouterr().err

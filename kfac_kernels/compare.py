@@ -1,0 +1,190 @@
+"""``kfac-train --compare a,b,c``: several optimizers, the same seeds and data order.
+
+Every (optimizer, seed) run is a fresh ``kfac-train`` process (so its peak memory is its own)
+with the same task, steps, batch size and evaluation schedule; an optimizer not given ``--lr``
+etc. uses its defaults. The table reports, per optimizer, medians over the seeds: steps and
+training time to the target metric (runs that never reach it count as not reached), the final
+train loss and test metric, steps per second, the peak resident-set growth of the process during
+training and the optimizer's state. ``--plot`` draws loss and test metric against steps and
+against training time (mean over seeds); ``--json`` has every run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+# Options that are forwarded to every run unless they are at their parser default.
+_FORWARD = ("task", "steps", "batch_size", "lr", "momentum", "weight_decay", "device", "threads",
+            "dtype", "damping", "kfac_approx", "damping_form", "factor_decay",
+            "factor_update_steps", "inv_update_steps", "kl_clip", "num_blocks", "backend",
+            "lr_cov", "singd_damping", "alpha1", "singd_T", "block_size", "target",
+            "eval_every", "log_every")
+_SECOND_ORDER_ONLY = {"damping", "kfac_approx", "damping_form", "factor_decay",
+                      "factor_update_steps", "inv_update_steps", "kl_clip", "num_blocks"}
+_SINGD_ONLY = {"lr_cov", "singd_damping", "alpha1", "singd_T", "block_size"}
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _run_args(parser: argparse.ArgumentParser, args: argparse.Namespace, optimizer: str,
+              seed: int, out: str) -> list[str]:
+    from .train import SECOND_ORDER, SINGD_OPTIMIZERS
+
+    argv = ["--optimizer", optimizer, "--seed", str(seed), "--json", out]
+    for dest in _FORWARD:
+        value = getattr(args, dest)
+        if value == parser.get_default(dest):
+            continue
+        if dest in _SECOND_ORDER_ONLY and optimizer not in SECOND_ORDER:
+            continue
+        if dest in _SINGD_ONLY and optimizer not in SINGD_OPTIMIZERS:
+            continue
+        if dest == "target":
+            value = f"{value[0]}={value[1]}"
+        argv += [_flag(dest), str(value)]
+    if args.no_progress:
+        argv.append("--no-progress")
+    return argv
+
+
+def _median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def summarise(runs: dict[str, list[dict]]) -> list[dict]:
+    rows = []
+    for optimizer, results in runs.items():
+        reached = [r["target"]["reached_at_step"] for r in results]
+        rows.append({
+            "optimizer": optimizer,
+            "seeds": [r["seed"] for r in results],
+            "lr": results[0]["lr"],
+            "target": results[0]["target"]["metric"] + "=" + f"{results[0]['target']['value']:g}",
+            "reached": sum(s is not None for s in reached),
+            "median_steps_to_target": _median(reached) if all(s is not None for s in reached)
+            else None,
+            "median_time_to_target_s": _median([r["target"]["reached_after_s"] for r in results])
+            if all(s is not None for s in reached) else None,
+            "steps_to_target": reached,
+            "median_train_loss": _median([r["train_loss"] for r in results]),
+            "median_test_loss": _median([r["test_loss"] for r in results]),
+            "median_test_accuracy": _median([r["test_accuracy"] for r in results]),
+            "median_steps_per_s": _median([r["steps_per_s"] for r in results]),
+            "median_peak_rss_growth_bytes": _median([r["peak_rss_growth_bytes"] for r in results]),
+            "optimizer_state_bytes": results[0]["optimizer_state_bytes"],
+        })
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    head = ("optimizer", "target reached", "steps to target", "time to target", "train loss",
+            "test loss", "test acc", "steps/s", "peak RSS +", "state")
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    for r in rows:
+        steps = "-" if r["median_steps_to_target"] is None else f"{r['median_steps_to_target']:g}"
+        secs = ("-" if r["median_time_to_target_s"] is None
+                else f"{r['median_time_to_target_s']:.2f} s")
+        lines.append(" | ".join([
+            r["optimizer"], f"{r['reached']}/{len(r['seeds'])}", steps, secs,
+            f"{r['median_train_loss']:.4f}", f"{r['median_test_loss']:.4f}",
+            f"{r['median_test_accuracy']:.4f}", f"{r['median_steps_per_s']:.1f}",
+            f"{r['median_peak_rss_growth_bytes'] / 2**20:.1f} MiB",
+            f"{r['optimizer_state_bytes'] / 2**20:.2f} MiB"]))
+    return "\n".join(lines)
+
+
+def plot(runs: dict[str, list[dict]], path: str, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    metric = next(iter(runs.values()))[0]["target"]["metric"]
+    shown = "test_accuracy" if metric.endswith("accuracy") else "test_loss"
+    for optimizer, results in runs.items():
+        hist = [r["history"] for r in results]
+        steps = [h["step"] for h in hist[0]]
+        loss = [statistics.fmean(h[i]["train_batch_loss"] for h in hist) for i in range(len(steps))]
+        time_ = [statistics.fmean(h[i]["elapsed_s"] for h in hist) for i in range(len(steps))]
+        evals = [r["evaluations"] for r in results]
+        e_steps = [e["step"] for e in evals[0]]
+        e_val = [statistics.fmean(e[i][shown] for e in evals) for i in range(len(e_steps))]
+        e_time = [statistics.fmean(e[i]["elapsed_s"] for e in evals) for i in range(len(e_steps))]
+        axes[0, 0].plot(steps, loss, label=optimizer)
+        axes[0, 1].plot(time_, loss, label=optimizer)
+        axes[1, 0].plot(e_steps, e_val, label=optimizer)
+        axes[1, 1].plot(e_time, e_val, label=optimizer)
+    for ax in axes[0]:
+        ax.set_yscale("log")
+        ax.set_ylabel("training loss (batch mean)")
+    for ax in axes[1]:
+        ax.set_ylabel(shown.replace("_", " "))
+    for ax in axes[:, 0]:
+        ax.set_xlabel("step")
+    for ax in axes[:, 1]:
+        ax.set_xlabel("training time (s)")
+    axes[0, 0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def compare_main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv) -> int:
+    from .train import OPTIMIZERS
+
+    optimizers = [o.strip() for o in args.compare.split(",") if o.strip()]
+    unknown = [o for o in optimizers if o not in OPTIMIZERS]
+    if not optimizers or unknown:
+        parser.error(f"--compare: unknown optimizer(s) {unknown}; choose from "
+                     f"{', '.join(OPTIMIZERS)}")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
+    except ValueError:
+        parser.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("--plot needs matplotlib (pip install matplotlib)")
+        folder = os.path.dirname(os.path.abspath(args.plot))
+        if not os.path.isdir(folder):
+            parser.error(f"--plot {args.plot}: the folder {folder} does not exist")
+    runs: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for optimizer in optimizers:
+            for seed in seeds:
+                out = os.path.join(tmp, f"{optimizer}-{seed}.json")
+                cmd = [sys.executable, "-m", "kfac_kernels.train",
+                       *_run_args(parser, args, optimizer, seed, out)]
+                proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+                if proc.returncode != 0:
+                    print(proc.stdout, file=sys.stderr)
+                    print(f"kfac-train --compare: the run of {optimizer} (seed {seed}) failed "
+                          f"with exit status {proc.returncode}", file=sys.stderr)
+                    return proc.returncode
+                with open(out, encoding="utf-8") as fh:
+                    runs.setdefault(optimizer, []).append(json.load(fh))
+    rows = summarise(runs)
+    first = next(iter(runs.values()))[0]
+    print(f"task {first['task']}, {first['steps']} steps, batch size {first['batch_size']}, "
+          f"seeds {seeds}, device {first['device']}, dtype {first['dtype']} (medians over seeds)")
+    print(table(rows))
+    if args.plot is not None:
+        plot(runs, args.plot, f"{first['task']}: {', '.join(optimizers)} (mean over seeds "
+                              f"{seeds})")
+        print(f"wrote {args.plot}")
+    if args.json is not None:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump({"summary": rows, "runs": runs}, fh, indent=1)
+            fh.write("\n")
+        print(f"wrote {args.json}")
+    return 0
