@@ -20,8 +20,9 @@ gets::
     unfold_bytes (the im2col tensor eager builds: N * C * kh * kw * R elements),
     temporaries_bytes = peak_extra_bytes - output_bytes, temporaries_2n_bytes (the same at twice
     the batch), no_unfold (the temporaries grow by less than a quarter of the unfold size when
-    the batch doubles: an unfolded tensor would grow by all of it; the kernels' tile accumulators
-    and packed panels depend on D and the tile sizes, not on N),
+    the batch doubles: an unfolded tensor would grow by all of it; the CPU kernel's per-thread
+    tiles depend on the tile sizes only, its packed panel on D, and on N up to about an eighth
+    of the unfold and a fixed cap),
     oom / eager_oom (an allocation failure, recorded as such)
 
 ``gflops`` counts the full products although the kernels compute one triangle, so
@@ -410,7 +411,8 @@ def _mib(v) -> str:
 
 def print_table(records: list[dict]) -> None:
     head = (f"{'case':58s} {'thr':>3s} {'backend':7s} {'t_backend ms':>12s} {'t_eager ms':>11s} "
-            f"{'speedup':>8s} {'peak MiB':>9s} {'out MiB':>8s} {'tmp 2N':>7s} {'eager pk':>9s} "
+            f"{'speedup':>8s} {'peak MiB':>9s} {'out MiB':>8s} {'tmp MiB':>8s} {'tmp 2N':>7s} "
+            f"{'eager pk':>9s} "
             f"{'unfold MiB':>10s}")
     print(head)
     for r in records:
@@ -421,7 +423,7 @@ def print_table(records: list[dict]) -> None:
               f"{r['backend_median_s'] * 1e3:12.2f} "
               f"{r['eager_median_s'] * 1e3:11.2f} {r['speedup_vs_eager']:8.2f} "
               f"{_mib(r.get('peak_extra_bytes')):>9s} {_mib(r.get('output_bytes')):>8s} "
-              f"{_mib(r.get('temporaries_2n_bytes')):>7s} "
+              f"{_mib(r.get('temporaries_bytes')):>8s} {_mib(r.get('temporaries_2n_bytes')):>7s} "
               f"{_mib(r.get('eager_peak_extra_bytes')):>9s} {_mib(r['unfold_bytes']):>10s}")
 
 

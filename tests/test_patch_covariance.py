@@ -939,6 +939,26 @@ def test_kfac_with_cpu_kernels_never_unfolds(make_cnn, monkeypatch, kfac_approx)
         assert conv_names and all(n in precond.factors for n in conv_names)
 
 
+@needs_cpu_kernel
+@pytest.mark.parametrize("kwargs", [dict(mode="expand"), dict(mode="reduce"),
+                                    dict(mode="expand", num_blocks=2)], ids=str)
+def test_cpu_temporaries_far_below_the_unfold(kwargs):
+    """Extra memory beyond the returned factor, measured in a fresh process (peak resident size,
+    bench/memory.py): far below the unfolded input even where the factor has many tiles (D = 2304:
+    666 tile pairs, whose private accumulators alone would take 10.9 MB against a 4.7 MB unfold)."""
+    from bench.memory import peak_extra_memory
+
+    n, c, hw, k = 32, 256, 4, 3
+    unfold_bytes = n * c * k * k * hw * hw * 4
+    mem = peak_extra_memory({"shape": [n, c, hw, hw], "dtype": "float32", "threads": 2,
+                             "call": "kfac_kernels.ops:patch_covariance", "args": [k],
+                             "kwargs": {"padding": 1, "backend": "cpu", **kwargs}})
+    d = (c // kwargs.get("num_blocks", 1)) * k * k
+    assert mem["output_bytes"] == kwargs.get("num_blocks", 1) * d * d * 4
+    temporaries = mem["peak_extra_bytes"] - mem["output_bytes"]
+    assert temporaries <= unfold_bytes / 4, (temporaries, unfold_bytes)
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU: sizes where tiling, TF32 or a split reduction would show
 

@@ -17,19 +17,25 @@
 //     into its own panel and runs the micro-kernel on it right away (a few neighbouring segments
 //     per item, chunk by chunk, so that the input lines they share are read from cache).
 //   * Larger segments pack each chunk once for all their tile pairs: a step of the loop over
-//     chunks packs chunk t (threads share it by column blocks) while the tile pairs of chunk t - 1
-//     run, in two alternating panels, so a step costs one barrier. The upper-triangle tile
-//     accumulators persist across chunks (O(D^2) memory); the panels are capped in size.
+//     chunks packs chunk t into one shared panel (threads share it by column blocks), then runs
+//     its tile pairs. The tile pairs accumulate straight into their place in out (which has to
+//     exist anyway; the lower triangle is not touched until the end), so there are no O(D^2)
+//     accumulators: the temporaries are the panel, which holds about 1/kUnfoldFraction of the
+//     unfolded matrix at most, and O(threads * tile) buffers. At the end every upper tile is read
+//     back and written out with its mirror.
 //   * When there are fewer than kTargetItems (segment, tile pair) items and many rows, the rows
-//     are also split into slices with separate accumulators, added in a fixed order at the end.
+//     are also split into slices; slices after the first have small private accumulators (at
+//     most about kTargetItems tiles), added in a fixed order at the end.
 // Every split that changes a sum depends only on the problem's shape, and every output value is
 // summed in an order that does not depend on which thread did the work, so results are bitwise
 // identical for any number of threads.
 //
 // Writing the output: a tile's values for out[i][j] and for the mirrored out[j][i] are staged in
 // small buffers (the mirrored ones through an in-register block transpose), and out is written
-// along rows only, with non-temporal stores when it is large (no read-for-ownership of lines that
-// are overwritten whole).
+// along rows only, each element once, with non-temporal stores when it is large (no
+// read-for-ownership of lines that are overwritten whole). A large output gets transparent huge
+// pages where the OS offers them (advise_huge_pages): its first write would otherwise cost more
+// in page faults than a reduce-mode factor costs to compute.
 //
 // reduce: the mean patches abar_n are box sums of the input. For a kernel row i the output rows oh
 // read the input rows h = oh * stride_h + i * dilation_h - pad_top inside [0, H), for a kernel
@@ -47,6 +53,9 @@
 
 #ifdef _OPENMP
 #include <omp.h>
+#endif
+#if defined(__linux__)
+#include <sys/mman.h>
 #endif
 
 #include "gram_tiles.h"
@@ -66,7 +75,8 @@ using gram::round_up;
 constexpr int64_t kTile = 64;               // output tile edge
 constexpr int64_t kChunk = 256;             // patch rows packed at once into a private panel
 constexpr int64_t kMaxChunk = 1024;         // ... into shared panels (fewer steps and barriers)
-constexpr int64_t kMinChunk = 128;          // fewest (when shared panels would be very large)
+constexpr int64_t kMinChunk = 32;           // fewest (when shared panels would be very large)
+constexpr int64_t kUnfoldFraction = 8;      // shared panels: at most ~1/8 of the unfolded input
 constexpr int64_t kKc = 128;                // rows per micro-kernel call (two-level summation)
 constexpr int64_t kMinRowsPerSlice = 1024;  // never split the rows into slices shorter than this
 constexpr int64_t kTargetItems = 16;        // split rows until there are about this many items
@@ -260,7 +270,10 @@ struct PanelTile {
   int64_t ci, wi;        // first column and width of tile row ti
   int64_t cj, wj;        // first column and width of tile column tj
   bool diag;             // ti == tj: only the upper triangle is needed
-  T* c;                  // kTile x kTile accumulator (row stride kTile), added to
+  T* c;                  // the tile's accumulator (row stride ldc), added to
+  int64_t ldc;           // kTile for a private tile, D when c is the tile's place in out
+  bool exact;            // c holds only wi x wj values (it is out): a micro-kernel block that
+                         // reaches past them is computed into a register-sized buffer first
   bool overwrite;        // the first rows' sums are stored to c rather than added (c = sum):
                          // c's blocks below the diagonal of a diagonal tile are then not set
 };
@@ -274,27 +287,38 @@ KFK_ALWAYS_INLINE void panel_tile(const PanelTile<T>& job) {
   const int64_t nbj = ceil_div(job.wj, NR);
   const int64_t last_nv = ceil_div(job.wj - (nbj - 1) * NR, VL);
   const int64_t bs = job.block_stride;
+  const int64_t ldc = job.ldc;
+  alignas(64) T edge[MR * NR];
   for (int64_t k0 = 0; k0 < job.kc; k0 += kKc) {
     const int64_t kc = std::min(kKc, job.kc - k0);
+    const bool store = job.overwrite && k0 == 0;
     for (int64_t jb = 0; jb < nbj; ++jb) {
       const T* bblk = job.panel + ((job.cj + jb * NR) / NR) * bs + k0 * NR;
+      const int64_t cols = std::min<int64_t>(NR, job.wj - jb * NR);
+      const bool narrow = NV > 1 && jb == nbj - 1 && last_nv == 1;
       for (int64_t ib = 0; ib < nbi; ++ib) {
         if (job.diag && ib * MR > jb * NR + NR - 1) break;
         const int64_t col = job.ci + ib * MR;
         const T* ablk = job.panel + (col / NR) * bs + col % NR + k0 * NR;
-        T* cblk = job.c + ib * MR * kTile + jb * NR;
+        T* cblk = job.c + ib * MR * ldc + jb * NR;
         const int64_t rows = std::min<int64_t>(MR, job.wi - ib * MR);
-        const bool narrow = NV > 1 && jb == nbj - 1 && last_nv == 1;
-        if (job.overwrite && k0 == 0) {
+        if (job.exact && (rows < MR || cols < NR)) {
+          // A block at the edge of out: its sums from zero, then stored or added in place
+          // (the same rounding as the micro-kernel's own c + sum).
+          Micro::template micro_rows<NV, NR, false>(rows, kc, ablk, bblk, edge, NR);
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t j = 0; j < cols; ++j)
+              cblk[r * ldc + j] = store ? edge[r * NR + j] : cblk[r * ldc + j] + edge[r * NR + j];
+        } else if (store) {
           if (narrow) {
-            Micro::template micro_rows<1, NR, false>(rows, kc, ablk, bblk, cblk, kTile);
+            Micro::template micro_rows<1, NR, false>(rows, kc, ablk, bblk, cblk, ldc);
           } else {
-            Micro::template micro_rows<NV, NR, false>(rows, kc, ablk, bblk, cblk, kTile);
+            Micro::template micro_rows<NV, NR, false>(rows, kc, ablk, bblk, cblk, ldc);
           }
         } else if (narrow) {
-          Micro::template micro_rows<1, NR>(rows, kc, ablk, bblk, cblk, kTile);
+          Micro::template micro_rows<1, NR>(rows, kc, ablk, bblk, cblk, ldc);
         } else {
-          Micro::template micro_rows<NV, NR>(rows, kc, ablk, bblk, cblk, kTile);
+          Micro::template micro_rows<NV, NR>(rows, kc, ablk, bblk, cblk, ldc);
         }
       }
     }
@@ -443,22 +467,37 @@ KFK_ALWAYS_INLINE void copy_short(T* dst, const T* src, int64_t n) {
   for (; e < n; ++e) dst[e] = src[e];
 }
 
-template <typename Store, typename T>
+// dst[0, n) = scale * src[0, n) (kScale) or src[0, n): whole 64-byte lines of dst through Store
+// when streaming, plain stores otherwise. The scaling costs nothing here: writing out is bound by
+// memory bandwidth.
+template <typename Store, bool kScale = false, typename T>
 KFK_ALWAYS_INLINE void write_row(T* KFK_RESTRICT dst, const T* KFK_RESTRICT src, int64_t n,
-                                 bool streaming) {
+                                 bool streaming, T scale = T(1)) {
   constexpr int64_t L = 64 / sizeof(T);  // elements per line
+  alignas(64) T line[L];
+  auto scaled_line = [&](const T* s) {
+    for (int64_t l = 0; l < L; ++l) line[l] = scale * s[l];
+    return static_cast<const T*>(line);
+  };
+  auto put_short = [&](T* d, const T* s, int64_t m) {
+    if (kScale) {
+      for (int64_t e = 0; e < m; ++e) d[e] = scale * s[e];
+    } else {
+      copy_short(d, s, m);
+    }
+  };
   const uintptr_t mis = reinterpret_cast<uintptr_t>(dst) % 64;
   if (!streaming || mis % sizeof(T) != 0) {
     int64_t e = 0;
-    for (; e + L <= n; e += L) std::memcpy(dst + e, src + e, 64);
-    copy_short(dst + e, src + e, n - e);
+    for (; e + L <= n; e += L) std::memcpy(dst + e, kScale ? scaled_line(src + e) : src + e, 64);
+    put_short(dst + e, src + e, n - e);
     return;
   }
   const int64_t head = std::min<int64_t>(n, mis == 0 ? 0 : (64 - mis) / sizeof(T));
-  copy_short(dst, src, head);
+  put_short(dst, src, head);
   int64_t e = head;
-  for (; e + L <= n; e += L) Store::line(dst + e, src + e);
-  copy_short(dst + e, src + e, n - e);
+  for (; e + L <= n; e += L) Store::line(dst + e, kScale ? scaled_line(src + e) : src + e);
+  put_short(dst + e, src + e, n - e);
 }
 
 template <typename T, typename Store>
@@ -471,9 +510,18 @@ KFK_ALWAYS_INLINE void finalize_tile(const FinalizeJob<T>& f) {
   T* KFK_RESTRICT up = f.scratch;                // up[r][c]: out[ci + r][cj + c]
   T* KFK_RESTRICT lo = f.scratch + kTile * kTile;  // lo[c][r]: out[cj + c][ci + r]
   if (p.factor == nullptr) {
-    for (int64_t r = 0; r < wi; ++r)
-      for (int64_t c = 0; c < wj; ++c) up[r * kTile + c] = alpha * g[r * kTile + c];
-    transpose_tile(up, lo, wi, wj);
+    // out = alpha * g: the scaling is done while writing (both triangles round alike).
+    transpose_tile(g, lo, wi, wj);
+    for (int64_t r = 0; r < wi; ++r) {
+      const int64_t c0 = f.diag ? r : 0;
+      write_row<Store, true>(outs + (ci + r) * d + cj + c0, g + r * kTile + c0, wj - c0,
+                             f.streaming, alpha);
+    }
+    for (int64_t c = 0; c < wj; ++c) {
+      const int64_t n = f.diag ? std::min(c + 1, wi) : wi;
+      write_row<Store, true>(outs + (cj + c) * d + ci, lo + c * kTile, n, f.streaming, alpha);
+    }
+    return;
   } else {
     const T decay = static_cast<T>(p.decay);
     const T* fs = static_cast<const T*>(p.factor) + f.segment * p.factor_stride_batch;
@@ -622,6 +670,8 @@ struct TilePairs {
     j.cj = tj[q] * kTile, j.wj = std::min(kTile, d - j.cj);
     j.diag = ti[q] == tj[q];
     j.c = c;
+    j.ldc = kTile;
+    j.exact = false;
     j.overwrite = false;
     return j;
   }
@@ -657,9 +707,16 @@ void expand(const PatchCovarianceParams& p) {
   slices = std::max<int64_t>(ceil_div(M, rows_per_slice), 1);
   int64_t chunk = kChunk;
   if (!fused) {
+    // One shared panel per (slice, segment), together at most kMaxSharedPanel elements and about
+    // 1 / kUnfoldFraction of the unfolded matrix (M * S * dx elements), so that the temporaries
+    // stay far below what im2col would take.
     chunk = kMaxChunk;
-    const int64_t width = 2 * slices * S * round_up(D, kTile);  // two panels per (slice, segment)
-    while (chunk > kMinChunk && width * chunk > kMaxSharedPanel) chunk /= 2;
+    const double unfold = static_cast<double>(M) * static_cast<double>(S) * static_cast<double>(dx);
+    const int64_t width = slices * S * round_up(D, kTile);
+    while (chunk > kMinChunk &&
+           (width * chunk > kMaxSharedPanel ||
+            static_cast<double>(width * chunk) * kUnfoldFraction > unfold))
+      chunk /= 2;
   }
   chunk = std::min(chunk, round_up(rows_per_slice, kKc));
   const int64_t steps = M > 0 ? ceil_div(rows_per_slice, chunk) : 0;
@@ -741,13 +798,18 @@ void expand(const PatchCovarianceParams& p) {
     return;
   }
 
-  // Several tiles per segment. Each step packs the next chunk's panels (column blocks as work
-  // units) while the tile pairs of the current chunk run; two panels per (slice, segment)
-  // alternate, so a step needs a single barrier.
+  // Several tiles per segment. Each step packs the chunk's panels (column blocks as work units),
+  // then runs its tile pairs. Slice 0 of every (segment, pair) accumulates straight into the
+  // pair's upper-triangle tile of out, which has to exist anyway (the first step stores, the
+  // later ones add); the other slices, only present when there are few tile pairs, into small
+  // private tiles. At the end each tile is read back, the slices are added in order, and the
+  // tile is written out with its mirror. The temporaries are the panels and those few tiles:
+  // O(chunk * D) + O(kTargetItems * kTile^2), never O(D^2).
   const int64_t col_blocks = ceil_div(dx, nr);
   const int64_t npanels = slices * S;
-  Buffer<T> panels(static_cast<size_t>(2 * npanels * panel_size));
-  Buffer<T> acc(static_cast<size_t>(items * kTile * kTile));
+  T* const out = static_cast<T*>(p.out);
+  Buffer<T> panels(static_cast<size_t>(npanels * panel_size));
+  Buffer<T> partial(static_cast<size_t>((slices - 1) * base * kTile * kTile));
 #ifdef _OPENMP
 #pragma omp parallel if (parallel)
 #endif
@@ -755,45 +817,47 @@ void expand(const PatchCovarianceParams& p) {
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
-    for (int64_t u = 0; u < 2 * npanels; ++u)
+    for (int64_t u = 0; u < npanels; ++u)
       init_panel(panels.get() + u * panel_size, dpad, nr, block_stride, chunk, bias_col);
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-    for (int64_t it = 0; it < items; ++it)
-      std::memset(acc.get() + it * kTile * kTile, 0, sizeof(T) * kTile * kTile);
 
     Buffer<Run> runs(static_cast<size_t>(chunk));
     const int64_t npack = npanels * col_blocks;
-    for (int64_t t = 0; t <= steps; ++t) {
-      const int64_t ncompute = t > 0 ? items : 0;  // tile pairs of step t - 1
-      const int64_t npacking = t < steps ? npack : 0;  // panels of step t
+    for (int64_t t = 0; t < steps; ++t) {
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
-      for (int64_t u = 0; u < ncompute + npacking; ++u) {
-        if (u < ncompute) {
-          // item u = (segment, pair, slice), slices innermost
-          const int64_t s = u % slices, sp = u / slices;
-          const int64_t seg = sp / npairs, q = sp % npairs;
-          int64_t r0;
-          const int64_t kc = chunk_rows(s, t - 1, &r0);
-          if (kc <= 0) continue;
-          const T* panel = panels.get() + (((t - 1) % 2) * npanels + seg * slices + s) * panel_size;
-          kern.tile(tp.job<T>(q, panel, block_stride, kc, acc.get() + u * kTile * kTile));
+      for (int64_t v = 0; v < npack; ++v) {
+        const int64_t blk = v % col_blocks, ps = v / col_blocks;  // ps = seg * slices + s
+        const int64_t s = ps % slices, seg = ps / slices;
+        int64_t r0;
+        const int64_t kc = chunk_rows(s, t, &r0);
+        if (kc <= 0) continue;
+        const int64_t nruns = make_runs(p, R, r0, r0 + kc, runs.get());
+        pack_columns<T, In>(p, g, p.segment_start + seg * p.segment_step,
+                            panels.get() + ps * panel_size, nr, block_stride, blk * nr,
+                            std::min(dx, (blk + 1) * nr), runs.get(), nruns);
+      }
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+      for (int64_t u = 0; u < items; ++u) {
+        // item u = (segment, pair, slice), slices innermost
+        const int64_t s = u % slices, sp = u / slices;
+        const int64_t seg = sp / npairs, q = sp % npairs;
+        int64_t r0;
+        const int64_t kc = chunk_rows(s, t, &r0);
+        if (kc <= 0) continue;
+        PanelTile<T> job = tp.job<T>(q, panels.get() + (seg * slices + s) * panel_size,
+                                     block_stride, kc, static_cast<T*>(nullptr));
+        if (s == 0) {
+          job.c = out + seg * D * D + job.ci * D + job.cj;
+          job.ldc = D;
+          job.exact = true;
         } else {
-          const int64_t v = u - ncompute;
-          const int64_t blk = v % col_blocks, ps = v / col_blocks;  // ps = seg * slices + s
-          const int64_t s = ps % slices, seg = ps / slices;
-          int64_t r0;
-          const int64_t kc = chunk_rows(s, t, &r0);
-          if (kc <= 0) continue;
-          const int64_t nruns = make_runs(p, R, r0, r0 + kc, runs.get());
-          pack_columns<T, In>(p, g, p.segment_start + seg * p.segment_step,
-                              panels.get() + ((t % 2) * npanels + ps) * panel_size, nr,
-                              block_stride, blk * nr, std::min(dx, (blk + 1) * nr), runs.get(),
-                              nruns);
+          job.c = partial.get() + (sp * (slices - 1) + s - 1) * kTile * kTile;
         }
+        job.overwrite = t == 0;  // every slice has rows in the first step
+        kern.tile(job);
       }
     }
 
@@ -803,9 +867,24 @@ void expand(const PatchCovarianceParams& p) {
 #endif
     for (int64_t sp = 0; sp < base; ++sp) {
       const int64_t seg = sp / npairs, q = sp % npairs;
-      const T* total = slice_total(acc.get() + sp * slices * kTile * kTile, slices, sum.get());
       const PanelTile<T> j = tp.job<T>(q, static_cast<const T*>(nullptr), 0, 0, nullptr);
-      kern.finalize({&p, D, seg, total, scratch.get(), j.ci, j.wi, j.cj, j.wj, j.diag, streaming});
+      // The tile's sums (upper triangle only on a diagonal tile): a copy, since writing the
+      // tile out overwrites them.
+      const T* tile = out + seg * D * D + j.ci * D + j.cj;
+      T* KFK_RESTRICT acc = sum.get();
+      for (int64_t r = 0; r < j.wi; ++r) {
+        if (steps > 0) {
+          std::memcpy(acc + r * kTile, tile + r * D, sizeof(T) * j.wj);
+        } else {
+          std::memset(acc + r * kTile, 0, sizeof(T) * j.wj);
+        }
+      }
+      for (int64_t s = 1; s < slices; ++s) {
+        const T* part = partial.get() + (sp * (slices - 1) + s - 1) * kTile * kTile;
+        for (int64_t r = 0; r < j.wi; ++r)
+          for (int64_t c = 0; c < j.wj; ++c) acc[r * kTile + c] += part[r * kTile + c];
+      }
+      kern.finalize({&p, D, seg, acc, scratch.get(), j.ci, j.wi, j.cj, j.wj, j.diag, streaming});
     }
     if (streaming) kern.fence();
   }
@@ -816,13 +895,15 @@ void expand(const PatchCovarianceParams& p) {
 //
 // abar_n[c, i, j] = box sum over the input positions of kernel offset (i, j), divided by R. Per
 // (example, channel) -- or per (example, block of kChannelBlock channels) when channels are the
-// closer dimension in memory (channels_last), so that the additions run along them:
+// closer dimension in memory (channels_last), so that the additions run along them, or when the
+// planes are small (kSmallPlane), so that the per-plane overhead is shared:
 //   rowsum[i][w] = sum over the input rows h of kernel row i of x[h, w]
 //   abar[i][j]   = sum over the input columns w of kernel column j of rowsum[i][w], / R,
 // each sum formed as AxisPlan says. For stride 1 over a plane with contiguous rows the whole box
 // is done by inclusion-exclusion instead (BoxPlan, mean_patch_box): one pass over the plane.
 
 constexpr int64_t kChannelBlock = 16;
+constexpr int64_t kSmallPlane = 64;  // planes of at most this many values: channel blocks
 
 // How the box sums of one axis (kernel rows over input rows, or kernel columns over input
 // columns) are formed, worked out once per call. Kernel offset k reads the input indices
@@ -1173,7 +1254,9 @@ void reduce(const PatchCovarianceParams& p) {
   MeanJob<T> job{&p, &g, &plan, p.segment_start, nch, 1, nullptr};
   const int64_t asc = p.x_stride_c < 0 ? -p.x_stride_c : p.x_stride_c;
   const int64_t asw = p.x_stride_w < 0 ? -p.x_stride_w : p.x_stride_w;
-  if (nch > 1 && asc < asw) job.cb = kChannelBlock;  // channels_last: add along channels
+  // channels_last: add along channels; small planes (a few rows of a few values): the per-plane
+  // work of one channel at a time is mostly loop overhead, kChannelBlock channels share it
+  if (nch > 1 && (asc < asw || p.height * p.width <= kSmallPlane)) job.cb = kChannelBlock;
   const MeanFn<T> mean = job.cb == 1 ? mean_fn<T, In, 1>(gram::current_isa())
                                      : mean_fn<T, In, kChannelBlock>(gram::current_isa());
   Buffer<T> abar(static_cast<size_t>(N * nch * khkw));
@@ -1212,11 +1295,9 @@ void reduce(const PatchCovarianceParams& p) {
       const int64_t s = sn / N, n = sn % N;
       const T* src = abar.get() + (n * nch + s * p.segment_step) * khkw;
       T* dst = panels.get() + s * panel_size + n * nr;
-      int64_t lane = 0;
-      for (int64_t d = 0; d < cs * khkw; ++d) {
-        dst[lane] = src[d];
-        if (++lane == nr) lane = 0, dst += block_stride;
-      }
+      for (int64_t d0 = 0; d0 < cs * khkw; d0 += nr)
+        std::memcpy(dst + (d0 / nr) * block_stride, src + d0,
+                    sizeof(T) * static_cast<size_t>(std::min(nr, cs * khkw - d0)));
     }
 
     Buffer<T> ctile(kTile * kTile), scratch(kScratchTiles * kTile * kTile);
@@ -1248,10 +1329,28 @@ void run(const PatchCovarianceParams& p) {
   }
 }
 
+// A large output is usually fresh memory that the kernel writes whole: asking for transparent
+// huge pages before the first write replaces 512 page faults by one per 2 MiB (an 85 MB output
+// costs ~35 ms of 4 KiB faults at one thread). Advice only, for the 2 MiB-aligned part inside
+// the output; where it is refused or unknown nothing changes.
+void advise_huge_pages(void* ptr, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  if (bytes < 4 * kHuge) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(ptr) + kHuge - 1) / kHuge * kHuge;
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(ptr) + bytes) / kHuge * kHuge;
+  if (end > begin) (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)ptr, (void)bytes;
+#endif
+}
+
 }  // namespace
 
 void patch_covariance(const PatchCovarianceParams& p) {
   if (p.num_segments <= 0 || p.dim() <= 0) return;
+  const size_t elem = p.x_type == InputType::kFloat64 ? sizeof(double) : sizeof(float);
+  advise_huge_pages(p.out, static_cast<size_t>(p.num_segments * p.dim() * p.dim()) * elem);
   switch (p.x_type) {
     case InputType::kFloat32:
       run<float, float>(p);

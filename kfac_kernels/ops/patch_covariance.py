@@ -19,7 +19,10 @@ The ``eager`` backend is the definition (``F.unfold`` then a matmul). The ``cpu`
 ``triton`` kernels never build the unfolded tensor: expand forms tiles of ``A`` from input tiles
 (implicit im2col), reduce sums each kernel offset's window of the input (a box sum) to get the
 mean patches, and both compute one triangle and mirror it. They accumulate in fp32 (fp64 for fp64
-inputs).
+inputs). Memory of the ``cpu`` kernel beyond the returned factor: expand sums straight into the
+factor's upper triangle, so its temporaries are a panel of patch rows (at most about an eighth of
+the unfolded tensor, and a few MB) and per-thread tiles; reduce keeps the mean patches,
+``O(N * D)``.
 """
 from __future__ import annotations
 
