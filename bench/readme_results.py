@@ -1,0 +1,184 @@
+"""Build the README's results section from the files in bench/results/ (no hand-typed numbers).
+
+    python bench/readme_results.py            # rewrite the section in README.md
+    python bench/readme_results.py --check    # exit 1 if README.md is out of date
+
+The section lies between ``<!-- results:start -->`` and ``<!-- results:end -->``. Every table
+names the device, the thread count and the date of the run it comes from; a file that does not
+exist is left out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def _load(name: str):
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _env(d: dict) -> str:
+    env = d.get("environment", {})
+    device = env.get("device_name") or env.get("cpu") or env.get("device", "?")
+    date = str(env.get("date", "?"))[:10]
+    return f"{device}, torch {env.get('torch', '?')}, {date}"
+
+
+def patch_covariance() -> list[str]:
+    d = _load("patch_covariance_cpu.json")
+    if d is None:
+        return []
+    rows: dict[str, dict] = {}
+    for r in d["results"]:
+        if r.get("threads") != 1 or r.get("backend") != "cpu":
+            continue
+        row = rows.setdefault(r["name"], {})
+        row[r["mode"]] = r["speedup_vs_eager"]
+        if "temporaries_bytes" in r:
+            row["tmp"] = max(row.get("tmp", 0.0), r["temporaries_bytes"] / r["unfold_bytes"])
+    out = [f"**`patch_covariance`, cpu backend vs eager (unfold), 1 thread** ({_env(d)}; "
+           "`bench/results/patch_covariance_cpu.json`). Temporaries: the largest peak memory "
+           "growth minus the output over the three modes, as a fraction of the unfolded tensor.",
+           "", "| layer | reduce | expand | blocked (4) | temporaries / unfold |",
+           "| --- | ---: | ---: | ---: | ---: |"]
+    fmt = lambda v: "-" if v is None else f"{v:.2f}x"
+    for name, row in rows.items():
+        tmp = f"{row['tmp']:.3f}" if "tmp" in row else "-"
+        out.append(f"| {name} | {fmt(row.get('reduce'))} | {fmt(row.get('expand'))} | "
+                   f"{fmt(row.get('blocked'))} | {tmp} |")
+    return out + [""]
+
+
+def block_eigh() -> list[str]:
+    d = _load("block_eigh_cpu.json")
+    if d is None:
+        return []
+    out = [f"**`block_eigh`: the C++ batched Jacobi kernel itself, 1 thread** (the cpu backend "
+           "uses it up to n = 8 and hands larger blocks to LAPACK, where Jacobi loses) "
+           f"({_env(d)}; `bench/results/block_eigh_cpu.json`)", "",
+           "| case | vs batched `torch.linalg.eigh` | vs per-block loop |", "| --- | ---: | ---: |"]
+    for r in d["results"]:
+        if "speedup_vs_batched" not in r:
+            continue
+        loop = r.get("speedup_vs_loop")
+        out.append(f"| {r['case']} | {r['speedup_vs_batched']:.2f}x | "
+                   f"{'-' if loop is None else f'{loop:.2f}x'} |")
+    return out + [""]
+
+
+def bdkfac() -> list[str]:
+    d = _load("bdkfac_cpu.json")
+    if d is None:
+        return []
+    out = [f"**BD-KFAC (4 blocks) vs K-FAC: one whole inverse update and the optimizer state** "
+           f"({_env(d)}; `bench/results/bdkfac_cpu.json`)", "",
+           "| model | threads | K-FAC | BD-KFAC | speed-up | K-FAC state | BD-KFAC state |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in d["results"]:
+        out.append(f"| {r['model']} | {r['threads']} | {r['kfac_inverse_update_s']:.2f} s | "
+                   f"{r['bdkfac_inverse_update_s']:.2f} s | {r['speedup']:.1f}x | "
+                   f"{r['kfac_state_bytes'] / 2**20:.0f} MiB | "
+                   f"{r['bdkfac_state_bytes'] / 2**20:.0f} MiB |")
+    return out + [""]
+
+
+def singd() -> list[str]:
+    d = _load("singd_cpu.json")
+    if d is None:
+        return []
+    out = [f"**SINGD step time and optimizer state vs `torch.optim.AdamW`** ({d.get('model', '')}; "
+           f"{_env(d)}; `bench/results/singd_cpu.json`)", "",
+           "| optimizer | T | fused | step time / AdamW | state / AdamW |",
+           "| --- | ---: | --- | ---: | ---: |"]
+    for r in d["results"]:
+        if "step_time_vs_adamw" not in r:
+            continue
+        out.append(f"| {r['optimizer']} | {r.get('T', '-')} | {'yes' if r.get('fused') else 'no'} "
+                   f"| {r['step_time_vs_adamw']:.2f} | {r['state_memory_vs_adamw']:.2f} |")
+    return out + [""]
+
+
+def evidence(task: str) -> list[str]:
+    d = _load(f"evidence_{task}.json")
+    if d is None:
+        return []
+    rows = d["summary"]
+    ref = next((r for r in rows if r["optimizer"] == "adamw"), None)
+    first = next(iter(d["runs"].values()))[0]
+    out = [f"**`kfac-train --task {task} --compare ...`, {first['steps']} steps, seeds "
+           f"{rows[0]['seeds']}, target {rows[0]['target']}** (medians over seeds; "
+           f"{d.get('device_name', first['device'])}, {d.get('date', '')[:10]}; "
+           f"`bench/results/evidence_{task}.json`)", "",
+           "| optimizer | lr | reached | steps to target | steps vs AdamW | time to target | "
+           "time vs AdamW | final test loss | final test acc |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        steps, secs = r["median_steps_to_target"], r["median_time_to_target_s"]
+        rs = (f"{steps / ref['median_steps_to_target']:.2f}" if ref and steps is not None
+              and ref["median_steps_to_target"] else "-")
+        rt = (f"{secs / ref['median_time_to_target_s']:.2f}" if ref and secs is not None
+              and ref["median_time_to_target_s"] else "-")
+        out.append(f"| {r['optimizer']} | {r['lr']:g} | {r['reached']}/{len(r['seeds'])} | "
+                   f"{'-' if steps is None else f'{steps:g}'} | {rs} | "
+                   f"{'-' if secs is None else f'{secs:.2f} s'} | {rt} | "
+                   f"{r['median_test_loss']:.4f} | {r['median_test_accuracy']:.4f} |")
+    return out + [""]
+
+
+def two_level() -> list[str]:
+    d = _load("two_level_deep_linear.json")
+    if d is None:
+        return []
+    out = [f"**Two-level vs one-level K-FAC, deep linear MLP of seed 004 (64 layers, 300 steps)** "
+           f"({_env(d)}; `bench/results/two_level_deep_linear.json`)", "",
+           "| coarse damping | seed | one-level final loss | two-level final loss |",
+           "| --- | ---: | ---: | ---: |"]
+    for key in d:
+        if not key.startswith("coarse_damping"):
+            continue
+        for r in d[key]["summary"]:
+            out.append(f"| {key.split('_', 2)[2]} | {r['seed']} | {r['final_one_level']:.4f} | "
+                       f"{r['final_two_level']:.4f} |")
+    return out + [""]
+
+
+def section() -> str:
+    lines = [START, ""]
+    for part in (evidence("digits"), evidence("char-lm"), patch_covariance(), bdkfac(),
+                 block_eigh(), singd(), two_level()):
+        lines += part
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--check", action="store_true")
+    args = p.parse_args(argv)
+    readme = (ROOT / "README.md").read_text()
+    if START not in readme or END not in readme:
+        print(f"README.md has no {START} ... {END} block", file=sys.stderr)
+        return 1
+    head, rest = readme.split(START, 1)
+    _, tail = rest.split(END, 1)
+    new = head + section() + tail
+    if args.check:
+        if new != readme:
+            print("README.md's results section is out of date: run "
+                  "python bench/readme_results.py", file=sys.stderr)
+            return 1
+        return 0
+    (ROOT / "README.md").write_text(new)
+    print("README.md results section rewritten")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
