@@ -183,8 +183,15 @@ def compare_main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv
                               f"{seeds})")
         print(f"wrote {args.plot}")
     if args.json is not None:
+        import torch
+
+        from .bench import environment
+        env = environment(torch.device(args.device))
         with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump({"summary": rows, "runs": runs}, fh, indent=1)
+            json.dump({"command": "kfac-train " + " ".join(argv if argv is not None
+                                                           else sys.argv[1:]),
+                       "device_name": env["device_name"], "date": env["date"],
+                       "environment": env, "summary": rows, "runs": runs}, fh, indent=1)
             fh.write("\n")
         print(f"wrote {args.json}")
     return 0
