@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kfac_kernels.train import default_lr, main as train_main  # noqa: E402
+from kfac_kernels.train import DEFAULT_LR, main as train_main  # noqa: E402
 from kfac_kernels.workloads import WORKLOADS  # noqa: E402
 
 OPTIMIZERS = ("sgd", "adamw", "kfac", "bdkfac", "singd-diagonal")
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     records, best = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for optimizer in args.optimizers:
-            base = default_lr(args.task, optimizer)
+            base = DEFAULT_LR[optimizer]
             for lr in (base / 3, base, base * 3):
                 for damping in DAMPINGS.get(optimizer, (None,)):
                     runs = [run_one(args.task, optimizer, lr, damping, s, args.steps,

@@ -66,14 +66,23 @@ DEFAULT_LR.update({name: 0.05 for name in SINGD_OPTIMIZERS})
 DEFAULT_WEIGHT_DECAY.update({name: 0.0 for name in SINGD_OPTIMIZERS})
 SINGD_DEFAULTS = {"lr_cov": 3e-4, "damping": 1e-3, "alpha1": 0.5, "T": 1, "block_size": 16}
 
-# Per-task learning rates (other tasks than digits), from the sweep of bench/sweep_train.py with
-# the same budget for every optimizer (results: bench/results/sweep_<task>.json). Missing entries
-# fall back to DEFAULT_LR.
-TASK_DEFAULT_LR: dict[str, dict[str, float]] = {}
+# Per-task learning rates and dampings from bench/sweep_train.py: the same budget for every
+# optimizer (300 steps, seeds 0 and 1; lr = its previous default x 1/3, 1, 3; damping 0.1 or 0.3
+# for K-FAC and BD-KFAC), the best median final test metric winning, ties going to fewer steps
+# to the task's target (results: bench/results/sweep_<task>.json). These are the defaults
+# `--compare` runs; entries not listed fall back to DEFAULT_LR / DEFAULT_DAMPING.
+TASK_DEFAULTS: dict[str, dict[str, dict[str, float]]] = {
+    "digits": {"kfac": {"lr": 0.02 / 3, "damping": 0.1}, "bdkfac": {"lr": 0.01 / 3,
+                                                                    "damping": 0.3}},
+}
 
 
 def default_lr(task: str, optimizer: str) -> float:
-    return TASK_DEFAULT_LR.get(task, {}).get(optimizer, DEFAULT_LR[optimizer])
+    return TASK_DEFAULTS.get(task, {}).get(optimizer, {}).get("lr", DEFAULT_LR[optimizer])
+
+
+def default_damping(task: str, optimizer: str) -> float:
+    return TASK_DEFAULTS.get(task, {}).get(optimizer, {}).get("damping", DEFAULT_DAMPING)
 
 
 def _target(text: str) -> tuple[str, float]:
@@ -175,8 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="dtype of the model and data (K-FAC keeps bf16 layers' factors "
                              "in float32)")
     kfac = parser.add_argument_group("K-FAC (--optimizer kfac, bdkfac)")
-    kfac.add_argument("--damping", type=_positive_float, default=DEFAULT_DAMPING,
-                      help="Tikhonov damping of K-FAC")
+    kfac.add_argument("--damping", type=_positive_float, default=None,
+                      help=f"Tikhonov damping of K-FAC / BD-KFAC (default: per task from the "
+                           f"sweep, else {DEFAULT_DAMPING:g})")
     kfac.add_argument("--kfac-approx", choices=("expand", "reduce"), default="expand",
                       help="K-FAC approximation for layers with weight sharing (convolutions)")
     kfac.add_argument("--damping-form", choices=("exact", "factored"), default="exact",
@@ -234,7 +244,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"--factor-decay must be in [0, 1), got {args.factor_decay}")
     if args.optimizer not in SECOND_ORDER:
         kfac_only = [flag for flag, value, default in (
-            ("--damping", args.damping, DEFAULT_DAMPING),
+            ("--damping", args.damping, None),
             ("--kl-clip", args.kl_clip, None)) if value != default]
         if kfac_only:
             parser.error(f"{', '.join(kfac_only)} only applies to --optimizer kfac or bdkfac")
@@ -507,6 +517,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--plot and --seeds apply to --compare")
     if args.lr is None:
         args.lr = default_lr(args.task, args.optimizer)
+    if args.damping is None:
+        args.damping = default_damping(args.task, args.optimizer)
     if args.weight_decay is None:
         args.weight_decay = DEFAULT_WEIGHT_DECAY[args.optimizer]
 

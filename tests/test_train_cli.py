@@ -14,7 +14,7 @@ import torch
 
 from kfac_kernels.data import load_digits_split
 from kfac_kernels.models import DigitsCNN, build_digits_cnn
-from kfac_kernels.train import DEFAULT_LR, BatchSampler, main
+from kfac_kernels.train import BatchSampler, default_lr, main
 
 REQUIRED_KEYS = {"optimizer", "steps", "batch_size", "lr", "seed", "device", "dtype",
                  "train_loss", "train_accuracy", "test_loss", "test_accuracy", "wall_time_s",
@@ -33,7 +33,7 @@ def _check_metrics(result: dict, optimizer: str, steps: int) -> None:
     assert result["optimizer"] == optimizer
     assert result["steps"] == steps
     assert result["batch_size"] == 64
-    assert result["lr"] == DEFAULT_LR[optimizer]
+    assert result["lr"] == default_lr("digits", optimizer)
     assert result["device"] == "cpu"
     for key in ("train_loss", "test_loss"):
         assert math.isfinite(result[key]) and result[key] >= 0, key
