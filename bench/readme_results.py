@@ -105,17 +105,17 @@ def singd() -> list[str]:
     return out + [""]
 
 
-def evidence(task: str) -> list[str]:
-    d = _load(f"evidence_{task}.json")
+def evidence(key: str) -> list[str]:
+    d = _load(f"evidence_{key}.json")
     if d is None:
         return []
     rows = d["summary"]
     ref = next((r for r in rows if r["optimizer"] == "adamw"), None)
     first = next(iter(d["runs"].values()))[0]
-    out = [f"**`kfac-train --task {task} --compare ...`, {first['steps']} steps, seeds "
-           f"{rows[0]['seeds']}, target {rows[0]['target']}** (medians over seeds; "
-           f"{d.get('device_name', first['device'])}, {d.get('date', '')[:10]}; "
-           f"`bench/results/evidence_{task}.json`)", "",
+    out = [f"**`kfac-train --task {first['task']} --compare ...`, {first['dtype']}, "
+           f"{first['steps']} steps, seeds {rows[0]['seeds']}, target {rows[0]['target']}** "
+           f"(medians over seeds; {d.get('device_name', first['device'])}, "
+           f"{d.get('date', '')[:10]}; `bench/results/evidence_{key}.json`)", "",
            "| optimizer | lr | reached | steps to target | steps vs AdamW | time to target | "
            "time vs AdamW | final test loss | final test acc |",
            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -151,7 +151,8 @@ def two_level() -> list[str]:
 
 def section() -> str:
     lines = [START, ""]
-    for part in (evidence("digits"), evidence("char-lm"), patch_covariance(), bdkfac(),
+    for part in (evidence("digits"), evidence("char-lm"), evidence("digits_bf16"),
+                 patch_covariance(), bdkfac(),
                  block_eigh(), singd(), two_level()):
         lines += part
     lines.append(END)
