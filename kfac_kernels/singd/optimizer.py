@@ -51,10 +51,11 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..capture import CurvatureCapture, default_factor_dtype
+from ..capture import default_factor_dtype
 from ..curvature import check_common, find_adapters, validate_skip_modules
 from ..ops.singd_diagonal_factor_update import singd_diagonal_factor_update
 from ..ops.singd_diagonal_step import accumulation_dtype, singd_diagonal_step
+from .statistics import StructuredCurvatureCapture, row_sides
 from .structures import Diagonal, StructuredMatrix, structure_class
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -118,6 +119,12 @@ class SINGD(torch.optim.Optimizer):
             for the parameter step, convolutions with groups, non-contiguous weights, or factors
             kept wider than fp32 for fp32 parameters) use the readable path. Same result up to
             round-off.
+        statistics_from_rows: for diagonal and block-diagonal structures, accumulate only the
+            structure's part of ``U`` (``nn.Linear`` inputs) and ``G`` (``nn.Linear`` and
+            convolution output gradients) from the rows, never forming the dense ``d x d``
+            matrices (:mod:`kfac_kernels.singd.statistics`). ``False`` captures the dense ``U``
+            and ``G`` and projects them (the readable reference path). Same result up to
+            round-off.
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, momentum: float = 0.9,
@@ -128,7 +135,7 @@ class SINGD(torch.optim.Optimizer):
                  loss_average: str | None = "batch", kfac_like: bool = False,
                  preconditioner_dtype=None, grad_scaler: torch.amp.GradScaler | None = None,
                  skip_modules: Iterable = (), backend: str = "auto", fused: bool = False,
-                 normalize_lr_cov: bool = False):
+                 normalize_lr_cov: bool = False, statistics_from_rows: bool = True):
         who = "SINGD"
         if not isinstance(model, nn.Module):
             raise TypeError(f"{who}: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -168,6 +175,10 @@ class SINGD(torch.optim.Optimizer):
         if not isinstance(normalize_lr_cov, bool):
             raise TypeError(f"{who}: normalize_lr_cov must be a bool, got {normalize_lr_cov!r}")
         self.normalize_lr_cov = normalize_lr_cov
+        if not isinstance(statistics_from_rows, bool):
+            raise TypeError(f"{who}: statistics_from_rows must be a bool, got "
+                            f"{statistics_from_rows!r}")
+        self.statistics_from_rows = statistics_from_rows
         dtypes = _pair(preconditioner_dtype)
         if len(dtypes) != 2:
             raise ValueError(f"{who}: preconditioner_dtype must be None, a dtype or a pair "
@@ -201,9 +212,20 @@ class SINGD(torch.optim.Optimizer):
         # name -> {"K": [per group], "C": [...], "m_K": [...], "m_C": [...]} (created lazily)
         self.factors: dict[str, dict[str, list[StructuredMatrix]]] = {}
         self._warned: set[str] = set()
-        self.capture = CurvatureCapture(self.adapters, kfac_approx=kfac_approx,
-                                        loss_average=loss_average, backend=backend,
-                                        loss_scale=self._loss_scale, train_only=True).attach()
+        input_proj, grad_proj = {}, {}
+        if statistics_from_rows:
+            k_proj = (self.structure_classes[0], self.block_sizes[0])
+            c_proj = (self.structure_classes[1], self.block_sizes[1])
+            for name, ad in self.adapters.items():
+                on_inputs, on_grads = row_sides(ad, k_proj, c_proj)
+                if on_inputs:
+                    input_proj[name] = k_proj
+                if on_grads:
+                    grad_proj[name] = c_proj
+        self.capture = StructuredCurvatureCapture(
+            self.adapters, input_projections=input_proj, grad_projections=grad_proj,
+            kfac_approx=kfac_approx, loss_average=loss_average, backend=backend,
+            loss_scale=self._loss_scale, train_only=True).attach()
         self._arm_capture()
 
     def add_param_group(self, param_group: dict) -> None:
@@ -309,19 +331,33 @@ class SINGD(torch.optim.Optimizer):
         self._arm_capture()
         return loss
 
-    def _update_factors(self, name: str, state) -> None:
-        pair = self.capture.factors(name)
-        if pair is None:
-            return
-        if not all(bool(torch.isfinite(f).all()) for f in pair):
+    def _batch_statistics(self, name: str) -> list[tuple] | None:
+        """The single place where the captured curvature of a factor update is read: per group
+        ``(U, G)`` in the layer's compute dtype, each a dense matrix or (rows path, see
+        :mod:`kfac_kernels.singd.statistics`) the structured projection of it; ``None`` when
+        the layer saw no data or its statistics are not finite (warned once)."""
+        stats = self.capture.statistics(name)
+        if stats is None:
+            return None
+        compute = self._dtypes(name)[2]
+        stats = [tuple(s.to(compute) for s in pair) for pair in stats]
+        finite = all(s.all_finite() if isinstance(s, StructuredMatrix)
+                     else bool(torch.isfinite(s).all()) for pair in stats for s in pair)
+        if not finite:
             self._warn_once(f"nonfinite-curvature:{name}", (
                 f"SINGD: non-finite curvature for module {name!r} (NaN/inf in its inputs or "
                 "output gradients); its factor update is skipped this step and whenever this "
                 "happens again"))
+            return None
+        return stats
+
+    def _update_factors(self, name: str, state) -> None:
+        stats = self._batch_statistics(name)
+        if stats is None:
             return
         dk, dc, compute = self._dtypes(name)
         for gi in range(len(state["K"])):
-            u, g = pair[0][gi].to(compute), pair[1][gi].to(compute)
+            u, g = stats[gi]
             old = {key: state[key][gi].to(compute) for key in state}
             new = factor_update(old["K"], old["C"], u, g, damping=self.damping,
                                 alpha1=self.alpha1, lr_cov=self.lr_cov,
@@ -340,20 +376,14 @@ class SINGD(torch.optim.Optimizer):
         compute dtype; the layers are packed into flat vectors and unpacked afterwards."""
         segments: dict[torch.dtype, list] = {}
         for name in names:
-            pair = self.capture.factors(name)
-            if pair is None:
-                continue
-            if not all(bool(torch.isfinite(f).all()) for f in pair):
-                self._warn_once(f"nonfinite-curvature:{name}", (
-                    f"SINGD: non-finite curvature for module {name!r} (NaN/inf in its inputs or "
-                    "output gradients); its factor update is skipped this step and whenever "
-                    "this happens again"))
+            stats = self._batch_statistics(name)
+            if stats is None:
                 continue
             compute = self._dtypes(name)[2]
-            u = torch.diagonal(pair[0], dim1=-2, dim2=-1).to(compute)
-            g = torch.diagonal(pair[1], dim1=-2, dim2=-1).to(compute)
-            for gi in range(u.shape[0]):
-                segments.setdefault(compute, []).append((name, gi, u[gi], g[gi]))
+            for gi, pair in enumerate(stats):
+                u, g = (s.data[0] if isinstance(s, StructuredMatrix) else torch.diagonal(s)
+                        for s in pair)
+                segments.setdefault(compute, []).append((name, gi, u, g))
         momentum = self._uses_riemannian_momentum
         for compute, segs in segments.items():
             def packed(key):
@@ -513,15 +543,16 @@ class SINGD(torch.optim.Optimizer):
         self._arm_capture()
 
 
-def factor_update(K: StructuredMatrix, C: StructuredMatrix, U: torch.Tensor, G: torch.Tensor,
+def factor_update(K: StructuredMatrix, C: StructuredMatrix, U, G,
                   *, damping: float, alpha1: float, lr_cov: float, kfac_like: bool,
                   m_K: StructuredMatrix | None = None, m_C: StructuredMatrix | None = None,
                   normalize_lr_cov: bool = False) -> dict[str, StructuredMatrix]:
     """One update of Fig. 4 (``kfac_like``: Eq. 10) from the old ``K, C, m_K, m_C``; returns the
-    new ``K``, ``C`` (and ``m_K``, ``m_C`` when given). ``normalize_lr_cov``: see
-    :class:`SINGD`."""
+    new ``K``, ``C`` (and ``m_K``, ``m_C`` when given). ``U``, ``G``: dense symmetric matrices,
+    or their projections ``Pi(U)``, ``Pi(G)`` in ``K``'s / ``C``'s structure where that
+    suffices. ``normalize_lr_cov``: see :class:`SINGD`."""
     d_i, d_o = K.dim, C.dim
-    h_k, h_c = K.congruence(U), C.congruence(G)
+    h_k, h_c = _congruence(K, U), _congruence(C, G)
     ktk, ctc = K.gram(), C.gram()
     if kfac_like:   # Tr(H_C), Tr(C^T C) -> Tr(I_{d_o}) = d_o, and the same for K
         a_k, b_k, a_c, b_c = 1.0, damping, 1.0, damping
@@ -543,6 +574,13 @@ def factor_update(K: StructuredMatrix, C: StructuredMatrix, U: torch.Tensor, G: 
     out["K"] = K.compose(step_k.scale(-beta_k).add_identity(1.0))
     out["C"] = C.compose(step_c.scale(-beta_c).add_identity(1.0))
     return out
+
+
+def _congruence(S: StructuredMatrix, U) -> StructuredMatrix:
+    """``Pi(S^T U S)`` from a dense ``U`` or from its projection ``Pi(U)``."""
+    if isinstance(U, StructuredMatrix):
+        return S.congruence_of_projection(U)
+    return S.congruence(U)
 
 
 def precondition(K: StructuredMatrix, C: StructuredMatrix, M: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,134 @@
+r"""Curvature statistics of SINGD kept in the factors' structure (kernel 1 of the fused update).
+
+For diagonal and block-diagonal ``K`` (and ``C``), :math:`H_K = \hat\Pi(K^T U K)` depends on ``U``
+only through :math:`\hat\Pi(U)` (its diagonal, or its diagonal blocks), and
+:math:`\hat\Pi(U) = \hat\Pi(a^T a) / m` is accumulated straight from the layer's input rows ``a``
+(``m`` rows): the ``d x d`` matrix ``U`` is never formed. The cost is ``O(m d)`` (diagonal) or
+``O(m d k)`` (blocks of size ``k``) instead of ``O(m d^2)``, the memory ``O(d)`` / ``O(d k)``
+instead of ``O(d^2)``. Since :math:`\hat\Pi` is linear, sums of these statistics over
+micro-batches (or processes) are the statistics of the summed ``U``.
+
+Accumulating :math:`\hat\Pi(a^T a)` rather than :math:`\hat\Pi((a K)^T (a K))` keeps the
+statistics independent of ``K`` (``K`` is applied once per factor update, as
+``congruence_of_projection``), which is cheaper (``m d k`` instead of ``2 m d k``) and safe when
+the factors change between forward passes.
+
+Which sides use rows:
+
+* the input side of ``nn.Linear`` layers (plain adapters: no graph batches, attention or tied
+  embeddings). Convolutions keep the patch covariance ``U`` of :func:`kfac_kernels.ops.
+  patch_covariance` (formed without im2col) and project it;
+* the output-gradient side of ``nn.Linear`` and ``nn.Conv1d/2d`` layers (the gradient rows are
+  the output gradient itself, no unfolding needed).
+
+Everything else (other structures, other layers) takes the dense ``U`` / ``G`` of
+:class:`kfac_kernels.capture.CurvatureCapture`, which this class extends.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..capture import CurvatureCapture
+from ..graph import active_graph_rows
+from ..layers import ConvAdapter, LinearAdapter
+from ..ops.gradient_covariance import gradient_rows
+from .structures import StructuredMatrix
+
+Projection = tuple[type[StructuredMatrix], "int | None"]
+
+
+def _plain(adapter) -> bool:
+    return (getattr(adapter, "attention_module", None) is None
+            and not getattr(adapter, "tied", False))
+
+
+def row_sides(adapter, k_projection: Projection, c_projection: Projection) -> tuple[bool, bool]:
+    """Whether the input (``K``) and output-gradient (``C``) statistics of a layer are
+    accumulated from rows in the structure (see the module docstring)."""
+    plain = _plain(adapter)
+    inputs = (plain and type(adapter) is LinearAdapter
+              and k_projection[0].projection_suffices and k_projection[0].name != "dense")
+    grads = (plain and type(adapter) in (LinearAdapter, ConvAdapter)
+             and c_projection[0].projection_suffices and c_projection[0].name != "dense")
+    return inputs, grads
+
+
+class StructuredCurvatureCapture(CurvatureCapture):
+    """:class:`CurvatureCapture` that keeps :math:`\\hat\\Pi(U)` and :math:`\\hat\\Pi(G)` from rows
+    for the layers and sides named in ``input_projections`` / ``grad_projections``
+    (module name -> ``(structure class, block size)``).
+
+    :meth:`statistics` returns per group ``(U, G)``, each either a dense matrix or the structured
+    :math:`\\hat\\Pi` of it; the same normalisation as :meth:`CurvatureCapture.factors`.
+    """
+
+    def __init__(self, adapters, *, input_projections: dict[str, Projection],
+                 grad_projections: dict[str, Projection], **kwargs):
+        super().__init__(adapters, **kwargs)
+        self.input_projections = dict(input_projections)
+        self.grad_projections = dict(grad_projections)
+        self._projected_a: dict[str, list[StructuredMatrix]] = {}
+        self._projected_g: dict[str, list[StructuredMatrix]] = {}
+
+    def reset(self) -> None:
+        super().reset()
+        self._projected_a = {}
+        self._projected_g = {}
+
+    @staticmethod
+    def _add(store: dict, name: str, parts: list[StructuredMatrix]) -> None:
+        old = store.get(name)
+        store[name] = parts if old is None else [a.add(b) for a, b in zip(old, parts)]
+
+    def _forward_hook(self, name: str, module, args, output) -> None:
+        if name not in self.input_projections or active_graph_rows(module) is not None:
+            return super()._forward_hook(name, module, args, output)
+        if not self._active(name, module):
+            return
+        adapter = self.adapters[name]
+        if self.capture_inputs:
+            rows, count = adapter.input_rows(args[0].detach(), self.kfac_approx)
+            if count:
+                cls, k = self.input_projections[name]
+                rows = rows.to(self.dtype_of(name))
+                self._add(self._projected_a, name,
+                          [cls.gram_of_rows_projected(r, k) for r in rows])
+                self.acc[name].a_rows += count
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(lambda g, name=name: self._grad_hook(name, g))
+
+    def _grad_hook(self, name: str, grad: torch.Tensor) -> None:
+        if name not in self.grad_projections:
+            return super()._grad_hook(name, grad)
+        if not self.capture_grads:
+            return
+        adapter = self.adapters[name]
+        n, r = adapter.batch_and_positions(grad)
+        if n * r == 0:
+            return
+        multiplier = self.multiplier(n, r)
+        rows = gradient_rows(adapter.batched_output(grad.detach()), adapter.channel_dim,
+                             adapter.groups, self.kfac_approx).to(self.dtype_of(name))
+        cls, k = self.grad_projections[name]
+        self._add(self._projected_g, name,
+                  [cls.gram_of_rows_projected(g, k).scale(multiplier) for g in rows])
+        self.acc[name].g_passes += 1
+
+    def statistics(self, name: str) -> list[tuple] | None:
+        """Per group ``(U, G)`` (dense tensors or structured projections), or ``None`` if either
+        side saw no data."""
+        acc = self.acc[name]
+        if name in self._projected_a:
+            u = [p.scale(1.0 / acc.a_rows) for p in self._projected_a[name]]
+        elif acc.a_sum is not None and acc.a_rows:
+            u = list((acc.a_sum / acc.a_rows).unbind(0))
+        else:
+            return None
+        if name in self._projected_g:
+            g = self._projected_g[name]
+        elif acc.g_sum is not None:
+            pair = self.factors(name) if acc.a_sum is not None else None
+            g = list((pair[1] if pair is not None else acc.g_sum).unbind(0))
+        else:
+            return None
+        return list(zip(u, g))
