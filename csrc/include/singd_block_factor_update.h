@@ -60,7 +60,7 @@ namespace kfac_kernels {
 namespace cuda {
 
 // One thread block per layer (its blocks in order); enqueued on `stream`. `workspace` holds
-// 2 * max(bk, bc)^2 * (k_blocks + c_blocks) values of T (device memory). Returns the launch
+// 2 * (k_blocks * bk * bk + c_blocks * bc * bc) values of T (device memory). Returns the launch
 // error or cudaSuccess.
 template <typename T>
 cudaError_t singd_block_factor_update(const SingdBlockFactorUpdateParams<T>& p, T* workspace,
