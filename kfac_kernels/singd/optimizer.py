@@ -53,10 +53,11 @@ from torch import nn
 
 from ..capture import default_factor_dtype
 from ..curvature import check_common, find_adapters, validate_skip_modules
+from ..ops.singd_block_factor_update import singd_block_factor_update
 from ..ops.singd_diagonal_factor_update import singd_diagonal_factor_update
 from ..ops.singd_diagonal_step import accumulation_dtype, singd_diagonal_step
 from .statistics import StructuredCurvatureCapture, row_sides
-from .structures import Diagonal, StructuredMatrix, structure_class
+from .structures import BlockDiagonal, Diagonal, StructuredMatrix, structure_class
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -115,10 +116,12 @@ class SINGD(torch.optim.Optimizer):
         fused: with diagonal ``K`` and ``C``, update the factors of all layers in one launch of
             :func:`kfac_kernels.ops.singd_diagonal_factor_update` and apply steps 2-3 of Fig. 4
             (preconditioning, weight decay, momentum, parameter update) to each weight and bias
-            in one pass of :func:`kfac_kernels.ops.singd_diagonal_step`; other structures (and,
-            for the parameter step, convolutions with groups, non-contiguous weights, or factors
-            kept wider than fp32 for fp32 parameters) use the readable path. Same result up to
-            round-off.
+            in one pass of :func:`kfac_kernels.ops.singd_diagonal_step`; with block-diagonal
+            ``K`` and ``C``, update the factors of all layers in one call of
+            :func:`kfac_kernels.ops.singd_block_factor_update` (the parameter step takes the
+            readable path); other structures (and, for the parameter step, convolutions with
+            groups, non-contiguous weights, or factors kept wider than fp32 for fp32
+            parameters) use the readable path. Same result up to round-off.
         statistics_from_rows: for diagonal and block-diagonal structures, accumulate only the
             structure's part of ``U`` (``nn.Linear`` inputs) and ``G`` (``nn.Linear`` and
             convolution output gradients) from the rows, never forming the dense ``d x d``
@@ -309,12 +312,16 @@ class SINGD(torch.optim.Optimizer):
         group = self.param_groups[0]
         update_factors = self.steps % self.T == 0
         fused_factors = (self.fused and not self.normalize_lr_cov
-                         and all(c is Diagonal for c in self.structure_classes))
+                         and (all(c is Diagonal for c in self.structure_classes)
+                              or all(c is BlockDiagonal for c in self.structure_classes)))
         if update_factors and fused_factors:
             for name in mats:
                 if name not in self.factors:
                     self._init_layer(name)
-            self._update_diagonal_factors_fused(list(mats))
+            if self.structure_classes[0] is Diagonal:
+                self._update_diagonal_factors_fused(list(mats))
+            else:
+                self._update_block_factors_fused(list(mats))
         for name, mat in mats.items():
             state = self.factors.get(name) or self._init_layer(name)
             if update_factors and not fused_factors:
@@ -414,6 +421,74 @@ class SINGD(torch.optim.Optimizer):
                 for key, v in vals.items():
                     dt = dk if key.endswith("K") else dc
                     self.factors[name][key][gi] = Diagonal(v.numel(), (v.to(dt, copy=True),))
+
+    def _update_block_factors_fused(self, names: list[str]) -> None:
+        """Step 1 of Fig. 4 for block-diagonal K and C of every layer (and group) in one call
+        of :func:`kfac_kernels.ops.singd_block_factor_update` per compute dtype: every diagonal
+        block (the smaller last one padded) becomes a ``b x b`` slot of one packed tensor."""
+        kk, kc = self.block_sizes
+        segments: dict[torch.dtype, list] = {}
+        for name in names:
+            stats = self._batch_statistics(name)
+            if stats is None:
+                continue
+            compute = self._dtypes(name)[2]
+            for gi, (u, g) in enumerate(stats):
+                u = u if isinstance(u, StructuredMatrix) else BlockDiagonal.project(u, kk)
+                g = g if isinstance(g, StructuredMatrix) else BlockDiagonal.project(g, kc)
+                segments.setdefault(compute, []).append((name, gi, u, g))
+        momentum = self._uses_riemannian_momentum
+
+        def slots(mat: BlockDiagonal, b: int, dtype) -> tuple[torch.Tensor, list[int]]:
+            full, last = mat.data
+            r = last.shape[0]
+            out = full.to(dtype)
+            if r:
+                pad = torch.zeros(1, b, b, dtype=dtype, device=out.device)
+                pad[0, :r, :r] = last
+                out = torch.cat([out, pad])
+            return out, [b] * full.shape[0] + ([r] if r else [])
+
+        for compute, segs in segments.items():
+            packed: dict[str, list] = {key: [] for key in ("K", "C", "m_K", "m_C", "U", "G")}
+            dims = {"K": [], "C": []}
+            layer_off = {"K": [0], "C": [0]}
+            for n, gi, u, g in segs:
+                st = self.factors[n]
+                for side, stat, b in (("K", u, kk), ("C", g, kc)):
+                    x, d = slots(st[side][gi], b, compute)
+                    packed[side].append(x)
+                    packed["U" if side == "K" else "G"].append(slots(stat, b, compute)[0])
+                    if momentum:
+                        packed["m_" + side].append(slots(st["m_" + side][gi], b, compute)[0])
+                    dims[side] += d
+                    layer_off[side].append(layer_off[side][-1] + len(d))
+            cat = {key: torch.cat(v).contiguous() for key, v in packed.items() if v}
+            singd_block_factor_update(cat["K"], cat["C"], cat.get("m_K"), cat.get("m_C"),
+                                      cat["U"], cat["G"], dims["K"], dims["C"],
+                                      layer_off["K"], layer_off["C"], self.damping, self.alpha1,
+                                      self.lr_cov, self.kfac_like, backend=self.backend)
+            keys = ("K", "C", "m_K", "m_C") if momentum else ("K", "C")
+            for i, (name, gi, _, _) in enumerate(segs):
+                dk, dc, _ = self._dtypes(name)
+                new = {}
+                for key in keys:
+                    side = key[-1]
+                    lo, hi = layer_off[side][i], layer_off[side][i + 1]
+                    ref = self.factors[name][key][gi]
+                    q = ref.data[0].shape[0]
+                    block = cat[key][lo:hi]
+                    r = ref.data[1].shape[0]
+                    new[key] = BlockDiagonal(ref.dim, (block[:q].clone(),
+                                                       block[q, :r, :r].clone() if r else
+                                                       ref.data[1].to(compute)), ref.k)
+                if not all(m.all_finite() for m in new.values()):
+                    self._warn_once(f"nonfinite-factor:{name}", (
+                        f"SINGD: the factor update of module {name!r} is not finite (lr_cov too "
+                        "large for its curvature?); keeping its previous factors"))
+                    continue
+                for key, m in new.items():
+                    self.factors[name][key][gi] = m.to(dk if key.endswith("K") else dc)
 
     def _precondition(self, name: str, state, mat: torch.Tensor) -> torch.Tensor:
         """``C C^T M K K^T`` per group, in the compute dtype."""
