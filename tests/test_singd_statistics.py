@@ -74,3 +74,44 @@ def test_rows_path_keeps_only_the_structure_and_matches_an_oracle():
 def test_statistics_from_rows_must_be_a_bool():
     with pytest.raises(TypeError, match=r"SINGD: statistics_from_rows must be a bool, got 1"):
         SINGD(nn.Linear(3, 2), statistics_from_rows=1)
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(3, 4, 3, padding=1, bias=True),
+    nn.Conv2d(4, 2, (3, 2), stride=2, dilation=(1, 2), padding=(2, 1), padding_mode="reflect",
+              groups=2, bias=False),
+    nn.Conv1d(2, 3, 3, stride=2, padding="valid"),
+    nn.Conv2d(3, 3, 3, padding="same", padding_mode="circular"),
+])
+def test_conv_input_diagonal_matches_the_unfolded_patches(conv):
+    """The window sums equal the diagonal of the unfolded patches' second moment (oracle:
+    F.unfold on the explicitly padded input)."""
+    from kfac_kernels.layers import ConvAdapter
+    from kfac_kernels.singd.statistics import conv_input_diagonal
+    conv = conv.double()
+    one_d = isinstance(conv, nn.Conv1d)
+    x = torch.randn(2, conv.in_channels, 7, dtype=F64) if one_d else torch.randn(
+        2, conv.in_channels, 7, 6, dtype=F64)
+    diag, count = conv_input_diagonal(ConvAdapter("c", conv), x, F64)
+    # oracle: each output equals weight-row . patch, so recover the patches by probing
+    x4 = x.unsqueeze(2) if one_d else x
+    k = (1, conv.kernel_size[0]) if one_d else conv.kernel_size
+    s = (1, conv.stride[0]) if one_d else conv.stride
+    d = (1, conv.dilation[0]) if one_d else conv.dilation
+    if conv.padding == "same":
+        pad = [(d[i] * (k[i] - 1)) // 2 for i in range(2)]
+    elif conv.padding == "valid":
+        pad = [0, 0]
+    else:
+        pad = [0, conv.padding[0]] if one_d else list(conv.padding)
+    mode = conv.padding_mode if conv.padding_mode != "zeros" else "constant"
+    xp = nn.functional.pad(x4, (pad[1], pad[1], pad[0], pad[0]), mode=mode)
+    patches = nn.functional.unfold(xp, k, dilation=d, stride=s)       # (N, C*kh*kw, L)
+    g = conv.groups
+    cg = conv.in_channels // g
+    per = patches.reshape(2, g, cg * k[0] * k[1], -1)
+    want = (per * per).sum((0, 3))
+    if conv.bias is not None:
+        want = torch.cat([want, torch.full((g, 1), float(per.shape[-1] * 2), dtype=F64)], 1)
+    assert count == 2 * per.shape[-1]
+    assert torch.allclose(diag, want, rtol=1e-12, atol=0)

@@ -220,7 +220,7 @@ class SINGD(torch.optim.Optimizer):
             k_proj = (self.structure_classes[0], self.block_sizes[0])
             c_proj = (self.structure_classes[1], self.block_sizes[1])
             for name, ad in self.adapters.items():
-                on_inputs, on_grads = row_sides(ad, k_proj, c_proj)
+                on_inputs, on_grads = row_sides(ad, k_proj, c_proj, kfac_approx)
                 if on_inputs:
                     input_proj[name] = k_proj
                 if on_grads:

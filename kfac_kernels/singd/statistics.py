@@ -16,8 +16,15 @@ the factors change between forward passes.
 Which sides use rows:
 
 * the input side of ``nn.Linear`` layers (plain adapters: no graph batches, attention or tied
-  embeddings). Convolutions keep the patch covariance ``U`` of :func:`kfac_kernels.ops.
-  patch_covariance` (formed without im2col) and project it;
+  embeddings);
+* the input side of ``nn.Conv1d/2d`` layers with a diagonal ``K`` and ``kfac_approx="expand"``,
+  straight from the input without im2col: the diagonal entry of patch coordinate
+  ``(channel, kernel offset)`` is the sum of the squared (padded) input over the window of
+  positions that offset reads, so it is a strided window sum of ``sum_n x^2``
+  (:func:`conv_input_diagonal`, ``O(N C H W + C k^2 H_out W_out)``, no unfolded patches).
+  Block-diagonal ``K`` of a convolution mixes kernel offsets of different channels in one
+  block; it keeps the patch covariance ``U`` of :func:`kfac_kernels.ops.patch_covariance`
+  (also formed without im2col) and projects it;
 * the output-gradient side of ``nn.Linear`` and ``nn.Conv1d/2d`` layers (the gradient rows are
   the output gradient itself, no unfolding needed).
 
@@ -27,11 +34,13 @@ Everything else (other structures, other layers) takes the dense ``U`` / ``G`` o
 from __future__ import annotations
 
 import torch
+from torch.nn import functional as F
 
 from ..capture import CurvatureCapture
 from ..graph import active_graph_rows
 from ..layers import ConvAdapter, LinearAdapter
 from ..ops.gradient_covariance import gradient_rows
+from ..ops.patch_covariance import as_4d, conv_geometry, pre_pad
 from .structures import StructuredMatrix
 
 Projection = tuple[type[StructuredMatrix], "int | None"]
@@ -42,15 +51,43 @@ def _plain(adapter) -> bool:
             and not getattr(adapter, "tied", False))
 
 
-def row_sides(adapter, k_projection: Projection, c_projection: Projection) -> tuple[bool, bool]:
+def row_sides(adapter, k_projection: Projection, c_projection: Projection,
+              kfac_approx: str = "expand") -> tuple[bool, bool]:
     """Whether the input (``K``) and output-gradient (``C``) statistics of a layer are
     accumulated from rows in the structure (see the module docstring)."""
     plain = _plain(adapter)
     inputs = (plain and type(adapter) is LinearAdapter
               and k_projection[0].projection_suffices and k_projection[0].name != "dense")
+    inputs = inputs or (plain and type(adapter) is ConvAdapter and kfac_approx == "expand"
+                        and k_projection[0].name == "diagonal")
     grads = (plain and type(adapter) in (LinearAdapter, ConvAdapter)
              and c_projection[0].projection_suffices and c_projection[0].name != "dense")
     return inputs, grads
+
+
+def conv_input_diagonal(adapter: ConvAdapter, x: torch.Tensor,
+                        dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+    """``(groups, D)`` diagonal of the sum of a convolution's patch outer products (expand; the
+    bias coordinate last) and the number of patches, without unfolding the patches."""
+    m = adapter.module
+    if x.dim() == adapter.spatial_dims + 1:  # unbatched input
+        x = x.unsqueeze(0)
+    n = x.shape[0]
+    geom = conv_geometry(tuple(x.shape[2:]), m.kernel_size, m.stride, m.padding, m.dilation)
+    x, geom = pre_pad(x, geom, m.padding_mode)
+    x = as_4d(x).to(dtype)
+    top, bottom, left, right = geom.pad
+    sq = F.pad((x * x).sum(0), (left, right, top, bottom))   # (C, H_pad, W_pad)
+    (kh, kw), (sh, sw), (dh, dw) = geom.kernel, geom.stride, geom.dilation
+    oh, ow = geom.out_size
+    windows = [sq[:, p * dh:p * dh + sh * (oh - 1) + 1:sh,
+                  q * dw:q * dw + sw * (ow - 1) + 1:sw].sum((-2, -1))
+               for p in range(kh) for q in range(kw)]
+    diag = torch.stack(windows, dim=-1).reshape(adapter.groups, -1)  # channel-major, offsets
+    count = n * oh * ow
+    if adapter.bias is not None:
+        diag = torch.cat([diag, diag.new_full((adapter.groups, 1), float(count))], dim=1)
+    return diag, count
 
 
 class StructuredCurvatureCapture(CurvatureCapture):
@@ -87,12 +124,16 @@ class StructuredCurvatureCapture(CurvatureCapture):
             return
         adapter = self.adapters[name]
         if self.capture_inputs:
-            rows, count = adapter.input_rows(args[0].detach(), self.kfac_approx)
-            if count:
-                cls, k = self.input_projections[name]
+            cls, k = self.input_projections[name]
+            if isinstance(adapter, ConvAdapter):
+                diag, count = conv_input_diagonal(adapter, args[0].detach(), self.dtype_of(name))
+                parts = [cls(d.shape[0], (d,), None) for d in diag]
+            else:
+                rows, count = adapter.input_rows(args[0].detach(), self.kfac_approx)
                 rows = rows.to(self.dtype_of(name))
-                self._add(self._projected_a, name,
-                          [cls.gram_of_rows_projected(r, k) for r in rows])
+                parts = [cls.gram_of_rows_projected(r, k) for r in rows]
+            if count:
+                self._add(self._projected_a, name, parts)
                 self.acc[name].a_rows += count
         if isinstance(output, torch.Tensor) and output.requires_grad:
             output.register_hook(lambda g, name=name: self._grad_hook(name, g))
