@@ -64,7 +64,8 @@ namespace kfac_kernels {
 namespace cuda {
 
 // One thread block per tile; `offsets` (device) holds the c_blocks + 1 row offsets followed by
-// the k_blocks + 1 column offsets. Returns the launch error or cudaSuccess.
+// the k_blocks + 1 column offsets. Blocks of at most 32 (bc, bk <= 32: the tiles live in shared
+// memory); cudaErrorInvalidValue otherwise. Returns the launch error or cudaSuccess.
 template <typename A>
 cudaError_t singd_block_step(const SingdBlockStepParams<A>& p, const int64_t* offsets,
                              cudaStream_t stream);
