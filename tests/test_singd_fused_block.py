@@ -1,5 +1,6 @@
 """SINGD with block-diagonal factors: fused=True (all layers' factor updates in one
-singd_block_factor_update call) against the readable path on a small CNN (a convolution, two
+singd_block_factor_update call, each layer's parameter step in one singd_block_step pass)
+against the readable path on a small CNN (a convolution, two
 Linear layers, a LayerNorm; blocks of 4 with smaller last blocks and a layer narrower than one
 block)."""
 import pytest
@@ -40,15 +41,18 @@ def _rel(a, b):
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("kfac_like", [False, True])
 def test_fused_block_path_matches_reference_path(backend, dtype, tol, kfac_like, monkeypatch):
-    calls = []
-    real = optimizer.singd_block_factor_update
+    calls, steps = [], []
+    real, real_step = optimizer.singd_block_factor_update, optimizer.singd_block_step
     monkeypatch.setattr(optimizer, "singd_block_factor_update",
                         lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(optimizer, "singd_block_step",
+                        lambda *a, **kw: steps.append(1) or real_step(*a, **kw))
     kw = dict(kfac_like=kfac_like, alpha1=0.0 if kfac_like else 0.5)
     ref = _final(dtype, False, **kw)
     assert not calls
     got = _final(dtype, True, backend, **kw)
     assert len(calls) == 3   # steps 0, 2, 4 with T=2: one call each for all layers
+    assert len(steps) == 5 * 3   # every step, one pass per layer (conv and two Linear)
     assert _rel(got, ref) < tol
     init = torch.cat([p.detach().double().flatten() for p in _model(dtype).parameters()])
     assert _rel(got, init) > 1e-3

@@ -54,6 +54,7 @@ from torch import nn
 from ..capture import default_factor_dtype
 from ..curvature import check_common, find_adapters, validate_skip_modules
 from ..ops.singd_block_factor_update import singd_block_factor_update
+from ..ops.singd_block_step import singd_block_step
 from ..ops.singd_diagonal_factor_update import singd_diagonal_factor_update
 from ..ops.singd_diagonal_step import accumulation_dtype, singd_diagonal_step
 from .statistics import StructuredCurvatureCapture, row_sides
@@ -118,8 +119,9 @@ class SINGD(torch.optim.Optimizer):
             (preconditioning, weight decay, momentum, parameter update) to each weight and bias
             in one pass of :func:`kfac_kernels.ops.singd_diagonal_step`; with block-diagonal
             ``K`` and ``C``, update the factors of all layers in one call of
-            :func:`kfac_kernels.ops.singd_block_factor_update` (the parameter step takes the
-            readable path); other structures (and, for the parameter step, convolutions with
+            :func:`kfac_kernels.ops.singd_block_factor_update` and apply steps 2-3 to each
+            layer's weight and bias together in one pass of
+            :func:`kfac_kernels.ops.singd_block_step`; other structures (and, for the parameter step, convolutions with
             groups, non-contiguous weights, or factors kept wider than fp32 for fp32
             parameters) use the readable path. Same result up to round-off.
         statistics_from_rows: for diagonal and block-diagonal structures, accumulate only the
@@ -327,7 +329,10 @@ class SINGD(torch.optim.Optimizer):
             if update_factors and not fused_factors:
                 self._update_factors(name, state)
             if self._fusable(name):
-                self._fused_layer_step(name, state, group)
+                if self.structure_classes[0] is BlockDiagonal:
+                    self._fused_block_layer_step(name, state, group)
+                else:
+                    self._fused_layer_step(name, state, group)
                 continue
             direction = self._precondition(name, state, mat)
             self._apply_layer(name, direction, group)
@@ -439,28 +444,18 @@ class SINGD(torch.optim.Optimizer):
                 segments.setdefault(compute, []).append((name, gi, u, g))
         momentum = self._uses_riemannian_momentum
 
-        def slots(mat: BlockDiagonal, b: int, dtype) -> tuple[torch.Tensor, list[int]]:
-            full, last = mat.data
-            r = last.shape[0]
-            out = full.to(dtype)
-            if r:
-                pad = torch.zeros(1, b, b, dtype=dtype, device=out.device)
-                pad[0, :r, :r] = last
-                out = torch.cat([out, pad])
-            return out, [b] * full.shape[0] + ([r] if r else [])
-
         for compute, segs in segments.items():
             packed: dict[str, list] = {key: [] for key in ("K", "C", "m_K", "m_C", "U", "G")}
             dims = {"K": [], "C": []}
             layer_off = {"K": [0], "C": [0]}
             for n, gi, u, g in segs:
                 st = self.factors[n]
-                for side, stat, b in (("K", u, kk), ("C", g, kc)):
-                    x, d = slots(st[side][gi], b, compute)
+                for side, stat in (("K", u), ("C", g)):
+                    x, d = _slots(st[side][gi], compute)
                     packed[side].append(x)
-                    packed["U" if side == "K" else "G"].append(slots(stat, b, compute)[0])
+                    packed["U" if side == "K" else "G"].append(_slots(stat, compute)[0])
                     if momentum:
-                        packed["m_" + side].append(slots(st["m_" + side][gi], b, compute)[0])
+                        packed["m_" + side].append(_slots(st["m_" + side][gi], compute)[0])
                     dims[side] += d
                     layer_off[side].append(layer_off[side][-1] + len(d))
             cat = {key: torch.cat(v).contiguous() for key, v in packed.items() if v}
@@ -500,13 +495,46 @@ class SINGD(torch.optim.Optimizer):
         return torch.stack(out)
 
     def _fusable(self, name: str) -> bool:
-        if not self.fused or any(c is not Diagonal for c in self.structure_classes):
+        if not self.fused or not (all(c is Diagonal for c in self.structure_classes)
+                                  or all(c is BlockDiagonal for c in self.structure_classes)):
             return False
         ad = self.adapters[name]
-        w = ad.weight
+        w, b = ad.weight, ad.bias
         return (ad.groups == 1 and w.is_contiguous() and w.grad is not None
+                and (b is None or b.is_contiguous())
                 and self._dtypes(name)[2] == accumulation_dtype(w.dtype)
                 and w.dtype in (torch.float32, torch.float64, torch.bfloat16))
+
+    def _fused_block_layer_step(self, name: str, state, group) -> None:
+        """Steps 2-3 of Fig. 4 for block-diagonal factors: weight and bias (the last column of
+        ``[W | b]``, coupled to the weight by the last block of ``K``) in one pass of
+        :func:`kfac_kernels.ops.singd_block_step`."""
+        ad = self.adapters[name]
+        compute = self._dtypes(name)[2]
+        c, c_dims = _slots(state["C"][0], compute)
+        k, k_dims = _slots(state["K"][0], compute)
+        w, b = ad.weight, ad.bias
+        d_o = w.shape[0]
+        mom = group["momentum"]
+        bufs, first = [], False
+        for p in (w, b):
+            if p is None:
+                bufs.append(None)
+                continue
+            buf = self.state[p].get("momentum_buffer") if mom != 0.0 else None
+            first = first or buf is None
+            bufs.append(buf if buf is not None else torch.empty(p.shape, dtype=compute,
+                                                                device=p.device))
+        db = None
+        if b is not None:
+            db = b.grad if b.grad is not None else torch.zeros_like(b)
+        singd_block_step(w.view(d_o, -1), w.grad.reshape(d_o, -1), b, db, c, c_dims, k, k_dims,
+                         bufs[0].view(d_o, -1), bufs[1], group["lr"], mom,
+                         group["weight_decay"], first, backend=self.backend)
+        if mom != 0.0:
+            for p, buf in zip((w, b), bufs):
+                if p is not None:
+                    self.state[p]["momentum_buffer"] = buf
 
     def _fused_layer_step(self, name: str, state, group) -> None:
         """Steps 2-3 of Fig. 4 for diagonal factors, one kernel per weight and bias."""
@@ -649,6 +677,19 @@ def factor_update(K: StructuredMatrix, C: StructuredMatrix, U, G,
     out["K"] = K.compose(step_k.scale(-beta_k).add_identity(1.0))
     out["C"] = C.compose(step_c.scale(-beta_c).add_identity(1.0))
     return out
+
+
+def _slots(mat: BlockDiagonal, dtype) -> tuple[torch.Tensor, list[int]]:
+    """The diagonal blocks of ``mat`` as ``(blocks, k, k)`` slots (the smaller last block padded
+    with zeros) and their used sizes."""
+    full, last = mat.data
+    b, r = mat.k, last.shape[0]
+    out = full.to(dtype)
+    if r:
+        pad = torch.zeros(1, b, b, dtype=dtype, device=out.device)
+        pad[0, :r, :r] = last
+        out = torch.cat([out, pad])
+    return out.contiguous(), [b] * full.shape[0] + ([r] if r else [])
 
 
 def _congruence(S: StructuredMatrix, U) -> StructuredMatrix:
