@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from kfac_kernels import SINGD
-from kfac_kernels.singd import optimizer
+from kfac_kernels.singd import fused as fused_module
 from kfac_kernels.testing import backends_for
 
 
@@ -42,10 +42,10 @@ def _rel(a, b):
 @pytest.mark.parametrize("kfac_like", [False, True])
 def test_fused_block_path_matches_reference_path(backend, dtype, tol, kfac_like, monkeypatch):
     calls, steps = [], []
-    real, real_step = optimizer.singd_block_factor_update, optimizer.singd_block_step
-    monkeypatch.setattr(optimizer, "singd_block_factor_update",
+    real, real_step = fused_module.singd_block_factor_update, fused_module.singd_block_step
+    monkeypatch.setattr(fused_module, "singd_block_factor_update",
                         lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    monkeypatch.setattr(optimizer, "singd_block_step",
+    monkeypatch.setattr(fused_module, "singd_block_step",
                         lambda *a, **kw: steps.append(1) or real_step(*a, **kw))
     kw = dict(kfac_like=kfac_like, alpha1=0.0 if kfac_like else 0.5)
     ref = _final(dtype, False, **kw)

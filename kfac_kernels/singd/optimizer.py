@@ -53,12 +53,12 @@ from torch import nn
 
 from ..capture import default_factor_dtype
 from ..curvature import check_common, find_adapters, validate_skip_modules
-from ..ops.singd_block_factor_update import singd_block_factor_update
-from ..ops.singd_block_step import singd_block_step
-from ..ops.singd_diagonal_factor_update import singd_diagonal_factor_update
-from ..ops.singd_diagonal_step import accumulation_dtype, singd_diagonal_step
+from .fused import FusedSteps
 from .statistics import StructuredCurvatureCapture, row_sides
 from .structures import BlockDiagonal, Diagonal, StructuredMatrix, structure_class
+from .update import factor_update, precondition
+
+__all__ = ["SINGD", "factor_update", "precondition"]
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -82,7 +82,7 @@ def _pair(value):
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
-class SINGD(torch.optim.Optimizer):
+class SINGD(FusedSteps, torch.optim.Optimizer):
     """Structured inverse-free natural gradient descent (SINGD; INGD, IKFAC as special cases).
 
     Args:
@@ -383,108 +383,6 @@ class SINGD(torch.optim.Optimizer):
             for key, s in new.items():
                 state[key][gi] = s.to(dk if key.endswith("K") else dc)
 
-    def _update_diagonal_factors_fused(self, names: list[str]) -> None:
-        """Step 1 of Fig. 4 for diagonal K and C of every layer (and group) in one launch per
-        compute dtype; the layers are packed into flat vectors and unpacked afterwards."""
-        segments: dict[torch.dtype, list] = {}
-        for name in names:
-            stats = self._batch_statistics(name)
-            if stats is None:
-                continue
-            compute = self._dtypes(name)[2]
-            for gi, pair in enumerate(stats):
-                u, g = (s.data[0] if isinstance(s, StructuredMatrix) else torch.diagonal(s)
-                        for s in pair)
-                segments.setdefault(compute, []).append((name, gi, u, g))
-        momentum = self._uses_riemannian_momentum
-        for compute, segs in segments.items():
-            def packed(key):
-                return torch.cat([self.factors[n][key][gi].data[0].to(compute)
-                                  for n, gi, _, _ in segs])
-            k, c = packed("K"), packed("C")
-            m_k, m_c = (packed("m_K"), packed("m_C")) if momentum else (None, None)
-            u = torch.cat([s[2] for s in segs])
-            g = torch.cat([s[3] for s in segs])
-            k_off, c_off = [0], [0]
-            for n, gi, uu, gg in segs:
-                k_off.append(k_off[-1] + uu.numel())
-                c_off.append(c_off[-1] + gg.numel())
-            singd_diagonal_factor_update(k, c, m_k, m_c, u, g, k_off, c_off, self.damping,
-                                         self.alpha1, self.lr_cov, self.kfac_like,
-                                         backend=self.backend)
-            new = {"K": (k, k_off), "C": (c, c_off)}
-            if momentum:
-                new.update({"m_K": (m_k, k_off), "m_C": (m_c, c_off)})
-            for i, (name, gi, _, _) in enumerate(segs):
-                vals = {key: vec[off[i]:off[i + 1]] for key, (vec, off) in new.items()}
-                if not all(bool(torch.isfinite(v).all()) for v in vals.values()):
-                    self._warn_once(f"nonfinite-factor:{name}", (
-                        f"SINGD: the factor update of module {name!r} is not finite (lr_cov too "
-                        "large for its curvature?); keeping its previous factors"))
-                    continue
-                dk, dc, _ = self._dtypes(name)
-                for key, v in vals.items():
-                    dt = dk if key.endswith("K") else dc
-                    self.factors[name][key][gi] = Diagonal(v.numel(), (v.to(dt, copy=True),))
-
-    def _update_block_factors_fused(self, names: list[str]) -> None:
-        """Step 1 of Fig. 4 for block-diagonal K and C of every layer (and group) in one call
-        of :func:`kfac_kernels.ops.singd_block_factor_update` per compute dtype: every diagonal
-        block (the smaller last one padded) becomes a ``b x b`` slot of one packed tensor."""
-        kk, kc = self.block_sizes
-        segments: dict[torch.dtype, list] = {}
-        for name in names:
-            stats = self._batch_statistics(name)
-            if stats is None:
-                continue
-            compute = self._dtypes(name)[2]
-            for gi, (u, g) in enumerate(stats):
-                u = u if isinstance(u, StructuredMatrix) else BlockDiagonal.project(u, kk)
-                g = g if isinstance(g, StructuredMatrix) else BlockDiagonal.project(g, kc)
-                segments.setdefault(compute, []).append((name, gi, u, g))
-        momentum = self._uses_riemannian_momentum
-
-        for compute, segs in segments.items():
-            packed: dict[str, list] = {key: [] for key in ("K", "C", "m_K", "m_C", "U", "G")}
-            dims = {"K": [], "C": []}
-            layer_off = {"K": [0], "C": [0]}
-            for n, gi, u, g in segs:
-                st = self.factors[n]
-                for side, stat in (("K", u), ("C", g)):
-                    x, d = _slots(st[side][gi], compute)
-                    packed[side].append(x)
-                    packed["U" if side == "K" else "G"].append(_slots(stat, compute)[0])
-                    if momentum:
-                        packed["m_" + side].append(_slots(st["m_" + side][gi], compute)[0])
-                    dims[side] += d
-                    layer_off[side].append(layer_off[side][-1] + len(d))
-            cat = {key: torch.cat(v).contiguous() for key, v in packed.items() if v}
-            singd_block_factor_update(cat["K"], cat["C"], cat.get("m_K"), cat.get("m_C"),
-                                      cat["U"], cat["G"], dims["K"], dims["C"],
-                                      layer_off["K"], layer_off["C"], self.damping, self.alpha1,
-                                      self.lr_cov, self.kfac_like, backend=self.backend)
-            keys = ("K", "C", "m_K", "m_C") if momentum else ("K", "C")
-            for i, (name, gi, _, _) in enumerate(segs):
-                dk, dc, _ = self._dtypes(name)
-                new = {}
-                for key in keys:
-                    side = key[-1]
-                    lo, hi = layer_off[side][i], layer_off[side][i + 1]
-                    ref = self.factors[name][key][gi]
-                    q = ref.data[0].shape[0]
-                    block = cat[key][lo:hi]
-                    r = ref.data[1].shape[0]
-                    new[key] = BlockDiagonal(ref.dim, (block[:q].clone(),
-                                                       block[q, :r, :r].clone() if r else
-                                                       ref.data[1].to(compute)), ref.k)
-                if not all(m.all_finite() for m in new.values()):
-                    self._warn_once(f"nonfinite-factor:{name}", (
-                        f"SINGD: the factor update of module {name!r} is not finite (lr_cov too "
-                        "large for its curvature?); keeping its previous factors"))
-                    continue
-                for key, m in new.items():
-                    self.factors[name][key][gi] = m.to(dk if key.endswith("K") else dc)
-
     def _precondition(self, name: str, state, mat: torch.Tensor) -> torch.Tensor:
         """``C C^T M K K^T`` per group, in the compute dtype."""
         compute = self._dtypes(name)[2]
@@ -493,73 +391,6 @@ class SINGD(torch.optim.Optimizer):
             k, c = state["K"][gi].to(compute), state["C"][gi].to(compute)
             out.append(precondition(k, c, mat[gi].to(compute)))
         return torch.stack(out)
-
-    def _fusable(self, name: str) -> bool:
-        if not self.fused or not (all(c is Diagonal for c in self.structure_classes)
-                                  or all(c is BlockDiagonal for c in self.structure_classes)):
-            return False
-        ad = self.adapters[name]
-        w, b = ad.weight, ad.bias
-        return (ad.groups == 1 and w.is_contiguous() and w.grad is not None
-                and (b is None or b.is_contiguous())
-                and self._dtypes(name)[2] == accumulation_dtype(w.dtype)
-                and w.dtype in (torch.float32, torch.float64, torch.bfloat16))
-
-    def _fused_block_layer_step(self, name: str, state, group) -> None:
-        """Steps 2-3 of Fig. 4 for block-diagonal factors: weight and bias (the last column of
-        ``[W | b]``, coupled to the weight by the last block of ``K``) in one pass of
-        :func:`kfac_kernels.ops.singd_block_step`."""
-        ad = self.adapters[name]
-        compute = self._dtypes(name)[2]
-        c, c_dims = _slots(state["C"][0], compute)
-        k, k_dims = _slots(state["K"][0], compute)
-        w, b = ad.weight, ad.bias
-        d_o = w.shape[0]
-        mom = group["momentum"]
-        bufs, first = [], False
-        for p in (w, b):
-            if p is None:
-                bufs.append(None)
-                continue
-            buf = self.state[p].get("momentum_buffer") if mom != 0.0 else None
-            first = first or buf is None
-            bufs.append(buf if buf is not None else torch.empty(p.shape, dtype=compute,
-                                                                device=p.device))
-        db = None
-        if b is not None:
-            db = b.grad if b.grad is not None else torch.zeros_like(b)
-        singd_block_step(w.view(d_o, -1), w.grad.reshape(d_o, -1), b, db, c, c_dims, k, k_dims,
-                         bufs[0].view(d_o, -1), bufs[1], group["lr"], mom,
-                         group["weight_decay"], first, backend=self.backend)
-        if mom != 0.0:
-            for p, buf in zip((w, b), bufs):
-                if p is not None:
-                    self.state[p]["momentum_buffer"] = buf
-
-    def _fused_layer_step(self, name: str, state, group) -> None:
-        """Steps 2-3 of Fig. 4 for diagonal factors, one kernel per weight and bias."""
-        ad = self.adapters[name]
-        compute = self._dtypes(name)[2]
-        c = state["C"][0].data[0].to(compute)
-        k = state["K"][0].data[0].to(compute)
-        w, b = ad.weight, ad.bias
-        d_o = w.shape[0]
-        pieces = [(w, w.grad, k[:w[0].numel()])]
-        if b is not None:
-            db = b.grad if b.grad is not None else torch.zeros_like(b)
-            pieces.append((b, db, k[-1:]))
-        mom = group["momentum"]
-        for p, grad, kk in pieces:
-            st = self.state[p]
-            buf = st.get("momentum_buffer") if mom != 0.0 else None
-            first = buf is None
-            if first:
-                buf = torch.empty(p.shape, dtype=compute, device=p.device)
-            singd_diagonal_step(p.view(d_o, -1), grad.reshape(d_o, -1), c, kk,
-                                buf.view(d_o, -1), group["lr"], mom, group["weight_decay"],
-                                first, backend=self.backend)
-            if mom != 0.0:
-                st["momentum_buffer"] = buf
 
     def _apply_layer(self, name: str, direction: torch.Tensor, group) -> None:
         ad = self.adapters[name]
@@ -644,62 +475,3 @@ class SINGD(torch.optim.Optimizer):
         self.steps = int(extra["steps"])
         self.capture.reset()
         self._arm_capture()
-
-
-def factor_update(K: StructuredMatrix, C: StructuredMatrix, U, G,
-                  *, damping: float, alpha1: float, lr_cov: float, kfac_like: bool,
-                  m_K: StructuredMatrix | None = None, m_C: StructuredMatrix | None = None,
-                  normalize_lr_cov: bool = False) -> dict[str, StructuredMatrix]:
-    """One update of Fig. 4 (``kfac_like``: Eq. 10) from the old ``K, C, m_K, m_C``; returns the
-    new ``K``, ``C`` (and ``m_K``, ``m_C`` when given). ``U``, ``G``: dense symmetric matrices,
-    or their projections ``Pi(U)``, ``Pi(G)`` in ``K``'s / ``C``'s structure where that
-    suffices. ``normalize_lr_cov``: see :class:`SINGD`."""
-    d_i, d_o = K.dim, C.dim
-    h_k, h_c = _congruence(K, U), _congruence(C, G)
-    ktk, ctc = K.gram(), C.gram()
-    if kfac_like:   # Tr(H_C), Tr(C^T C) -> Tr(I_{d_o}) = d_o, and the same for K
-        a_k, b_k, a_c, b_c = 1.0, damping, 1.0, damping
-    else:           # the 1/(2 d_o) of Fig. 4 is taken into the trace terms and the 1/2
-        a_k, b_k = h_c.trace() / d_o, damping * ctc.trace() / d_o
-        a_c, b_c = h_k.trace() / d_i, damping * ktk.trace() / d_i
-    half = 0.5 * (1.0 - alpha1) if normalize_lr_cov and not kfac_like else 0.5
-    step_k = h_k.scale(a_k).add(ktk, b_k).add_identity(-1.0).scale(half)
-    step_c = h_c.scale(a_c).add(ctc, b_c).add_identity(-1.0).scale(half)
-    out = {}
-    if m_K is not None and not kfac_like:
-        step_k = m_K.scale(alpha1).add(step_k)
-        step_c = m_C.scale(alpha1).add(step_c)
-        out["m_K"], out["m_C"] = step_k, step_c
-    beta_k = beta_c = lr_cov
-    if normalize_lr_cov:
-        beta_k = lr_cov / torch.clamp(step_k.max_abs(), min=1.0)
-        beta_c = lr_cov / torch.clamp(step_c.max_abs(), min=1.0)
-    out["K"] = K.compose(step_k.scale(-beta_k).add_identity(1.0))
-    out["C"] = C.compose(step_c.scale(-beta_c).add_identity(1.0))
-    return out
-
-
-def _slots(mat: BlockDiagonal, dtype) -> tuple[torch.Tensor, list[int]]:
-    """The diagonal blocks of ``mat`` as ``(blocks, k, k)`` slots (the smaller last block padded
-    with zeros) and their used sizes."""
-    full, last = mat.data
-    b, r = mat.k, last.shape[0]
-    out = full.to(dtype)
-    if r:
-        pad = torch.zeros(1, b, b, dtype=dtype, device=out.device)
-        pad[0, :r, :r] = last
-        out = torch.cat([out, pad])
-    return out.contiguous(), [b] * full.shape[0] + ([r] if r else [])
-
-
-def _congruence(S: StructuredMatrix, U) -> StructuredMatrix:
-    """``Pi(S^T U S)`` from a dense ``U`` or from its projection ``Pi(U)``."""
-    if isinstance(U, StructuredMatrix):
-        return S.congruence_of_projection(U)
-    return S.congruence(U)
-
-
-def precondition(K: StructuredMatrix, C: StructuredMatrix, M: torch.Tensor) -> torch.Tensor:
-    """``C C^T M K K^T`` through structured products only."""
-    x = K.rmatmul_t(K.rmatmul(M))
-    return C.matmul(C.t_matmul(x))
