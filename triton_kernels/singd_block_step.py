@@ -5,7 +5,9 @@ One program per tile (``C`` row block ``i``, ``K`` column block ``j``): it forms
 ``K_j K_j^T`` (``tl.dot`` tiles of at least 16, masked to the used sizes), loads the gradient
 tile (the column past the weight's last one from the bias gradient), computes
 ``(C_i C_i^T) M_ij (K_j K_j^T)`` in the accumulation dtype ("ieee": no TF32), adds the weight
-decay, updates the momentum buffer and writes the parameters, each rounded once.
+decay, updates the momentum buffer and writes the parameters, each rounded once (bfloat16 to
+nearest even, by integer arithmetic: the interpreter's float-to-bfloat16 cast does not round to
+nearest).
 """
 from __future__ import annotations
 
@@ -25,10 +27,23 @@ def _outer(ptr, j, n, B: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _round(x, ptr, PARAM_BF16: tl.constexpr):
+    """``x`` in the element type of ``ptr``; bfloat16 rounded to nearest even by integer
+    arithmetic on the fp32 bits, so the interpreter and the GPU round alike (a NaN stays NaN:
+    its exponent bits are all set and the carry cannot clear them)."""
+    if PARAM_BF16:
+        u = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        u = u + 0x7FFF + ((u >> 16) & 1)
+        return (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(ptr.dtype.element_ty)
+
+
+@triton.jit
 def _step_kernel(w_ptr, wg_ptr, b_ptr, bg_ptr, c_ptr, cd_ptr, ro_ptr, k_ptr, kd_ptr, co_ptr,
                  wb_ptr, bb_ptr, s_ptr, cols, k_blocks, HAS_BIAS: tl.constexpr,
                  FIRST: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                 BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, PARAM_BF16: tl.constexpr):
     pid = tl.program_id(0)
     i = pid // k_blocks
     j = pid % k_blocks
@@ -69,10 +84,10 @@ def _step_kernel(w_ptr, wg_ptr, b_ptr, bg_ptr, c_ptr, cd_ptr, ro_ptr, k_ptr, kd_
         buf = mom * buf + d
     new = p - lr * buf
     tl.store(wb_ptr + w_off, buf, mask=in_w)
-    tl.store(w_ptr + w_off, new.to(w_ptr.dtype.element_ty), mask=in_w)
+    tl.store(w_ptr + w_off, _round(new, w_ptr, PARAM_BF16), mask=in_w)
     if HAS_BIAS:
         tl.store(bb_ptr + b_off, buf, mask=in_b)
-        tl.store(b_ptr + b_off, new.to(b_ptr.dtype.element_ty), mask=in_b)
+        tl.store(b_ptr + b_off, _round(new, b_ptr, PARAM_BF16), mask=in_b)
 
 
 def _tile(b: int) -> int:
@@ -100,4 +115,5 @@ def singd_block_step_triton(weight, weight_grad, bias, bias_grad, c, c_dims, k, 
                        prefix(k_dims), weight_buf, bias_buf if has_bias else weight_buf, scalars,
                        weight.shape[1], k.shape[0], HAS_BIAS=has_bias, FIRST=bool(first),
                        BC=c.shape[1], BK=k.shape[1], BLOCK_C=_tile(c.shape[1]),
-                       BLOCK_K=_tile(k.shape[1]))
+                       BLOCK_K=_tile(k.shape[1]),
+                       PARAM_BF16=weight.dtype == torch.bfloat16)
