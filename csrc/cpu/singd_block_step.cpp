@@ -74,7 +74,7 @@ void run(const SingdBlockStepParams<A>& p) {
   for (int64_t i = 0; i < p.c_blocks; ++i) {
     const int64_t ni = p.c_dims[i];
     const A* ci = cct.data() + i * p.bc * p.bc;
-    std::vector<A> m, a1;
+    std::vector<A> m, a1, dd;
     for (int64_t j = 0; j < p.k_blocks; ++j) {
       const int64_t nj = p.k_dims[j];
       const A* kj = kkt.data() + j * p.bk * p.bk;
@@ -85,16 +85,22 @@ void run(const SingdBlockStepParams<A>& p) {
           const int64_t gr = ro[i] + r, gc = co[j] + c;
           m[r * nj + c] = gc < p.cols ? load(wgrad, gr * p.cols + gc) : load(bgrad, gr);
         }
-      for (int64_t r = 0; r < ni; ++r)  // (C C^T) M
-        for (int64_t c = 0; c < nj; ++c) {
-          A s = 0;
-          for (int64_t t = 0; t < ni; ++t) s += ci[r * p.bc + t] * m[t * nj + c];
-          a1[r * nj + c] = s;
+      // (C C^T) M, then ((C C^T) M) (K K^T) into dd; the innermost loops run along
+      // contiguous rows so the compiler vectorises them
+      for (int64_t r = 0; r < ni; ++r)
+        for (int64_t t = 0; t < ni; ++t) {
+          const A x = ci[r * p.bc + t];
+          for (int64_t c = 0; c < nj; ++c) a1[r * nj + c] += x * m[t * nj + c];
+        }
+      dd.assign(ni * nj, A(0));
+      for (int64_t r = 0; r < ni; ++r)
+        for (int64_t t = 0; t < nj; ++t) {
+          const A x = a1[r * nj + t];
+          for (int64_t c = 0; c < nj; ++c) dd[r * nj + c] += x * kj[t * p.bk + c];
         }
       for (int64_t r = 0; r < ni; ++r)
         for (int64_t c = 0; c < nj; ++c) {
-          A d = 0;  // ((C C^T) M) (K K^T)
-          for (int64_t t = 0; t < nj; ++t) d += a1[r * nj + t] * kj[t * p.bk + c];
+          A d = dd[r * nj + c];
           const int64_t gr = ro[i] + r, gc = co[j] + c;
           const bool is_w = gc < p.cols;
           Elem* pp = is_w ? weight : bias;
