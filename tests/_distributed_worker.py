@@ -58,6 +58,14 @@ def make_optimizer(method: str, model: nn.Module, accumulate: int):
         # tolerance of the parity test
         return SINGD(model, lr=0.05, lr_cov=0.3, T=1, damping=0.01,
                      structures=("dense", "diagonal"), grad_accumulation_steps=accumulate)
+    elif method in ("singd-diagonal", "singd-blocks"):
+        from kfac_kernels import SINGD
+        # Statistics kept in the structure (diagonals / diagonal blocks from rows, the conv
+        # input diagonal from window sums) and the fused kernels: the structured sums are what
+        # the processes all-reduce.
+        structures = "diagonal" if method == "singd-diagonal" else "block-diagonal"
+        return SINGD(model, lr=0.05, lr_cov=0.3, T=1, damping=0.01, structures=structures,
+                     block_size=3, fused=True, grad_accumulation_steps=accumulate)
     else:
         raise ValueError(method)
     return PreconditionedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),

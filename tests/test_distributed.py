@@ -47,6 +47,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("method,accumulate", [("kfac", 1), ("kfac", 2), ("bdkfac", 1),
                                                ("bdkfac", 2), ("singd", 1), ("singd", 2),
+                                               ("singd-diagonal", 1), ("singd-diagonal", 2),
+                                               ("singd-blocks", 1), ("singd-blocks", 2),
                                                ("twolevel", 1), ("twolevel", 2)])
 def test_two_processes_match_one_process_on_the_concatenated_batch(tmp_path, method, accumulate):
     reference = _run(tmp_path, method, world=1)

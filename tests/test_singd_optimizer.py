@@ -218,6 +218,7 @@ def _train(model, opt, data, scaler=None):
                                                    ("block-diagonal", None, False),
                                                    ("diagonal", torch.bfloat16, False),
                                                    ("diagonal", torch.bfloat16, True),
+                                                   ("block-diagonal", torch.bfloat16, True),
                                                    ("hierarchical", torch.bfloat16, False)])
 def test_state_dict_resume_is_bit_identical(structure, dtype, fused):
     data = _data(9)

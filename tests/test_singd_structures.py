@@ -131,6 +131,29 @@ def test_projected_products_match_table1(name):
 
 
 @pytest.mark.parametrize("name", list(STRUCTURES))
+def test_statistics_from_rows_match_table1(name):
+    """Pi(x^T x) accumulated from rows equals Table 1's map of the dense second moment, and
+    where the class says Pi(U) suffices, Pi(S^T U S) from Pi(U) equals the dense product's
+    projection (the triangular family needs all of U and says so)."""
+    gen = torch.Generator().manual_seed(5)
+    k = _k(name)
+    cls = STRUCTURES[name]
+    s = _random_structured(name, gen)
+    d = s.to_dense()
+    rows = torch.randn(7, DIM, dtype=torch.float64, generator=gen)
+    u = rows.T @ rows
+    p = cls.gram_of_rows_projected(rows, k)
+    assert type(p) is cls
+    assert _err(p.to_dense(), table1_projection(name, u, k)) < TOL
+    if cls.projection_suffices:
+        assert _err(s.congruence_of_projection(p).to_dense(),
+                    table1_projection(name, d.T @ u @ d, k)) < TOL
+    else:
+        with pytest.raises(NotImplementedError, match="needs all of U"):
+            s.congruence_of_projection(p)
+
+
+@pytest.mark.parametrize("name", list(STRUCTURES))
 def test_factor_update_preserves_structure(name):
     """K <- K (I - beta1 m_K) with m_K = Pi(...) stays in the structure, and equals the dense
     product."""

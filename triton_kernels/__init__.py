@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["block_eigh", "singd_diagonal_factor_update", "singd_diagonal_step",
+__all__ = ["block_eigh", "singd_block_factor_update", "singd_block_step",
+           "singd_diagonal_factor_update", "singd_diagonal_step",
            "symmetric_factor_update"]
 
 

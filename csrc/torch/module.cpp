@@ -34,6 +34,18 @@ TORCH_LIBRARY(kfac_kernels, m) {
       "singd_diagonal_factor_update(Tensor(a!) k, Tensor(b!) c, Tensor(c!)? m_k, Tensor(d!)? m_c, "
       "Tensor u, Tensor g, int[] k_offsets, int[] c_offsets, float damping, float alpha1, "
       "float lr_cov, bool kfac_like) -> ()");
+  // SINGD factor update of block-diagonal K, C for many layers, in place; see
+  // csrc/include/singd_block_factor_update.h.
+  m.def(
+      "singd_block_factor_update(Tensor(a!) k, Tensor(b!) c, Tensor(c!)? m_k, Tensor(d!)? m_c, "
+      "Tensor u, Tensor g, int[] k_dims, int[] c_dims, int[] k_layer_offsets, "
+      "int[] c_layer_offsets, float damping, float alpha1, float lr_cov, bool kfac_like) -> ()");
+  // SINGD step for block-diagonal factors, in place; see csrc/include/singd_block_step.h.
+  m.def(
+      "singd_block_step(Tensor(a!) weight, Tensor weight_grad, Tensor(b!)? bias, "
+      "Tensor? bias_grad, Tensor c, int[] c_dims, Tensor k, int[] k_dims, "
+      "Tensor(c!) weight_buf, Tensor(d!)? bias_buf, float lr, float momentum, "
+      "float weight_decay, bool first) -> ()");
 }
 
 namespace {

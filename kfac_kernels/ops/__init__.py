@@ -2,12 +2,17 @@
 from .block_eigh import block_damped_inverse, block_eigh
 from .gradient_covariance import gradient_covariance
 from .patch_covariance import patch_covariance
+from .singd_block_factor_update import (singd_block_factor_update,
+                                        singd_block_factor_update_eager)
+from .singd_block_step import singd_block_step, singd_block_step_eager
 from .singd_diagonal_factor_update import (singd_diagonal_factor_update,
                                            singd_diagonal_factor_update_eager)
 from .singd_diagonal_step import singd_diagonal_step, singd_diagonal_step_eager
 from .symmetric_factor_update import symmetric_factor_update, symmetric_factor_update_eager
 
 __all__ = ["block_damped_inverse", "block_eigh", "gradient_covariance", "patch_covariance",
+           "singd_block_factor_update", "singd_block_factor_update_eager",
+           "singd_block_step", "singd_block_step_eager",
            "singd_diagonal_factor_update", "singd_diagonal_factor_update_eager",
            "singd_diagonal_step", "singd_diagonal_step_eager", "symmetric_factor_update",
            "symmetric_factor_update_eager"]

@@ -52,11 +52,14 @@ import torch
 from torch import nn
 
 from .. import distributed as dist_utils
-from ..capture import CurvatureCapture, default_factor_dtype
+from ..capture import default_factor_dtype
 from ..curvature import check_common, find_adapters, validate_skip_modules
-from ..ops.singd_diagonal_factor_update import singd_diagonal_factor_update
-from ..ops.singd_diagonal_step import accumulation_dtype, singd_diagonal_step
-from .structures import Diagonal, StructuredMatrix, structure_class
+from .fused import FusedSteps
+from .statistics import StructuredCurvatureCapture, row_sides
+from .structures import BlockDiagonal, Diagonal, StructuredMatrix, structure_class
+from .update import factor_update, precondition
+
+__all__ = ["SINGD", "factor_update", "precondition"]
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -80,7 +83,7 @@ def _pair(value):
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
-class SINGD(torch.optim.Optimizer):
+class SINGD(FusedSteps, torch.optim.Optimizer):
     """Structured inverse-free natural gradient descent (SINGD; INGD, IKFAC as special cases).
 
     Args:
@@ -115,15 +118,25 @@ class SINGD(torch.optim.Optimizer):
         fused: with diagonal ``K`` and ``C``, update the factors of all layers in one launch of
             :func:`kfac_kernels.ops.singd_diagonal_factor_update` and apply steps 2-3 of Fig. 4
             (preconditioning, weight decay, momentum, parameter update) to each weight and bias
-            in one pass of :func:`kfac_kernels.ops.singd_diagonal_step`; other structures (and,
-            for the parameter step, convolutions with groups, non-contiguous weights, or factors
-            kept wider than fp32 for fp32 parameters) use the readable path. Same result up to
+            in one pass of :func:`kfac_kernels.ops.singd_diagonal_step`; with block-diagonal
+            ``K`` and ``C``, update the factors of all layers in one call of
+            :func:`kfac_kernels.ops.singd_block_factor_update` and apply steps 2-3 to each
+            layer's weight and bias together in one pass of
+            :func:`kfac_kernels.ops.singd_block_step`; other structures (and, for the parameter step, convolutions with
+            groups, non-contiguous weights, or factors kept wider than fp32 for fp32
+            parameters) use the readable path. Same result up to round-off.
+        statistics_from_rows: for diagonal and block-diagonal structures, accumulate only the
+            structure's part of ``U`` (``nn.Linear`` inputs) and ``G`` (``nn.Linear`` and
+            convolution output gradients) from the rows, never forming the dense ``d x d``
+            matrices (:mod:`kfac_kernels.singd.statistics`). ``False`` captures the dense ``U``
+            and ``G`` and projects them (the readable reference path). Same result up to
             round-off.
         grad_accumulation_steps: micro-batches per step whose losses are averaged (each
             ``loss / k`` backpropagated): ``U`` and ``G`` are then those of the whole batch.
         distributed: ``None`` (on when ``torch.distributed`` runs with more than one rank),
-            ``True`` or ``False``. On: ``U`` and ``G`` are all-reduced on factor-update steps
-            (one triangle, bucketed) so every rank updates ``K`` and ``C`` identically.
+            ``True`` or ``False``. On: ``U`` and ``G`` (or, with ``statistics_from_rows``, their
+            diagonals / diagonal blocks) are all-reduced on factor-update steps (one triangle,
+            bucketed) so every rank updates ``K`` and ``C`` identically.
         process_group: the ``torch.distributed`` group (default: the world).
     """
 
@@ -135,8 +148,9 @@ class SINGD(torch.optim.Optimizer):
                  loss_average: str | None = "batch", kfac_like: bool = False,
                  preconditioner_dtype=None, grad_scaler: torch.amp.GradScaler | None = None,
                  skip_modules: Iterable = (), backend: str = "auto", fused: bool = False,
-                 normalize_lr_cov: bool = False, grad_accumulation_steps: int = 1,
-                 distributed: bool | None = None, process_group=None):
+                 normalize_lr_cov: bool = False, statistics_from_rows: bool = True,
+                 grad_accumulation_steps: int = 1, distributed: bool | None = None,
+                 process_group=None):
         who = "SINGD"
         if not isinstance(model, nn.Module):
             raise TypeError(f"{who}: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -176,6 +190,10 @@ class SINGD(torch.optim.Optimizer):
         if not isinstance(normalize_lr_cov, bool):
             raise TypeError(f"{who}: normalize_lr_cov must be a bool, got {normalize_lr_cov!r}")
         self.normalize_lr_cov = normalize_lr_cov
+        if not isinstance(statistics_from_rows, bool):
+            raise TypeError(f"{who}: statistics_from_rows must be a bool, got "
+                            f"{statistics_from_rows!r}")
+        self.statistics_from_rows = statistics_from_rows
         dtypes = _pair(preconditioner_dtype)
         if len(dtypes) != 2:
             raise ValueError(f"{who}: preconditioner_dtype must be None, a dtype or a pair "
@@ -222,9 +240,20 @@ class SINGD(torch.optim.Optimizer):
         # name -> {"K": [per group], "C": [...], "m_K": [...], "m_C": [...]} (created lazily)
         self.factors: dict[str, dict[str, list[StructuredMatrix]]] = {}
         self._warned: set[str] = set()
-        self.capture = CurvatureCapture(self.adapters, kfac_approx=kfac_approx,
-                                        loss_average=loss_average, backend=backend,
-                                        loss_scale=self._loss_scale, train_only=True).attach()
+        input_proj, grad_proj = {}, {}
+        if statistics_from_rows:
+            k_proj = (self.structure_classes[0], self.block_sizes[0])
+            c_proj = (self.structure_classes[1], self.block_sizes[1])
+            for name, ad in self.adapters.items():
+                on_inputs, on_grads = row_sides(ad, k_proj, c_proj, kfac_approx)
+                if on_inputs:
+                    input_proj[name] = k_proj
+                if on_grads:
+                    grad_proj[name] = c_proj
+        self.capture = StructuredCurvatureCapture(
+            self.adapters, input_projections=input_proj, grad_projections=grad_proj,
+            kfac_approx=kfac_approx, loss_average=loss_average, backend=backend,
+            loss_scale=self._loss_scale, train_only=True).attach()
         self.capture.accumulation_steps = grad_accumulation_steps
         self._arm_capture()
 
@@ -309,23 +338,29 @@ class SINGD(torch.optim.Optimizer):
         group = self.param_groups[0]
         update_factors = self.steps % self.T == 0
         fused_factors = (self.fused and not self.normalize_lr_cov
-                         and all(c is Diagonal for c in self.structure_classes))
+                         and (all(c is Diagonal for c in self.structure_classes)
+                              or all(c is BlockDiagonal for c in self.structure_classes)))
         if update_factors and self._is_distributed():
             # U and G of the loss DDP optimises (see kfac_kernels.distributed); no
             # decompositions to share: every rank updates K and C from the same statistics.
-            dist_utils.allreduce_capture(self.capture, sorted(self.adapters),
-                                         self._statistics_template, self.process_group)
+            self.capture.allreduce(sorted(self.adapters), self.process_group)
         if update_factors and fused_factors:
             for name in mats:
                 if name not in self.factors:
                     self._init_layer(name)
-            self._update_diagonal_factors_fused(list(mats))
+            if self.structure_classes[0] is Diagonal:
+                self._update_diagonal_factors_fused(list(mats))
+            else:
+                self._update_block_factors_fused(list(mats))
         for name, mat in mats.items():
             state = self.factors.get(name) or self._init_layer(name)
             if update_factors and not fused_factors:
                 self._update_factors(name, state)
             if self._fusable(name):
-                self._fused_layer_step(name, state, group)
+                if self.structure_classes[0] is BlockDiagonal:
+                    self._fused_block_layer_step(name, state, group)
+                else:
+                    self._fused_layer_step(name, state, group)
                 continue
             direction = self._precondition(name, state, mat)
             self._apply_layer(name, direction, group)
@@ -341,25 +376,33 @@ class SINGD(torch.optim.Optimizer):
             return dist_utils.is_active(self.process_group)
         return self.distributed
 
-    def _statistics_template(self, name: str):
-        ad = self.adapters[name]
-        kw = dict(dtype=self.capture.dtype_of(name), device=ad.weight.device)
-        g, da, dg = ad.groups, ad.in_features_per_group, ad.out_features_per_group
-        return torch.zeros(g, da, da, **kw), torch.zeros(g, dg, dg, **kw)
-
-    def _update_factors(self, name: str, state) -> None:
-        pair = self.capture.factors(name)
-        if pair is None:
-            return
-        if not all(bool(torch.isfinite(f).all()) for f in pair):
+    def _batch_statistics(self, name: str) -> list[tuple] | None:
+        """The single place where the captured curvature of a factor update is read: per group
+        ``(U, G)`` in the layer's compute dtype, each a dense matrix or (rows path, see
+        :mod:`kfac_kernels.singd.statistics`) the structured projection of it; ``None`` when
+        the layer saw no data or its statistics are not finite (warned once)."""
+        stats = self.capture.statistics(name)
+        if stats is None:
+            return None
+        compute = self._dtypes(name)[2]
+        stats = [tuple(s.to(compute) for s in pair) for pair in stats]
+        finite = all(s.all_finite() if isinstance(s, StructuredMatrix)
+                     else bool(torch.isfinite(s).all()) for pair in stats for s in pair)
+        if not finite:
             self._warn_once(f"nonfinite-curvature:{name}", (
                 f"SINGD: non-finite curvature for module {name!r} (NaN/inf in its inputs or "
                 "output gradients); its factor update is skipped this step and whenever this "
                 "happens again"))
+            return None
+        return stats
+
+    def _update_factors(self, name: str, state) -> None:
+        stats = self._batch_statistics(name)
+        if stats is None:
             return
         dk, dc, compute = self._dtypes(name)
         for gi in range(len(state["K"])):
-            u, g = pair[0][gi].to(compute), pair[1][gi].to(compute)
+            u, g = stats[gi]
             old = {key: state[key][gi].to(compute) for key in state}
             new = factor_update(old["K"], old["C"], u, g, damping=self.damping,
                                 alpha1=self.alpha1, lr_cov=self.lr_cov,
@@ -373,56 +416,6 @@ class SINGD(torch.optim.Optimizer):
             for key, s in new.items():
                 state[key][gi] = s.to(dk if key.endswith("K") else dc)
 
-    def _update_diagonal_factors_fused(self, names: list[str]) -> None:
-        """Step 1 of Fig. 4 for diagonal K and C of every layer (and group) in one launch per
-        compute dtype; the layers are packed into flat vectors and unpacked afterwards."""
-        segments: dict[torch.dtype, list] = {}
-        for name in names:
-            pair = self.capture.factors(name)
-            if pair is None:
-                continue
-            if not all(bool(torch.isfinite(f).all()) for f in pair):
-                self._warn_once(f"nonfinite-curvature:{name}", (
-                    f"SINGD: non-finite curvature for module {name!r} (NaN/inf in its inputs or "
-                    "output gradients); its factor update is skipped this step and whenever "
-                    "this happens again"))
-                continue
-            compute = self._dtypes(name)[2]
-            u = torch.diagonal(pair[0], dim1=-2, dim2=-1).to(compute)
-            g = torch.diagonal(pair[1], dim1=-2, dim2=-1).to(compute)
-            for gi in range(u.shape[0]):
-                segments.setdefault(compute, []).append((name, gi, u[gi], g[gi]))
-        momentum = self._uses_riemannian_momentum
-        for compute, segs in segments.items():
-            def packed(key):
-                return torch.cat([self.factors[n][key][gi].data[0].to(compute)
-                                  for n, gi, _, _ in segs])
-            k, c = packed("K"), packed("C")
-            m_k, m_c = (packed("m_K"), packed("m_C")) if momentum else (None, None)
-            u = torch.cat([s[2] for s in segs])
-            g = torch.cat([s[3] for s in segs])
-            k_off, c_off = [0], [0]
-            for n, gi, uu, gg in segs:
-                k_off.append(k_off[-1] + uu.numel())
-                c_off.append(c_off[-1] + gg.numel())
-            singd_diagonal_factor_update(k, c, m_k, m_c, u, g, k_off, c_off, self.damping,
-                                         self.alpha1, self.lr_cov, self.kfac_like,
-                                         backend=self.backend)
-            new = {"K": (k, k_off), "C": (c, c_off)}
-            if momentum:
-                new.update({"m_K": (m_k, k_off), "m_C": (m_c, c_off)})
-            for i, (name, gi, _, _) in enumerate(segs):
-                vals = {key: vec[off[i]:off[i + 1]] for key, (vec, off) in new.items()}
-                if not all(bool(torch.isfinite(v).all()) for v in vals.values()):
-                    self._warn_once(f"nonfinite-factor:{name}", (
-                        f"SINGD: the factor update of module {name!r} is not finite (lr_cov too "
-                        "large for its curvature?); keeping its previous factors"))
-                    continue
-                dk, dc, _ = self._dtypes(name)
-                for key, v in vals.items():
-                    dt = dk if key.endswith("K") else dc
-                    self.factors[name][key][gi] = Diagonal(v.numel(), (v.to(dt, copy=True),))
-
     def _precondition(self, name: str, state, mat: torch.Tensor) -> torch.Tensor:
         """``C C^T M K K^T`` per group, in the compute dtype."""
         compute = self._dtypes(name)[2]
@@ -431,40 +424,6 @@ class SINGD(torch.optim.Optimizer):
             k, c = state["K"][gi].to(compute), state["C"][gi].to(compute)
             out.append(precondition(k, c, mat[gi].to(compute)))
         return torch.stack(out)
-
-    def _fusable(self, name: str) -> bool:
-        if not self.fused or any(c is not Diagonal for c in self.structure_classes):
-            return False
-        ad = self.adapters[name]
-        w = ad.weight
-        return (ad.groups == 1 and w.is_contiguous() and w.grad is not None
-                and self._dtypes(name)[2] == accumulation_dtype(w.dtype)
-                and w.dtype in (torch.float32, torch.float64, torch.bfloat16))
-
-    def _fused_layer_step(self, name: str, state, group) -> None:
-        """Steps 2-3 of Fig. 4 for diagonal factors, one kernel per weight and bias."""
-        ad = self.adapters[name]
-        compute = self._dtypes(name)[2]
-        c = state["C"][0].data[0].to(compute)
-        k = state["K"][0].data[0].to(compute)
-        w, b = ad.weight, ad.bias
-        d_o = w.shape[0]
-        pieces = [(w, w.grad, k[:w[0].numel()])]
-        if b is not None:
-            db = b.grad if b.grad is not None else torch.zeros_like(b)
-            pieces.append((b, db, k[-1:]))
-        mom = group["momentum"]
-        for p, grad, kk in pieces:
-            st = self.state[p]
-            buf = st.get("momentum_buffer") if mom != 0.0 else None
-            first = buf is None
-            if first:
-                buf = torch.empty(p.shape, dtype=compute, device=p.device)
-            singd_diagonal_step(p.view(d_o, -1), grad.reshape(d_o, -1), c, kk,
-                                buf.view(d_o, -1), group["lr"], mom, group["weight_decay"],
-                                first, backend=self.backend)
-            if mom != 0.0:
-                st["momentum_buffer"] = buf
 
     def _apply_layer(self, name: str, direction: torch.Tensor, group) -> None:
         ad = self.adapters[name]
@@ -549,41 +508,3 @@ class SINGD(torch.optim.Optimizer):
         self.steps = int(extra["steps"])
         self.capture.reset()
         self._arm_capture()
-
-
-def factor_update(K: StructuredMatrix, C: StructuredMatrix, U: torch.Tensor, G: torch.Tensor,
-                  *, damping: float, alpha1: float, lr_cov: float, kfac_like: bool,
-                  m_K: StructuredMatrix | None = None, m_C: StructuredMatrix | None = None,
-                  normalize_lr_cov: bool = False) -> dict[str, StructuredMatrix]:
-    """One update of Fig. 4 (``kfac_like``: Eq. 10) from the old ``K, C, m_K, m_C``; returns the
-    new ``K``, ``C`` (and ``m_K``, ``m_C`` when given). ``normalize_lr_cov``: see
-    :class:`SINGD`."""
-    d_i, d_o = K.dim, C.dim
-    h_k, h_c = K.congruence(U), C.congruence(G)
-    ktk, ctc = K.gram(), C.gram()
-    if kfac_like:   # Tr(H_C), Tr(C^T C) -> Tr(I_{d_o}) = d_o, and the same for K
-        a_k, b_k, a_c, b_c = 1.0, damping, 1.0, damping
-    else:           # the 1/(2 d_o) of Fig. 4 is taken into the trace terms and the 1/2
-        a_k, b_k = h_c.trace() / d_o, damping * ctc.trace() / d_o
-        a_c, b_c = h_k.trace() / d_i, damping * ktk.trace() / d_i
-    half = 0.5 * (1.0 - alpha1) if normalize_lr_cov and not kfac_like else 0.5
-    step_k = h_k.scale(a_k).add(ktk, b_k).add_identity(-1.0).scale(half)
-    step_c = h_c.scale(a_c).add(ctc, b_c).add_identity(-1.0).scale(half)
-    out = {}
-    if m_K is not None and not kfac_like:
-        step_k = m_K.scale(alpha1).add(step_k)
-        step_c = m_C.scale(alpha1).add(step_c)
-        out["m_K"], out["m_C"] = step_k, step_c
-    beta_k = beta_c = lr_cov
-    if normalize_lr_cov:
-        beta_k = lr_cov / torch.clamp(step_k.max_abs(), min=1.0)
-        beta_c = lr_cov / torch.clamp(step_c.max_abs(), min=1.0)
-    out["K"] = K.compose(step_k.scale(-beta_k).add_identity(1.0))
-    out["C"] = C.compose(step_c.scale(-beta_c).add_identity(1.0))
-    return out
-
-
-def precondition(K: StructuredMatrix, C: StructuredMatrix, M: torch.Tensor) -> torch.Tensor:
-    """``C C^T M K K^T`` through structured products only."""
-    x = K.rmatmul_t(K.rmatmul(M))
-    return C.matmul(C.t_matmul(x))

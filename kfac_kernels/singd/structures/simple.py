@@ -10,6 +10,7 @@ class Dense(StructuredMatrix):
     """Unstructured factor (INGD): :math:`\\hat\\Pi(m) = m`."""
 
     name = "dense"
+    projection_suffices = True
 
     @classmethod
     def _extract(cls, mat, k):
@@ -38,6 +39,14 @@ class Dense(StructuredMatrix):
         y = x @ self.data[0]
         return self._like((y.mT @ y,))
 
+    @classmethod
+    def gram_of_rows_projected(cls, x, k=None):
+        return cls(x.shape[-1], (x.mT @ x,), None)
+
+    def congruence_of_projection(self, p):
+        self._check_same(p)
+        return self.congruence(p.data[0])
+
     def trace(self):
         return torch.diagonal(self.data[0]).sum()
 
@@ -46,6 +55,7 @@ class Diagonal(StructuredMatrix):
     """Diagonal factor: :math:`\\hat\\Pi(m) = \\mathrm{Diag}(m)`."""
 
     name = "diagonal"
+    projection_suffices = True
 
     @classmethod
     def _extract(cls, mat, k):
@@ -96,6 +106,14 @@ class Diagonal(StructuredMatrix):
     def gram_of_rows(self, x):
         return self._like(((x * x).sum(-2) * self.data[0] ** 2,))
 
+    @classmethod
+    def gram_of_rows_projected(cls, x, k=None):
+        return cls(x.shape[-1], ((x * x).sum(-2),), None)
+
+    def congruence_of_projection(self, p):
+        self._check_same(p)
+        return self._like((p.data[0] * self.data[0] ** 2,))
+
     def trace(self):
         return self.data[0].sum()
 
@@ -107,6 +125,7 @@ class BlockDiagonal(StructuredMatrix):
 
     name = "block-diagonal"
     takes_block_size = True
+    projection_suffices = True
 
     @staticmethod
     def _split(dim, k):
@@ -174,9 +193,23 @@ class BlockDiagonal(StructuredMatrix):
     def gram_of_rows(self, x):
         b, last = self.data
         q, k = b.shape[0], self.k
-        y = (x[:, :q * k].reshape(-1, q, k).transpose(0, 1) @ b)  # (q, m, k)
+        y = (x[:, :q * k].reshape(x.shape[0], q, k).transpose(0, 1) @ b)  # (q, m, k)
         yl = x[:, q * k:] @ last
         return self._like((y.mT @ y, yl.mT @ yl))
+
+    @classmethod
+    def gram_of_rows_projected(cls, x, k=None):
+        k = cls._check_k(k)
+        dim = x.shape[-1]
+        q, _ = cls._split(dim, k)
+        y = x[:, :q * k].reshape(x.shape[0], q, k).transpose(0, 1)  # (q, m, k): one block's columns
+        tail = x[:, q * k:]
+        return cls(dim, (y.mT @ y, tail.mT @ tail), k)
+
+    def congruence_of_projection(self, p):
+        self._check_same(p)
+        b, last = self.data
+        return self._like((b.mT @ p.data[0] @ b, last.mT @ p.data[1] @ last))
 
     def trace(self):
         b, last = self.data
