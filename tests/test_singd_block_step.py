@@ -27,18 +27,19 @@ def _packed(dims, b, gen):
     return out
 
 
-def _problem(dtype, bias=True, seed=0):
+def _problem(dtype, bias=True, seed=0, shape=(ROWS, COLS, BC, BK)):
+    rows, cols, bc, bk = shape
     gen = torch.Generator().manual_seed(seed)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    width = COLS + (1 if bias else 0)
-    c_dims, k_dims = _blocks(ROWS, BC), _blocks(width, BK)
-    t = {"weight": torch.randn(ROWS, COLS, generator=gen, dtype=torch.float64),
-         "weight_grad": torch.randn(ROWS, COLS, generator=gen, dtype=torch.float64),
-         "weight_buf": torch.randn(ROWS, COLS, generator=gen, dtype=torch.float64)}
+    width = cols + (1 if bias else 0)
+    c_dims, k_dims = _blocks(rows, bc), _blocks(width, bk)
+    t = {"weight": torch.randn(rows, cols, generator=gen, dtype=torch.float64),
+         "weight_grad": torch.randn(rows, cols, generator=gen, dtype=torch.float64),
+         "weight_buf": torch.randn(rows, cols, generator=gen, dtype=torch.float64)}
     if bias:
         for name in ("bias", "bias_grad", "bias_buf"):
-            t[name] = torch.randn(ROWS, generator=gen, dtype=torch.float64)
-    c, k = _packed(c_dims, BC, gen), _packed(k_dims, BK, gen)
+            t[name] = torch.randn(rows, generator=gen, dtype=torch.float64)
+    c, k = _packed(c_dims, bc, gen), _packed(k_dims, bk, gen)
     args = [t["weight"].to(dtype), t["weight_grad"].to(dtype),
             t["bias"].to(dtype) if bias else None, t["bias_grad"].to(dtype) if bias else None,
             c.to(acc), c_dims, k.to(acc), k_dims, t["weight_buf"].to(acc),
@@ -62,6 +63,26 @@ def test_backends_match_eager(backend, dtype, bias, first):
                                   and a is not None]):
         assert rel_error(got, want) <= RTOL[dtype]
         assert rel_error(got, before) > 1e-3
+
+
+# (rows, cols, bc, bk): the CPU kernel has unrolled paths for K blocks of 8, 16 and 32 (and a
+# general one); the last K block is partial (the remainder plus the bias column) in every case.
+SHAPES = [(33, 40, 16, 16), (20, 70, 3, 8), (40, 95, 32, 32), (9, 23, 5, 7), (1, 5, 1, 16)]
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "eager"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("bias", [True, False])
+def test_backends_match_eager_at_block_sizes(backend, shape, bias):
+    for dtype in (torch.float32, torch.float64):
+        args = _problem(dtype, bias, seed=1, shape=shape)
+        for got, want in zip(_run(backend, args), _run("eager", args)):
+            assert rel_error(got, want) <= RTOL[dtype], (dtype, rel_error(got, want))
+    exact = _run("eager", _problem(torch.float64, bias, seed=1, shape=shape))
+    low = _problem(torch.bfloat16, bias, seed=1, shape=shape)
+    eager_err = max(rel_error(a.double(), e) for a, e in zip(_run("eager", low), exact))
+    got_err = max(rel_error(a.double(), e) for a, e in zip(_run(backend, low), exact))
+    assert got_err <= 2 * eager_err + 1e-7
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

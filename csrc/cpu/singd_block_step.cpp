@@ -1,9 +1,24 @@
 // CPU kernel of the fused SINGD parameter step for block-diagonal factors (torch-free); see
 // csrc/include/singd_block_step.h for the definition.
+//
+// One row panel (the rows of one block of C) at a time, per thread:
+//   1. the panel of M = [dW | db], converted to the accumulation type (ni x width);
+//   2. T = (C_i C_i^T) M_i, whose innermost loop runs along whole rows of the panel (long,
+//      contiguous, vectorised);
+//   3. P = T (K K^T) one column block after another; the innermost loop is one row of a block
+//      of K K^T, of compile-time length for the common block sizes (8, 16, 32), so it is fully
+//      unrolled into a few vector operations;
+//   4. weight decay, momentum and the parameter update along the rows.
+// Every panel is independent and computed by one thread in a fixed order, so the result does
+// not depend on the number of threads. The panel functions are compiled for AVX-512, AVX2+FMA
+// and the baseline ISA and chosen at run time (gram::current_isa, as the other CPU kernels).
 #include "singd_block_step.h"
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
+
+#include "gram_tiles.h"
 
 namespace kfac_kernels {
 namespace cpu {
@@ -24,7 +39,25 @@ inline uint16_t float_to_bf16_bits(float f) {  // round to nearest even, NaN kep
   return static_cast<uint16_t>(u >> 16);
 }
 
-// X X^T of every n x n block (slots of ld x ld), into n x n arrays of the same slot size.
+template <typename A, typename Elem>
+KFK_ALWAYS_INLINE A load(const Elem* ptr, int64_t i) {
+  if constexpr (sizeof(Elem) == 2) {
+    return A(bf16_bits_to_float(ptr[i]));
+  } else {
+    return A(ptr[i]);
+  }
+}
+
+template <typename A, typename Elem>
+KFK_ALWAYS_INLINE void store(Elem* ptr, int64_t i, A v) {
+  if constexpr (sizeof(Elem) == 2) {
+    ptr[i] = float_to_bf16_bits(static_cast<float>(v));
+  } else {
+    ptr[i] = static_cast<Elem>(v);
+  }
+}
+
+// X X^T of every n x n block (slots of ld x ld), into slots of the same size.
 template <typename A>
 std::vector<A> outer_blocks(const A* x, const int64_t* dims, int64_t blocks, int64_t ld) {
   std::vector<A> out(blocks * ld * ld, A(0));
@@ -42,77 +75,153 @@ std::vector<A> outer_blocks(const A* x, const int64_t* dims, int64_t blocks, int
   return out;
 }
 
+template <typename A>
+struct Job {
+  const SingdBlockStepParams<A>* p;
+  const A* cct;          // C_i C_i^T, slots of bc x bc
+  const A* kkt;          // K_j K_j^T, slots of bk x bk
+  const int64_t* ro;     // row offset of every block of C
+  const int64_t* co;     // column offset of every block of K
+  int64_t width;         // cols + 1 with a bias
+};
+
+// y[0:n] += x * k[0:n]; N > 0: n == N known at compile time.
+template <int N, typename A>
+KFK_ALWAYS_INLINE void axpy(A* KFK_RESTRICT y, A x, const A* KFK_RESTRICT k, int64_t n) {
+  if constexpr (N > 0) {
+    KFK_UNROLL for (int c = 0; c < N; ++c) y[c] += x * k[c];
+  } else {
+    for (int64_t c = 0; c < n; ++c) y[c] += x * k[c];
+  }
+}
+
+// The row panel of C block i; m, t, d: scratch of ni * width each.
+template <typename A, typename Elem, int N>
+KFK_ALWAYS_INLINE void panel_impl(const Job<A>& job, int64_t i, A* KFK_RESTRICT m,
+                                  A* KFK_RESTRICT t, A* KFK_RESTRICT d) {
+  const SingdBlockStepParams<A>& p = *job.p;
+  const int64_t ni = p.c_dims[i], r0 = job.ro[i], cols = p.cols, width = job.width;
+  const bool has_bias = p.bias != nullptr;
+  const auto* wgrad = static_cast<const Elem*>(p.weight_grad);
+  const auto* bgrad = static_cast<const Elem*>(p.bias_grad);
+  for (int64_t r = 0; r < ni; ++r) {
+    A* mr = m + r * width;
+    const Elem* g = wgrad + (r0 + r) * cols;
+    for (int64_t c = 0; c < cols; ++c) mr[c] = load<A>(g, c);
+    if (has_bias) mr[cols] = load<A>(bgrad, r0 + r);
+  }
+  const A* ci = job.cct + i * p.bc * p.bc;
+  std::fill(t, t + ni * width, A(0));
+  for (int64_t r = 0; r < ni; ++r) {
+    A* KFK_RESTRICT tr = t + r * width;
+    for (int64_t s = 0; s < ni; ++s) {
+      const A x = ci[r * p.bc + s];
+      const A* KFK_RESTRICT ms = m + s * width;
+      for (int64_t c = 0; c < width; ++c) tr[c] += x * ms[c];
+    }
+  }
+  std::fill(d, d + ni * width, A(0));
+  for (int64_t j = 0; j < p.k_blocks; ++j) {
+    const int64_t nj = p.k_dims[j], c0 = job.co[j];
+    const A* kj = job.kkt + j * p.bk * p.bk;
+    for (int64_t r = 0; r < ni; ++r) {
+      const A* tr = t + r * width + c0;
+      A* dr = d + r * width + c0;
+      if (N > 0 && nj == N) {
+        for (int64_t s = 0; s < N; ++s) axpy<N>(dr, tr[s], kj + s * p.bk, N);
+      } else {
+        for (int64_t s = 0; s < nj; ++s) axpy<0>(dr, tr[s], kj + s * p.bk, nj);
+      }
+    }
+  }
+  const A lr = p.lr, mom = p.momentum, wd = p.weight_decay;
+  auto* weight = static_cast<Elem*>(p.weight);
+  for (int64_t r = 0; r < ni; ++r) {
+    const A* dr = d + r * width;
+    Elem* w = weight + (r0 + r) * cols;
+    A* b = p.weight_buf + (r0 + r) * cols;
+    for (int64_t c = 0; c < cols; ++c) {
+      const A pv = load<A>(w, c);
+      const A dv = wd != A(0) ? dr[c] + wd * pv : dr[c];
+      const A bv = p.first ? dv : mom * b[c] + dv;
+      b[c] = bv;
+      store<A>(w, c, pv - lr * bv);
+    }
+    if (has_bias) {
+      auto* bias = static_cast<Elem*>(p.bias);
+      const A pv = load<A>(bias, r0 + r);
+      const A dv = wd != A(0) ? dr[cols] + wd * pv : dr[cols];
+      const A bv = p.first ? dv : mom * p.bias_buf[r0 + r] + dv;
+      p.bias_buf[r0 + r] = bv;
+      store<A>(bias, r0 + r, pv - lr * bv);
+    }
+  }
+}
+
+template <typename A, typename Elem>
+KFK_ALWAYS_INLINE void panel_any(const Job<A>& job, int64_t i, A* m, A* t, A* d) {
+  switch (job.p->bk) {
+    case 8: return panel_impl<A, Elem, 8>(job, i, m, t, d);
+    case 16: return panel_impl<A, Elem, 16>(job, i, m, t, d);
+    case 32: return panel_impl<A, Elem, 32>(job, i, m, t, d);
+    default: return panel_impl<A, Elem, 0>(job, i, m, t, d);
+  }
+}
+
+template <typename A, typename Elem>
+using PanelFn = void (*)(const Job<A>&, int64_t, A*, A*, A*);
+
+template <typename A, typename Elem>
+void panel_generic(const Job<A>& job, int64_t i, A* m, A* t, A* d) {
+  panel_any<A, Elem>(job, i, m, t, d);
+}
+
+#if KFK_X86_DISPATCH
+template <typename A, typename Elem>
+KFK_TARGET("avx2,fma") void panel_avx2(const Job<A>& job, int64_t i, A* m, A* t, A* d) {
+  panel_any<A, Elem>(job, i, m, t, d);
+}
+template <typename A, typename Elem>
+KFK_TARGET("avx512f,avx2,fma") void panel_avx512(const Job<A>& job, int64_t i, A* m, A* t,
+                                                 A* d) {
+  panel_any<A, Elem>(job, i, m, t, d);
+}
+#endif
+
+template <typename A, typename Elem>
+PanelFn<A, Elem> panel_for(int isa) {
+#if KFK_X86_DISPATCH
+  if (isa == gram::kIsaAvx512) return panel_avx512<A, Elem>;
+  if (isa == gram::kIsaAvx2) return panel_avx2<A, Elem>;
+#endif
+  (void)isa;
+  return panel_generic<A, Elem>;
+}
+
 template <typename A, typename Elem>
 void run(const SingdBlockStepParams<A>& p) {
-  auto* weight = static_cast<Elem*>(p.weight);
-  const auto* wgrad = static_cast<const Elem*>(p.weight_grad);
-  auto* bias = static_cast<Elem*>(p.bias);
-  const auto* bgrad = static_cast<const Elem*>(p.bias_grad);
-  auto load = [](const Elem* ptr, int64_t i) -> A {
-    if constexpr (sizeof(Elem) == 2) {
-      return A(bf16_bits_to_float(ptr[i]));
-    } else {
-      return A(ptr[i]);
-    }
-  };
-  auto store = [](Elem* ptr, int64_t i, A v) {
-    if constexpr (sizeof(Elem) == 2) {
-      ptr[i] = float_to_bf16_bits(static_cast<float>(v));
-    } else {
-      ptr[i] = static_cast<Elem>(v);
-    }
-  };
   const std::vector<A> cct = outer_blocks(p.c, p.c_dims, p.c_blocks, p.bc);
   const std::vector<A> kkt = outer_blocks(p.k, p.k_dims, p.k_blocks, p.bk);
   std::vector<int64_t> ro(p.c_blocks + 1, 0), co(p.k_blocks + 1, 0);
-  for (int64_t i = 0; i < p.c_blocks; ++i) ro[i + 1] = ro[i] + p.c_dims[i];
-  for (int64_t j = 0; j < p.k_blocks; ++j) co[j + 1] = co[j] + p.k_dims[j];
-  const A lr = p.lr, mom = p.momentum, wd = p.weight_decay;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(dynamic, 1) if (p.c_blocks > 1)
-#endif
+  int64_t max_rows = 0;
   for (int64_t i = 0; i < p.c_blocks; ++i) {
-    const int64_t ni = p.c_dims[i];
-    const A* ci = cct.data() + i * p.bc * p.bc;
-    std::vector<A> m, a1, dd;
-    for (int64_t j = 0; j < p.k_blocks; ++j) {
-      const int64_t nj = p.k_dims[j];
-      const A* kj = kkt.data() + j * p.bk * p.bk;
-      m.assign(ni * nj, A(0));
-      a1.assign(ni * nj, A(0));
-      for (int64_t r = 0; r < ni; ++r)
-        for (int64_t c = 0; c < nj; ++c) {
-          const int64_t gr = ro[i] + r, gc = co[j] + c;
-          m[r * nj + c] = gc < p.cols ? load(wgrad, gr * p.cols + gc) : load(bgrad, gr);
-        }
-      // (C C^T) M, then ((C C^T) M) (K K^T) into dd; the innermost loops run along
-      // contiguous rows so the compiler vectorises them
-      for (int64_t r = 0; r < ni; ++r)
-        for (int64_t t = 0; t < ni; ++t) {
-          const A x = ci[r * p.bc + t];
-          for (int64_t c = 0; c < nj; ++c) a1[r * nj + c] += x * m[t * nj + c];
-        }
-      dd.assign(ni * nj, A(0));
-      for (int64_t r = 0; r < ni; ++r)
-        for (int64_t t = 0; t < nj; ++t) {
-          const A x = a1[r * nj + t];
-          for (int64_t c = 0; c < nj; ++c) dd[r * nj + c] += x * kj[t * p.bk + c];
-        }
-      for (int64_t r = 0; r < ni; ++r)
-        for (int64_t c = 0; c < nj; ++c) {
-          A d = dd[r * nj + c];
-          const int64_t gr = ro[i] + r, gc = co[j] + c;
-          const bool is_w = gc < p.cols;
-          Elem* pp = is_w ? weight : bias;
-          A* bp = is_w ? p.weight_buf : p.bias_buf;
-          const int64_t idx = is_w ? gr * p.cols + gc : gr;
-          const A pv = load(pp, idx);
-          if (wd != A(0)) d = d + wd * pv;
-          const A bv = p.first ? d : mom * bp[idx] + d;
-          bp[idx] = bv;
-          store(pp, idx, pv - lr * bv);
-        }
-    }
+    ro[i + 1] = ro[i] + p.c_dims[i];
+    max_rows = std::max(max_rows, p.c_dims[i]);
+  }
+  for (int64_t j = 0; j < p.k_blocks; ++j) co[j + 1] = co[j] + p.k_dims[j];
+  const Job<A> job{&p, cct.data(), kkt.data(), ro.data(), co.data(),
+                   p.cols + (p.bias != nullptr ? 1 : 0)};
+  const PanelFn<A, Elem> panel = panel_for<A, Elem>(gram::current_isa());
+  const size_t scratch = static_cast<size_t>(max_rows * job.width);
+#ifdef _OPENMP
+#pragma omp parallel if (p.c_blocks > 1)
+#endif
+  {
+    gram::Buffer<A> m(scratch), t(scratch), d(scratch);
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+    for (int64_t i = 0; i < p.c_blocks; ++i) panel(job, i, m.get(), t.get(), d.get());
   }
 }
 

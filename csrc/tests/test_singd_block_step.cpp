@@ -55,12 +55,17 @@ std::vector<LD> outer_dense(const std::vector<LD>& x, const std::vector<int64_t>
   return out;
 }
 
+std::vector<int64_t> split(int64_t dim, int64_t b) {  // blocks of b, the remainder last
+  std::vector<int64_t> dims(dim / b, b);
+  if (dim % b) dims.push_back(dim % b);
+  return dims;
+}
+
 template <typename A, bool BF16>
-void run_case(bool bias, bool first, uint64_t seed) {
-  const int64_t rows = 7, cols = 8, bc = 3, bk = 4, width = cols + (bias ? 1 : 0);
-  const std::vector<int64_t> c_dims = {3, 3, 1};
-  const std::vector<int64_t> k_dims = bias ? std::vector<int64_t>{4, 4, 1}
-                                           : std::vector<int64_t>{4, 4};
+void run_case(bool bias, bool first, uint64_t seed, int64_t rows = 7, int64_t cols = 8,
+              int64_t bc = 3, int64_t bk = 4) {
+  const int64_t width = cols + (bias ? 1 : 0);
+  const std::vector<int64_t> c_dims = split(rows, bc), k_dims = split(width, bk);
   std::vector<A> c(c_dims.size() * bc * bc, A(0)), k(k_dims.size() * bk * bk, A(0));
   for (size_t j = 0; j < c_dims.size(); ++j)
     for (int64_t r = 0; r < c_dims[j]; ++r)
@@ -161,8 +166,10 @@ void run_case(bool bias, bool first, uint64_t seed) {
       ok &= std::fabs(got_p - ep[e]) <= ptol * (1 + std::fabs(ep[e]));
       ok &= std::fabs(got_b - eb[e]) <= tol * (1 + std::fabs(eb[e]));
     }
-  std::printf("%s %s%s bias=%d first=%d\n", ok ? "PASS" : "FAIL",
-              sizeof(A) == 8 ? "double" : "float", BF16 ? " (bf16 params)" : "", bias, first);
+  std::printf("%s %s%s bias=%d first=%d %lldx%lld bc=%lld bk=%lld\n", ok ? "PASS" : "FAIL",
+              sizeof(A) == 8 ? "double" : "float", BF16 ? " (bf16 params)" : "", bias, first,
+              static_cast<long long>(rows), static_cast<long long>(cols),
+              static_cast<long long>(bc), static_cast<long long>(bk));
   (ok ? g_passed : g_failed)++;
 }
 
@@ -174,6 +181,15 @@ int main() {
       run_case<float, false>(bias, first, 3);
       run_case<double, false>(bias, first, 5);
       run_case<float, true>(bias, first, 9);
+    }
+  }
+  // the unrolled paths for K blocks of 8, 16 and 32 (and partial last blocks)
+  const int64_t shapes[][4] = {{33, 40, 16, 16}, {20, 70, 3, 8}, {40, 95, 32, 32}, {9, 23, 5, 7}};
+  for (const auto& s : shapes) {
+    for (const bool bias : {true, false}) {
+      run_case<float, false>(bias, false, 11, s[0], s[1], s[2], s[3]);
+      run_case<double, false>(bias, true, 13, s[0], s[1], s[2], s[3]);
+      run_case<float, true>(bias, false, 17, s[0], s[1], s[2], s[3]);
     }
   }
   std::printf("%d passed, %d failed\n", g_passed, g_failed);
