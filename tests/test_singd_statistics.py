@@ -47,8 +47,8 @@ def test_rows_path_matches_dense_statistics(dtype, tol, structures, fused):
 
 
 def test_rows_path_keeps_only_the_structure_and_matches_an_oracle():
-    """Linear layers hold no dense U or G; the convolution keeps its patch covariance U but not
-    G; the statistics equal the projections of hand-computed second moments."""
+    """Neither the linear layers nor the convolution hold a dense U or G; the statistics equal
+    the projections of hand-computed second moments."""
     model = _model(F64)
     opt = SINGD(model, structures=("block-diagonal", "diagonal"), block_size=4)
     x, y = _data(1, F64)[0]
@@ -60,7 +60,9 @@ def test_rows_path_keeps_only_the_structure_and_matches_an_oracle():
     loss.backward()
     acc_lin, acc_conv = opt.capture.acc["3"], opt.capture.acc["0"]
     assert acc_lin.a_sum is None and acc_lin.g_sum is None
-    assert acc_conv.a_sum is not None and acc_conv.g_sum is None
+    assert acc_conv.a_sum is None and acc_conv.g_sum is None
+    (u_conv, _), = opt.capture.statistics("0")
+    assert isinstance(u_conv, BlockDiagonal)
     (u, g), = opt.capture.statistics("3")
     assert isinstance(u, BlockDiagonal) and isinstance(g, Diagonal)
     a = torch.cat([feats["a"], torch.ones(8, 1, dtype=F64)], dim=1)
@@ -76,24 +78,21 @@ def test_statistics_from_rows_must_be_a_bool():
         SINGD(nn.Linear(3, 2), statistics_from_rows=1)
 
 
-@pytest.mark.parametrize("conv", [
+CONVS = [
     nn.Conv2d(3, 4, 3, padding=1, bias=True),
     nn.Conv2d(4, 2, (3, 2), stride=2, dilation=(1, 2), padding=(2, 1), padding_mode="reflect",
               groups=2, bias=False),
     nn.Conv1d(2, 3, 3, stride=2, padding="valid"),
     nn.Conv2d(3, 3, 3, padding="same", padding_mode="circular"),
-])
-def test_conv_input_diagonal_matches_the_unfolded_patches(conv):
-    """The window sums equal the diagonal of the unfolded patches' second moment (oracle:
-    F.unfold on the explicitly padded input)."""
-    from kfac_kernels.layers import ConvAdapter
-    from kfac_kernels.singd.statistics import conv_input_diagonal
-    conv = conv.double()
+    nn.Conv2d(5, 2, 1, bias=True),
+    nn.Conv2d(6, 3, (1, 3), stride=(1, 2), padding=(0, 1), groups=3, bias=True),
+]
+
+
+def _patches(conv, x):
+    """Oracle: ``(groups, N R, D_g)`` patches (bias coordinate 1 last) from F.unfold on the
+    explicitly padded input."""
     one_d = isinstance(conv, nn.Conv1d)
-    x = torch.randn(2, conv.in_channels, 7, dtype=F64) if one_d else torch.randn(
-        2, conv.in_channels, 7, 6, dtype=F64)
-    diag, count = conv_input_diagonal(ConvAdapter("c", conv), x, F64)
-    # oracle: each output equals weight-row . patch, so recover the patches by probing
     x4 = x.unsqueeze(2) if one_d else x
     k = (1, conv.kernel_size[0]) if one_d else conv.kernel_size
     s = (1, conv.stride[0]) if one_d else conv.stride
@@ -107,11 +106,49 @@ def test_conv_input_diagonal_matches_the_unfolded_patches(conv):
     mode = conv.padding_mode if conv.padding_mode != "zeros" else "constant"
     xp = nn.functional.pad(x4, (pad[1], pad[1], pad[0], pad[0]), mode=mode)
     patches = nn.functional.unfold(xp, k, dilation=d, stride=s)       # (N, C*kh*kw, L)
-    g = conv.groups
-    cg = conv.in_channels // g
-    per = patches.reshape(2, g, cg * k[0] * k[1], -1)
-    want = (per * per).sum((0, 3))
+    g, n = conv.groups, x.shape[0]
+    per = patches.reshape(n, g, -1, patches.shape[-1]).permute(1, 0, 3, 2).reshape(g, -1,
+                                                                                    patches.shape[1] // g)
     if conv.bias is not None:
-        want = torch.cat([want, torch.full((g, 1), float(per.shape[-1] * 2), dtype=F64)], 1)
-    assert count == 2 * per.shape[-1]
-    assert torch.allclose(diag, want, rtol=1e-12, atol=0)
+        per = torch.cat([per, per.new_ones(g, per.shape[1], 1)], dim=2)
+    return per
+
+
+def _input(conv):
+    gen = torch.Generator().manual_seed(3)
+    shape = (2, conv.in_channels, 7) if isinstance(conv, nn.Conv1d) else (2, conv.in_channels,
+                                                                          7, 6)
+    return torch.randn(*shape, generator=gen, dtype=F64)
+
+
+@pytest.mark.parametrize("conv", CONVS)
+def test_conv_input_diagonal_matches_the_unfolded_patches(conv):
+    """The window sums equal the diagonal of the unfolded patches' second moment."""
+    from kfac_kernels.layers import ConvAdapter
+    from kfac_kernels.singd.statistics import conv_input_diagonal
+    conv = conv.double()
+    x = _input(conv)
+    diag, count = conv_input_diagonal(ConvAdapter("c", conv), x, F64)
+    per = _patches(conv, x)
+    assert count == per.shape[1]
+    assert torch.allclose(diag, (per * per).sum(1), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("conv", CONVS)
+@pytest.mark.parametrize("k", [1, 2, 4, 5, 16])
+def test_conv_input_blocks_match_the_projected_patch_covariance(conv, k):
+    """The chunked block Grams equal the diagonal blocks (block size k, smaller last block
+    holding the bias coordinate) of the dense sum of patch outer products."""
+    from kfac_kernels.layers import ConvAdapter
+    from kfac_kernels.singd.statistics import conv_input_blocks
+    conv = conv.double()
+    x = _input(conv)
+    blocks, count = conv_input_blocks(ConvAdapter("c", conv), x, F64, k)
+    per = _patches(conv, x)
+    assert count == per.shape[1] and len(blocks) == conv.groups
+    for got, rows in zip(blocks, per):
+        want = BlockDiagonal.project(rows.T @ rows, k)
+        assert got.dim == want.dim and got.k == k
+        for a, b in zip(got.data, want.data):
+            assert a.shape == b.shape
+            assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)

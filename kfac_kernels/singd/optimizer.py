@@ -126,9 +126,10 @@ class SINGD(FusedSteps, torch.optim.Optimizer):
             groups, non-contiguous weights, or factors kept wider than fp32 for fp32
             parameters) use the readable path. Same result up to round-off.
         statistics_from_rows: for diagonal and block-diagonal structures, accumulate only the
-            structure's part of ``U`` (``nn.Linear`` inputs) and ``G`` (``nn.Linear`` and
-            convolution output gradients) from the rows, never forming the dense ``d x d``
-            matrices (:mod:`kfac_kernels.singd.statistics`). ``False`` captures the dense ``U``
+            structure's part of ``U`` (``nn.Linear`` inputs; convolution inputs with
+            ``kfac_approx="expand"``, without unfolding the layer's patches) and ``G``
+            (``nn.Linear`` and convolution output gradients) from the rows, never forming the
+            dense ``d x d`` matrices (:mod:`kfac_kernels.singd.statistics`). ``False`` captures the dense ``U``
             and ``G`` and projects them (the readable reference path). Same result up to
             round-off.
         grad_accumulation_steps: micro-batches per step whose losses are averaged (each

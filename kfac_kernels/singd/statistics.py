@@ -22,9 +22,10 @@ Which sides use rows:
   ``(channel, kernel offset)`` is the sum of the squared (padded) input over the window of
   positions that offset reads, so it is a strided window sum of ``sum_n x^2``
   (:func:`conv_input_diagonal`, ``O(N C H W + C k^2 H_out W_out)``, no unfolded patches).
-  Block-diagonal ``K`` of a convolution mixes kernel offsets of different channels in one
-  block; it keeps the patch covariance ``U`` of :func:`kfac_kernels.ops.patch_covariance`
-  (also formed without im2col) and projects it;
+  the diagonal blocks of a block-diagonal ``K`` of a convolution (``kfac_approx="expand"``)
+  from the patches of ``k / gcd(k_h k_w, k)`` channels at a time, a chunk holding whole blocks
+  (:func:`conv_input_blocks`): the patches of the whole layer are never unfolded and ``U`` is
+  never formed, the work is ``O(N R D k)`` instead of ``O(N R D^2)``;
 * the output-gradient side of ``nn.Linear`` and ``nn.Conv1d/2d`` layers (the gradient rows are
   the output gradient itself, no unfolding needed).
 
@@ -32,6 +33,8 @@ Everything else (other structures, other layers) takes the dense ``U`` / ``G`` o
 :class:`kfac_kernels.capture.CurvatureCapture`, which this class extends.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch.nn import functional as F
@@ -42,7 +45,7 @@ from ..graph import active_graph_rows
 from ..layers import ConvAdapter, LinearAdapter
 from ..ops.gradient_covariance import gradient_rows
 from ..ops.patch_covariance import as_4d, conv_geometry, pre_pad
-from .structures import StructuredMatrix
+from .structures import BlockDiagonal, StructuredMatrix
 
 Projection = tuple[type[StructuredMatrix], "int | None"]
 
@@ -60,7 +63,7 @@ def row_sides(adapter, k_projection: Projection, c_projection: Projection,
     inputs = (plain and type(adapter) is LinearAdapter
               and k_projection[0].projection_suffices and k_projection[0].name != "dense")
     inputs = inputs or (plain and type(adapter) is ConvAdapter and kfac_approx == "expand"
-                        and k_projection[0].name == "diagonal")
+                        and k_projection[0].name in ("diagonal", "block-diagonal"))
     grads = (plain and type(adapter) in (LinearAdapter, ConvAdapter)
              and c_projection[0].projection_suffices and c_projection[0].name != "dense")
     return inputs, grads
@@ -89,6 +92,52 @@ def conv_input_diagonal(adapter: ConvAdapter, x: torch.Tensor,
     if adapter.bias is not None:
         diag = torch.cat([diag, diag.new_full((adapter.groups, 1), float(count))], dim=1)
     return diag, count
+
+
+def conv_input_blocks(adapter: ConvAdapter, x: torch.Tensor, dtype: torch.dtype,
+                      k: int) -> tuple[list[BlockDiagonal], int]:
+    """Per group the ``k x k`` diagonal blocks (and the smaller last block) of the sum of a
+    convolution's patch outer products (expand; the bias coordinate last) and the number of
+    patches. The patches of ``k / gcd(k_h k_w, k)`` channels at a time are unfolded (a chunk
+    that holds whole blocks), never those of the whole layer: the temporary is at most ``k``
+    channels' worth of patches, and the work is ``O(N R D k)`` instead of the dense
+    ``O(N R D^2)``."""
+    m = adapter.module
+    if x.dim() == adapter.spatial_dims + 1:  # unbatched input
+        x = x.unsqueeze(0)
+    geom = conv_geometry(tuple(x.shape[2:]), m.kernel_size, m.stride, m.padding, m.dilation)
+    x, geom = pre_pad(x, geom, m.padding_mode)
+    x = as_4d(x).to(dtype)
+    top, bottom, left, right = geom.pad
+    x = F.pad(x, (left, right, top, bottom))
+    kernel = tuple(geom.kernel)
+    per_channel = kernel[0] * kernel[1]
+    groups = adapter.groups
+    cg = x.shape[1] // groups
+    bias = adapter.bias is not None
+    dim = cg * per_channel + int(bias)
+    chunk = k // math.gcd(per_channel, k)  # chunk * per_channel is a multiple of k
+    out = []
+    for g in range(groups):
+        full, last = [], x.new_zeros(0, 0)
+        for start in range(0, cg, chunk):
+            stop = min(start + chunk, cg)
+            rows = F.unfold(x[:, g * cg + start:g * cg + stop], kernel,
+                            dilation=tuple(geom.dilation), stride=tuple(geom.stride))
+            rows = rows.transpose(1, 2).reshape(-1, rows.shape[1])  # (N R, patch coordinates)
+            if stop == cg and bias:
+                rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+            q = rows.shape[1] // k
+            if q:
+                blocks = rows[:, :q * k].reshape(-1, q, k).transpose(0, 1)  # (q, N R, k)
+                full.append(blocks.transpose(1, 2) @ blocks)
+            if rows.shape[1] > q * k:  # only in the last chunk
+                rest = rows[:, q * k:]
+                last = rest.T @ rest
+        full = torch.cat(full) if full else x.new_zeros(0, k, k)
+        out.append(BlockDiagonal(dim, (full, last), k))
+    oh, ow = geom.out_size
+    return out, x.shape[0] * oh * ow
 
 
 class StructuredCurvatureCapture(CurvatureCapture):
@@ -126,7 +175,10 @@ class StructuredCurvatureCapture(CurvatureCapture):
         adapter = self.adapters[name]
         if self.capture_inputs:
             cls, k = self.input_projections[name]
-            if isinstance(adapter, ConvAdapter):
+            if isinstance(adapter, ConvAdapter) and cls is BlockDiagonal:
+                parts, count = conv_input_blocks(adapter, args[0].detach(), self.dtype_of(name),
+                                                 k)
+            elif isinstance(adapter, ConvAdapter):
                 diag, count = conv_input_diagonal(adapter, args[0].detach(), self.dtype_of(name))
                 parts = [cls(d.shape[0], (d,), None) for d in diag]
             else:
