@@ -144,11 +144,11 @@ def state_bytes(opt) -> int:
     return total
 
 
-def measure(build, make_opt, steps: int, warmup: int = 3) -> dict:
-    model = build()
+def measure(build, make_opt, steps: int, warmup: int = 3, dtype=torch.float32) -> dict:
+    model = build().to(dtype)
     opt = make_opt(model)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(8, 3, 32, 32, generator=gen)
+    x = torch.randn(8, 3, 32, 32, generator=gen).to(dtype)
     y = torch.randint(0, 10, (8,), generator=gen)
     full, step_only = [], []
     for i in range(warmup + steps):
@@ -166,18 +166,24 @@ def measure(build, make_opt, steps: int, warmup: int = 3) -> dict:
             "state_bytes": state_bytes(opt)}
 
 
-def bench_model(name: str, steps: int, warmup: int) -> dict:
+def bench_model(name: str, steps: int, warmup: int, dtype=torch.float32,
+                structures=None) -> dict:
     build, description = MODELS[name]
+    if dtype != torch.float32:
+        description = description.replace("float32", str(dtype).replace("torch.", ""))
     results = []
-    adamw = measure(build, lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3), steps, warmup)
+    adamw = measure(build, lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3), steps, warmup,
+                    dtype)
     results.append({"optimizer": "adamw", **adamw})
     print(name, "adamw", adamw, flush=True)
-    structures = [s for s in STRUCTURES if name != "resnet18" or s not in DENSE_FORMED]
-    configs = [(s, T, False) for s in structures for T in (1, 10)]
-    configs += [(s, T, True) for s in ("diagonal", "block-diagonal") for T in (1, 10)]
+    chosen = [s for s in STRUCTURES if name != "resnet18" or s not in DENSE_FORMED]
+    chosen = [s for s in chosen if structures is None or s in structures]
+    configs = [(s, T, False) for s in chosen for T in (1, 10)]
+    configs += [(s, T, True) for s in ("diagonal", "block-diagonal") if s in chosen
+                for T in (1, 10)]
     for structure, T, fused in configs:
         r = measure(build, lambda m: SINGD(m, lr=0.05, lr_cov=3e-4, T=T, structures=structure,
-                                           block_size=16, fused=fused), steps, warmup)
+                                           block_size=16, fused=fused), steps, warmup, dtype)
         row = {"optimizer": f"singd-{structure}", "T": T, "fused": fused, **r,
                "step_time_vs_adamw": r["step_s_mean"] / adamw["step_s_mean"],
                "optimizer_step_vs_adamw": (r["optimizer_step_s_mean"]
@@ -194,14 +200,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="model, inputs and (SINGD's default) factor storage dtype")
+    parser.add_argument("--structures", nargs="+", choices=STRUCTURES, default=None)
     parser.add_argument("--out", default="bench/results/singd_cpu.json")
     args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
     torch.set_num_threads(args.threads)
     env = environment_info("cpu")
     env["loadavg_1m_start"] = os.getloadavg()[0]
     models = {}
     for name in args.models:
-        models[name] = bench_model(name, args.steps, args.warmup)
+        models[name] = bench_model(name, args.steps, args.warmup, dtype, args.structures)
         models[name]["steps_timed"] = args.steps
         models[name]["warmup_steps"] = args.warmup
     env["loadavg_1m_end"] = os.getloadavg()[0]

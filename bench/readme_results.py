@@ -89,14 +89,14 @@ def bdkfac() -> list[str]:
     return out + [""]
 
 
-def singd() -> list[str]:
-    d = _load("singd_cpu.json")
+def singd(filename: str = "singd_cpu.json") -> list[str]:
+    d = _load(filename)
     if d is None:
         return []
     out = []
     for model in d["models"].values():
         out += [f"**SINGD step time and optimizer state vs `torch.optim.AdamW`** "
-                f"({model['description']}; {_env(d)}; `bench/results/singd_cpu.json`). Whole "
+                f"({model['description']}; {_env(d)}; `bench/results/{filename}`). Whole "
                 "training step (forward, backward, optimizer) and the optimizer step alone.", "",
                 "| optimizer | T | fused | step time / AdamW | optimizer step / AdamW | "
                 "state / AdamW |",
@@ -163,7 +163,7 @@ def section() -> str:
     lines = [START, ""]
     for part in (evidence("digits"), evidence("char-lm"), evidence("digits_bf16"),
                  patch_covariance(), bdkfac(),
-                 block_eigh(), singd(), two_level()):
+                 block_eigh(), singd(), singd("singd_cpu_bf16.json"), two_level()):
         lines += part
     lines.append(END)
     return "\n".join(lines)

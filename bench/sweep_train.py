@@ -53,7 +53,13 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--out", default=None)
+    p.add_argument("--extend", nargs="+", default=None, metavar="OPTIMIZER:LR[:DAMPING]",
+                   help="run only these points and add them to the existing results file's "
+                        "'extension' list (for winners at the edge of their grid)")
+    p.add_argument("--why", default="", help="the reason recorded with --extend")
     args = p.parse_args(argv)
+    if args.extend:
+        return extend(args)
     workload = WORKLOADS[args.task]
     metric = "test_accuracy" if workload.target[0] == "test_accuracy" else "test_loss"
     better = (lambda a, b: a > b) if metric == "test_accuracy" else (lambda a, b: a < b)
@@ -90,6 +96,34 @@ def main(argv=None) -> int:
     path = Path(args.out or Path(__file__).resolve().parent / "results" / f"sweep_{args.task}.json")
     path.write_text(json.dumps(out, indent=1) + "\n")
     print(f"best: {out['best']}\nwrote {path}")
+    return 0
+
+
+def extend(args) -> int:
+    """Run extra grid points with the settings of the existing sweep file and record them."""
+    path = Path(args.out or Path(__file__).resolve().parent / "results" / f"sweep_{args.task}.json")
+    data = json.loads(path.read_text())
+    metric = data["metric"]
+    ext = data.get("extension", [])
+    ext = ext if isinstance(ext, list) else [ext]
+    with tempfile.TemporaryDirectory() as tmp:
+        for point in args.extend:
+            optimizer, lr, *rest = point.split(":")
+            damping = float(rest[0]) if rest else None
+            runs = [run_one(data["task"], optimizer, float(lr), damping, s, data["steps"],
+                            data["batch_size"], data["eval_every"], tmp) for s in data["seeds"]]
+            values = [r[metric] for r in runs]
+            values = [v if v == v else (0.0 if metric == "test_accuracy" else 1e9)
+                      for v in values]
+            steps = [r["target"]["reached_at_step"] for r in runs]
+            rec = {"why": args.why, "optimizer": optimizer, "lr": float(lr), "damping": damping,
+                   metric: values, "median_" + metric: statistics.median(values),
+                   "steps_to_target": steps}
+            ext.append(rec)
+            print(json.dumps(rec), flush=True)
+    data["extension"] = ext
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    print(f"wrote {path}")
     return 0
 
 
