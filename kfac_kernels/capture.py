@@ -43,8 +43,17 @@ class Accumulator:
     a_rows: int = 0
     g_sum: torch.Tensor | None = None
     g_passes: int = 0
-    # Tied embedding/output weights: token counts of the embedding use (vocabulary side).
+    # Tied embedding/output weights: token counts of the embedding use (vocabulary side), and
+    # the embedding use's output-gradient second moments (feature side; scaled like G, so kept
+    # apart from the input sums: across processes they are averaged, the input sums added).
     token_counts: torch.Tensor | None = None
+    tied_a_sum: torch.Tensor | None = None
+
+    def input_sum(self) -> torch.Tensor | None:
+        """``a_sum`` plus, for a tied weight, the embedding use's part."""
+        if self.tied_a_sum is None:
+            return self.a_sum
+        return self.tied_a_sum if self.a_sum is None else self.a_sum + self.tied_a_sum
 
 
 def default_factor_dtype(param: torch.Tensor) -> torch.dtype:
@@ -323,14 +332,15 @@ class CurvatureCapture:
         if width != part.shape[-1]:  # the head's bias coordinate: 0 for embedding rows
             part = torch.nn.functional.pad(part, (0, width - part.shape[-1]) * 2)
         acc = self.acc[name]
-        acc.a_sum = part if acc.a_sum is None else acc.a_sum + part
+        acc.tied_a_sum = part if acc.tied_a_sum is None else acc.tied_a_sum + part
         acc.a_rows += g.shape[0]
 
     # --- results ------------------------------------------------------------------------------
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(A, G)`` stacked over groups, or ``None`` if either side saw no data."""
         acc = self.acc[name]
-        if acc.a_sum is None or acc.g_sum is None or acc.a_rows == 0:
+        a_sum = acc.input_sum()
+        if a_sum is None or acc.g_sum is None or acc.a_rows == 0:
             return None
         g = acc.g_sum
         if acc.token_counts is not None or getattr(self.adapters[name], "tied", False):
@@ -339,4 +349,4 @@ class CurvatureCapture:
             if acc.token_counts is not None:
                 diag = diag + acc.token_counts
             g = torch.diag_embed(diag)
-        return acc.a_sum / acc.a_rows, g
+        return a_sum / acc.a_rows, g

@@ -90,31 +90,39 @@ def allreduce_symmetric(tensors: list[torch.Tensor], process_group=None,
 
 def allreduce_capture(capture, names: list[str], template, process_group=None) -> None:
     """All-reduce a :class:`~kfac_kernels.capture.CurvatureCapture`'s per-layer sums in place:
-    ``a_sum`` and the row counts summed, ``g_sum`` averaged over the ranks. ``template(name)``
-    gives zero tensors shaped like the layer's ``(a_sum, g_sum)`` (a rank that saw no data for a
-    layer sends zeros). Every rank must call it with the same ``names``."""
+    ``a_sum`` and the row counts summed, ``g_sum`` averaged over the ranks; for a tied
+    embedding/output weight also the token counts summed and the embedding use's gradient part
+    of the feature side averaged (it is scaled like ``G``). ``template(name)`` gives zero
+    tensors shaped like the layer's ``(a_sum, g_sum)`` (a rank that saw no data for a layer
+    sends zeros). Every rank must call it with the same ``names``."""
     world = dist.get_world_size(process_group)
     entries = []
     for name in names:
         acc = capture.acc[name]
-        if acc.token_counts is not None:
-            raise NotImplementedError(
-                f"module {name!r} is a tied embedding/output weight, whose factors are not "
-                "combined across processes yet; untie the weights or train in one process")
         zero_a, zero_g = template(name)
         a = acc.a_sum if acc.a_sum is not None else zero_a
         g = acc.g_sum if acc.g_sum is not None else zero_g
         device = _flatten(zero_a)[0].device
-        counts = torch.tensor([float(acc.a_rows), float(acc.g_sum is not None)],
-                              dtype=torch.float64, device=device)
-        entries.append((name, a, g, counts))
-    flat = [t for _, a, g, c in entries for t in (*_flatten(a), *_flatten(g), c)]
+        counts = torch.tensor([float(acc.a_rows), float(acc.g_sum is not None),
+                               float(acc.a_sum is not None)], dtype=torch.float64, device=device)
+        tied = []
+        if getattr(capture.adapters[name], "tied", False):
+            vocab = capture.adapters[name].weight.shape[0]
+            tied = [acc.tied_a_sum if acc.tied_a_sum is not None else torch.zeros_like(zero_a),
+                    acc.token_counts if acc.token_counts is not None else torch.zeros(
+                        vocab, dtype=zero_a.dtype, device=device)]
+        entries.append((name, a, g, counts, tied))
+    flat = [t for _, a, g, c, tied in entries
+            for t in (*_flatten(a), *_flatten(g), c, *tied)]
     allreduce_symmetric(flat, process_group)
-    for name, a, g, counts in entries:
+    for name, a, g, counts, tied in entries:
         acc = capture.acc[name]
         acc.a_rows = int(round(float(counts[0])))
-        acc.a_sum = a if acc.a_rows > 0 else None
+        acc.a_sum = a if acc.a_rows > 0 and float(counts[2]) > 0 else None
         acc.g_sum = _scale(g, 1.0 / world) if float(counts[1]) > 0 else None
+        if tied:
+            acc.tied_a_sum = tied[0] / world if acc.a_rows > 0 else None
+            acc.token_counts = tied[1]
 
 
 def _scale(x, factor: float):

@@ -26,16 +26,41 @@ BATCH = 16
 STEPS = 4
 
 
-def model_for_test() -> nn.Module:
+VOCAB, SEQ = 7, 5
+
+
+class TiedLM(nn.Module):
+    """Embedding and output projection sharing one weight (seed 003 App. A.1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 4)
+        self.mid = nn.Linear(4, 4)
+        self.head = nn.Linear(4, VOCAB)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.mid(self.emb(x)))).transpose(1, 2)  # (N, V, T)
+
+
+def model_for_test(method: str = "kfac") -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
+        if method.endswith("-tied"):
+            return TiedLM().double()
         return nn.Sequential(
             nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2), nn.ReLU(),
             nn.Flatten(), nn.Linear(6 * 3 * 3, 7), nn.ReLU(), nn.Linear(7, 5)).double()
 
 
-def batches():
+def batches(method: str = "kfac"):
     gen = torch.Generator().manual_seed(1)
+    if method.endswith("-tied"):  # next-token prediction on random token sequences
+        out = []
+        for _ in range(STEPS):
+            x = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=gen)
+            out.append((x[:, :-1], x[:, 1:]))
+        return out
     return [(torch.randn(BATCH, 1, 8, 8, generator=gen, dtype=torch.float64),
              torch.randint(0, 5, (BATCH,), generator=gen)) for _ in range(STEPS)]
 
@@ -44,14 +69,14 @@ def make_optimizer(method: str, model: nn.Module, accumulate: int):
     from kfac_kernels import BDKFAC, KFAC, PreconditionedOptimizer
 
     common = dict(factor_update_steps=1, inv_update_steps=2, grad_accumulation_steps=accumulate)
-    if method == "kfac":
+    if method in ("kfac", "kfac-tied"):
         precond = KFAC(model, damping=0.1, **common)
     elif method == "twolevel":
         from kfac_kernels import TwoLevel
         precond = TwoLevel(KFAC(model, damping=0.1, **common), coarse_damping=0.05)
     elif method == "bdkfac":
         precond = BDKFAC(model, num_blocks=2, damping=0.1, kl_clip=None, **common)
-    elif method == "singd":
+    elif method in ("singd", "singd-tied"):
         from kfac_kernels import SINGD
         # T=1 and a large lr_cov so that K and C really move in these few steps: without the
         # all-reduce of U and G the 2-rank parameters then differ by 3e-5 (measured), 30x the
@@ -83,7 +108,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
-    model = model_for_test()
+    model = model_for_test(args.method)
     wrapped = model
     if args.world > 1:
         dist.init_process_group("gloo", init_method=f"file://{args.init_file}", rank=args.rank,
@@ -91,7 +116,7 @@ def main(argv=None) -> int:
         wrapped = nn.parallel.DistributedDataParallel(model)
     opt = make_optimizer(args.method, model, args.accumulate)
     share = BATCH // args.world
-    for x, y in batches():
+    for x, y in batches(args.method):
         x, y = x[args.rank * share:(args.rank + 1) * share], y[args.rank * share:(args.rank + 1) * share]
         opt.zero_grad()
         micro = share // args.accumulate

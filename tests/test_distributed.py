@@ -49,11 +49,13 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
                                                ("bdkfac", 2), ("singd", 1), ("singd", 2),
                                                ("singd-diagonal", 1), ("singd-diagonal", 2),
                                                ("singd-blocks", 1), ("singd-blocks", 2),
+                                               ("kfac-tied", 1), ("kfac-tied", 2),
+                                               ("singd-tied", 1), ("singd-tied", 2),
                                                ("twolevel", 1), ("twolevel", 2)])
 def test_two_processes_match_one_process_on_the_concatenated_batch(tmp_path, method, accumulate):
     reference = _run(tmp_path, method, world=1)
     parallel = _run(tmp_path, method, world=2, accumulate=accumulate)
-    initial = [p.detach() for p in model_for_test().parameters()]
+    initial = [p.detach() for p in model_for_test(method).parameters()]
     for p, q, p0 in zip(parallel, reference, initial):
         assert _rel(p, q) <= 1e-6, (method, accumulate, _rel(p, q))
         assert not torch.allclose(q, p0)  # training moved the parameters

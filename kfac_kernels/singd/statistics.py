@@ -214,8 +214,8 @@ class StructuredCurvatureCapture(CurvatureCapture):
         acc = self.acc[name]
         if name in self._projected_a:
             u = [p.scale(1.0 / acc.a_rows) for p in self._projected_a[name]]
-        elif acc.a_sum is not None and acc.a_rows:
-            u = list((acc.a_sum / acc.a_rows).unbind(0))
+        elif acc.input_sum() is not None and acc.a_rows:
+            u = list((acc.input_sum() / acc.a_rows).unbind(0))
         else:
             return None
         if name in self._projected_g:
@@ -257,22 +257,25 @@ class StructuredCurvatureCapture(CurvatureCapture):
         world = torch.distributed.get_world_size(process_group)
         entries = []
         for name in names:
-            acc = self.acc[name]
-            if acc.token_counts is not None:
-                raise NotImplementedError(
-                    f"module {name!r} is a tied embedding/output weight, whose factors are not "
-                    "combined across processes yet; untie the weights or train in one process")
+            acc, ad = self.acc[name], self.adapters[name]
             has_g = acc.g_sum is not None or name in self._projected_g
             counts = torch.tensor([float(acc.a_rows), float(has_g)], dtype=torch.float64,
-                                  device=self.adapters[name].weight.device)
-            entries.append((name, self._side(name, True), self._side(name, False), counts))
+                                  device=ad.weight.device)
+            a, tied = self._side(name, True), []
+            if getattr(ad, "tied", False):  # see kfac_kernels.distributed.allreduce_capture
+                tied = [acc.tied_a_sum if acc.tied_a_sum is not None else torch.zeros_like(a[0]),
+                        acc.token_counts if acc.token_counts is not None else a[0].new_zeros(
+                            ad.weight.shape[0])]
+            entries.append((name, a, self._side(name, False), counts, tied))
         dist_utils.allreduce_symmetric(
-            [t for _, a, g, c in entries for t in (*a, *g, c)], process_group)
-        for name, _, g, counts in entries:
+            [t for _, a, g, c, tied in entries for t in (*a, *g, c, *tied)], process_group)
+        for name, _, g, counts, tied in entries:
             acc = self.acc[name]
             acc.a_rows = int(round(float(counts[0])))
+            if tied:
+                acc.tied_a_sum, acc.token_counts = tied[0] / world, tied[1]
             if acc.a_rows == 0:
-                acc.a_sum = None
+                acc.a_sum = acc.tied_a_sum = None
                 self._projected_a.pop(name, None)
             if float(counts[1]) > 0:
                 for t in g:
