@@ -18,31 +18,17 @@
 #include <cstring>
 #include <vector>
 
+#include "bf16_bits.h"
 #include "gram_tiles.h"
 
 namespace kfac_kernels {
 namespace cpu {
 namespace {
 
-inline float bf16_bits_to_float(uint16_t bits) {
-  const uint32_t u = static_cast<uint32_t>(bits) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
-inline uint16_t float_to_bf16_bits(float f) {  // round to nearest even, NaN kept quiet
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-
 template <typename A, typename Elem>
 KFK_ALWAYS_INLINE A load(const Elem* ptr, int64_t i) {
   if constexpr (sizeof(Elem) == 2) {
-    return A(bf16_bits_to_float(ptr[i]));
+    return A(bf16::to_float(ptr[i]));
   } else {
     return A(ptr[i]);
   }
@@ -51,7 +37,7 @@ KFK_ALWAYS_INLINE A load(const Elem* ptr, int64_t i) {
 template <typename A, typename Elem>
 KFK_ALWAYS_INLINE void store(Elem* ptr, int64_t i, A v) {
   if constexpr (sizeof(Elem) == 2) {
-    ptr[i] = float_to_bf16_bits(static_cast<float>(v));
+    ptr[i] = bf16::from_float(static_cast<float>(v));
   } else {
     ptr[i] = static_cast<Elem>(v);
   }

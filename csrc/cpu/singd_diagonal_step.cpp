@@ -4,24 +4,11 @@
 
 #include <cstring>
 
+#include "bf16_bits.h"
+
 namespace kfac_kernels {
 namespace cpu {
 namespace {
-
-inline float bf16_to_float(uint16_t bits) {
-  const uint32_t u = static_cast<uint32_t>(bits) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
-inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN kept quiet
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
 
 template <typename A, typename LoadP, typename LoadG, typename Store>
 void run(const SingdDiagonalStepParams<A>& p, LoadP load_param, LoadG load_grad, Store store) {
@@ -54,10 +41,10 @@ void singd_diagonal_step(const SingdDiagonalStepParams<A>& p) {
     const auto* grad = static_cast<const uint16_t*>(p.grad);
     run(
         p,
-        [&](int64_t i, int64_t j) { return A(bf16_to_float(param[i * p.param_stride_row + j])); },
-        [&](int64_t i, int64_t j) { return A(bf16_to_float(grad[i * p.grad_stride_row + j])); },
+        [&](int64_t i, int64_t j) { return A(bf16::to_float(param[i * p.param_stride_row + j])); },
+        [&](int64_t i, int64_t j) { return A(bf16::to_float(grad[i * p.grad_stride_row + j])); },
         [&](int64_t i, int64_t j, A v) {
-          param[i * p.param_stride_row + j] = float_to_bf16(static_cast<float>(v));
+          param[i * p.param_stride_row + j] = bf16::from_float(static_cast<float>(v));
         });
     return;
   }
