@@ -88,6 +88,20 @@ def allreduce_symmetric(tensors: list[torch.Tensor], process_group=None,
         flush()
 
 
+def allreduce_flat(tensors: list[torch.Tensor], process_group=None) -> None:
+    """Sum tensors of any shape over all ranks, in place, as one flat buffer per dtype."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        dist.all_reduce(flat, group=process_group)
+        at = 0
+        for t in group:
+            t.copy_(flat[at:at + t.numel()].reshape(t.shape))
+            at += t.numel()
+
+
 def allreduce_capture(capture, names: list[str], template, process_group=None) -> None:
     """All-reduce a :class:`~kfac_kernels.capture.CurvatureCapture`'s per-layer sums in place:
     ``a_sum`` and the row counts summed, ``g_sum`` averaged over the ranks; for a tied

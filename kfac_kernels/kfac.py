@@ -46,6 +46,9 @@ DAMPING_FORMS = ("exact", "factored")
 COMPUTE_METHODS = ("eigen", "inverse")
 
 
+DISTRIBUTED_STRATEGIES = ("comm-opt", "mem-opt")
+
+
 def _positive_float(who, name, value, allow_none=False):
     if value is None and allow_none:
         return
@@ -110,6 +113,14 @@ class KFAC:
             than one rank), ``True`` or ``False``. On: factors are all-reduced and the
             decompositions shared out between ranks (:mod:`kfac_kernels.distributed`).
         process_group: the ``torch.distributed`` group (default: the world).
+        distributed_strategy: how the ranks share the decompositions (KAISA's terms):
+            ``"comm-opt"`` (default): each layer is decomposed by one rank and the result
+            broadcast, so every rank holds every preconditioner and preconditions locally;
+            ``"mem-opt"``: each rank keeps only the preconditioners of its own layers (assigned
+            once, greedily by cost), preconditions their gradients and the preconditioned
+            gradients are all-reduced every step -- less memory, more communication. The
+            results are the same. With ``"mem-opt"`` a :meth:`state_dict` holds this rank's
+            preconditioners only: save and load one per rank.
 
     A module called several times in one forward pass contributes each call's inputs and output
     gradients as additional examples. A step whose gradients contain NaN/inf (an AMP overflow)
@@ -127,7 +138,7 @@ class KFAC:
                  factor_dtype: torch.dtype | None = None, backend: str = "auto",
                  generator: torch.Generator | None = None,
                  grad_accumulation_steps: int = 1, distributed: bool | None = None,
-                 process_group=None):
+                 process_group=None, distributed_strategy: str = "comm-opt"):
         who = type(self).__name__
         if not isinstance(model, nn.Module):
             raise TypeError(f"{who}: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -172,6 +183,9 @@ class KFAC:
                                 and torch.distributed.is_initialized()):
             raise RuntimeError(f"{who}: distributed=True needs torch.distributed to be "
                                "initialised first (torch.distributed.init_process_group)")
+        if distributed_strategy not in DISTRIBUTED_STRATEGIES:
+            raise ValueError(f"{who}: distributed_strategy must be 'comm-opt' or 'mem-opt', got "
+                             f"{distributed_strategy!r}")
         skip_modules = validate_skip_modules(model, skip_modules, who)
         self._kfac_approx_for_adapters = kfac_approx
         self.adapters = self._find_adapters(model, skip_modules, who)
@@ -198,6 +212,8 @@ class KFAC:
         self.grad_accumulation_steps = grad_accumulation_steps
         self.distributed = distributed
         self.process_group = process_group
+        self.distributed_strategy = distributed_strategy
+        self._owners: dict[str, int] | None = None
         self.steps = 0
         # name -> (A, G) moving averages, stacked over groups
         self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -307,6 +323,8 @@ class KFAC:
             if name in self.factors and (refresh or name not in self.preconditioners)])
         updates = {name: self._precondition(name, mat) for name, mat in mats.items()
                    if name in self.preconditioners}
+        if self.distributed_strategy == "mem-opt" and self._is_distributed():
+            updates = self._share_updates(updates, mats)
         if self.kl_clip is not None and updates:
             nu = self._kl_clip_factor(updates, mats, lr)
             if nu < 1.0:
@@ -368,9 +386,13 @@ class KFAC:
         if not self._is_distributed():
             self._refresh_local(names)
             return
+        rank = torch.distributed.get_rank(self.process_group)
+        if self.distributed_strategy == "mem-opt":
+            owner = self._layer_owners()
+            self._refresh_local([n for n in names if owner[n] == rank])
+            return
         # Every rank decomposes its share (greedy by cost) and broadcasts it.
         world = torch.distributed.get_world_size(self.process_group)
-        rank = torch.distributed.get_rank(self.process_group)
         owner = dist_utils.assign_greedily({n: self._decomposition_cost(n) for n in names},
                                             world)
         self._refresh_local([n for n in names if owner[n] == rank])
@@ -378,6 +400,33 @@ class KFAC:
         results = {n: self.preconditioners.get(n) for n in names if owner[n] == rank}
         shared = dist_utils.broadcast_owned(results, templates, owner, self.process_group)
         self.preconditioners.update(shared)
+
+    def _layer_owners(self) -> dict[str, int]:
+        """MEM-OPT: the rank that keeps each layer's preconditioner, fixed for the run (the
+        costs depend on the shapes only)."""
+        if self._owners is None:
+            world = torch.distributed.get_world_size(self.process_group)
+            self._owners = dist_utils.assign_greedily(
+                {n: self._decomposition_cost(n) for n in sorted(self.adapters)}, world)
+        return self._owners
+
+    def _share_updates(self, updates: dict, mats: dict) -> dict:
+        """MEM-OPT: every rank sends its layers' preconditioned gradients and zeros for the
+        others; the sum is the owner's result (exactly: x + 0 = x). A layer no rank has a
+        preconditioner for yet keeps its gradient."""
+        names = sorted(mats)
+        rank = torch.distributed.get_rank(self.process_group)
+        owner = self._layer_owners()
+        tensors, present = [], []
+        for n in names:
+            mine = n in updates and owner[n] == rank
+            dtype = self.capture.dtype_of(n)
+            tensors.append(updates[n].to(dtype) if mine else mats[n].new_zeros(
+                mats[n].shape, dtype=dtype))
+            present.append(1.0 if mine else 0.0)
+        flags = torch.tensor(present, dtype=torch.float64, device=mats[names[0]].device)
+        dist_utils.allreduce_flat(tensors + [flags], self.process_group)
+        return {n: t for n, t, f in zip(names, tensors, flags.tolist()) if f > 0}
 
     def _refresh_local(self, names: list[str]) -> None:
         for name in names:

@@ -71,6 +71,11 @@ def make_optimizer(method: str, model: nn.Module, accumulate: int):
     common = dict(factor_update_steps=1, inv_update_steps=2, grad_accumulation_steps=accumulate)
     if method in ("kfac", "kfac-tied"):
         precond = KFAC(model, damping=0.1, **common)
+    elif method == "kfac-memopt":
+        precond = KFAC(model, damping=0.1, distributed_strategy="mem-opt", **common)
+    elif method == "bdkfac-memopt":
+        precond = BDKFAC(model, num_blocks=2, damping=0.1, kl_clip=None,
+                         distributed_strategy="mem-opt", **common)
     elif method == "twolevel":
         from kfac_kernels import TwoLevel
         precond = TwoLevel(KFAC(model, damping=0.1, **common), coarse_damping=0.05)
@@ -127,6 +132,12 @@ def main(argv=None) -> int:
                 xs, ys = x[i * micro:(i + 1) * micro], y[i * micro:(i + 1) * micro]
                 (F.cross_entropy(wrapped(xs), ys) / args.accumulate).backward()
         opt.step()
+    if args.method.endswith("-memopt") and args.world > 1:
+        # MEM-OPT: this rank holds the preconditioners of its own layers only
+        precond = opt.preconditioner
+        held, everything = set(precond.preconditioners), set(precond.adapters)
+        owned = {n for n, r in precond._layer_owners().items() if r == args.rank}
+        assert held == owned and held != everything, (held, owned)
     if args.rank == 0:
         torch.save([p.detach().clone() for p in model.parameters()], args.out)
     if args.world > 1:

@@ -50,6 +50,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
                                                ("singd-diagonal", 1), ("singd-diagonal", 2),
                                                ("singd-blocks", 1), ("singd-blocks", 2),
                                                ("kfac-tied", 1), ("kfac-tied", 2),
+                                               ("kfac-memopt", 1), ("kfac-memopt", 2),
+                                               ("bdkfac-memopt", 1), ("bdkfac-memopt", 2),
                                                ("singd-tied", 1), ("singd-tied", 2),
                                                ("twolevel", 1), ("twolevel", 2)])
 def test_two_processes_match_one_process_on_the_concatenated_batch(tmp_path, method, accumulate):

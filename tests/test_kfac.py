@@ -196,6 +196,12 @@ INVALID = [
      "KFAC: the model has no supported layers"),
     ("all-layers-skipped", lambda: dict(skip_modules=[nn.Linear]), ValueError,
      "KFAC: the model has no supported layers"),
+    ("distributed_strategy", lambda: dict(distributed_strategy="memopt"), ValueError,
+     "KFAC: distributed_strategy must be 'comm-opt' or 'mem-opt', got 'memopt'"),
+    ("grad_accumulation_steps", lambda: dict(grad_accumulation_steps=0), ValueError,
+     "KFAC: grad_accumulation_steps must be"),
+    ("distributed", lambda: dict(distributed="yes"), ValueError,
+     "KFAC: distributed must be None (automatic), True or False, got 'yes'"),
 ]
 
 
