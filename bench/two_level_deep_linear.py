@@ -1,9 +1,10 @@
 """Seed 004 App. B.1 at the paper's size: one-level against two-level K-FAC on the 64-layer
 batch-normalised deep linear MLP with planted targets (python/deep_linear_two_level.py), for
-the paper's coarse damping (1e-2, the fine damping) and larger ones, with mean-squared error and
-with binary cross-entropy on the logits. 8192 training samples, batch 512, 300 steps, seeds 0-2;
-the training loss is the objective on the whole training set in training mode, logged every 25
-steps. One-level K-FAC does not depend on the coarse damping, so it runs once per seed and loss.
+the paper's coarse damping (1e-2, the fine damping) and larger ones, with mean-squared error,
+with binary cross-entropy on the logits and with cross-entropy on the teacher's argmax class.
+8192 training samples, batch 512, 300 steps, seeds 0-2; the training loss is the objective on
+the whole training set in training mode, logged every 25 steps. One-level K-FAC does not
+depend on the coarse damping, so it runs once per seed and loss.
 
 Run from the repository root (about 10 minutes on one CPU thread)::
 
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 from deep_linear_two_level import train  # noqa: E402
 
 SETTINGS = dict(depth=64, width=10, steps=300, n_train=8192, batch=512, lr=1e-3, log_every=25)
-CONFIGS = [("mse", [None, 0.1, 0.3, 1.0]), ("bce", [None])]  # None: the fine damping, 1e-2
+CONFIGS = [("mse", [None, 0.1, 0.3, 1.0]), ("bce", [None]), ("ce", [None])]  # None: the fine damping, 1e-2
 
 
 def main() -> None:
