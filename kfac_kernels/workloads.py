@@ -4,6 +4,7 @@
 name           data and model                                                     K-FAC sees
 =============  ================================================================  ==============
 digits         scikit-learn's bundled 8x8 digits, a small CNN (:class:`DigitsCNN`)   conv + linear
+digits-vit     the same digits, a ViT-tiny on 2x2 patches (:class:`DigitsViT`)       conv + linear
 char-lm        characters of the Python standard library's docstrings, a small      linear (expand
                causal transformer (attention built from ``nn.Linear``)               over positions)
 deep-linear    seed 004's planted targets: Gaussian inputs, binary targets of a      linear
@@ -79,6 +80,54 @@ class Workload:
 def _load_digits(dtype, device) -> Split:
     d = load_digits_split(0, dtype=dtype, device=device)
     return Split(d.x_train, d.y_train, d.x_test, d.y_test)
+
+
+class PatchAttention(nn.Module):
+    """Bidirectional multi-head self-attention over patch tokens, from ``nn.Linear`` layers."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, w = x.shape
+        q, k, v = self.qkv(x).view(n, t, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(n, t, w))
+
+
+class ViTBlock(nn.Module):
+    def __init__(self, width: int, heads: int, mlp: int):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn = PatchAttention(width, heads)
+        self.fc1, self.fc2 = nn.Linear(width, mlp), nn.Linear(mlp, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class DigitsViT(nn.Module):
+    """ViT-tiny for 8x8 digits: 2x2 patches (16 tokens) embedded by a strided convolution,
+    learned position embeddings, pre-norm blocks, mean-pooled tokens into a linear head."""
+
+    def __init__(self, width: int = 64, depth: int = 3, heads: int = 4, mlp: int = 128,
+                 patch: int = 2, size: int = 8, classes: int = 10):
+        super().__init__()
+        self.embed = nn.Conv2d(1, width, patch, stride=patch)
+        self.pos = nn.Parameter(0.02 * torch.randn((size // patch) ** 2, width))
+        self.blocks = nn.ModuleList(ViTBlock(width, heads, mlp) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x).flatten(2).transpose(1, 2) + self.pos
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x).mean(1))
 
 
 # --- char-lm -----------------------------------------------------------------------------------
@@ -311,6 +360,12 @@ WORKLOADS: dict[str, Workload] = {
         "digits", "scikit-learn digits, small CNN", lambda dtype, device: _load_digits(dtype, device),
         lambda seed, dtype, device, split: build_digits_cnn(seed, dtype=dtype, device=device),
         loss_average="batch", target=("test_accuracy", 0.97)),
+    "digits-vit": Workload(
+        "digits-vit", "scikit-learn digits, ViT-tiny (2x2 patches, 3 blocks)",
+        lambda dtype, device: _load_digits(dtype, device),
+        lambda seed, dtype, device, split: _seeded(DigitsViT, seed).to(device=device,
+                                                                      dtype=dtype),
+        loss_average="batch", target=("test_accuracy", 0.93)),
     "char-lm": Workload(
         "char-lm", "stdlib docstrings, small causal transformer",
         lambda dtype, device: _load_char_lm(dtype, device), _build_char_lm,

@@ -220,7 +220,7 @@ def test_num_blocks_only_for_bdkfac(capsys):
     assert "--num-blocks only applies to --optimizer bdkfac" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("task", ["char-lm", "deep-linear", "graphs"])
+@pytest.mark.parametrize("task", ["digits-vit", "char-lm", "deep-linear", "graphs"])
 @pytest.mark.parametrize("optimizer", ["adamw", "kfac"])
 def test_other_tasks_train(tmp_path, task, optimizer):
     result = _train(tmp_path, "--task", task, "--optimizer", optimizer, "--steps", "30",
