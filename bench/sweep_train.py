@@ -44,6 +44,15 @@ def run_one(task, optimizer, lr, damping, seed, steps, batch, eval_every, tmp) -
     return json.loads(out.read_text())
 
 
+def summarise(runs: list[dict], metric: str) -> dict:
+    """The seeds' final metric (a diverged run, NaN, ranks last), its median and the steps to
+    the task's target."""
+    values = [r[metric] for r in runs]
+    values = [v if v == v else (0.0 if metric == "test_accuracy" else 1e9) for v in values]
+    return {metric: values, "median_" + metric: statistics.median(values),
+            "steps_to_target": [r["target"]["reached_at_step"] for r in runs]}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", choices=tuple(WORKLOADS), default="digits")
@@ -71,15 +80,11 @@ def main(argv=None) -> int:
                 for damping in DAMPINGS.get(optimizer, (None,)):
                     runs = [run_one(args.task, optimizer, lr, damping, s, args.steps,
                                     args.batch_size, args.eval_every, tmp) for s in args.seeds]
-                    values = [r[metric] for r in runs]
-                    values = [v if v == v else (0.0 if metric == "test_accuracy" else 1e9)
-                              for v in values]  # NaN (diverged) ranks last
-                    steps = [r["target"]["reached_at_step"] for r in runs]
                     rec = {"optimizer": optimizer, "lr": lr, "damping": damping,
-                           "median_" + metric: statistics.median(values), metric: values,
-                           "steps_to_target": steps,
+                           **summarise(runs, metric),
                            "median_steps_to_target": statistics.median(
-                               [s if s is not None else args.steps + 1 for s in steps]),
+                               [s if s is not None else args.steps + 1
+                                for s in (r["target"]["reached_at_step"] for r in runs)]),
                            "wall_time_s": [r["wall_time_s"] for r in runs]}
                     records.append(rec)
                     print(json.dumps(rec), flush=True)
@@ -112,13 +117,8 @@ def extend(args) -> int:
             damping = float(rest[0]) if rest else None
             runs = [run_one(data["task"], optimizer, float(lr), damping, s, data["steps"],
                             data["batch_size"], data["eval_every"], tmp) for s in data["seeds"]]
-            values = [r[metric] for r in runs]
-            values = [v if v == v else (0.0 if metric == "test_accuracy" else 1e9)
-                      for v in values]
-            steps = [r["target"]["reached_at_step"] for r in runs]
             rec = {"why": args.why, "optimizer": optimizer, "lr": float(lr), "damping": damping,
-                   metric: values, "median_" + metric: statistics.median(values),
-                   "steps_to_target": steps}
+                   **summarise(runs, metric)}
             ext.append(rec)
             print(json.dumps(rec), flush=True)
     data["extension"] = ext

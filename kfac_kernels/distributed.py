@@ -30,6 +30,27 @@ def is_active(process_group=None) -> bool:
         process_group) > 1
 
 
+def enabled(distributed: bool | None, process_group=None) -> bool:
+    """An optimizer's ``distributed`` setting resolved: ``None`` means on when more than one
+    rank runs."""
+    return is_active(process_group) if distributed is None else distributed
+
+
+def check_arguments(who: str, grad_accumulation_steps, distributed) -> None:
+    """The constructor checks of ``grad_accumulation_steps`` and ``distributed`` shared by the
+    optimizers."""
+    if isinstance(grad_accumulation_steps, bool) or not isinstance(
+            grad_accumulation_steps, int) or grad_accumulation_steps < 1:
+        raise ValueError(f"{who}: grad_accumulation_steps must be an int >= 1, got "
+                         f"{grad_accumulation_steps!r}")
+    if distributed not in (None, True, False):
+        raise ValueError(f"{who}: distributed must be None (automatic), True or False, got "
+                         f"{distributed!r}")
+    if distributed and not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"{who}: distributed=True needs torch.distributed to be "
+                           "initialised first (torch.distributed.init_process_group)")
+
+
 def _flatten(x) -> list[torch.Tensor]:
     if x is None:
         return []
@@ -119,13 +140,7 @@ def allreduce_capture(capture, names: list[str], template, process_group=None) -
         device = _flatten(zero_a)[0].device
         counts = torch.tensor([float(acc.a_rows), float(acc.g_sum is not None),
                                float(acc.a_sum is not None)], dtype=torch.float64, device=device)
-        tied = []
-        if getattr(capture.adapters[name], "tied", False):
-            vocab = capture.adapters[name].weight.shape[0]
-            tied = [acc.tied_a_sum if acc.tied_a_sum is not None else torch.zeros_like(zero_a),
-                    acc.token_counts if acc.token_counts is not None else torch.zeros(
-                        vocab, dtype=zero_a.dtype, device=device)]
-        entries.append((name, a, g, counts, tied))
+        entries.append((name, a, g, counts, tied_sums(capture, name, zero_a)))
     flat = [t for _, a, g, c, tied in entries
             for t in (*_flatten(a), *_flatten(g), c, *tied)]
     allreduce_symmetric(flat, process_group)
@@ -134,9 +149,26 @@ def allreduce_capture(capture, names: list[str], template, process_group=None) -
         acc.a_rows = int(round(float(counts[0])))
         acc.a_sum = a if acc.a_rows > 0 and float(counts[2]) > 0 else None
         acc.g_sum = _scale(g, 1.0 / world) if float(counts[1]) > 0 else None
-        if tied:
-            acc.tied_a_sum = tied[0] / world if acc.a_rows > 0 else None
-            acc.token_counts = tied[1]
+        set_tied_sums(acc, tied, world)
+
+
+def tied_sums(capture, name: str, zero_a: torch.Tensor) -> list[torch.Tensor]:
+    """For a tied embedding/output weight, the embedding use's gradient part of the feature
+    side and its token counts (zeros where this rank has none); ``[]`` for other layers."""
+    if not getattr(capture.adapters[name], "tied", False):
+        return []
+    acc = capture.acc[name]
+    vocab = capture.adapters[name].weight.shape[0]
+    return [acc.tied_a_sum if acc.tied_a_sum is not None else torch.zeros_like(zero_a),
+            acc.token_counts if acc.token_counts is not None else zero_a.new_zeros(vocab)]
+
+
+def set_tied_sums(acc, tied: list[torch.Tensor], world: int) -> None:
+    """Store :func:`tied_sums` after their all-reduce: the gradient part scales like ``G`` and
+    is averaged over the ranks, the token counts are summed."""
+    if tied:
+        acc.tied_a_sum = tied[0] / world if acc.a_rows > 0 else None
+        acc.token_counts = tied[1]
 
 
 def _scale(x, factor: float):

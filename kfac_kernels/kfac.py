@@ -175,14 +175,7 @@ class KFAC:
                                          factor_dtype not in (torch.float32, torch.float64)):
             raise ValueError(f"{who}: factor_dtype must be torch.float32, torch.float64 or None, "
                              f"got {factor_dtype!r}")
-        _positive_int(who, "grad_accumulation_steps", grad_accumulation_steps)
-        if distributed not in (None, True, False):
-            raise ValueError(f"{who}: distributed must be None (automatic), True or False, got "
-                             f"{distributed!r}")
-        if distributed and not (torch.distributed.is_available()
-                                and torch.distributed.is_initialized()):
-            raise RuntimeError(f"{who}: distributed=True needs torch.distributed to be "
-                               "initialised first (torch.distributed.init_process_group)")
+        dist_utils.check_arguments(who, grad_accumulation_steps, distributed)
         if distributed_strategy not in DISTRIBUTED_STRATEGIES:
             raise ValueError(f"{who}: distributed_strategy must be 'comm-opt' or 'mem-opt', got "
                              f"{distributed_strategy!r}")
@@ -336,9 +329,7 @@ class KFAC:
         return True
 
     def _is_distributed(self) -> bool:
-        if self.distributed is None:
-            return dist_utils.is_active(self.process_group)
-        return self.distributed
+        return dist_utils.enabled(self.distributed, self.process_group)
 
     def _factor_template(self, name: str):
         """Zero tensors with the structure of a layer's (A, G) sums."""

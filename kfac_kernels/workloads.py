@@ -227,12 +227,15 @@ def _build_char_lm(seed, dtype, device, split: Split) -> nn.Module:
 
 # --- deep-linear (seed 004 App. B.1) ------------------------------------------------------------
 
-def planted_data(n: int, width: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gaussian inputs and binary targets ``teacher(x) > 0`` of a random linear teacher."""
+def planted_data(n: int, width: int, seed: int, classes: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian inputs and the targets of a random linear teacher: ``width`` binary targets
+    ``teacher(x) > 0``, or with ``classes`` one of ``width`` classes (its largest output)."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, width, generator=gen)
     teacher = torch.randn(width, width, generator=gen) / width ** 0.5
-    return x, (x @ teacher.T > 0).float()
+    scores = x @ teacher.T
+    return x, (scores.argmax(1) if classes else (scores > 0).float())
 
 
 def deep_linear_mlp(depth: int, width: int, seed: int) -> nn.Sequential:

@@ -39,34 +39,14 @@ import torch
 from torch import nn
 
 from kfac_kernels import KFAC, PreconditionedOptimizer, TwoLevel
-
-
-def planted_data(n: int, width: int, seed: int, classes: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gaussian inputs and the teacher's targets: ``width`` binary targets (its outputs > 0),
-    or with ``classes`` one of ``width`` classes (its largest output)."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, width, generator=gen)
-    teacher = torch.randn(width, width, generator=gen) / width ** 0.5
-    scores = x @ teacher.T
-    return x, (scores.argmax(1) if classes else (scores > 0).float())
-
-
-def deep_linear(depth: int, width: int, seed: int) -> nn.Sequential:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        layers: list[nn.Module] = []
-        for _ in range(depth):
-            layers += [nn.Linear(width, width), nn.BatchNorm1d(width)]
-        layers.append(nn.Linear(width, width))
-        return nn.Sequential(*layers)
+from kfac_kernels.workloads import deep_linear_mlp, planted_data
 
 
 def train(two_level: bool, *, depth: int, width: int, steps: int, n_train: int, batch: int,
           seed: int, lr: float, log_every: int, coarse_damping: float | None = None,
           loss: str = "mse") -> list[float]:
     x, y = planted_data(n_train, width, seed, classes=loss == "ce")
-    model = deep_linear(depth, width, seed)
+    model = deep_linear_mlp(depth, width, seed)
     kfac = KFAC(model, damping=1e-2, kl_clip=1e-3, factor_update_steps=10,
                 inv_update_steps=100, skip_modules=[nn.BatchNorm1d])
     precond = TwoLevel(kfac, coarse_damping=coarse_damping) if two_level else kfac

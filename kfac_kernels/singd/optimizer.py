@@ -209,17 +209,7 @@ class SINGD(FusedSteps, torch.optim.Optimizer):
             raise TypeError(f"{who}: grad_scaler must be a torch.amp.GradScaler or None, got "
                             f"{type(grad_scaler).__name__}")
         self.grad_scaler = grad_scaler
-        if isinstance(grad_accumulation_steps, bool) or not isinstance(
-                grad_accumulation_steps, int) or grad_accumulation_steps < 1:
-            raise ValueError(f"{who}: grad_accumulation_steps must be an int >= 1, got "
-                             f"{grad_accumulation_steps!r}")
-        if distributed not in (None, True, False):
-            raise ValueError(f"{who}: distributed must be None (automatic), True or False, got "
-                             f"{distributed!r}")
-        if distributed and not (torch.distributed.is_available()
-                                and torch.distributed.is_initialized()):
-            raise RuntimeError(f"{who}: distributed=True needs torch.distributed to be "
-                               "initialised first (torch.distributed.init_process_group)")
+        dist_utils.check_arguments(who, grad_accumulation_steps, distributed)
         self.distributed = distributed
         self.process_group = process_group
         skip_modules = validate_skip_modules(model, skip_modules, who)
@@ -373,9 +363,7 @@ class SINGD(FusedSteps, torch.optim.Optimizer):
         return loss
 
     def _is_distributed(self) -> bool:
-        if self.distributed is None:
-            return dist_utils.is_active(self.process_group)
-        return self.distributed
+        return dist_utils.enabled(self.distributed, self.process_group)
 
     def _batch_statistics(self, name: str) -> list[tuple] | None:
         """The single place where the captured curvature of a factor update is read: per group

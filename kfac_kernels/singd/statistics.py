@@ -69,17 +69,28 @@ def row_sides(adapter, k_projection: Projection, c_projection: Projection,
     return inputs, grads
 
 
+def _padded_input(adapter: ConvAdapter, x: torch.Tensor, dtype: torch.dtype, pad_zeros: bool):
+    """A convolution's input as ``(N, C, H, W)`` in ``dtype`` with its non-zero padding modes
+    applied, and its geometry; ``pad_zeros`` also applies the zero padding (else it is left in
+    ``geom.pad``)."""
+    m = adapter.module
+    if x.dim() == adapter.spatial_dims + 1:  # unbatched input
+        x = x.unsqueeze(0)
+    geom = conv_geometry(tuple(x.shape[2:]), m.kernel_size, m.stride, m.padding, m.dilation)
+    x, geom = pre_pad(x, geom, m.padding_mode)
+    x = as_4d(x).to(dtype)
+    if pad_zeros:
+        top, bottom, left, right = geom.pad
+        x = F.pad(x, (left, right, top, bottom))
+    return x, geom
+
+
 def conv_input_diagonal(adapter: ConvAdapter, x: torch.Tensor,
                         dtype: torch.dtype) -> tuple[torch.Tensor, int]:
     """``(groups, D)`` diagonal of the sum of a convolution's patch outer products (expand; the
     bias coordinate last) and the number of patches, without unfolding the patches."""
-    m = adapter.module
-    if x.dim() == adapter.spatial_dims + 1:  # unbatched input
-        x = x.unsqueeze(0)
+    x, geom = _padded_input(adapter, x, dtype, pad_zeros=False)
     n = x.shape[0]
-    geom = conv_geometry(tuple(x.shape[2:]), m.kernel_size, m.stride, m.padding, m.dilation)
-    x, geom = pre_pad(x, geom, m.padding_mode)
-    x = as_4d(x).to(dtype)
     top, bottom, left, right = geom.pad
     sq = F.pad((x * x).sum(0), (left, right, top, bottom))   # (C, H_pad, W_pad)
     (kh, kw), (sh, sw), (dh, dw) = geom.kernel, geom.stride, geom.dilation
@@ -102,14 +113,7 @@ def conv_input_blocks(adapter: ConvAdapter, x: torch.Tensor, dtype: torch.dtype,
     that holds whole blocks), never those of the whole layer: the temporary is at most ``k``
     channels' worth of patches, and the work is ``O(N R D k)`` instead of the dense
     ``O(N R D^2)``."""
-    m = adapter.module
-    if x.dim() == adapter.spatial_dims + 1:  # unbatched input
-        x = x.unsqueeze(0)
-    geom = conv_geometry(tuple(x.shape[2:]), m.kernel_size, m.stride, m.padding, m.dilation)
-    x, geom = pre_pad(x, geom, m.padding_mode)
-    x = as_4d(x).to(dtype)
-    top, bottom, left, right = geom.pad
-    x = F.pad(x, (left, right, top, bottom))
+    x, geom = _padded_input(adapter, x, dtype, pad_zeros=True)
     kernel = tuple(geom.kernel)
     per_channel = kernel[0] * kernel[1]
     groups = adapter.groups
@@ -212,10 +216,11 @@ class StructuredCurvatureCapture(CurvatureCapture):
         """Per group ``(U, G)`` (dense tensors or structured projections), or ``None`` if either
         side saw no data."""
         acc = self.acc[name]
+        a_sum = acc.input_sum()
         if name in self._projected_a:
             u = [p.scale(1.0 / acc.a_rows) for p in self._projected_a[name]]
-        elif acc.input_sum() is not None and acc.a_rows:
-            u = list((acc.input_sum() / acc.a_rows).unbind(0))
+        elif a_sum is not None and acc.a_rows:
+            u = list((a_sum / acc.a_rows).unbind(0))
         else:
             return None
         if name in self._projected_g:
@@ -261,19 +266,15 @@ class StructuredCurvatureCapture(CurvatureCapture):
             has_g = acc.g_sum is not None or name in self._projected_g
             counts = torch.tensor([float(acc.a_rows), float(has_g)], dtype=torch.float64,
                                   device=ad.weight.device)
-            a, tied = self._side(name, True), []
-            if getattr(ad, "tied", False):  # see kfac_kernels.distributed.allreduce_capture
-                tied = [acc.tied_a_sum if acc.tied_a_sum is not None else torch.zeros_like(a[0]),
-                        acc.token_counts if acc.token_counts is not None else a[0].new_zeros(
-                            ad.weight.shape[0])]
-            entries.append((name, a, self._side(name, False), counts, tied))
+            a = self._side(name, True)
+            entries.append((name, a, self._side(name, False), counts,
+                            dist_utils.tied_sums(self, name, a[0])))
         dist_utils.allreduce_symmetric(
             [t for _, a, g, c, tied in entries for t in (*a, *g, c, *tied)], process_group)
         for name, _, g, counts, tied in entries:
             acc = self.acc[name]
             acc.a_rows = int(round(float(counts[0])))
-            if tied:
-                acc.tied_a_sum, acc.token_counts = tied[0] / world, tied[1]
+            dist_utils.set_tied_sums(acc, tied, world)
             if acc.a_rows == 0:
                 acc.a_sum = acc.tied_a_sum = None
                 self._projected_a.pop(name, None)
