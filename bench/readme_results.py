@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -144,18 +145,31 @@ def two_level() -> list[str]:
     if d is None:
         return []
     st = d["settings"]
-    log = st["log_every"]
-    mid = 100 // log - 1  # the logged loss after 100 steps
-    out = [f"**Two-level vs one-level K-FAC, deep linear MLP of seed 004 ({st['depth']} layers, "
-           f"{st['steps']} steps, training loss on the whole training set)** ({_env(d)}; "
+    epochs = st["epochs"]
+    out = [f"**Two-level vs one-level K-FAC, deep linear MLP of seed 004 ({st['depth']} hidden "
+           f"layers of width {st['width']}, {st['n_train']} samples, {epochs} epochs of batch "
+           f"{st['batch']}; training loss on the whole training set)** ({_env(d)}; "
            f"`bench/results/two_level_deep_linear.json`)", "",
-           "| loss | coarse damping | seed | one-level at 100 | two-level at 100 | "
-           "one-level final | two-level final |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+           "| setting | seeds | two-level ahead at the end | two-level collapsed (loss ~ log 2) "
+           "| median final loss, one-level | median final loss, two-level |",
+           "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for cfg in d["configs"]:
+        rows = [r for r in d["results"] if r["config"] == cfg["name"]]
+        ahead = sum(r["two_level_ahead_at_end"] for r in rows)
+        flags = [r["two_level_collapsed"] for r in rows]
+        collapsed = "-" if None in flags else f"{sum(flags)} of {len(rows)}"
+        out.append(f"| {cfg['name']} | {len(rows)} | {ahead} of {len(rows)} | {collapsed} | "
+                   f"{statistics.median(r['one_level'][-1] for r in rows):.4f} | "
+                   f"{statistics.median(r['two_level'][-1] for r in rows):.4f} |")
+    first = d["configs"][0]["name"]
+    out += ["", f"Per seed, {first} (training loss after epochs 1, 5 and {epochs}, one-level / "
+            "two-level):", "",
+            f"| seed | epoch 1 | epoch 5 | epoch {epochs} |", "| ---: | ---: | ---: | ---: |"]
     for r in d["results"]:
-        out.append(f"| {r['loss']} | {r['coarse_damping']:g} | {r['seed']} | "
-                   f"{r['one_level'][mid]:.4f} | {r['two_level'][mid]:.4f} | "
-                   f"{r['one_level'][-1]:.4f} | {r['two_level'][-1]:.4f} |")
+        if r["config"] == first:
+            cells = [f"{r['one_level'][e]:.4f} / {r['two_level'][e]:.4f}"
+                     for e in (0, 4, epochs - 1)]
+            out.append(f"| {r['seed']} | " + " | ".join(cells) + " |")
     return out + [""]
 
 

@@ -218,7 +218,8 @@ def kronecker_factors(model: nn.Module, loss_fn: nn.Module, inputs, targets: tor
         model: the network; ``nn.Linear`` (any input rank) and ``nn.Conv1d``/``nn.Conv2d``
             layers with trainable weights are covered, other parameterised modules are reported
             in a warning.
-        loss_fn: ``nn.CrossEntropyLoss`` or ``nn.MSELoss`` with reduction ``"mean"``/``"sum"``.
+        loss_fn: ``nn.CrossEntropyLoss``, ``nn.MSELoss`` or ``nn.BCEWithLogitsLoss`` with
+            reduction ``"mean"``/``"sum"``.
         inputs: passed to ``model`` (a tuple is unpacked).
         targets: passed to ``loss_fn``.
         kfac_approx: ``"expand"`` (seed 001, Eq. 7) or ``"reduce"`` (Eq. 10).

@@ -90,7 +90,8 @@ class KFAC:
         kfac_approx: ``"expand"`` or ``"reduce"`` (seed 001).
         fisher_type: ``"empirical"`` (uses the gradients of ``loss.backward()``), ``"mc"`` or
             ``"type-2"`` (use ``precond.backward(outputs, targets)``; need ``loss_fn``).
-        loss_fn: ``nn.CrossEntropyLoss`` / ``nn.MSELoss`` for ``precond.backward``.
+        loss_fn: ``nn.CrossEntropyLoss`` / ``nn.MSELoss`` / ``nn.BCEWithLogitsLoss`` for
+            ``precond.backward``.
         mc_samples: labels sampled per factor update for ``"mc"``.
         loss_average: how the loss was reduced: ``None`` (sum), ``"batch"`` (mean over examples)
             or ``"batch+sequence"`` (mean over examples and the layer's weight-sharing dim).
@@ -151,8 +152,8 @@ class KFAC:
         check_common(who, kfac_approx, fisher_type, loss_average, mc_samples, backend, generator)
         if fisher_type != "empirical" and loss_fn is None:
             raise ValueError(f"{who}: fisher_type={fisher_type!r} needs loss_fn (an "
-                             "nn.CrossEntropyLoss or nn.MSELoss) to sample or factorise the "
-                             "loss Hessian")
+                             "nn.CrossEntropyLoss, nn.MSELoss or nn.BCEWithLogitsLoss) to sample "
+                             "or factorise the loss Hessian")
         if loss_fn is not None:
             check_loss_fn(loss_fn, loss_average, who)
         if damping_form not in DAMPING_FORMS:

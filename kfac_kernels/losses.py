@@ -1,4 +1,5 @@
-"""Backward vectors for the Fisher/GGN of ``nn.CrossEntropyLoss`` and ``nn.MSELoss``.
+"""Backward vectors for the Fisher/GGN of ``nn.CrossEntropyLoss``, ``nn.MSELoss`` and
+``nn.BCEWithLogitsLoss``.
 
 The user's loss is ``L = c * sum_i l_i`` over its elements ``i`` (positions of the output), with
 ``c = 1`` for ``reduction="sum"`` and ``c = 1/(number of averaged terms)`` for ``"mean"``. The
@@ -6,7 +7,9 @@ GGN of ``L`` w.r.t. the output is block diagonal over positions with blocks ``c 
 
 * cross-entropy: ``H_i = diag(p) - p p^T`` over the classes, factorised as ``S S^T`` with
   ``S = diag(sqrt(p)) - p sqrt(p)^T``;
-* squared error ``(f - y)^2``: ``H_i = 2`` per element.
+* squared error ``(f - y)^2``: ``H_i = 2`` per element;
+* binary cross-entropy on a logit ``f`` (``nn.BCEWithLogitsLoss``): ``H_i = p (1 - p)`` per
+  element, ``p = sigmoid(f)``; the model's predictive distribution is ``Bernoulli(p)``.
 
 ``type-2`` backpropagates ``sqrt(c) * S[:, k]`` for each class ``k`` *and each position of a
 sample separately* (batched over the examples), so the result is the sum of seed 001 Eq. 7 without
@@ -22,19 +25,23 @@ from typing import Iterator
 import torch
 from torch import nn
 
-SUPPORTED_LOSSES = (nn.CrossEntropyLoss, nn.MSELoss)
+SUPPORTED_LOSSES = (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss)
 
 
 def check_loss_fn(loss_fn, loss_average, who: str) -> None:
     """Validate a loss module for curvature computations (and its agreement with loss_average)."""
     if not isinstance(loss_fn, SUPPORTED_LOSSES):
-        raise TypeError(f"{who}: loss_fn must be an nn.CrossEntropyLoss or nn.MSELoss instance, "
-                        f"got {type(loss_fn).__name__}")
+        raise TypeError(f"{who}: loss_fn must be an nn.CrossEntropyLoss, nn.MSELoss or "
+                        f"nn.BCEWithLogitsLoss instance, got {type(loss_fn).__name__}")
     if loss_fn.reduction not in ("mean", "sum"):
         raise ValueError(f"{who}: loss_fn.reduction must be 'mean' or 'sum', got "
                          f"{loss_fn.reduction!r}")
     if isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.weight is not None:
         raise ValueError(f"{who}: nn.CrossEntropyLoss with class weights is not supported")
+    if isinstance(loss_fn, nn.BCEWithLogitsLoss) and (
+            loss_fn.weight is not None or loss_fn.pos_weight is not None):
+        raise ValueError(f"{who}: nn.BCEWithLogitsLoss with weight or pos_weight is not "
+                         "supported")
     if loss_fn.reduction == "sum" and loss_average is not None:
         raise ValueError(f"{who}: loss_fn has reduction='sum', so loss_average must be None, got "
                          f"{loss_average!r}")
@@ -70,7 +77,7 @@ def loss_coefficient(loss_fn, outputs: torch.Tensor, targets: torch.Tensor) -> f
     """``c`` in ``L = c * sum_i l_i`` for the loss as ``loss_fn`` computes it."""
     if loss_fn.reduction == "sum":
         return 1.0
-    if isinstance(loss_fn, nn.MSELoss):
+    if isinstance(loss_fn, (nn.MSELoss, nn.BCEWithLogitsLoss)):
         return 1.0 / outputs.numel()
     mask = _ce_mask(loss_fn, outputs, targets)
     count = _class_last(outputs).shape[0] * _class_last(outputs).shape[1] if mask is None \
@@ -91,6 +98,15 @@ def type2_grad_outputs(loss_fn, outputs: torch.Tensor,
         for e in range(flat.shape[1]):
             col = torch.zeros_like(flat)
             col[:, e] = value
+            yield col.reshape(outputs.shape)
+        return
+    if isinstance(loss_fn, nn.BCEWithLogitsLoss):
+        n = outputs.shape[0] if outputs.dim() > 0 else 1
+        p = torch.sigmoid(outputs.reshape(n, -1))
+        root = (p * (1.0 - p)).mul_(c).sqrt_()
+        for e in range(root.shape[1]):
+            col = torch.zeros_like(root)
+            col[:, e] = root[:, e]
             yield col.reshape(outputs.shape)
         return
     logits = _class_last(outputs)
@@ -122,6 +138,12 @@ def mc_grad_output(loss_fn, outputs: torch.Tensor, targets: torch.Tensor,
         eps = torch.randn(outputs.shape, generator=generator, device=outputs.device,
                           dtype=outputs.dtype)
         return eps.mul_(math.sqrt(2.0 * c))
+    if isinstance(loss_fn, nn.BCEWithLogitsLoss):
+        # y ~ Bernoulli(p): l's gradient at the sampled label is p - y, E[(p - y)^2] = p (1 - p).
+        p = torch.sigmoid(outputs)
+        y = torch.bernoulli(p.to(torch.float64) if p.dtype in (torch.float16, torch.bfloat16)
+                            else p, generator=generator).to(p.dtype)
+        return (p - y).mul_(math.sqrt(c))
     logits = _class_last(outputs)
     p = torch.softmax(logits, dim=-1)
     flat = p.reshape(-1, p.shape[-1])

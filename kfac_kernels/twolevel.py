@@ -104,8 +104,11 @@ class TwoLevel:
     wrapped preconditioner.
 
     Args:
-        preconditioner: a :class:`kfac_kernels.KFAC` or :class:`kfac_kernels.BDKFAC` (empirical
-            Fisher). Its layers are the coarse space's ``L`` layers.
+        preconditioner: a :class:`kfac_kernels.KFAC` or :class:`kfac_kernels.BDKFAC`, any
+            ``fisher_type``: the coarse statistics read the output gradients of the same
+            backward passes as its G factors (``loss.backward()`` for ``"empirical"``, the
+            sampled or type-2 passes of ``preconditioner.backward(outputs, targets)``
+            otherwise). Its layers are the coarse space's ``L`` layers.
         coarse_damping: ``lambda`` of ``(F_coarse + lambda I)^{-1}`` (default: the
             preconditioner's damping, as seed 004 App. A does).
         coarse_decay: cap of Algorithm 1's decay ``eps_k = min(1 - 1/k, coarse_decay)``.
@@ -122,10 +125,6 @@ class TwoLevel:
         if not isinstance(preconditioner, KFAC):
             raise TypeError(f"{who}: preconditioner must be a kfac_kernels.KFAC or BDKFAC, got "
                             f"{type(preconditioner).__name__}")
-        if preconditioner.fisher_type != "empirical":
-            raise ValueError(f"{who}: the coarse statistics are read from the gradients of "
-                             "loss.backward(), so the preconditioner must use "
-                             f"fisher_type='empirical', got {preconditioner.fisher_type!r}")
         if coarse_damping is not None and (
                 isinstance(coarse_damping, bool) or not isinstance(coarse_damping, (int, float))
                 or not math.isfinite(coarse_damping) or coarse_damping <= 0):
@@ -192,7 +191,16 @@ class TwoLevel:
         mult = inner.capture.multiplier(n, r)
         g = example_gradients(adapter, grad.detach(), self._dtype(name))
         rec = self._pending.setdefault(name, {"a": [], "g": {}})
-        rec["g"][index] = g * math.sqrt(mult)  # so that t t^T carries the multiplier m
+        # One entry per backward pass through this output: the user's backward (empirical
+        # Fisher) or each Monte-Carlo / type-2 pass of the preconditioner's backward; scaled so
+        # that t t^T carries the multiplier m.
+        rec["g"].setdefault(index, []).append(g * math.sqrt(mult))
+
+    def backward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The wrapped preconditioner's :meth:`~kfac_kernels.KFAC.backward` (needed for
+        ``fisher_type="mc"`` / ``"type-2"``, whose extra passes also feed the coarse
+        statistics)."""
+        return self.inner.backward(outputs, targets)
 
     def discard_pending(self) -> None:
         self._pending = {}
@@ -206,8 +214,10 @@ class TwoLevel:
 
     # --- statistics -------------------------------------------------------------------------
     def _batch_vectors(self):
-        """Per layer ``(a, g)``: ``(groups, N, D)`` and ``(groups, N, d)`` over this step's
-        passes, or ``None`` if some layer saw no data or the passes do not line up."""
+        """Per layer ``(a, g)``: ``(groups, N, D)`` and ``(P, groups, N, d)`` over this step's
+        forward passes (``P`` backward passes each: 1 for the empirical Fisher, one per sample
+        or column for ``"mc"`` / ``"type-2"``), or ``None`` if some layer saw no data or the
+        passes do not line up."""
         out = []
         count = None
         for name in self.names:
@@ -216,12 +226,15 @@ class TwoLevel:
                 return None
             if sorted(rec["g"]) != list(range(len(rec["a"]))):
                 return None  # a pass without its backward (e.g. evaluation with grad enabled)
+            passes = {len(rec["g"][i]) for i in range(len(rec["a"]))}
+            if len(passes) != 1:
+                return None
             a = torch.cat(rec["a"], dim=1)
-            g = torch.cat([rec["g"][i] for i in range(len(rec["a"]))], dim=1)
-            if a.shape[1] != g.shape[1] or (count is not None and a.shape[1] != count):
+            g = torch.cat([torch.stack(rec["g"][i]) for i in range(len(rec["a"]))], dim=2)
+            if a.shape[1] != g.shape[2] or (count is not None and a.shape[1] != count):
                 raise RuntimeError(
                     f"{type(self).__name__}: module {name!r} saw {a.shape[1]} examples in its "
-                    f"inputs and {g.shape[1]} in its output gradients while other layers saw "
+                    f"inputs and {g.shape[2]} in its output gradients while other layers saw "
                     f"{count}; the coarse statistics pair examples across layers, so every "
                     "layer must be called exactly once per example (no shared modules)")
             count = a.shape[1]
@@ -235,12 +248,14 @@ class TwoLevel:
             return
         n = vectors[0][0].shape[1]
         if self.coarse_method == "sums":
-            s = torch.cat([a.sum(-1) for a, _ in vectors])        # (units, N)
-            t = torch.cat([g.sum(-1) for _, g in vectors])
+            s = torch.cat([a.sum(-1) for a, _ in vectors])              # (units, N)
+            t = torch.cat([g.sum(-1) for _, g in vectors], dim=1)       # (P, units, N)
+            t = t.transpose(0, 1).reshape(t.shape[1], -1)               # passes as examples
             batch = {"sum_A": s @ s.T, "sum_G": t @ t.T}
         else:
             a_all = [a[grp] for a, _ in vectors for grp in range(a.shape[0])]   # (N, D_u)
-            g_all = [g[grp] for _, g in vectors for grp in range(g.shape[0])]
+            g_all = [g[:, grp].reshape(-1, g.shape[-1])                         # (P N, d_u)
+                     for _, g in vectors for grp in range(g.shape[1])]
             batch = {}
             for u in range(len(a_all)):
                 for v in range(u + 1):

@@ -227,25 +227,29 @@ def _build_char_lm(seed, dtype, device, split: Split) -> nn.Module:
 
 # --- deep-linear (seed 004 App. B.1) ------------------------------------------------------------
 
-def planted_data(n: int, width: int, seed: int, classes: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gaussian inputs and the targets of a random linear teacher: ``width`` binary targets
-    ``teacher(x) > 0``, or with ``classes`` one of ``width`` classes (its largest output)."""
+def planted_data(n: int, width: int, seed: int, classes: bool = False,
+                 outputs: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian ``width``-d inputs and the targets of a random linear teacher with ``outputs``
+    outputs (default ``width``): binary targets ``teacher(x) > 0`` (``(n, outputs)``), or with
+    ``classes`` one of ``outputs`` classes (its largest output)."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, width, generator=gen)
-    teacher = torch.randn(width, width, generator=gen) / width ** 0.5
+    teacher = torch.randn(outputs or width, width, generator=gen) / width ** 0.5
     scores = x @ teacher.T
     return x, (scores.argmax(1) if classes else (scores > 0).float())
 
 
-def deep_linear_mlp(depth: int, width: int, seed: int) -> nn.Sequential:
-    """``depth`` blocks of ``Linear(width, width)`` and ``BatchNorm1d(width)``, then a Linear."""
+def deep_linear_mlp(depth: int, width: int, seed: int, outputs: int | None = None,
+                    bias: bool = True) -> nn.Sequential:
+    """``depth`` blocks of ``Linear(width, width)`` and ``BatchNorm1d(width)``, then a
+    ``Linear(width, outputs)`` (default ``width`` outputs); ``bias=False`` drops the Linear
+    layers' biases."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         layers: list[nn.Module] = []
         for _ in range(depth):
-            layers += [nn.Linear(width, width), nn.BatchNorm1d(width)]
-        layers.append(nn.Linear(width, width))
+            layers += [nn.Linear(width, width, bias=bias), nn.BatchNorm1d(width)]
+        layers.append(nn.Linear(width, outputs or width, bias=bias))
         return nn.Sequential(*layers)
 
 

@@ -375,8 +375,8 @@ def test_kronecker_factors_rejects_bad_models_and_losses():
             "kronecker_factors: model must be a torch.nn.Module, got function")):
         kfac_kernels.kronecker_factors(lambda t: t, nn.MSELoss(), x, y)
     with pytest.raises(TypeError, match=re.escape(
-            "kronecker_factors: loss_fn must be an nn.CrossEntropyLoss or nn.MSELoss "
-            "instance, got L1Loss")):
+            "kronecker_factors: loss_fn must be an nn.CrossEntropyLoss, nn.MSELoss or "
+            "nn.BCEWithLogitsLoss instance, got L1Loss")):
         kfac_kernels.kronecker_factors(nn.Linear(4, 3).to(DT), nn.L1Loss(), x, y)
     with pytest.raises(ValueError, match=re.escape(
             "kronecker_factors: the model has no supported layers")):

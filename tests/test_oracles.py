@@ -360,6 +360,7 @@ def test_type2_scales_with_reduction(reduction):
     for loss_cls, y, count in [
         (nn.CrossEntropyLoss, torch.randint(0, 3, (6,)), 6),
         (nn.MSELoss, torch.randn(6, 3, dtype=DT), 18),
+        (nn.BCEWithLogitsLoss, torch.randint(0, 2, (6, 3)).to(DT), 18),
     ]:
         f_sum = factors(model, loss_cls(reduction="sum"), x, y, fisher_type="type-2",
                         loss_average=None)
@@ -392,6 +393,25 @@ def test_cross_entropy_type2_single_example_exact(reduction):
                 _record(f"(e) CE {reduction} N=1 {approx} {len(names)}-layer exact layer {name}",
                         e)
                 assert e <= EXACT_TOL, f"layer {name}: rel err {e:.3e}"
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_binary_cross_entropy_type2_single_example_exact(reduction):
+    """nn.BCEWithLogitsLoss, one example: kron(G, A) equals the exact GGN (output Hessian
+    diag(p (1 - p)) from torch.func) for every layer, one or several logits."""
+    torch.manual_seed(18)
+    loss_fn = nn.BCEWithLogitsLoss(reduction=reduction)
+    la = None if reduction == "sum" else "batch"
+    x = torch.randn(1, 4, dtype=DT)
+    for model, y in ((nn.Sequential(nn.Linear(4, 1)).double(), torch.tensor([[1.0]], dtype=DT)),
+                     (nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double(),
+                      torch.tensor([[0.0, 1.0, 1.0]], dtype=DT))):
+        names = linear_names(model)
+        errs = kfac_errors(model, loss_fn, x, y, names, kfac_approx="expand",
+                           fisher_type="type-2", loss_average=la)
+        for name, e in errs.items():
+            _record(f"(e) BCE {reduction} N=1 {len(names)}-layer exact layer {name}", e)
+            assert e <= EXACT_TOL, f"layer {name}: rel err {e:.3e}"
 
 
 def test_cross_entropy_type2_batch_structure():
@@ -431,15 +451,18 @@ def test_cross_entropy_type2_batch_structure():
 # (f) Monte-Carlo Fisher converges to the type-2 result
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("loss_name", ["ce", "mse"])
+@pytest.mark.parametrize("loss_name", ["ce", "mse", "bce"])
 def test_mc_fisher_converges_to_type2(loss_name):
     torch.manual_seed(10)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
     x = torch.randn(8, 3, dtype=DT)
     if loss_name == "ce":
         loss_fn, y, la = nn.CrossEntropyLoss(reduction="mean"), torch.randint(0, 3, (8,)), "batch"
-    else:
+    elif loss_name == "mse":
         loss_fn, y, la = nn.MSELoss(reduction="sum"), torch.randn(8, 3, dtype=DT), None
+    else:
+        loss_fn, la = nn.BCEWithLogitsLoss(reduction="mean"), "batch"
+        y = torch.randint(0, 2, (8, 3)).to(DT)
     exact = factors(model, loss_fn, x, y, fisher_type="type-2", loss_average=la)
     errs = {}
     for s in (1, 2000):
