@@ -267,6 +267,27 @@ def test_non_finite_gradients_skip_the_step():
         assert all(torch.equal(a, s.to_dense()) for a, s in zip(mats, opt.factors[n]["K"]))
 
 
+@pytest.mark.parametrize("structure,fused", [("dense", False), ("diagonal", False),
+                                             ("diagonal", True), ("block-diagonal", True)])
+def test_non_finite_factor_update_keeps_the_previous_factors(structure, fused):
+    """An lr_cov far too large for the curvature overflows the factor update: it is not
+    stored (the factors stay the identity they started from), with one warning, on the
+    reference path and on the fused ones."""
+    torch.manual_seed(0)
+    model = nn.Linear(8, 4)
+    opt = SINGD(model, lr=0.05, lr_cov=1e37, T=1, structures=structure, block_size=4,
+                fused=fused)
+    x, y = 1e3 * torch.randn(16, 8), torch.randint(0, 4, (16,))
+    with pytest.warns(RuntimeWarning, match="the factor update of module '' is not finite"):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    for key in ("K", "C"):
+        for s in opt.factors[""][key]:
+            dense = s.to_dense()
+            assert torch.equal(dense, torch.eye(dense.shape[0], dtype=dense.dtype))
+
+
 def test_grad_scaler_matches_unscaled_run():
     """A power-of-two loss scale is undone exactly (gradients by scaler.step, captured output
     gradients by the optimizer), so the trajectory equals the unscaled one."""

@@ -1,24 +1,14 @@
-// Shared by the C++ tests of block_eigh (CPU and CUDA): pass/fail counters, a seeded generator
-// and the block corpus (no torch, no test framework).
+// Shared by the C++ tests of block_eigh (CPU and CUDA): the expectation helper and the block
+// corpus (no torch, no test framework).
 #pragma once
 
 #include <cstdint>
 #include <cstdio>
 #include <vector>
 
+#include "test_support.h"
+
 namespace {
-
-int g_passed = 0;
-int g_failed = 0;
-
-struct Rng {
-  uint64_t s;
-  explicit Rng(uint64_t seed) : s(seed * 6364136223846793005ULL + 1442695040888963407ULL) {}
-  double uniform() {  // in [-1, 1)
-    s = s * 6364136223846793005ULL + 1442695040888963407ULL;
-    return static_cast<double>(s >> 11) * (2.0 / 9007199254740992.0) - 1.0;
-  }
-};
 
 void expect(bool ok, const char* what, int64_t n, const char* type, double value) {
   if (ok) {

@@ -84,6 +84,5 @@ int main() {
     run<float>(n, 1e-5, "float");
     run<double>(n, 1e-10, "double");
   }
-  std::printf("%d passed, %d failed\n", g_passed, g_failed);
-  return g_failed == 0 ? 0 : 1;
+  return finish();
 }

@@ -26,6 +26,7 @@
 #endif
 
 #include "patch_covariance.h"
+#include "test_support.h"
 #include "symmetric_factor_update.h"  // cpu::set_isa / cpu::isa
 
 namespace {
@@ -33,18 +34,7 @@ namespace {
 using kfac_kernels::InputType;
 using kfac_kernels::PatchCovarianceParams;
 
-int g_passed = 0;
-int g_failed = 0;
 bool g_verbose = false;
-
-struct Rng {
-  uint64_t s;
-  explicit Rng(uint64_t seed) : s(seed * 6364136223846793005ULL + 1442695040888963407ULL) {}
-  double uniform() {  // in [-1, 1)
-    s = s * 6364136223846793005ULL + 1442695040888963407ULL;
-    return static_cast<double>(s >> 11) * (2.0 / 9007199254740992.0) - 1.0;
-  }
-};
 
 uint32_t float_bits(float f) {
   uint32_t u;
@@ -409,6 +399,5 @@ int main() {
     run_all(isa);
   }
   kfac_kernels::cpu::set_isa("auto");
-  std::printf("%d passed, %d failed\n", g_passed, g_failed);
-  return g_failed == 0 ? 0 : 1;
+  return finish();
 }

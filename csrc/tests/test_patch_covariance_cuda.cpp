@@ -21,14 +21,12 @@
 #include <vector>
 
 #include "patch_covariance.h"
+#include "test_support.h"
 
 namespace {
 
 using kfac_kernels::InputType;
 using kfac_kernels::PatchCovarianceParams;
-
-int g_passed = 0;
-int g_failed = 0;
 
 #define CUDA_OK(expr)                                                                   \
   do {                                                                                  \
@@ -40,23 +38,15 @@ int g_failed = 0;
     }                                                                                   \
   } while (0)
 
-struct Rng {
-  uint64_t s;
-  explicit Rng(uint64_t seed) : s(seed * 6364136223846793005ULL + 1442695040888963407ULL) {}
-  double uniform() {  // in [-1, 1)
-    s = s * 6364136223846793005ULL + 1442695040888963407ULL;
-    return static_cast<double>(s >> 11) * (2.0 / 9007199254740992.0) - 1.0;
-  }
-  // k / 64 with |k| <= 128: exact in float16 and bfloat16 alike
-  double grid() { return std::round(uniform() * 128.0) / 64.0; }
-};
+// k / 64 with |k| <= 128: exact in float16 and bfloat16 alike
+double grid(Rng& rng) { return std::round(rng.uniform() * 128.0) / 64.0; }
 
 uint32_t float_bits(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);
   return u;
 }
-// float -> bfloat16 / float16 bits for values of Rng::grid() (exact in both).
+// float -> bfloat16 / float16 bits for values of grid() (exact in both).
 uint16_t to_bf16(float f) { return static_cast<uint16_t>(float_bits(f) >> 16); }
 uint16_t to_half(float f) {
   const uint32_t u = float_bits(f);
@@ -158,7 +148,7 @@ void run_case(const Shape& s, InputType type, bool reduce, bool bias, int layout
       for (int64_t h = 0; h < s.h; ++h)
         for (int64_t w = 0; w < s.w; ++w)
           store(&x[static_cast<size_t>(n * sn + c * sc + h * sh + w * sw) * es], type,
-                rng.grid() + (c % 3 == 0 ? 0.5 : 0.0));
+                grid(rng) + (c % 3 == 0 ? 0.5 : 0.0));
   std::vector<A> f;
   const int64_t fsb = D * D + 2, fsr = 1, fsc = D;  // column-major, gaps between segments
   if (factor_kind > 0) {
@@ -285,6 +275,5 @@ int main() {
   uint64_t seed = 1;
   for (const Shape& s : small) run_shape(s, seed, true);
   for (const Shape& s : large) run_shape(s, seed, false);
-  std::printf("%d passed, %d failed\n", g_passed, g_failed);
-  return g_failed == 0 ? 0 : 1;
+  return finish();
 }

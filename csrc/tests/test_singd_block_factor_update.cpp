@@ -10,11 +10,9 @@
 #include <vector>
 
 #include "singd_block_factor_update.h"
+#include "test_support.h"
 
 namespace {
-
-int g_passed = 0;
-int g_failed = 0;
 
 double uniform(uint64_t& s) {  // in [0, 1)
   s = s * 6364136223846793005ULL + 1442695040888963407ULL;
@@ -150,6 +148,5 @@ int main() {
     run_case<float>(mk.first, mk.second, 7);
     run_case<double>(mk.first, mk.second, 11);
   }
-  std::printf("%d passed, %d failed\n", g_passed, g_failed);
-  return g_failed == 0 ? 0 : 1;
+  return finish();
 }

@@ -10,11 +10,9 @@
 #include <vector>
 
 #include "singd_block_step.h"
+#include "test_support.h"
 
 namespace {
-
-int g_passed = 0;
-int g_failed = 0;
 
 double uniform(uint64_t& s) {  // in [-0.5, 0.5)
   s = s * 6364136223846793005ULL + 1442695040888963407ULL;
@@ -192,6 +190,5 @@ int main() {
       run_case<float, true>(bias, false, 17, s[0], s[1], s[2], s[3]);
     }
   }
-  std::printf("%d passed, %d failed\n", g_passed, g_failed);
-  return g_failed == 0 ? 0 : 1;
+  return finish();
 }

@@ -9,23 +9,12 @@
 #include <vector>
 
 #include "singd_diagonal_step.h"
+#include "test_support.h"
 
 namespace {
 
 using kfac_kernels::SingdDiagonalStepParams;
 using kfac_kernels::StepParamType;
-
-int g_passed = 0;
-int g_failed = 0;
-
-struct Rng {
-  uint64_t s;
-  explicit Rng(uint64_t seed) : s(seed * 6364136223846793005ULL + 1442695040888963407ULL) {}
-  double uniform() {  // in [-1, 1)
-    s = s * 6364136223846793005ULL + 1442695040888963407ULL;
-    return static_cast<double>(s >> 11) * (2.0 / 9007199254740992.0) - 1.0;
-  }
-};
 
 float bf16_to_float(uint16_t b) {
   uint32_t u = static_cast<uint32_t>(b) << 16;
@@ -150,6 +139,5 @@ int main() {
       }
     }
   }
-  std::printf("%d passed, %d failed\n", g_passed, g_failed);
-  return g_failed == 0 ? 0 : 1;
+  return finish();
 }

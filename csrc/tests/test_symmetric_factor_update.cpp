@@ -11,22 +11,11 @@
 #include <vector>
 
 #include "symmetric_factor_update.h"
+#include "test_support.h"
 
 namespace {
 
 using kfac_kernels::SymmetricFactorUpdateParams;
-
-int g_passed = 0;
-int g_failed = 0;
-
-struct Rng {
-  uint64_t s;
-  explicit Rng(uint64_t seed) : s(seed * 6364136223846793005ULL + 1442695040888963407ULL) {}
-  double uniform() {  // in [-1, 1)
-    s = s * 6364136223846793005ULL + 1442695040888963407ULL;
-    return static_cast<double>(s >> 11) * (2.0 / 9007199254740992.0) - 1.0;
-  }
-};
 
 enum class Layout { kRowMajor, kColMajor, kPadded, kStrided };
 
@@ -181,6 +170,5 @@ int main() {
     run_all<double>(isa);
   }
   kfac_kernels::cpu::set_isa("auto");
-  std::printf("%d passed, %d failed\n", g_passed, g_failed);
-  return g_failed == 0 ? 0 : 1;
+  return finish();
 }

@@ -19,11 +19,10 @@ in place on ``k``, ``c`` (and ``m_k``, ``m_c``): one call for every layer of the
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .._backend import native_has_op, resolve_backend
+from ._checks import check_bool, check_finite_floats
 
 _OP = "singd_block_factor_update"
 
@@ -107,12 +106,8 @@ def _check(k, c, m_k, m_c, u, g, k_dims, c_dims, k_layer_offsets, c_layer_offset
             raise ValueError(f"{_OP}: {name} must be a contiguous {k.dtype} tensor of shape "
                              f"{tuple(ref.shape)} on {k.device}, got shape {tuple(t.shape)}, "
                              f"{t.dtype} on {t.device}")
-    for name, value in (("damping", damping), ("alpha1", alpha1), ("lr_cov", lr_cov)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
-                value):
-            raise ValueError(f"{_OP}: {name} must be a finite float, got {value!r}")
-    if not isinstance(kfac_like, bool):
-        raise TypeError(f"{_OP}: kfac_like must be a bool, got {type(kfac_like).__name__}")
+    check_finite_floats(_OP, damping=damping, alpha1=alpha1, lr_cov=lr_cov)
+    check_bool(_OP, "kfac_like", kfac_like)
 
 
 def singd_block_factor_update(k: torch.Tensor, c: torch.Tensor, m_k: torch.Tensor | None,

@@ -22,11 +22,10 @@ evaluated in fp32 and the parameters are rounded once.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .._backend import native_has_op, resolve_backend
+from ._checks import check_bool, check_finite_floats
 from .singd_diagonal_step import accumulation_dtype
 
 _OP = "singd_block_step"
@@ -102,12 +101,8 @@ def _check(weight, weight_grad, bias, bias_grad, c, c_dims, k, k_dims, weight_bu
         if t.device != weight.device:
             raise ValueError(f"{_OP}: all tensors must be on {weight.device}, got {name} on "
                              f"{t.device}")
-    for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
-                value):
-            raise ValueError(f"{_OP}: {name} must be a finite float, got {value!r}")
-    if not isinstance(first, bool):
-        raise TypeError(f"{_OP}: first must be a bool, got {type(first).__name__}")
+    check_finite_floats(_OP, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    check_bool(_OP, "first", first)
 
 
 def singd_block_step(weight: torch.Tensor, weight_grad: torch.Tensor, bias: torch.Tensor | None,

@@ -17,11 +17,10 @@ instead of about ten small ops per factor per layer.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .._backend import native_has_op, resolve_backend
+from ._checks import check_bool, check_finite_floats
 
 _OP = "singd_diagonal_factor_update"
 
@@ -80,12 +79,8 @@ def _check(k, c, m_k, m_c, u, g, k_offsets, c_offsets, damping, alpha1, lr_cov, 
     _offsets("c_offsets", c_offsets, c.numel())
     if len(k_offsets) != len(c_offsets):
         raise ValueError(f"{_OP}: k_offsets and c_offsets must have the same length (layers + 1)")
-    for name, value in (("damping", damping), ("alpha1", alpha1), ("lr_cov", lr_cov)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
-                value):
-            raise ValueError(f"{_OP}: {name} must be a finite float, got {value!r}")
-    if not isinstance(kfac_like, bool):
-        raise TypeError(f"{_OP}: kfac_like must be a bool, got {type(kfac_like).__name__}")
+    check_finite_floats(_OP, damping=damping, alpha1=alpha1, lr_cov=lr_cov)
+    check_bool(_OP, "kfac_like", kfac_like)
 
 
 def singd_diagonal_factor_update(k: torch.Tensor, c: torch.Tensor, m_k: torch.Tensor | None,

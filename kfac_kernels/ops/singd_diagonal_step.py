@@ -16,11 +16,10 @@ and ``P`` is rounded once.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .._backend import native_has_op, resolve_backend
+from ._checks import check_bool, check_finite_floats
 
 _OP = "singd_diagonal_step"
 _PARAM_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
@@ -68,12 +67,8 @@ def _check(param, grad, c, k, buf, lr, momentum, weight_decay, first) -> None:
         if t.device != param.device:
             raise ValueError(f"{_OP}: all tensors must be on {param.device}, got one on "
                              f"{t.device}")
-    for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
-                value):
-            raise ValueError(f"{_OP}: {name} must be a finite float, got {value!r}")
-    if not isinstance(first, bool):
-        raise TypeError(f"{_OP}: first must be a bool, got {type(first).__name__}")
+    check_finite_floats(_OP, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    check_bool(_OP, "first", first)
 
 
 def singd_diagonal_step(param: torch.Tensor, grad: torch.Tensor, c: torch.Tensor,

@@ -64,16 +64,9 @@ class FusedSteps:
             if momentum:
                 new.update({"m_K": (m_k, k_off), "m_C": (m_c, c_off)})
             for i, (name, gi, _, _) in enumerate(segs):
-                vals = {key: vec[off[i]:off[i + 1]] for key, (vec, off) in new.items()}
-                if not all(bool(torch.isfinite(v).all()) for v in vals.values()):
-                    self._warn_once(f"nonfinite-factor:{name}", (
-                        f"SINGD: the factor update of module {name!r} is not finite (lr_cov too "
-                        "large for its curvature?); keeping its previous factors"))
-                    continue
-                dk, dc, _ = self._dtypes(name)
-                for key, v in vals.items():
-                    dt = dk if key.endswith("K") else dc
-                    self.factors[name][key][gi] = Diagonal(v.numel(), (v.to(dt, copy=True),))
+                self._store_factor_update(name, gi, {
+                    key: Diagonal(off[i + 1] - off[i], (vec[off[i]:off[i + 1]].clone(),))
+                    for key, (vec, off) in new.items()})
 
     def _update_block_factors_fused(self, names: list[str]) -> None:
         """Step 1 of Fig. 4 for block-diagonal K and C of every layer (and group) in one call
@@ -113,7 +106,6 @@ class FusedSteps:
                                       self.lr_cov, self.kfac_like, backend=self.backend)
             keys = ("K", "C", "m_K", "m_C") if momentum else ("K", "C")
             for i, (name, gi, _, _) in enumerate(segs):
-                dk, dc, _ = self._dtypes(name)
                 new = {}
                 for key in keys:
                     side = key[-1]
@@ -125,13 +117,7 @@ class FusedSteps:
                     new[key] = BlockDiagonal(ref.dim, (block[:q].clone(),
                                                        block[q, :r, :r].clone() if r else
                                                        ref.data[1].to(compute)), ref.k)
-                if not all(m.all_finite() for m in new.values()):
-                    self._warn_once(f"nonfinite-factor:{name}", (
-                        f"SINGD: the factor update of module {name!r} is not finite (lr_cov too "
-                        "large for its curvature?); keeping its previous factors"))
-                    continue
-                for key, m in new.items():
-                    self.factors[name][key][gi] = m.to(dk if key.endswith("K") else dc)
+                self._store_factor_update(name, gi, new)
 
     def _fusable(self, name: str) -> bool:
         if not self.fused or not (all(c is Diagonal for c in self.structure_classes)

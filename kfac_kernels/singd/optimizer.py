@@ -389,7 +389,7 @@ class SINGD(FusedSteps, torch.optim.Optimizer):
         stats = self._batch_statistics(name)
         if stats is None:
             return
-        dk, dc, compute = self._dtypes(name)
+        compute = self._dtypes(name)[2]
         for gi in range(len(state["K"])):
             u, g = stats[gi]
             old = {key: state[key][gi].to(compute) for key in state}
@@ -397,13 +397,21 @@ class SINGD(FusedSteps, torch.optim.Optimizer):
                                 alpha1=self.alpha1, lr_cov=self.lr_cov,
                                 kfac_like=self.kfac_like, m_K=old.get("m_K"),
                                 m_C=old.get("m_C"), normalize_lr_cov=self.normalize_lr_cov)
-            if not all(s.all_finite() for s in new.values()):
-                self._warn_once(f"nonfinite-factor:{name}", (
-                    f"SINGD: the factor update of module {name!r} is not finite (lr_cov too "
-                    "large for its curvature?); keeping its previous factors"))
+            if not self._store_factor_update(name, gi, new):
                 return
-            for key, s in new.items():
-                state[key][gi] = s.to(dk if key.endswith("K") else dc)
+
+    def _store_factor_update(self, name: str, gi: int, new: dict) -> bool:
+        """Store group ``gi``'s updated ``K``, ``C`` (and momenta) of layer ``name`` in their
+        storage dtypes; a non-finite update is not stored (one warning) and gives ``False``."""
+        if not all(s.all_finite() for s in new.values()):
+            self._warn_once(f"nonfinite-factor:{name}", (
+                f"SINGD: the factor update of module {name!r} is not finite (lr_cov too "
+                "large for its curvature?); keeping its previous factors"))
+            return False
+        dk, dc, _ = self._dtypes(name)
+        for key, s in new.items():
+            self.factors[name][key][gi] = s.to(dk if key.endswith("K") else dc)
+        return True
 
     def _precondition(self, name: str, state, mat: torch.Tensor) -> torch.Tensor:
         """``C C^T M K K^T`` per group, in the compute dtype."""
