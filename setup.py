@@ -32,7 +32,15 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-VERSION = "0.1.0"
+
+
+def _version() -> str:
+    """The one source of the version: ``__version__`` in ``kfac_kernels/_version.py``."""
+    text = open(os.path.join(ROOT, "kfac_kernels", "_version.py"), encoding="utf-8").read()
+    return re.search(r'__version__ = "([^"]+)"', text).group(1)
+
+
+VERSION = _version()
 
 
 def _flag(name: str) -> bool:
@@ -164,7 +172,10 @@ setup(
     long_description=_long_description(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=find_packages(include=["kfac_kernels*", "triton_kernels*"]),
+    # The Triton kernels live in the repository's top-level triton_kernels/ folder but install as
+    # kfac_kernels._triton: other distributions already install a top-level "triton_kernels".
+    packages=find_packages(include=["kfac_kernels", "kfac_kernels.*"]) + ["kfac_kernels._triton"],
+    package_dir={"kfac_kernels._triton": "triton_kernels"},
     install_requires=["torch>=2.3", "numpy", "scikit-learn", "tqdm"],
     extras_require={
         "triton": ["triton"],

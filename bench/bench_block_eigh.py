@@ -139,7 +139,7 @@ def check(blocks: torch.Tensor, vals: torch.Tensor, vecs: torch.Tensor, sample: 
 def raw_kernel(backend: str):
     """The backend's Jacobi on one stack, without the op's size hand-off."""
     if backend == "triton":
-        from triton_kernels.block_eigh import block_eigh_triton
+        from kfac_kernels._triton.block_eigh import block_eigh_triton
         return lambda s: block_eigh_triton(s, 30, float(torch.finfo(s.dtype).eps))
     return lambda s: torch.ops.kfac_kernels.block_eigh(s, 30, float(torch.finfo(s.dtype).eps))
 

@@ -4,7 +4,7 @@ from ._backend import BackendUnavailableError, available_backends
 from .curvature import kronecker_factors
 from .graph import graph_rows
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: F401
 
 __all__ = ["BackendUnavailableError", "available_backends", "graph_rows", "kronecker_factors",
            "ops"]

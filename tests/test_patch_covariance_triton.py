@@ -1,4 +1,4 @@
-"""Tests of the Triton patch-covariance kernels (``triton_kernels.patch_covariance``) and, on a GPU,
+"""Tests of the Triton patch-covariance kernels (``kfac_kernels._triton.patch_covariance``) and, on a GPU,
 of the CUDA op ``torch.ops.kfac_kernels.patch_covariance``, against an ``F.unfold`` reference.
 
 The reference is written here from the definition (csrc/include/patch_covariance.h): unfold the
@@ -29,7 +29,7 @@ if not (INTERPRETED or HAS_CUDA):
                 "set before triton is imported; neither is available",
                 allow_module_level=True)
 
-from triton_kernels.patch_covariance import patch_covariance_triton  # noqa: E402
+from kfac_kernels._triton.patch_covariance import patch_covariance_triton  # noqa: E402
 
 interpreter_only = pytest.mark.skipif(
     not INTERPRETED, reason="CPU tensors need TRITON_INTERPRET=1 (set before triton is imported)")

@@ -249,7 +249,7 @@ TRITON_DEVICES = [pytest.param(dev, id=dev.type,
     (16, 16, 1, False), (16, 16, 3, True), (32, 16, 4, False), (64, 32, 2, True),
 ], ids=str)
 def test_triton_tiling(device, dtype, block, block_m, split_m, batched):
-    from triton_kernels.symmetric_factor_update import symmetric_factor_update_triton
+    from kfac_kernels._triton.symmetric_factor_update import symmetric_factor_update_triton
 
     shape = (2, 70, 37) if batched else (70, 37)  # 3 tiles per side at block 16
     factor, x = make_inputs(shape, dtype, device, x_layout="strided", seed=5)
@@ -260,8 +260,10 @@ def test_triton_tiling(device, dtype, block, block_m, split_m, batched):
 
 
 def test_triton_package_is_lazy():
-    """Importing ``triton_kernels`` does not import triton (it may be absent)."""
-    code = "import sys, triton_kernels; assert 'triton' not in sys.modules, 'triton imported'"
+    """Without Triton installed, ``kfac_kernels`` and ``kfac_kernels._triton`` import (torch
+    itself imports triton when it is present, so its absence is simulated)."""
+    code = ("import sys; sys.modules['triton'] = None; import kfac_kernels, kfac_kernels._triton; "
+            "print(kfac_kernels.available_backends('cpu'))")
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (root, os.environ.get("PYTHONPATH")) if p)}

@@ -1,11 +1,13 @@
-"""Triton kernels and their launchers for ``kfac_kernels``.
+"""Triton kernels and their launchers for ``kfac_kernels``, installed as ``kfac_kernels._triton``
+(the repository keeps them in its top-level ``triton_kernels/`` folder; no top-level
+``triton_kernels`` module is installed: other distributions use that name).
 
 Pure functions of tensors, one module per operation; no optimizer logic lives here. The kernels
 run on CUDA tensors, and on CPU tensors under the Triton interpreter (set ``TRITON_INTERPRET=1``
 before ``triton`` is first imported).
 
 Importing this package does not import ``triton``: the submodules are loaded on first use
-(``triton_kernels.symmetric_factor_update`` or the attribute of the same name), so a machine
+(``kfac_kernels._triton.symmetric_factor_update`` or the attribute of the same name), so a machine
 without Triton can import the package and only fails, with Triton's own ``ImportError``, when a
 kernel is actually requested.
 """

@@ -39,7 +39,7 @@ Reduce
 ------
 A first kernel writes the mean patches ``abar`` into an ``(N, S, D)`` buffer (the bias coordinate
 set to 1): one program per ``(n, s)`` and block of columns sums the patches over the output grid
-in ``BLOCK_P`` chunks. ``alpha * X^T X`` is then :func:`triton_kernels.symmetric_factor_update`
+in ``BLOCK_P`` chunks. ``alpha * X^T X`` is then :func:`kfac_kernels._triton.symmetric_factor_update`
 on the buffer viewed as ``(S, N, D)``, and ``decay * factor`` is added entry by entry.
 
 ``decay`` and ``alpha`` are fp64 kernel arguments on a GPU; the interpreter narrows float

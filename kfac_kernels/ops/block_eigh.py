@@ -233,7 +233,7 @@ def _solve_bucket(stack: torch.Tensor, backend: str, max_sweeps: int, tol: float
     eps = torch.finfo(stack.dtype).eps
     tol_value = float(eps if tol is None else tol)
     if backend == "triton":
-        from triton_kernels.block_eigh import block_eigh_triton
+        from kfac_kernels._triton.block_eigh import block_eigh_triton
         vals, vecs, sweeps = block_eigh_triton(stack, max_sweeps, tol_value)
         if damping is None:
             return vals, vecs, sweeps

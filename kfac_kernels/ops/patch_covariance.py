@@ -205,7 +205,7 @@ def patch_gram(x4: torch.Tensor, geom: ConvGeometry, seg: Segments, reduce: bool
             [geom.pad[0], geom.pad[2]], list(geom.out_size), seg.count, seg.start, seg.step,
             seg.channels, reduce, seg.bias, factor, float(decay), float(alpha))
     if backend == "triton":
-        from triton_kernels.patch_covariance import patch_covariance_triton
+        from kfac_kernels._triton.patch_covariance import patch_covariance_triton
         return patch_covariance_triton(*args)
     return torch.ops.kfac_kernels.patch_covariance(*args)
 

@@ -136,7 +136,7 @@ def singd_block_factor_update(k: torch.Tensor, c: torch.Tensor, m_k: torch.Tenso
         singd_block_factor_update_eager(*args)
         return
     if chosen == "triton":
-        from triton_kernels.singd_block_factor_update import singd_block_factor_update_triton
+        from kfac_kernels._triton.singd_block_factor_update import singd_block_factor_update_triton
         singd_block_factor_update_triton(*args)
         return
     torch.ops.kfac_kernels.singd_block_factor_update(*args)

@@ -140,7 +140,7 @@ def singd_block_step(weight: torch.Tensor, weight_grad: torch.Tensor, bias: torc
     args[3] = bias_grad.contiguous() if bias_grad is not None else None
     args[4], args[6] = c.contiguous(), k.contiguous()
     if chosen == "triton":
-        from triton_kernels.singd_block_step import singd_block_step_triton
+        from kfac_kernels._triton.singd_block_step import singd_block_step_triton
         singd_block_step_triton(*args)
         return
     torch.ops.kfac_kernels.singd_block_step(*args)

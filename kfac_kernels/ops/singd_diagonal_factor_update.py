@@ -107,7 +107,7 @@ def singd_diagonal_factor_update(k: torch.Tensor, c: torch.Tensor, m_k: torch.Te
                                            alpha1, lr_cov, kfac_like)
         return
     if chosen == "triton":
-        from triton_kernels.singd_diagonal_factor_update import (
+        from kfac_kernels._triton.singd_diagonal_factor_update import (
             singd_diagonal_factor_update_triton)
         singd_diagonal_factor_update_triton(k, c, m_k, m_c, u, g, k_offsets, c_offsets, damping,
                                             alpha1, lr_cov, kfac_like)

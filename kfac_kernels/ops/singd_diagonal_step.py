@@ -98,7 +98,7 @@ def singd_diagonal_step(param: torch.Tensor, grad: torch.Tensor, c: torch.Tensor
         grad = grad.contiguous()
     c, k = c.contiguous(), k.contiguous()
     if chosen == "triton":
-        from triton_kernels.singd_diagonal_step import singd_diagonal_step_triton
+        from kfac_kernels._triton.singd_diagonal_step import singd_diagonal_step_triton
         singd_diagonal_step_triton(param, grad, c, k, buf, lr, momentum, weight_decay, first)
         return
     torch.ops.kfac_kernels.singd_diagonal_step(param, grad, c, k, buf, lr, momentum,

@@ -84,7 +84,7 @@ def symmetric_factor_update(factor: torch.Tensor | None, x: torch.Tensor, decay:
     if chosen == "eager":
         return symmetric_factor_update_eager(factor, x, decay, alpha)
     if chosen == "triton":
-        from triton_kernels.symmetric_factor_update import symmetric_factor_update_triton
+        from kfac_kernels._triton.symmetric_factor_update import symmetric_factor_update_triton
         return symmetric_factor_update_triton(factor, x, decay, alpha)
     return torch.ops.kfac_kernels.symmetric_factor_update(factor, x, decay, alpha)
 
