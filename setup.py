@@ -176,14 +176,15 @@ setup(
     # kfac_kernels._triton: other distributions already install a top-level "triton_kernels".
     packages=find_packages(include=["kfac_kernels", "kfac_kernels.*"]) + ["kfac_kernels._triton"],
     package_dir={"kfac_kernels._triton": "triton_kernels"},
-    install_requires=["torch>=2.3", "numpy", "scikit-learn", "tqdm"],
+    install_requires=["torch>=2.3", "numpy"],
     extras_require={
         "triton": ["triton"],
         "test": ["pytest", "hypothesis", "pytest-benchmark"],
-        "plot": ["matplotlib"],
+        # The command-line tools kfac-train / kfac-bench and their tasks (kfac_kernels.apps).
+        "apps": ["scikit-learn", "tqdm", "matplotlib"],
     },
-    entry_points={"console_scripts": ["kfac-train = kfac_kernels.train:main",
-                                      "kfac-bench = kfac_kernels.bench:main"]},
+    entry_points={"console_scripts": ["kfac-train = kfac_kernels.apps.train:main",
+                                      "kfac-bench = kfac_kernels.apps.bench:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

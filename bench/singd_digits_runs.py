@@ -9,7 +9,8 @@ import sys
 
 import torch
 
-from kfac_kernels.train import DEFAULT_LR, SINGD_DEFAULTS, SINGD_OPTIMIZERS, build_parser, run
+from kfac_kernels.apps.defaults import DEFAULT_LR, SINGD_DEFAULTS, SINGD_OPTIMIZERS
+from kfac_kernels.apps.train import build_parser, run
 
 
 def one(opt, dtype, steps):

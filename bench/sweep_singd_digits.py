@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from kfac_kernels.train import build_parser, run
+from kfac_kernels.apps.train import build_parser, run
 
 OPTIMIZERS = ("singd-diagonal", "singd-block-diagonal", "ingd", "ikfac")
 LRS = (0.02, 0.05, 0.1)

@@ -24,8 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kfac_kernels.train import DEFAULT_LR, main as train_main  # noqa: E402
-from kfac_kernels.workloads import WORKLOADS  # noqa: E402
+from kfac_kernels.apps.defaults import DEFAULT_LR  # noqa: E402
+from kfac_kernels.apps.train import main as train_main  # noqa: E402
+from kfac_kernels.apps.workloads import WORKLOADS  # noqa: E402
 
 OPTIMIZERS = ("sgd", "adamw", "kfac", "bdkfac", "singd-diagonal")
 DAMPINGS = {"kfac": (0.1, 0.3), "bdkfac": (0.1, 0.3)}

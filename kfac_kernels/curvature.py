@@ -1,152 +1,21 @@
 """Kronecker factors of a model's curvature, usable on their own (e.g. Laplace approximations)."""
 from __future__ import annotations
 
-import fnmatch
-import warnings
 from typing import Iterable
 
 import torch
 from torch import nn
 
 from ._backend import BACKENDS
-from .capture import KFAC_APPROXES, LOSS_AVERAGES, CurvatureCapture
-from .layers import LayerAdapter, make_adapter
+from .blocks import KroneckerBlock
+from .capture import KFAC_APPROXES, LOSS_AVERAGES, Capture, default_factor_dtype
+from .layers import SUPPORTED_NAMES, find_adapters, validate_skip_modules
 from .losses import check_loss_fn, loss_coefficient, mc_grad_output, type2_grad_outputs
 
 FISHER_TYPES = ("empirical", "mc", "type-2")
 
 
-def _skipped(name: str, module: nn.Module, skip_modules) -> bool:
-    for entry in skip_modules:
-        if isinstance(entry, str) and fnmatch.fnmatchcase(name, entry):
-            return True
-        if isinstance(entry, type) and isinstance(module, entry):
-            return True
-    return False
-
-
-def validate_skip_modules(model: nn.Module, skip_modules, who: str) -> tuple:
-    if isinstance(skip_modules, (str, type)):
-        skip_modules = (skip_modules,)
-    try:
-        skip_modules = tuple(skip_modules)
-    except TypeError:
-        raise TypeError(f"{who}: skip_modules must be an iterable of module names (str, "
-                        f"fnmatch patterns allowed) or nn.Module types, got "
-                        f"{type(skip_modules).__name__}") from None
-    names = [name for name, _ in model.named_modules()]
-    for entry in skip_modules:
-        if isinstance(entry, type) and issubclass(entry, nn.Module):
-            continue
-        if not isinstance(entry, str):
-            raise TypeError(f"{who}: skip_modules entries must be module names (str) or "
-                            f"nn.Module types, got {entry!r}")
-        if not any(fnmatch.fnmatchcase(n, entry) for n in names):
-            raise ValueError(f"{who}: skip_modules names {entry!r}, which matches no module of "
-                             "the model")
-    return skip_modules
-
-
-def _transformer_adapters(name: str, module: nn.Module, skip_modules, who: str):
-    """Adapters of an ``nn.Embedding`` or ``nn.MultiheadAttention`` (``None`` for other
-    types): a list of ``(name, adapter)``."""
-    from .transformer_layers import (AttentionInProjAdapter, AttentionOutProjAdapter,
-                                     EmbeddingAdapter, unsupported_attention_reason)
-    if isinstance(module, nn.Embedding):
-        if module.sparse:
-            raise ValueError(f"{who}: module {name!r} is an nn.Embedding with sparse=True; "
-                             "its sparse gradients cannot be preconditioned: use sparse=False "
-                             f"or skip_modules=[{name!r}]")
-        return [(name, EmbeddingAdapter(name, module))]
-    if isinstance(module, nn.MultiheadAttention):
-        reason = unsupported_attention_reason(module)
-        if reason is not None:
-            raise ValueError(
-                f"{who}: module {name!r} (nn.MultiheadAttention) is not supported: {reason}. "
-                f"Pass skip_modules=[{name!r}, {name + '.out_proj'!r}] or build the attention "
-                "from nn.Linear projections")
-        out = [(name, AttentionInProjAdapter(name, module))]
-        out_name = f"{name}.out_proj" if name else "out_proj"
-        if not _skipped(out_name, module.out_proj, skip_modules):
-            out.append((out_name, AttentionOutProjAdapter(out_name, module.out_proj, module)))
-        return out
-    return None
-
-
-def _tie(adapters: dict, kfac_approx: str | None, who: str) -> dict:
-    """Replace an ``nn.Embedding`` and an ``nn.Linear`` that share their weight Parameter by
-    one :class:`~kfac_kernels.transformer_layers.TiedEmbeddingAdapter` (named after the
-    Linear); any other sharing of a weight between adapted layers is refused."""
-    from .transformer_layers import EmbeddingAdapter, TiedEmbeddingAdapter
-    from .layers import LinearAdapter
-    owners: dict[int, list[str]] = {}
-    for name, adapter in adapters.items():
-        owners.setdefault(id(adapter.weight), []).append(name)
-    for names in owners.values():
-        if len(names) == 1:
-            continue
-        kinds = {type(adapters[n]) for n in names}
-        if len(names) != 2 or kinds != {EmbeddingAdapter, LinearAdapter}:
-            raise ValueError(f"{who}: modules {names} share one weight Parameter; only an "
-                             "nn.Embedding tied to an output nn.Linear is supported: pass "
-                             "skip_modules=[...] for the others")
-        emb_name = next(n for n in names if isinstance(adapters[n], EmbeddingAdapter))
-        head_name = next(n for n in names if n != emb_name)
-        if kfac_approx == "reduce":
-            raise ValueError(f"{who}: the weight tied between {emb_name!r} and {head_name!r} "
-                             "needs kfac_approx='expand' (seed 003 App. A.1 defines it for "
-                             "sequence outputs)")
-        emb, head = adapters.pop(emb_name), adapters.pop(head_name)
-        adapters[head_name] = TiedEmbeddingAdapter(head_name, emb.module, head_name,
-                                                   head.module)
-    return adapters
-
-
-def find_adapters(model: nn.Module, skip_modules: Iterable = (), who: str = "kfac_kernels",
-                  warn: bool = True, kfac_approx: str | None = None) -> dict[str, LayerAdapter]:
-    """Adapters for every supported module with a trainable weight, by qualified name.
-
-    Modules that own trainable parameters but have no adapter are listed in one warning (their
-    gradients are left as they are); ``skip_modules`` silences it for the modules it names.
-    An ``nn.MultiheadAttention`` named ``name`` gives the adapters ``name`` (its packed
-    ``in_proj``) and ``name.out_proj``; an ``nn.Embedding`` whose weight is the weight of an
-    ``nn.Linear`` gives one tied adapter named after the Linear.
-    """
-    adapters: dict[str, LayerAdapter] = {}
-    unsupported = []
-    handled: set[int] = set()
-    for name, module in model.named_modules():
-        if _skipped(name, module, skip_modules) or id(module) in handled:
-            continue
-        found = _transformer_adapters(name, module, skip_modules, who)
-        if found is None:
-            adapter = make_adapter(name, module)
-            found = [(name, adapter)] if adapter is not None else None
-        if found is not None:
-            for key, adapter in found:
-                handled.add(id(adapter.module))
-                if adapter.trainable:
-                    adapters[key] = adapter
-            if isinstance(module, nn.MultiheadAttention):
-                handled.add(id(module.out_proj))
-                extra = [n for n in ("bias_k", "bias_v") if getattr(module, n) is not None
-                         and getattr(module, n).requires_grad]
-                if extra:
-                    unsupported.append(f"{name}.{'/'.join(extra)} (nn.MultiheadAttention)")
-            continue
-        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
-        if own:
-            unsupported.append(f"{name or '<root>'} ({type(module).__name__})")
-    if unsupported and warn:
-        warnings.warn(
-            f"{who}: no Kronecker-factored curvature for modules "
-            f"{', '.join(unsupported)}; their gradients are used unchanged. Pass "
-            "skip_modules=[...] with their names or types to silence this warning.",
-            stacklevel=3)
-    return _tie(adapters, kfac_approx, who)
-
-
-def curvature_backward(capture: CurvatureCapture, loss_fn, outputs: torch.Tensor,
+def curvature_backward(capture: Capture, loss_fn, outputs: torch.Tensor,
                        targets: torch.Tensor, fisher_type: str, mc_samples: int,
                        generator: torch.Generator | None, params: list[torch.Tensor]) -> None:
     """Run the backward passes that feed the output-gradient factors (graph is retained).
@@ -158,10 +27,9 @@ def curvature_backward(capture: CurvatureCapture, loss_fn, outputs: torch.Tensor
         torch.autograd.grad(outputs, params, grad_outputs=grad_outputs, retain_graph=True,
                             allow_unused=True)
 
-    previous = (capture.capture_inputs, capture.capture_grads, capture.grad_multiplier,
-                capture.loss_scale)
+    previous = (capture.inputs_on, capture.grads_on, capture.grad_multiplier, capture.loss_scale)
     # These vectors are not multiplied by a GradScaler's scale, so none is divided out.
-    capture.capture_inputs, capture.capture_grads, capture.loss_scale = False, True, None
+    capture.inputs_on, capture.grads_on, capture.loss_scale = False, True, None
     try:
         if fisher_type == "empirical":
             loss = loss_fn(outputs, targets)
@@ -177,8 +45,7 @@ def curvature_backward(capture: CurvatureCapture, loss_fn, outputs: torch.Tensor
             for _ in range(mc_samples):
                 backprop(mc_grad_output(loss_fn, outputs, targets, generator))
     finally:
-        (capture.capture_inputs, capture.capture_grads, capture.grad_multiplier,
-         capture.loss_scale) = previous
+        capture.inputs_on, capture.grads_on, capture.grad_multiplier, capture.loss_scale = previous
 
 
 def check_common(who: str, kfac_approx, fisher_type, loss_average, mc_samples, backend,
@@ -241,14 +108,17 @@ def kronecker_factors(model: nn.Module, loss_fn: nn.Module, inputs, targets: tor
     skip_modules = validate_skip_modules(model, skip_modules, who)
     adapters = find_adapters(model, skip_modules, who, kfac_approx=kfac_approx)
     if not adapters:
-        raise ValueError(f"{who}: the model has no supported layers (nn.Linear, nn.Conv1d, "
-                         "nn.Conv2d, nn.Embedding, nn.MultiheadAttention) with trainable "
-                         "weights")
-    capture = CurvatureCapture(adapters, kfac_approx=kfac_approx, loss_average=loss_average,
-                               backend=backend)
+        raise ValueError(f"{who}: the model has no supported layers ({SUPPORTED_NAMES}) with "
+                         "trainable weights")
+    capture = Capture(adapters, loss_average=loss_average, train_only=False)
+    blocks = {name: KroneckerBlock(name, a, approx=kfac_approx,
+                                   dtype=default_factor_dtype(a.weight), backend=backend)
+              for name, a in adapters.items()}
+    for name, block in blocks.items():
+        capture.subscribe(name, block)
     params = [p for a in adapters.values() for p in a.params()]
     with capture, torch.enable_grad():
-        capture.capture_grads = False
+        capture.grads_on = False
         outputs = model(*inputs) if isinstance(inputs, tuple) else model(inputs)
         if not isinstance(outputs, torch.Tensor):
             raise TypeError(f"{who}: the model must return a tensor, got "
@@ -259,16 +129,18 @@ def kronecker_factors(model: nn.Module, loss_fn: nn.Module, inputs, targets: tor
         curvature_backward(capture, loss_fn, outputs, targets, fisher_type, mc_samples,
                            generator, params)
     result = {}
-    for name, adapter in adapters.items():
-        pair = capture.factors(name)
-        if pair is None:  # the module did not take part in this forward/backward
-            continue
+    for name, block in blocks.items():
+        if block.pending is None or not block.pending.complete:
+            continue  # the module did not take part in this forward/backward
+        block.fold_pending(0.0)
+        pair = tuple(value if layout.kind != "diagonal" else torch.diag_embed(value)
+                     for value, layout in zip(block.factors(), (block.a_layout, block.g_layout)))
         for side, factor in zip("AG", pair):
             if not torch.isfinite(factor).all():
                 raise ValueError(
                     f"{who}: the {side} factor of module {name!r} is not finite: the layer's "
                     f"{'inputs' if side == 'A' else 'output gradients'} contain NaN or inf")
-        if adapter.groups == 1:
+        if adapters[name].groups == 1:
             pair = (pair[0][0], pair[1][0])
         result[name] = pair
     return result

@@ -1,4 +1,5 @@
-"""Multi-process K-FAC on torch.distributed (gloo on CPU, NCCL on GPU), KAISA's COMM-OPT layout.
+"""Multi-process training on torch.distributed (gloo on CPU, NCCL on GPU): statistics
+all-reduced, decompositions shared out (KAISA's COMM-OPT and MEM-OPT strategies).
 
 Under DistributedDataParallel every rank sees its own part of the batch and the gradients are
 averaged across ranks, i.e. the loss being optimised is ``L = (1/R) sum_r L_r``. Its Kronecker
@@ -7,15 +8,18 @@ factors are
 * ``A``: the pooled input second moment, ``sum_r a_sum_r / sum_r a_rows_r``;
 * ``G``: the average of the ranks' ``G_r`` (each built for its own ``L_r``).
 
-So each factor-update step all-reduces (sums) every layer's unnormalised ``a_sum``, row count and
-``g_sum``: only the upper triangles, packed into flat buckets of at most ``bucket_bytes`` (one
-collective per bucket instead of one per tensor), then mirrored. With equal per-rank batches this
-gives exactly the factors of one process on the concatenated batch.
+So each factor-update step all-reduces (sums) every layer's unnormalised input sums and row
+counts, and its output-gradient sums weighted by ``1/world`` when captured
+(:func:`allreduce_pending`): only the upper triangles, packed into flat buckets of at most
+``bucket_bytes`` (one collective per bucket instead of one per tensor), then mirrored. With equal
+per-rank batches this gives exactly the factors of one process on the concatenated batch.
 
-Decompositions (eigendecompositions, inverses, damped block inverses) are assigned to ranks
-greedily by cost (largest first, to the least loaded rank; cost ``sum n^3`` over a layer's
-matrices) and every rank broadcasts the preconditioners it computed in one flat buffer, so all
-ranks precondition with bit-identical tensors and the replicas stay in sync.
+Decompositions (eigendecompositions, damped inverses) are assigned to ranks greedily by cost
+(largest first, to the least loaded rank; cost ``sum n^3`` over a layer's matrices). With
+:class:`CommOpt` every rank broadcasts the preconditioners it computed in one flat buffer, so
+all ranks precondition with bit-identical tensors and the replicas stay in sync; with
+:class:`MemOpt` each rank keeps its own layers' and the preconditioned gradients are
+all-reduced.
 """
 from __future__ import annotations
 
@@ -123,58 +127,131 @@ def allreduce_flat(tensors: list[torch.Tensor], process_group=None) -> None:
             at += t.numel()
 
 
-def allreduce_capture(capture, names: list[str], template, process_group=None) -> None:
-    """All-reduce a :class:`~kfac_kernels.capture.CurvatureCapture`'s per-layer sums in place:
-    ``a_sum`` and the row counts summed, ``g_sum`` averaged over the ranks; for a tied
-    embedding/output weight also the token counts summed and the embedding use's gradient part
-    of the feature side averaged (it is scaled like ``G``). ``template(name)`` gives zero
-    tensors shaped like the layer's ``(a_sum, g_sum)`` (a rank that saw no data for a layer
-    sends zeros). Every rank must call it with the same ``names``."""
-    world = dist.get_world_size(process_group)
+def allreduce_pending(blocks: dict, process_group=None) -> None:
+    """Sum every block's statistics of this step over the ranks, in place: the input-side sums
+    and row counts pool all ranks' examples; the output-gradient side was weighted by
+    ``1/world`` when captured (:attr:`kfac_kernels.capture.Capture.world_size`), so its sum is
+    the ranks' average. A rank that saw no data for a layer sends zeros. Every rank must call
+    it with the same blocks. Symmetric statistics travel as one triangle (see
+    :func:`allreduce_symmetric`); diagonals as they are."""
     entries = []
-    for name in names:
-        acc = capture.acc[name]
-        zero_a, zero_g = template(name)
-        a = acc.a_sum if acc.a_sum is not None else zero_a
-        g = acc.g_sum if acc.g_sum is not None else zero_g
-        device = _flatten(zero_a)[0].device
-        counts = torch.tensor([float(acc.a_rows), float(acc.g_sum is not None),
-                               float(acc.a_sum is not None)], dtype=torch.float64, device=device)
-        entries.append((name, a, g, counts, tied_sums(capture, name, zero_a)))
-    flat = [t for _, a, g, c, tied in entries
-            for t in (*_flatten(a), *_flatten(g), c, *tied)]
+    for name in sorted(blocks):
+        block = blocks[name]
+        sums = block._sums()
+        groups = block.groups
+        kw = dict(dtype=sums.dtype, device=block.device)
+        a = sums.a if sums.a is not None else sums.a_layout.zeros(
+            groups, block.adapter.in_features_per_group, **kw)
+        g = sums.g if sums.g is not None else sums.g_layout.zeros(
+            groups, block.adapter.out_features_per_group, **kw)
+        counts = torch.tensor([float(sums.rows), float(sums.g is not None),
+                               float(sums.a is not None)], dtype=torch.float64,
+                              device=block.device)
+        entries.append((sums, a, g, counts))
+    flat = []
+    for sums, a, g, counts in entries:
+        for value, layout in ((a, sums.a_layout), (g, sums.g_layout)):
+            parts = value if isinstance(value, list) else [value]
+            # A diagonal statistic (groups, n) is not a symmetric matrix: flattened views.
+            flat += [t.view(-1) if layout.kind == "diagonal" else t for t in parts]
+        flat.append(counts)
     allreduce_symmetric(flat, process_group)
-    for name, a, g, counts, tied in entries:
-        acc = capture.acc[name]
-        acc.a_rows = int(round(float(counts[0])))
-        acc.a_sum = a if acc.a_rows > 0 and float(counts[2]) > 0 else None
-        acc.g_sum = _scale(g, 1.0 / world) if float(counts[1]) > 0 else None
-        set_tied_sums(acc, tied, world)
+    for sums, a, g, counts in entries:
+        sums.rows = int(round(float(counts[0])))
+        sums.a = a if sums.rows > 0 and float(counts[2]) > 0 else None
+        sums.g = g if float(counts[1]) > 0 else None
 
 
-def tied_sums(capture, name: str, zero_a: torch.Tensor) -> list[torch.Tensor]:
-    """For a tied embedding/output weight, the embedding use's gradient part of the feature
-    side and its token counts (zeros where this rank has none); ``[]`` for other layers."""
-    if not getattr(capture.adapters[name], "tied", False):
-        return []
-    acc = capture.acc[name]
-    vocab = capture.adapters[name].weight.shape[0]
-    return [acc.tied_a_sum if acc.tied_a_sum is not None else torch.zeros_like(zero_a),
-            acc.token_counts if acc.token_counts is not None else zero_a.new_zeros(vocab)]
+STRATEGIES = ("comm-opt", "mem-opt")
 
 
-def set_tied_sums(acc, tied: list[torch.Tensor], world: int) -> None:
-    """Store :func:`tied_sums` after their all-reduce: the gradient part scales like ``G`` and
-    is averaged over the ranks, the token counts are summed."""
-    if tied:
-        acc.tied_a_sum = tied[0] / world if acc.a_rows > 0 else None
-        acc.token_counts = tied[1]
+class CommOpt:
+    """KAISA's COMM-OPT: each due layer is decomposed by one rank (greedy by cost, recomputed
+    for every refresh) and broadcast, so every rank holds and applies every preconditioner."""
+
+    def __init__(self, driver):
+        self.driver = driver
+
+    def _rank_world(self) -> tuple[int, int]:
+        group = self.driver.process_group
+        return dist.get_rank(group), dist.get_world_size(group)
+
+    def _costs(self, names) -> dict[str, float]:
+        return {n: self.driver.blocks[n].decomposition_cost() for n in names}
+
+    def refresh(self, names: list[str]) -> None:
+        d = self.driver
+        if not d.is_distributed:
+            d.decompose(names)
+            return
+        rank, world = self._rank_world()
+        owner = assign_greedily(self._costs(names), world)
+        d.decompose([n for n in names if owner[n] == rank])
+        templates = {n: d.blocks[n].decomposition_template(d.compute_method, d._split)
+                     for n in names}
+        results = {n: d.blocks[n].decomposition for n in names if owner[n] == rank}
+        for name, dec in broadcast_owned(results, templates, owner, d.process_group).items():
+            d.blocks[name].decomposition = dec
+
+    def preconditions(self, name: str) -> bool:
+        """Whether this rank preconditions layer ``name`` (it has its decomposition)."""
+        return self.driver.blocks[name].decomposition is not None
+
+    def share_updates(self, updates: dict, grads: dict) -> dict:
+        return updates
 
 
-def _scale(x, factor: float):
-    if isinstance(x, torch.Tensor):
-        return x * factor
-    return [_scale(t, factor) for t in x]
+class MemOpt(CommOpt):
+    """KAISA's MEM-OPT: each rank keeps only the preconditioners of its own layers (assigned
+    once, greedily by cost), preconditions their gradients, and the preconditioned gradients are
+    all-reduced every step (a layer nobody can precondition yet keeps its gradient)."""
+
+    def __init__(self, driver):
+        super().__init__(driver)
+        self._owners: dict[str, int] | None = None
+
+    def owners(self) -> dict[str, int]:
+        """The rank keeping each layer's preconditioner, fixed for the run (the costs depend on
+        the shapes only)."""
+        if self._owners is None:
+            _, world = self._rank_world()
+            self._owners = assign_greedily(self._costs(sorted(self.driver.blocks)), world)
+        return self._owners
+
+    def refresh(self, names: list[str]) -> None:
+        d = self.driver
+        if not d.is_distributed:
+            return super().refresh(names)
+        rank, _ = self._rank_world()
+        d.decompose([n for n in names if self.owners()[n] == rank])
+
+    def preconditions(self, name: str) -> bool:
+        if not self.driver.is_distributed:
+            return super().preconditions(name)
+        rank, _ = self._rank_world()
+        return self.owners()[name] == rank and super().preconditions(name)
+
+    def share_updates(self, updates: dict, grads: dict) -> dict:
+        """Every rank sends its layers' preconditioned gradients and zeros for the others; the
+        sum is the owner's result (exactly: ``x + 0 = x``)."""
+        d = self.driver
+        if not d.is_distributed:
+            return updates
+        names = sorted(grads)
+        tensors, present = [], []
+        for n in names:
+            dtype = d.blocks[n].dtype
+            mine = n in updates
+            tensors.append(updates[n].to(dtype) if mine
+                           else grads[n].new_zeros(grads[n].shape, dtype=dtype))
+            present.append(1.0 if mine else 0.0)
+        flags = torch.tensor(present, dtype=torch.float64, device=grads[names[0]].device)
+        allreduce_flat(tensors + [flags], d.process_group)
+        return {n: t for n, t, f in zip(names, tensors, flags.tolist()) if f > 0}
+
+
+def make_strategy(name: str, driver) -> CommOpt:
+    return {"comm-opt": CommOpt, "mem-opt": MemOpt}[name](driver)
 
 
 def assign_greedily(costs: dict[str, float], world_size: int) -> dict[str, int]:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from ._skips import SkipCounter
+
 
 class PreconditionedOptimizer(torch.optim.Optimizer):
     """``step()`` = ``preconditioner.step()`` then ``optimizer.step()``.
@@ -11,6 +13,11 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
     schedulers and ``torch.amp.GradScaler`` work on it as on the optimizer itself. KL-clipping
     reads each layer's learning rate from the parameter group holding its weight. ``zero_grad``
     also drops curvature captured for a step that was never taken (e.g. skipped by a GradScaler).
+
+    A step whose gradients are not finite is skipped as a whole: neither the preconditioner nor
+    the wrapped optimizer changes anything (the wrapped optimizer would otherwise write NaN into
+    the weights for good). The first such step is a warning naming it, later ones are counted
+    (with a ``GradScaler``, ``scaler.step(opt)`` skips overflowing steps before this is called).
 
     Example::
 
@@ -28,6 +35,8 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
                             f"preconditioner (e.g. KFAC), got {type(preconditioner).__name__}")
         self.optimizer = optimizer
         self.preconditioner = preconditioner
+        self.skips = SkipCounter("PreconditionedOptimizer")
+        self._step_calls = 0
         self._initialising = True
         super().__init__(optimizer.param_groups, optimizer.defaults)
         self._initialising = False
@@ -44,7 +53,12 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.preconditioner.step(lr=self._lr_of())
+        self._step_calls += 1
+        done = self.preconditioner.step(lr=self._lr_of())
+        if not done and getattr(self.preconditioner, "skip_reason", None) == \
+                "non-finite gradients":
+            self.skips.skipped(self._step_calls)
+            return loss
         self.optimizer.step()
         return loss
 
@@ -61,7 +75,8 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(),
-                "preconditioner": self.preconditioner.state_dict()}
+                "preconditioner": self.preconditioner.state_dict(),
+                "steps": self._step_calls, "skips": self.skips.state_dict()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         for key in ("optimizer", "preconditioner"):
@@ -70,6 +85,8 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
                                f"{key!r} entry")
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self.preconditioner.load_state_dict(state_dict["preconditioner"])
+        self._step_calls = int(state_dict.get("steps", 0))
+        self.skips.load_state_dict(state_dict.get("skips"))
         self.param_groups = self.optimizer.param_groups
         self.state = self.optimizer.state
 

@@ -38,65 +38,40 @@ KL-clipping (Eq. 10), if the wrapped preconditioner has it, is applied to the wh
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 
-from .block_layers import NormAdapter
-from .graph import active_graph_rows
+from .graph import GraphRows
 from .kfac import KFAC
-from .layers import ConvAdapter
-from .ops.gradient_covariance import gradient_rows
-from .ops.patch_covariance import as_4d, conv_geometry, pre_pad
 
 COARSE_METHODS = ("sums", "algorithm1")
 
 
-def _conv_mean_patches(adapter: ConvAdapter, x: torch.Tensor) -> tuple[torch.Tensor, object]:
-    """``(N, C, kh*kw)``: every example's patch averaged over the output positions, from strided
-    slices of the (padded) input -- O(kh kw input) work, no unfolded tensor."""
-    m = adapter.module
-    if x.dim() == adapter.spatial_dims + 1:
-        x = x.unsqueeze(0)
-    geom = conv_geometry(tuple(x.shape[2:]), m.kernel_size, m.stride, m.padding, m.dilation)
-    x, geom = pre_pad(x, geom, m.padding_mode)
-    x4 = as_4d(x)
-    top, bottom, left, right = geom.pad
-    x4 = F.pad(x4, (left, right, top, bottom))
-    (kh, kw), (sh, sw), (dh, dw), (ho, wo) = geom.kernel, geom.stride, geom.dilation, geom.out_size
-    cols = []
-    for u in range(kh):
-        for v in range(kw):
-            sl = x4[:, :, u * dh:u * dh + sh * (ho - 1) + 1:sh, v * dw:v * dw + sw * (wo - 1) + 1:sw]
-            cols.append(sl.mean(dim=(2, 3)))
-    return torch.stack(cols, dim=2)
+class _CoarseCapture:
+    """The capture consumer of one layer: its per-example input and output-gradient vectors
+    (:meth:`~kfac_kernels.layers.LayerAdapter.example_inputs` / ``example_outputs``), paired by
+    forward call."""
 
+    def __init__(self, owner: "TwoLevel", name: str):
+        self.owner, self.name = owner, name
 
-def example_inputs(adapter, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``(groups, N, D_g)``: each example's input vector averaged over weight-sharing positions,
-    bias coordinate (1) last."""
-    if isinstance(adapter, NormAdapter):
-        a = adapter._normalized(x.to(dtype))
-        n = a.shape[0]
-        vec = a.reshape(n, -1).mean(dim=1, keepdim=True)
-        rows = vec[None]
-    elif isinstance(adapter, ConvAdapter):
-        patches = _conv_mean_patches(adapter, x.to(dtype))          # (N, C, k)
-        n, c, k = patches.shape
-        rows = patches.reshape(n, adapter.groups, (c // adapter.groups) * k).transpose(0, 1)
-    else:
-        rows = adapter.input_positions(x.to(dtype)).mean(dim=2)      # (1, N, D)
-    if adapter.bias is not None:
-        rows = torch.cat([rows, rows.new_ones((*rows.shape[:-1], 1))], dim=-1)
-    return rows
+    def _record(self) -> dict:
+        return self.owner._pending.setdefault(self.name, {"a": {}, "g": {}})
 
+    def add_forward(self, adapter, x, context, index) -> None:
+        if isinstance(context, GraphRows):
+            raise ValueError(f"TwoLevel: module {self.name!r} runs inside graph_rows; the "
+                             "coarse space treats rows as examples and does not support "
+                             "graph batches")
+        self._record()["a"][index] = adapter.example_inputs(x, self.owner._dtype(self.name))
 
-def example_gradients(adapter, grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``(groups, N, d_out_g)``: each example's output gradient summed over positions."""
-    if isinstance(adapter, NormAdapter):
-        return adapter._per_example_sums(grad).to(dtype)
-    return gradient_rows(adapter.batched_output(grad), adapter.channel_dim, adapter.groups,
-                         "reduce").to(dtype)
+    def add_backward(self, adapter, grad, context, index, multiplier, group) -> None:
+        g = adapter.example_outputs(grad, self.owner._dtype(self.name))
+        # One entry per backward pass through this output: the user's backward (empirical
+        # Fisher) or each Monte-Carlo / type-2 pass; scaled so that t t^T carries the weight m.
+        self._record()["g"].setdefault(index, []).append(g * math.sqrt(multiplier))
 
 
 class TwoLevel:
@@ -104,13 +79,14 @@ class TwoLevel:
     wrapped preconditioner.
 
     Args:
-        preconditioner: a :class:`kfac_kernels.KFAC` or :class:`kfac_kernels.BDKFAC`, any
-            ``fisher_type``: the coarse statistics read the output gradients of the same
-            backward passes as its G factors (``loss.backward()`` for ``"empirical"``, the
-            sampled or type-2 passes of ``preconditioner.backward(outputs, targets)``
-            otherwise). Its layers are the coarse space's ``L`` layers.
+        preconditioner: a :class:`kfac_kernels.KFAC` (any ``structure``, e.g. a
+            :class:`~kfac_kernels.BDKFAC`), any ``fisher_type``: the coarse statistics read the
+            output gradients of the same backward passes as its G factors (``loss.backward()``
+            for ``"empirical"``, the sampled or type-2 passes of
+            ``preconditioner.backward(outputs, targets)`` otherwise). Its layers are the coarse
+            space's ``L`` layers.
         coarse_damping: ``lambda`` of ``(F_coarse + lambda I)^{-1}`` (default: the
-            preconditioner's damping, as seed 004 App. A does).
+            preconditioner's damping, as Tselepidis et al. (2020), App. A, do).
         coarse_decay: cap of Algorithm 1's decay ``eps_k = min(1 - 1/k, coarse_decay)``.
         coarse_method: ``"sums"`` (per-example scalars) or ``"algorithm1"`` (cross-layer
             covariance matrices, the paper's algorithm).
@@ -153,48 +129,18 @@ class TwoLevel:
         self.updates = 0                   # k of Algorithm 1
         self.stats: dict[str, torch.Tensor] = {}
         self.coarse_inverse: torch.Tensor | None = None
-        self._pending: dict[str, dict[str, list]] = {}
-        self._handles = [preconditioner.adapters[n].module.register_forward_hook(
-            self._make_forward_hook(n)) for n in self.names]
+        self._pending: dict[str, dict[str, dict]] = {}
+        self._warned = False
+        for name in self.names:
+            preconditioner.capture.subscribe(name, _CoarseCapture(self, name))
 
-    # --- capture ----------------------------------------------------------------------------
+    @property
+    def skip_reason(self) -> str | None:
+        """Why the last :meth:`step` did nothing (see :attr:`kfac_kernels.KFAC.skip_reason`)."""
+        return self.inner.skip_reason
+
     def _dtype(self, name: str) -> torch.dtype:
-        return self.inner.capture.dtype_of(name)
-
-    def _make_forward_hook(self, name: str):
-        def hook(module, args, output):
-            inner = self.inner
-            if not torch.is_grad_enabled() or not module.training:
-                return
-            if not inner._is_factor_step() or not inner.adapters[name].trainable:
-                return
-            if active_graph_rows(module) is not None:
-                raise ValueError(f"TwoLevel: module {name!r} runs inside graph_rows; the "
-                                 "coarse space treats rows as examples and does not support "
-                                 "graph batches")
-            adapter = inner.adapters[name]
-            rec = self._pending.setdefault(name, {"a": [], "g": {}})
-            index = len(rec["a"])  # pairs this pass's inputs with its output gradients
-            rec["a"].append(example_inputs(adapter, args[0].detach(), self._dtype(name)))
-            if isinstance(output, torch.Tensor) and output.requires_grad:
-                output.register_hook(lambda grad: self._grad_hook(name, index, grad))
-        return hook
-
-    def _grad_hook(self, name: str, index: int, grad: torch.Tensor) -> None:
-        inner = self.inner
-        if not inner.capture.capture_grads:
-            return
-        adapter = inner.adapters[name]
-        n, r = adapter.batch_and_positions(grad)
-        if n * r == 0:
-            return
-        mult = inner.capture.multiplier(n, r)
-        g = example_gradients(adapter, grad.detach(), self._dtype(name))
-        rec = self._pending.setdefault(name, {"a": [], "g": {}})
-        # One entry per backward pass through this output: the user's backward (empirical
-        # Fisher) or each Monte-Carlo / type-2 pass of the preconditioner's backward; scaled so
-        # that t t^T carries the multiplier m.
-        rec["g"].setdefault(index, []).append(g * math.sqrt(mult))
+        return self.inner.blocks[name].dtype
 
     def backward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The wrapped preconditioner's :meth:`~kfac_kernels.KFAC.backward` (needed for
@@ -207,9 +153,6 @@ class TwoLevel:
         self.inner.discard_pending()
 
     def remove_hooks(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
         self.inner.remove_hooks()
 
     # --- statistics -------------------------------------------------------------------------
@@ -224,13 +167,14 @@ class TwoLevel:
             rec = self._pending.get(name)
             if rec is None or not rec["a"] or not rec["g"]:
                 return None
-            if sorted(rec["g"]) != list(range(len(rec["a"]))):
+            calls = sorted(rec["a"])
+            if sorted(rec["g"]) != calls:
                 return None  # a pass without its backward (e.g. evaluation with grad enabled)
-            passes = {len(rec["g"][i]) for i in range(len(rec["a"]))}
+            passes = {len(rec["g"][i]) for i in calls}
             if len(passes) != 1:
                 return None
-            a = torch.cat(rec["a"], dim=1)
-            g = torch.cat([torch.stack(rec["g"][i]) for i in range(len(rec["a"]))], dim=2)
+            a = torch.cat([rec["a"][i] for i in calls], dim=1)
+            g = torch.cat([torch.stack(rec["g"][i]) for i in calls], dim=2)
             if a.shape[1] != g.shape[2] or (count is not None and a.shape[1] != count):
                 raise RuntimeError(
                     f"{type(self).__name__}: module {name!r} saw {a.shape[1]} examples in its "
@@ -261,10 +205,10 @@ class TwoLevel:
                 for v in range(u + 1):
                     batch[f"A{u},{v}"] = a_all[u].T @ a_all[v]
                     batch[f"G{u},{v}"] = g_all[u].T @ g_all[v]
-        scale_g = 1.0
-        if self.inner._is_distributed():
+        if self.inner.is_distributed:
             # As for the factors: the A side pooled over all ranks' examples, the G side
-            # averaged over ranks (kfac_kernels.distributed), so every rank gets the same F_coarse.
+            # averaged over ranks (its vectors carry the capture's 1/world weight), so every
+            # rank gets the same F_coarse.
             keys = sorted(batch)
             ref = batch[keys[0]]
             flat = torch.cat([batch[k].reshape(-1) for k in keys] + [ref.new_tensor([float(n)])])
@@ -274,12 +218,13 @@ class TwoLevel:
                 batch[k] = flat[at:at + batch[k].numel()].reshape(batch[k].shape)
                 at += batch[k].numel()
             n = float(flat[-1])
-            scale_g = 1.0 / torch.distributed.get_world_size(self.inner.process_group)
-        batch = {k: (v / n if k.startswith(("sum_A", "A")) else v * scale_g)
-                 for k, v in batch.items()}
-        if not all(bool(torch.isfinite(t).all()) for t in batch.values()):
-            self.inner._warn_once("twolevel-nonfinite", (
-                f"{type(self).__name__}: non-finite coarse statistics this step; skipped"))
+        batch = {k: (v / n if k.startswith(("sum_A", "A")) else v) for k, v in batch.items()}
+        if not bool(torch.stack([t.sum() for t in batch.values()]).isfinite().all()):
+            if not self._warned:
+                self._warned = True
+                warnings.warn(f"{type(self).__name__}: non-finite coarse statistics this step; "
+                              "skipped (and whenever this happens again)", RuntimeWarning,
+                              stacklevel=3)
             return
         self.updates += 1
         eps = min(1.0 - 1.0 / self.updates, self.coarse_decay)
@@ -321,35 +266,26 @@ class TwoLevel:
     @torch.no_grad()
     def step(self, lr=None) -> bool:
         inner = self.inner
-        raw = {n: inner.adapters[n].grad_matrix() for n in self.names}
-        raw = {n: m.clone() for n, m in raw.items() if m is not None}
-        factor_step = inner._is_factor_step()
-        refresh = inner.steps % inner.inv_update_steps == 0
-        kl_clip, inner.kl_clip = inner.kl_clip, None
-        try:
-            done = inner.step(lr)
-        finally:
-            inner.kl_clip = kl_clip
-        if not done:
+        grads = inner.gradient_matrices()
+        factor_step, refresh = inner.is_factor_step, inner.is_inverse_step
+        fine = inner.precondition_gradients(grads)
+        if fine is None:
             self._pending = {}
             return False
         if factor_step:
             self._update_statistics()
         if refresh or self.coarse_inverse is None:
             self._refresh_coarse()
-        updates = {n: inner.adapters[n].grad_matrix() for n in raw}
-        if self.coarse_inverse is not None and len(raw) == len(self.names):
+        # A layer without a preconditioner yet keeps its gradient as the fine part.
+        updates = {n: fine.get(n, m) for n, m in grads.items()}
+        if self.coarse_inverse is not None and len(grads) == len(self.names):
             ref = self.coarse_inverse
-            z = torch.stack([raw[n].to(ref.dtype).sum() for n in self.names])
+            z = torch.stack([grads[n].to(ref.dtype).sum() for n in self.names])
             correction = ref @ z
             for i, n in enumerate(self.names):
                 updates[n] = updates[n] + correction[i].to(updates[n].dtype)
-        if kl_clip is not None:
-            nu = inner._kl_clip_factor(updates, raw, lr)
-            if nu < 1.0:
-                updates = {n: v * nu for n, v in updates.items()}
-        for n, v in updates.items():
-            inner.adapters[n].set_grad_matrix(v)
+        # KL-clipping (if the wrapped preconditioner has it) over the whole update.
+        inner.apply_updates(updates, grads, lr)
         return True
 
     # --- state ------------------------------------------------------------------------------
@@ -367,7 +303,7 @@ class TwoLevel:
             raise ValueError(f"{who}: coarse_inverse has shape {tuple(inv.shape)}; expected "
                              f"{(len(self.names),) * 2} (one row per covered layer)")
         self.inner.load_state_dict(state_dict["inner"])
-        device = self.inner.adapters[self.names[0]].weight.device
+        device = self.inner.blocks[self.names[0]].device
         self.updates = int(state_dict["updates"])
         self.stats = {k: v.detach().clone().to(device) for k, v in state_dict["stats"].items()}
         self.coarse_inverse = None if inv is None else inv.detach().clone().to(device)

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from kfac_kernels import KFAC, PreconditionedOptimizer, TwoLevel
-from kfac_kernels.workloads import deep_linear_mlp, planted_data
+from kfac_kernels.apps.workloads import deep_linear_mlp, planted_data
 
 LOSSES = {"mse": nn.MSELoss, "bce": nn.BCEWithLogitsLoss, "ce": nn.CrossEntropyLoss}
 

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kfac_kernels import BDKFAC, KFAC, PreconditionedOptimizer
-from kfac_kernels.data import load_digits_split
-from kfac_kernels.models import build_digits_cnn
+from kfac_kernels.apps.data import load_digits_split
+from kfac_kernels.apps.models import build_digits_cnn
 
 
 def main(argv=None) -> int:
@@ -56,7 +56,9 @@ def main(argv=None) -> int:
         opt = PreconditionedOptimizer(
             torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-2),
             BDKFAC(model, damping=0.3, factor_update_steps=1, inv_update_steps=10,
-                   kfac_approx="expand", kl_clip=None, grad_accumulation_steps=args.accumulate))
+                   kfac_approx="expand", damping_form="factored", compute_method="inverse",
+                   damping_split="equal", kl_clip=None,
+                   grad_accumulation_steps=args.accumulate))
     gen = torch.Generator().manual_seed(0)  # the same global batches on every rank
     share = args.batch_size // world
     micro = share // args.accumulate

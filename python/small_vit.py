@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kfac_kernels
-from kfac_kernels.data import load_digits_split
+from kfac_kernels.apps.data import load_digits_split
 
 
 class SmallViT(nn.Module):

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 import kfac_kernels
-from kfac_kernels.data import load_digits_split
-from kfac_kernels.models import build_digits_cnn
+from kfac_kernels.apps.data import load_digits_split
+from kfac_kernels.apps.models import build_digits_cnn
 
 
 @torch.no_grad()

@@ -1,11 +1,14 @@
 """One process of the multi-process parity test (tests/test_distributed.py), also runnable alone.
 
-    python tests/_distributed_worker.py --rank R --world W --init-file F --method kfac --out P
+    python tests/_distributed_worker.py --rank R --world W --init-file F --cases kfac:1,kfac:2 \
+        --out P
 
-Trains a small fp64 CNN for a few steps on a fixed batch sequence. With ``--world 1`` it is the
-single-process reference on the whole batch; with ``--world 2`` each rank takes its half under
-DistributedDataParallel (gloo) and, with ``--accumulate 2``, splits it into two micro-batches
-(the first under ``no_sync``). Rank 0 saves the final parameters to ``--out``.
+For every case ``method:accumulate``, trains a small fp64 CNN (or a tied language model) for a
+few steps on a fixed batch sequence. With ``--world 1`` it is the single-process reference on
+the whole batch; with ``--world 2`` each rank takes its half under DistributedDataParallel
+(gloo) and, with accumulation 2, splits it into two micro-batches (the first under
+``no_sync``). All cases run in one process group; rank 0 saves ``{case: final parameters}``
+(or the error of a case that failed) to ``--out``.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ VOCAB, SEQ = 7, 5
 
 
 class TiedLM(nn.Module):
-    """Embedding and output projection sharing one weight (seed 003 App. A.1)."""
+    """Embedding and output projection sharing one weight (Zhang et al. (2019), App. A.1)."""
 
     def __init__(self):
         super().__init__()
@@ -103,44 +106,55 @@ def make_optimizer(method: str, model: nn.Module, accumulate: int):
                                    precond)
 
 
+def run_case(method: str, accumulate: int, rank: int, world: int) -> list[torch.Tensor]:
+    model = model_for_test(method)
+    wrapped = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    opt = make_optimizer(method, model, accumulate)
+    share = BATCH // world
+    for x, y in batches(method):
+        x, y = x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
+        opt.zero_grad()
+        micro = share // accumulate
+        for i in range(accumulate):
+            last = i == accumulate - 1
+            sync = contextlib.nullcontext() if (last or world == 1) else wrapped.no_sync()
+            with sync:
+                xs, ys = x[i * micro:(i + 1) * micro], y[i * micro:(i + 1) * micro]
+                (F.cross_entropy(wrapped(xs), ys) / accumulate).backward()
+        opt.step()
+    if method.endswith("-memopt") and world > 1:
+        # MEM-OPT: this rank holds the preconditioners of its own layers only
+        precond = opt.preconditioner
+        held, everything = set(precond.preconditioners), set(precond.adapters)
+        owned = {n for n, r in precond.distribution.owners().items() if r == rank}
+        assert held == owned and held != everything, (held, owned)
+    return [p.detach().clone() for p in model.parameters()]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--rank", type=int, default=0)
     p.add_argument("--world", type=int, default=1)
     p.add_argument("--init-file", default=None)
-    p.add_argument("--method", default="kfac")
-    p.add_argument("--accumulate", type=int, default=1)
+    p.add_argument("--cases", default="kfac:1", help="comma-separated method:accumulate")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
-    model = model_for_test(args.method)
-    wrapped = model
     if args.world > 1:
         dist.init_process_group("gloo", init_method=f"file://{args.init_file}", rank=args.rank,
                                 world_size=args.world)
-        wrapped = nn.parallel.DistributedDataParallel(model)
-    opt = make_optimizer(args.method, model, args.accumulate)
-    share = BATCH // args.world
-    for x, y in batches(args.method):
-        x, y = x[args.rank * share:(args.rank + 1) * share], y[args.rank * share:(args.rank + 1) * share]
-        opt.zero_grad()
-        micro = share // args.accumulate
-        for i in range(args.accumulate):
-            last = i == args.accumulate - 1
-            sync = contextlib.nullcontext() if (last or args.world == 1) else wrapped.no_sync()
-            with sync:
-                xs, ys = x[i * micro:(i + 1) * micro], y[i * micro:(i + 1) * micro]
-                (F.cross_entropy(wrapped(xs), ys) / args.accumulate).backward()
-        opt.step()
-    if args.method.endswith("-memopt") and args.world > 1:
-        # MEM-OPT: this rank holds the preconditioners of its own layers only
-        precond = opt.preconditioner
-        held, everything = set(precond.preconditioners), set(precond.adapters)
-        owned = {n for n, r in precond._layer_owners().items() if r == args.rank}
-        assert held == owned and held != everything, (held, owned)
+    results = {}
+    for case in args.cases.split(","):
+        method, accumulate = case.split(":")
+        try:
+            results[case] = run_case(method, int(accumulate), args.rank, args.world)
+        except Exception as err:  # recorded: the test of that case reports it
+            results[case] = f"{type(err).__name__}: {err}"
+        if args.world > 1:
+            dist.barrier()
     if args.rank == 0:
-        torch.save([p.detach().clone() for p in model.parameters()], args.out)
+        torch.save(results, args.out)
     if args.world > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from kfac_kernels import bench
+from kfac_kernels.apps import bench
 
 
 def test_kfac_bench_writes_checked_results(tmp_path, capsys):

@@ -115,6 +115,30 @@ def test_kfac_batch_average_counts_graphs():
         assert rel_err(got[0], ref) < EXACT_TOL
 
 
+def test_block_diagonal_factors_of_graph_batches():
+    """BD-KFAC reads the same graph rows as K-FAC: its blocks are the diagonal blocks of the
+    dense graph factors (both approximations)."""
+    sizes = [3, 1, 4]
+    x, index = _batch(sizes, seed=3)
+    y = torch.tensor([0, 1, 1])
+    for approx in ("expand", "reduce"):
+        model = GraphNet(index, len(sizes))
+        dense = KFAC(model, kfac_approx=approx, skip_modules=["readout"])
+        block = BDKFAC(model, num_blocks=2, kfac_approx=approx, skip_modules=["readout"])
+        with graph_rows(index, modules=model.node):
+            F.cross_entropy(model(x), y).backward()
+        dense.step()
+        block.step()
+        a, g = dense.factors["node"]
+        bd = block.blocks["node"]
+        for blocks_, full, widths in ((block.factors["node"][0], a, bd.a_layout.widths),
+                                      (block.factors["node"][1], g, bd.g_layout.widths)):
+            start = 0
+            for blk, w in zip(blocks_, widths):
+                assert rel_err(blk, full[:, start:start + w, start:start + w]) < EXACT_TOL
+                start += w
+
+
 def test_nested_contexts_and_errors():
     x, index = _batch([2, 3])
     model = GraphNet(index, 2)
@@ -136,11 +160,6 @@ def test_nested_contexts_and_errors():
     with graph_rows(index[:4], modules=model):       # outer: wrong, shadowed by the inner
         with graph_rows(index, modules=model.node):
             kronecker_factors(model, nn.MSELoss(), x, y, skip_modules=["readout"])
-    precond = BDKFAC(model, skip_modules=["readout"])
-    with pytest.raises(ValueError, match=r"graph_rows: module 'node' is a BlockLinearAdapter"):
-        with graph_rows(index, modules=model.node):
-            model(x)
-    precond.remove_hooks()
     two = TwoLevel(KFAC(model))
     with pytest.raises(ValueError, match=r"TwoLevel: module 'node' runs inside graph_rows"):
         with graph_rows(index, modules=model.node):

@@ -195,7 +195,8 @@ INVALID = [
      "KFAC: generator must be a torch.Generator or None, got int"),
     ("no-supported-layers", lambda: dict(model=nn.Sequential(nn.ReLU())), ValueError,
      "KFAC: the model has no supported layers (nn.Linear, nn.Conv1d, nn.Conv2d, "
-     "nn.Embedding, nn.MultiheadAttention) with trainable weights"),
+     "nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.Embedding, nn.MultiheadAttention) with "
+     "trainable weights"),
     ("all-layers-frozen", lambda: dict(model=mlp().requires_grad_(False)), ValueError,
      "KFAC: the model has no supported layers"),
     ("all-layers-skipped", lambda: dict(skip_modules=[nn.Linear]), ValueError,
@@ -743,11 +744,12 @@ def test_load_state_dict_wrong_factor_shapes():
     sd = copy.deepcopy(src.state_dict())
     sd["factors"]["0"]["A"] = torch.zeros(1, 3, 3, dtype=DT)
     _assert_load_fails(dst, sd, ValueError,
-                       "KFAC.load_state_dict: factors of module '0' have shapes (1, 3, 3), "
-                       "(1, 5, 5); expected (1, 7, 7), (1, 5, 5)")
+                       "KFAC.load_state_dict: factor 'A' of module '0' has part shapes "
+                       "[(1, 3, 3)]; expected [(1, 7, 7)] (saved with another structure, "
+                       "num_blocks or block_size?)")
     # A state from a differently-sized model is rejected as well.
     bigger = KFAC(mlp((6, 7, 4)))
-    with pytest.raises(ValueError, match=re.escape("KFAC.load_state_dict: factors of module '0'")):
+    with pytest.raises(ValueError, match=re.escape("KFAC.load_state_dict: factor 'G' of module '0'")):
         bigger.load_state_dict(copy.deepcopy(src.state_dict()))
 
 
@@ -964,7 +966,7 @@ def test_nonfinite_loaded_factors_keep_previous_preconditioner():
 
 def test_eigh_failure_is_retried_in_float64(monkeypatch):
     model = mlp((6, 5, 4), dtype=torch.float32)
-    precond = KFAC(model, damping=0.1)
+    precond = KFAC(model, damping=0.1, eigh_backend="eager")
     x, y = batch(dtype=torch.float32)
     real_eigh = torch.linalg.eigh
     calls = []
@@ -976,7 +978,7 @@ def test_eigh_failure_is_retried_in_float64(monkeypatch):
         return real_eigh(t, *args, **kwargs)
 
     twin = copy.deepcopy(model)
-    twin_precond = KFAC(twin, damping=0.1)
+    twin_precond = KFAC(twin, damping=0.1, eigh_backend="eager")
     monkeypatch.setattr(torch.linalg, "eigh", flaky_eigh)
     F.cross_entropy(model(x), y).backward()
     with warnings.catch_warnings():
@@ -996,7 +998,7 @@ def test_eigh_failure_is_retried_in_float64(monkeypatch):
 
 def test_eigh_failure_everywhere_warns_and_leaves_gradient(monkeypatch):
     model = mlp((6, 5, 4), dtype=torch.float32)
-    precond = KFAC(model, damping=0.1)
+    precond = KFAC(model, damping=0.1, eigh_backend="eager")
     x, y = batch(dtype=torch.float32)
 
     def broken_eigh(t, *args, **kwargs):
@@ -1278,13 +1280,24 @@ def test_kfac_with_kl_clip_beats_sgd_on_digits(make_cnn, digits):
 # 13. unsupported layers
 # ---------------------------------------------------------------------------------------------
 
-def _with_norms():
-    return nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 3),
-                         nn.BatchNorm1d(3)).to(DT)
+class Scale(nn.Module):
+    """A module with a parameter of its own and no Kronecker factors."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(n, dtype=DT))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+def _with_unsupported():
+    return nn.Sequential(nn.Linear(4, 5), Scale(5), nn.Linear(5, 3), nn.PReLU(3, init=0.5),
+                         Scale(3)).to(DT)
 
 
 def test_unsupported_layers_warn_once_naming_them():
-    model = _with_norms()
+    model = _with_unsupported()
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         precond = KFAC(model)
@@ -1295,26 +1308,59 @@ def test_unsupported_layers_warn_once_naming_them():
             train_step(model, opt, precond, x, y)
     messages = [str(w.message) for w in record]
     assert len(messages) == 1, messages
-    assert messages[0].startswith(
-        "KFAC: no Kronecker-factored curvature for modules 1 (LayerNorm), 3 (BatchNorm1d); "
-        "their gradients are used unchanged. Pass skip_modules=[...]")
+    assert messages[0] == (
+        "KFAC: no Kronecker-factored curvature for 2 Scale (1, 4), 1 PReLU (3): their gradients "
+        "are used unchanged. Pass skip_modules=[Scale, nn.PReLU] (or their names) to silence "
+        "this warning.")
     assert set(precond.adapters) == {"0", "2"}
 
 
-@pytest.mark.parametrize("skip", [[nn.LayerNorm, nn.BatchNorm1d], ["1", "3"],
-                                  (nn.LayerNorm, "3")])
+def test_model_with_parameters_of_its_own_is_named_not_rooted():
+    """The root module with a parameter of its own is named as the model, never '<root>';
+    containers without parameters of their own are not listed."""
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(4, 3))
+            self.temperature = nn.Parameter(torch.ones(()))
+
+        def forward(self, x):
+            return self.body(x) / self.temperature
+
+    with pytest.warns(UserWarning, match=re.escape(
+            "KFAC: no Kronecker-factored curvature for 1 Model (the model itself): their "
+            "gradients are used unchanged. Pass skip_modules=[Model]")):
+        KFAC(Model())
+
+
+def test_norm_layers_are_preconditioned():
+    """Affine LayerNorm / BatchNorm layers get Kronecker factors (a 2 x 2 A over [a_hat, 1]) in
+    every method, with no warning."""
+    model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 3),
+                          nn.BatchNorm1d(3)).to(DT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        precond = KFAC(model)
+    assert set(precond.adapters) == {"0", "1", "2", "3"}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    train_step(model, opt, precond, torch.randn(8, 4, dtype=DT), torch.randint(0, 3, (8,)))
+    a, g = precond.factors["1"]
+    assert a.shape == (1, 2, 2) and g.shape == (1, 5, 5)
+
+
+@pytest.mark.parametrize("skip", [[Scale, nn.PReLU], ["1", "3", "4"], (Scale, "3")])
 def test_skip_modules_silences_the_warning(skip):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        precond = KFAC(_with_norms(), skip_modules=skip)
+        precond = KFAC(_with_unsupported(), skip_modules=skip)
     assert set(precond.adapters) == {"0", "2"}
 
 
 def test_skip_modules_partial_and_supported():
     with pytest.warns(UserWarning, match=re.escape(
-            "KFAC: no Kronecker-factored curvature for modules 3 (BatchNorm1d);")):
-        KFAC(_with_norms(), skip_modules=[nn.LayerNorm])
+            "KFAC: no Kronecker-factored curvature for 1 PReLU (3):")):
+        KFAC(_with_unsupported(), skip_modules=[Scale])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        precond = KFAC(_with_norms(), skip_modules=["0"])
+        precond = KFAC(_with_unsupported(), skip_modules=["0"])
     assert set(precond.adapters) == {"2"}

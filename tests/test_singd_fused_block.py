@@ -1,7 +1,7 @@
 """SINGD with block-diagonal factors: fused=True (all layers' factor updates in one
 singd_block_factor_update call, each layer's parameter step in one singd_block_step pass)
 against the readable path on a small CNN (a convolution, two
-Linear layers, a LayerNorm; blocks of 4 with smaller last blocks and a layer narrower than one
+Linear layers, a LayerNorm; blocks of 4 with smaller last blocks and layers narrower than one
 block)."""
 import pytest
 import torch
@@ -52,7 +52,7 @@ def test_fused_block_path_matches_reference_path(backend, dtype, tol, kfac_like,
     assert not calls
     got = _final(dtype, True, backend, **kw)
     assert len(calls) == 3   # steps 0, 2, 4 with T=2: one call each for all layers
-    assert len(steps) == 5 * 3   # every step, one pass per layer (conv and two Linear)
+    assert len(steps) == 5 * 4   # every step, one pass per layer (conv, LayerNorm, 2 Linear)
     assert _rel(got, ref) < tol
     init = torch.cat([p.detach().double().flatten() for p in _model(dtype).parameters()])
     assert _rel(got, init) > 1e-3

@@ -58,12 +58,14 @@ def test_rows_path_keeps_only_the_structure_and_matches_an_oracle():
     out.retain_grad()
     loss = nn.functional.cross_entropy(model[5](model[4](out)), y)
     loss.backward()
-    acc_lin, acc_conv = opt.capture.acc["3"], opt.capture.acc["0"]
-    assert acc_lin.a_sum is None and acc_lin.g_sum is None
-    assert acc_conv.a_sum is None and acc_conv.g_sum is None
-    (u_conv, _), = opt.capture.statistics("0")
+    lin, conv = opt.blocks["3"], opt.blocks["0"]
+    assert (lin.a_layout.kind, lin.g_layout.kind) == ("blocks", "diagonal")
+    assert conv.a_layout.kind == "blocks"
+    assert all(b.shape[-1] <= 4 for b in lin.pending.a + conv.pending.a)
+    assert lin.pending.g.shape == (1, 10)
+    (u_conv, _), = conv.pending_statistics()
     assert isinstance(u_conv, BlockDiagonal)
-    (u, g), = opt.capture.statistics("3")
+    (u, g), = lin.pending_statistics()
     assert isinstance(u, BlockDiagonal) and isinstance(g, Diagonal)
     a = torch.cat([feats["a"], torch.ones(8, 1, dtype=F64)], dim=1)
     dense_u = a.T @ a / 8
@@ -121,16 +123,19 @@ def _input(conv):
     return torch.randn(*shape, generator=gen, dtype=F64)
 
 
+def _conv_args(conv):
+    return (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
 @pytest.mark.parametrize("conv", CONVS)
 def test_conv_input_diagonal_matches_the_unfolded_patches(conv):
     """The window sums equal the diagonal of the unfolded patches' second moment."""
-    from kfac_kernels.layers import ConvAdapter
-    from kfac_kernels.singd.statistics import conv_input_diagonal
+    from kfac_kernels.ops import patch_covariance_diagonal
     conv = conv.double()
     x = _input(conv)
-    diag, count = conv_input_diagonal(ConvAdapter("c", conv), x, F64)
+    diag = patch_covariance_diagonal(x, *_conv_args(conv), bias=conv.bias is not None,
+                                     padding_mode=conv.padding_mode, alpha=1.0)
     per = _patches(conv, x)
-    assert count == per.shape[1]
     assert torch.allclose(diag, (per * per).sum(1), rtol=1e-12, atol=0)
 
 
@@ -139,16 +144,20 @@ def test_conv_input_diagonal_matches_the_unfolded_patches(conv):
 def test_conv_input_blocks_match_the_projected_patch_covariance(conv, k):
     """The chunked block Grams equal the diagonal blocks (block size k, smaller last block
     holding the bias coordinate) of the dense sum of patch outer products."""
-    from kfac_kernels.layers import ConvAdapter
-    from kfac_kernels.singd.statistics import conv_input_blocks
+    from kfac_kernels.ops import patch_covariance_blocks
     conv = conv.double()
     x = _input(conv)
-    blocks, count = conv_input_blocks(ConvAdapter("c", conv), x, F64, k)
     per = _patches(conv, x)
-    assert count == per.shape[1] and len(blocks) == conv.groups
-    for got, rows in zip(blocks, per):
+    dim = per.shape[-1]
+    widths = [k] * (dim // k) + ([dim % k] if dim % k else [])
+    blocks = patch_covariance_blocks(x, *_conv_args(conv), widths=widths,
+                                     bias=conv.bias is not None,
+                                     padding_mode=conv.padding_mode, alpha=1.0)
+    assert [tuple(b.shape) for b in blocks] == [(conv.groups, w, w) for w in widths]
+    for g, rows in enumerate(per):
         want = BlockDiagonal.project(rows.T @ rows, k)
-        assert got.dim == want.dim and got.k == k
-        for a, b in zip(got.data, want.data):
-            assert a.shape == b.shape
-            assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+        got = [b[g] for b in blocks]
+        full = torch.stack(got[:dim // k]) if dim // k else got[0].new_zeros(0, k, k)
+        assert torch.allclose(full, want.data[0], rtol=1e-12, atol=1e-12)
+        if dim % k:
+            assert torch.allclose(got[-1], want.data[1], rtol=1e-12, atol=1e-12)

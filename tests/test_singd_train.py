@@ -1,7 +1,8 @@
 """``kfac-train --optimizer singd-*|ingd|ikfac``."""
 import pytest
 
-from kfac_kernels.train import SINGD_OPTIMIZERS, build_parser, main, run
+from kfac_kernels.apps.defaults import SINGD_OPTIMIZERS
+from kfac_kernels.apps.train import build_parser, main, run
 
 
 def test_singd_diagonal_bf16_reaches_090_test_accuracy(capsys):

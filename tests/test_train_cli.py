@@ -1,4 +1,4 @@
-"""The ``kfac-train`` command (kfac_kernels.train), its data set and its model."""
+"""The ``kfac-train`` command (kfac_kernels.apps.train), its data set and its model."""
 from __future__ import annotations
 
 import json
@@ -12,9 +12,10 @@ import sys
 import pytest
 import torch
 
-from kfac_kernels.data import load_digits_split
-from kfac_kernels.models import DigitsCNN, build_digits_cnn
-from kfac_kernels.train import BatchSampler, default_lr, main
+from kfac_kernels.apps.data import load_digits_split
+from kfac_kernels.apps.models import DigitsCNN, build_digits_cnn
+from kfac_kernels.apps.defaults import default_lr
+from kfac_kernels.apps.train import BatchSampler, main
 
 REQUIRED_KEYS = {"optimizer", "steps", "batch_size", "lr", "seed", "device", "dtype",
                  "train_loss", "train_accuracy", "test_loss", "test_accuracy", "wall_time_s",
@@ -153,7 +154,7 @@ def test_batch_size_larger_than_the_training_set():
 
 def test_help_runs_as_a_module_and_as_the_console_script():
     env = dict(os.environ)
-    proc = subprocess.run([sys.executable, "-m", "kfac_kernels.train", "--help"],
+    proc = subprocess.run([sys.executable, "-m", "kfac_kernels.apps.train", "--help"],
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0 and "--optimizer" in proc.stdout
     script = shutil.which("kfac-train")

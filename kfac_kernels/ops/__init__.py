@@ -1,7 +1,9 @@
 """Kernel-backed operations. Each module holds the eager reference, the dispatch and the formula."""
 from .block_eigh import block_damped_inverse, block_eigh
 from .gradient_covariance import gradient_covariance
-from .patch_covariance import patch_covariance
+from .patch_covariance import conv_geometry, padded_input, patch_covariance
+from .patch_statistics import (patch_covariance_blocks, patch_covariance_diagonal, patch_mean,
+                               patch_statistics_eager)
 from .singd_block_factor_update import (singd_block_factor_update,
                                         singd_block_factor_update_eager)
 from .singd_block_step import singd_block_step, singd_block_step_eager
@@ -10,7 +12,9 @@ from .singd_diagonal_factor_update import (singd_diagonal_factor_update,
 from .singd_diagonal_step import singd_diagonal_step, singd_diagonal_step_eager
 from .symmetric_factor_update import symmetric_factor_update, symmetric_factor_update_eager
 
-__all__ = ["block_damped_inverse", "block_eigh", "gradient_covariance", "patch_covariance",
+__all__ = ["block_damped_inverse", "block_eigh", "conv_geometry", "gradient_covariance", "padded_input",
+           "patch_covariance", "patch_covariance_blocks", "patch_covariance_diagonal", "patch_mean",
+           "patch_statistics_eager",
            "singd_block_factor_update", "singd_block_factor_update_eager",
            "singd_block_step", "singd_block_step_eager",
            "singd_diagonal_factor_update", "singd_diagonal_factor_update_eager",

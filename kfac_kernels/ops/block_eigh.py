@@ -33,7 +33,8 @@ Backends
   ``"auto"`` sends them to the eager path), ``n <= 64``.
 
 A bucket whose size exceeds the chosen backend's limit (``MAX_N``) is handed to
-``torch.linalg.eigh``, with a ``UserWarning`` the first time per backend. ``"auto"`` picks as
+``torch.linalg.eigh`` (with a ``UserWarning`` the first time per backend when that backend was
+asked for by name; ``"auto"`` makes this choice silently). ``"auto"`` picks as
 every op does (``kfac_kernels._backend.resolve_backend``). The Jacobi kernels are deterministic.
 
 Jacobi convergence
@@ -212,13 +213,15 @@ def damped_inverse_from_eigh(vals: torch.Tensor, vecs: torch.Tensor,
 # ------------------------------------------------------------------------------------ dispatch
 
 def _solve_bucket(stack: torch.Tensor, backend: str, max_sweeps: int, tol: float | None,
-                  damping: torch.Tensor | None):
+                  damping: torch.Tensor | None, explicit: bool = True):
     """Eigen (or damped inverse) of one same-size stack on a concrete backend.
 
-    Returns (vals, vecs, sweeps) or, with damping, (inverse, sweeps)."""
+    Returns (vals, vecs, sweeps) or, with damping, (inverse, sweeps). A size above the
+    backend's limit goes to ``torch.linalg.eigh``: silently when ``"auto"`` chose the backend
+    (that is its choice of the faster solver), with a note once when the caller named it."""
     n = stack.shape[-1]
     if backend != "eager" and n > MAX_N[backend]:
-        if backend not in _warned:
+        if explicit and backend not in _warned:
             _warned.add(backend)
             warnings.warn(
                 f"{_OP}: blocks larger than the {backend!r} backend's limit ({MAX_N[backend]}) "
@@ -281,7 +284,7 @@ def _run(blocks, backend, max_sweeps, tol, damping, op):
         damp = None
         if damp_list is not None:
             damp = damp_list if idx is None else damp_list[torch.tensor(idx, device=ref.device)]
-        results[n] = _solve_bucket(stack, chosen, sweeps_cap, tol, damp)
+        results[n] = _solve_bucket(stack, chosen, sweeps_cap, tol, damp, backend != "auto")
 
     def cast(t):
         return t if t.dtype in (torch.int32, in_dtype) else t.to(in_dtype)

@@ -224,6 +224,23 @@ def pre_pad(x: torch.Tensor, geom: ConvGeometry, padding_mode: str) -> tuple[tor
                             geom.out_size)
 
 
+def padded_input(x: torch.Tensor, kernel_size, stride=1, padding=0, dilation=1,
+                 padding_mode: str = "zeros", *, pad_zeros: bool = False
+                 ) -> tuple[torch.Tensor, ConvGeometry]:
+    """A convolution input as ``(N, C, H, W)`` (1-d: height 1) with its padding applied as the
+    module applies it, and its geometry: non-zero padding modes always (O(input) memory);
+    zero padding only with ``pad_zeros`` (else it stays in ``geom.pad`` for the kernels)."""
+    geom = conv_geometry(tuple(x.shape[2:]), kernel_size, stride, padding, dilation)
+    x, geom = pre_pad(x, geom, padding_mode)
+    x = as_4d(x)
+    if pad_zeros and any(geom.pad):
+        top, bottom, left, right = geom.pad
+        x = F.pad(x, (left, right, top, bottom))
+        geom = ConvGeometry(geom.kernel, geom.stride, geom.dilation, (0, 0, 0, 0),
+                            tuple(x.shape[2:]), geom.out_size)
+    return x, geom
+
+
 def check_input(x, groups: int) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{_OP}: x must be a torch.Tensor, got {type(x).__name__}")
@@ -245,8 +262,10 @@ def check_input(x, groups: int) -> None:
 def patch_covariance(x: torch.Tensor, kernel_size, stride=1, padding=0, dilation=1, groups=1, *,
                      mode: str = "expand", num_blocks=None, bias: bool = False,
                      out_dtype: torch.dtype | None = None, padding_mode: str = "zeros",
-                     backend: str = "auto"):
-    """The convolution input factor ``A`` (see the module docstring for the formula).
+                     stacked: bool = False, factor=None, decay: float = 0.0,
+                     alpha: float | None = None, backend: str = "auto"):
+    """The convolution input factor ``A`` (see the module docstring for the formula), or with
+    ``factor`` / ``alpha`` the update ``decay * factor + alpha * sum`` of a stored one.
 
     Args:
         x: ``(N, C, L)`` or ``(N, C, H, W)``, any strides (channels_last included); fp32,
@@ -257,13 +276,21 @@ def patch_covariance(x: torch.Tensor, kernel_size, stride=1, padding=0, dilation
         num_blocks: ``None``, an int, or a list of channel counts per group: compute only the
             diagonal blocks of that channel partition (the bias coordinate joins the last block).
         bias: append a constant-1 coordinate (last).
-        out_dtype: dtype of the result (default ``x.dtype``); kernels accumulate in fp32 (fp64).
+        out_dtype: dtype of the result (default ``x.dtype``, or ``factor``'s); kernels
+            accumulate in fp32 (fp64).
         padding_mode: ``"zeros"``, ``"reflect"``, ``"replicate"`` or ``"circular"``.
+        stacked: return groups stacked first even for one group, and blocks as a list over
+            blocks of ``(groups, D_i, D_i)`` (the layout of a stored factor).
+        factor: a stored factor in the stacked layout to update (implies ``stacked``).
+        decay: multiplier of ``factor``.
+        alpha: multiplier of the sum of patch outer products (default: the mean,
+            ``1 / (N R)`` for expand, ``1 / N`` for reduce).
         backend: ``"auto"``, ``"eager"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
 
     Returns:
         ``(D, D)`` for ``groups == 1``, ``(groups, D_g, D_g)`` for ``groups > 1``, or with
-        ``num_blocks`` a list of ``(D_i, D_i)`` tensors by group then block.
+        ``num_blocks`` a list of ``(D_i, D_i)`` tensors by group then block; with ``stacked``
+        (or ``factor``) ``(groups, D, D)``, or a list over blocks of ``(groups, D_i, D_i)``.
     """
     check_input(x, groups)
     if mode not in _MODES:
@@ -277,16 +304,48 @@ def patch_covariance(x: torch.Tensor, kernel_size, stride=1, padding=0, dilation
     geom = conv_geometry(tuple(x.shape[2:]), kernel_size, stride, padding, dilation)
     xp, geom = pre_pad(x, geom, padding_mode)
     x4 = as_4d(xp)
-    out_dtype = out_dtype or x.dtype
     reduce = mode == "reduce"
     n = x.shape[0]
-    alpha = 1.0 / n if reduce else 1.0 / (n * geom.positions)
+    if alpha is None:
+        alpha = 1.0 / n if reduce else 1.0 / (n * geom.positions)
+    if factor is not None or stacked:
+        return _stacked(x4, geom, groups, num_blocks, bias, reduce, factor, decay, alpha,
+                        out_dtype, chosen)
+    out_dtype = out_dtype or x.dtype
     results = [patch_gram(x4, geom, seg, reduce, None, 0.0, alpha, chosen).to(out_dtype)
                for seg in plan_segments(x.shape[1], groups, num_blocks, bias)]
     if num_blocks is not None:
-        return [block for stacked in results for block in stacked]
+        return [block for stacked_blocks in results for block in stacked_blocks]
     out = results[0]
     return out[0] if groups == 1 else out
+
+
+def _stacked(x4, geom, groups, num_blocks, bias, reduce, factor, decay, alpha, out_dtype,
+             backend):
+    """The stacked layout: one segment batch over the groups per channel block (the same
+    channel range of every group), accumulated into ``factor``."""
+    cg = x4.shape[1] // groups
+    sizes = [cg] if num_blocks is None else block_sizes(cg, num_blocks)
+    parts = [factor] if num_blocks is None and factor is not None else factor
+    if out_dtype is None:
+        out_dtype = (parts[0].dtype if factor is not None else x4.dtype)
+    # The kernels accumulate in fp32 (fp64): a factor in another dtype is converted first.
+    x_dtype = x4.dtype if backend != "eager" and accumulation_dtype(x4.dtype) == out_dtype \
+        else out_dtype
+    x4 = x4.to(x_dtype)
+    out, start = [], 0
+    for i, size in enumerate(sizes):
+        seg = Segments(groups, start, cg, size, bias and i == len(sizes) - 1)
+        prev = None if parts is None else parts[i]
+        if prev is not None:
+            want = (groups, size * geom.kernel[0] * geom.kernel[1] + int(seg.bias))
+            if tuple(prev.shape) != (want[0], want[1], want[1]):
+                raise ValueError(f"{_OP}: factor block {i} has shape {tuple(prev.shape)}; "
+                                 f"expected {(want[0], want[1], want[1])}")
+        out.append(patch_gram(x4, geom, seg, reduce, prev, float(decay) if prev is not None
+                              else 0.0, float(alpha), backend).to(out_dtype))
+        start += size
+    return out[0] if num_blocks is None else out
 
 
 def _register_fake() -> None:

@@ -28,17 +28,16 @@ def _slots(mat: BlockDiagonal, dtype) -> tuple[torch.Tensor, list[int]]:
 
 class FusedSteps:
     """Mixin of :class:`kfac_kernels.singd.SINGD` with the fused factor updates and parameter
-    steps (it uses the optimizer's ``factors``, ``state``, ``_batch_statistics``, ``_dtypes``,
-    ``_warn_once`` and hyperparameters)."""
+    steps (it uses the optimizer's ``blocks``, ``state``, ``_dtypes``, ``_store_factor_update``
+    and hyperparameters). The factor updates take the step's statistics per layer (from
+    :meth:`kfac_kernels.singd.block.SingdBlock.pending_statistics`); the results are stored as
+    views of the packed tensors (freshly made for each update, so nothing is copied back)."""
 
-    def _update_diagonal_factors_fused(self, names: list[str]) -> None:
+    def _update_diagonal_factors_fused(self, statistics: dict[str, list]) -> None:
         """Step 1 of Fig. 4 for diagonal K and C of every layer (and group) in one launch per
-        compute dtype; the layers are packed into flat vectors and unpacked afterwards."""
+        compute dtype; the layers are packed into flat vectors."""
         segments: dict[torch.dtype, list] = {}
-        for name in names:
-            stats = self._batch_statistics(name)
-            if stats is None:
-                continue
+        for name, stats in statistics.items():
             compute = self._dtypes(name)[2]
             for gi, pair in enumerate(stats):
                 u, g = (s.data[0] if isinstance(s, StructuredMatrix) else torch.diagonal(s)
@@ -47,7 +46,7 @@ class FusedSteps:
         momentum = self._uses_riemannian_momentum
         for compute, segs in segments.items():
             def packed(key):
-                return torch.cat([self.factors[n][key][gi].data[0].to(compute)
+                return torch.cat([self.blocks[n].factors()[key][gi].data[0].to(compute)
                                   for n, gi, _, _ in segs])
             k, c = packed("K"), packed("C")
             m_k, m_c = (packed("m_K"), packed("m_C")) if momentum else (None, None)
@@ -65,19 +64,16 @@ class FusedSteps:
                 new.update({"m_K": (m_k, k_off), "m_C": (m_c, c_off)})
             for i, (name, gi, _, _) in enumerate(segs):
                 self._store_factor_update(name, gi, {
-                    key: Diagonal(off[i + 1] - off[i], (vec[off[i]:off[i + 1]].clone(),))
+                    key: Diagonal(off[i + 1] - off[i], (vec[off[i]:off[i + 1]],))
                     for key, (vec, off) in new.items()})
 
-    def _update_block_factors_fused(self, names: list[str]) -> None:
+    def _update_block_factors_fused(self, statistics: dict[str, list]) -> None:
         """Step 1 of Fig. 4 for block-diagonal K and C of every layer (and group) in one call
         of :func:`kfac_kernels.ops.singd_block_factor_update` per compute dtype: every diagonal
         block (the smaller last one padded) becomes a ``b x b`` slot of one packed tensor."""
         kk, kc = self.block_sizes
         segments: dict[torch.dtype, list] = {}
-        for name in names:
-            stats = self._batch_statistics(name)
-            if stats is None:
-                continue
+        for name, stats in statistics.items():
             compute = self._dtypes(name)[2]
             for gi, (u, g) in enumerate(stats):
                 u = u if isinstance(u, StructuredMatrix) else BlockDiagonal.project(u, kk)
@@ -90,7 +86,7 @@ class FusedSteps:
             dims = {"K": [], "C": []}
             layer_off = {"K": [0], "C": [0]}
             for n, gi, u, g in segs:
-                st = self.factors[n]
+                st = self.blocks[n].factors()
                 for side, stat in (("K", u), ("C", g)):
                     x, d = _slots(st[side][gi], compute)
                     packed[side].append(x)
@@ -110,12 +106,11 @@ class FusedSteps:
                 for key in keys:
                     side = key[-1]
                     lo, hi = layer_off[side][i], layer_off[side][i + 1]
-                    ref = self.factors[name][key][gi]
+                    ref = self.blocks[name].factors()[key][gi]
                     q = ref.data[0].shape[0]
                     block = cat[key][lo:hi]
                     r = ref.data[1].shape[0]
-                    new[key] = BlockDiagonal(ref.dim, (block[:q].clone(),
-                                                       block[q, :r, :r].clone() if r else
+                    new[key] = BlockDiagonal(ref.dim, (block[:q], block[q, :r, :r] if r else
                                                        ref.data[1].to(compute)), ref.k)
                 self._store_factor_update(name, gi, new)
 

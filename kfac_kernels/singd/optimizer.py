@@ -52,10 +52,12 @@ import torch
 from torch import nn
 
 from .. import distributed as dist_utils
-from ..capture import default_factor_dtype
-from ..curvature import check_common, find_adapters, validate_skip_modules
+from ..capture import Capture, default_factor_dtype
+from ..curvature import check_common
+from ..layers import find_adapters, validate_skip_modules
+from .._skips import SkipCounter
+from .block import SingdBlock
 from .fused import FusedSteps
-from .statistics import StructuredCurvatureCapture, row_sides
 from .structures import BlockDiagonal, Diagonal, StructuredMatrix, structure_class
 from .update import factor_update, precondition
 
@@ -213,8 +215,10 @@ class SINGD(FusedSteps, torch.optim.Optimizer):
         self.distributed = distributed
         self.process_group = process_group
         skip_modules = validate_skip_modules(model, skip_modules, who)
-        # Unsupported layers are not an error here: they get the K = C = I update (SGD).
-        self.adapters = find_adapters(model, skip_modules, who, warn=False)
+        # Unsupported layers get the K = C = I update (SGD with momentum), said once.
+        self.adapters = find_adapters(model, skip_modules, who, kfac_approx=kfac_approx,
+                                      unsupported_effect="they get the update with K = C = I "
+                                                         "(SGD with momentum)")
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError(f"{who}: the model has no trainable parameters")
@@ -228,25 +232,28 @@ class SINGD(FusedSteps, torch.optim.Optimizer):
         self.loss_average = loss_average
         self.backend = backend
         self.steps = 0
-        # name -> {"K": [per group], "C": [...], "m_K": [...], "m_C": [...]} (created lazily)
-        self.factors: dict[str, dict[str, list[StructuredMatrix]]] = {}
         self._warned: set[str] = set()
-        input_proj, grad_proj = {}, {}
-        if statistics_from_rows:
-            k_proj = (self.structure_classes[0], self.block_sizes[0])
-            c_proj = (self.structure_classes[1], self.block_sizes[1])
-            for name, ad in self.adapters.items():
-                on_inputs, on_grads = row_sides(ad, k_proj, c_proj, kfac_approx)
-                if on_inputs:
-                    input_proj[name] = k_proj
-                if on_grads:
-                    grad_proj[name] = c_proj
-        self.capture = StructuredCurvatureCapture(
-            self.adapters, input_projections=input_proj, grad_projections=grad_proj,
-            kfac_approx=kfac_approx, loss_average=loss_average, backend=backend,
-            loss_scale=self._loss_scale, train_only=True).attach()
+        self.skips = SkipCounter("SINGD")
+        self.blocks = {name: self._make_block(name, ad) for name, ad in self.adapters.items()}
+        self.capture = Capture(self.adapters, loss_average=loss_average,
+                               loss_scale=self._loss_scale, train_only=True)
+        for name, block in self.blocks.items():
+            self.capture.subscribe(name, block)
         self.capture.accumulation_steps = grad_accumulation_steps
+        self.capture.attach()
         self._arm_capture()
+
+    def _make_block(self, name: str, adapter) -> SingdBlock:
+        w = adapter.weight
+        store = tuple(dt if dt is not None else w.dtype for dt in self.preconditioner_dtypes)
+        compute = default_factor_dtype(w)
+        for dt in store:
+            compute = torch.promote_types(compute, torch.float32 if dt in LOW_PRECISION else dt)
+        return SingdBlock(name, adapter, approx=self.kfac_approx,
+                          dtype=default_factor_dtype(w), backend=self.backend,
+                          classes=self.structure_classes, block_sizes=self.block_sizes,
+                          from_rows=self.statistics_from_rows, storage=store, compute=compute,
+                          momentum=self._uses_riemannian_momentum)
 
     def add_param_group(self, param_group: dict) -> None:
         if getattr(self, "_initialising", False):
@@ -261,13 +268,21 @@ class SINGD(FusedSteps, torch.optim.Optimizer):
 
     def _arm_capture(self) -> None:
         on = self.steps % self.T == 0
-        self.capture.capture_inputs = on
-        self.capture.capture_grads = on
+        self.capture.inputs_on = on
+        self.capture.grads_on = on
+        self.capture.world_size = (torch.distributed.get_world_size(self.process_group)
+                                   if self._is_distributed() else 1)
+        self.capture.new_step()
+
+    def _discard_pending(self) -> None:
+        for block in self.blocks.values():
+            block.discard_pending()
+        self.capture.new_step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Also drops curvature captured for a step that was never taken (e.g. skipped by a
         GradScaler)."""
-        self.capture.reset()
+        self._discard_pending()
         super().zero_grad(set_to_none=set_to_none)
 
     def remove_hooks(self) -> None:
@@ -281,27 +296,13 @@ class SINGD(FusedSteps, torch.optim.Optimizer):
     # --- dtypes and lazy state --------------------------------------------------------------
     def _dtypes(self, name: str) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
         """(storage of K, storage of C, compute dtype) of a layer."""
-        w = self.adapters[name].weight
-        store = tuple(dt if dt is not None else w.dtype for dt in self.preconditioner_dtypes)
-        compute = default_factor_dtype(w)
-        for dt in store:
-            compute = torch.promote_types(compute, torch.float32 if dt in LOW_PRECISION else dt)
-        return store[0], store[1], compute
+        block = self.blocks[name]
+        return block.storage[0], block.storage[1], block.compute
 
-    def _init_layer(self, name: str, store: bool = True) -> dict[str, list[StructuredMatrix]]:
-        ad = self.adapters[name]
-        dk, dc, _ = self._dtypes(name)
-        dev = ad.weight.device
-        (cls_k, cls_c), (kk, kc) = self.structure_classes, self.block_sizes
-        di, do = ad.in_features_per_group, ad.out_features_per_group
-        state = {"K": [cls_k.eye(di, kk, dtype=dk, device=dev) for _ in range(ad.groups)],
-                 "C": [cls_c.eye(do, kc, dtype=dc, device=dev) for _ in range(ad.groups)]}
-        if self._uses_riemannian_momentum:
-            state["m_K"] = [cls_k.zeros(di, kk, dtype=dk, device=dev) for _ in range(ad.groups)]
-            state["m_C"] = [cls_c.zeros(do, kc, dtype=dc, device=dev) for _ in range(ad.groups)]
-        if store:
-            self.factors[name] = state
-        return state
+    @property
+    def factors(self) -> dict[str, dict[str, list[StructuredMatrix]]]:
+        """Per layer that has been updated: ``K``, ``C`` (and ``m_K``, ``m_C``) per group."""
+        return {n: b.state for n, b in self.blocks.items() if b.state is not None}
 
     @property
     def _uses_riemannian_momentum(self) -> bool:
@@ -312,6 +313,8 @@ class SINGD(FusedSteps, torch.optim.Optimizer):
     def step(self, closure=None):
         """One SINGD step. Returns the closure's loss (if given). A step whose gradients are
         not finite is skipped without changing any state."""
+        from ..kfac import grads_finite
+
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -323,39 +326,23 @@ class SINGD(FusedSteps, torch.optim.Optimizer):
                 mats[name] = mat
         plain = [p for p in self._plain_params if p.grad is not None]
         grads = list(mats.values()) + [p.grad for p in plain]
-        if not grads or not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
-            self.capture.reset()
+        if not grads or not grads_finite(grads):
+            if grads and not (self.grad_scaler is not None and self.grad_scaler.is_enabled()):
+                self.skips.skipped(self.steps + 1)
+            self._discard_pending()
             return loss
         group = self.param_groups[0]
-        update_factors = self.steps % self.T == 0
-        fused_factors = (self.fused and not self.normalize_lr_cov
-                         and (all(c is Diagonal for c in self.structure_classes)
-                              or all(c is BlockDiagonal for c in self.structure_classes)))
-        if update_factors and self._is_distributed():
-            # U and G of the loss DDP optimises (see kfac_kernels.distributed); no
-            # decompositions to share: every rank updates K and C from the same statistics.
-            self.capture.allreduce(sorted(self.adapters), self.process_group)
-        if update_factors and fused_factors:
-            for name in mats:
-                if name not in self.factors:
-                    self._init_layer(name)
-            if self.structure_classes[0] is Diagonal:
-                self._update_diagonal_factors_fused(list(mats))
-            else:
-                self._update_block_factors_fused(list(mats))
+        if self.steps % self.T == 0:
+            self._update_factors(list(mats))
+        self._discard_pending()
         for name, mat in mats.items():
-            state = self.factors.get(name) or self._init_layer(name)
-            if update_factors and not fused_factors:
-                self._update_factors(name, state)
             if self._fusable(name):
                 if self.structure_classes[0] is BlockDiagonal:
-                    self._fused_block_layer_step(name, state, group)
+                    self._fused_block_layer_step(name, self.blocks[name].factors(), group)
                 else:
-                    self._fused_layer_step(name, state, group)
+                    self._fused_layer_step(name, self.blocks[name].factors(), group)
                 continue
-            direction = self._precondition(name, state, mat)
-            self._apply_layer(name, direction, group)
-        self.capture.reset()
+            self._apply_layer(name, self.blocks[name].precondition(mat), group)
         for p in plain:
             self._apply(p, p.grad.to(torch.promote_types(p.dtype, torch.float32)), group)
         self.steps += 1
@@ -365,62 +352,56 @@ class SINGD(FusedSteps, torch.optim.Optimizer):
     def _is_distributed(self) -> bool:
         return dist_utils.enabled(self.distributed, self.process_group)
 
-    def _batch_statistics(self, name: str) -> list[tuple] | None:
-        """The single place where the captured curvature of a factor update is read: per group
-        ``(U, G)`` in the layer's compute dtype, each a dense matrix or (rows path, see
-        :mod:`kfac_kernels.singd.statistics`) the structured projection of it; ``None`` when
-        the layer saw no data or its statistics are not finite (warned once)."""
-        stats = self.capture.statistics(name)
-        if stats is None:
-            return None
-        compute = self._dtypes(name)[2]
-        stats = [tuple(s.to(compute) for s in pair) for pair in stats]
-        finite = all(s.all_finite() if isinstance(s, StructuredMatrix)
-                     else bool(torch.isfinite(s).all()) for pair in stats for s in pair)
-        if not finite:
-            self._warn_once(f"nonfinite-curvature:{name}", (
-                f"SINGD: non-finite curvature for module {name!r} (NaN/inf in its inputs or "
-                "output gradients); its factor update is skipped this step and whenever this "
-                "happens again"))
-            return None
-        return stats
+    @property
+    def _fused_factors(self) -> bool:
+        return (self.fused and not self.normalize_lr_cov
+                and (all(c is Diagonal for c in self.structure_classes)
+                     or all(c is BlockDiagonal for c in self.structure_classes)))
 
-    def _update_factors(self, name: str, state) -> None:
-        stats = self._batch_statistics(name)
-        if stats is None:
+    def _update_factors(self, names: list[str]) -> None:
+        """Step 1 of Fig. 4 for every layer with statistics; layers whose statistics are not
+        finite are skipped (warned once)."""
+        if self._is_distributed():
+            # U and G of the loss DDP optimises (see kfac_kernels.distributed); no
+            # decompositions to share: every rank updates K and C from the same statistics.
+            dist_utils.allreduce_pending(self.blocks, self.process_group)
+        stats = {n: self.blocks[n].pending_statistics() for n in names}
+        stats = {n: s for n, s in stats.items() if s is not None}
+        if not stats:
             return
-        compute = self._dtypes(name)[2]
-        for gi in range(len(state["K"])):
-            u, g = stats[gi]
-            old = {key: state[key][gi].to(compute) for key in state}
-            new = factor_update(old["K"], old["C"], u, g, damping=self.damping,
-                                alpha1=self.alpha1, lr_cov=self.lr_cov,
-                                kfac_like=self.kfac_like, m_K=old.get("m_K"),
-                                m_C=old.get("m_C"), normalize_lr_cov=self.normalize_lr_cov)
-            if not self._store_factor_update(name, gi, new):
-                return
+        finite = torch.stack([SingdBlock.statistics_finite(s) for s in stats.values()]
+                             ).isfinite().tolist()
+        for (name, _), ok in zip(list(stats.items()), finite):
+            if not ok:
+                del stats[name]
+                self._warn_once(f"nonfinite-curvature:{name}", (
+                    f"SINGD: non-finite curvature for module {name!r} (NaN/inf in its inputs or "
+                    "output gradients); its factor update is skipped this step and whenever "
+                    "this happens again"))
+        if self._fused_factors:
+            if self.structure_classes[0] is Diagonal:
+                self._update_diagonal_factors_fused(stats)
+            else:
+                self._update_block_factors_fused(stats)
+            return
+        settings = dict(damping=self.damping, alpha1=self.alpha1, lr_cov=self.lr_cov,
+                        kfac_like=self.kfac_like, normalize_lr_cov=self.normalize_lr_cov)
+        for name, s in stats.items():
+            if not self.blocks[name].update_factors(s, settings):
+                self._warn_nonfinite_update(name)
 
     def _store_factor_update(self, name: str, gi: int, new: dict) -> bool:
         """Store group ``gi``'s updated ``K``, ``C`` (and momenta) of layer ``name`` in their
         storage dtypes; a non-finite update is not stored (one warning) and gives ``False``."""
-        if not all(s.all_finite() for s in new.values()):
-            self._warn_once(f"nonfinite-factor:{name}", (
-                f"SINGD: the factor update of module {name!r} is not finite (lr_cov too "
-                "large for its curvature?); keeping its previous factors"))
-            return False
-        dk, dc, _ = self._dtypes(name)
-        for key, s in new.items():
-            self.factors[name][key][gi] = s.to(dk if key.endswith("K") else dc)
-        return True
+        if self.blocks[name].store(gi, new):
+            return True
+        self._warn_nonfinite_update(name)
+        return False
 
-    def _precondition(self, name: str, state, mat: torch.Tensor) -> torch.Tensor:
-        """``C C^T M K K^T`` per group, in the compute dtype."""
-        compute = self._dtypes(name)[2]
-        out = []
-        for gi in range(mat.shape[0]):
-            k, c = state["K"][gi].to(compute), state["C"][gi].to(compute)
-            out.append(precondition(k, c, mat[gi].to(compute)))
-        return torch.stack(out)
+    def _warn_nonfinite_update(self, name: str) -> None:
+        self._warn_once(f"nonfinite-factor:{name}", (
+            f"SINGD: the factor update of module {name!r} is not finite (lr_cov too "
+            "large for its curvature?); keeping its previous factors"))
 
     def _apply_layer(self, name: str, direction: torch.Tensor, group) -> None:
         ad = self.adapters[name]
@@ -455,6 +436,7 @@ class SINGD(FusedSteps, torch.optim.Optimizer):
         sd = super().state_dict()
         sd["singd"] = {
             "steps": self.steps,
+            "skips": self.skips.state_dict(),
             "structures": tuple(c.name for c in self.structure_classes),
             "block_sizes": self.block_sizes,
             "factors": {name: {key: [list(s.data) for s in mats] for key, mats in st.items()}
@@ -478,7 +460,7 @@ class SINGD(FusedSteps, torch.optim.Optimizer):
                 raise ValueError(f"{who}: state_dict has factors for module {name!r}, which "
                                  "this optimizer does not cover")
             dev = self.adapters[name].weight.device
-            template = self._init_layer(name, store=False)
+            template = self.blocks[name].initial_state()
             if set(st) != set(template):
                 raise ValueError(f"{who}: factors of module {name!r} have entries {sorted(st)}, "
                                  f"expected {sorted(template)}")
@@ -501,7 +483,9 @@ class SINGD(FusedSteps, torch.optim.Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         for i, buf in saved_buffers.items():
             self.state[params[i]]["momentum_buffer"] = buf.detach().clone().to(params[i].device)
-        self.factors = factors
+        for name, block in self.blocks.items():
+            block.state = factors.get(name)
         self.steps = int(extra["steps"])
-        self.capture.reset()
+        self.skips.load_state_dict(extra.get("skips"))
+        self._discard_pending()
         self._arm_capture()

@@ -8,8 +8,8 @@ Examples::
     kfac-train --task char-lm --optimizer kfac --steps 300
     kfac-train --compare adamw,kfac,singd-diagonal --seeds 0,1,2 --plot out.png
 
-Workloads (``--task``, :mod:`kfac_kernels.workloads`): ``digits`` (default), ``char-lm``,
-``deep-linear``, ``graphs``; none needs a download. ``--compare`` (:mod:`kfac_kernels.compare`)
+Workloads (``--task``, :mod:`kfac_kernels.apps.workloads`): ``digits`` (default), ``char-lm``,
+``deep-linear``, ``graphs``; none needs a download. ``--compare`` (:mod:`kfac_kernels.apps.compare`)
 runs several optimizers with the same seeds and data order, each run in a fresh process, and
 prints steps and wall time to the target metric, final metrics and peak memory.
 
@@ -36,59 +36,13 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .defaults import (DEFAULT_DAMPING, DEFAULT_LR, DEFAULT_MOMENTUM, DEFAULT_WEIGHT_DECAY,
+                       OPTIMIZERS, SECOND_ORDER, SINGD_DEFAULTS, SINGD_OPTIMIZERS, default_damping,
+                       default_lr)
 from .models import num_parameters
 from .workloads import WORKLOADS
 
-SINGD_OPTIMIZERS = ("ingd", "ikfac", "singd-dense", "singd-diagonal", "singd-block-diagonal",
-                    "singd-hierarchical", "singd-lower-triangular",
-                    "singd-rank-k-lower-triangular", "singd-upper-triangular-toeplitz")
-OPTIMIZERS = ("sgd", "adamw", "kfac", "bdkfac") + SINGD_OPTIMIZERS
-SECOND_ORDER = ("kfac", "bdkfac")  # take the K-FAC options
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
-
-# Defaults per optimizer. K-FAC's lr and damping come from a sweep over lr x damping (with and
-# without KL-clipping) at 300 steps and batch size 64: lr 0.02 with damping 0.3 trained stably for
-# every seed tried (0-9), each reaching >= 0.98 test accuracy; larger steps (lr >= 0.05, or
-# damping <= 0.1 at lr 0.03) let some seeds spike or diverge.
-# BD-KFAC preconditions AdamW (seed 000's setting) and keeps AdamW's weight decay; its lr comes
-# from a sweep recorded in bench/results/bdkfac_digits_sweep.json.
-DEFAULT_LR = {"sgd": 0.05, "adamw": 3e-3, "kfac": 0.02, "bdkfac": 1e-2}
-DEFAULT_WEIGHT_DECAY = {"sgd": 0.0, "adamw": 1e-2, "kfac": 0.0, "bdkfac": 1e-2}
-DEFAULT_MOMENTUM = 0.9
-DEFAULT_DAMPING = 0.3
-# SINGD family: lr (beta2) and lr_cov (beta1) from a sweep over lr in {0.02, 0.05, 0.1} x lr_cov
-# in {3e-4, 1e-3, 3e-3, 1e-2} (bench/sweep_singd_digits.py, results in
-# bench/results/singd_digits_sweep.json): lr_cov >= 3e-3 diverges for most settings, lr_cov 3e-4
-# reached >= 0.977 test accuracy at every lr for seeds 0 and 1 (0.992-0.994 at lr 0.05). The same
-# sweep for ingd and ikfac (bench/results/singd_digits_sweep_dense.json): lr_cov 3e-4 gave
-# 0.989-0.997 at every lr; ikfac also tolerates lr_cov up to 1e-2 at lr <= 0.05, ingd does not.
-DEFAULT_LR.update({name: 0.05 for name in SINGD_OPTIMIZERS})
-DEFAULT_WEIGHT_DECAY.update({name: 0.0 for name in SINGD_OPTIMIZERS})
-SINGD_DEFAULTS = {"lr_cov": 3e-4, "damping": 1e-3, "alpha1": 0.5, "T": 1, "block_size": 16}
-
-# Per-task learning rates and dampings from bench/sweep_train.py: the same budget for every
-# optimizer (300 steps, seeds 0 and 1; lr = its previous default x 1/3, 1, 3; damping 0.1 or 0.3
-# for K-FAC and BD-KFAC), the best median final test metric winning, ties going to fewer steps
-# to the task's target (results: bench/results/sweep_<task>.json). These are the defaults
-# `--compare` runs; entries not listed fall back to DEFAULT_LR / DEFAULT_DAMPING.
-TASK_DEFAULTS: dict[str, dict[str, dict[str, float]]] = {
-    "digits": {"kfac": {"lr": 0.02 / 3, "damping": 0.1}, "bdkfac": {"lr": 0.01 / 3,
-                                                                    "damping": 0.3}},
-    # batch size 32. Winners at the top of their grid got one more lr (x3, the sweep file's
-    # "extension"): AdamW 0.027 (worse than 0.009), K-FAC 0.18 (diverged at damping 0.1, worse
-    # at 0.3), SGD 0.45 (worse), SINGD-diagonal 0.45 (2.8012 vs 2.8044: adopted, though within
-    # the spread of the two seeds).
-    "char-lm": {"sgd": {"lr": 0.15}, "adamw": {"lr": 0.009}, "kfac": {"lr": 0.06, "damping": 0.3},
-                "bdkfac": {"lr": 0.01, "damping": 0.1}, "singd-diagonal": {"lr": 0.45}},
-}
-
-
-def default_lr(task: str, optimizer: str) -> float:
-    return TASK_DEFAULTS.get(task, {}).get(optimizer, {}).get("lr", DEFAULT_LR[optimizer])
-
-
-def default_damping(task: str, optimizer: str) -> float:
-    return TASK_DEFAULTS.get(task, {}).get(optimizer, {}).get("damping", DEFAULT_DAMPING)
 
 
 def _target(text: str) -> tuple[str, float]:
@@ -265,7 +219,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
 def _make_singd(args: argparse.Namespace, model: nn.Module, loss_average: str = "batch"):
     """:class:`kfac_kernels.SINGD` for ``ingd`` (dense), ``ikfac`` (dense, kfac_like) and
     ``singd-<structure>``; factors are stored in the model's dtype and updated in fp32."""
-    from . import SINGD
+    from kfac_kernels import SINGD
 
     structure = "dense" if args.optimizer in ("ingd", "ikfac") else args.optimizer[6:]
     kfac_like = args.optimizer == "ikfac"
@@ -288,15 +242,18 @@ def _make_optimizer(args: argparse.Namespace, model: nn.Module, workload=None):
                                weight_decay=args.weight_decay)
     if args.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    from . import BDKFAC, KFAC, PreconditionedOptimizer  # the optimizer layer
+    from kfac_kernels import BDKFAC, KFAC, PreconditionedOptimizer
 
     if args.optimizer == "bdkfac":
         base = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+        # The BD-KFAC paper's precomputed damped block inverses (the recorded sweeps' form).
         precond = BDKFAC(model, num_blocks=args.num_blocks, damping=args.damping,
                          factor_decay=args.factor_decay,
                          factor_update_steps=args.factor_update_steps,
                          inv_update_steps=args.inv_update_steps, kfac_approx=args.kfac_approx,
-                         kl_clip=args.kl_clip, loss_average=loss_average, backend=args.backend)
+                         damping_form="factored", compute_method="inverse",
+                         damping_split="equal", kl_clip=args.kl_clip, loss_average=loss_average,
+                         backend=args.backend)
         return PreconditionedOptimizer(base, precond)
     base = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum,
                            weight_decay=args.weight_decay)

@@ -31,9 +31,9 @@ from typing import Callable
 
 import torch
 
-from . import ops
-from ._backend import available_backends
-from .testing import rel_error
+from kfac_kernels import ops
+from kfac_kernels._backend import available_backends
+from kfac_kernels.testing import rel_error
 
 # An op's cases: (label, make_inputs(device, gen) -> args, run(args, backend) -> tensor or tuple,
 # check(result, reference, args) -> error). Shapes: quick set first; the full set adds more.

@@ -18,6 +18,8 @@ import subprocess
 import sys
 import tempfile
 
+from .defaults import OPTIMIZERS, SECOND_ORDER, SINGD_OPTIMIZERS
+
 # Options that are forwarded to every run unless they are at their parser default.
 _FORWARD = ("task", "steps", "batch_size", "lr", "momentum", "weight_decay", "device", "threads",
             "dtype", "damping", "kfac_approx", "damping_form", "factor_decay",
@@ -35,8 +37,6 @@ def _flag(dest: str) -> str:
 
 def _run_args(parser: argparse.ArgumentParser, args: argparse.Namespace, optimizer: str,
               seed: int, out: str) -> list[str]:
-    from .train import SECOND_ORDER, SINGD_OPTIMIZERS
-
     argv = ["--optimizer", optimizer, "--seed", str(seed), "--json", out]
     for dest in _FORWARD:
         value = getattr(args, dest)
@@ -139,8 +139,6 @@ def plot(runs: dict[str, list[dict]], path: str, title: str) -> None:
 
 
 def compare_main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv) -> int:
-    from .train import OPTIMIZERS
-
     optimizers = [o.strip() for o in args.compare.split(",") if o.strip()]
     unknown = [o for o in optimizers if o not in OPTIMIZERS]
     if not optimizers or unknown:
@@ -163,7 +161,7 @@ def compare_main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv
         for optimizer in optimizers:
             for seed in seeds:
                 out = os.path.join(tmp, f"{optimizer}-{seed}.json")
-                cmd = [sys.executable, "-m", "kfac_kernels.train",
+                cmd = [sys.executable, "-m", "kfac_kernels.apps.train",
                        *_run_args(parser, args, optimizer, seed, out)]
                 proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
                 if proc.returncode != 0:

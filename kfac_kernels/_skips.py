@@ -1,0 +1,40 @@
+"""Loud skipped steps: a step whose gradients are not finite changes nothing, and says so.
+
+The first skip is a warning naming the step and the likely fixes; later skips are counted and
+reported every ``every`` skips, so a run that has diverged (every step skipped) cannot go on
+silently.
+"""
+from __future__ import annotations
+
+import warnings
+
+
+class SkipCounter:
+    def __init__(self, who: str, every: int = 100):
+        self.who = who
+        self.every = every
+        self.count = 0
+        self.first_step: int | None = None
+
+    def skipped(self, step: int, stacklevel: int = 3) -> None:
+        """Record that step ``step`` was skipped (warns on the first and every ``every``-th)."""
+        self.count += 1
+        if self.first_step is None:
+            self.first_step = step
+            warnings.warn(
+                f"{self.who}: the gradients of step {step} are not finite (NaN/inf); the step is "
+                "skipped and changes nothing. If this repeats the run has diverged: lower the "
+                "learning rate, raise the damping, or use a torch.amp.GradScaler for "
+                "low-precision training", RuntimeWarning, stacklevel=stacklevel)
+        elif self.count % self.every == 0:
+            warnings.warn(f"{self.who}: {self.count} steps skipped for non-finite gradients so "
+                          f"far (the first at step {self.first_step})", RuntimeWarning,
+                          stacklevel=stacklevel)
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "first_step": self.first_step}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        state = state or {}
+        self.count = int(state.get("count", 0))
+        self.first_step = state.get("first_step")

@@ -1,0 +1,370 @@
+r"""K-FAC's curvature block: ``kron(G, A)`` of one layer, with dense, block-diagonal or diagonal
+factors, their moving averages, decompositions and the preconditioned gradient.
+
+Factors (Martens & Grosse (2015); Eschenhagen et al. (2023), Eq. 7 and 10):
+``A = E[a a^T]`` over the input rows (bias coordinate last) and ``G`` the weighted second moment
+of the output-gradient rows (see :mod:`kfac_kernels.capture`). The block keeps the moving
+average of the per-step *sums* of input-row outer products and of the row counts,
+``A = A_sum / A_count``: the update ``F <- decay F + (1 - decay) S`` is then one pass over each
+factor (a ``lerp``) with no division, and the count folds into the decompositions (the
+eigenvalues of ``A`` are those of ``A_sum`` over the count). With a constant number of rows per
+step this is exactly the moving average of the per-step means.
+
+Preconditioning of the gradient matrix ``M = [dW | db]`` (per group):
+
+* ``compute_method="eigen"``, ``damping_form="exact"`` (Yu & Tatebe (BD-KFAC), Sec. 3):
+  ``Q_G [(Q_G^T M Q_A) / (lambda_G lambda_A^T + gamma)] Q_A^T`` -- ``(G (x) A + gamma I)^{-1}``
+  applied exactly;
+* ``damping_form="factored"`` (Tselepidis et al. (2020), Eq. 8-9):
+  ``(G + gamma_G I)^{-1} M (A + gamma_A I)^{-1}`` with ``gamma_A = pi sqrt(gamma)``,
+  ``gamma_G = sqrt(gamma) / pi``, ``pi = sqrt((tr A / dim A) / (tr G / dim G))``
+  (``damping_split="pi"``) or ``gamma_A = gamma_G = gamma`` (``"equal"``, the BD-KFAC paper's
+  precomputed damped block inverses, Sec. 4.4), through eigendecompositions or, with
+  ``compute_method="inverse"``, precomputed damped inverses.
+
+A block-diagonal side keeps only the diagonal blocks of a partition of the layer's features
+(Yu & Tatebe (BD-KFAC), Sec. 4.1-4.2; convolutions partition channels, ``|S_i| k_h k_w``
+coordinates per block); every product above is then a product with ``blockdiag`` matrices, and
+no dense factor is ever formed. A diagonal side (an embedding's token frequencies, the
+vocabulary side of a tied weight) needs no decomposition.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..layers import DENSE, LayerAdapter, Layout, blocks
+from . import sides
+from .base import CurvatureBlock
+from .decompositions import Job
+
+
+def partition_sizes(features: int, num_blocks: int | None = None,
+                    block_size: int | None = None) -> list[int]:
+    """Sizes of the contiguous parts ``S_1 .. S_n`` of ``features`` features.
+
+    ``num_blocks``: ``min(num_blocks, features)`` near-equal parts; ``block_size``:
+    ``max(1, features // block_size)`` parts of ``block_size``. The last part absorbs the
+    remainder in both cases (Yu & Tatebe (BD-KFAC), Sec. 4.1).
+    """
+    if block_size is not None:
+        n = max(1, features // block_size)
+        return [block_size] * (n - 1) + [features - block_size * (n - 1)]
+    n = max(1, min(int(num_blocks), features))
+    q = features // n
+    return [q] * (n - 1) + [features - q * (n - 1)]
+
+
+def _pi(trace_a, dim_a, trace_g, dim_g) -> torch.Tensor:
+    """Per-group pi (1 where a trace is not positive)."""
+    ta, tg = trace_a / dim_a, trace_g / dim_g
+    ok = (ta > 0) & (tg > 0)
+    return torch.where(ok, torch.sqrt(ta.clamp_min(1e-300) / tg.clamp_min(1e-300)),
+                       torch.ones_like(ta))
+
+
+class KroneckerBlock(CurvatureBlock):
+    """Dense Kronecker factors ``A`` and ``G`` of one layer (the base of the other layouts)."""
+
+    structure = "dense"
+
+    def __init__(self, name: str, adapter: LayerAdapter, *, approx: str, dtype: torch.dtype,
+                 backend: str = "auto", **options):
+        super().__init__(name, adapter, approx=approx, dtype=dtype, backend=backend, **options)
+        self.A: list[torch.Tensor] | None = None   # moving average of input-row sums, by part
+        self.A_count = 0.0                          # moving average of the rows per step
+        self.G: list[torch.Tensor] | None = None
+        self.decomposition: dict[str, list[torch.Tensor]] | None = None
+
+    @classmethod
+    def layouts(cls, adapter, **options) -> tuple[Layout, Layout]:
+        return DENSE, DENSE
+
+    # --- factors ------------------------------------------------------------------------------
+    def pending_health(self) -> torch.Tensor | None:
+        """A 0-d tensor, finite iff this step's statistics are (the traces of Gram matrices:
+        a NaN or inf row makes a diagonal entry non-finite), or ``None`` if a side saw no
+        data."""
+        p = self.pending
+        if p is None or not p.complete:
+            return None
+        a = sides.trace(sides.as_parts(p.a, self.a_layout), self.a_layout).sum()
+        g = sides.trace(sides.as_parts(p.g, self.g_layout), self.g_layout).sum()
+        return a + g
+
+    def fold_pending(self, decay: float) -> None:
+        """``F <- decay F + (1 - decay) S`` for both sides (the first step takes ``S``)."""
+        p = self.pending
+        self.pending = None
+        a = sides.as_parts(p.a, self.a_layout)
+        g = sides.as_parts(p.g, self.g_layout)
+        if self.A is None:
+            self.A, self.A_count, self.G = a, float(p.rows), g
+            return
+        for stored, new in ((self.A, a), (self.G, g)):
+            for s, n in zip(stored, new):
+                s.lerp_(n, 1.0 - decay)
+        self.A_count = decay * self.A_count + (1.0 - decay) * p.rows
+
+    @property
+    def has_factors(self) -> bool:
+        return self.A is not None
+
+    def factors(self) -> tuple:
+        """``(A, G)`` in the block's layouts (``A`` normalised by its count)."""
+        a = [p / self.A_count for p in self.A]
+        return self._from_parts(a, self.a_layout), self._from_parts(list(self.G), self.g_layout)
+
+    @staticmethod
+    def _from_parts(parts, layout):
+        return parts if layout.kind == "blocks" else parts[0]
+
+    def reset_factors(self) -> None:
+        self.A, self.A_count, self.G = None, 0.0, None
+
+    def factors_finite(self) -> bool:
+        if self.A is None:
+            return True
+        return bool(torch.isfinite(sides.trace(self.A, self.a_layout).sum()
+                                   + sides.trace(self.G, self.g_layout).sum()))
+
+    # --- decompositions -------------------------------------------------------------------------
+    def _pi(self) -> torch.Tensor:
+        tr_a = sides.trace(self.A, self.a_layout) / self.A_count
+        tr_g = sides.trace(self.G, self.g_layout)
+        return _pi(tr_a, sides.dim(self.A), tr_g, sides.dim(self.G))
+
+    @staticmethod
+    def _split_damping(damping: float, split: str, pi: torch.Tensor):
+        """``(gamma_A, gamma_G)`` per group of the factored damping."""
+        if split == "equal":
+            d = torch.full_like(pi, damping)
+            return d, d
+        root = math.sqrt(damping)
+        return pi * root, root / pi
+
+    def _dampings(self, damping: float, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._split_damping(damping, split, self._pi())
+
+    def decomposition_jobs(self, method: str, damping: float, split: str) -> list[Job]:
+        """The matrices to decompose: eigendecompositions of every non-diagonal part, or
+        damped inverses (``A``'s with its count folded in: ``(A_sum / c + d I)^{-1}
+        = c (A_sum + c d I)^{-1}``)."""
+        jobs = []
+        if method == "eigen":
+            for parts, layout in ((self.A, self.a_layout), (self.G, self.g_layout)):
+                if layout.kind != "diagonal":
+                    jobs += [Job("eigh", p) for p in parts]
+            return jobs
+        damp_a, damp_g = self._dampings(damping, split)
+        for parts, layout, damp in ((self.A, self.a_layout, damp_a * self.A_count),
+                                    (self.G, self.g_layout, damp_g)):
+            if layout.kind != "diagonal":
+                jobs += [Job("inverse", p, damp) for p in parts]
+        return jobs
+
+    def set_decomposition(self, results: list, method: str, damping: float, split: str) -> bool:
+        """Store the results of :meth:`decomposition_jobs` (in order); ``False`` (and the
+        previous decomposition kept) if one is missing."""
+        if any(r is None for r in results):
+            return False
+        it = iter(results)
+        out: dict[str, list[torch.Tensor]] = {}
+        scale = {"A": 1.0 / self.A_count, "G": 1.0}
+        if method == "eigen":
+            for side, parts, layout in (("A", self.A, self.a_layout), ("G", self.G, self.g_layout)):
+                if layout.kind == "diagonal":
+                    out[f"eigvals_{side}"] = [(parts[0] * scale[side]).clamp_min(0)]
+                    out[f"eigvecs_{side}"] = []
+                    continue
+                vals, vecs = zip(*(next(it) for _ in parts))
+                # Round-off can leave tiny negative eigenvalues of these PSD factors.
+                out[f"eigvals_{side}"] = [(v * scale[side]).clamp_min(0) for v in vals]
+                out[f"eigvecs_{side}"] = list(vecs)
+            if split is not None:
+                out["pi"] = [self._pi()]
+            self.decomposition = out
+            return True
+        damp_a, damp_g = self._dampings(damping, split)
+        for side, parts, layout, damp in (("A", self.A, self.a_layout, damp_a),
+                                          ("G", self.G, self.g_layout, damp_g)):
+            if layout.kind == "diagonal":
+                out[f"inv_{side}"] = [1.0 / (parts[0] * scale[side] + damp[:, None])]
+            elif side == "A":
+                out["inv_A"] = [next(it) * self.A_count for _ in parts]
+            else:
+                out["inv_G"] = [next(it) for _ in parts]
+        self.decomposition = out
+        return True
+
+    def precondition(self, mat: torch.Tensor, method: str, damping: float,
+                     split: str | None) -> torch.Tensor:
+        """The preconditioned gradient matrix (``split=None``: exact eigen damping)."""
+        dec = self.decomposition
+        ref = (dec["eigvals_A"] if method == "eigen" else dec["inv_A"])[0]
+        m = mat.to(ref.dtype)
+        if method == "inverse":
+            out = sides.left(dec["inv_G"], m, self.g_layout)
+            return sides.right(out, dec["inv_A"], self.a_layout)
+        qa = dec["eigvecs_A"] or None
+        qg = dec["eigvecs_G"] or None
+        la = sides.concat_values(dec["eigvals_A"])
+        lg = sides.concat_values(dec["eigvals_G"])
+        rotated = sides.right(sides.left(qg, m, self.g_layout, transpose=True), qa,
+                              self.a_layout)
+        if split is None:
+            denom = lg[:, :, None] * la[:, None, :] + damping
+        else:
+            gamma_a, gamma_g = self._split_damping(damping, split, dec["pi"][0])
+            denom = ((lg + gamma_g[:, None])[:, :, None]) * ((la + gamma_a[:, None])[:, None, :])
+        return sides.right(sides.left(qg, rotated / denom, self.g_layout), qa, self.a_layout,
+                           transpose=True)
+
+    def decomposition_cost(self) -> float:
+        """``sum groups * n^3`` over the parts to decompose (the distributed share-out)."""
+        g = self.groups
+        total = 0.0
+        for layout, widths in ((self.a_layout, self._widths("A")), (self.g_layout,
+                                                                    self._widths("G"))):
+            if layout.kind != "diagonal":
+                total += sum(g * w ** 3 for w in widths)
+        return total
+
+    # --- shapes and state -----------------------------------------------------------------------
+    def _widths(self, side: str) -> list[int]:
+        layout = self.a_layout if side == "A" else self.g_layout
+        dim = (self.adapter.in_features_per_group if side == "A"
+               else self.adapter.out_features_per_group)
+        return list(layout.widths) if layout.kind == "blocks" else [dim]
+
+    def _part_shapes(self, side: str) -> list[tuple]:
+        layout = self.a_layout if side == "A" else self.g_layout
+        g = self.groups
+        if layout.kind == "diagonal":
+            return [(g, self._widths(side)[0])]
+        return [(g, w, w) for w in self._widths(side)]
+
+    def factor_template(self) -> dict:
+        kw = dict(dtype=self.dtype, device=self.device)
+        return {"A": [torch.zeros(s, **kw) for s in self._part_shapes("A")],
+                "G": [torch.zeros(s, **kw) for s in self._part_shapes("G")]}
+
+    def decomposition_template(self, method: str, split: str | None) -> dict:
+        kw = dict(dtype=self.dtype, device=self.device)
+        g = self.groups
+        out = {}
+        for side in ("A", "G"):
+            layout = self.a_layout if side == "A" else self.g_layout
+            shapes = self._part_shapes(side)
+            if method == "inverse":
+                out[f"inv_{side}"] = [torch.zeros(s, **kw) for s in shapes]
+            elif layout.kind == "diagonal":
+                out[f"eigvals_{side}"] = [torch.zeros(shapes[0], **kw)]
+                out[f"eigvecs_{side}"] = []
+            else:
+                out[f"eigvals_{side}"] = [torch.zeros(s[:2], **kw) for s in shapes]
+                out[f"eigvecs_{side}"] = [torch.zeros(s, **kw) for s in shapes]
+        if method == "eigen" and split is not None:
+            out["pi"] = [torch.zeros(g, **kw)]
+        return out
+
+    # A side's parts are exported as a list for a block-diagonal side, else as one tensor (the
+    # formats of dense K-FAC and of BD-KFAC); inside, always a list.
+    def _layout_of(self, key: str) -> Layout:
+        return self.a_layout if key.endswith("A") else self.g_layout
+
+    def _export(self, key: str, parts: list):
+        if self._layout_of(key).kind == "blocks" or key == "pi":
+            return parts[0] if key == "pi" else list(parts)
+        return parts[0] if parts else None
+
+    @staticmethod
+    def _import(value) -> list:
+        if value is None:
+            return []
+        return [value] if isinstance(value, torch.Tensor) else list(value)
+
+    def decomposition_state(self) -> dict | None:
+        """The decomposition in the exported format (``None`` entries left out)."""
+        if self.decomposition is None:
+            return None
+        out = {k: self._export(k, v) for k, v in self.decomposition.items()}
+        return {k: v for k, v in out.items() if v is not None}
+
+    def decomposition_from_state(self, state: dict, method: str, split, who: str) -> dict | None:
+        """A decomposition from :meth:`decomposition_state`'s format, checked against the
+        shapes of the current settings; ``None`` if it was saved with other settings."""
+        expected = self.decomposition_template(method, split)
+        wanted = {k for k, v in expected.items() if v}
+        if set(state) != wanted:
+            return None
+        out = {}
+        for key, parts in expected.items():
+            got = self._import(state.get(key))
+            if [tuple(t.shape) for t in got] != [tuple(t.shape) for t in parts]:
+                raise ValueError(f"{who}: preconditioner entry {key!r} of module {self.name!r} "
+                                 f"has shapes {[tuple(t.shape) for t in got]}; expected "
+                                 f"{[tuple(t.shape) for t in parts]}")
+            out[key] = [t.detach().clone().to(self.device) for t in got]
+        return out
+
+    def factor_state(self) -> dict | None:
+        if self.A is None:
+            return None
+        return {"A": self._export("A", self.A), "A_count": self.A_count,
+                "G": self._export("G", self.G)}
+
+    def factors_from_state(self, state: dict, who: str) -> dict:
+        """:meth:`factor_state`'s format checked against this block's shapes, on its device."""
+        template = self.factor_template()
+        parts = {"A": self._import(state["A"]), "G": self._import(state["G"])}
+        for key in ("A", "G"):
+            got = [tuple(t.shape) for t in parts[key]]
+            want = [tuple(t.shape) for t in template[key]]
+            if got != want:
+                raise ValueError(f"{who}: factor {key!r} of module {self.name!r} has part "
+                                 f"shapes {got}; expected {want} (saved with another structure, "
+                                 "num_blocks or block_size?)")
+        return {"A": [t.detach().clone().to(self.device) for t in parts["A"]],
+                "G": [t.detach().clone().to(self.device) for t in parts["G"]],
+                "A_count": float(state["A_count"])}
+
+    def set_factors(self, loaded: dict | None) -> None:
+        if loaded is None:
+            self.reset_factors()
+        else:
+            self.A, self.G, self.A_count = loaded["A"], loaded["G"], loaded["A_count"]
+
+
+class BlockDiagonalBlock(KroneckerBlock):
+    """Block-diagonal factors (Yu & Tatebe (BD-KFAC)): the diagonal blocks of a partition of
+    the layer's input features (channels for a convolution; the bias coordinate in the last
+    block) and output features into ``num_blocks`` near-equal parts, or parts of
+    ``block_size``."""
+
+    structure = "block-diagonal"
+
+    @classmethod
+    def layouts(cls, adapter, *, num_blocks=4, block_size=None, **options):
+        if getattr(adapter, "partitionable_inputs", True):
+            unit, bias = adapter.input_unit, int(adapter.bias is not None)
+            a = [s * unit for s in partition_sizes(adapter.in_partition_features, num_blocks,
+                                                   block_size)]
+            a[-1] += bias
+        else:
+            a = [adapter.in_features_per_group]
+        g = partition_sizes(adapter.out_features_per_group, num_blocks, block_size)
+        return blocks(a), blocks(g)
+
+
+class DiagonalBlock(KroneckerBlock):
+    """Diagonal factors: ``diag(A)``, ``diag(G)`` -- no decomposition, ``O(d_in + d_out)``
+    memory per layer."""
+
+    structure = "diagonal"
+
+    @classmethod
+    def layouts(cls, adapter, **options):
+        from ..layers import DIAGONAL
+        return DIAGONAL, DIAGONAL

@@ -1,0 +1,79 @@
+r"""One side (``A`` or ``G``) of a Kronecker factor pair, in a layout, as a list of parts.
+
+A side's value is held as a list of *parts*, per group stacked first: a dense side is one part
+``(groups, n, n)``, a block-diagonal side one part per diagonal block ``(groups, w, w)``, a
+diagonal side one part ``(groups, n)``. The functions here are what every layout must answer:
+its trace, its products with a matrix from the left and the right (the preconditioner is
+``blockdiag`` of per-part matrices), and the decompositions' bookkeeping.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..layers import Layout
+
+
+def as_parts(value, layout: Layout) -> list[torch.Tensor]:
+    """The list-of-parts form of a statistic in ``layout``."""
+    if value is None:
+        return None
+    return list(value) if layout.kind == "blocks" else [value]
+
+
+def trace(parts: list[torch.Tensor], layout: Layout) -> torch.Tensor:
+    """``(groups,)`` traces of a side."""
+    if layout.kind == "diagonal":
+        return parts[0].sum(-1)
+    return sum(torch.diagonal(p, dim1=-2, dim2=-1).sum(-1) for p in parts)
+
+
+def dim(parts: list[torch.Tensor]) -> int:
+    return sum(p.shape[-1] for p in parts)
+
+
+def widths(parts: list[torch.Tensor]) -> list[int]:
+    return [p.shape[-1] for p in parts]
+
+
+def left(parts: list[torch.Tensor] | None, mat: torch.Tensor, layout: Layout,
+         transpose: bool = False) -> torch.Tensor:
+    """``blockdiag(parts) @ mat`` for ``mat`` ``(groups, rows, cols)`` (``parts^T`` with
+    ``transpose``); a diagonal side scales the rows; ``parts=None`` is the identity. The
+    leading equal-size blocks are one batched product."""
+    if parts is None:
+        return mat
+    if layout.kind == "diagonal":
+        return parts[0][:, :, None] * mat
+    if transpose:
+        parts = [p.mT for p in parts]
+    if len(parts) == 1:
+        return parts[0] @ mat
+    groups, rows, cols = mat.shape
+    q = parts[0].shape[-1]
+    lead = next((i for i, p in enumerate(parts) if p.shape[-1] != q), len(parts))
+    out = []
+    if lead:
+        stacked = torch.stack(parts[:lead], dim=1)                     # (groups, n, q, q)
+        head = stacked @ mat[:, :q * lead].reshape(groups, lead, q, cols)
+        out.append(head.reshape(groups, q * lead, cols))
+    start = q * lead
+    for p in parts[lead:]:
+        w = p.shape[-1]
+        out.append(p @ mat[:, start:start + w])
+        start += w
+    return torch.cat(out, dim=1) if len(out) > 1 else out[0]
+
+
+def right(mat: torch.Tensor, parts: list[torch.Tensor] | None, layout: Layout,
+          transpose: bool = False) -> torch.Tensor:
+    """``mat @ blockdiag(parts)`` (``parts^T`` with ``transpose``)."""
+    return left(parts, mat.mT, layout, transpose=not transpose).mT
+
+
+def concat_values(vals: list[torch.Tensor]) -> torch.Tensor:
+    """Per-part eigenvalue vectors ``(groups, w)`` joined into ``(groups, n)``."""
+    return vals[0] if len(vals) == 1 else torch.cat(vals, dim=-1)
+
+
+def zeros_like_layout(layout: Layout, groups: int, n: int, **kw) -> list[torch.Tensor]:
+    return as_parts(layout.zeros(groups, n, **kw), layout)

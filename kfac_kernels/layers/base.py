@@ -1,0 +1,294 @@
+"""The layer adapter: how a module's inputs and output gradients become Kronecker statistics.
+
+An adapter knows one layer type. It hooks its modules (:meth:`LayerAdapter.attach`) and hands
+what the hooks see to the :class:`~kfac_kernels.capture.Capture`, which passes it on to the
+curvature blocks subscribed to the layer. A block asks the adapter for a *side statistic* in a
+:class:`Layout` -- the Gram matrix of the layer's input rows (``A`` side) or output-gradient rows
+(``G`` side), dense, as diagonal blocks, or as its diagonal -- accumulated into what the block
+already holds through the public ops (:mod:`kfac_kernels.ops`), which pick the kernel.
+
+A *row* is one example of the weight-sharing sum (Eschenhagen et al. (2023)):
+
+* ``expand`` (Eq. 7): one row per example and weight-sharing position, ``N * R`` rows;
+* ``reduce`` (Eq. 10): one row per example; inputs averaged over the ``R`` positions, output
+  gradients summed over them.
+
+The bias is folded in as a last input coordinate equal to 1, so ``kron(G, A)`` is the curvature
+block of the row-major flattening of ``[W | b]`` with ``W`` reshaped to ``(d_out, -1)``. A
+convolution with ``groups > 1`` has one factor pair per group, stacked along the first dim.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+
+from ..ops.gradient_covariance import gradient_rows
+from ..ops.symmetric_factor_update import symmetric_factor_update
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which part of a side's Gram matrix ``X^T X`` (per group) to accumulate.
+
+    * ``"dense"``: the whole ``(groups, D, D)`` matrix;
+    * ``"blocks"``: the diagonal blocks of the contiguous coordinate ranges ``widths`` (summing
+      to ``D``), a list of ``(groups, w, w)`` tensors;
+    * ``"diagonal"``: the diagonal, ``(groups, D)``.
+    """
+
+    kind: str
+    widths: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.kind not in ("dense", "blocks", "diagonal"):
+            raise ValueError(f"Layout: kind must be 'dense', 'blocks' or 'diagonal', got "
+                             f"{self.kind!r}")
+
+    def zeros(self, groups: int, dim: int, **kw):
+        """A zero statistic of this layout for ``groups`` Gram matrices of size ``dim``."""
+        if self.kind == "dense":
+            return torch.zeros(groups, dim, dim, **kw)
+        if self.kind == "diagonal":
+            return torch.zeros(groups, dim, **kw)
+        return [torch.zeros(groups, w, w, **kw) for w in self.widths]
+
+
+DENSE = Layout("dense")
+DIAGONAL = Layout("diagonal")
+
+
+def blocks(widths) -> Layout:
+    return Layout("blocks", tuple(int(w) for w in widths))
+
+
+def _offsets(widths) -> list[int]:
+    out, start = [], 0
+    for w in widths:
+        out.append(start)
+        start += w
+    return out
+
+
+def gram_of_rows(current, rows: torch.Tensor, layout: Layout, decay: float, alpha: float,
+                 backend: str):
+    """``decay * current + alpha * rows^T rows`` in ``layout`` for ``rows`` ``(groups, m, D)``
+    (``current=None``: start from zero). Dense and block Grams go through
+    :func:`kfac_kernels.ops.symmetric_factor_update` (one triangle, mirrored)."""
+    if layout.kind == "dense":
+        return symmetric_factor_update(current, rows, decay if current is not None else 0.0,
+                                       alpha, backend=backend)
+    if layout.kind == "diagonal":
+        diag = (rows * rows).sum(dim=1) * alpha
+        return diag if current is None else diag.add_(current, alpha=decay)
+    out = []
+    for i, (c0, w) in enumerate(zip(_offsets(layout.widths), layout.widths)):
+        prev = None if current is None else current[i]
+        out.append(symmetric_factor_update(prev, rows[..., c0:c0 + w],
+                                           decay if prev is not None else 0.0, alpha,
+                                           backend=backend))
+    return out
+
+
+def _add_group(total, part, group: int) -> None:
+    """``total[group] += part[0]`` for a statistic of any layout (tensor or list of blocks)."""
+    if isinstance(total, torch.Tensor):
+        total[group] += part[0]
+    else:
+        for t, p in zip(total, part):
+            t[group] += p[0]
+
+
+class StepSums:
+    """One step's unnormalised statistics of a layer, for one consumer: the A-side Gram of the
+    input rows and their count, the G-side Gram of the weighted output-gradient rows, each in
+    the consumer's :class:`Layout` and dtype. Several forward/backward passes add up."""
+
+    def __init__(self, a_layout: Layout, g_layout: Layout, dtype: torch.dtype):
+        self.a_layout, self.g_layout, self.dtype = a_layout, g_layout, dtype
+        self.a = None
+        self.rows = 0
+        self.g = None
+        self.g_passes = 0
+
+    @property
+    def complete(self) -> bool:
+        """Whether both sides saw data."""
+        return self.a is not None and self.rows > 0 and self.g is not None
+
+
+class LayerAdapter:
+    """Base adapter. ``name`` is the qualified module name, ``module`` the module.
+
+    Subclasses define the rows (:meth:`input_positions`, :meth:`batched_output`) and may
+    override the statistics where a kernel computes them without rows (convolutions).
+    """
+
+    groups: int = 1
+    channel_dim = -1  # where an output (gradient) holds the features
+    # Coordinates of the A side per partitioned input feature (k_h * k_w for a convolution:
+    # block-diagonal factors partition channels, Yu & Tatebe (BD-KFAC), Sec. 4.2).
+    input_unit = 1
+
+    def __init__(self, name: str, module: nn.Module):
+        self.name = name
+        self.module = module
+
+    # --- parameters -------------------------------------------------------------------------
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.module.weight
+
+    @property
+    def bias(self) -> nn.Parameter | None:
+        """The bias if it exists and trains (a frozen bias is not part of the curvature block)."""
+        b = getattr(self.module, "bias", None)
+        return b if b is not None and b.requires_grad else None
+
+    @property
+    def trainable(self) -> bool:
+        return self.weight.requires_grad
+
+    def params(self) -> list[nn.Parameter]:
+        return [p for p in (self.weight, self.bias) if p is not None]
+
+    @property
+    def out_features_per_group(self) -> int:
+        return self.weight.shape[0] // self.groups
+
+    @property
+    def in_features_per_group(self) -> int:
+        """Width of A: the input (patch) dimension of one group, plus one for the bias."""
+        return math.prod(self.weight.shape[1:]) + (1 if self.bias is not None else 0)
+
+    @property
+    def in_partition_features(self) -> int:
+        """Input features a block-diagonal A partitions (each ``input_unit`` coordinates wide,
+        the bias coordinate joining the last block)."""
+        return math.prod(self.weight.shape[1:]) // self.input_unit
+
+    def grad_matrix(self) -> torch.Tensor | None:
+        """``[dW | db]`` as ``(groups, d_out_g, D_g)``, or ``None`` if ``weight.grad`` is None."""
+        w = self.weight
+        if w.grad is None:
+            return None
+        mat = w.grad.reshape(self.groups, self.out_features_per_group, -1)
+        b = self.bias
+        if b is not None:
+            db = b.grad if b.grad is not None else torch.zeros_like(b)
+            mat = torch.cat([mat, db.reshape(self.groups, -1, 1)], dim=2)
+        return mat
+
+    def set_grad_matrix(self, mat: torch.Tensor) -> None:
+        """Write a ``(groups, d_out_g, D_g)`` matrix back into ``weight.grad`` / ``bias.grad``."""
+        w, b = self.weight, self.bias
+        if b is not None:
+            wmat, bcol = mat[..., :-1], mat[..., -1]
+            if b.grad is None:
+                b.grad = torch.empty_like(b)
+            b.grad.copy_(bcol.reshape(b.shape))
+        else:
+            wmat = mat
+        w.grad.copy_(wmat.reshape(w.shape))
+
+    # --- hooks --------------------------------------------------------------------------------
+    def attach(self, capture) -> list:
+        """Hook the module: its input and its output tensor go to ``capture``."""
+        return [self.module.register_forward_hook(partial(self._forward_hook, capture))]
+
+    def _forward_hook(self, capture, module, args, output) -> None:
+        capture.record(self, module, args[0], output, self.forward_context(module))
+
+    def forward_context(self, module: nn.Module):
+        """What the backward pass of this forward needs to know (e.g. the graph of each row)."""
+        return None
+
+    # --- rows ---------------------------------------------------------------------------------
+    def input_positions(self, x: torch.Tensor) -> torch.Tensor:
+        """Layer input as ``(groups, N, R, D_g)`` without the bias coordinate."""
+        raise NotImplementedError
+
+    def batched_output(self, g: torch.Tensor) -> torch.Tensor:
+        """An output (gradient) with its batch dim (added for unbatched calls)."""
+        raise NotImplementedError
+
+    def input_rows(self, x: torch.Tensor, approx: str, context=None) -> tuple[torch.Tensor, int]:
+        """Rows for A, ``(groups, m, D_g)`` with the bias coordinate, and their count (the
+        normaliser: ``N * R`` for expand, ``N`` for reduce)."""
+        pos = self.input_positions(x)
+        groups, n, r, d = pos.shape
+        rows = pos.reshape(groups, n * r, d) if approx == "expand" else pos.mean(dim=2)
+        if self.bias is not None:
+            rows = torch.cat([rows, rows.new_ones((*rows.shape[:-1], 1))], dim=-1)
+        return rows, rows.shape[1]
+
+    def output_rows(self, grad: torch.Tensor, approx: str, context=None,
+                    groups: int | None = None) -> torch.Tensor:
+        """Rows for G, ``(groups, m, d_out_g)`` (``groups=1`` for the gradient of one group's
+        output)."""
+        return gradient_rows(self.batched_output(grad), self.channel_dim,
+                             self.groups if groups is None else groups, approx)
+
+    def batch_and_positions(self, grad: torch.Tensor, context=None) -> tuple[int, int]:
+        """``(N, R)`` of an output (gradient) tensor: examples and weight-sharing positions."""
+        g = self.batched_output(grad)
+        n, c = g.shape[0], g.shape[self.channel_dim]
+        return n, (g.numel() // (n * c) if n * c else 0)
+
+    # --- statistics ---------------------------------------------------------------------------
+    def input_gram(self, x: torch.Tensor, approx: str, layout: Layout, dtype: torch.dtype,
+                   backend: str, current=None, decay: float = 1.0, alpha: float = 1.0,
+                   context=None):
+        """``(decay * current + alpha * sum of input-row outer products, rows)`` in ``layout``;
+        ``current=None`` starts a sum. Returns ``(current, 0)`` when there are no rows."""
+        rows, count = self.input_rows(x, approx, context)
+        if count == 0:
+            return current, 0
+        return gram_of_rows(current, rows.to(dtype), layout, decay, alpha, backend), count
+
+    def output_gram(self, grad: torch.Tensor, approx: str, layout: Layout, dtype: torch.dtype,
+                    backend: str, current=None, decay: float = 1.0, alpha: float = 1.0,
+                    context=None, groups: int | None = None):
+        """``decay * current + alpha * sum of output-gradient-row outer products``."""
+        rows = self.output_rows(grad, approx, context, groups).to(dtype)
+        return gram_of_rows(current, rows, layout, decay, alpha, backend)
+
+    def accumulate_forward(self, sums: StepSums, x, approx: str, backend: str,
+                           context=None) -> None:
+        """Add a forward call's input to ``sums``."""
+        sums.a, count = self.input_gram(x, approx, sums.a_layout, sums.dtype, backend, sums.a,
+                                        context=context)
+        sums.rows += count
+
+    def accumulate_backward(self, sums: StepSums, grad: torch.Tensor, approx: str, backend: str,
+                            multiplier: float, context=None, group=None) -> None:
+        """Add an output gradient (weighted by ``multiplier``) to ``sums``; ``group`` names the
+        group of a grouped output (its gradient then covers that group only)."""
+        if group is None:
+            sums.g = self.output_gram(grad, approx, sums.g_layout, sums.dtype, backend, sums.g,
+                                      alpha=multiplier, context=context)
+        else:
+            if sums.g is None:
+                sums.g = sums.g_layout.zeros(self.groups, self.out_features_per_group,
+                                             dtype=sums.dtype, device=grad.device)
+            part = self.output_gram(grad, self.group_approx(group, approx), sums.g_layout,
+                                    sums.dtype, backend, alpha=multiplier, context=context,
+                                    groups=1)
+            _add_group(sums.g, part, group)
+        sums.g_passes += 1
+
+    def group_approx(self, group: int, approx: str) -> str:
+        """The approximation used for one group of a grouped layer."""
+        return approx
+
+    def example_inputs(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``(groups, N, D_g)``: each example's input averaged over weight-sharing positions,
+        bias coordinate (1) last (the per-example vectors of two-level K-FAC)."""
+        return self.input_rows(x.to(dtype), "reduce")[0]
+
+    def example_outputs(self, grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``(groups, N, d_out_g)``: each example's output gradient summed over positions."""
+        return self.output_rows(grad, "reduce").to(dtype)

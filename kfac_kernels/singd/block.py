@@ -1,0 +1,154 @@
+r"""SINGD's curvature block: the structured factors ``K``, ``C`` (and momenta ``m_K``, ``m_C``) of
+one layer, per group, fed by the one capture.
+
+The block asks the capture for the statistics its structures need: for diagonal and
+block-diagonal ``K`` (``C``), :math:`H_K = \hat\Pi(K^T U K)` depends on ``U`` only through
+:math:`\hat\Pi(U)` (its diagonal, or its diagonal blocks), so only those are accumulated -- from
+the layer's rows, or for convolutions from the input without im2col
+(:func:`kfac_kernels.ops.patch_covariance_diagonal` /
+:func:`~kfac_kernels.ops.patch_covariance_blocks`) -- and the ``d x d`` matrix ``U`` is never
+formed: ``O(m d)`` / ``O(m d k)`` work and ``O(d)`` / ``O(d k)`` memory instead of ``O(m d^2)``
+and ``O(d^2)``. Since :math:`\hat\Pi` is linear, sums over micro-batches (or processes) are the
+statistics of the summed ``U``. Other structures take the dense ``U`` / ``G``
+(``statistics_from_rows=False`` takes them for every structure and projects: the readable
+reference path; the same result up to round-off).
+
+``K`` is applied once per factor update (``congruence_of_projection``), so the statistics do not
+depend on ``K`` (cheaper, and safe when the factors change between forward passes).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..blocks.base import CurvatureBlock
+from ..layers import DENSE, DIAGONAL, Layout, blocks
+from .structures import BlockDiagonal, Diagonal, StructuredMatrix
+from .update import factor_update, precondition
+
+
+def structure_layout(cls: type[StructuredMatrix], k: int | None, dim: int,
+                     from_rows: bool) -> Layout:
+    """The statistic a structure needs of a side of ``dim`` coordinates."""
+    if not from_rows or cls not in (Diagonal, BlockDiagonal):
+        return DENSE
+    if cls is Diagonal:
+        return DIAGONAL
+    q, r = divmod(dim, k)
+    return blocks([k] * q + ([r] if r else []))
+
+
+def to_structure(value, layout: Layout, cls, k, dim: int, group: int):
+    """Group ``group`` of a statistic in ``layout`` as ``cls`` consumes it: its projection
+    (:class:`Diagonal`, :class:`BlockDiagonal`) where the layout holds exactly that, else the
+    dense matrix (``factor_update`` projects a dense statistic itself)."""
+    if layout.kind == "diagonal":
+        if cls is Diagonal:
+            return Diagonal(dim, (value[group],))
+        return torch.diag_embed(value[group])
+    if layout.kind == "blocks":
+        parts = [b[group] for b in value]
+        q = dim // k if k else 0
+        if cls is BlockDiagonal and all(p.shape[-1] == k for p in parts[:q]) \
+                and len(parts) - q in (0, 1):
+            full = torch.stack(parts[:q]) if q else parts[0].new_zeros(0, k, k)
+            last = parts[q] if len(parts) > q else parts[0].new_zeros(0, 0)
+            return BlockDiagonal(dim, (full, last), k)
+        return torch.block_diag(*parts)
+    return value[group]
+
+
+class SingdBlock(CurvatureBlock):
+    """``K``, ``C`` (structures ``classes``, block sizes ``block_sizes``), stored in
+    ``storage`` dtypes, updated in the ``compute`` dtype; see :class:`kfac_kernels.SINGD`."""
+
+    structure = "singd"
+
+    def __init__(self, name, adapter, *, approx, dtype, backend="auto", classes, block_sizes,
+                 from_rows: bool, storage: tuple[torch.dtype, torch.dtype],
+                 compute: torch.dtype, momentum: bool):
+        self.classes, self.block_sizes = classes, block_sizes
+        self.storage, self.compute, self.momentum = storage, compute, momentum
+        super().__init__(name, adapter, approx=approx, dtype=dtype, backend=backend,
+                         classes=classes, block_sizes=block_sizes, from_rows=from_rows)
+        self.state: dict[str, list[StructuredMatrix]] | None = None
+
+    @classmethod
+    def layouts(cls, adapter, *, classes, block_sizes, from_rows, **options):
+        (ck, cc), (kk, kc) = classes, block_sizes
+        return (structure_layout(ck, kk, adapter.in_features_per_group, from_rows),
+                structure_layout(cc, kc, adapter.out_features_per_group, from_rows))
+
+    # --- statistics ---------------------------------------------------------------------------
+    def pending_statistics(self) -> list[tuple] | None:
+        """Per group ``(U, G)`` of this step in the compute dtype (structured projections or
+        dense matrices), or ``None`` when a side saw no data."""
+        p = self.pending
+        if p is None or not p.complete:
+            return None
+        (ck, cc), (kk, kc) = self.classes, self.block_sizes
+        d_i = self.adapter.in_features_per_group
+        d_o = self.adapter.out_features_per_group
+        out = []
+        for gi in range(self.groups):
+            u = to_structure(p.a, self.a_layout, ck, kk, d_i, gi)
+            g = to_structure(p.g, self.g_layout, cc, kc, d_o, gi)
+            u = u.scale(1.0 / p.rows) if isinstance(u, StructuredMatrix) else u / p.rows
+            out.append((u.to(self.compute), g.to(self.compute)))
+        return out
+
+    @staticmethod
+    def statistics_finite(stats: list[tuple]) -> torch.Tensor:
+        """A 0-d tensor, finite iff every statistic is (their traces: Gram matrices)."""
+        return torch.stack([(s.trace() if isinstance(s, StructuredMatrix)
+                             else torch.diagonal(s).sum()).to(torch.float64)
+                            for pair in stats for s in pair]).sum()
+
+    # --- factors ------------------------------------------------------------------------------
+    def initial_state(self) -> dict[str, list[StructuredMatrix]]:
+        """``K = C = I`` and zero momenta (the reference implementation's start)."""
+        (ck, cc), (kk, kc) = self.classes, self.block_sizes
+        dk, dc = self.storage
+        dev = self.device
+        di, do = self.adapter.in_features_per_group, self.adapter.out_features_per_group
+        g = self.groups
+        state = {"K": [ck.eye(di, kk, dtype=dk, device=dev) for _ in range(g)],
+                 "C": [cc.eye(do, kc, dtype=dc, device=dev) for _ in range(g)]}
+        if self.momentum:
+            state["m_K"] = [ck.zeros(di, kk, dtype=dk, device=dev) for _ in range(g)]
+            state["m_C"] = [cc.zeros(do, kc, dtype=dc, device=dev) for _ in range(g)]
+        return state
+
+    def factors(self) -> dict[str, list[StructuredMatrix]]:
+        if self.state is None:
+            self.state = self.initial_state()
+        return self.state
+
+    def update_factors(self, stats: list[tuple], settings: dict) -> bool:
+        """The readable update of Fig. 4 (IKFAC: Eq. 10) of the SINGD paper, per group."""
+        state = self.factors()
+        for gi, (u, g) in enumerate(stats):
+            old = {key: state[key][gi].to(self.compute) for key in state}
+            new = factor_update(old["K"], old["C"], u, g, m_K=old.get("m_K"),
+                                m_C=old.get("m_C"), **settings)
+            if not self.store(gi, new):
+                return False
+        return True
+
+    def store(self, gi: int, new: dict[str, StructuredMatrix]) -> bool:
+        """Store group ``gi``'s updated factors in their storage dtypes; a non-finite update is
+        not stored and gives ``False``."""
+        if not all(s.all_finite() for s in new.values()):
+            return False
+        dk, dc = self.storage
+        for key, s in new.items():
+            self.factors()[key][gi] = s.to(dk if key.endswith("K") else dc)
+        return True
+
+    def precondition(self, mat: torch.Tensor) -> torch.Tensor:
+        """``C C^T M K K^T`` per group, in the compute dtype."""
+        state = self.factors()
+        out = []
+        for gi in range(mat.shape[0]):
+            k, c = state["K"][gi].to(self.compute), state["C"][gi].to(self.compute)
+            out.append(precondition(k, c, mat[gi].to(self.compute)))
+        return torch.stack(out)
