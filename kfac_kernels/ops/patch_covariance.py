@@ -22,7 +22,9 @@ mean patches, and both compute one triangle and mirror it. They accumulate in fp
 inputs). Memory of the ``cpu`` kernel beyond the returned factor: expand sums straight into the
 factor's upper triangle, so its temporaries are a panel of patch rows (at most about an eighth of
 the unfolded tensor, and a few MB) and per-thread tiles; reduce keeps the mean patches,
-``O(N * D)``.
+``O(N * D)``. For large expand factors with many rows the ``cpu`` backend instead unfolds a chunk
+of examples at a time and adds its ``X X^T`` by BLAS (``algorithm``, see
+:func:`patch_covariance`): memory one chunk, never the whole unfolded tensor.
 """
 from __future__ import annotations
 
@@ -210,22 +212,24 @@ def _window(x4: torch.Tensor, geom: ConvGeometry, i: int, j: int) -> torch.Tenso
 
 def _chunk_columns(xs: torch.Tensor, geom: ConvGeometry, reduce: bool,
                    dtype: torch.dtype) -> torch.Tensor:
-    """The patches of a chunk of examples ``xs`` (``(n, c, H, W)``, padded) as the columns of a
+    """The patches of a chunk of examples ``xs`` (``(n, c, H, W)``) as the columns of a
     ``(c kh kw, n R)`` matrix (expand) or their means over the positions, ``(c kh kw, n)``
     (reduce): coordinate-major, so ``X X^T`` is one BLAS product. One strided copy per kernel
     offset (no ``F.unfold``)."""
     kh, kw = geom.kernel
-    n, c = xs.shape[:2]
+    n, c, h, w = xs.shape
     ho, wo = geom.out_size
+    # channel-major first (one pass over the chunk's input, padded in the same copy): each
+    # offset's copy then moves whole rows of a window instead of gathering across channels
+    top, bottom, left, right = geom.pad
+    xt = xs.new_zeros(c, n, h + top + bottom, w + left + right)
+    xt[:, :, top:top + h, left:left + w] = xs.transpose(0, 1)
     if reduce:
         cols = torch.empty(c, kh, kw, n, dtype=dtype, device=xs.device)
         for i in range(kh):
             for j in range(kw):
-                cols[:, i, j] = _window(xs, geom, i, j).sum((2, 3), dtype=dtype).mT
+                cols[:, i, j] = _window(xt, geom, i, j).sum((2, 3), dtype=dtype)
         return cols.view(c * kh * kw, n).div_(geom.positions)
-    # channel-major first (one pass over the chunk's input): each offset's copy then moves
-    # whole rows of a window instead of gathering across channels
-    xt = xs.transpose(0, 1).contiguous()
     cols = torch.empty(c, kh, kw, n, ho, wo, dtype=dtype, device=xs.device)
     for i in range(kh):
         for j in range(kw):
@@ -239,10 +243,9 @@ def patch_gram_chunked(x4: torch.Tensor, geom: ConvGeometry, seg: Segments, redu
     of a chunk of examples (at most :data:`CHUNK_BYTES`, at least one example) are copied into a
     coordinate-major matrix ``X`` and ``X X^T`` is added by BLAS, upper block triangle only
     (:mod:`._symmetric_matmul`), mirrored once at the end. Accumulates in fp32 (fp64 for fp64
-    inputs); memory beyond the result: one chunk (and its padded input), at most
-    ``max(CHUNK_BYTES, result / 4)`` of patches."""
+    inputs); memory beyond the result: one chunk of patches, at most
+    ``max(CHUNK_BYTES, result / 4)`` (one example at least), and its padded input."""
     dtype = accumulation_dtype(x4.dtype)
-    top, bottom, left, right = geom.pad
     kh, kw = geom.kernel
     n = x4.shape[0]
     d0 = seg.channels * kh * kw
@@ -267,14 +270,13 @@ def patch_gram_chunked(x4: torch.Tensor, geom: ConvGeometry, seg: Segments, redu
         main, total = out[s, :d0, :d0], 0
         for e0 in range(0, n, step):
             xs = x4[e0:e0 + step, c0:c0 + seg.channels]
-            if top or bottom or left or right:
-                xs = F.pad(xs, (left, right, top, bottom))
             cols = _chunk_columns(xs, geom, reduce, dtype)
             add_symmetric_matmul_(main, cols, cols.mT, alpha=alpha, mirror=False,
                                   beta=1.0 if prior or e0 else 0.0)
             if seg.bias:
                 out[s, :d0, d0].add_(cols.sum(1), alpha=alpha)
             total += cols.shape[1]
+            del xs, cols  # before the next chunk is built: one chunk alive at a time
         mirror_upper(main, edges)
         if seg.bias:
             out[s, d0, d0] += alpha * total
@@ -373,15 +375,19 @@ def patch_covariance(x: torch.Tensor, kernel_size, stride=1, padding=0, dilation
             ``"implicit"`` (the im2col-free C++ kernel) or ``"chunked"`` (chunked unfolding and
             BLAS). Other backends take ``"auto"`` only.
 
-    The ``cpu`` backend's choice (``algorithm="auto"``): the chunked BLAS path where the
-    patches are few next to the factor, i.e. ``D >= 1024`` and at most ``D`` rows (``N R`` for
-    expand, ``N`` for reduce; ``D = C/groups kh kw`` per factor, or per block), e.g. ResNet-18's
-    512-channel 3x3 convolutions at 4x4 and 7x7 with batch 32: there the unfolded chunk costs
-    little next to the ``O(rows D^2)`` product and MKL's blocked ``gemm`` outruns the kernel's
-    tiles; the im2col-free kernel everywhere else, where the unfolded tensor would dominate
-    memory traffic. The crossover was measured with ``bench/patch_covariance_crossover.py``
-    (``bench/results/patch_covariance_crossover_cpu.json``). Memory of the chunked path beyond
-    the result: one chunk of patches (at most 8 MiB, or one example's) and its padded input.
+    The ``cpu`` backend's choice (``algorithm="auto"``): the chunked BLAS path for expand
+    factors with ``D >= 1024`` and at least ``D / 2`` rows (``N R``; ``D = C/groups kh kw`` per
+    factor, or per block), e.g. 3x3 convolutions of 128 channels at 16x16 or 256 at 8x8 and
+    above with batch 32; the im2col-free kernel everywhere else. Measured with
+    ``bench/patch_covariance_crossover.py`` (``bench/results/patch_covariance_crossover_cpu.json``,
+    one thread): the chunked path's ``gemm`` outruns the kernel's tiles by 3-18 % where ``D``
+    is large and the rows many; where the rows are few next to ``D`` (e.g. 512 channels at 4x4:
+    512 rows for ``D = 4608``) the product is thin and the ``O(D^2)`` passes over the result
+    (mirroring the triangle) cost more than BLAS gains, so the kernel stays (0.75-0.9x there);
+    for ``D`` below 1024 the kernel wins at every measured size; for reduce the kernel's box sums
+    beat per-offset window sums everywhere (2-8x), so reduce always takes the kernel. Memory of
+    the chunked path beyond the result: one chunk of patches (at most ``max(8 MiB, result /
+    4)``, one example at least) and its padded input.
 
     Returns:
         ``(D, D)`` for ``groups == 1``, ``(groups, D_g, D_g)`` for ``groups > 1``, or with
