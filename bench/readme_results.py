@@ -113,6 +113,61 @@ def singd(filename: str = "singd_cpu.json") -> list[str]:
     return out
 
 
+def peers() -> list[str]:
+    d = _load("peers_cpu.json")
+    if d is None:
+        return []
+    env = d["environment"]
+    versions = ", ".join(f"{k} {v}" for k, v in env.get("peers", {}).items() if v)
+    shared = " (shared machine)" if env.get("shared_machine") else ""
+    head = (f"({_env(d)}; {env.get('cpu_threads', '?')} thread, CPU time, median of "
+            f"{env.get('rounds', '?')} interleaved rounds{shared}; {versions}; "
+            "`bench/results/peers_cpu.json`)")
+    out = []
+    if d.get("factors"):
+        libs = list(dict.fromkeys(r["library"] for r in d["factors"]))
+        out += [f"**Convolution factor `A` against the peers: time / ours, peak extra memory "
+                f"in MiB** (3x3 convolutions of ResNet-18's stages, batch 32; each factor "
+                f"checked equal to ours up to its library's scaling first) {head}", "",
+                "| input | form | " + " | ".join(libs) + " |",
+                "| --- | --- | " + " | ".join("---:" for _ in libs) + " |"]
+        cells: dict[tuple, dict] = {}
+        for r in d["factors"]:
+            cells.setdefault((r["c"], r["hw"], r["mode"]), {})[r["library"]] = r
+        for (c, hw, mode), row in cells.items():
+            items = []
+            for lib in libs:
+                r = row.get(lib)
+                if r is None:
+                    items.append("-")
+                    continue
+                mem = (f", {r['peak_extra_bytes'] / 2**20:.1f}" if "peak_extra_bytes" in r
+                       else "")
+                items.append(f"{r['time_vs_ours']:.2f}{mem}" if lib != "ours"
+                             else f"{r['median_s'] * 1e3:.1f} ms{mem}")
+            out.append(f"| {c} x {hw}x{hw} | {mode} | " + " | ".join(items) + " |")
+        out.append("")
+    for section, title in (("steps", "K-FAC"), ("singd", "SINGD")):
+        rows = d.get(section)
+        if not rows:
+            continue
+        out += [f"**{title} training step against the peers, as a multiple of AdamW's step on "
+                f"the same model** (forward, backward, optimizer; factors and inverses updated "
+                f"every `T` steps, amortised) {head}", "",
+                "| model | T | " + " | ".join(dict.fromkeys(r["contender"] for r in rows)) + " |",
+                "| --- | ---: | " + " | ".join("---:" for _ in dict.fromkeys(
+                    r["contender"] for r in rows)) + " |"]
+        names = list(dict.fromkeys(r["contender"] for r in rows))
+        by = {}
+        for r in rows:
+            by.setdefault((r["model"], r["T"]), {})[r["contender"]] = r["step_vs_adamw"]
+        for (model, T), vals in by.items():
+            out.append(f"| {model} | {T} | " + " | ".join(
+                f"{vals[n]:.2f}" if n in vals else "-" for n in names) + " |")
+        out.append("")
+    return out
+
+
 def evidence(key: str) -> list[str]:
     d = _load(f"evidence_{key}.json")
     if d is None:
@@ -176,7 +231,7 @@ def two_level() -> list[str]:
 def section() -> str:
     lines = [START, ""]
     for part in (evidence("digits"), evidence("char-lm"), evidence("digits_bf16"),
-                 patch_covariance(), bdkfac(),
+                 patch_covariance(), peers(), bdkfac(),
                  block_eigh(), singd(), singd("singd_cpu_bf16.json"), two_level()):
         lines += part
     lines.append(END)

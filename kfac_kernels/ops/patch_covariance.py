@@ -22,7 +22,9 @@ mean patches, and both compute one triangle and mirror it. They accumulate in fp
 inputs). Memory of the ``cpu`` kernel beyond the returned factor: expand sums straight into the
 factor's upper triangle, so its temporaries are a panel of patch rows (at most about an eighth of
 the unfolded tensor, and a few MB) and per-thread tiles; reduce keeps the mean patches,
-``O(N * D)``.
+``O(N * D)``. For large expand factors with many rows the ``cpu`` backend instead unfolds a chunk
+of examples at a time and adds its ``X X^T`` by BLAS (``algorithm``, see
+:func:`patch_covariance`): memory one chunk, never the whole unfolded tensor.
 """
 from __future__ import annotations
 
@@ -32,11 +34,13 @@ import torch
 import torch.nn.functional as F
 
 from .._backend import native_has_op, resolve_backend
+from ._symmetric_matmul import add_symmetric_matmul_, block_edges, mirror_upper
 
 _OP = "patch_covariance"
 _MODES = ("expand", "reduce")
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_ALGORITHMS = ("auto", "implicit", "chunked")
 
 
 @dataclass(frozen=True)
@@ -194,13 +198,120 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+#: the chunked algorithm holds at most this many bytes of patches at once, or a quarter of the
+#: result where that is more (one chunk of examples; one example at least)
+CHUNK_BYTES = 8 << 20
+
+
+def _window(x4: torch.Tensor, geom: ConvGeometry, i: int, j: int) -> torch.Tensor:
+    """The input pixels under kernel offset ``(i, j)`` at every output position:
+    ``(N, C, H_out, W_out)``, a strided view of the (padded) input."""
+    (sh, sw), (dh, dw), (ho, wo) = geom.stride, geom.dilation, geom.out_size
+    return x4[:, :, i * dh:i * dh + sh * (ho - 1) + 1:sh, j * dw:j * dw + sw * (wo - 1) + 1:sw]
+
+
+def _chunk_columns(xs: torch.Tensor, geom: ConvGeometry, reduce: bool,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """The patches of a chunk of examples ``xs`` (``(n, c, H, W)``) as the columns of a
+    ``(c kh kw, n R)`` matrix (expand) or their means over the positions, ``(c kh kw, n)``
+    (reduce): coordinate-major, so ``X X^T`` is one BLAS product. One strided copy per kernel
+    offset (no ``F.unfold``)."""
+    kh, kw = geom.kernel
+    n, c, h, w = xs.shape
+    ho, wo = geom.out_size
+    # channel-major first (one pass over the chunk's input, padded in the same copy): each
+    # offset's copy then moves whole rows of a window instead of gathering across channels
+    top, bottom, left, right = geom.pad
+    xt = xs.new_zeros(c, n, h + top + bottom, w + left + right)
+    xt[:, :, top:top + h, left:left + w] = xs.transpose(0, 1)
+    if reduce:
+        cols = torch.empty(c, kh, kw, n, dtype=dtype, device=xs.device)
+        for i in range(kh):
+            for j in range(kw):
+                cols[:, i, j] = _window(xt, geom, i, j).sum((2, 3), dtype=dtype)
+        return cols.view(c * kh * kw, n).div_(geom.positions)
+    cols = torch.empty(c, kh, kw, n, ho, wo, dtype=dtype, device=xs.device)
+    for i in range(kh):
+        for j in range(kw):
+            cols[:, i, j].copy_(_window(xt, geom, i, j))
+    return cols.view(c * kh * kw, n * ho * wo)
+
+
+def patch_gram_chunked(x4: torch.Tensor, geom: ConvGeometry, seg: Segments, reduce: bool,
+                       factor, decay: float, alpha: float) -> torch.Tensor:
+    """``decay * factor + alpha * sum`` for one segment batch by chunked unfolding: the patches
+    of a chunk of examples (at most :data:`CHUNK_BYTES`, at least one example) are copied into a
+    coordinate-major matrix ``X`` and ``X X^T`` is added by BLAS, upper block triangle only
+    (:mod:`._symmetric_matmul`), mirrored once at the end. Accumulates in fp32 (fp64 for fp64
+    inputs); memory beyond the result: one chunk of patches, at most
+    ``max(CHUNK_BYTES, result / 4)`` (one example at least), and its padded input."""
+    dtype = accumulation_dtype(x4.dtype)
+    kh, kw = geom.kernel
+    n = x4.shape[0]
+    d0 = seg.channels * kh * kw
+    d = d0 + int(seg.bias)
+    item = torch.finfo(dtype).bits // 8
+    per_example = d0 * (1 if reduce else geom.positions) * item
+    # a chunk holds at most max(CHUNK_BYTES, a quarter of the result) and one example at least;
+    # the examples are spread evenly over the chunks (no thin last product)
+    budget = max(CHUNK_BYTES, d * d * item // 4)
+    chunks = -(-n // max(1, budget // max(per_example, 1)))
+    step = -(-n // chunks)
+    prior = factor is not None and decay != 0.0
+    if prior:
+        out = factor.to(dtype) * decay
+    else:  # the first product overwrites (beta = 0): no pass to zero the result
+        out = torch.empty(seg.count, d, d, dtype=dtype, device=x4.device)
+        if seg.bias:
+            out[:, :, d0] = 0.0
+    edges = block_edges(d0)
+    for s in range(seg.count):
+        c0 = seg.start + s * seg.step
+        main, total = out[s, :d0, :d0], 0
+        for e0 in range(0, n, step):
+            xs = x4[e0:e0 + step, c0:c0 + seg.channels]
+            cols = _chunk_columns(xs, geom, reduce, dtype)
+            add_symmetric_matmul_(main, cols, cols.mT, alpha=alpha, mirror=False,
+                                  beta=1.0 if prior or e0 else 0.0)
+            if seg.bias:
+                out[s, :d0, d0].add_(cols.sum(1), alpha=alpha)
+            total += cols.shape[1]
+            del xs, cols  # before the next chunk is built: one chunk alive at a time
+        mirror_upper(main, edges)
+        if seg.bias:
+            out[s, d0, d0] += alpha * total
+            out[s, d0, :d0] = out[s, :d0, d0]
+    return out
+
+
+def chunked_is_faster(n: int, geom: ConvGeometry, seg: Segments, reduce: bool) -> bool:
+    """The measured rule (``bench/results/patch_covariance_crossover_cpu.json``): see
+    :func:`patch_covariance`'s docstring."""
+    if reduce:  # the kernel's box sums beat per-offset window sums at every measured shape
+        return False
+    d = seg.channels * geom.kernel[0] * geom.kernel[1]
+    return d >= CROSSOVER_MIN_D and n * geom.positions >= CROSSOVER_ROWS_PER_D * d
+
+
+#: the chunked path is chosen for expand factors with D >= CROSSOVER_MIN_D and at least
+#: CROSSOVER_ROWS_PER_D * D rows (N R): below, the O(D^2) passes over the result (the mirror)
+#: and thin products cost more than the kernel's tiles lose to BLAS
+CROSSOVER_MIN_D = 1024
+CROSSOVER_ROWS_PER_D = 0.5
+
+
 def patch_gram(x4: torch.Tensor, geom: ConvGeometry, seg: Segments, reduce: bool,
                factor: torch.Tensor | None, decay: float, alpha: float,
-               backend: str) -> torch.Tensor:
+               backend: str, algorithm: str = "auto") -> torch.Tensor:
     """``decay * factor + alpha * sum`` for one segment batch on a concrete backend, as
-    ``(count, D, D)``; the native/Triton result has the accumulation dtype."""
+    ``(count, D, D)``; the native/Triton result has the accumulation dtype. ``algorithm``
+    (``cpu`` backend only): ``"auto"`` (:func:`chunked_is_faster`), ``"implicit"`` (the
+    im2col-free kernel) or ``"chunked"`` (:func:`patch_gram_chunked`)."""
     if backend == "eager":
         return patch_gram_eager(x4, geom, seg, reduce, factor, decay, alpha)
+    if backend == "cpu" and (algorithm == "chunked" or algorithm == "auto" and chunked_is_faster(
+            x4.shape[0], geom, seg, reduce)):
+        return patch_gram_chunked(x4, geom, seg, reduce, factor, decay, alpha)
     args = (x4, list(geom.kernel), list(geom.stride), list(geom.dilation),
             [geom.pad[0], geom.pad[2]], list(geom.out_size), seg.count, seg.start, seg.step,
             seg.channels, reduce, seg.bias, factor, float(decay), float(alpha))
@@ -263,7 +374,8 @@ def patch_covariance(x: torch.Tensor, kernel_size, stride=1, padding=0, dilation
                      mode: str = "expand", num_blocks=None, bias: bool = False,
                      out_dtype: torch.dtype | None = None, padding_mode: str = "zeros",
                      stacked: bool = False, factor=None, decay: float = 0.0,
-                     alpha: float | None = None, backend: str = "auto"):
+                     alpha: float | None = None, backend: str = "auto",
+                     algorithm: str = "auto"):
     """The convolution input factor ``A`` (see the module docstring for the formula), or with
     ``factor`` / ``alpha`` the update ``decay * factor + alpha * sum`` of a stored one.
 
@@ -286,6 +398,23 @@ def patch_covariance(x: torch.Tensor, kernel_size, stride=1, padding=0, dilation
         alpha: multiplier of the sum of patch outer products (default: the mean,
             ``1 / (N R)`` for expand, ``1 / N`` for reduce).
         backend: ``"auto"``, ``"eager"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
+        algorithm: how the ``cpu`` backend computes the factor: ``"auto"`` (by shape, below),
+            ``"implicit"`` (the im2col-free C++ kernel) or ``"chunked"`` (chunked unfolding and
+            BLAS). Other backends take ``"auto"`` only.
+
+    The ``cpu`` backend's choice (``algorithm="auto"``): the chunked BLAS path for expand
+    factors with ``D >= 1024`` and at least ``D / 2`` rows (``N R``; ``D = C/groups kh kw`` per
+    factor, or per block), e.g. 3x3 convolutions of 128 channels at 16x16 or 256 at 8x8 and
+    above with batch 32; the im2col-free kernel everywhere else. Measured with
+    ``bench/patch_covariance_crossover.py`` (``bench/results/patch_covariance_crossover_cpu.json``,
+    one thread): the chunked path's ``gemm`` outruns the kernel's tiles by 3-18 % where ``D``
+    is large and the rows many; where the rows are few next to ``D`` (e.g. 512 channels at 4x4:
+    512 rows for ``D = 4608``) the product is thin and the ``O(D^2)`` passes over the result
+    (mirroring the triangle) cost more than BLAS gains, so the kernel stays (0.75-0.9x there);
+    for ``D`` below 1024 the kernel wins at every measured size; for reduce the kernel's box sums
+    beat per-offset window sums everywhere (2-8x), so reduce always takes the kernel. Memory of
+    the chunked path beyond the result: one chunk of patches (at most ``max(8 MiB, result /
+    4)``, one example at least) and its padded input.
 
     Returns:
         ``(D, D)`` for ``groups == 1``, ``(groups, D_g, D_g)`` for ``groups > 1``, or with
@@ -300,7 +429,13 @@ def patch_covariance(x: torch.Tensor, kernel_size, stride=1, padding=0, dilation
                          f"{padding_mode!r}")
     if out_dtype is not None and out_dtype not in _DTYPES:
         raise TypeError(f"{_OP}: out_dtype must be a floating dtype or None, got {out_dtype!r}")
+    if algorithm not in _ALGORITHMS:
+        raise ValueError(f"{_OP}: algorithm must be one of {_ALGORITHMS}, got {algorithm!r}")
     chosen = resolve_backend(backend, x.device, _OP)
+    if algorithm != "auto" and chosen != "cpu":
+        raise ValueError(f"{_OP}: algorithm={algorithm!r} chooses between the cpu backend's "
+                         f"algorithms, but the backend is {chosen!r}; pass algorithm='auto' or "
+                         "backend='cpu'")
     geom = conv_geometry(tuple(x.shape[2:]), kernel_size, stride, padding, dilation)
     xp, geom = pre_pad(x, geom, padding_mode)
     x4 = as_4d(xp)
@@ -310,9 +445,10 @@ def patch_covariance(x: torch.Tensor, kernel_size, stride=1, padding=0, dilation
         alpha = 1.0 / n if reduce else 1.0 / (n * geom.positions)
     if factor is not None or stacked:
         return _stacked(x4, geom, groups, num_blocks, bias, reduce, factor, decay, alpha,
-                        out_dtype, chosen)
+                        out_dtype, chosen, algorithm)
     out_dtype = out_dtype or x.dtype
-    results = [patch_gram(x4, geom, seg, reduce, None, 0.0, alpha, chosen).to(out_dtype)
+    results = [patch_gram(x4, geom, seg, reduce, None, 0.0, alpha, chosen, algorithm)
+               .to(out_dtype)
                for seg in plan_segments(x.shape[1], groups, num_blocks, bias)]
     if num_blocks is not None:
         return [block for stacked_blocks in results for block in stacked_blocks]
@@ -321,7 +457,7 @@ def patch_covariance(x: torch.Tensor, kernel_size, stride=1, padding=0, dilation
 
 
 def _stacked(x4, geom, groups, num_blocks, bias, reduce, factor, decay, alpha, out_dtype,
-             backend):
+             backend, algorithm="auto"):
     """The stacked layout: one segment batch over the groups per channel block (the same
     channel range of every group), accumulated into ``factor``."""
     cg = x4.shape[1] // groups
@@ -343,7 +479,7 @@ def _stacked(x4, geom, groups, num_blocks, bias, reduce, factor, decay, alpha, o
                 raise ValueError(f"{_OP}: factor block {i} has shape {tuple(prev.shape)}; "
                                  f"expected {(want[0], want[1], want[1])}")
         out.append(patch_gram(x4, geom, seg, reduce, prev, float(decay) if prev is not None
-                              else 0.0, float(alpha), backend).to(out_dtype))
+                              else 0.0, float(alpha), backend, algorithm).to(out_dtype))
         start += size
     return out[0] if num_blocks is None else out
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from ...ops._symmetric_matmul import symmetric_matmul
+
 Tensor = torch.Tensor
 
 
@@ -93,7 +95,9 @@ class StructuredMatrix:
     def add(self, other: "StructuredMatrix", alpha: float = 1.0) -> "StructuredMatrix":
         """``self + alpha * other`` (same structure)."""
         self._check_same(other)
-        return self._like(a + alpha * b for a, b in zip(self.data, other.data))
+        if isinstance(alpha, torch.Tensor):  # a trace: no Python number for torch.add
+            return self._like(a + alpha * b for a, b in zip(self.data, other.data))
+        return self._like(torch.add(a, b, alpha=alpha) for a, b in zip(self.data, other.data))
 
     def scale(self, alpha: float) -> "StructuredMatrix":
         return self._like(alpha * t for t in self.data)
@@ -136,19 +140,20 @@ class StructuredMatrix:
         self._check_same(other)
         return type(self).from_dense(self.to_dense() @ other.to_dense(), self.k)
 
+    # The symmetric products are computed by symmetric_matmul (upper block triangle, mirrored).
     def gram(self) -> "StructuredMatrix":
         r""":math:`\hat\Pi(S^T S)`."""
         d = self.to_dense()
-        return type(self).project(d.mT @ d, self.k)
+        return type(self).project(symmetric_matmul(d.mT, d), self.k)
 
     def congruence(self, u: Tensor) -> "StructuredMatrix":
         r""":math:`\hat\Pi(S^T U S)` for a dense symmetric ``U``."""
-        return type(self).project(self.t_matmul(self.rmatmul(u)), self.k)
+        return type(self).project(symmetric_matmul(self.to_dense().mT, self.rmatmul(u)), self.k)
 
     def gram_of_rows(self, x: Tensor) -> "StructuredMatrix":
         r""":math:`\hat\Pi((x S)^T (x S))` for rows ``x`` of shape ``(m, dim)``."""
         y = self.rmatmul(x)
-        return type(self).project(y.mT @ y, self.k)
+        return type(self).project(symmetric_matmul(y.mT, y), self.k)
 
     # --- statistics kept in the structure (kernel 1 of the fused update) ---------------------
     #: ``True`` where :math:`\hat\Pi(S^T U S)` depends on ``U`` only through
