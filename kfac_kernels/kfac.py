@@ -30,6 +30,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from . import _arguments as args
 from . import distributed as dist_utils
 from ._backend import BACKENDS
 from .blocks import BLOCKS, run_jobs
@@ -41,19 +42,6 @@ from .losses import check_loss_fn, loss_coefficient
 DAMPING_FORMS = ("exact", "factored")
 COMPUTE_METHODS = ("eigen", "inverse")
 DAMPING_SPLITS = ("pi", "equal")
-
-
-def _positive_float(who, name, value, allow_none=False):
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
-            value) or value <= 0:
-        raise ValueError(f"{who}: {name} must be a positive finite float, got {value!r}")
-
-
-def _positive_int(who, name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{who}: {name} must be an int >= 1, got {value!r}")
 
 
 def grads_finite(mats: list[torch.Tensor]) -> bool:
@@ -83,7 +71,7 @@ class KFAC:
         num_blocks, block_size: the partition of ``structure="block-diagonal"``: ``num_blocks``
             near-equal parts of each layer's input features (channels of a convolution) and
             output features (default 4), or parts of ``block_size`` features.
-        kfac_approx: ``"expand"`` or ``"reduce"`` (Eschenhagen et al. (2023)).
+        kfac_approx: ``"expand"`` or ``"reduce"`` (Eschenhagen et al., 2023).
         fisher_type: ``"empirical"`` (uses the gradients of ``loss.backward()``), ``"mc"`` or
             ``"type-2"`` (use ``precond.backward(outputs, targets)``; need ``loss_fn``).
         loss_fn: ``nn.CrossEntropyLoss`` / ``nn.MSELoss`` / ``nn.BCEWithLogitsLoss`` for
@@ -141,17 +129,12 @@ class KFAC:
                  grad_accumulation_steps: int = 1, distributed: bool | None = None,
                  process_group=None, distributed_strategy: str = "comm-opt"):
         who = type(self).__name__
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"{who}: model must be a torch.nn.Module, got {type(model).__name__}")
-        _positive_float(who, "damping", damping)
-        if isinstance(factor_decay, bool) or not isinstance(factor_decay, (int, float)) or not (
-                0.0 <= factor_decay < 1.0):
-            raise ValueError(f"{who}: factor_decay must be in [0, 1), got {factor_decay!r}")
-        _positive_int(who, "factor_update_steps", factor_update_steps)
-        _positive_int(who, "inv_update_steps", inv_update_steps)
-        if structure not in BLOCKS:
-            raise ValueError(f"{who}: structure must be one of {tuple(BLOCKS)}, got "
-                             f"{structure!r}")
+        args.instance(who, "model", model, nn.Module, "a torch.nn.Module", allow_none=False)
+        damping = args.positive_float(who, "damping", damping)
+        factor_decay = args.fraction(who, "factor_decay", factor_decay)
+        args.positive_int(who, "factor_update_steps", factor_update_steps)
+        args.positive_int(who, "inv_update_steps", inv_update_steps)
+        args.choice(who, "structure", structure, tuple(BLOCKS))
         options = self._structure_options(who, structure, num_blocks, block_size)
         check_common(who, kfac_approx, fisher_type, loss_average, mc_samples, backend, generator)
         if fisher_type != "empirical" and loss_fn is None:
@@ -160,44 +143,34 @@ class KFAC:
                              "or factorise the loss Hessian")
         if loss_fn is not None:
             check_loss_fn(loss_fn, loss_average, who)
-        if damping_form not in DAMPING_FORMS:
-            raise ValueError(f"{who}: damping_form must be 'exact' or 'factored', got "
-                             f"{damping_form!r}")
-        if compute_method not in COMPUTE_METHODS:
-            raise ValueError(f"{who}: compute_method must be 'eigen' or 'inverse', got "
-                             f"{compute_method!r}")
+        args.choice(who, "damping_form", damping_form, DAMPING_FORMS)
+        args.choice(who, "compute_method", compute_method, COMPUTE_METHODS)
         if compute_method == "inverse" and damping_form == "exact":
             raise ValueError(f"{who}: compute_method='inverse' needs damping_form='factored'; "
                              "exact eigen damping needs compute_method='eigen'")
-        if damping_split not in DAMPING_SPLITS:
-            raise ValueError(f"{who}: damping_split must be 'pi' or 'equal', got "
-                             f"{damping_split!r}")
-        _positive_float(who, "kl_clip", kl_clip, allow_none=True)
+        args.choice(who, "damping_split", damping_split, DAMPING_SPLITS)
+        kl_clip = args.positive_float(who, "kl_clip", kl_clip, allow_none=True)
         if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float))
                                or not math.isfinite(lr) or lr < 0):
             raise ValueError(f"{who}: lr must be a non-negative finite float or None, got {lr!r}")
-        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
-            raise TypeError(f"{who}: grad_scaler must be a torch.amp.GradScaler or None, got "
-                            f"{type(grad_scaler).__name__}")
-        if factor_dtype is not None and (not isinstance(factor_dtype, torch.dtype) or
-                                         factor_dtype not in (torch.float32, torch.float64)):
+        args.instance(who, "grad_scaler", grad_scaler, torch.amp.GradScaler,
+                      "a torch.amp.GradScaler")
+        if factor_dtype not in (None, torch.float32, torch.float64):
             raise ValueError(f"{who}: factor_dtype must be torch.float32, torch.float64 or None, "
                              f"got {factor_dtype!r}")
         if eigh_backend not in BACKENDS:
             raise ValueError(f"{who}: eigh_backend must be one of "
                              f"{', '.join(map(repr, BACKENDS))}, got {eigh_backend!r}")
         dist_utils.check_arguments(who, grad_accumulation_steps, distributed)
-        if distributed_strategy not in dist_utils.STRATEGIES:
-            raise ValueError(f"{who}: distributed_strategy must be 'comm-opt' or 'mem-opt', got "
-                             f"{distributed_strategy!r}")
+        args.choice(who, "distributed_strategy", distributed_strategy, dist_utils.STRATEGIES)
         skip_modules = validate_skip_modules(model, skip_modules, who)
         self.adapters = find_adapters(model, skip_modules, who, kfac_approx=kfac_approx)
         if not self.adapters:
             raise ValueError(f"{who}: the model has no supported layers ({SUPPORTED_NAMES}) "
                              "with trainable weights")
         self.model = model
-        self.damping = float(damping)
-        self.factor_decay = float(factor_decay)
+        self.damping = damping
+        self.factor_decay = factor_decay
         self.factor_update_steps = factor_update_steps
         self.inv_update_steps = inv_update_steps
         self.structure = structure
@@ -209,7 +182,7 @@ class KFAC:
         self.damping_form = damping_form
         self.compute_method = compute_method
         self.damping_split = damping_split
-        self.kl_clip = None if kl_clip is None else float(kl_clip)
+        self.kl_clip = kl_clip
         self.lr = lr
         self.grad_scaler = grad_scaler
         self.generator = generator
@@ -247,13 +220,13 @@ class KFAC:
                                      f"(got structure={structure!r})")
             return {}
         if block_size is not None:
-            _positive_int(who, "block_size", block_size)
+            args.positive_int(who, "block_size", block_size)
             if num_blocks is not None:
                 raise ValueError(f"{who}: pass num_blocks or block_size, not both (got "
                                  f"num_blocks={num_blocks!r}, block_size={block_size!r})")
             return {"block_size": block_size, "num_blocks": None}
         num_blocks = 4 if num_blocks is None else num_blocks
-        _positive_int(who, "num_blocks", num_blocks)
+        args.positive_int(who, "num_blocks", num_blocks)
         return {"num_blocks": num_blocks}
 
     # --- capture ----------------------------------------------------------------------------
@@ -519,8 +492,9 @@ class KFAC:
                 expected = block.decomposition_template(self.compute_method, self._split)
                 self._warn_once(f"load-preconditioner:{name}", (
                     f"{who}: the preconditioner of module {name!r} was saved with other settings "
-                    f"(entries {sorted(dec)}, expected {sorted(k for k, v in expected.items() if v)}"
-                    "); it is recomputed from the factors at the next step"))
+                    f"(entries {sorted(dec)}, expected "
+                    f"{sorted(k for k, v in expected.items() if v)}); it is recomputed from the "
+                    "factors at the next step"))
                 continue
             decompositions[name] = loaded
         for name, block in self.blocks.items():
@@ -535,7 +509,7 @@ class KFAC:
 
 
 class BDKFAC(KFAC):
-    """Block-diagonal K-FAC (Yu & Tatebe (BD-KFAC)): :class:`KFAC` with
+    """Block-diagonal K-FAC (Yu & Tatebe, BD-KFAC): :class:`KFAC` with
     ``structure="block-diagonal"``; every other argument, and its default, is :class:`KFAC`'s.
 
     The paper's setting (AdamW underneath, 4 blocks, spatially averaged convolution inputs,

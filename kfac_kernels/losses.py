@@ -11,11 +11,11 @@ GGN of ``L`` w.r.t. the output is block diagonal over positions with blocks ``c 
 * binary cross-entropy on a logit ``f`` (``nn.BCEWithLogitsLoss``): ``H_i = p (1 - p)`` per
   element, ``p = sigmoid(f)``; the model's predictive distribution is ``Bernoulli(p)``.
 
-``type-2`` backpropagates ``sqrt(c) * S[:, k]`` for each class ``k`` *and each position of a
-sample separately* (batched over the examples), so the result is the sum of seed 001 Eq. 7 without
-cross terms between positions. ``mc`` backpropagates ``sqrt(c) * grad l(f, y_sampled)`` with labels
-drawn from the model's predictive distribution (seed 001, App. B.4, Eq. 56), one backward pass per
-sample; its expectation is the type-2 result.
+``type-2`` backpropagates ``sqrt(c) * S[:, k]`` for each class ``k`` *and each position of a sample
+separately* (batched over the examples), so the result is the sum of Eschenhagen et al. (2023), Eq.
+7 without cross terms between positions. ``mc`` backpropagates ``sqrt(c) * grad l(f, y_sampled)``
+with labels drawn from the model's predictive distribution (Eschenhagen et al. (2023), App. B.4, Eq.
+56), one backward pass per sample; its expectation is the type-2 result.
 """
 from __future__ import annotations
 

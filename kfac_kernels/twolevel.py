@@ -1,7 +1,8 @@
-r"""Two-level K-FAC (seed 004): a coarse-space correction over layers added to K-FAC or BD-KFAC.
+r"""Two-level K-FAC (Tselepidis et al., 2020): a coarse-space correction over layers added to K-FAC
+or BD-KFAC.
 
 With ``Z`` the ``L x n`` matrix summing the parameters of each of the ``L`` layers (Eq. 5), the
-update of seed 004 Eq. 6 is
+update of Tselepidis et al. (2020), Eq. 6 is
 
 .. math::
 
@@ -43,6 +44,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from . import _arguments as args
 from .graph import GraphRows
 from .kfac import KFAC
 
@@ -98,20 +100,12 @@ class TwoLevel:
     def __init__(self, preconditioner: KFAC, *, coarse_damping: float | None = None,
                  coarse_decay: float = 0.95, coarse_method: str = "sums"):
         who = type(self).__name__
-        if not isinstance(preconditioner, KFAC):
-            raise TypeError(f"{who}: preconditioner must be a kfac_kernels.KFAC or BDKFAC, got "
-                            f"{type(preconditioner).__name__}")
-        if coarse_damping is not None and (
-                isinstance(coarse_damping, bool) or not isinstance(coarse_damping, (int, float))
-                or not math.isfinite(coarse_damping) or coarse_damping <= 0):
-            raise ValueError(f"{who}: coarse_damping must be a positive finite float or None, got "
-                             f"{coarse_damping!r}")
-        if isinstance(coarse_decay, bool) or not isinstance(coarse_decay, (int, float)) or not (
-                0.0 <= coarse_decay < 1.0):
-            raise ValueError(f"{who}: coarse_decay must be in [0, 1), got {coarse_decay!r}")
-        if coarse_method not in COARSE_METHODS:
-            raise ValueError(f"{who}: coarse_method must be 'sums' or 'algorithm1', got "
-                             f"{coarse_method!r}")
+        args.instance(who, "preconditioner", preconditioner, KFAC,
+                      "a kfac_kernels.KFAC or BDKFAC", allow_none=False)
+        coarse_damping = args.positive_float(who, "coarse_damping", coarse_damping,
+                                             allow_none=True)
+        coarse_decay = args.fraction(who, "coarse_decay", coarse_decay)
+        args.choice(who, "coarse_method", coarse_method, COARSE_METHODS)
         special = [n for n, a in preconditioner.adapters.items()
                    if getattr(a, "attention_module", None) is not None or getattr(a, "tied", False)]
         if special:
@@ -119,9 +113,8 @@ class TwoLevel:
                              f"tied embedding weights (modules {special}); build the "
                              "preconditioner with skip_modules=[...] for them")
         self.inner = preconditioner
-        self.coarse_damping = float(preconditioner.damping if coarse_damping is None
-                                    else coarse_damping)
-        self.coarse_decay = float(coarse_decay)
+        self.coarse_damping = preconditioner.damping if coarse_damping is None else coarse_damping
+        self.coarse_decay = coarse_decay
         self.coarse_method = coarse_method
         self.names = list(preconditioner.adapters)
         self.units = [(i, g) for i, name in enumerate(self.names)

@@ -7,6 +7,29 @@ import torch
 from torch import nn
 
 
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", default=False,
+                     help="also run the tests marked slow (the README's test command and CI do)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without --run-slow the tests marked ``slow`` are deselected, and the run says so."""
+    if config.getoption("--run-slow"):
+        return
+    slow = [item for item in items if "slow" in item.keywords]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if "slow" not in item.keywords]
+        config._kfac_slow_deselected = len(slow)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    count = getattr(config, "_kfac_slow_deselected", 0)
+    if count:
+        terminalreporter.write_line(f"{count} tests marked slow were not run (add --run-slow to "
+                                    "run them; the README's test command and CI do)")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     """Every test starts from the same global RNG state."""

@@ -188,7 +188,7 @@ def test_precomputed_inverse_deviation_matches_seed000_appendix_a():
 
 
 # ---------------------------------------------------------------------------------------------
-# normalisation layers (seed 000 Sec. 4.3)
+# normalisation layers (Yu & Tatebe, Sec. 4.3)
 # ---------------------------------------------------------------------------------------------
 
 def test_norm_layer_factors_against_brute_force_sums():
@@ -322,7 +322,7 @@ def test_load_state_dict_rejects_other_partitions():
      "BDKFAC: pass num_blocks or block_size, not both (got num_blocks=2, block_size=4)"),
     (dict(damping_split="both"), "BDKFAC: damping_split must be 'pi' or 'equal', got 'both'"),
     (dict(damping=-1.0), "BDKFAC: damping must be a positive finite float, got -1.0"),
-    (dict(kl_clip=0.0), "BDKFAC: kl_clip must be a positive finite float, got 0.0"),
+    (dict(kl_clip=0.0), "BDKFAC: kl_clip must be a positive finite float or None, got 0.0"),
     (dict(eigh_backend="gpu"), "BDKFAC: eigh_backend must be one of"),
     (dict(factor_update_steps=0), "BDKFAC: factor_update_steps must be an int >= 1, got 0"),
 ])

@@ -31,11 +31,7 @@ import kfac_kernels._backend as _backend
 from kfac_kernels import testing
 from kfac_kernels.ops import block_damped_inverse, block_eigh
 
-try:
-    from hypothesis import given, settings
-    from hypothesis import strategies as st
-except ImportError:  # pragma: no cover - hypothesis is a test dependency
-    given = None
+from _hypothesis import given, settings, st  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread", "kernels_at_every_size")
 # the module (the package attribute of the same name is the op)
@@ -362,20 +358,19 @@ def test_opcheck(dtype):
                           (blocks, damping, 30, 1e-7))
 
 
-if given is not None:
-    @needs_cpu_kernel
-    @settings(max_examples=30, deadline=None)
-    @given(sizes=st.lists(st.integers(1, 24), min_size=1, max_size=5),
-           kinds=st.lists(st.sampled_from(KINDS), min_size=5, max_size=5),
-           seed=st.integers(0, 2**31 - 1), fp64=st.booleans())
-    def test_property_cpu(sizes, kinds, seed, fp64):
-        """Any mix of sizes and spectral kinds meets the oracle on the C++ backend."""
-        gen = torch.Generator().manual_seed(seed)
-        dtype = torch.float64 if fp64 else torch.float32
-        blocks = [make_block(k, n, gen).to(dtype) for n, k in zip(sizes, kinds)]
-        vals, vecs = block_eigh(blocks, backend="cpu")
-        for a, v, q in zip(blocks, vals, vecs):
-            check_eigh(a, v, q, TOL[dtype], f"n={a.shape[0]}")
+@needs_cpu_kernel
+@settings(max_examples=30, deadline=None)
+@given(sizes=st.lists(st.integers(1, 24), min_size=1, max_size=5),
+       kinds=st.lists(st.sampled_from(KINDS), min_size=5, max_size=5),
+       seed=st.integers(0, 2**31 - 1), fp64=st.booleans())
+def test_property_cpu(sizes, kinds, seed, fp64):
+    """Any mix of sizes and spectral kinds meets the oracle on the C++ backend."""
+    gen = torch.Generator().manual_seed(seed)
+    dtype = torch.float64 if fp64 else torch.float32
+    blocks = [make_block(k, n, gen).to(dtype) for n, k in zip(sizes, kinds)]
+    vals, vecs = block_eigh(blocks, backend="cpu")
+    for a, v, q in zip(blocks, vals, vecs):
+        check_eigh(a, v, q, TOL[dtype], f"n={a.shape[0]}")
 
 
 _AOT_SM90 = """

@@ -165,9 +165,9 @@ INVALID = [
     ("inverse-with-exact", lambda: dict(compute_method="inverse", damping_form="exact"),
      ValueError, "KFAC: compute_method='inverse' needs damping_form='factored'"),
     ("kl_clip-negative", lambda: dict(kl_clip=-1), ValueError,
-     "KFAC: kl_clip must be a positive finite float, got -1"),
+     "KFAC: kl_clip must be a positive finite float or None, got -1"),
     ("kl_clip-zero", lambda: dict(kl_clip=0.0), ValueError,
-     "KFAC: kl_clip must be a positive finite float, got 0.0"),
+     "KFAC: kl_clip must be a positive finite float or None, got 0.0"),
     ("lr-negative", lambda: dict(lr=-1), ValueError,
      "KFAC: lr must be a non-negative finite float or None, got -1"),
     ("lr-nan", lambda: dict(lr=float("nan")), ValueError,
@@ -454,8 +454,8 @@ def _unclipped_and_raw(model, x, y):
 
 @pytest.mark.parametrize("ratio", [1e-2, 1e-6, None])
 def test_kl_clip_factor_uses_lr_per_group(ratio):
-    """nu = min(1, sqrt(kl_clip / sum_l lr_l^2 |<V_l, M_l>|)) (seed 004, Eq. 10), with each
-    layer's lr taken from its parameter group; the SGD update is -lr_l * nu * V_l."""
+    """nu = min(1, sqrt(kl_clip / sum_l lr_l^2 |<V_l, M_l>|)) (Tselepidis et al. (2020), Eq. 10),
+    with each layer's lr taken from its parameter group; the SGD update is -lr_l * nu * V_l."""
     model = mlp((6, 5, 4))
     x, y = batch(n=20)
     raw, pre = _unclipped_and_raw(model, x, y)
@@ -749,7 +749,8 @@ def test_load_state_dict_wrong_factor_shapes():
                        "num_blocks or block_size?)")
     # A state from a differently-sized model is rejected as well.
     bigger = KFAC(mlp((6, 7, 4)))
-    with pytest.raises(ValueError, match=re.escape("KFAC.load_state_dict: factor 'G' of module '0'")):
+    with pytest.raises(ValueError, match=re.escape(
+            "KFAC.load_state_dict: factor 'G' of module '0'")):
         bigger.load_state_dict(copy.deepcopy(src.state_dict()))
 
 

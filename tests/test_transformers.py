@@ -3,15 +3,15 @@ tied between an input embedding and an output projection.
 
 Oracles (float64):
 
-* exact GGN blocks (``tests/_ggn.py``) where seed 001 shows exactness: the last linear layer of
-  a network with a Gaussian likelihood (``out_proj`` of an attention whose output is the model
-  output: expand with a loss per position, reduce with a mean over positions); the query
-  projection of the simplified self-attention of seed 001 Eq. 45 for one example (App. B.3.1);
-  one query row of one example (a single row: K-FAC with the type-2 Fisher is exact); an
+* exact GGN blocks (``tests/_ggn.py``) where Eschenhagen et al. (2023) show exactness: the last
+  linear layer of a network with a Gaussian likelihood (``out_proj`` of an attention whose output
+  is the model output: expand with a loss per position, reduce with a mean over positions); the query projection
+  of the simplified self-attention of Eschenhagen et al. (2023), Eq. 45 for one example (App.
+  B.3.1); one query row of one example (a single row: K-FAC with the type-2 Fisher is exact); an
   embedding followed by a linear layer (a deep linear network on one-hot inputs, Prop. 1);
 * an equivalent attention built from ``nn.Linear`` projections (its factors are computed by the
   plain Linear adapters), which pins the split of the packed ``in_proj_weight``;
-* factor sums computed by hand with autograd for the tied weight (seed 003 App. A.1).
+* factor sums computed by hand with autograd for the tied weight (Zhang et al. (2019), App. A.1).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""Two-level K-FAC (seed 004): the coarse Fisher against a brute-force sum of explicitly formed
-cross-layer Kronecker blocks, Algorithm 1 against the per-example-sums form, the decay schedule,
-the correction of Eq. 6 against the one-level update, checkpoints, argument validation, and the
-deep linear MLP of App. B.1 at reduced size."""
+"""Two-level K-FAC (Tselepidis et al., 2020): the coarse Fisher against a brute-force sum of
+explicitly formed cross-layer Kronecker blocks, Algorithm 1 against the per-example-sums form, the
+decay schedule, the correction of Eq. 6 against the one-level update, checkpoints, argument
+validation, and the deep linear MLP of App. B.1 at reduced size."""
 from __future__ import annotations
 
 import copy

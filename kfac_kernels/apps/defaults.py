@@ -10,10 +10,10 @@ SECOND_ORDER = ("kfac", "bdkfac")  # take the K-FAC options
 
 # Defaults per optimizer. K-FAC's lr and damping come from a sweep over lr x damping (with and
 # without KL-clipping) at 300 steps and batch size 64: lr 0.02 with damping 0.3 trained stably for
-# every seed tried (0-9), each reaching >= 0.98 test accuracy; larger steps (lr >= 0.05, or
-# damping <= 0.1 at lr 0.03) let some seeds spike or diverge.
-# BD-KFAC preconditions AdamW (seed 000's setting) and keeps AdamW's weight decay; its lr comes
-# from a sweep recorded in bench/results/bdkfac_digits_sweep.json.
+# every seed tried (0-9), each reaching >= 0.98 test accuracy; larger steps (lr >= 0.05, or damping
+# <= 0.1 at lr 0.03) let some seeds spike or diverge. BD-KFAC preconditions AdamW (the BD-KFAC
+# paper's setting) and keeps AdamW's weight decay; its lr comes from a sweep recorded in
+# bench/results/bdkfac_digits_sweep.json.
 DEFAULT_LR = {"sgd": 0.05, "adamw": 3e-3, "kfac": 0.02, "bdkfac": 1e-2}
 DEFAULT_WEIGHT_DECAY = {"sgd": 0.0, "adamw": 1e-2, "kfac": 0.0, "bdkfac": 1e-2}
 DEFAULT_MOMENTUM = 0.9

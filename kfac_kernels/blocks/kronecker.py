@@ -12,7 +12,7 @@ step this is exactly the moving average of the per-step means.
 
 Preconditioning of the gradient matrix ``M = [dW | db]`` (per group):
 
-* ``compute_method="eigen"``, ``damping_form="exact"`` (Yu & Tatebe (BD-KFAC), Sec. 3):
+* ``compute_method="eigen"``, ``damping_form="exact"`` (Yu & Tatebe, Sec. 3):
   ``Q_G [(Q_G^T M Q_A) / (lambda_G lambda_A^T + gamma)] Q_A^T`` -- ``(G (x) A + gamma I)^{-1}``
   applied exactly;
 * ``damping_form="factored"`` (Tselepidis et al. (2020), Eq. 8-9):
@@ -23,7 +23,7 @@ Preconditioning of the gradient matrix ``M = [dW | db]`` (per group):
   ``compute_method="inverse"``, precomputed damped inverses.
 
 A block-diagonal side keeps only the diagonal blocks of a partition of the layer's features
-(Yu & Tatebe (BD-KFAC), Sec. 4.1-4.2; convolutions partition channels, ``|S_i| k_h k_w``
+(Yu & Tatebe, Sec. 4.1-4.2; convolutions partition channels, ``|S_i| k_h k_w``
 coordinates per block); every product above is then a product with ``blockdiag`` matrices, and
 no dense factor is ever formed. A diagonal side (an embedding's token frequencies, the
 vocabulary side of a tied weight) needs no decomposition.
@@ -46,7 +46,7 @@ def partition_sizes(features: int, num_blocks: int | None = None,
 
     ``num_blocks``: ``min(num_blocks, features)`` near-equal parts; ``block_size``:
     ``max(1, features // block_size)`` parts of ``block_size``. The last part absorbs the
-    remainder in both cases (Yu & Tatebe (BD-KFAC), Sec. 4.1).
+    remainder in both cases (Yu & Tatebe, Sec. 4.1).
     """
     if block_size is not None:
         n = max(1, features // block_size)
@@ -338,7 +338,7 @@ class KroneckerBlock(CurvatureBlock):
 
 
 class BlockDiagonalBlock(KroneckerBlock):
-    """Block-diagonal factors (Yu & Tatebe (BD-KFAC)): the diagonal blocks of a partition of
+    """Block-diagonal factors (Yu & Tatebe): the diagonal blocks of a partition of
     the layer's input features (channels for a convolution; the bias coordinate in the last
     block) and output features into ``num_blocks`` near-equal parts, or parts of
     ``block_size``."""

@@ -6,7 +6,7 @@ r"""Batched symmetric eigendecomposition of many blocks, and the damped block in
     \text{block\_damped\_inverse}(A_b, \gamma_b)
         = Q_b \,(\max(\Lambda_b, 0) + \gamma_b I)^{-1} Q_b^\top
 
-for every block ``A_b`` (seed 000, Sec. 4.4). Eigenvalues are returned in ascending order, the
+for every block ``A_b`` (Yu & Tatebe, Sec. 4.4). Eigenvalues are returned in ascending order, the
 eigenvectors as the columns of ``Q_b`` (as ``torch.linalg.eigh``).
 
 Input

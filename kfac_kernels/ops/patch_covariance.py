@@ -12,8 +12,9 @@ flattened channel-major then kernel rows then kernel columns, the order of
     \text{reduce:}\quad A = \frac{1}{N} \sum_n \bar a_n \bar a_n^\top,\;
     \bar a_n = \frac{1}{R} \sum_r a_{n,r}
 
-(seed 001, Eq. 7 and 10). ``groups > 1`` gives one factor per group, stacked. ``num_blocks``
-gives only the diagonal blocks of a channel partition (BD-KFAC, seed 000 Sec. 4.2).
+(Eschenhagen et al. (2023), Eq. 7 and 10). ``groups > 1`` gives one factor per group, stacked.
+``num_blocks`` gives only the diagonal blocks of a channel partition (BD-KFAC, Yu & Tatebe, Sec.
+4.2).
 
 The ``eager`` backend is the definition (``F.unfold`` then a matmul). The ``cpu``, ``cuda`` and
 ``triton`` kernels never build the unfolded tensor: expand forms tiles of ``A`` from input tiles

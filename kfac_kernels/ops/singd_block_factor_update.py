@@ -1,5 +1,5 @@
 r"""SINGD / IKFAC factor update of block-diagonal ``K`` and ``C`` for many layers in one call
-(seed 002, Fig. 4, step 1, with Table 1's block-diagonal projection).
+(Lin et al. (2024), Fig. 4, step 1, with Table 1's block-diagonal projection).
 
 The diagonal blocks of every layer's ``K`` are packed into one ``(blocks, b, b)`` tensor ``k``
 (block ``j`` is ``k_dims[j] x k_dims[j]`` in the top-left corner of its ``b x b`` slot; the rest

@@ -1,4 +1,5 @@
-r"""Fused SINGD parameter step for block-diagonal Kronecker factors (seed 002, Fig. 4, steps 2-3).
+r"""Fused SINGD parameter step for block-diagonal Kronecker factors (Lin et al. (2024), Fig. 4,
+steps 2-3).
 
 For a layer with weight ``W`` (``rows x cols``, the weight reshaped to ``(d_out, -1)``) and
 optional bias ``b`` (its coordinate is the last column of the parameter matrix ``[W | b]``, so

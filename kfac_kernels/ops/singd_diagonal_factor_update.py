@@ -1,5 +1,5 @@
-r"""SINGD / IKFAC factor update of diagonal ``K`` and ``C`` for many layers in one call (seed 002,
-Fig. 4, step 1, with Table 1's diagonal projection).
+r"""SINGD / IKFAC factor update of diagonal ``K`` and ``C`` for many layers in one call (Lin et al.
+(2024), Fig. 4, step 1, with Table 1's diagonal projection).
 
 All layers' diagonals are packed into flat vectors: layer ``l`` owns ``k[k_offsets[l]:
 k_offsets[l+1]]`` (``d_i`` entries) and ``c[c_offsets[l]:c_offsets[l+1]]`` (``d_o``), with the

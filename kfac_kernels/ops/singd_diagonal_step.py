@@ -1,4 +1,5 @@
-r"""Fused SINGD parameter step for diagonal Kronecker factors (seed 002, Fig. 4, steps 2-3).
+r"""Fused SINGD parameter step for diagonal Kronecker factors (Lin et al. (2024), Fig. 4, steps
+2-3).
 
 For a parameter matrix ``P`` (``rows x cols``; a weight reshaped to ``(d_out, -1)``, or a bias as
 ``(d_out, 1)``) with gradient ``G``, ``C = diag(c)``, ``K = diag(k)`` and momentum buffer ``B``:

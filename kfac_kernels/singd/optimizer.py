@@ -1,4 +1,4 @@
-r"""SINGD / INGD / IKFAC (seed 002, Fig. 3 and 4) as a ``torch.optim.Optimizer``.
+r"""SINGD / INGD / IKFAC (Lin et al. (2024), Fig. 3 and 4) as a ``torch.optim.Optimizer``.
 
 Per supported layer (``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``; bias folded in as a last input
 coordinate, one factor pair per convolution group) with gradient matrix ``M = [dW | db]``
@@ -44,13 +44,13 @@ Low precision (``preconditioner_dtype=torch.bfloat16``, or bf16 parameters). Saf
 """
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Iterable
 
 import torch
 from torch import nn
 
+from .. import _arguments as args
 from .. import distributed as dist_utils
 from ..capture import Capture, default_factor_dtype
 from ..curvature import check_common
@@ -65,20 +65,6 @@ __all__ = ["SINGD", "factor_update", "precondition"]
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _number(who, name, value, *, low=0.0, high=None, high_open=True, low_open=False):
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    if ok:
-        ok = (value > low) if low_open else (value >= low)
-        if ok and high is not None:
-            ok = value < high if high_open else value <= high
-    if not ok:
-        lo = "(" if low_open else "["
-        hi = "inf)" if high is None else (f"{high:g})" if high_open else f"{high:g}]")
-        raise ValueError(f"{who}: {name} must be a finite float in {lo}{low:g}, {hi}, got "
-                         f"{value!r}")
-    return float(value)
 
 
 def _pair(value):
@@ -101,7 +87,8 @@ class SINGD(FusedSteps, torch.optim.Optimizer):
             :data:`kfac_kernels.singd.STRUCTURES`.
         block_size: ``k`` of the block-diagonal, hierarchical and rank-k lower-triangular
             structures (one int, or a pair for ``K`` and ``C``).
-        kfac_approx: ``"expand"`` or ``"reduce"`` for weight-sharing layers (seed 001).
+        kfac_approx: ``"expand"`` or ``"reduce"`` for weight-sharing layers (Eschenhagen et al.,
+            2023).
         loss_average: ``None`` (summed loss), ``"batch"`` or ``"batch+sequence"``.
         kfac_like: IKFAC (Eq. 10).
         preconditioner_dtype: storage dtype of ``K, C, m_K, m_C`` (one dtype or a pair); default
@@ -119,20 +106,20 @@ class SINGD(FusedSteps, torch.optim.Optimizer):
             while the factors warm up from ``I``, so larger ``lr_cov`` stay stable.
         fused: with diagonal ``K`` and ``C``, update the factors of all layers in one launch of
             :func:`kfac_kernels.ops.singd_diagonal_factor_update` and apply steps 2-3 of Fig. 4
-            (preconditioning, weight decay, momentum, parameter update) to each weight and bias
-            in one pass of :func:`kfac_kernels.ops.singd_diagonal_step`; with block-diagonal
-            ``K`` and ``C``, update the factors of all layers in one call of
-            :func:`kfac_kernels.ops.singd_block_factor_update` and apply steps 2-3 to each
-            layer's weight and bias together in one pass of
-            :func:`kfac_kernels.ops.singd_block_step`; other structures (and, for the parameter step, convolutions with
-            groups, non-contiguous weights, or factors kept wider than fp32 for fp32
-            parameters) use the readable path. Same result up to round-off.
+            (preconditioning, weight decay, momentum, parameter update) to each weight and bias in
+            one pass of :func:`kfac_kernels.ops.singd_diagonal_step`; with block-diagonal ``K`` and
+            ``C``, update the factors of all layers in one call of
+            :func:`kfac_kernels.ops.singd_block_factor_update` and apply steps 2-3 to each layer's
+            weight and bias together in one pass of :func:`kfac_kernels.ops.singd_block_step`; other
+            structures (and, for the parameter step, convolutions with groups, non-contiguous
+            weights, or factors kept wider than fp32 for fp32 parameters) use the readable path.
+            Same result up to round-off.
         statistics_from_rows: for diagonal and block-diagonal structures, accumulate only the
             structure's part of ``U`` (``nn.Linear`` inputs; convolution inputs with
             ``kfac_approx="expand"``, without unfolding the layer's patches) and ``G``
-            (``nn.Linear`` and convolution output gradients) from the rows, never forming the
-            dense ``d x d`` matrices (:mod:`kfac_kernels.singd.statistics`). ``False`` captures the dense ``U``
-            and ``G`` and projects them (the readable reference path). Same result up to
+            (``nn.Linear`` and convolution output gradients) from the rows, never forming the dense
+            ``d x d`` matrices (:mod:`kfac_kernels.singd.block`). ``False`` captures the dense
+            ``U`` and ``G`` and projects them (the readable reference path). Same result up to
             round-off.
         grad_accumulation_steps: micro-batches per step whose losses are averaged (each
             ``loss / k`` backpropagated): ``U`` and ``G`` are then those of the whole batch.
@@ -155,17 +142,14 @@ class SINGD(FusedSteps, torch.optim.Optimizer):
                  grad_accumulation_steps: int = 1, distributed: bool | None = None,
                  process_group=None):
         who = "SINGD"
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"{who}: model must be a torch.nn.Module, got {type(model).__name__}")
-        lr = _number(who, "lr", lr)
-        momentum = _number(who, "momentum", momentum, high=1.0)
-        self.damping = _number(who, "damping", damping)
-        self.alpha1 = _number(who, "alpha1", alpha1, high=1.0)
-        weight_decay = _number(who, "weight_decay", weight_decay)
-        self.lr_cov = _number(who, "lr_cov", lr_cov)
-        if isinstance(T, bool) or not isinstance(T, int) or T < 1:
-            raise ValueError(f"{who}: T must be an int >= 1, got {T!r}")
-        self.T = T
+        args.instance(who, "model", model, nn.Module, "a torch.nn.Module", allow_none=False)
+        lr = args.in_range(who, "lr", lr)
+        momentum = args.in_range(who, "momentum", momentum, high=1.0)
+        self.damping = args.in_range(who, "damping", damping)
+        self.alpha1 = args.in_range(who, "alpha1", alpha1, high=1.0)
+        weight_decay = args.in_range(who, "weight_decay", weight_decay)
+        self.lr_cov = args.in_range(who, "lr_cov", lr_cov)
+        self.T = args.positive_int(who, "T", T)
         names = _pair(structures)
         if len(names) != 2:
             raise ValueError(f"{who}: structures must be a name or a pair of names (K, C), got "
@@ -176,27 +160,17 @@ class SINGD(FusedSteps, torch.optim.Optimizer):
             raise ValueError(f"{who}: block_size must be an int or a pair of ints, got "
                              f"{block_size!r}")
         for k in sizes:
-            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-                raise ValueError(f"{who}: block_size must be an int >= 1, got {k!r}")
+            args.positive_int(who, "block_size", k)
         self.block_sizes = tuple(k if cls.takes_block_size else None
                                  for k, cls in zip(sizes, self.structure_classes))
         check_common(who, kfac_approx, "empirical", loss_average, 1, backend, None)
-        if not isinstance(kfac_like, bool):
-            raise TypeError(f"{who}: kfac_like must be a bool, got {kfac_like!r}")
+        self.kfac_like = args.flag(who, "kfac_like", kfac_like)
         if kfac_like and self.alpha1 != 0.0:
             warnings.warn(f"{who}: kfac_like=True (IKFAC) has no Riemannian momentum; "
                           f"alpha1={self.alpha1} is not used", stacklevel=2)
-        self.kfac_like = kfac_like
-        if not isinstance(fused, bool):
-            raise TypeError(f"{who}: fused must be a bool, got {fused!r}")
-        self.fused = fused
-        if not isinstance(normalize_lr_cov, bool):
-            raise TypeError(f"{who}: normalize_lr_cov must be a bool, got {normalize_lr_cov!r}")
-        self.normalize_lr_cov = normalize_lr_cov
-        if not isinstance(statistics_from_rows, bool):
-            raise TypeError(f"{who}: statistics_from_rows must be a bool, got "
-                            f"{statistics_from_rows!r}")
-        self.statistics_from_rows = statistics_from_rows
+        self.fused = args.flag(who, "fused", fused)
+        self.normalize_lr_cov = args.flag(who, "normalize_lr_cov", normalize_lr_cov)
+        self.statistics_from_rows = args.flag(who, "statistics_from_rows", statistics_from_rows)
         dtypes = _pair(preconditioner_dtype)
         if len(dtypes) != 2:
             raise ValueError(f"{who}: preconditioner_dtype must be None, a dtype or a pair "
@@ -207,10 +181,8 @@ class SINGD(FusedSteps, torch.optim.Optimizer):
                                  f"{STORAGE_DTYPES} or a pair of them, got "
                                  f"{preconditioner_dtype!r}")
         self.preconditioner_dtypes = dtypes
-        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
-            raise TypeError(f"{who}: grad_scaler must be a torch.amp.GradScaler or None, got "
-                            f"{type(grad_scaler).__name__}")
-        self.grad_scaler = grad_scaler
+        self.grad_scaler = args.instance(who, "grad_scaler", grad_scaler, torch.amp.GradScaler,
+                                         "a torch.amp.GradScaler")
         dist_utils.check_arguments(who, grad_accumulation_steps, distributed)
         self.distributed = distributed
         self.process_group = process_group
