@@ -5,7 +5,6 @@ damping forms against dense linear algebra, and an end-to-end comparison on digi
 from __future__ import annotations
 
 import copy
-import io
 import math
 import re
 import warnings
@@ -608,73 +607,7 @@ def test_module_called_twice_counts_as_more_examples():
 # 7. checkpointing: save -> load -> continue equals the uninterrupted run
 # ---------------------------------------------------------------------------------------------
 
-KFAC_CKPT = dict(damping=0.1, factor_decay=0.9, factor_update_steps=2, inv_update_steps=3)
-
-
-def _ckpt_setup(make_cnn, seed, fisher_type, gen_seed):
-    model = make_cnn(seed=seed)
-    kw = dict(KFAC_CKPT)
-    if fisher_type != "empirical":
-        kw.update(fisher_type=fisher_type, loss_fn=nn.CrossEntropyLoss(),
-                  generator=torch.Generator().manual_seed(gen_seed))
-    precond = KFAC(model, **kw)
-    opt = PreconditionedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
-                                  precond)
-    return model, opt, precond
-
-
-def _ckpt_run(model, opt, precond, batches):
-    for x, y in batches:
-        opt.zero_grad()
-        if precond.fisher_type == "empirical":
-            F.cross_entropy(model(x), y).backward()
-        else:
-            precond.backward(model(x), y)
-        opt.step()
-
-
-@pytest.mark.parametrize("fisher_type,split", [("empirical", 10), ("empirical", 11),
-                                               ("mc", 10), ("mc", 11)])
-def test_save_load_resumes_bit_identically(make_cnn, digits, fisher_type, split):
-    total = 20
-    batches = digits.batches(16, total, seed=5)
-
-    model_a, opt_a, pre_a = _ckpt_setup(make_cnn, 0, fisher_type, gen_seed=7)
-    _ckpt_run(model_a, opt_a, pre_a, batches)
-
-    model_b, opt_b, pre_b = _ckpt_setup(make_cnn, 0, fisher_type, gen_seed=7)
-    _ckpt_run(model_b, opt_b, pre_b, batches[:split])
-    buf = io.BytesIO()
-    torch.save({"model": model_b.state_dict(), "opt": opt_b.state_dict()}, buf)
-    del model_b, opt_b, pre_b
-
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=False)
-    # A fresh model (different initialisation) and a fresh generator: everything must come
-    # from the checkpoint.
-    model_c, opt_c, pre_c = _ckpt_setup(make_cnn, 1, fisher_type, gen_seed=99)
-    model_c.load_state_dict(ckpt["model"])
-    opt_c.load_state_dict(ckpt["opt"])
-    assert pre_c.steps == split
-    _ckpt_run(model_c, opt_c, pre_c, batches[split:])
-
-    assert pre_c.steps == pre_a.steps == total
-    for (n, p), (_, q) in zip(model_a.named_parameters(), model_c.named_parameters()):
-        assert torch.equal(p, q), f"parameter {n} differs after resuming"
-    assert set(pre_a.factors) == set(pre_c.factors) == {"0", "2", "6", "8"}
-    for name in pre_a.factors:
-        for side, fa, fc in zip("AG", pre_a.factors[name], pre_c.factors[name]):
-            assert torch.equal(fa, fc), f"{side} of {name} differs after resuming"
-    assert set(pre_a.preconditioners) == set(pre_c.preconditioners)
-    for name, d in pre_a.preconditioners.items():
-        assert set(d) == set(pre_c.preconditioners[name])
-        for k, v in d.items():
-            assert torch.equal(v, pre_c.preconditioners[name][k]), f"{k} of {name} differs"
-    for p, q in zip(model_a.parameters(), model_c.parameters()):
-        sa, sc = opt_a.state[p], opt_c.state[q]
-        assert torch.equal(sa["momentum_buffer"], sc["momentum_buffer"])
-    if fisher_type == "mc":
-        assert torch.equal(pre_a.generator.get_state(), pre_c.generator.get_state())
+# (Resuming from a checkpoint bit-identically: tests/test_optimizers.py, for every optimizer.)
 
 
 def test_state_dict_contents_and_roundtrip():
