@@ -34,7 +34,9 @@ Backends
 
 A bucket whose size exceeds the chosen backend's limit (``MAX_N``) is handed to
 ``torch.linalg.eigh`` (with a ``UserWarning`` the first time per backend when that backend was
-asked for by name; ``"auto"`` makes this choice silently). ``"auto"`` picks as
+asked for by name; ``"auto"`` makes this choice silently); its damped inverses are computed by a
+batched Cholesky factorisation instead (:func:`damped_inverse_by_cholesky`, the same result for
+PSD blocks at about a sixth of the work; blocks it cannot factorise take the eigendecomposition). ``"auto"`` picks as
 every op does (``kfac_kernels._backend.resolve_backend``). The Jacobi kernels are deterministic.
 
 Jacobi convergence
@@ -210,6 +212,27 @@ def damped_inverse_from_eigh(vals: torch.Tensor, vecs: torch.Tensor,
     return (x + x.mT) * 0.5
 
 
+def _not_jacobi(stack: torch.Tensor) -> torch.Tensor:
+    return torch.full((stack.shape[0],), -1, dtype=torch.int32, device=stack.device)
+
+
+def damped_inverse_by_cholesky(stack: torch.Tensor, damping: torch.Tensor) -> torch.Tensor:
+    """``(A + gamma I)^{-1}`` by a batched Cholesky factorisation (about a sixth of an
+    eigendecomposition's work): for a PSD block it equals ``Q (max(L, 0) + gamma I)^{-1} Q^T``
+    up to round-off. Blocks whose factorisation fails (indefinite beyond ``-gamma`` from
+    round-off, or non-finite) take the eigendecomposition, which clamps and confines NaN."""
+    eye = torch.eye(stack.shape[-1], dtype=stack.dtype, device=stack.device)
+    shifted = torch.tril(stack) + torch.tril(stack, -1).mT + damping[:, None, None] * eye
+    chol, info = torch.linalg.cholesky_ex(shifted)
+    inverse = torch.cholesky_inverse(chol)
+    inverse = (inverse + inverse.mT) * 0.5
+    failed = (info != 0).nonzero().flatten()
+    if failed.numel():
+        vals, vecs, _ = block_eigh_eager(stack[failed])
+        inverse[failed] = damped_inverse_from_eigh(vals, vecs, damping[failed])
+    return inverse
+
+
 # ------------------------------------------------------------------------------------ dispatch
 
 def _solve_bucket(stack: torch.Tensor, backend: str, max_sweeps: int, tol: float | None,
@@ -227,6 +250,8 @@ def _solve_bucket(stack: torch.Tensor, backend: str, max_sweeps: int, tol: float
                 f"{_OP}: blocks larger than the {backend!r} backend's limit ({MAX_N[backend]}) "
                 f"are solved with torch.linalg.eigh (first seen: n = {n}); this is said once",
                 stacklevel=4)
+        if damping is not None:
+            return damped_inverse_by_cholesky(stack, damping), _not_jacobi(stack)
         backend = "eager"
     if backend == "eager":
         vals, vecs, sweeps = block_eigh_eager(stack)
