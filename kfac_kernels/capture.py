@@ -29,6 +29,8 @@ names the group of a grouped output (the query/key/value projections of attentio
 """
 from __future__ import annotations
 
+import warnings
+import weakref
 from functools import partial
 from typing import Callable
 
@@ -36,6 +38,21 @@ import torch
 
 LOSS_AVERAGES = (None, "batch", "batch+sequence")
 KFAC_APPROXES = ("expand", "reduce")
+
+
+# The optimizers capturing each module (weakly: a dropped optimizer leaves no trace here).
+_CAPTURED_BY: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def weak_method(method: Callable) -> Callable:
+    """A callable that calls the bound ``method`` while its object lives (else returns None):
+    what hooks hold instead of the optimizer itself."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args, **kwargs):
+        bound = ref()
+        return None if bound is None else bound(*args, **kwargs)
+    return call
 
 
 def default_factor_dtype(param: torch.Tensor) -> torch.dtype:
@@ -95,6 +112,26 @@ class Capture:
     @property
     def attached(self) -> bool:
         return bool(self._handles)
+
+    def claim(self, owner, who: str) -> None:
+        """Record ``owner`` (an optimizer) as capturing this capture's modules, warn once if
+        another live optimizer already captures some of them (both would precondition the same
+        gradients), and detach the hooks when ``owner`` is garbage collected (the hooks hold
+        the capture, never the optimizer, so dropping the optimizer ends the capture)."""
+        others = {}
+        for name, adapter in self.adapters.items():
+            for other in _CAPTURED_BY.get(adapter.module, ()):
+                if other is not owner and getattr(other, "capture", None) is not None \
+                        and other.capture.attached:
+                    others.setdefault(type(other).__name__, []).append(name)
+            _CAPTURED_BY.setdefault(adapter.module, weakref.WeakSet()).add(owner)
+        if others:
+            kind, names = next(iter(others.items()))
+            warnings.warn(
+                f"{who}: modules {names} are already captured by a {kind} created earlier on "
+                f"this model; both will update from and precondition the same gradients. Call "
+                f"remove_hooks() on the earlier one (or drop it) first", UserWarning, stacklevel=4)
+        weakref.finalize(owner, self.detach)
 
     def __enter__(self) -> "Capture":
         return self.attach()

@@ -34,7 +34,7 @@ from . import _arguments as args
 from . import distributed as dist_utils
 from ._backend import BACKENDS
 from .blocks import BLOCKS, run_jobs
-from .capture import Capture, default_factor_dtype
+from .capture import Capture, default_factor_dtype, weak_method
 from .curvature import check_common, curvature_backward
 from .layers import SUPPORTED_NAMES, find_adapters, validate_skip_modules
 from .losses import check_loss_fn, loss_coefficient
@@ -203,11 +203,12 @@ class KFAC:
                               backend=backend, **options)
             for name, adapter in self.adapters.items()}
         self.capture = Capture(self.adapters, loss_average=loss_average,
-                               loss_scale=self._loss_scale, train_only=True)
+                               loss_scale=weak_method(self._loss_scale), train_only=True)
         for name, block in self.blocks.items():
             self.capture.subscribe(name, block)
         self.capture.accumulation_steps = grad_accumulation_steps
         self.capture.attach()
+        self.capture.claim(self, who)
         self.distribution = dist_utils.make_strategy(distributed_strategy, self)
         self._arm_capture()
 
@@ -265,8 +266,15 @@ class KFAC:
         self.capture.new_step()
 
     def remove_hooks(self) -> None:
-        """Detach all hooks from the model (the preconditioner stops capturing)."""
+        """Detach all hooks from the model (the preconditioner stops capturing). Dropping the
+        preconditioner does the same; ``with KFAC(model) as precond:`` detaches at the end."""
         self.capture.detach()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove_hooks()
 
     def backward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """``loss = loss_fn(outputs, targets)``; ``loss.backward()``, with the extra backward
@@ -337,11 +345,21 @@ class KFAC:
         (from :meth:`gradient_matrices`); ``None`` (and nothing changed) if the step is
         skipped: no gradients, or non-finite ones."""
         self.skip_reason = None
-        if not grads or not grads_finite(list(grads.values())):
-            self.skip_reason = "non-finite gradients" if grads else "no gradients"
+        if not grads:
+            self.skip_reason = "no gradients"
+            self._warn_once("no-gradients", (
+                f"{type(self).__name__}: step() found no gradients of the covered layers: call "
+                "loss.backward() (or precond.backward(outputs, targets)) before step(); nothing "
+                "was preconditioned"))
+            self.discard_pending()
+            return None
+        if not grads_finite(list(grads.values())):
+            self.skip_reason = "non-finite gradients"
             self.discard_pending()
             return None
         if self.is_factor_step:
+            if not any(b.pending is not None for b in self.blocks.values()):
+                self._warn_nothing_captured()
             self._update_factors()
         self.discard_pending()
         due = [n for n in grads if self.blocks[n].has_factors
@@ -399,6 +417,21 @@ class KFAC:
                 f"{type(self).__name__}: non-finite curvature for module {name!r} (NaN/inf "
                 "in its inputs or output gradients); its factor update is skipped this "
                 "step and whenever this happens again"))
+
+    def _warn_nothing_captured(self) -> None:
+        modules = [a.module for a in self.adapters.values()]
+        if not any(m.training for m in modules):
+            cause = ("the model is in evaluation mode (call model.train(): curvature is "
+                     "captured from modules in training mode only)")
+        elif not self.capture.attached:
+            cause = "its hooks were removed (remove_hooks())"
+        else:
+            cause = ("no forward pass with gradients enabled reached the covered layers since "
+                     "the last step")
+        self._warn_once("nothing-captured", (
+            f"{type(self).__name__}: step {self.steps + 1} should update the factors but no "
+            f"curvature was captured: {cause}; the gradients are preconditioned with the "
+            "factors so far (left unchanged before the first update)"))
 
     def decompose(self, names: list[str]) -> None:
         """Recompute the decompositions of ``names`` on this process: all of them in as few

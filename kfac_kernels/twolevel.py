@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -57,23 +58,29 @@ class _CoarseCapture:
     forward call."""
 
     def __init__(self, owner: "TwoLevel", name: str):
-        self.owner, self.name = owner, name
-
-    def _record(self) -> dict:
-        return self.owner._pending.setdefault(self.name, {"a": {}, "g": {}})
+        # Weakly: the module hooks reach this consumer, and must not keep the optimizer alive.
+        self.owner, self.name = weakref.ref(owner), name
 
     def add_forward(self, adapter, x, context, index) -> None:
+        owner = self.owner()
+        if owner is None:
+            return
         if isinstance(context, GraphRows):
             raise ValueError(f"TwoLevel: module {self.name!r} runs inside graph_rows; the "
                              "coarse space treats rows as examples and does not support "
                              "graph batches")
-        self._record()["a"][index] = adapter.example_inputs(x, self.owner._dtype(self.name))
+        record = owner._pending.setdefault(self.name, {"a": {}, "g": {}})
+        record["a"][index] = adapter.example_inputs(x, owner._dtype(self.name))
 
     def add_backward(self, adapter, grad, context, index, multiplier, group) -> None:
-        g = adapter.example_outputs(grad, self.owner._dtype(self.name))
+        owner = self.owner()
+        if owner is None:
+            return
+        g = adapter.example_outputs(grad, owner._dtype(self.name))
         # One entry per backward pass through this output: the user's backward (empirical
         # Fisher) or each Monte-Carlo / type-2 pass; scaled so that t t^T carries the weight m.
-        self._record()["g"].setdefault(index, []).append(g * math.sqrt(multiplier))
+        record = owner._pending.setdefault(self.name, {"a": {}, "g": {}})
+        record["g"].setdefault(index, []).append(g * math.sqrt(multiplier))
 
 
 class TwoLevel:
@@ -148,6 +155,12 @@ class TwoLevel:
     def remove_hooks(self) -> None:
         self.inner.remove_hooks()
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove_hooks()
+
     # --- statistics -------------------------------------------------------------------------
     def _batch_vectors(self):
         """Per layer ``(a, g)``: ``(groups, N, D)`` and ``(P, groups, N, d)`` over this step's
@@ -160,9 +173,12 @@ class TwoLevel:
             rec = self._pending.get(name)
             if rec is None or not rec["a"] or not rec["g"]:
                 return None
-            calls = sorted(rec["a"])
-            if sorted(rec["g"]) != calls:
-                return None  # a pass without its backward (e.g. evaluation with grad enabled)
+            # The forward calls whose outputs were backpropagated: a call without a backward
+            # (an activation-checkpointing recomputation, a forward that was not trained on)
+            # pairs with nothing and is left out.
+            calls = sorted(set(rec["a"]) & set(rec["g"]))
+            if not calls:
+                return None
             passes = {len(rec["g"][i]) for i in calls}
             if len(passes) != 1:
                 return None

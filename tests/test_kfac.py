@@ -285,7 +285,9 @@ def test_none_grads_change_nothing(make_cnn, digits):
     # Before any backward: a forward pass alone, then step.
     params0 = clone_params(model)
     model(x)
-    assert precond.step() is False
+    with pytest.warns(RuntimeWarning, match=re.escape(
+            "KFAC: step() found no gradients of the covered layers: call loss.backward()")):
+        assert precond.step() is False
     opt.step()
     assert precond.steps == 0 and precond.factors == {} and precond.preconditioners == {}
     assert_params_equal(model, params0)
@@ -328,6 +330,24 @@ class TwoHeads(nn.Module):
     def forward(self, x, head="a"):
         h = torch.tanh(self.body(x))
         return self.head_a(h) if head == "a" else self.head_b(h)
+
+
+def test_eval_mode_steps_say_that_nothing_is_captured():
+    """A model left in eval mode captures no curvature: the step says so (once) instead of
+    returning True with the gradients silently unpreconditioned."""
+    model = mlp()
+    model.eval()
+    precond = KFAC(model, damping=0.1)
+    x, y = batch()
+    with pytest.warns(RuntimeWarning, match=re.escape(
+            "KFAC: step 1 should update the factors but no curvature was captured: the model is "
+            "in evaluation mode (call model.train()")) as record:
+        for _ in range(3):
+            model.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            precond.step()
+    assert sum("no curvature was captured" in str(w.message) for w in record) == 1
+    assert precond.factors == {}
 
 
 def test_layers_without_grads_are_left_alone():

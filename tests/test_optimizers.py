@@ -151,3 +151,43 @@ def test_removed_hooks_capture_nothing(info):
     precond = info.preconditioner(opt)
     precond.remove_hooks()
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=IDS)
+def test_dropped_optimizer_stops_capturing_and_is_freed(info):
+    """The hooks hold the capture, never the optimizer: dropping the optimizer frees it and its
+    finaliser detaches every hook."""
+    import gc
+    import weakref
+
+    model = _model()
+    opt = info.build(model)
+    _run(info, model, opt, _batches(1))
+    ref = weakref.ref(info.preconditioner(opt))
+    del opt
+    gc.collect()
+    assert ref() is None
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=IDS)
+def test_context_manager_detaches(info):
+    model = _model()
+    with info.build(model) as opt:
+        _run(info, model, opt, _batches(1))
+        assert any(m._forward_hooks for m in model.modules())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_second_optimizer_on_a_model_is_said():
+    from kfac_kernels import KFAC, SINGD
+
+    model = _model()
+    first = KFAC(model)
+    with pytest.warns(UserWarning, match=r"SINGD: modules \[.*\] are already captured by a KFAC "
+                                         r"created earlier on this model"):
+        SINGD(model)
+    first.remove_hooks()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        KFAC(model)  # the earlier ones: removed hooks, or dropped

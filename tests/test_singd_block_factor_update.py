@@ -136,6 +136,7 @@ def test_bad_arguments():
         singd_block_factor_update(k, c, m_k, None, u, g, k_dims, c_dims, k_off, c_off, 0.1, 0.5,
                                   0.05, False)
     with pytest.raises(ValueError, match=r"singd_block_factor_update: u must be a contiguous "
-                                         r"torch.float32 tensor of shape \(5, 4, 4\)"):
+                                         r"torch.float32 tensor of shape \(5, 4, 4\) on cpu; it "
+                                         r"has dtype torch.float64"):
         singd_block_factor_update(k, c, m_k, m_c, u.double(), g, k_dims, c_dims, k_off, c_off,
                                   0.1, 0.5, 0.05, False)

@@ -87,6 +87,13 @@ def test_bad_arguments():
                                          r"be given or both be None"):
         singd_diagonal_factor_update(k, c, m_k, None, u, g, k_off, c_off, 0.1, 0.5, 0.05, False)
     with pytest.raises(ValueError, match=r"singd_diagonal_factor_update: u must be a contiguous "
-                                         r"torch.float32 vector of 134 entries"):
+                                         r"torch.float32 vector of shape \(134,\) on cpu; it has "
+                                         r"dtype torch.float64, expected torch.float32"):
         singd_diagonal_factor_update(k, c, m_k, m_c, u.double(), g, k_off, c_off, 0.1, 0.5,
                                      0.05, False)
+    strided = torch.stack([k, k], dim=1)[:, 0]
+    with pytest.raises(ValueError, match=r"singd_diagonal_factor_update: k must be a contiguous "
+                                         r"torch.float32 vector of shape \(134,\) on cpu; it has "
+                                         r"strides \(2,\) \(not contiguous"):
+        singd_diagonal_factor_update(strided, c, m_k, m_c, u, g, k_off, c_off, 0.1, 0.5, 0.05,
+                                     False)

@@ -95,3 +95,15 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match=r"singd_diagonal_step: lr must be a finite float, got "
                                          r"nan"):
         singd_diagonal_step(param, grad, c, k, buf, float("nan"), 0.9, 0.0, False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_overlapping_outputs_are_refused_as_eager_refuses_them(backend):
+    """A parameter whose rows share memory (an expanded tensor) would be written in an order
+    that decides the result: every backend refuses it with eager's own message."""
+    param = torch.zeros(1, 4).expand(3, 4)
+    grad = torch.ones(3, 4)
+    c, k, buf = torch.ones(3), torch.ones(4), torch.zeros(3, 4)
+    with pytest.raises(RuntimeError, match="more than one element of the written-to tensor "
+                                           "refers to a single memory location"):
+        singd_diagonal_step(param, grad, c, k, buf, 0.1, 0.9, 0.0, True, backend=backend)

@@ -248,6 +248,40 @@ def test_works_over_bdkfac_with_norm_layers():
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
+def test_activation_checkpointing_keeps_the_coarse_statistics():
+    """Under torch.utils.checkpoint (non-reentrant) the recomputed forward calls have no backward
+    of their own: the coarse statistics, the factors and the update equal those without
+    checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(nn.Module):
+        def __init__(self, ck):
+            super().__init__()
+            self.ck = ck
+            self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            inner = lambda t: torch.tanh(self.b(t))  # noqa: E731
+            h = checkpoint(inner, h, use_reentrant=False) if self.ck else inner(h)
+            return self.c(h)
+
+    runs = {}
+    for ck in (False, True):
+        torch.manual_seed(0)
+        model = Net(ck).to(DT)
+        two = TwoLevel(KFAC(model, damping=0.1))
+        x, y = torch.randn(8, 4, dtype=DT), torch.randint(0, 3, (8,))
+        F.cross_entropy(model(x), y).backward()
+        assert two.step(lr=0.1)
+        runs[ck] = (two.stats, [p.grad.clone() for p in model.parameters()])
+    assert runs[True][0] and set(runs[True][0]) == set(runs[False][0])
+    for key, value in runs[False][0].items():
+        torch.testing.assert_close(runs[True][0][key], value, rtol=1e-12, atol=0)
+    for g_ck, g in zip(runs[True][1], runs[False][1]):
+        torch.testing.assert_close(g_ck, g, rtol=1e-12, atol=1e-15)
+
+
 def test_shared_module_is_a_clear_error():
     lin = nn.Linear(4, 4).double()
     model = nn.Sequential(lin, nn.ReLU(), lin, nn.Linear(4, 2)).double()

@@ -329,6 +329,15 @@ def pre_pad(x: torch.Tensor, geom: ConvGeometry, padding_mode: str) -> tuple[tor
     if padding_mode == "zeros" or not any(geom.pad):
         return x, geom
     top, bottom, left, right = geom.pad
+    for pads, size in (((top, bottom), x.shape[2] if x.dim() == 4 else 1), ((left, right),
+                                                                            x.shape[-1])):
+        limit = size - 1 if padding_mode == "reflect" else size
+        if padding_mode in ("reflect", "circular") and max(pads) > limit:
+            raise ValueError(f"{_OP}: padding {max(pads)} is too large for "
+                             f"padding_mode={padding_mode!r} and an input of spatial size "
+                             f"{tuple(x.shape[2:])}: {padding_mode} padding must be at most "
+                             f"{'the size - 1' if padding_mode == 'reflect' else 'the size'} in "
+                             "each dim")
     pads = (left, right) if x.dim() == 3 else (left, right, top, bottom)
     xp = F.pad(x, pads, mode=padding_mode)
     size = tuple(xp.shape[2:]) if x.dim() == 4 else (1, xp.shape[-1])

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from .._backend import native_has_op, resolve_backend
-from ._checks import check_bool, check_finite_floats
+from ._checks import check_bool, check_finite_floats, check_like
 
 _OP = "singd_block_factor_update"
 
@@ -101,11 +101,7 @@ def _check(k, c, m_k, m_c, u, g, k_dims, c_dims, k_layer_offsets, c_layer_offset
     if m_k is not None:
         blocks += [("m_k", m_k, k), ("m_c", m_c, c)]
     for name, t, ref in blocks:
-        if (t.shape != ref.shape or t.dtype != k.dtype or t.device != k.device
-                or not t.is_contiguous()):
-            raise ValueError(f"{_OP}: {name} must be a contiguous {k.dtype} tensor of shape "
-                             f"{tuple(ref.shape)} on {k.device}, got shape {tuple(t.shape)}, "
-                             f"{t.dtype} on {t.device}")
+        check_like(_OP, name, t, tuple(ref.shape), k.dtype, k.device)
     check_finite_floats(_OP, damping=damping, alpha1=alpha1, lr_cov=lr_cov)
     check_bool(_OP, "kfac_like", kfac_like)
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from .._backend import native_has_op, resolve_backend
-from ._checks import check_bool, check_finite_floats
+from ._checks import check_bool, check_finite_floats, check_writable
 from .singd_diagonal_step import accumulation_dtype
 
 _OP = "singd_block_step"
@@ -127,6 +127,7 @@ def singd_block_step(weight: torch.Tensor, weight_grad: torch.Tensor, bias: torc
     """
     _check(weight, weight_grad, bias, bias_grad, c, c_dims, k, k_dims, weight_buf, bias_buf, lr,
            momentum, weight_decay, first)
+    check_writable(_OP, weight=weight, bias=bias, weight_buf=weight_buf, bias_buf=bias_buf)
     chosen = resolve_backend(backend, weight.device, _OP)
     args = [weight, weight_grad, bias, bias_grad, c, list(c_dims), k, list(k_dims), weight_buf,
             bias_buf, float(lr), float(momentum), float(weight_decay), first]

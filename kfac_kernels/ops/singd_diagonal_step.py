@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .._backend import native_has_op, resolve_backend
-from ._checks import check_bool, check_finite_floats
+from ._checks import check_bool, check_finite_floats, check_writable
 
 _OP = "singd_diagonal_step"
 _PARAM_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
@@ -87,6 +87,7 @@ def singd_diagonal_step(param: torch.Tensor, grad: torch.Tensor, c: torch.Tensor
         backend: ``"auto"``, ``"eager"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
     """
     _check(param, grad, c, k, buf, lr, momentum, weight_decay, first)
+    check_writable(_OP, param=param, buf=buf)
     chosen = resolve_backend(backend, param.device, _OP)
     lr, momentum, weight_decay = float(lr), float(momentum), float(weight_decay)
     if chosen == "eager":

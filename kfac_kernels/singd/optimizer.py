@@ -52,7 +52,7 @@ from torch import nn
 
 from .. import _arguments as args
 from .. import distributed as dist_utils
-from ..capture import Capture, default_factor_dtype
+from ..capture import Capture, default_factor_dtype, weak_method
 from ..curvature import check_common
 from ..layers import find_adapters, validate_skip_modules
 from .._skips import SkipCounter
@@ -208,11 +208,12 @@ class SINGD(FusedSteps, torch.optim.Optimizer):
         self.skips = SkipCounter("SINGD")
         self.blocks = {name: self._make_block(name, ad) for name, ad in self.adapters.items()}
         self.capture = Capture(self.adapters, loss_average=loss_average,
-                               loss_scale=self._loss_scale, train_only=True)
+                               loss_scale=weak_method(self._loss_scale), train_only=True)
         for name, block in self.blocks.items():
             self.capture.subscribe(name, block)
         self.capture.accumulation_steps = grad_accumulation_steps
         self.capture.attach()
+        self.capture.claim(self, who)
         self._arm_capture()
 
     def _make_block(self, name: str, adapter) -> SingdBlock:
@@ -258,7 +259,15 @@ class SINGD(FusedSteps, torch.optim.Optimizer):
         super().zero_grad(set_to_none=set_to_none)
 
     def remove_hooks(self) -> None:
+        """Detach the curvature hooks (dropping the optimizer does the same; ``with SINGD(...)
+        as opt:`` detaches at the end)."""
         self.capture.detach()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove_hooks()
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -340,6 +349,14 @@ class SINGD(FusedSteps, torch.optim.Optimizer):
         stats = {n: self.blocks[n].pending_statistics() for n in names}
         stats = {n: s for n, s in stats.items() if s is not None}
         if not stats:
+            if names:
+                in_eval = not any(a.module.training for a in self.adapters.values())
+                cause = ("the model is in evaluation mode (call model.train(): curvature is "
+                         "captured from modules in training mode only)" if in_eval else
+                         "no forward pass with gradients enabled reached the covered layers")
+                self._warn_once("nothing-captured", (
+                    f"SINGD: step {self.steps + 1} should update K and C but no curvature was "
+                    f"captured: {cause}; the factors keep their previous values"))
             return
         finite = torch.stack([SingdBlock.statistics_finite(s) for s in stats.values()]
                              ).isfinite().tolist()
@@ -441,8 +458,11 @@ class SINGD(FusedSteps, torch.optim.Optimizer):
                 layer[key] = []
                 for ref, data in zip(template[key], mats):
                     shapes = [tuple(t.shape) for t in ref.data]
-                    if [tuple(t.shape) for t in data] != shapes:
-                        raise ValueError(f"{who}: {key} of module {name!r} has the wrong shapes")
+                    got = [tuple(t.shape) for t in data]
+                    if got != shapes:
+                        raise ValueError(f"{who}: {key} of module {name!r} has shapes {got}; "
+                                         f"this optimizer's is {shapes} (saved from another "
+                                         "model or with other structures?)")
                     layer[key].append(type(ref)(ref.dim, tuple(t.detach().clone().to(dev)
                                                                for t in data), ref.k))
             factors[name] = layer
