@@ -4,7 +4,8 @@ For every op and every backend present on the device (CPU: ``cpu`` vs ``eager``;
 and ``triton`` vs ``eager``) and every case: the backend's result is first checked against the
 eager reference (a case that fails the check is recorded as failed and not timed), then both are
 timed (median of ``--repeats`` runs after a warm-up, synchronised on GPUs) and the ratio
-``eager / backend`` is recorded. Writes, under ``--out`` (default ``bench/results``)::
+``eager / backend`` is recorded. Writes, under ``--out`` (default: a fresh folder
+``kfac-bench-<device>-<date>-<time>`` in the current directory)::
 
     <device>.json   environment (device name, versions, threads, date) and one record per case
     <device>.md     the same as a markdown table
@@ -154,9 +155,10 @@ def run(device: torch.device, ops_wanted: list[str] | None, full: bool, repeats:
     if device.type == "cpu":
         backends = [b for b in backends if b != "triton"]  # the interpreter checks, not times
     gen = torch.Generator().manual_seed(0)
-    for op, cases in _cases(full).items():
-        if ops_wanted and op not in ops_wanted:
-            continue
+    selected = {op: cases for op, cases in _cases(full).items()
+                if not ops_wanted or op in ops_wanted}
+    total = sum(len(cases) for cases in selected.values()) * len(backends)
+    for op, cases in selected.items():
         for label, make, fn in cases:
             args = make(device, gen)
             reference = fn(args, "eager")
@@ -181,7 +183,8 @@ def run(device: torch.device, ops_wanted: list[str] | None, full: bool, repeats:
                 records.append(rec)
                 if progress:
                     speed = f"{rec['speedup']:.2f}x" if "speedup" in rec else rec["status"]
-                    print(f"{op:24s} {label:38s} {backend:6s} {speed}", flush=True)
+                    print(f"[{len(records)}/{total}] {op:24s} {label:38s} {backend:6s} {speed}",
+                          flush=True)
     return records
 
 
@@ -229,15 +232,25 @@ def slug(name: str) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="kfac-bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="kfac-bench",
+        description="The kernel microbenchmarks on this machine: every op on every backend of "
+                    "the device, checked against the eager reference, then timed against it.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        choices=("cpu", "cuda"))
-    parser.add_argument("--full", action="store_true", help="the full set of cases")
-    parser.add_argument("--ops", nargs="+", default=None, help="only these ops")
-    parser.add_argument("--repeats", type=int, default=5)
+                        choices=("cpu", "cuda"),
+                        help="device to benchmark on (default: cuda if there is one, else cpu)")
+    parser.add_argument("--full", action="store_true",
+                        help="the full set of cases (larger shapes; default: the quick set)")
+    parser.add_argument("--ops", nargs="+", default=None, metavar="OP",
+                        help=f"only these ops, of: {', '.join(sorted(_cases(False)))} (default: "
+                             "all)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed runs per case after a warm-up, the median kept (default: 5)")
     parser.add_argument("--threads", type=int, default=0,
-                        help="CPU threads (0: torch's default)")
-    parser.add_argument("--out", default="bench/results")
+                        help="CPU threads for torch (default: 0, torch's default)")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="folder for <device>.json/.md/.png (default: a fresh folder "
+                             "kfac-bench-<device>-<date>-<time> in the current directory)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
@@ -250,7 +263,9 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     env = environment(device)
     records = run(device, args.ops, args.full, args.repeats)
-    out = Path(args.out)
+    out = Path(args.out) if args.out is not None else Path(
+        f"kfac-bench-{slug(env['device_name'])}-"
+        f"{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     stem = out / slug(env["device_name"])
     stem.with_suffix(".json").write_text(json.dumps({"environment": env, "results": records},
