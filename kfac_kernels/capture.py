@@ -66,13 +66,15 @@ class Capture:
     Args:
         adapters: qualified module name -> adapter.
         loss_average: how the user's loss was reduced (see the module docstring).
-        loss_scale: callable returning the current loss scale of a GradScaler (or ``None``).
+        loss_scale: callable returning the current loss scale of a GradScaler (a float, a 0-d
+            tensor on the device, or ``None``).
         train_only: capture only from modules in training mode (evaluation forwards run with
             gradients enabled do not leak into an optimizer's statistics).
     """
 
     def __init__(self, adapters: dict, *, loss_average: str | None = "batch",
-                 loss_scale: Callable[[], float | None] | None = None, train_only: bool = True):
+                 loss_scale: Callable[[], float | torch.Tensor | None] | None = None,
+                 train_only: bool = True):
         self.adapters = adapters
         self.loss_average = loss_average
         self.loss_scale = loss_scale
@@ -177,11 +179,27 @@ class Capture:
             return
         multiplier = self.multiplier(n, r)
         grad = grad.detach()
+        # Weights known on the device only -- a count of targets (``grad_multiplier``), a
+        # GradScaler's scale -- are applied to the gradient (g -> sqrt(m) g, g / scale) rather
+        # than read on the host, which would wait for a GPU in the middle of the backward pass.
+        # Low-precision gradients are unscaled in float32 (in fp16 they would underflow).
+        scale = self.loss_scale() if self.loss_scale is not None else None
+        device_weight = isinstance(multiplier, torch.Tensor) or isinstance(scale, torch.Tensor)
+        if device_weight and grad.dtype in (torch.float16, torch.bfloat16):
+            grad = grad.float()
+        if isinstance(multiplier, torch.Tensor):
+            grad = grad * multiplier.sqrt().to(grad.device, grad.dtype)
+            multiplier = 1.0
+        if isinstance(scale, torch.Tensor):
+            grad = grad * scale.reciprocal().to(grad.device, grad.dtype)
+        elif scale:
+            multiplier /= float(scale) ** 2
         for consumer in self.consumers[adapter.name]:
             consumer.add_backward(adapter, grad, context, index, multiplier, group)
 
-    def multiplier(self, n: int, r: int) -> float:
-        """Weight of ``g g^T`` for an output gradient of ``n`` examples and ``r`` positions."""
+    def multiplier(self, n: int, r: int) -> float | torch.Tensor:
+        """Weight of ``g g^T`` for an output gradient of ``n`` examples and ``r`` positions (a
+        0-d tensor where :attr:`grad_multiplier` is one), before the loss scale."""
         if self.grad_multiplier is not None:
             multiplier = self.grad_multiplier
         elif self.loss_average is None:
@@ -190,7 +208,13 @@ class Capture:
             multiplier = float(n * self.accumulation_steps)
         else:
             multiplier = float(n * r * self.accumulation_steps)
-        scale = self.loss_scale() if self.loss_scale is not None else None
-        if scale:
-            multiplier /= float(scale) ** 2
         return multiplier / self.world_size
+
+
+def grad_scaler_scale(scaler) -> torch.Tensor | float | None:
+    """The current scale of an enabled ``torch.amp.GradScaler`` as a 0-d tensor on its device
+    (no host read); a float before its first ``scale()`` made one; ``None`` without one."""
+    if scaler is None or not scaler.is_enabled():
+        return None
+    tensor = getattr(scaler, "_scale", None)
+    return tensor if isinstance(tensor, torch.Tensor) else scaler.get_scale()

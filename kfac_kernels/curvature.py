@@ -11,7 +11,8 @@ from ._backend import BACKENDS
 from .blocks import KroneckerBlock
 from .capture import KFAC_APPROXES, LOSS_AVERAGES, Capture, default_factor_dtype
 from .layers import SUPPORTED_NAMES, find_adapters, validate_skip_modules
-from .losses import check_loss_fn, loss_coefficient, mc_grad_output, type2_grad_outputs
+from .losses import (check_loss_fn, inverse_coefficient, loss_coefficient, mc_grad_output,
+                     type2_grad_outputs)
 
 FISHER_TYPES = ("empirical", "mc", "type-2")
 
@@ -35,7 +36,7 @@ def curvature_backward(capture: Capture, loss_fn, outputs: torch.Tensor,
         if fisher_type == "empirical":
             loss = loss_fn(outputs, targets)
             c = loss_coefficient(loss_fn, outputs, targets)
-            capture.grad_multiplier = 1.0 / c if c > 0 else 0.0
+            capture.grad_multiplier = inverse_coefficient(c)
             torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
         elif fisher_type == "type-2":
             capture.grad_multiplier = 1.0

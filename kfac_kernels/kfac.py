@@ -33,24 +33,25 @@ from torch import nn
 from . import _arguments as args
 from . import distributed as dist_utils
 from ._backend import BACKENDS
+from ._flags import DeferredChecks
 from .blocks import BLOCKS, run_jobs
-from .capture import Capture, default_factor_dtype, weak_method
+from .blocks.decompositions import retry_in_float64
+from .capture import Capture, default_factor_dtype, grad_scaler_scale, weak_method
 from .curvature import check_common, curvature_backward
 from .layers import SUPPORTED_NAMES, find_adapters, validate_skip_modules
-from .losses import check_loss_fn, loss_coefficient
+from .losses import check_loss_fn, inverse_coefficient, loss_coefficient
 
 DAMPING_FORMS = ("exact", "factored")
 COMPUTE_METHODS = ("eigen", "inverse")
 DAMPING_SPLITS = ("pi", "equal")
 
 
-def grads_finite(mats: list[torch.Tensor]) -> bool:
-    """Whether every gradient matrix is finite: one reduction (the largest magnitude of each,
-    NaN-propagating) and one read of the result."""
+def gradient_health(mats: list[torch.Tensor]) -> torch.Tensor:
+    """A 0-d tensor, finite iff every gradient matrix is: one fused reduction (the largest
+    magnitude of each, NaN-propagating), no host read."""
     norms = torch._foreach_norm([m.float() if m.dtype in (torch.float16, torch.bfloat16) else m
                                  for m in mats], float("inf"))
-    return bool(torch.stack([n.to(norms[0].device, torch.float64) for n in norms]).sum()
-                .isfinite())
+    return torch.stack([n.to(norms[0].device, torch.float64) for n in norms]).sum()
 
 
 class KFAC:
@@ -195,6 +196,8 @@ class KFAC:
         self.steps = 0
         # Why the last step() did nothing: None, "no gradients" or "non-finite gradients".
         self.skip_reason: str | None = None
+        # Device-side checks read with the next step's one host read (kfac_kernels._flags).
+        self.checks = DeferredChecks()
         self._warned: set[str] = set()
         block_class = BLOCKS[structure]
         self.blocks = {
@@ -232,8 +235,8 @@ class KFAC:
 
     # --- capture ----------------------------------------------------------------------------
     def _loss_scale(self) -> float | None:
-        s = self.grad_scaler
-        return s.get_scale() if s is not None and s.is_enabled() else None
+        # The scale as a tensor on the device (read on the host it would synchronise).
+        return grad_scaler_scale(self.grad_scaler)
 
     @property
     def is_factor_step(self) -> bool:
@@ -293,7 +296,7 @@ class KFAC:
             # The loss is known here, so its exact coefficient (e.g. 1/numel for a mean-reduced
             # MSELoss) is used, as kronecker_factors does, instead of the loss_average guess.
             c = loss_coefficient(self.loss_fn, outputs, targets)
-            self.capture.grad_multiplier = 1.0 / c if c > 0 else 0.0
+            self.capture.grad_multiplier = inverse_coefficient(c)
         try:
             if self.grad_scaler is not None and self.grad_scaler.is_enabled():
                 self.grad_scaler.scale(loss).backward()
@@ -353,14 +356,22 @@ class KFAC:
                 "was preconditioned"))
             self.discard_pending()
             return None
-        if not grads_finite(list(grads.values())):
+        factor_step = self.is_factor_step
+        if factor_step and self.is_distributed:
+            dist_utils.allreduce_pending(self.blocks, self.process_group)
+        pending = ({n: h for n, h in ((n, b.pending_health()) for n, b in self.blocks.items())
+                    if h is not None} if factor_step else {})
+        # The step's one host read: the gradients, this step's statistics and the checks queued
+        # by earlier steps (e.g. their decompositions), together.
+        ok = self.checks.read([gradient_health(list(grads.values())), *pending.values()])
+        if not ok[0]:
             self.skip_reason = "non-finite gradients"
             self.discard_pending()
             return None
-        if self.is_factor_step:
+        if factor_step:
             if not any(b.pending is not None for b in self.blocks.values()):
                 self._warn_nothing_captured()
-            self._update_factors()
+            self._update_factors(dict(zip(pending, ok[1:])))
         self.discard_pending()
         due = [n for n in grads if self.blocks[n].has_factors
                and (self.is_inverse_step or self.blocks[n].decomposition is None)]
@@ -378,8 +389,7 @@ class KFAC:
         parameters' gradients."""
         if kl_clip and self.kl_clip is not None and updates:
             nu = self.kl_clip_factor(updates, grads, lr)
-            if nu < 1.0:
-                updates = {name: v * nu for name, v in updates.items()}
+            updates = {name: v * nu.to(v.dtype) for name, v in updates.items()}
         for name, v in updates.items():
             self.adapters[name].set_grad_matrix(v.to(grads[name].dtype))
 
@@ -390,9 +400,9 @@ class KFAC:
     def _precondition(self, name: str, mat: torch.Tensor) -> torch.Tensor:
         return self.blocks[name].precondition(mat, self.compute_method, self.damping, self._split)
 
-    def _update_factors(self) -> None:
-        if self.is_distributed:
-            dist_utils.allreduce_pending(self.blocks, self.process_group)
+    def _update_factors(self, finite: dict[str, bool]) -> None:
+        """Fold the step's statistics into the factors (``finite``: by layer, whether they
+        are)."""
         if self.fisher_type != "empirical":
             missing_g = [name for name, b in self.blocks.items()
                          if b.pending is not None and b.pending.a is not None
@@ -403,12 +413,7 @@ class KFAC:
                     f"{type(self).__name__}: fisher_type={self.fisher_type!r} captured no output "
                     f"gradients for {missing_g}: compute the loss with "
                     "`loss = precond.backward(outputs, targets)` instead of `loss.backward()`")
-        health = {n: b.pending_health() for n, b in self.blocks.items()}
-        health = {n: h for n, h in health.items() if h is not None}
-        if not health:
-            return
-        finite = torch.stack([h.to(torch.float64) for h in health.values()]).isfinite().tolist()
-        for (name, _), ok in zip(health.items(), finite):
+        for name, ok in finite.items():
             if ok:
                 self.blocks[name].fold_pending(self.factor_decay)
                 continue
@@ -433,32 +438,54 @@ class KFAC:
             f"curvature was captured: {cause}; the gradients are preconditioned with the "
             "factors so far (left unchanged before the first update)"))
 
-    def decompose(self, names: list[str]) -> None:
-        """Recompute the decompositions of ``names`` on this process: all of them in as few
-        batched calls as their sizes allow; a layer whose factors are not finite, or whose
-        decomposition fails even in fp64, keeps its previous one (warned once)."""
-        blocks = []
-        for name in names:
-            block = self.blocks[name]
-            if block.factors_finite():
-                blocks.append(block)
-            else:
-                self._warn_once(f"nonfinite-factor:{name}", (
-                    f"{type(self).__name__}: the factors of module {name!r} are not finite; "
-                    "keeping its previous preconditioner"))
-        jobs = [block.decomposition_jobs(self.compute_method, self.damping, self._split)
-                for block in blocks]
+    def decompose(self, names: list[str], check: bool = True) -> None:
+        """Recompute the decompositions of ``names`` on this process, in as few batched calls
+        as their sizes allow. Where a result is not finite the previous decomposition is kept
+        (before any, the layer's gradient stays unpreconditioned); the failure is found by a
+        host read -- right away with ``check``, else with the next step's one read -- and then
+        answered by an fp64 retry, or a warning that keeps the previous one."""
+        blocks = [self.blocks[n] for n in names]
+        jobs = [b.decomposition_jobs(self.compute_method, self.damping, self._split)
+                for b in blocks]
         results = iter(run_jobs([j for js in jobs for j in js], self.eigh_backend))
         for block, js in zip(blocks, jobs):
-            done = block.set_decomposition([next(results) for _ in js], self.compute_method,
-                                           self.damping, self._split)
-            if not done:
-                self._warn_once(f"decomposition:{block.name}", (
-                    f"{type(self).__name__}: could not decompose the factors of module "
-                    f"{block.name!r}, even in float64; keeping its previous preconditioner"))
+            health = block.set_decomposition([next(results) for _ in js], self.compute_method,
+                                             self.damping, self._split)
+            if health is None:  # even the fp64 solve raised
+                self._decomposition_failed(block)
+                continue
+            self.checks.add(health, self, "_retry_decomposition", block, js,
+                            on_success="_decomposition_verified")
+        if check:
+            self.checks.read()
 
-    def kl_clip_factor(self, updates, grads, lr) -> float:
-        """``nu`` of KL-clipping for preconditioned gradients ``updates`` of ``grads``."""
+    def _retry_decomposition(self, block, jobs) -> None:
+        """A decomposition found not finite: once more in fp64 (read at once: this is rare)."""
+        if block.factors_finite():
+            results = retry_in_float64(jobs, self.eigh_backend)
+            health = block.set_decomposition(results, self.compute_method, self.damping,
+                                             self._split)
+            if health is not None and bool(health.isfinite()):
+                block.unverified = None
+                return
+            self._decomposition_failed(block)
+            return
+        self._warn_once(f"nonfinite-factor:{block.name}", (
+            f"{type(self).__name__}: the factors of module {block.name!r} are not finite; keeping "
+            "its previous preconditioner"))
+
+    @staticmethod
+    def _decomposition_verified(block, jobs) -> None:
+        block.unverified = None
+
+    def _decomposition_failed(self, block) -> None:
+        self._warn_once(f"decomposition:{block.name}", (
+            f"{type(self).__name__}: could not decompose the factors of module {block.name!r}, "
+            "even in float64; keeping its previous preconditioner"))
+
+    def kl_clip_factor(self, updates, grads, lr) -> torch.Tensor:
+        """``nu`` of KL-clipping for preconditioned gradients ``updates`` of ``grads``: a 0-d
+        tensor on their device (no host read)."""
         lr = self.lr if lr is None else lr
         if lr is None:
             raise RuntimeError(f"{type(self).__name__}: kl_clip needs a learning rate: pass "
@@ -468,10 +495,9 @@ class KFAC:
         for name, v in updates.items():
             layer_lr = lr(self.adapters[name].weight) if callable(lr) else lr
             terms.append(layer_lr ** 2 * (v * grads[name].to(v.dtype)).sum().abs().double())
-        total = float(torch.stack(terms).sum()) if terms else 0.0
-        if total <= 0.0:
-            return 1.0
-        return min(1.0, math.sqrt(self.kl_clip / total))
+        total = torch.stack(terms).sum()
+        nu = torch.sqrt(self.kl_clip / total.clamp_min(1e-300)).clamp_max(1.0)
+        return torch.where(total > 0, nu, torch.ones_like(nu))
 
     # --- views ------------------------------------------------------------------------------
     @property
@@ -533,6 +559,8 @@ class KFAC:
         for name, block in self.blocks.items():
             block.set_factors(factors.get(name))
             block.decomposition = decompositions.get(name)
+            block.unverified = None
+        self.checks = DeferredChecks()
         self.steps = int(state_dict["steps"])
         gen_state = state_dict.get("generator")
         if gen_state is not None and self.generator is not None:

@@ -126,7 +126,10 @@ class TwoLevel:
         self.names = list(preconditioner.adapters)
         self.units = [(i, g) for i, name in enumerate(self.names)
                       for g in range(preconditioner.adapters[name].groups)]
-        self.updates = 0                   # k of Algorithm 1
+        # k of Algorithm 1 (see updates), on the device: reading it would synchronise.
+        self._count = torch.zeros((), dtype=torch.float64,
+                                  device=preconditioner.blocks[self.names[0]].device)
+        self._layer_of: torch.Tensor | None = None
         self.stats: dict[str, torch.Tensor] = {}
         self.coarse_inverse: torch.Tensor | None = None
         self._pending: dict[str, dict[str, dict]] = {}
@@ -226,21 +229,32 @@ class TwoLevel:
             for k in keys:
                 batch[k] = flat[at:at + batch[k].numel()].reshape(batch[k].shape)
                 at += batch[k].numel()
-            n = float(flat[-1])
+            n = flat[-1]  # stays on the device
         batch = {k: (v / n if k.startswith(("sum_A", "A")) else v) for k, v in batch.items()}
-        if not bool(torch.stack([t.sum() for t in batch.values()]).isfinite().all()):
-            if not self._warned:
-                self._warned = True
-                warnings.warn(f"{type(self).__name__}: non-finite coarse statistics this step; "
-                              "skipped (and whenever this happens again)", RuntimeWarning,
-                              stacklevel=3)
-            return
-        self.updates += 1
-        eps = min(1.0 - 1.0 / self.updates, self.coarse_decay)
+        # Without a host read: a non-finite batch leaves the statistics as they were (and does
+        # not count as an update); the warning comes with the next step's one read.
+        health = torch.stack([t.sum() for t in batch.values()]).sum()
+        self.inner.checks.add(health, self, "_warn_nonfinite")
+        ok = health.isfinite()
+        count = self._count + ok.to(self._count.dtype)
         if not self.stats:
-            self.stats = batch
-        else:
-            self.stats = {k: torch.lerp(v, self.stats[k], eps) for k, v in batch.items()}
+            self.stats, self._count = batch, count
+            return
+        eps = (1.0 - 1.0 / count.clamp_min(1.0)).clamp_max(self.coarse_decay)
+        self.stats = {k: torch.where(ok, torch.where(count <= 1, v, torch.lerp(
+            v, self.stats[k], eps.to(v.dtype))), self.stats[k]) for k, v in batch.items()}
+        self._count = count
+
+    def _warn_nonfinite(self) -> None:
+        if not self._warned:
+            self._warned = True
+            warnings.warn(f"{type(self).__name__}: non-finite coarse statistics; skipped (and "
+                          "whenever this happens again)", RuntimeWarning, stacklevel=4)
+
+    @property
+    def updates(self) -> int:
+        """k of Algorithm 1: the statistics batches folded in so far (a host read)."""
+        return int(self._count)
 
     def coarse_fisher(self) -> torch.Tensor | None:
         """``F_coarse`` (``L x L``) from the current statistics, or ``None`` before any."""
@@ -258,7 +272,9 @@ class TwoLevel:
                     # Eq. 7: sum(G_uv 1_{m x n} A_uv), never forming kron(A_uv, G_uv)
                     val = (g @ g.new_ones(g.shape[1], a.shape[0]) @ a).sum()
                     unit[u, v] = unit[v, u] = val
-        layer_of = torch.tensor([i for i, _ in self.units], device=unit.device)
+        if self._layer_of is None or self._layer_of.device != unit.device:
+            self._layer_of = torch.tensor([i for i, _ in self.units], device=unit.device)
+        layer_of = self._layer_of
         onehot = F.one_hot(layer_of, len(self.names)).to(unit.dtype)  # (units, L)
         return onehot.T @ unit @ onehot
 
@@ -267,9 +283,12 @@ class TwoLevel:
         if fc is None:
             return
         eye = torch.eye(fc.shape[0], dtype=torch.float64, device=fc.device)
-        inv = torch.linalg.inv(fc.double() + self.coarse_damping * eye)
-        if bool(torch.isfinite(inv).all()):
-            self.coarse_inverse = inv.to(fc.dtype)
+        inv = torch.linalg.inv_ex(fc.double() + self.coarse_damping * eye).inverse.to(fc.dtype)
+        # No host read: a non-finite inverse keeps the previous one, and before any the coarse
+        # correction is zero (the step is the fine preconditioner's alone).
+        ok = inv.sum().isfinite()
+        old = self.coarse_inverse if self.coarse_inverse is not None else torch.zeros_like(inv)
+        self.coarse_inverse = torch.where(ok, inv, old)
 
     # --- the step ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -299,7 +318,7 @@ class TwoLevel:
 
     # --- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"inner": self.inner.state_dict(), "updates": self.updates,
+        return {"inner": self.inner.state_dict(), "updates": self._count.clone(),
                 "stats": dict(self.stats), "coarse_inverse": self.coarse_inverse}
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -313,7 +332,7 @@ class TwoLevel:
                              f"{(len(self.names),) * 2} (one row per covered layer)")
         self.inner.load_state_dict(state_dict["inner"])
         device = self.inner.blocks[self.names[0]].device
-        self.updates = int(state_dict["updates"])
+        self._count = torch.as_tensor(state_dict["updates"], dtype=torch.float64).to(device)
         self.stats = {k: v.detach().clone().to(device) for k, v in state_dict["stats"].items()}
         self.coarse_inverse = None if inv is None else inv.detach().clone().to(device)
         self._pending = {}

@@ -4,6 +4,7 @@ GradScaler overflow is skipped, hooks can be removed."""
 from __future__ import annotations
 
 import io
+import math
 import warnings
 
 import pytest
@@ -162,11 +163,16 @@ def test_dropped_optimizer_stops_capturing_and_is_freed(info):
 
     model = _model()
     opt = info.build(model)
-    _run(info, model, opt, _batches(1))
+    _run(info, model, opt, _batches(3))
     ref = weakref.ref(info.preconditioner(opt))
-    del opt
-    gc.collect()
-    assert ref() is None
+    # Freed by reference counting alone, at once: no reference cycle through the optimizer
+    # (a cycle would keep it capturing until the garbage collector happened to run).
+    gc.disable()
+    try:
+        del opt
+        assert ref() is None
+    finally:
+        gc.enable()
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
@@ -191,3 +197,63 @@ def test_second_optimizer_on_a_model_is_said():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         KFAC(model)  # the earlier ones: removed hooks, or dropped
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=IDS)
+def test_one_host_read_per_step(info):
+    """On a GPU a host read of a tensor waits for the device. A step reads one thing, whether
+    its gradients are finite (to skip it, as GradScaler does); every other check stays on the
+    device and is read together with the next step's. Counted on CPU tensors over 8 steps that
+    include factor, decomposition and (for SINGD) preconditioner steps; nothing is made from
+    host data either (a host-to-device copy)."""
+    from _syncs import count_syncs
+    model = _model()
+    opt = info.build(model)
+    batches = _batches(9)
+    _run(info, model, opt, batches[:1])  # lazy state, warnings of the first step
+    with count_syncs() as counts:
+        _run(info, model, opt, batches[1:])
+    reads = sum(n for (kind, _), n in counts.items() if kind not in ("tensor", "as_tensor"))
+    made = {site: n for (kind, site), n in counts.items() if kind in ("tensor", "as_tensor")}
+    assert reads <= 8, counts
+    assert not made, made
+
+
+def test_grad_scaler_scale_is_not_read_on_the_host():
+    """The backward hooks divide the statistics by a GradScaler's scale on the device (a host
+    read per layer would stall the backward pass on a GPU): no read, and the factors equal
+    those of an unscaled run through growths of the scale (powers of two: exactly)."""
+    from _syncs import count_syncs
+
+    from kfac_kernels import KFAC, PreconditionedOptimizer
+
+    def run(scaler, overflow_at=None):
+        model = _model()
+        precond = KFAC(model, damping=0.1, grad_scaler=scaler)
+        opt = PreconditionedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), precond)
+        scales = []
+        with count_syncs() as counts:
+            for i, (x, y) in enumerate(_batches(7)):
+                opt.zero_grad()
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                if scaler is None:
+                    loss.backward()
+                    opt.step()
+                    continue
+                scaler.scale(loss * (math.inf if i == overflow_at else 1.0)).backward()
+                scaler.step(opt)
+                scaler.update()
+                scales.append(scaler.get_scale())
+        reads = {key: n for key, n in counts.items() if not key[1].startswith("_flags")}
+        return precond, reads, scales
+
+    growing = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=2)
+    scaled, reads, scales = run(growing)
+    assert scales[-1] > scales[0] and not reads, (scales, reads)
+    plain, _, _ = run(None)
+    for name, block in plain.blocks.items():
+        for p, q in zip(block.G, scaled.blocks[name].G):
+            torch.testing.assert_close(q, p, rtol=1e-12, atol=0)
+    # An overflow (skipped by the scaler, which then backs off): still no read.
+    _, reads, scales = run(torch.amp.GradScaler("cpu", init_scale=2.0 ** 10), overflow_at=4)
+    assert scales[4] < scales[3] and not reads, (scales, reads)

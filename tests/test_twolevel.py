@@ -309,7 +309,7 @@ def test_invalid_preconditioner():
 
 
 def test_deep_linear_mlp_two_level_ahead_of_one_level():
-    """Seed 004 App. B.1 at reduced size (16 hidden layers instead of 64, 4096 samples, 30 epochs
+    """Tselepidis et al. (2020) App. B.1 at reduced size (16 hidden layers instead of 64, 4096 samples, 30 epochs
     of 8 steps; otherwise the paper's setting: one binary target, bias-free layers, binary
     cross-entropy, true Fisher by label sampling): over 3 seeds, two-level K-FAC's training loss
     is below one-level K-FAC's after the same steps (the paper's Fig. 1, left)."""

@@ -35,6 +35,7 @@ import math
 import torch
 
 from ..layers import DENSE, LayerAdapter, Layout, blocks
+from .._flags import keep_finite
 from . import sides
 from .base import CurvatureBlock
 from .decompositions import Job
@@ -76,6 +77,8 @@ class KroneckerBlock(CurvatureBlock):
         self.A_count = 0.0                          # moving average of the rows per step
         self.G: list[torch.Tensor] | None = None
         self.decomposition: dict[str, list[torch.Tensor]] | None = None
+        # The health of a first decomposition until a host read has found it finite.
+        self.unverified: torch.Tensor | None = None
 
     @classmethod
     def layouts(cls, adapter, **options) -> tuple[Layout, Layout]:
@@ -164,11 +167,15 @@ class KroneckerBlock(CurvatureBlock):
                 jobs += [Job("inverse", p, damp) for p in parts]
         return jobs
 
-    def set_decomposition(self, results: list, method: str, damping: float, split: str) -> bool:
-        """Store the results of :meth:`decomposition_jobs` (in order); ``False`` (and the
-        previous decomposition kept) if one is missing."""
+    def set_decomposition(self, results: list, method: str, damping: float,
+                          split: str | None) -> torch.Tensor | None:
+        """Store the results of :meth:`decomposition_jobs` (in order) and return their health (a
+        0-d tensor, finite iff every new tensor is; ``None`` if a result is missing, nothing
+        stored). Without a host read: where the new decomposition is not finite the previous
+        one is kept element for element, and before any verified decomposition the
+        preconditioned gradient falls back to the gradient (:attr:`unverified`)."""
         if any(r is None for r in results):
-            return False
+            return None
         it = iter(results)
         out: dict[str, list[torch.Tensor]] = {}
         scale = {"A": 1.0 / self.A_count, "G": 1.0}
@@ -184,23 +191,40 @@ class KroneckerBlock(CurvatureBlock):
                 out[f"eigvecs_{side}"] = list(vecs)
             if split is not None:
                 out["pi"] = [self._pi()]
-            self.decomposition = out
-            return True
-        damp_a, damp_g = self._dampings(damping, split)
-        for side, parts, layout, damp in (("A", self.A, self.a_layout, damp_a),
-                                          ("G", self.G, self.g_layout, damp_g)):
-            if layout.kind == "diagonal":
-                out[f"inv_{side}"] = [1.0 / (parts[0] * scale[side] + damp[:, None])]
-            elif side == "A":
-                out["inv_A"] = [next(it) * self.A_count for _ in parts]
-            else:
-                out["inv_G"] = [next(it) for _ in parts]
+        else:
+            damp_a, damp_g = self._dampings(damping, split)
+            for side, parts, layout, damp in (("A", self.A, self.a_layout, damp_a),
+                                              ("G", self.G, self.g_layout, damp_g)):
+                if layout.kind == "diagonal":
+                    out[f"inv_{side}"] = [1.0 / (parts[0] * scale[side] + damp[:, None])]
+                elif side == "A":
+                    out["inv_A"] = [next(it) * self.A_count for _ in parts]
+                else:
+                    out["inv_G"] = [next(it) for _ in parts]
+        # Eigenvalue sums and the traces of inverses: non-finite with any non-finite entry.
+        health = sum(t.sum() if key.startswith(("eigvals", "pi")) else
+                     torch.diagonal(t, dim1=-2, dim2=-1).sum()
+                     for key, parts in out.items() if not key.startswith("eigvecs")
+                     for t in parts)
+        old = self.decomposition
+        if old is not None and {k: [t.shape for t in v] for k, v in old.items()} == {
+                k: [t.shape for t in v] for k, v in out.items()}:
+            out = {k: [keep_finite(n, o, health) for n, o in zip(v, old[k])]
+                   for k, v in out.items()}
+        else:
+            self.unverified = health
         self.decomposition = out
-        return True
+        return health
 
     def precondition(self, mat: torch.Tensor, method: str, damping: float,
                      split: str | None) -> torch.Tensor:
         """The preconditioned gradient matrix (``split=None``: exact eigen damping)."""
+        out = self._precondition(mat, method, damping, split)
+        if self.unverified is not None:  # no decomposition known to be finite yet
+            out = torch.where(self.unverified.isfinite(), out, mat.to(out.dtype))
+        return out
+
+    def _precondition(self, mat, method, damping, split):
         dec = self.decomposition
         ref = (dec["eigvals_A"] if method == "eigen" else dec["inv_A"])[0]
         m = mat.to(ref.dtype)

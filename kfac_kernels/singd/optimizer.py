@@ -52,9 +52,10 @@ from torch import nn
 
 from .. import _arguments as args
 from .. import distributed as dist_utils
-from ..capture import Capture, default_factor_dtype, weak_method
+from ..capture import Capture, default_factor_dtype, grad_scaler_scale, weak_method
 from ..curvature import check_common
 from ..layers import find_adapters, validate_skip_modules
+from .._flags import DeferredChecks
 from .._skips import SkipCounter
 from .block import SingdBlock
 from .fused import FusedSteps
@@ -206,6 +207,7 @@ class SINGD(FusedSteps, torch.optim.Optimizer):
         self.steps = 0
         self._warned: set[str] = set()
         self.skips = SkipCounter("SINGD")
+        self.checks = DeferredChecks()  # read with the next step's one host read
         self.blocks = {name: self._make_block(name, ad) for name, ad in self.adapters.items()}
         self.capture = Capture(self.adapters, loss_average=loss_average,
                                loss_scale=weak_method(self._loss_scale), train_only=True)
@@ -236,8 +238,8 @@ class SINGD(FusedSteps, torch.optim.Optimizer):
 
     # --- capture ----------------------------------------------------------------------------
     def _loss_scale(self):
-        s = self.grad_scaler
-        return s.get_scale() if s is not None and s.is_enabled() else None
+        # The scale as a tensor on the device (read on the host it would synchronise).
+        return grad_scaler_scale(self.grad_scaler)
 
     def _arm_capture(self) -> None:
         on = self.steps % self.T == 0
@@ -294,7 +296,7 @@ class SINGD(FusedSteps, torch.optim.Optimizer):
     def step(self, closure=None):
         """One SINGD step. Returns the closure's loss (if given). A step whose gradients are
         not finite is skipped without changing any state."""
-        from ..kfac import grads_finite
+        from ..kfac import gradient_health
 
         loss = None
         if closure is not None:
@@ -307,14 +309,28 @@ class SINGD(FusedSteps, torch.optim.Optimizer):
                 mats[name] = mat
         plain = [p for p in self._plain_params if p.grad is not None]
         grads = list(mats.values()) + [p.grad for p in plain]
-        if not grads or not grads_finite(grads):
-            if grads and not (self.grad_scaler is not None and self.grad_scaler.is_enabled()):
+        if not grads:
+            self._discard_pending()
+            return loss
+        factor_step = self.steps % self.T == 0
+        if factor_step and self._is_distributed():
+            # U and G of the loss DDP optimises (see kfac_kernels.distributed); no
+            # decompositions to share: every rank updates K and C from the same statistics.
+            dist_utils.allreduce_pending(self.blocks, self.process_group)
+        stats = {n: self.blocks[n].pending_statistics() for n in mats} if factor_step else {}
+        stats = {n: st for n, st in stats.items() if st is not None}
+        # The step's one host read: the gradients, this step's statistics and the checks of
+        # earlier factor updates, together (kfac_kernels._flags).
+        ok = self.checks.read([gradient_health(grads)]
+                              + [SingdBlock.statistics_finite(st) for st in stats.values()])
+        if not ok[0]:
+            if not (self.grad_scaler is not None and self.grad_scaler.is_enabled()):
                 self.skips.skipped(self.steps + 1)
             self._discard_pending()
             return loss
         group = self.param_groups[0]
-        if self.steps % self.T == 0:
-            self._update_factors(list(mats))
+        if factor_step:
+            self._update_factors(list(mats), stats, dict(zip(stats, ok[1:])))
         self._discard_pending()
         for name, mat in mats.items():
             if self._fusable(name):
@@ -339,28 +355,20 @@ class SINGD(FusedSteps, torch.optim.Optimizer):
                 and (all(c is Diagonal for c in self.structure_classes)
                      or all(c is BlockDiagonal for c in self.structure_classes)))
 
-    def _update_factors(self, names: list[str]) -> None:
-        """Step 1 of Fig. 4 for every layer with statistics; layers whose statistics are not
-        finite are skipped (warned once)."""
-        if self._is_distributed():
-            # U and G of the loss DDP optimises (see kfac_kernels.distributed); no
-            # decompositions to share: every rank updates K and C from the same statistics.
-            dist_utils.allreduce_pending(self.blocks, self.process_group)
-        stats = {n: self.blocks[n].pending_statistics() for n in names}
-        stats = {n: s for n, s in stats.items() if s is not None}
-        if not stats:
-            if names:
-                in_eval = not any(a.module.training for a in self.adapters.values())
-                cause = ("the model is in evaluation mode (call model.train(): curvature is "
-                         "captured from modules in training mode only)" if in_eval else
-                         "no forward pass with gradients enabled reached the covered layers")
-                self._warn_once("nothing-captured", (
-                    f"SINGD: step {self.steps + 1} should update K and C but no curvature was "
-                    f"captured: {cause}; the factors keep their previous values"))
+    def _update_factors(self, names: list[str], stats: dict, finite: dict) -> None:
+        """Step 1 of Fig. 4 for every layer with statistics (``finite``: by layer, whether
+        they are; the others are skipped, warned once). A non-finite update is not stored;
+        that is found with the next step's host read and warned then."""
+        if not stats and names:
+            in_eval = not any(a.module.training for a in self.adapters.values())
+            cause = ("the model is in evaluation mode (call model.train(): curvature is "
+                     "captured from modules in training mode only)" if in_eval else
+                     "no forward pass with gradients enabled reached the covered layers")
+            self._warn_once("nothing-captured", (
+                f"SINGD: step {self.steps + 1} should update K and C but no curvature was "
+                f"captured: {cause}; the factors keep their previous values"))
             return
-        finite = torch.stack([SingdBlock.statistics_finite(s) for s in stats.values()]
-                             ).isfinite().tolist()
-        for (name, _), ok in zip(list(stats.items()), finite):
+        for name, ok in finite.items():
             if not ok:
                 del stats[name]
                 self._warn_once(f"nonfinite-curvature:{name}", (
@@ -375,17 +383,16 @@ class SINGD(FusedSteps, torch.optim.Optimizer):
             return
         settings = dict(damping=self.damping, alpha1=self.alpha1, lr_cov=self.lr_cov,
                         kfac_like=self.kfac_like, normalize_lr_cov=self.normalize_lr_cov)
-        for name, s in stats.items():
-            if not self.blocks[name].update_factors(s, settings):
-                self._warn_nonfinite_update(name)
+        for name, st in stats.items():
+            self._check_update(name, self.blocks[name].update_factors(st, settings))
 
-    def _store_factor_update(self, name: str, gi: int, new: dict) -> bool:
-        """Store group ``gi``'s updated ``K``, ``C`` (and momenta) of layer ``name`` in their
-        storage dtypes; a non-finite update is not stored (one warning) and gives ``False``."""
-        if self.blocks[name].store(gi, new):
-            return True
-        self._warn_nonfinite_update(name)
-        return False
+    def _store_factor_update(self, name: str, gi: int, new: dict) -> None:
+        """Store group ``gi``'s updated ``K``, ``C`` (and momenta) of layer ``name`` where
+        finite (see :meth:`SingdBlock.store`)."""
+        self._check_update(name, self.blocks[name].store(gi, new))
+
+    def _check_update(self, name: str, health: torch.Tensor) -> None:
+        self.checks.add(health, self, "_warn_nonfinite_update", name)
 
     def _warn_nonfinite_update(self, name: str) -> None:
         self._warn_once(f"nonfinite-factor:{name}", (
