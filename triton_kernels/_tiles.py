@@ -176,12 +176,13 @@ def num_splits(device: torch.device, programs: int, m: int, step: int) -> int:
     return max(1, min(want, most, MAX_GRID_Y))
 
 
-def plan_splits(device: torch.device, programs: int, m: int, step: int,
+def plan_splits(name: str, device: torch.device, programs: int, m: int, step: int,
                 splits: int | None) -> tuple[int, int]:
     """``(S, rows_per_range)`` for ``m`` rows: ``splits`` if given (clipped to what the rows and
     the grid allow), else :func:`num_splits`; every range a whole number of steps."""
     if programs > MAX_GRID_X:
-        raise ValueError(f"too many tiles for one launch ({programs} > {MAX_GRID_X})")
+        raise ValueError(f"{name}: {programs} (factor, tile) programs, more than one launch "
+                         f"holds ({MAX_GRID_X})")
     s = splits if splits is not None else num_splits(device, programs, m, step)
     s = max(1, min(int(s), max(1, triton.cdiv(m, step)), MAX_GRID_Y))
     return s, triton.cdiv(max(m, 1), s * step) * step

@@ -353,7 +353,7 @@ def _expand(x, geometry, oh, ow, num_segments, segment_start, segment_step, dn, 
     n_t = triton.cdiv(d, block)
     n_tiles = n_t * (n_t + 1) // 2
     programs = num_segments * n_tiles
-    n_split, rows_per_split = _tiles.plan_splits(x.device, programs, m, block_k, splits)
+    n_split, rows_per_split = _tiles.plan_splits(_NAME, x.device, programs, m, block_k, splits)
     ieee, widen = _dot_mode(x.dtype, interpreted)
     scal, in_memory = _tiles.scalar_args(decay, alpha, x.device, out)
     f_arg = factor if factor is not None else out  # never read without HAS_FACTOR

@@ -53,6 +53,8 @@ from ._tiles import epilogue_store, store_partial, upper_tile
 
 __all__ = ["symmetric_factor_update_triton", "launch_configs"]
 
+_NAME = "symmetric_factor_update_triton"
+
 
 @triton.jit
 def _gram_tile(x_base, row_start, row_end, offs_i, offs_j, D, sxm, sxd,
@@ -162,11 +164,9 @@ def symmetric_factor_update_triton(factor: torch.Tensor | None, x: torch.Tensor,
     input's dtype, and exactly symmetric whenever ``factor`` is.
     """
     if x.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"symmetric_factor_update_triton: x must be float32 or float64, "
-                        f"got {x.dtype}")
+        raise TypeError(f"{_NAME}: x must be float32 or float64, got {x.dtype}")
     if x.dim() not in (2, 3):
-        raise ValueError(f"symmetric_factor_update_triton: x must be 2-D or 3-D, "
-                         f"got shape {tuple(x.shape)}")
+        raise ValueError(f"{_NAME}: x must be 2-D or 3-D, got shape {tuple(x.shape)}")
     batched = x.dim() == 3
     xb = x if batched else x.unsqueeze(0)
     nb, m, d = xb.shape
@@ -174,8 +174,7 @@ def symmetric_factor_update_triton(factor: torch.Tensor | None, x: torch.Tensor,
     if factor is not None:
         fb = factor if batched else factor.unsqueeze(0)
         if tuple(fb.shape) != (nb, d, d) or fb.dtype != x.dtype or fb.device != x.device:
-            raise ValueError("symmetric_factor_update_triton: factor must match x in batch, d, "
-                             "dtype and device")
+            raise ValueError(f"{_NAME}: factor must match x in batch, d, dtype and device")
     out = torch.empty((nb, d, d), dtype=x.dtype, device=x.device)
     if nb == 0 or d == 0:
         return out if batched else out[0]
@@ -184,11 +183,11 @@ def symmetric_factor_update_triton(factor: torch.Tensor | None, x: torch.Tensor,
     block = block or _tiles.gram_block(x.dtype, d)
     steps = tile_steps(x.dtype, block, not _tiles.interpreted())
     block_m = block_m or max(steps)
-    _tiles.check_gram_tiles("symmetric_factor_update_triton", x.dtype, block, block_m, steps)
+    _tiles.check_gram_tiles(_NAME, x.dtype, block, block_m, steps)
     n_t = triton.cdiv(d, block)
     n_tiles = n_t * (n_t + 1) // 2
     programs = nb * n_tiles
-    splits, rows_per_split = _tiles.plan_splits(x.device, programs, m, block_m, split_m)
+    splits, rows_per_split = _tiles.plan_splits(_NAME, x.device, programs, m, block_m, split_m)
 
     decay, alpha = float(decay), float(alpha)
     scal, in_memory = _tiles.scalar_args(decay, alpha, x.device, out)
