@@ -101,28 +101,33 @@ _BIG_STRIDE = textwrap.dedent("""
         print("NO-ADDRESS-SPACE"); sys.exit(0)
     param = store.as_strided((rows, cols), (stride, 1))
     start = torch.arange(rows * cols, dtype=torch.float32).reshape(rows, cols) / 8
-    param.copy_(start)
-    buf = torch.zeros(rows, cols)
-    singd_diagonal_step(param, torch.ones(rows, cols, dtype=torch.bfloat16), torch.ones(rows),
-                        torch.ones(cols), buf, 0.5, 0.0, 0.0, True, backend=sys.argv[1])
-    assert torch.equal(param.float(), start - 0.5), param
-    assert torch.equal(buf, torch.ones(rows, cols)), buf
-    print("OK")
+    for backend in sys.argv[1:]:
+        param.copy_(start)
+        buf = torch.zeros(rows, cols)
+        print("RUN", backend, flush=True)
+        singd_diagonal_step(param, torch.ones(rows, cols, dtype=torch.bfloat16),
+                            torch.ones(rows), torch.ones(cols), buf, 0.5, 0.0, 0.0, True,
+                            backend=backend)
+        assert torch.equal(param.float(), start - 0.5), (backend, param)
+        assert torch.equal(buf, torch.ones(rows, cols)), (backend, buf)
+        print("OK", backend, flush=True)
 """)
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "eager"])
-def test_singd_diagonal_step_rows_past_2_31(backend):
-    """A parameter view whose last row starts past element 2^31 of its storage (the kernel
-    computes ``row * row_stride``): in a fresh process, since an int32 offset crashes it."""
+def test_singd_diagonal_step_rows_past_2_31():
+    """A parameter view whose last row starts past element 2^31 of its storage (the kernels
+    compute ``row * row_stride``), on every backend: in a fresh process, since an int32 offset
+    crashes it (the output says which backend ran last)."""
+    backends = [b for b in BACKENDS if b != "eager"]
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (root, os.environ.get("PYTHONPATH")) if p)}
-    done = subprocess.run([sys.executable, "-c", _BIG_STRIDE, backend], capture_output=True,
+    done = subprocess.run([sys.executable, "-c", _BIG_STRIDE, *backends], capture_output=True,
                           text=True, timeout=300, cwd=root, env=env)
     if "NO-ADDRESS-SPACE" in done.stdout:
         pytest.skip("this machine cannot reserve 4 GiB of address space")
-    assert done.returncode == 0 and "OK" in done.stdout, (
+    ok = [b for b in backends if f"OK {b}" in done.stdout.split("\n")]
+    assert done.returncode == 0 and ok == backends, (
         f"exit status {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
 
 
