@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -49,3 +50,22 @@ def check_like(op: str, name: str, t, shape: tuple, dtype, device, what: str = "
     if problems:
         raise ValueError(f"{op}: {name} must be a contiguous {dtype} {what} of shape "
                          f"{tuple(shape)} on {device}; it has {'; '.join(problems)}")
+
+
+def within_block_limit(op: str, chosen: str, requested: str, b: int, limits: dict,
+                       warned: set) -> str:
+    """The backend that runs blocks of size ``b``: ``chosen``, unless its kernel keeps its tiles
+    on chip only up to ``limits[chosen]``. Then an explicit request is an error, and ``"auto"``
+    computes with the eager path instead (said once per backend)."""
+    limit = limits.get(chosen)
+    if limit is None or b <= limit:
+        return chosen
+    if requested != "auto":
+        raise ValueError(f"{op}: backend={chosen!r} takes blocks of at most {limit}, got blocks "
+                         f"of {b}; use block sizes <= {limit}, or backend='cpu' / 'eager'")
+    if chosen not in warned:
+        warned.add(chosen)
+        warnings.warn(f"{op}: blocks of {b} exceed the {chosen!r} kernel's limit ({limit}) and "
+                      f"are computed by the eager path (torch ops); use block sizes <= {limit} "
+                      f"for the fused kernel. This is said once", stacklevel=3)
+    return "eager"

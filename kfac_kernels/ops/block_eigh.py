@@ -42,7 +42,11 @@ every op does (``kfac_kernels._backend.resolve_backend``). The Jacobi kernels ar
 Jacobi convergence
 ------------------
 A sweep applies one rotation to every off-diagonal pair. The solver stops after the first sweep
-that leaves ``off(A) = ||A - diag(A)||_F <= tol * ||A||_F``, or after ``max_sweeps`` sweeps.
+that leaves ``off(A) = ||A - diag(A)||_F <= tol * ||A||_F``, or after ``max_sweeps`` sweeps. The
+test is relative to each block's own scale: the norms are summed without under- or overflow
+(squares of the entries times a power of two near ``1 / max|a_ij|`` in the C++ and CUDA kernels,
+fp64 squares of the fp32 entries in Triton), so a block of 1e-30 or 1e30 converges as one of 1
+(``tests/test_block_eigh_scale.py``).
 Defaults: ``tol`` = the unit round-off of the compute dtype (``torch.finfo(dtype).eps``),
 ``max_sweeps = 30`` (Jacobi converges quadratically; well-conditioned and 1e10-conditioned blocks
 alike need 5-10 sweeps for ``n <= 256``). With ``return_sweeps=True`` the number of sweeps per

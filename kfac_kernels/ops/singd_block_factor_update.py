@@ -22,9 +22,14 @@ from __future__ import annotations
 import torch
 
 from .._backend import native_has_op, resolve_backend
-from ._checks import check_bool, check_finite_floats, check_like
+from ._checks import check_bool, check_finite_floats, check_like, within_block_limit
 
 _OP = "singd_block_factor_update"
+# Largest slot (b of k and c) the Triton kernels take, their tiles in registers
+# (kfac_kernels._triton.singd_block_factor_update.MAX_BLOCK: at 64 they spill); the other
+# backends take any size.
+MAX_BLOCK = {"triton": 32}
+_warned: set[str] = set()
 
 
 def _side(x, m, stat, dims, offsets, layer):
@@ -121,11 +126,14 @@ def singd_block_factor_update(k: torch.Tensor, c: torch.Tensor, m_k: torch.Tenso
         k_dims, c_dims: the used size of each block (``1 <= dim <= b``).
         k_layer_offsets, c_layer_offsets: ``layers + 1`` increasing block offsets.
         damping, alpha1, lr_cov, kfac_like: ``lambda``, ``alpha1``, ``beta1``, IKFAC.
-        backend: ``"auto"``, ``"eager"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
+        backend: ``"auto"``, ``"eager"``, ``"cpu"``, ``"cuda"`` or ``"triton"``. The triton
+            kernels take blocks of at most ``MAX_BLOCK`` (32); ``"auto"`` computes larger ones
+            with the eager path (and says so once).
     """
     _check(k, c, m_k, m_c, u, g, k_dims, c_dims, k_layer_offsets, c_layer_offsets, damping,
            alpha1, lr_cov, kfac_like)
-    chosen = resolve_backend(backend, k.device, _OP)
+    chosen = within_block_limit(_OP, resolve_backend(backend, k.device, _OP), backend,
+                                max(k.shape[1], c.shape[1]), MAX_BLOCK, _warned)
     args = (k, c, m_k, m_c, u, g, list(k_dims), list(c_dims), list(k_layer_offsets),
             list(c_layer_offsets), float(damping), float(alpha1), float(lr_cov), kfac_like)
     if chosen == "eager":
