@@ -60,6 +60,7 @@ def _cases(full: bool) -> dict[str, list[tuple]]:
     out: dict[str, list[tuple]] = {"symmetric_factor_update": [], "patch_covariance": [],
                                    "gradient_covariance": [], "block_eigh": [],
                                    "block_damped_inverse": []}
+    out.update(_singd_cases(full))
     for m, d in sfu:
         out["symmetric_factor_update"].append((
             f"X {m}x{d}", lambda dev, g, m=m, d=d: (_gen_x((m, d), dev, g),),
@@ -86,6 +87,75 @@ def _cases(full: bool) -> dict[str, list[tuple]]:
     return out
 
 
+def _singd_cases(full: bool) -> dict[str, list[tuple]]:
+    """SINGD's in-place ops at ResNet-18 layer shapes (rows x cols, block size 32); each case
+    returns the tensors it updated."""
+    shapes = [(512, 4608), (256, 2305)] + ([(1024, 9216)] if full else [])
+    out: dict[str, list[tuple]] = {"singd_diagonal_step": [], "singd_diagonal_factor_update": [],
+                                   "singd_block_step": [], "singd_block_factor_update": []}
+
+    def blocks(n, b, dev, g, eye=1.0):
+        dims = [b] * (n // b) + ([n % b] if n % b else [])
+        x = eye * torch.eye(b) + 0.1 * torch.randn(len(dims), b, b, generator=g)
+        return x.to(dev), dims
+
+    for rows, cols in shapes:
+        for dt in (torch.float32, torch.bfloat16):
+            def make_step(dev, g, rows=rows, cols=cols, dt=dt):
+                return (_gen_x((rows, cols), dev, g, dt), _gen_x((rows, cols), dev, g, dt),
+                        1 + 0.1 * _gen_x((rows,), dev, g), 1 + 0.1 * _gen_x((cols,), dev, g),
+                        _gen_x((rows, cols), dev, g))
+            out["singd_diagonal_step"].append((
+                f"P {rows}x{cols} {str(dt)[6:]}", make_step,
+                lambda a, be: (ops.singd_diagonal_step(*a, 0.1, 0.9, 1e-4, False, backend=be),
+                               (a[0], a[4]))[1]))
+
+            def make_block_step(dev, g, rows=rows, cols=cols, dt=dt):
+                c, c_dims = blocks(rows, 32, dev, g)
+                k, k_dims = blocks(cols + 1, 32, dev, g)
+                return (_gen_x((rows, cols), dev, g, dt), _gen_x((rows, cols), dev, g, dt),
+                        _gen_x((rows,), dev, g, dt), _gen_x((rows,), dev, g, dt), c, c_dims, k,
+                        k_dims, _gen_x((rows, cols), dev, g), _gen_x((rows,), dev, g))
+            out["singd_block_step"].append((
+                f"[W|b] {rows}x{cols + 1} blocks 32 {str(dt)[6:]}", make_block_step,
+                lambda a, be: (ops.singd_block_step(*a, 0.1, 0.9, 1e-4, False, backend=be),
+                               (a[0], a[2], a[8], a[9]))[1]))
+    for layers in ([(4608, 512)] * 8, [(576, 64)] * 16 + [(2305, 256)] * 4):
+        d_in = [i for i, _ in layers]
+        d_out = [o for _, o in layers]
+        k_off = [sum(d_in[:i]) for i in range(len(d_in) + 1)]
+        c_off = [sum(d_out[:i]) for i in range(len(d_out) + 1)]
+
+        def make_diag(dev, g, nk=k_off[-1], nc=c_off[-1]):
+            return (1 + 0.1 * _gen_x((nk,), dev, g), 1 + 0.1 * _gen_x((nc,), dev, g),
+                    0.1 * _gen_x((nk,), dev, g), 0.1 * _gen_x((nc,), dev, g),
+                    _gen_x((nk,), dev, g).abs(), _gen_x((nc,), dev, g).abs())
+        out["singd_diagonal_factor_update"].append((
+            f"{len(layers)} layers, K {k_off[-1]}, C {c_off[-1]}", make_diag,
+            lambda a, be, k_off=k_off, c_off=c_off: (ops.singd_diagonal_factor_update(
+                *a, k_off, c_off, 1e-3, 0.5, 0.1, False, backend=be), a[:4])[1]))
+
+        def make_block(dev, g, d_in=d_in, d_out=d_out):
+            k, k_dims, c, c_dims, kl, cl = [], [], [], [], [0], [0]
+            for i, o in zip(d_in, d_out):
+                bk, dk = blocks(i, 32, dev, g)
+                bc, dc = blocks(o, 32, dev, g)
+                k.append(bk)
+                c.append(bc)
+                k_dims += dk
+                c_dims += dc
+                kl.append(kl[-1] + len(dk))
+                cl.append(cl[-1] + len(dc))
+            k, c = torch.cat(k), torch.cat(c)
+            return (k, c, 0.01 * torch.randn_like(k), 0.01 * torch.randn_like(c),
+                    k @ k.mT / 32, c @ c.mT / 32, k_dims, c_dims, kl, cl)
+        out["singd_block_factor_update"].append((
+            f"{len(layers)} layers, blocks 32", make_block,
+            lambda a, be: (ops.singd_block_factor_update(*a, 1e-3, 0.5, 0.1, False, backend=be),
+                           a[:4])[1]))
+    return out
+
+
 def _error(op: str, result, reference, args) -> float:
     if op == "block_eigh":
         vals, vecs = result
@@ -95,10 +165,18 @@ def _error(op: str, result, reference, args) -> float:
         eye = torch.eye(v.shape[-1], dtype=torch.float64, device=v.device)
         orth = torch.linalg.norm(v.mT @ v - eye) / (v.shape[0] ** 0.5)
         return max(float(resid), float(orth))
+    if isinstance(result, tuple):  # the updated tensors of an in-place op
+        return max(rel_error(r, e) for r, e in zip(result, reference))
     return rel_error(result, reference)
 
 
-TOLERANCE = {"block_eigh": 1e-4, "block_damped_inverse": 1e-3}
+# bfloat16 parameters: a last-bit difference of the fp32 value moves a bf16 result by one unit
+TOLERANCE = {"block_eigh": 1e-4, "block_damped_inverse": 1e-3, "singd_diagonal_step": 1e-3,
+             "singd_block_step": 1e-3}
+
+
+def _clone(args: tuple) -> tuple:
+    return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
 
 
 def _time(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
@@ -161,12 +239,13 @@ def run(device: torch.device, ops_wanted: list[str] | None, full: bool, repeats:
     for op, cases in selected.items():
         for label, make, fn in cases:
             args = make(device, gen)
-            reference = fn(args, "eager")
+            pristine = _clone(args)  # in-place ops: every check starts from the same inputs
+            reference = fn(_clone(pristine), "eager")
             eager_s = _time(lambda: fn(args, "eager"), device, repeats)
             for backend in backends:
                 rec = {"op": op, "case": label, "backend": backend, "eager_s": eager_s}
                 try:
-                    result = fn(args, backend)
+                    result = fn(_clone(pristine), backend)
                 except Exception as err:  # a backend that cannot run this case
                     rec.update(status="error", error=f"{type(err).__name__}: {err}"[:300])
                     records.append(rec)
