@@ -76,10 +76,10 @@ def native_has_op(op: str) -> bool:
         return _NATIVE_OPS[op]
     found = has_native_cpu()
     if found:
-        try:
-            getattr(torch.ops.kfac_kernels, op)
-        except (AttributeError, RuntimeError):
-            found = False
+        # The schemas (and fake kernels) exist without the extension: ask the dispatcher
+        # whether loading it registered a real kernel.
+        from .ops._library import has_kernel
+        found = has_kernel(op, "CPU")
     _NATIVE_OPS[op] = found
     return found
 

@@ -1,4 +1,5 @@
 """Kernel-backed operations. Each module holds the eager reference, the dispatch and the formula."""
+from . import _library  # noqa: F401  (the op schemas, before any fake kernel registers)
 from .block_eigh import block_damped_inverse, block_eigh
 from .gradient_covariance import gradient_covariance
 from .patch_covariance import conv_geometry, padded_input, patch_covariance

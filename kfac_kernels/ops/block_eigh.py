@@ -90,6 +90,7 @@ from collections.abc import Sequence
 import torch
 
 from .._backend import native_has_op, resolve_backend
+from ._library import check_same
 
 _OP = "block_eigh"
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -379,19 +380,25 @@ def block_damped_inverse(blocks, damping, *, backend: str = "auto", fallback: bo
 
 
 def _register_fake() -> None:
-    """Shape/dtype propagation for torch.compile and FakeTensor (the ops themselves live in _C)."""
-    if not native_has_op(_OP):
-        return
+    """Shape/dtype propagation and validation for torch.compile and FakeTensor, registered
+    whether or not the native extension is built (the schema lives in ops/_library.py)."""
+
+    def square_stack(blocks):
+        torch._check(blocks.dim() == 3 and blocks.shape[-1] == blocks.shape[-2],
+                     lambda: f"{_OP}: blocks must be (B, n, n), got {tuple(blocks.shape)}")
 
     @torch.library.register_fake("kfac_kernels::block_eigh")
     def _(blocks, max_sweeps, tol):
+        square_stack(blocks)
         b, n = blocks.shape[0], blocks.shape[-1]
         return (blocks.new_empty((b, n)), blocks.new_empty((b, n, n)),
                 blocks.new_empty((b,), dtype=torch.int32))
 
     @torch.library.register_fake("kfac_kernels::block_damped_inverse")
     def _(blocks, damping, max_sweeps, tol):
+        square_stack(blocks)
         b = blocks.shape[0]
+        check_same("block_damped_inverse", "damping", damping, (b,), blocks.dtype)
         return blocks.new_empty(blocks.shape), blocks.new_empty((b,), dtype=torch.int32)
 
 

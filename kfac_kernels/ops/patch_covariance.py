@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .._backend import native_has_op, resolve_backend
+from ._library import check_same
 from ._symmetric_matmul import add_symmetric_matmul_, block_edges, mirror_upper
 
 _OP = "patch_covariance"
@@ -495,14 +496,25 @@ def _stacked(x4, geom, groups, num_blocks, bias, reduce, factor, decay, alpha, o
 
 
 def _register_fake() -> None:
-    if not native_has_op(_OP):
-        return
+    """Shape/dtype propagation and validation for torch.compile and FakeTensor, registered
+    whether or not the native extension is built (the schema lives in ops/_library.py)."""
 
     @torch.library.register_fake("kfac_kernels::patch_covariance")
     def _(x, kernel_size, stride, dilation, padding, out_size, num_segments, segment_start,
           segment_step, segment_channels, reduce, bias, factor, decay, alpha):
+        torch._check(x.dim() == 4, lambda: f"{_OP}: x must be (N, C, H, W), got {x.dim()} dims")
+        for name, v in (("kernel_size", kernel_size), ("stride", stride),
+                        ("dilation", dilation), ("padding", padding), ("out_size", out_size)):
+            torch._check(len(v) == 2, lambda: f"{_OP}: {name} must have 2 entries, got {len(v)}")
+        torch._check(num_segments >= 1 and segment_channels >= 1,
+                     lambda: f"{_OP}: num_segments and segment_channels must be positive")
+        torch._check(segment_start + (num_segments - 1) * segment_step + segment_channels
+                     <= x.shape[1], lambda: f"{_OP}: the channel segments exceed x's "
+                     f"{x.shape[1]} channels")
         d = segment_channels * kernel_size[0] * kernel_size[1] + (1 if bias else 0)
         dtype = accumulation_dtype(x.dtype)
+        if factor is not None:
+            check_same(_OP, "factor", factor, (num_segments, d, d), dtype)
         return x.new_empty((num_segments, d, d), dtype=dtype)
 
 

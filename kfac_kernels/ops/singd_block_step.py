@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from .._backend import native_has_op, resolve_backend
+from ._library import check_same
 from ._checks import check_bool, check_finite_floats, check_writable, within_block_limit
 from .singd_diagonal_step import accumulation_dtype
 
@@ -157,13 +158,32 @@ def singd_block_step(weight: torch.Tensor, weight_grad: torch.Tensor, bias: torc
 
 
 def _register_fake() -> None:
-    if not native_has_op(_OP):
-        return
+    """Shape/dtype propagation and validation for torch.compile and FakeTensor, registered
+    whether or not the native extension is built (the schema lives in ops/_library.py)."""
 
     @torch.library.register_fake("kfac_kernels::singd_block_step")
     def _(weight, weight_grad, bias, bias_grad, c, c_dims, k, k_dims, weight_buf, bias_buf, lr,
           momentum, weight_decay, first):
-        return None
+        torch._check(weight.dim() == 2, lambda: f"{_OP}: weight must be 2-D (rows, cols)")
+        acc = accumulation_dtype(weight.dtype)
+        check_same(_OP, "weight_grad", weight_grad, weight.shape, weight.dtype)
+        check_same(_OP, "weight_buf", weight_buf, weight.shape, acc)
+        torch._check((bias is None) == (bias_grad is None) == (bias_buf is None),
+                     lambda: f"{_OP}: bias, bias_grad and bias_buf must be given together")
+        if bias is not None:
+            check_same(_OP, "bias", bias, (weight.shape[0],), weight.dtype)
+            check_same(_OP, "bias_grad", bias_grad, (weight.shape[0],), weight.dtype)
+            check_same(_OP, "bias_buf", bias_buf, (weight.shape[0],), acc)
+        torch._check(sum(c_dims) == weight.shape[0],
+                     lambda: f"{_OP}: c_dims must sum to weight's {weight.shape[0]} rows")
+        width = weight.shape[1] + (0 if bias is None else 1)
+        torch._check(sum(k_dims) == width,
+                     lambda: f"{_OP}: k_dims must sum to {width} (weight's columns and the bias)")
+        for name, x, dims in (("c", c, c_dims), ("k", k, k_dims)):
+            torch._check(x.dim() == 3 and x.shape[1] == x.shape[2] and x.dtype == acc
+                         and len(dims) == x.shape[0],
+                         lambda: f"{_OP}: {name} must be a (blocks, b, b) {acc} tensor with one "
+                         f"{name}_dims entry per block")
 
 
 _register_fake()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from .._backend import native_has_op, resolve_backend
+from ._library import check_same
 from ._checks import check_bool, check_finite_floats, check_like
 
 _OP = "singd_diagonal_factor_update"
@@ -114,12 +115,18 @@ def singd_diagonal_factor_update(k: torch.Tensor, c: torch.Tensor, m_k: torch.Te
 
 
 def _register_fake() -> None:
-    if not native_has_op(_OP):
-        return
+    """Shape/dtype propagation and validation for torch.compile and FakeTensor, registered
+    whether or not the native extension is built (the schema lives in ops/_library.py)."""
 
     @torch.library.register_fake("kfac_kernels::singd_diagonal_factor_update")
     def _(k, c, m_k, m_c, u, g, k_offsets, c_offsets, damping, alpha1, lr_cov, kfac_like):
-        return None
+        for name, t, ref in (("u", u, k), ("g", g, c), ("m_k", m_k, k), ("m_c", m_c, c)):
+            if t is not None:
+                check_same(_OP, name, t, ref.shape, ref.dtype)
+        torch._check(len(k_offsets) == len(c_offsets),
+                     lambda: f"{_OP}: k_offsets and c_offsets must have one entry per layer")
+        torch._check(k_offsets[-1] == k.numel() and c_offsets[-1] == c.numel(),
+                     lambda: f"{_OP}: the offsets must end at the sizes of k and c")
 
 
 _register_fake()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from .._backend import native_has_op, resolve_backend
+from ._library import check_same
 from ._checks import check_bool, check_finite_floats, check_writable
 
 _OP = "singd_diagonal_step"
@@ -108,12 +109,18 @@ def singd_diagonal_step(param: torch.Tensor, grad: torch.Tensor, c: torch.Tensor
 
 
 def _register_fake() -> None:
-    if not native_has_op(_OP):
-        return
+    """Shape/dtype propagation and validation for torch.compile and FakeTensor, registered
+    whether or not the native extension is built (the schema lives in ops/_library.py)."""
 
     @torch.library.register_fake("kfac_kernels::singd_diagonal_step")
     def _(param, grad, c, k, buf, lr, momentum, weight_decay, first):
-        return None
+        torch._check(param.dim() == 2, lambda: f"{_OP}: param must be 2-D (rows, cols)")
+        rows, cols = param.shape
+        acc = accumulation_dtype(param.dtype)
+        check_same(_OP, "grad", grad, param.shape, param.dtype)
+        check_same(_OP, "buf", buf, param.shape, acc)
+        check_same(_OP, "c", c, (rows,), acc)
+        check_same(_OP, "k", k, (cols,), acc)
 
 
 _register_fake()

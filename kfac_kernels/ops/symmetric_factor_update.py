@@ -21,6 +21,7 @@ import math
 import torch
 
 from .._backend import native_has_op, resolve_backend
+from ._library import check_same
 
 _OP = "symmetric_factor_update"
 _DTYPES = (torch.float32, torch.float64)
@@ -90,14 +91,18 @@ def symmetric_factor_update(factor: torch.Tensor | None, x: torch.Tensor, decay:
 
 
 def _register_fake() -> None:
-    """Shape/dtype propagation for torch.compile and FakeTensor (the op itself lives in _C)."""
-    if not native_has_op(_OP):
-        return
+    """Shape/dtype propagation and validation for torch.compile and FakeTensor, registered
+    whether or not the native extension is built (the schema lives in ops/_library.py)."""
 
     @torch.library.register_fake("kfac_kernels::symmetric_factor_update")
     def _(factor, x, decay, alpha):
+        torch._check(x.dim() >= 2, lambda: f"{_OP}: x must have at least 2 dims (rows, d), got "
+                     f"{x.dim()}")
         d = x.shape[-1]
-        return x.new_empty((*x.shape[:-2], d, d))
+        shape = (*x.shape[:-2], d, d)
+        if factor is not None:
+            check_same(_OP, "factor", factor, shape, x.dtype)
+        return x.new_empty(shape)
 
 
 _register_fake()
