@@ -161,7 +161,7 @@ def unfold_bytes(shape: ConvShape, dtype: torch.dtype) -> int:
 
 def flops(shape: ConvShape, mode: str) -> float:
     """Full-product flops of the Gram matrices (expand/blocked: over N R rows; reduce: N rows,
-    plus the box sums, N C k^2 R adds)."""
+    plus the window sums, N C k^2 R adds)."""
     dims = factor_dims(shape, mode)
     if mode == "reduce":
         return 2.0 * shape.n * sum(d * d for d in dims) + shape.n * shape.c * (

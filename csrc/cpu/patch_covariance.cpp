@@ -37,12 +37,15 @@
 // pages where the OS offers them (advise_huge_pages): its first write would otherwise cost more
 // in page faults than a reduce-mode factor costs to compute.
 //
-// reduce: the mean patches abar_n are box sums of the input. For a kernel row i the output rows oh
-// read the input rows h = oh * stride_h + i * dilation_h - pad_top inside [0, H), for a kernel
+// reduce: the mean patches abar_n are window sums of the input. For a kernel row i the output rows
+// oh read the input rows h = oh * stride_h + i * dilation_h - pad_top inside [0, H), for a kernel
 // column j likewise, so abar_n[c, i, j] = sum_{h in rows(i)} sum_{w in cols(j)} x[n, c, h, w] / R,
-// which takes O(N * C * H * W) work, never a patch (see mean_patches and mean_patch_box). The
-// mean patches are written into one panel per segment (N rows: O(N * D) memory), and
-// decay * factor + alpha * abar^T abar comes from the same tile pairs and micro-kernel as expand.
+// which takes O(N * C * H * W) work, never a patch (see mean_patches). Every window sum adds the
+// window's own pixels only, never subtracts (no prefix or box sums): its rounding error is
+// bounded by the magnitudes inside the window, so one huge or non-finite pixel changes only the
+// windows that contain it, as in the definition. The mean patches are written into one panel per
+// segment (N rows: O(N * D) memory), and decay * factor + alpha * abar^T abar comes from the same
+// tile pairs and micro-kernel as expand.
 #include "patch_covariance.h"
 
 #include <algorithm>
@@ -893,29 +896,31 @@ void expand(const PatchCovarianceParams& p) {
 // ---------------------------------------------------------------------------------------------
 // reduce: mean patches
 //
-// abar_n[c, i, j] = box sum over the input positions of kernel offset (i, j), divided by R. Per
-// (example, channel) -- or per (example, block of kChannelBlock channels) when channels are the
-// closer dimension in memory (channels_last), so that the additions run along them, or when the
-// planes are small (kSmallPlane), so that the per-plane overhead is shared:
+// abar_n[c, i, j] = window sum over the input positions of kernel offset (i, j), divided by R.
+// Per (example, channel) -- or per (example, block of kChannelBlock channels) when channels are
+// the closer dimension in memory (channels_last), so that the additions run along them, or when
+// the planes are small (kSmallPlane), so that the per-plane overhead is shared:
 //   rowsum[i][w] = sum over the input rows h of kernel row i of x[h, w]
 //   abar[i][j]   = sum over the input columns w of kernel column j of rowsum[i][w], / R,
-// each sum formed as AxisPlan says. For stride 1 over a plane with contiguous rows the whole box
-// is done by inclusion-exclusion instead (BoxPlan, mean_patch_box): one pass over the plane.
+// each sum formed as AxisPlan says, by additions only.
 
 constexpr int64_t kChannelBlock = 16;
 constexpr int64_t kSmallPlane = 64;  // planes of at most this many values: channel blocks
 
-// How the box sums of one axis (kernel rows over input rows, or kernel columns over input
+// How the window sums of one axis (kernel rows over input rows, or kernel columns over input
 // columns) are formed, worked out once per call. Kernel offset k reads the input indices
 // first(k), first(k) + step, ..., last(k). The offsets whose indices have the same residue modulo
-// the step overlap but for a few indices (with stride 1: all of them): the union of such a class
-// is summed once, and an offset's sum is the union's minus the indices outside its own range, or
-// its own indices summed directly when that is shorter.
+// the step share all but a few indices (with stride 1 and no padding: all but kernel - 1): the
+// indices every member of such a class reads (the class's core) are summed once, and a member's
+// sum is the core's plus its own indices outside the core -- additions of the member's own
+// indices only, so a value outside its range never enters it (a subtraction of a union's sum
+// would lose the member's digits to a large value outside it, and turn it into NaN for an inf
+// one). A member whose margins are longer than its range is summed directly.
 struct AxisOp {
-  enum Kind : int { kEmpty, kUnion, kFromUnion, kDirect } kind;
-  int64_t k;       // kernel offset (kEmpty, kFromUnion, kDirect)
-  int64_t a, b;    // its first and last index; for kUnion the union's
-  int64_t u0, u1;  // kFromUnion: the union's first and last index
+  enum Kind : int { kEmpty, kCore, kFromCore, kDirect } kind;
+  int64_t k;       // kernel offset (kEmpty, kFromCore, kDirect)
+  int64_t a, b;    // its first and last index; for kCore the core's
+  int64_t c0, c1;  // kFromCore: the core's first and last index
 };
 
 struct AxisPlan {
@@ -938,65 +943,37 @@ struct AxisPlan {
         continue;
       }
       std::vector<int64_t> members;
-      int64_t u0 = first[k0], u1 = last[k0];
+      int64_t c0 = first[k0], c1 = last[k0];
       for (int64_t k = k0; k < n; ++k)
         if (!done[k] && lo[k] < hi[k] && (first[k] - first[k0]) % stride == 0) {
           members.push_back(k), done[k] = 1;
-          u0 = std::min(u0, first[k]), u1 = std::max(u1, last[k]);
+          c0 = std::max(c0, first[k]), c1 = std::min(c1, last[k]);
         }
-      bool any_union = false;
-      std::vector<char> from_union(members.size(), 0);
-      for (size_t m = 0; m < members.size() && members.size() > 1; ++m) {
+      // from the core where that reads fewer indices than the member's own range, and only
+      // when two members at least share the core (else it is one more pass for nothing)
+      std::vector<char> from_core(members.size(), 0);
+      size_t users = 0;
+      for (size_t m = 0; m < members.size() && members.size() > 1 && c0 <= c1; ++m) {
         const int64_t a = first[members[m]], b = last[members[m]];
-        from_union[m] = (a - u0) + (u1 - b) < b - a + stride;
-        any_union |= from_union[m] != 0;
+        from_core[m] = (c0 - a) + (b - c1) + stride < b - a + stride;
+        users += from_core[m] != 0;
       }
-      if (any_union) ops.push_back({AxisOp::kUnion, -1, u0, u1, u0, u1});
+      if (users < 2) std::fill(from_core.begin(), from_core.end(), 0);
+      if (users >= 2) ops.push_back({AxisOp::kCore, -1, c0, c1, c0, c1});
       for (size_t m = 0; m < members.size(); ++m) {
         const int64_t k = members[m];
-        ops.push_back({from_union[m] ? AxisOp::kFromUnion : AxisOp::kDirect, k, first[k], last[k],
-                       u0, u1});
+        ops.push_back({from_core[m] ? AxisOp::kFromCore : AxisOp::kDirect, k, first[k], last[k],
+                       c0, c1});
       }
     }
-  }
-};
-
-// Inclusion-exclusion over the whole plane (see mean_patch_box), possible for stride 1 when the
-// kernel columns' ranges together cover every input column and the margins are small.
-struct BoxPlan {
-  bool usable = false;
-  int64_t u0 = 0, u1 = -1;     // union of the kernel rows' ranges
-  int64_t top = 0, bottom = 0;  // every non-empty kernel row reads [top, bottom]
-  int64_t left = 0, right = 0;  // every non-empty kernel column reads [left, right]
-
-  BoxPlan(const PatchCovarianceParams& p, const AxisPlan& rows, const AxisPlan& cols) {
-    if (p.stride_h != 1 || p.stride_w != 1 || p.x_stride_w != 1) return;
-    const int64_t H = p.height, W = p.width;
-    int64_t v0 = W, v1 = -1;
-    u0 = H, u1 = -1, top = -1, bottom = H, left = -1, right = W;
-    for (int64_t i = 0; i < p.kernel_h; ++i) {
-      if (rows.first[i] > rows.last[i]) continue;
-      u0 = std::min(u0, rows.first[i]), u1 = std::max(u1, rows.last[i]);
-      top = std::max(top, rows.first[i]), bottom = std::min(bottom, rows.last[i]);
-    }
-    for (int64_t j = 0; j < p.kernel_w; ++j) {
-      if (cols.first[j] > cols.last[j]) continue;
-      v0 = std::min(v0, cols.first[j]), v1 = std::max(v1, cols.last[j]);
-      left = std::max(left, cols.first[j]), right = std::min(right, cols.last[j]);
-    }
-    if (u1 < u0 || v0 != 0 || v1 != W - 1 || bottom < top || right < left) return;
-    const int64_t margin_rows = (top - u0) + (u1 - bottom), margin_cols = left + (W - 1 - right);
-    usable = 4 * margin_rows <= u1 - u0 + 1 && 4 * margin_cols <= W;
   }
 };
 
 struct MeanPlan {
   AxisPlan rows, cols;
-  BoxPlan box;
   explicit MeanPlan(const PatchCovarianceParams& p, const Geometry& g)
       : rows(p.kernel_h, g.oh_lo, g.oh_hi, p.stride_h, p.dilation_h, p.pad_top),
-        cols(p.kernel_w, g.ow_lo, g.ow_hi, p.stride_w, p.dilation_w, p.pad_left),
-        box(p, rows, cols) {}
+        cols(p.kernel_w, g.ow_lo, g.ow_hi, p.stride_w, p.dilation_w, p.pad_left) {}
 };
 
 template <typename T>
@@ -1009,150 +986,52 @@ struct MeanJob {
   T* abar;           // abar[n][ch - ch0][i * kernel_w + j]
 };
 
-// acc[w][b] (+|-)= x[w][b] for w < W, b < nb (B values per w; x at src + w * sw + b * sc).
-template <typename T, typename In, int B, bool kSub>
+// acc[w][b] += x[w][b] for w < W, b < nb (B values per w; x at src + w * sw + b * sc).
+template <typename T, typename In, int B>
 KFK_ALWAYS_INLINE void add_line(T* KFK_RESTRICT acc, const In* src, int64_t W, int64_t sw,
                                 int64_t sc, int64_t nb) {
   if (B == 1) {
     if (sw == 1) {
       const In* KFK_RESTRICT s = src;
-      for (int64_t w = 0; w < W; ++w)
-        acc[w] = kSub ? acc[w] - load<T>(s + w) : acc[w] + load<T>(s + w);
+      for (int64_t w = 0; w < W; ++w) acc[w] += load<T>(s + w);
     } else {
-      for (int64_t w = 0; w < W; ++w)
-        acc[w] = kSub ? acc[w] - load<T>(src + w * sw) : acc[w] + load<T>(src + w * sw);
+      for (int64_t w = 0; w < W; ++w) acc[w] += load<T>(src + w * sw);
     }
   } else if (nb == B && sc == 1) {
     for (int64_t w = 0; w < W; ++w) {
       const In* KFK_RESTRICT s = src + w * sw;
       T* KFK_RESTRICT a = acc + w * B;
-      for (int b = 0; b < B; ++b) a[b] = kSub ? a[b] - load<T>(s + b) : a[b] + load<T>(s + b);
+      for (int b = 0; b < B; ++b) a[b] += load<T>(s + b);
     }
   } else {
     for (int64_t w = 0; w < W; ++w) {
       const In* s = src + w * sw;
       T* KFK_RESTRICT a = acc + w * B;
-      for (int64_t b = 0; b < nb; ++b)
-        a[b] = kSub ? a[b] - load<T>(s + b * sc) : a[b] + load<T>(s + b * sc);
-    }
-  }
-}
-
-// Sum of x[0, n) (contiguous), in vector lanes (four independent accumulators) added in a fixed
-// order at the end: deterministic, and not limited by the latency of one long chain of additions.
-template <typename T, typename In>
-KFK_ALWAYS_INLINE T sum_run(const In* KFK_RESTRICT x, int64_t n) {
-  constexpr int V = 64 / sizeof(T);
-  T lanes[4][V] = {};
-  int64_t e = 0;
-  if constexpr (!std::is_same<In, Half>::value) {
-    for (; e + 4 * V <= n; e += 4 * V)
-      for (int a = 0; a < 4; ++a)
-        for (int l = 0; l < V; ++l) lanes[a][l] += load<T>(x + e + a * V + l);
-    for (; e + V <= n; e += V)
-      for (int l = 0; l < V; ++l) lanes[0][l] += load<T>(x + e + l);
-  } else {
-    T block[4 * V];  // float16: converted first, in a plain loop that vectorises
-    for (; e + 4 * V <= n; e += 4 * V) {
-      for (int l = 0; l < 4 * V; ++l) block[l] = load<T>(x + e + l);
-      for (int a = 0; a < 4; ++a)
-        for (int l = 0; l < V; ++l) lanes[a][l] += block[a * V + l];
-    }
-    for (; e + V <= n; e += V) {
-      for (int l = 0; l < V; ++l) block[l] = load<T>(x + e + l);
-      for (int l = 0; l < V; ++l) lanes[0][l] += block[l];
-    }
-  }
-  T total = T(0);
-  for (int l = 0; l < V; ++l) total += (lanes[0][l] + lanes[1][l]) + (lanes[2][l] + lanes[3][l]);
-  for (; e < n; ++e) total += load<T>(x + e);
-  return total;
-}
-
-// Mean patches of one channel by inclusion-exclusion (BoxPlan::usable): with U the sum over the
-// union of the kernel rows' ranges (all columns), the box of (i, j) is U minus the rows and
-// columns outside (i, j)'s ranges plus the corners subtracted twice. U is one pass over
-// contiguous rows; the margins are a few rows, columns and elements.
-template <typename T, typename In>
-KFK_ALWAYS_INLINE void mean_patch_box(const PatchCovarianceParams& p, const Geometry& g,
-                                      const MeanPlan& plan, const In* xc, T* work, T* out) {
-  const BoxPlan& box = plan.box;
-  const int64_t kh = p.kernel_h, kw = p.kernel_w, H = p.height, W = p.width;
-  const int64_t sH = p.x_stride_h;
-  const int64_t u0 = box.u0, u1 = box.u1;
-  T U = T(0);
-  if (sH == W) {
-    U = sum_run<T, In>(xc + u0 * sH, (u1 - u0 + 1) * W);
-  } else {
-    for (int64_t h = u0; h <= u1; ++h) U += sum_run<T, In>(xc + h * sH, W);
-  }
-  T* R = work;      // R[h]: sum of row h (margin rows only)
-  T* C = work + H;  // C[w]: sum of column w over the union rows (margin columns only)
-  for (int64_t h = u0; h < box.top; ++h) R[h] = sum_run<T, In>(xc + h * sH, W);
-  for (int64_t h = box.bottom + 1; h <= u1; ++h) R[h] = sum_run<T, In>(xc + h * sH, W);
-  auto col_sum = [&](int64_t w) {
-    T s = T(0);
-    for (int64_t h = u0; h <= u1; ++h) s += load<T>(xc + h * sH + w);
-    return s;
-  };
-  for (int64_t w = 0; w < box.left; ++w) C[w] = col_sum(w);
-  for (int64_t w = box.right + 1; w < W; ++w) C[w] = col_sum(w);
-
-  const T r = static_cast<T>(g.rows_per_example);
-  for (int64_t i = 0; i < kh; ++i) {
-    const int64_t a = plan.rows.first[i], b = plan.rows.last[i];
-    for (int64_t j = 0; j < kw; ++j) {
-      const int64_t c = plan.cols.first[j], e = plan.cols.last[j];
-      T v = T(0);
-      if (a <= b && c <= e) {
-        v = U;
-        for (int64_t h = u0; h < a; ++h) v -= R[h];
-        for (int64_t h = b + 1; h <= u1; ++h) v -= R[h];
-        for (int64_t w = 0; w < c; ++w) v -= C[w];
-        for (int64_t w = e + 1; w < W; ++w) v -= C[w];
-        auto corner = [&](int64_t h0, int64_t h1, int64_t w0, int64_t w1) {
-          for (int64_t h = h0; h < h1; ++h)
-            for (int64_t w = w0; w < w1; ++w) v += load<T>(xc + h * sH + w);
-        };
-        corner(u0, a, 0, c);
-        corner(u0, a, e + 1, W);
-        corner(b + 1, u1 + 1, 0, c);
-        corner(b + 1, u1 + 1, e + 1, W);
-      }
-      out[i * kw + j] = v / r;
+      for (int64_t b = 0; b < nb; ++b) a[b] += load<T>(s + b * sc);
     }
   }
 }
 
 // Mean patches of channels xc[0, nb) (channel stride sc) of one example into
 // out[b * khkw + i * kw + j] (the AxisPlan scheme along rows, then along columns). `work` holds
-// max((kernel_h + 1) * width * B, height + width) values.
+// (kernel_h + 1) * width * B values.
 template <typename T, typename In, int B>
 KFK_ALWAYS_INLINE void mean_patches(const PatchCovarianceParams& p, const Geometry& g,
                                     const MeanPlan& plan, const In* xc, int64_t nb, T* work,
                                     T* out) {
-  if (B == 1 && plan.box.usable) {
-    mean_patch_box<T, In>(p, g, plan, xc, work, out);
-    return;
-  }
   const int64_t kh = p.kernel_h, kw = p.kernel_w, W = p.width, WB = W * B;
   const int64_t sH = p.x_stride_h, sW = p.x_stride_w, sC = p.x_stride_c;
   const int64_t ph = plan.rows.step, pw = plan.cols.step;
-  auto add = [&](T* acc, int64_t h) {
-    add_line<T, In, B, false>(acc, xc + h * sH, W, sW, sC, nb);
-  };
-  auto sub = [&](T* acc, int64_t h) {
-    add_line<T, In, B, true>(acc, xc + h * sH, W, sW, sC, nb);
-  };
+  auto add = [&](T* acc, int64_t h) { add_line<T, In, B>(acc, xc + h * sH, W, sW, sC, nb); };
 
   // rowsum[i][w][b] = sum over the input rows h of kernel row i of x[h, w, b]
-  T* total = work + kh * WB;
+  T* core = work + kh * WB;
   for (const AxisOp& op : plan.rows.ops) {
-    T* KFK_RESTRICT acc = op.kind == AxisOp::kUnion ? total : work + op.k * WB;
-    if (op.kind == AxisOp::kFromUnion) {
-      for (int64_t e = 0; e < WB; ++e) acc[e] = total[e];
-      for (int64_t h = op.u0; h < op.a; h += ph) sub(acc, h);
-      for (int64_t h = op.b + ph; h <= op.u1; h += ph) sub(acc, h);
+    T* KFK_RESTRICT acc = op.kind == AxisOp::kCore ? core : work + op.k * WB;
+    if (op.kind == AxisOp::kFromCore) {
+      for (int64_t e = 0; e < WB; ++e) acc[e] = core[e];
+      for (int64_t h = op.a; h < op.c0; h += ph) add(acc, h);
+      for (int64_t h = op.c1 + ph; h <= op.b; h += ph) add(acc, h);
     } else {
       for (int64_t e = 0; e < WB; ++e) acc[e] = T(0);
       for (int64_t h = op.a; h <= op.b; h += ph) add(acc, h);
@@ -1164,21 +1043,21 @@ KFK_ALWAYS_INLINE void mean_patches(const PatchCovarianceParams& p, const Geomet
   const int64_t khkw = g.khkw;
   for (int64_t i = 0; i < kh; ++i) {
     const T* acc = work + i * WB;
-    T all[B], sum[B];
+    T shared[B], sum[B];
     for (const AxisOp& op : plan.cols.ops) {
-      T* s = op.kind == AxisOp::kUnion ? all : sum;
-      if (op.kind == AxisOp::kFromUnion) {
-        for (int b = 0; b < B; ++b) s[b] = all[b];
-        for (int64_t w = op.u0; w < op.a; w += pw)
-          for (int b = 0; b < B; ++b) s[b] -= acc[w * B + b];
-        for (int64_t w = op.b + pw; w <= op.u1; w += pw)
-          for (int b = 0; b < B; ++b) s[b] -= acc[w * B + b];
+      T* s = op.kind == AxisOp::kCore ? shared : sum;
+      if (op.kind == AxisOp::kFromCore) {
+        for (int b = 0; b < B; ++b) s[b] = shared[b];
+        for (int64_t w = op.a; w < op.c0; w += pw)
+          for (int b = 0; b < B; ++b) s[b] += acc[w * B + b];
+        for (int64_t w = op.c1 + pw; w <= op.b; w += pw)
+          for (int b = 0; b < B; ++b) s[b] += acc[w * B + b];
       } else {
         for (int b = 0; b < B; ++b) s[b] = T(0);
         for (int64_t w = op.a; w <= op.b; w += pw)
           for (int b = 0; b < B; ++b) s[b] += acc[w * B + b];
       }
-      if (op.kind != AxisOp::kUnion)
+      if (op.kind != AxisOp::kCore)
         for (int64_t b = 0; b < nb; ++b) out[b * khkw + i * kw + op.k] = s[b] / r;
     }
   }
@@ -1279,8 +1158,7 @@ void reduce(const PatchCovarianceParams& p) {
       init_panel(panels.get() + s * panel_size, dpad, nr, block_stride, N, p.bias ? D - 1 : -1);
 
     {
-      Buffer<T> work(static_cast<size_t>(
-          std::max((p.kernel_h + 1) * p.width * job.cb, p.height + p.width)));
+      Buffer<T> work(static_cast<size_t>((p.kernel_h + 1) * p.width * job.cb));
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif

@@ -9,7 +9,8 @@
 // than 65535 segments (grid-y striding), expand and reduce (both mean-patch kernels: NCHW and
 // channels_last), bias, factors (none, symmetric, asymmetric, strided), four layouts of x and all
 // four input types. Outputs must agree with the CPU kernel, be exactly symmetric whenever the
-// factor is, and be bitwise identical across two runs (determinism).
+// factor is, and be bitwise identical across two runs (determinism). One huge, NaN or inf pixel
+// must leave the entries that do not involve it as they are without it (run_extreme_pixel).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -248,6 +249,109 @@ void run_shape_quick(const Shape& s, uint64_t& seed, bool segments_only) {
   }
 }
 
+// One extreme pixel stays in the entries that involve it (those whose coordinate of the pixel's
+// example reads it), as in the definition: with a huge pixel every other entry keeps its accuracy,
+// with a NaN or inf one every other entry stays finite (and every entry that involves it is not).
+// The other entries must equal the CPU kernel's in float64 on the input with the pixel zeroed; the
+// involved coordinates are those (but the bias) whose diagonal is non-zero for an input that is 1
+// at the pixel.
+template <typename A>
+void run_extreme_pixel(const Shape& s, bool reduce, double value, uint64_t seed) {
+  constexpr InputType type = sizeof(A) == 8 ? InputType::kFloat64 : InputType::kFloat32;
+  Rng rng(seed);
+  PatchCovarianceParams p;
+  p.n = s.n, p.channels = s.c, p.height = s.h, p.width = s.w;
+  p.x_stride_w = 1, p.x_stride_h = s.w, p.x_stride_c = s.h * s.w, p.x_stride_n = s.c * s.h * s.w;
+  p.kernel_h = s.kh, p.kernel_w = s.kw, p.stride_h = s.sh, p.stride_w = s.sw;
+  p.dilation_h = s.dh, p.dilation_w = s.dw, p.pad_top = s.pt, p.pad_left = s.pl;
+  p.out_h = (s.h + s.pt + s.pb - (s.dh * (s.kh - 1) + 1)) / s.sh + 1;
+  p.out_w = (s.w + s.pl + s.pr - (s.dw * (s.kw - 1) + 1)) / s.sw + 1;
+  p.num_segments = 1, p.segment_channels = s.c;
+  p.reduce = reduce, p.bias = true, p.decay = 0.0;
+  p.alpha = reduce ? 1.0 / static_cast<double>(s.n)
+                   : 1.0 / static_cast<double>(s.n * p.out_h * p.out_w);
+  const int64_t D = p.dim(), size = s.n * s.c * s.h * s.w;
+  const int64_t pixel = (s.n - 1) * p.x_stride_n;  // last example, channel 0, corner (0, 0)
+
+  std::vector<double> x64(static_cast<size_t>(size)), one(static_cast<size_t>(size), 0.0);
+  for (double& v : x64) v = grid(rng);
+  one[pixel] = 1.0;
+  std::vector<double> reads(static_cast<size_t>(D * D)), want(static_cast<size_t>(D * D));
+  PatchCovarianceParams q = p;
+  q.x_type = InputType::kFloat64;
+  q.x = one.data(), q.out = reads.data();
+  kfac_kernels::cpu::patch_covariance(q);
+  x64[pixel] = 0.0;
+  q.x = x64.data(), q.out = want.data();
+  kfac_kernels::cpu::patch_covariance(q);
+  x64[pixel] = value;
+
+  std::vector<A> x(x64.begin(), x64.end());
+  A* dx = to_device(x);
+  A* dout = nullptr;
+  CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&dout), static_cast<size_t>(D * D) * sizeof(A)));
+  p.x_type = type, p.x = dx, p.out = dout;
+  const size_t ws_bytes = kfac_kernels::cuda::patch_covariance_workspace_bytes(p);
+  void* ws = nullptr;
+  if (ws_bytes) CUDA_OK(cudaMalloc(&ws, ws_bytes));
+  CUDA_OK(kfac_kernels::cuda::patch_covariance(p, ws, nullptr));
+  CUDA_OK(cudaDeviceSynchronize());
+  std::vector<A> got(static_cast<size_t>(D * D));
+  CUDA_OK(cudaMemcpy(got.data(), dout, got.size() * sizeof(A), cudaMemcpyDeviceToHost));
+  cudaFree(dx);
+  cudaFree(dout);
+  if (ws) cudaFree(ws);
+
+  // float32: the entries are sums of products of grid values (|v| <= 2.5), of a few hundred
+  // terms at most, rounded in another order than the CPU kernel's float64
+  const double tol = sizeof(A) == 4 ? 2e-5 : 1e-12;
+  double worst = 0;
+  int64_t wrong_finiteness = 0;
+  for (int64_t i = 0; i < D; ++i)
+    for (int64_t j = 0; j < D; ++j) {
+      const size_t e = static_cast<size_t>(i * D + j);
+      const double g = static_cast<double>(got[e]);
+      // (the bias coordinate, last, is 1 whatever the input)
+      auto reads_pixel = [&](int64_t d) {
+        return d != D - 1 && reads[static_cast<size_t>(d * D + d)] != 0.0;
+      };
+      const bool involved = reads_pixel(i) || reads_pixel(j);
+      if (involved) {
+        if (!std::isfinite(value)) wrong_finiteness += std::isfinite(g) ? 1 : 0;
+        continue;
+      }
+      if (!std::isfinite(g)) {
+        ++wrong_finiteness;
+        continue;
+      }
+      worst = std::max(worst, std::fabs(g - want[e]) / (1.0 + std::fabs(want[e])));
+    }
+  const bool pass = worst <= tol && wrong_finiteness == 0;
+  (pass ? g_passed : g_failed)++;
+  if (!pass || std::getenv("KFAC_KERNELS_TEST_VERBOSE"))
+    std::printf("%s extreme pixel %g %s %s N=%lld C=%lld %lldx%lld D=%lld: error %.3g of the "
+                "entries not involving it, %lld entries of the wrong finiteness\n",
+                pass ? "ok  " : "FAIL", value, type_name(type), reduce ? "reduce" : "expand",
+                static_cast<long long>(s.n), static_cast<long long>(s.c),
+                static_cast<long long>(s.h), static_cast<long long>(s.w),
+                static_cast<long long>(D), worst, static_cast<long long>(wrong_finiteness));
+}
+
+void run_extreme_pixels(uint64_t& seed) {
+  // n, c, h, w, kh, kw, sh, sw, dh, dw, pt, pb, pl, pr, segments, start, step, seg_channels
+  const Shape shapes[] = {
+      {2, 3, 9, 8, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 3},  // tile kernel, D = 28
+      {2, 1, 9, 9, 3, 3, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 1},  // small kernel, D = 10
+  };
+  const double values[] = {1e6, NAN, INFINITY};
+  for (const Shape& s : shapes)
+    for (int reduce = 0; reduce < 2; ++reduce)
+      for (double v : values) {
+        run_extreme_pixel<float>(s, reduce != 0, v, seed++);
+        run_extreme_pixel<double>(s, reduce != 0, v, seed++);
+      }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -277,6 +381,7 @@ int main(int argc, char** argv) {
   };
   uint64_t seed = 1;
   for (const Shape& s : small) run_shape(s, seed, true);
+  run_extreme_pixels(seed);
   for (const Shape& s : large) {
     if (sizes == Sizes::kSmall) break;
     if (sizes == Sizes::kQuick)

@@ -18,8 +18,10 @@ flattened channel-major then kernel rows then kernel columns, the order of
 
 The ``eager`` backend is the definition (``F.unfold`` then a matmul). The ``cpu``, ``cuda`` and
 ``triton`` kernels never build the unfolded tensor: expand forms tiles of ``A`` from input tiles
-(implicit im2col), reduce sums each kernel offset's window of the input (a box sum) to get the
-mean patches, and both compute one triangle and mirror it. They accumulate in fp32 (fp64 for fp64
+(implicit im2col), reduce sums each kernel offset's window of the input to get the mean patches
+(additions of the window's own pixels only, never a subtraction of a larger sum: a huge or
+non-finite pixel changes only the entries that involve it, as in the definition), and both
+compute one triangle and mirror it. They accumulate in fp32 (fp64 for fp64
 inputs). Memory of the ``cpu`` kernel beyond the returned factor: expand sums straight into the
 factor's upper triangle, so its temporaries are a panel of patch rows (at most about an eighth of
 the unfolded tensor, and a few MB) and per-thread tiles; reduce keeps the mean patches,
@@ -289,7 +291,7 @@ def patch_gram_chunked(x4: torch.Tensor, geom: ConvGeometry, seg: Segments, redu
 def chunked_is_faster(n: int, geom: ConvGeometry, seg: Segments, reduce: bool) -> bool:
     """The measured rule (``bench/results/patch_covariance_crossover_cpu.json``): see
     :func:`patch_covariance`'s docstring."""
-    if reduce:  # the kernel's box sums beat per-offset window sums at every measured shape
+    if reduce:  # the kernel's shared window sums beat per-offset ones at every measured shape
         return False
     d = seg.channels * geom.kernel[0] * geom.kernel[1]
     return d >= CROSSOVER_MIN_D and n * geom.positions >= CROSSOVER_ROWS_PER_D * d
@@ -422,8 +424,8 @@ def patch_covariance(x: torch.Tensor, kernel_size, stride=1, padding=0, dilation
     is large and the rows many; where the rows are few next to ``D`` (e.g. 512 channels at 4x4:
     512 rows for ``D = 4608``) the product is thin and the ``O(D^2)`` passes over the result
     (mirroring the triangle) cost more than BLAS gains, so the kernel stays (0.75-0.9x there);
-    for ``D`` below 1024 the kernel wins at every measured size; for reduce the kernel's box sums
-    beat per-offset window sums everywhere (2-8x), so reduce always takes the kernel. Memory of
+    for ``D`` below 1024 the kernel wins at every measured size; for reduce the kernel's shared
+    window sums beat per-offset ones everywhere (2-8x), so reduce always takes the kernel. Memory of
     the chunked path beyond the result: one chunk of patches (at most ``max(8 MiB, result /
     4)``, one example at least) and its padded input.
 
