@@ -355,7 +355,7 @@ def _expand(x, geometry, oh, ow, num_segments, segment_start, segment_step, dn, 
     programs = num_segments * n_tiles
     n_split, rows_per_split = _tiles.plan_splits(_NAME, x.device, programs, m, block_k, splits)
     ieee, widen = _dot_mode(x.dtype, interpreted)
-    scal, in_memory = _tiles.scalar_args(decay, alpha, x.device, out)
+    scal, in_memory = _tiles.scalar_args(decay, alpha, device=x.device, placeholder=out)
     f_arg = factor if factor is not None else out  # never read without HAS_FACTOR
     f_strides = factor.stride() if factor is not None else (0, 0, 0)
     ws = None
