@@ -196,11 +196,14 @@ def _sass_mix(sass: str) -> dict[str, dict]:
     return out
 
 
-def occupancy(registers: int | None, threads: int, shared_bytes: int) -> int:
-    """Blocks per SM from registers (allocated per warp in units of 256), threads, shared memory."""
+def occupancy(registers: int | None, threads: int, shared_bytes: int) -> int | None:
+    """Blocks per SM from registers (allocated per warp in units of 256), threads, shared memory
+    (None when the register count is unknown)."""
+    if registers is None:
+        return None
     warps = threads // 32
     by_threads = H100["max_threads_per_sm"] // threads
-    regs = max(registers or 0, 1)
+    regs = max(registers, 1)
     per_warp = math.ceil(regs * 32 / 256) * 256
     by_regs = H100["registers_per_sm"] // (per_warp * warps)
     per_block = shared_bytes + H100["shared_reserved_per_block"]
@@ -227,7 +230,9 @@ def _triton_targets():
         "patch_covariance expand bf16": ("_pc_expand_kernel", "x_ptr=bf16", "BLOCK=64,",
                                          "HAS_FACTOR=0", "SPLIT=0"),
         "patch_covariance expand fp32 (ieee)": ("_pc_expand_kernel", "x_ptr=fp32", "BLOCK=64,",
-                                                "HAS_FACTOR=0", "SPLIT=0"),
+                                                "HAS_FACTOR=0", "SPLIT=0", "IEEE_DOT=1"),
+        "patch_covariance expand fp32 (tf32)": ("_pc_expand_kernel", "x_ptr=fp32", "BLOCK=64,",
+                                                "HAS_FACTOR=0", "SPLIT=0", "IEEE_DOT=0"),
         "block_eigh n<=64 fp32": ("_block_eigh_kernel", "NP=64", "a_ptr=fp32"),
         "singd_diagonal_step fp32": ("singd_diagonal_step", "FIRST=0", "DECAY=1", "p_ptr=fp32"),
         "singd_block_step 32x32 fp32": ("singd_block_step", "BLOCK_C=32,BLOCK_K=32",
@@ -313,22 +318,31 @@ def patch_covariance_expand(mix: dict, triton_rows: list[dict]) -> list[dict]:
         unfold_bytes = n * c * h * w * elem + 2 * m * d * elem
         tensor_rate = (H100["bf16_tensor_flops"] if dtype == "bf16"
                        else H100["tf32_tensor_flops"])
-        eager_s = (unfold_bytes / H100["hbm_bytes_per_s"]
-                   + eager_flops / (tensor_rate * _a("cublas_fraction")) + 2 * _a("eager_op_s"))
+
+        def eager_s(pipe):  # cuBLAS in the kernel's precision: bf16, TF32 or full fp32
+            rate = H100["fp32_ffma_flops"] if pipe == "ffma_fp32" else (
+                H100["tf32_tensor_flops"] if pipe == "wgmma_tf32" else H100["bf16_tensor_flops"])
+            return (unfold_bytes / H100["hbm_bytes_per_s"]
+                    + eager_flops / (rate * _a("cublas_fraction")) + 2 * _a("eager_op_s"))
         kernels = []
         cuda_mix = mix.get(f"pc_tile_kernel<{'__nv_bfloat16' if dtype == 'bf16' else 'float'}"
                            f", false>", {})
         cuda_pipe = ("mma_sync_bf16" if cuda_mix.get("HMMA") else
                      "ffma_fp32") if dtype == "bf16" else "ffma_fp32"
         kernels.append(("cuda pc_tile_kernel", cuda_pipe, bool(cuda_mix.get("LDGSTS"))))
-        ptx = next((r["ptx"] for r in triton_rows
-                    if r["target"].startswith(f"patch_covariance expand {dtype}")), {})
-        triton_pipe = ("wgmma_bf16" if ptx.get("wgmma") else "mma_sync_bf16") if (
-            dtype == "bf16") else "ffma_fp32"
-        kernels.append(("triton _pc_expand_kernel", triton_pipe, bool(ptx.get("cp_async"))))
-        if dtype == "fp32":
-            kernels.append(("triton _pc_expand_kernel, TF32 products", "wgmma_tf32",
-                            bool(ptx.get("cp_async"))))
+        def ptx(name):
+            return next((r["ptx"] for r in triton_rows if r["target"] == name), {})
+        if dtype == "bf16":
+            mix_ = ptx("patch_covariance expand bf16")
+            kernels.append(("triton _pc_expand_kernel", "wgmma_bf16" if mix_.get("wgmma")
+                            else "mma_sync_bf16", bool(mix_.get("cp_async"))))
+        else:
+            mix_ = ptx("patch_covariance expand fp32 (ieee)")
+            kernels.append(("triton _pc_expand_kernel", "ffma_fp32", bool(mix_.get("cp_async"))))
+            mix_ = ptx("patch_covariance expand fp32 (tf32)")
+            kernels.append(("triton _pc_expand_kernel, TF32 (allow_tf32)",
+                            "wgmma_tf32" if mix_.get("wgmma") else "ffma_fp32",
+                            bool(mix_.get("cp_async"))))
         for name, pipe, overlapped in kernels:
             lim = _limits(flops, pipe, gather_l2, hbm, overlapped)
             out.append({
@@ -338,8 +352,8 @@ def patch_covariance_expand(mix: dict, triton_rows: list[dict]) -> list[dict]:
                 "l2_bytes": gather_l2, "dram_bytes": hbm, "overlapped_loads": overlapped,
                 **lim,
                 "fraction_of_tensor_peak": flops / lim["predicted_s"] / tensor_rate,
-                "eager": "unfold + cuBLAS X^T X (full product)", "eager_s": eager_s,
-                "ratio_vs_eager": eager_s / lim["predicted_s"]})
+                "eager": "unfold + cuBLAS X^T X (full product, same precision)",
+                "eager_s": eager_s(pipe), "ratio_vs_eager": eager_s(pipe) / lim["predicted_s"]})
     return out
 
 
@@ -488,5 +502,6 @@ def main() -> int:
 
 if __name__ == "__main__":
     os.environ.pop("TRITON_INTERPRET", None)
+    os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # a cached kernel has no ptxas report
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     sys.exit(main())

@@ -131,30 +131,23 @@ def _environment() -> dict:
 
 
 def write(rows, archs) -> None:
-    """Write the rows per arch. The rows of kernels not compiled in this run (``--only``) and the
-    other sections of the file (``bench/static_model.py``'s) are kept."""
+    """Write the rows per arch. Rows of configurations not compiled in this run (``--only``) are
+    kept while the launchers can still pick them, and so are the file's other sections
+    (``bench/static_model.py``'s)."""
     env = _environment()
+    current = {cfg.key() for cfg in _configs()}
     for arch in archs:
-        mine = [{k: v for k, v in r.items() if k != "arch"} for r in rows
-                if r["arch"] == f"sm_{arch}"]
+        fresh = {r["config"]: {k: v for k, v in r.items() if k != "arch"} for r in rows
+                 if r["arch"] == f"sm_{arch}"}
         path = RESULTS / f"static_sm{arch}.json"
         old = json.loads(path.read_text()) if path.exists() else {}
-        fresh: dict = {}
-        for r in mine:
-            fresh.setdefault(r["kernel"], []).append(r)
-        merged = []
-        for r in old.get("configs", []):  # in the file's order, a kernel's new rows in its place
-            if r["kernel"] not in fresh:
-                merged.append(r)
-            elif r["kernel"] not in {m["kernel"] for m in merged}:
-                merged.extend(fresh[r["kernel"]])
-        merged += [r for k, rs in fresh.items() if k not in {m["kernel"] for m in merged}
-                   for r in rs]
-        mine = merged
+        merged = [fresh.pop(r["config"], r) for r in old.get("configs", [])
+                  if r["config"] in current]
+        merged += list(fresh.values())
         data = {**old, "arch": f"sm_{arch}", "spill_budget_bytes": SPILL_BUDGET_BYTES,
-                "environment": env, "configs": mine}
+                "environment": env, "configs": merged}
         path.write_text(json.dumps(data, indent=1) + "\n")
-        print(f"wrote {path.relative_to(ROOT)} ({len(mine)} configurations)")
+        print(f"wrote {path.relative_to(ROOT)} ({len(merged)} configurations)")
 
 
 def main(argv=None) -> int:

@@ -197,6 +197,17 @@ def scalar_args(*values: float, device: torch.device, placeholder: torch.Tensor)
     return placeholder, False
 
 
+@triton.jit
+def three_scalars(s_ptr, a, b, c, dtype: tl.constexpr, IN_MEMORY: tl.constexpr):
+    """The fp64 scalar arguments ``a, b, c`` (under the interpreter ``s_ptr[0:3]``, see
+    :func:`scalar_args`), each rounded once to ``dtype``."""
+    if IN_MEMORY:
+        a = tl.load(s_ptr)
+        b = tl.load(s_ptr + 1)
+        c = tl.load(s_ptr + 2)
+    return a.to(dtype), b.to(dtype), c.to(dtype)
+
+
 # Per-call metadata (block sizes, offsets, the layer of every slot) kept on the device by value:
 # a layer set's layout is the same at every step, so only its first call copies it to the
 # device. Bounded: beyond _CACHE_LIMIT distinct layouts a call makes its own tensor.

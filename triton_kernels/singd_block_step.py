@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 from ._rounding import round_to_bfloat16
-from ._tiles import MAX_GRID_X, cached_int64, load_slot, scalar_args, slot_tile
+from ._tiles import (MAX_GRID_X, cached_int64, load_slot, scalar_args, slot_tile,
+                     three_scalars)
 
 __all__ = ["singd_block_step_triton", "launch_configs", "MAX_BLOCK"]
 
@@ -47,14 +48,7 @@ def _step_kernel(w_ptr, wg_ptr, b_ptr, bg_ptr, c_ptr, cd_ptr, ro_ptr, k_ptr, kd_
     nj = tl.load(kd_ptr + j)
     r0 = tl.load(ro_ptr + i)
     c0 = tl.load(co_ptr + j)
-    if SCALARS_IN_MEMORY:
-        lr = tl.load(s_ptr)
-        mom = tl.load(s_ptr + 1)
-        wd = tl.load(s_ptr + 2)
-    acc = c_ptr.dtype.element_ty
-    lr = lr.to(acc)
-    mom = mom.to(acc)
-    wd = wd.to(acc)
+    lr, mom, wd = three_scalars(s_ptr, lr, mom, wd, c_ptr.dtype.element_ty, SCALARS_IN_MEMORY)
     cc = _outer(c_ptr, i, ni, BC, BLOCK_C)
     kk = _outer(k_ptr, j, nj, BK, BLOCK_K)
     r = tl.arange(0, BLOCK_C)[:, None]

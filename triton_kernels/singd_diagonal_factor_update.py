@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._tiles import cached_int64, scalar_args
+from ._tiles import cached_int64, scalar_args, three_scalars
 
 __all__ = ["singd_diagonal_factor_update_triton", "launch_configs"]
 
@@ -46,14 +46,8 @@ def _factor_kernel(k_ptr, c_ptr, mk_ptr, mc_ptr, u_ptr, g_ptr, off_ptr, s_ptr,
     k1 = tl.load(off_ptr + l + 1)
     c0 = tl.load(off_ptr + layers + 1 + l)
     c1 = tl.load(off_ptr + layers + 2 + l)
-    if SCALARS_IN_MEMORY:
-        damping = tl.load(s_ptr)
-        alpha1 = tl.load(s_ptr + 1)
-        lr_cov = tl.load(s_ptr + 2)
-    dtype = k_ptr.dtype.element_ty
-    damping = damping.to(dtype)
-    alpha1 = alpha1.to(dtype)
-    lr_cov = lr_cov.to(dtype)
+    damping, alpha1, lr_cov = three_scalars(s_ptr, damping, alpha1, lr_cov,
+                                            k_ptr.dtype.element_ty, SCALARS_IN_MEMORY)
     hk = tl.zeros([BLOCK], dtype=damping.dtype)
     kk = tl.zeros([BLOCK], dtype=damping.dtype)
     for s in range(k0, k1, BLOCK):

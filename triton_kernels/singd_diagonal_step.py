@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ._rounding import round_to_bfloat16
-from ._tiles import MAX_GRID_X, scalar_args
+from ._tiles import MAX_GRID_X, scalar_args, three_scalars
 
 __all__ = ["singd_diagonal_step_triton", "launch_configs"]
 
@@ -38,14 +38,8 @@ def _step_kernel(p_ptr, g_ptr, c_ptr, k_ptr, b_ptr, s_ptr, lr: tl.float64, mom: 
     r = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cc = pid_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (r[:, None] < rows) & (cc[None, :] < cols)
-    if SCALARS_IN_MEMORY:
-        lr = tl.load(s_ptr)
-        mom = tl.load(s_ptr + 1)
-        wd = tl.load(s_ptr + 2)
+    lr, mom, wd = three_scalars(s_ptr, lr, mom, wd, c_ptr.dtype.element_ty, SCALARS_IN_MEMORY)
     ci = tl.load(c_ptr + r, mask=r < rows, other=0.0)
-    lr = lr.to(ci.dtype)
-    mom = mom.to(ci.dtype)
-    wd = wd.to(ci.dtype)
     kj = tl.load(k_ptr + cc, mask=cc < cols, other=0.0)
     p_off = r[:, None] * p_sr + cc[None, :]
     b_off = r[:, None] * b_sr + cc[None, :]
