@@ -131,15 +131,23 @@ def _environment() -> dict:
 
 
 def write(rows, archs) -> None:
+    """Write the rows per arch. Rows of configurations not compiled in this run (``--only``) are
+    kept while the launchers can still pick them, and so are the file's other sections
+    (``bench/static_model.py``'s)."""
     env = _environment()
+    current = {cfg.key() for cfg in _configs()}
     for arch in archs:
-        mine = [{k: v for k, v in r.items() if k != "arch"} for r in rows
-                if r["arch"] == f"sm_{arch}"]
-        data = {"arch": f"sm_{arch}", "spill_budget_bytes": SPILL_BUDGET_BYTES,
-                "environment": env, "configs": mine}
+        fresh = {r["config"]: {k: v for k, v in r.items() if k != "arch"} for r in rows
+                 if r["arch"] == f"sm_{arch}"}
         path = RESULTS / f"static_sm{arch}.json"
+        old = json.loads(path.read_text()) if path.exists() else {}
+        merged = [fresh.pop(r["config"], r) for r in old.get("configs", [])
+                  if r["config"] in current]
+        merged += list(fresh.values())
+        data = {**old, "arch": f"sm_{arch}", "spill_budget_bytes": SPILL_BUDGET_BYTES,
+                "environment": env, "configs": merged}
         path.write_text(json.dumps(data, indent=1) + "\n")
-        print(f"wrote {path.relative_to(ROOT)} ({len(mine)} configurations)")
+        print(f"wrote {path.relative_to(ROOT)} ({len(merged)} configurations)")
 
 
 def main(argv=None) -> int:

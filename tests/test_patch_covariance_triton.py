@@ -246,6 +246,59 @@ def test_empty_batch_gives_decayed_factor():
     assert torch.allclose(got, 0.95 * args[11])
 
 
+@pytest.fixture
+def tf32_switch():
+    """Sets ``torch.backends.cuda.matmul.allow_tf32`` (it is a process-wide switch), restored."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_tf32
+
+    def set_to(value: bool):
+        matmul.allow_tf32 = value
+    yield set_to
+    matmul.allow_tf32 = before
+
+
+def test_float32_products_follow_torch_matmul_tf32_switch(tf32_switch):
+    from kfac_kernels._triton import patch_covariance as pc
+
+    assert pc._dot_mode(torch.float32, False, tf32=False) == (True, False)   # ieee
+    assert pc._dot_mode(torch.float32, False, tf32=True) == (False, False)   # tf32
+    for dtype in (torch.float16, torch.bfloat16):  # tensor cores whatever the switch
+        assert pc._dot_mode(dtype, False, tf32=False) == pc._dot_mode(dtype, False, True)
+    tf32_switch(True)
+    assert pc.tf32_allowed()
+    tf32_switch(False)
+    assert not pc.tf32_allowed()
+    fp32 = [c.constexprs for c in pc.launch_configs()
+            if "_pc_expand_kernel" in c.key() and "x_ptr=fp32" in c.key()]
+    assert {c["IEEE_DOT"] for c in fp32} == {True, False}  # both compiled ahead of time
+
+
+@interpreter_only
+def test_cpu_tensors_keep_full_precision_products_when_tf32_is_allowed(tf32_switch,
+                                                                       monkeypatch):
+    """TF32 is CUDA's: on CPU tensors (the interpreter) the products stay "ieee" even with the
+    switch on, as for torch.matmul."""
+    from kfac_kernels._triton import patch_covariance as pc
+
+    seen = []
+    kernel = pc._pc_expand_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append(kwargs["IEEE_DOT"])
+                return kernel[grid](*args, **kwargs)
+            return launch
+    monkeypatch.setattr(pc, "_pc_expand_kernel", Recorder())
+    tf32_switch(True)
+    x, args = make_case(3, n=1, factor="symmetric")
+    want = patch_covariance_triton(x, *args)
+    assert seen == [True]
+    tf32_switch(False)
+    assert torch.equal(patch_covariance_triton(x, *args), want) and seen == [True, True]
+
+
 @interpreter_only
 def test_argument_errors():
     x, args = make_case(0)

@@ -188,13 +188,59 @@ def plan_splits(name: str, device: torch.device, programs: int, m: int, step: in
     return s, triton.cdiv(max(m, 1), s * step) * step
 
 
-def scalar_args(decay: float, alpha: float, device: torch.device, placeholder: torch.Tensor):
+def scalar_args(*values: float, device: torch.device, placeholder: torch.Tensor):
     """``(scal, in_memory)``: under the interpreter (which narrows float arguments to fp32 whatever
-    their annotation) the two scalars travel in a host fp64 tensor; on a GPU they are kernel
-    arguments and ``placeholder`` (never read) stands in for the tensor."""
+    their annotation) the scalars travel in a host fp64 tensor; on a GPU they are fp64 kernel
+    arguments and ``placeholder`` (never read) stands in for the tensor: no tensor is made."""
     if interpreted():
-        return torch.tensor([decay, alpha], dtype=torch.float64, device=device), True
+        return torch.tensor([float(v) for v in values], dtype=torch.float64, device=device), True
     return placeholder, False
+
+
+@triton.jit
+def three_scalars(s_ptr, a, b, c, dtype: tl.constexpr, IN_MEMORY: tl.constexpr):
+    """The fp64 scalar arguments ``a, b, c`` (under the interpreter ``s_ptr[0:3]``, see
+    :func:`scalar_args`), each rounded once to ``dtype``."""
+    if IN_MEMORY:
+        a = tl.load(s_ptr)
+        b = tl.load(s_ptr + 1)
+        c = tl.load(s_ptr + 2)
+    return a.to(dtype), b.to(dtype), c.to(dtype)
+
+
+# Per-call metadata (block sizes, offsets, the layer of every slot) kept on the device by value:
+# a layer set's layout is the same at every step, so only its first call copies it to the
+# device. Bounded: beyond _CACHE_LIMIT distinct layouts a call makes its own tensor.
+_CACHE_LIMIT = 4096
+_int64_cache: dict = {}
+_workspace_cache: dict = {}
+
+
+def cached_int64(values, device: torch.device, kind: str = "values", build=None) -> torch.Tensor:
+    """The int64 tensor of ``build(values)`` (default: ``values`` itself) on ``device``, made once
+    per (device, kind, values); ``values`` is a sequence of ints."""
+    key = (torch.device(device), kind, tuple(int(v) for v in values))
+    out = _int64_cache.get(key)
+    if out is None:
+        data = list(build(key[2]) if build is not None else key[2])
+        out = torch.tensor(data, dtype=torch.int64, device=device)
+        if len(_int64_cache) < _CACHE_LIMIT:
+            _int64_cache[key] = out
+    return out
+
+
+def cached_workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A scratch tensor of ``numel`` elements, one per (device, stream, dtype, size): the kernels
+    on one stream run in order, so consecutive calls can share it (its contents are undefined)."""
+    device = torch.device(device)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+    key = (device, stream, dtype, int(numel))
+    out = _workspace_cache.get(key)
+    if out is None:
+        out = torch.empty(int(numel), dtype=dtype, device=device)
+        if len(_workspace_cache) < _CACHE_LIMIT:
+            _workspace_cache[key] = out
+    return out
 
 
 def split_reduce_configs():

@@ -21,7 +21,10 @@ offset and the top-left input position) and, once per program, the column coordi
 is one masked gather from ``x`` (any strides; masked elements, the padding, read as 0). The two
 tiles' product is accumulated:
 
-* float32: ``tl.dot(tl.trans(a), b, input_precision="ieee")`` (never TF32), fp32 accumulation;
+* float32: ``tl.dot(tl.trans(a), b, input_precision="ieee")``, fp32 accumulation; on CUDA
+  tensors with TF32 allowed for ``torch.matmul`` (``torch.backends.cuda.matmul.allow_tf32``,
+  or ``fp32_precision = "tf32"``), the same rule as ``torch.matmul``, ``input_precision="tf32"``
+  (tensor cores);
 * float16 / bfloat16: the 16-bit tiles go to ``tl.dot`` directly (tensor cores), fp32 accumulation
   (under the interpreter, whose ``tl.dot`` mishandles bfloat16, bfloat16 tiles are widened to fp32
   first: the same exact products);
@@ -49,6 +52,7 @@ arguments to fp32, so there they are read from a small fp64 tensor instead. Unde
 from __future__ import annotations
 
 import contextlib
+import itertools
 
 import torch
 import triton
@@ -209,11 +213,21 @@ _TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16",
           torch.bfloat16: "bf16"}
 
 
-def _dot_mode(dtype: torch.dtype, interpreted: bool) -> tuple[bool, bool]:
-    """``(IEEE_DOT, WIDEN)``: full-fp32 products for fp32 (no TF32); 16-bit tiles straight to
-    the tensor cores, except bfloat16 under the interpreter, whose ``tl.dot`` mishandles it."""
+def tf32_allowed() -> bool:
+    """Whether ``torch.matmul`` may use TF32 for fp32 CUDA tensors."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:  # the legacy and the new switch were both set: the new one decides
+        return getattr(matmul, "fp32_precision", "ieee") == "tf32"
+
+
+def _dot_mode(dtype: torch.dtype, interpreted: bool, tf32: bool = False) -> tuple[bool, bool]:
+    """``(IEEE_DOT, WIDEN)``: full-fp32 products for fp32 unless ``tf32`` (then the tensor
+    cores' TF32, ``tl.dot``'s default); 16-bit tiles straight to the tensor cores, except
+    bfloat16 under the interpreter, whose ``tl.dot`` mishandles it."""
     widen = interpreted and dtype == torch.bfloat16
-    return dtype == torch.float32 or widen, widen
+    return (dtype == torch.float32 and not tf32) or widen, widen
 
 
 def tile_steps(dtype: torch.dtype, block: int, on_gpu: bool) -> tuple[int, ...]:
@@ -237,12 +251,14 @@ def launch_configs():
     out = []
     for dtype, t in _TYPES.items():
         acc = _tiles.accumulation(dtype)
-        ieee, widen = _dot_mode(dtype, False)
         ptrs = {"x_ptr": t}
         ptrs.update({n: _TYPES[acc] for n in ("f_ptr", "out_ptr", "ws_ptr", "scal_ptr")})
+        modes = {_dot_mode(dtype, False, tf32) for tf32 in (False, True)}
         for block in _tiles.GRAM_BLOCKS[acc]:
             for step in tile_steps(dtype, block, on_gpu=True):
-                for has_factor, split in ((False, False), (True, False), (False, True)):
+                for (ieee, widen), (has_factor, split) in itertools.product(
+                        sorted(modes, reverse=True),
+                        ((False, False), (True, False), (False, True))):
                     out.append(KernelConfig(_pc_expand_kernel, dict(
                         HAS_FACTOR=has_factor, SPLIT=split, ACC_FP64=acc == torch.float64,
                         IEEE_DOT=ieee, WIDEN=widen, BLOCK=block, BLOCK_K=step, CHUNK=_CHUNK,
@@ -354,8 +370,8 @@ def _expand(x, geometry, oh, ow, num_segments, segment_start, segment_step, dn, 
     n_tiles = n_t * (n_t + 1) // 2
     programs = num_segments * n_tiles
     n_split, rows_per_split = _tiles.plan_splits(_NAME, x.device, programs, m, block_k, splits)
-    ieee, widen = _dot_mode(x.dtype, interpreted)
-    scal, in_memory = _tiles.scalar_args(decay, alpha, x.device, out)
+    ieee, widen = _dot_mode(x.dtype, interpreted, x.is_cuda and tf32_allowed())
+    scal, in_memory = _tiles.scalar_args(decay, alpha, device=x.device, placeholder=out)
     f_arg = factor if factor is not None else out  # never read without HAS_FACTOR
     f_strides = factor.stride() if factor is not None else (0, 0, 0)
     ws = None

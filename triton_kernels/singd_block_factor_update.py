@@ -7,15 +7,18 @@ Two kernels: ``_coefficients`` runs one program per layer and walks its blocks i
 once for the ``C`` blocks) and applies ``S = (a H + b B^T B - I)/2``, the momentum and
 ``B (I - lr_cov S)``. Every block is a ``BLOCK x BLOCK`` tile (``BLOCK`` a power of two >= 16,
 the smallest ``tl.dot`` tile) masked to its used size; products use ``tl.dot`` in full fp32
-("ieee", no TF32) or fp64.
+("ieee", no TF32) or fp64. Sizes, layer offsets and the layer of every block are device tensors
+made once per layout and the coefficients' scratch is kept per device, stream and size
+(``_tiles.cached_int64``, ``_tiles.cached_workspace``); ``damping``, ``alpha1``, ``lr_cov`` are
+fp64 kernel arguments rounded once to the factors' dtype in the kernel (a host fp64 tensor under
+the interpreter: ``SCALARS_IN_MEMORY``).
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from ._tiles import load_slot, slot_tile
+from ._tiles import cached_int64, cached_workspace, load_slot, scalar_args, slot_tile
 
 __all__ = ["singd_block_factor_update_triton", "launch_configs", "MAX_BLOCK"]
 
@@ -33,10 +36,13 @@ def _traces(x_ptr, s_ptr, j, n, B, BLOCK: tl.constexpr):
 
 @triton.jit
 def _coefficients(k_ptr, u_ptr, c_ptr, g_ptr, kd_ptr, cd_ptr, kl_ptr, cl_ptr, s_ptr, coef_ptr,
-                  BK, BC, BLOCK_K: tl.constexpr,
-                  BLOCK_C: tl.constexpr, KFAC_LIKE: tl.constexpr):
+                  damping: tl.float64, BK, BC, BLOCK_K: tl.constexpr,
+                  BLOCK_C: tl.constexpr, KFAC_LIKE: tl.constexpr,
+                  SCALARS_IN_MEMORY: tl.constexpr):
     l = tl.program_id(0)
-    damping = tl.load(s_ptr)
+    if SCALARS_IN_MEMORY:
+        damping = tl.load(s_ptr)
+    damping = damping.to(k_ptr.dtype.element_ty)
     zero = damping * 0.0
     thk, tqk, d_i = zero, zero, zero
     for j in range(tl.load(kl_ptr + l), tl.load(kl_ptr + l + 1)):
@@ -65,15 +71,19 @@ def _coefficients(k_ptr, u_ptr, c_ptr, g_ptr, kd_ptr, cd_ptr, kl_ptr, cl_ptr, s_
 
 
 @triton.jit
-def _update(x_ptr, m_ptr, s_ptr, dims_ptr, layer_ptr, coef_ptr, scal_ptr, side, B,
-            BLOCK: tl.constexpr, HAS_M: tl.constexpr):
+def _update(x_ptr, m_ptr, s_ptr, dims_ptr, layer_ptr, coef_ptr, scal_ptr, alpha1: tl.float64,
+            lr_cov: tl.float64, side, B, BLOCK: tl.constexpr, HAS_M: tl.constexpr,
+            SCALARS_IN_MEMORY: tl.constexpr):
     j = tl.program_id(0)
     n = tl.load(dims_ptr + j)
     l = tl.load(layer_ptr + j)
     a = tl.load(coef_ptr + 4 * l + 2 * side)
     b = tl.load(coef_ptr + 4 * l + 2 * side + 1)
-    alpha1 = tl.load(scal_ptr + 1)
-    lr_cov = tl.load(scal_ptr + 2)
+    if SCALARS_IN_MEMORY:
+        alpha1 = tl.load(scal_ptr + 1)
+        lr_cov = tl.load(scal_ptr + 2)
+    alpha1 = alpha1.to(x_ptr.dtype.element_ty)
+    lr_cov = lr_cov.to(x_ptr.dtype.element_ty)
     x, mask = load_slot(x_ptr, j, n, B, BLOCK)
     s, _ = load_slot(s_ptr, j, n, B, BLOCK)
     xt = tl.trans(x)
@@ -104,14 +114,15 @@ def launch_configs():
             for bc in tiles:
                 for kfac_like in (False, True):
                     out.append(KernelConfig(_coefficients, dict(
-                        BLOCK_K=bk, BLOCK_C=bc, KFAC_LIKE=kfac_like), pointers={
-                            **{n: t for n in ("k_ptr", "u_ptr", "c_ptr", "g_ptr", "s_ptr",
-                                              "coef_ptr")}, **ints}))
+                        BLOCK_K=bk, BLOCK_C=bc, KFAC_LIKE=kfac_like, SCALARS_IN_MEMORY=False),
+                        pointers={**{n: t for n in ("k_ptr", "u_ptr", "c_ptr", "g_ptr",
+                                                    "coef_ptr")}, "s_ptr": "fp64", **ints}))
         for block in tiles:
             for has_m in (False, True):
-                out.append(KernelConfig(_update, dict(BLOCK=block, HAS_M=has_m), pointers={
-                    **{n: t for n in ("x_ptr", "m_ptr", "s_ptr", "coef_ptr", "scal_ptr")},
-                    "dims_ptr": "i64", "layer_ptr": "i64"}))
+                out.append(KernelConfig(_update, dict(BLOCK=block, HAS_M=has_m,
+                                                      SCALARS_IN_MEMORY=False), pointers={
+                    **{n: t for n in ("x_ptr", "m_ptr", "s_ptr", "coef_ptr")},
+                    "scal_ptr": "fp64", "dims_ptr": "i64", "layer_ptr": "i64"}))
     return out
 
 
@@ -127,22 +138,21 @@ def singd_block_factor_update_triton(k, c, m_k, m_c, u, g, k_dims, c_dims, k_lay
         return
     dev = k.device
 
-    def ints(values):
-        return torch.tensor(list(values), dtype=torch.int64, device=dev)
-
     def layer_of(offsets):
-        return ints(l for l in range(layers) for _ in range(offsets[l], offsets[l + 1]))
+        return [l for l in range(layers) for _ in range(offsets[l], offsets[l + 1])]
 
-    kd, cd = ints(k_dims), ints(c_dims)
-    kl, cl = ints(k_layer_offsets), ints(c_layer_offsets)
-    scalars = torch.tensor([damping, alpha1, lr_cov], dtype=k.dtype, device=dev)
-    coef = torch.empty(4 * layers, dtype=k.dtype, device=dev)
+    kd, cd = cached_int64(k_dims, dev), cached_int64(c_dims, dev)
+    kl, cl = cached_int64(k_layer_offsets, dev), cached_int64(c_layer_offsets, dev)
+    scal, in_memory = scalar_args(damping, alpha1, lr_cov, device=dev, placeholder=k)
+    coef = cached_workspace(4 * layers, k.dtype, dev)  # written before it is read
     bk, bc = k.shape[1], c.shape[1]
-    _coefficients[(layers,)](k, u, c, g, kd, cd, kl, cl, scalars, coef, bk, bc,
+    _coefficients[(layers,)](k, u, c, g, kd, cd, kl, cl, scal, coef, float(damping), bk, bc,
                              BLOCK_K=slot_tile(bk), BLOCK_C=slot_tile(bc),
-                             KFAC_LIKE=bool(kfac_like))
+                             KFAC_LIKE=bool(kfac_like), SCALARS_IN_MEMORY=in_memory)
     has_m = m_k is not None
-    _update[(k.shape[0],)](k, m_k if has_m else k, u, kd, layer_of(k_layer_offsets), coef,
-                           scalars, 0, bk, BLOCK=slot_tile(bk), HAS_M=has_m)
-    _update[(c.shape[0],)](c, m_c if has_m else c, g, cd, layer_of(c_layer_offsets), coef,
-                           scalars, 1, bc, BLOCK=slot_tile(bc), HAS_M=has_m)
+    for x, m, h, dims, offsets, side, b in ((k, m_k, u, kd, k_layer_offsets, 0, bk),
+                                            (c, m_c, g, cd, c_layer_offsets, 1, bc)):
+        _update[(x.shape[0],)](x, m if has_m else x, h, dims,
+                               cached_int64(offsets, dev, "layer of slot", layer_of), coef, scal,
+                               float(alpha1), float(lr_cov), side, b, BLOCK=slot_tile(b),
+                               HAS_M=has_m, SCALARS_IN_MEMORY=in_memory)

@@ -10,6 +10,9 @@ decay, updates the momentum buffer and writes the parameters, each rounded once 
 compiled variants are the parameter dtype and the two tile sizes (``bench/triton_static.py``);
 blocks larger than ``MAX_BLOCK`` are refused: at 64 x 64 the tiles no longer fit in registers
 (fp32 on sm_80 with four warps: an 8.7 KB stack frame, 23 KB of spill stores, 89 s of ptxas).
+The slot sizes and offsets are device tensors made once per layout (``_tiles.cached_int64``);
+``lr``, ``momentum``, ``weight_decay`` are fp64 kernel arguments rounded once to the accumulation
+dtype in the kernel (a host fp64 tensor under the interpreter: ``SCALARS_IN_MEMORY``).
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ import triton
 import triton.language as tl
 
 from ._rounding import round_to_bfloat16
-from ._tiles import MAX_GRID_X, load_slot, slot_tile
+from ._tiles import (MAX_GRID_X, cached_int64, load_slot, scalar_args, slot_tile,
+                     three_scalars)
 
 __all__ = ["singd_block_step_triton", "launch_configs", "MAX_BLOCK"]
 
@@ -33,8 +37,10 @@ def _outer(ptr, j, n, B, BLOCK: tl.constexpr):
 
 @triton.jit
 def _step_kernel(w_ptr, wg_ptr, b_ptr, bg_ptr, c_ptr, cd_ptr, ro_ptr, k_ptr, kd_ptr, co_ptr,
-                 wb_ptr, bb_ptr, s_ptr, cols, k_blocks, BC, BK, has_bias, first,
-                 BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, PARAM_BF16: tl.constexpr):
+                 wb_ptr, bb_ptr, s_ptr, lr: tl.float64, mom: tl.float64, wd: tl.float64, cols,
+                 k_blocks, BC, BK, has_bias, first, BLOCK_C: tl.constexpr,
+                 BLOCK_K: tl.constexpr, PARAM_BF16: tl.constexpr,
+                 SCALARS_IN_MEMORY: tl.constexpr):
     pid = tl.program_id(0)
     i = pid // k_blocks
     j = pid % k_blocks
@@ -42,9 +48,7 @@ def _step_kernel(w_ptr, wg_ptr, b_ptr, bg_ptr, c_ptr, cd_ptr, ro_ptr, k_ptr, kd_
     nj = tl.load(kd_ptr + j)
     r0 = tl.load(ro_ptr + i)
     c0 = tl.load(co_ptr + j)
-    lr = tl.load(s_ptr)
-    mom = tl.load(s_ptr + 1)
-    wd = tl.load(s_ptr + 2)
+    lr, mom, wd = three_scalars(s_ptr, lr, mom, wd, c_ptr.dtype.element_ty, SCALARS_IN_MEMORY)
     cc = _outer(c_ptr, i, ni, BC, BLOCK_C)
     kk = _outer(k_ptr, j, nj, BK, BLOCK_K)
     r = tl.arange(0, BLOCK_C)[:, None]
@@ -95,10 +99,11 @@ def launch_configs():
 
     tiles = sorted({slot_tile(b) for b in range(1, MAX_BLOCK + 1)})
     return [KernelConfig(_step_kernel, dict(BLOCK_C=bc, BLOCK_K=bk,
-                                            PARAM_BF16=dtype == torch.bfloat16),
+                                            PARAM_BF16=dtype == torch.bfloat16,
+                                            SCALARS_IN_MEMORY=False),
                          pointers={**{n: t for n in ("w_ptr", "wg_ptr", "b_ptr", "bg_ptr")},
-                                   **{n: acc for n in ("c_ptr", "k_ptr", "wb_ptr", "bb_ptr",
-                                                       "s_ptr")},
+                                   **{n: acc for n in ("c_ptr", "k_ptr", "wb_ptr", "bb_ptr")},
+                                   "s_ptr": "fp64",
                                    **{n: "i64" for n in ("cd_ptr", "ro_ptr", "kd_ptr",
                                                          "co_ptr")}},
                          num_warps=_num_warps(bc, bk))
@@ -118,11 +123,12 @@ def singd_block_step_triton(weight, weight_grad, bias, bias_grad, c, c_dims, k, 
         out = [0]
         for n in dims:
             out.append(out[-1] + n)
-        return torch.tensor(out, dtype=torch.int64, device=dev)
+        return out
 
-    cd = torch.tensor(list(c_dims), dtype=torch.int64, device=dev)
-    kd = torch.tensor(list(k_dims), dtype=torch.int64, device=dev)
-    scalars = torch.tensor([lr, momentum, weight_decay], dtype=weight_buf.dtype, device=dev)
+    cd, kd = cached_int64(c_dims, dev), cached_int64(k_dims, dev)
+    ro = cached_int64(c_dims, dev, "prefix", prefix)
+    co = cached_int64(k_dims, dev, "prefix", prefix)
+    scal, in_memory = scalar_args(lr, momentum, weight_decay, device=dev, placeholder=weight_buf)
     has_bias = bias is not None
     programs = c.shape[0] * k.shape[0]
     block_c, block_k = slot_tile(c.shape[1]), slot_tile(k.shape[1])
@@ -130,10 +136,11 @@ def singd_block_step_triton(weight, weight_grad, bias, bias_grad, c, c_dims, k, 
         raise ValueError(f"singd_block_step_triton: {programs} tiles, more than one launch "
                          f"holds ({MAX_GRID_X})")
     _step_kernel[(programs,)](weight, weight_grad, bias if has_bias else weight,
-                              bias_grad if has_bias else weight_grad, c, cd, prefix(c_dims), k,
-                              kd, prefix(k_dims), weight_buf,
-                              bias_buf if has_bias else weight_buf, scalars, weight.shape[1],
-                              k.shape[0], c.shape[1], k.shape[1], int(has_bias), int(bool(first)),
+                              bias_grad if has_bias else weight_grad, c, cd, ro, k, kd, co,
+                              weight_buf, bias_buf if has_bias else weight_buf, scal, float(lr),
+                              float(momentum), float(weight_decay), weight.shape[1], k.shape[0],
+                              c.shape[1], k.shape[1], int(has_bias), int(bool(first)),
                               BLOCK_C=block_c, BLOCK_K=block_k,
                               PARAM_BF16=weight.dtype == torch.bfloat16,
+                              SCALARS_IN_MEMORY=in_memory,
                               num_warps=_num_warps(block_c, block_k))

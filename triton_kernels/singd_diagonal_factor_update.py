@@ -3,14 +3,17 @@ r"""Triton kernel of the many-layer diagonal SINGD factor update (see
 
 One program per layer: a first sweep over the layer's ``k`` and ``c`` in ``BLOCK`` chunks sums
 ``k^2 u``, ``k^2``, ``c^2 g``, ``c^2`` (fixed order, so the result is deterministic); a second sweep
-applies the update. Offsets and the scalars (``damping``, ``alpha1``, ``lr_cov`` in the vectors'
-dtype, so fp64 keeps its accuracy) are read from small device tensors.
+applies the update. The offsets are read from a device tensor made once per layout
+(``_tiles.cached_int64``); ``damping``, ``alpha1``, ``lr_cov`` are fp64 kernel arguments rounded
+once to the vectors' dtype in the kernel (a host fp64 tensor under the interpreter, which narrows
+float arguments to fp32: ``SCALARS_IN_MEMORY``).
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
+
+from ._tiles import cached_int64, scalar_args, three_scalars
 
 __all__ = ["singd_diagonal_factor_update_triton", "launch_configs"]
 
@@ -34,16 +37,17 @@ def _update_side(x_ptr, m_ptr, h_ptr, start, end, a, b, alpha1, lr_cov,
 
 
 @triton.jit
-def _factor_kernel(k_ptr, c_ptr, mk_ptr, mc_ptr, u_ptr, g_ptr, off_ptr, s_ptr, layers,
-                   HAS_M: tl.constexpr, KFAC_LIKE: tl.constexpr, BLOCK: tl.constexpr):
+def _factor_kernel(k_ptr, c_ptr, mk_ptr, mc_ptr, u_ptr, g_ptr, off_ptr, s_ptr,
+                   damping: tl.float64, alpha1: tl.float64, lr_cov: tl.float64, layers,
+                   HAS_M: tl.constexpr, KFAC_LIKE: tl.constexpr, BLOCK: tl.constexpr,
+                   SCALARS_IN_MEMORY: tl.constexpr):
     l = tl.program_id(0)
     k0 = tl.load(off_ptr + l)
     k1 = tl.load(off_ptr + l + 1)
     c0 = tl.load(off_ptr + layers + 1 + l)
     c1 = tl.load(off_ptr + layers + 2 + l)
-    damping = tl.load(s_ptr)
-    alpha1 = tl.load(s_ptr + 1)
-    lr_cov = tl.load(s_ptr + 2)
+    damping, alpha1, lr_cov = three_scalars(s_ptr, damping, alpha1, lr_cov,
+                                            k_ptr.dtype.element_ty, SCALARS_IN_MEMORY)
     hk = tl.zeros([BLOCK], dtype=damping.dtype)
     kk = tl.zeros([BLOCK], dtype=damping.dtype)
     for s in range(k0, k1, BLOCK):
@@ -80,10 +84,11 @@ def launch_configs():
     """Every configuration the launcher picks: per dtype, with momenta or not, IKFAC or not."""
     from ._aot import KernelConfig
 
-    return [KernelConfig(_factor_kernel, dict(HAS_M=has_m, KFAC_LIKE=kfac_like, BLOCK=BLOCK),
+    return [KernelConfig(_factor_kernel, dict(HAS_M=has_m, KFAC_LIKE=kfac_like, BLOCK=BLOCK,
+                                              SCALARS_IN_MEMORY=False),
                          pointers={**{n: t for n in ("k_ptr", "c_ptr", "mk_ptr", "mc_ptr",
-                                                     "u_ptr", "g_ptr", "s_ptr")},
-                                   "off_ptr": "i64"})
+                                                     "u_ptr", "g_ptr")},
+                                   "s_ptr": "fp64", "off_ptr": "i64"})
             for t in ("fp32", "fp64") for has_m in (False, True) for kfac_like in (False, True)]
 
 
@@ -93,8 +98,10 @@ def singd_diagonal_factor_update_triton(k, c, m_k, m_c, u, g, k_offsets, c_offse
     layers = len(k_offsets) - 1
     if layers == 0:
         return
-    off = torch.tensor(list(k_offsets) + list(c_offsets), dtype=torch.int64, device=k.device)
-    scalars = torch.tensor([damping, alpha1, lr_cov], dtype=k.dtype, device=k.device)
+    off = cached_int64(list(k_offsets) + list(c_offsets), k.device)
+    scal, in_memory = scalar_args(damping, alpha1, lr_cov, device=k.device, placeholder=k)
     has_m = m_k is not None
-    _factor_kernel[(layers,)](k, c, m_k if has_m else k, m_c if has_m else c, u, g, off, scalars,
-                              layers, HAS_M=has_m, KFAC_LIKE=bool(kfac_like), BLOCK=BLOCK)
+    _factor_kernel[(layers,)](k, c, m_k if has_m else k, m_c if has_m else c, u, g, off, scal,
+                              float(damping), float(alpha1), float(lr_cov), layers, HAS_M=has_m,
+                              KFAC_LIKE=bool(kfac_like), BLOCK=BLOCK,
+                              SCALARS_IN_MEMORY=in_memory)

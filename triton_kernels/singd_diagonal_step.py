@@ -8,8 +8,10 @@ One program per ``BLOCK_R x BLOCK_C`` tile, the tiles numbered along one grid ax
 stop at 65535 column blocks); offsets are int64 (``row * row_stride`` passes 2^31 on large
 parameters). ``p`` and ``g`` are loaded in their dtype (fp32, fp64 or bf16) and converted to the
 accumulation type of ``b``; ``p`` is stored back rounded once (bf16: :mod:`._rounding`).
-``lr``, ``momentum`` and ``weight_decay`` are read from a small tensor in the accumulation dtype
-(a Python float argument would be narrowed to fp32, losing the fp64 path's accuracy).
+``lr``, ``momentum`` and ``weight_decay`` are fp64 kernel arguments, rounded once to the
+accumulation dtype in the kernel; under the interpreter (which narrows float arguments to fp32)
+they travel in a small host fp64 tensor instead (``SCALARS_IN_MEMORY``). No device tensor is made
+per call.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ._rounding import round_to_bfloat16
-from ._tiles import MAX_GRID_X
+from ._tiles import MAX_GRID_X, scalar_args, three_scalars
 
 __all__ = ["singd_diagonal_step_triton", "launch_configs"]
 
@@ -26,18 +28,17 @@ BLOCK_R, BLOCK_C = 16, 64
 
 
 @triton.jit
-def _step_kernel(p_ptr, g_ptr, c_ptr, k_ptr, b_ptr, s_ptr, rows, cols, col_blocks,
-                 p_sr, g_sr, b_sr, FIRST: tl.constexpr, DECAY: tl.constexpr,
-                 BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _step_kernel(p_ptr, g_ptr, c_ptr, k_ptr, b_ptr, s_ptr, lr: tl.float64, mom: tl.float64,
+                 wd: tl.float64, rows, cols, col_blocks, p_sr, g_sr, b_sr, FIRST: tl.constexpr,
+                 DECAY: tl.constexpr, BF16: tl.constexpr, BLOCK_R: tl.constexpr,
+                 BLOCK_C: tl.constexpr, SCALARS_IN_MEMORY: tl.constexpr):
     pid = tl.program_id(0)
     pid_r = pid // col_blocks
     pid_c = pid - pid_r * col_blocks
     r = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cc = pid_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (r[:, None] < rows) & (cc[None, :] < cols)
-    lr = tl.load(s_ptr)
-    mom = tl.load(s_ptr + 1)
-    wd = tl.load(s_ptr + 2)
+    lr, mom, wd = three_scalars(s_ptr, lr, mom, wd, c_ptr.dtype.element_ty, SCALARS_IN_MEMORY)
     ci = tl.load(c_ptr + r, mask=r < rows, other=0.0)
     kj = tl.load(k_ptr + cc, mask=cc < cols, other=0.0)
     p_off = r[:, None] * p_sr + cc[None, :]
@@ -66,9 +67,10 @@ def launch_configs():
     from ._aot import KernelConfig
 
     return [KernelConfig(_step_kernel, dict(FIRST=first, DECAY=decay, BF16=t == "bf16",
-                                            BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C),
+                                            BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
+                                            SCALARS_IN_MEMORY=False),
                          pointers={"p_ptr": t, "g_ptr": t, "c_ptr": acc, "k_ptr": acc,
-                                   "b_ptr": acc, "s_ptr": acc})
+                                   "b_ptr": acc, "s_ptr": "fp64"})
             for t, acc in (("fp32", "fp32"), ("fp64", "fp64"), ("bf16", "fp32"))
             for first in (False, True) for decay in (False, True)]
 
@@ -78,13 +80,14 @@ def singd_diagonal_step_triton(param, grad, c, k, buf, lr, momentum, weight_deca
     rows, cols = param.shape
     if rows == 0 or cols == 0:
         return
-    scalars = torch.tensor([lr, momentum, weight_decay], dtype=buf.dtype, device=buf.device)
+    scal, in_memory = scalar_args(lr, momentum, weight_decay, device=buf.device, placeholder=buf)
     col_blocks = triton.cdiv(cols, BLOCK_C)
     programs = triton.cdiv(rows, BLOCK_R) * col_blocks
     if programs > MAX_GRID_X:
         raise ValueError(f"singd_diagonal_step_triton: param of shape {tuple(param.shape)} needs "
                          f"{programs} tiles, more than one launch holds ({MAX_GRID_X})")
-    _step_kernel[(programs,)](param, grad, c, k, buf, scalars, rows, cols, col_blocks,
-                              param.stride(0), grad.stride(0), buf.stride(0), FIRST=bool(first),
+    _step_kernel[(programs,)](param, grad, c, k, buf, scal, float(lr), float(momentum),
+                              float(weight_decay), rows, cols, col_blocks, param.stride(0),
+                              grad.stride(0), buf.stride(0), FIRST=bool(first),
                               DECAY=weight_decay != 0.0, BF16=param.dtype == torch.bfloat16,
-                              BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
+                              BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, SCALARS_IN_MEMORY=in_memory)

@@ -190,7 +190,7 @@ def symmetric_factor_update_triton(factor: torch.Tensor | None, x: torch.Tensor,
     splits, rows_per_split = _tiles.plan_splits(_NAME, x.device, programs, m, block_m, split_m)
 
     decay, alpha = float(decay), float(alpha)
-    scal, in_memory = _tiles.scalar_args(decay, alpha, x.device, out)
+    scal, in_memory = _tiles.scalar_args(decay, alpha, device=x.device, placeholder=out)
     f_arg = fb if fb is not None else xb  # never read when HAS_FACTOR is False
     f_strides = fb.stride() if fb is not None else (0, 0, 0)
     sxb, sxm, sxd = xb.stride()

@@ -1,9 +1,30 @@
 // CUDA kernel of block_eigh: batched parallel-order Jacobi, one thread block per matrix.
 //
 // The matrix (padded to an even order np; the padding row and column are zero and never mix)
-// lives in shared memory; the eigenvectors are accumulated in double in a global workspace
-// (np x np per block; L2-resident for the sizes served), for the same reason as on the CPU: in
-// fp32 every rotation would cost Q about one unit round-off of orthogonality.
+// lives in shared memory. The eigenvectors are accumulated in double, for the same reason as on
+// the CPU (in fp32 every rotation would cost Q about one unit round-off of orthogonality), as
+// V^T (row k is eigenvector k): in shared memory too where A and V^T fit in the device's opt-in
+// shared memory per block (fp32 up to n = 128 on sm_90 and 116 on sm_80, fp64 up to n = 118 on
+// sm_90 and 100 on sm_80), written to global memory once at the end; otherwise in a global
+// workspace (np x (np + 1) doubles per block, L2-resident for the sizes served).
+//
+// Shared memory without bank conflicts. Both A and V^T are stored with the row stride
+// ld = np + 1, which is odd because np is even. Every loop maps consecutive threads (the lanes
+// of a warp) to consecutive values of the index that is not a pair member:
+//   column rotations  A[i][p], A[i][q]:       lanes run over i, word address i * ld + p;
+//   row rotations     A[p][j], A[q][j] and V^T[p][j], V^T[q][j]: lanes run over j, p * ld + j;
+//   symmetry          A[i][j] and A[j][i]:    lanes run over j, j * ld + i (the transposed read);
+//   outputs           V^T[k][i], V^T[k][j]:   lanes run over k or j.
+// For a stride s and 32 lanes at s * l + c, the 4-byte banks (s * l + c) mod 32 are distinct for
+// odd s (s is a unit mod 32), so fp32 accesses are 1-way; 8-byte elements are served per
+// half-warp, whose 16 lanes touch the words 2 (s l + c) and 2 (s l + c) + 1 of 16 distinct bank
+// pairs: 1-way as well. (With the unpadded stride np, a multiple of 32 for n = 64, 96, 128, the
+// transposed accesses put all lanes in one bank: 32-way, 16-way in fp64.) The only
+// accesses with lanes over the pair index k read and write per-pair arrays indexed by k
+// (contiguous): step 4 gathers the next round's a_pp, a_qq, a_pq there, so that no access follows
+// the tournament's scattered order (only the one gather before the first round does).
+// bench/block_eigh_banks.py counts every pattern for n = 64, 96, 128: 1-way (was 32-way in fp32,
+// 16-way in fp64 with the stride np and lanes over the pair index).
 //
 // A sweep is np - 1 rounds of the round-robin (circle) tournament: in round r pair 0 is
 // (r, np - 1) and pair k > 0 is ((r + k) mod (np - 1), (r - k) mod (np - 1)), so the np / 2 pairs
@@ -11,12 +32,17 @@
 //   1. one thread per pair computes c, s, t from a_pp, a_qq, a_pq (the stable formulas of
 //      csrc/include/block_eigh.h, in double) and the new diagonal a_pp - t a_pq, a_qq + t a_pq;
 //   2. column rotations A <- A J, one thread per (row, pair);
-//   3. row rotations A <- J^T A, and V <- V J, one thread per (column, pair);
-//   4. exact symmetry (0.5 (a_ij + a_ji)), a_pq = 0 and the accurate diagonal.
+//   3. row rotations A <- J^T A, and V^T <- J^T V^T, one thread per (column, pair);
+//   4. exact symmetry (0.5 (a_ij + a_ji)), a_pq = 0 and the accurate diagonal, one thread per
+//      lower entry; the pair tables of step 1 (partner and slot of every index, this and the next
+//      round) tell a thread whether its entry is a pair's.
+// Every entry is computed by the same operations in the same order whichever thread computes it
+// and wherever V^T lives, so the results do not depend on the storage or the thread mapping.
 // Before each sweep the block reduces off(A)^2 (in double, every entry times a power of two that
 // brings the block's largest |entry| near 1, so the squares neither underflow nor overflow at any
-// scale) and stops at tol * ||A||_F or after max_sweeps sweeps. Then every eigenvalue's rank (ties by index) is its output position, and the
-// damped inverse, if asked for, is formed from the double eigenvectors (lower triangle, mirrored).
+// scale) and stops at tol * ||A||_F or after max_sweeps sweeps. Then every eigenvalue's rank
+// (ties by index) is its output position, and the damped inverse, if asked for, is formed from
+// the double eigenvectors (lower triangle, mirrored).
 #include "block_eigh.h"
 
 #include <cuda_runtime.h>
@@ -71,21 +97,49 @@ __device__ inline void pair_of(int k, int r, int m, int* p, int* q) {
   *q = a < b ? b : a;
 }
 
+// Index x's partner in round r, and its slot: k for the smaller member of pair k, half + k for
+// the larger one; packed as partner | slot << 8 (np <= 128).
+__device__ inline int pair_info(int x, int r, int m, int half) {
+  if (x == m) return r | half << 8;
+  if (x == r) return m;
+  const int d = (x - r + m) % m;
+  const int k = d <= half - 1 ? d : m - d;
+  const int y = (2 * r - x + 2 * m) % m;
+  return y | (x < y ? k : half + k) << 8;
+}
+
+// Shared memory of one block: per pair c and s, the reduction slots, V^T when kept there
+// (double); the pair information of this and the next round (int, 2 np); per slot the new and
+// the next round's diagonal, per pair the next a_pq, the diagonal by index, and A (T).
 template <typename T>
+size_t shared_bytes(int np, bool shared_v) {
+  const size_t ld = static_cast<size_t>(np) + 1;
+  return sizeof(double) * (np + kThreads / 32 + (shared_v ? np * ld : 0)) +
+         sizeof(int) * 2 * np + sizeof(T) * (3 * np + np / 2 + np * ld);
+}
+
+template <typename T, bool kSharedV>
 __global__ void __launch_bounds__(kThreads)
     block_eigh_kernel(BlockEighParams<T> prm, double* __restrict__ vws, int np) {
   extern __shared__ unsigned char smem_raw[];
+  const int ld = np + 1;                              // odd row stride: no bank conflicts
   double* cs = reinterpret_cast<double*>(smem_raw);  // per pair: c, s
   double* sn = cs + np / 2;
   double* red = sn + np / 2;                          // kThreads / 32 partial sums
-  T* dnew = reinterpret_cast<T*>(red + kThreads / 32);  // per pair: new a_pp, a_qq
-  T* a = dnew + np;                                   // np x np
+  double* vt_shared = red + kThreads / 32;            // np x ld when kSharedV
+  int* info = reinterpret_cast<int*>(vt_shared + (kSharedV ? np * ld : 0));  // this round
+  int* info_next = info + np;                                                // the next round
+  T* dnew = reinterpret_cast<T*>(info_next + np);  // by slot: new a_pp (k), a_qq (half + k)
+  T* dd = dnew + np;                               // by slot: the next round's a_pp, a_qq
+  T* pq = dd + np;                                 // per pair: the next round's a_pq
+  T* diag = pq + np / 2;                           // a_ii by index
+  T* a = diag + np;                                // np x ld
 
   const int64_t b = blockIdx.x;
   const int n = static_cast<int>(prm.n);
   const int tid = threadIdx.x;
   const T* src = prm.blocks + b * prm.n * prm.n;
-  double* v = vws + b * np * np;
+  double* vt = kSharedV ? vt_shared : vws + b * np * ld;  // V^T: row k is eigenvector k
 
   int bad_here = 0;
   double amax = 0;
@@ -94,11 +148,20 @@ __global__ void __launch_bounds__(kThreads)
     T x = T(0);
     if (i < n && j < n) x = i >= j ? src[i * n + j] : src[j * n + i];
     if (!isfinite(x)) bad_here = 1;
-    a[e] = x;
-    v[e] = i == j ? 1.0 : 0.0;
+    a[i * ld + j] = x;
+    if (i == j) diag[i] = x;
+    vt[i * ld + j] = i == j ? 1.0 : 0.0;
     amax = fmax(amax, fabs(static_cast<double>(x)));
   }
   const bool bad = __syncthreads_or(bad_here);
+  const int m = np - 1, half = np / 2;
+  for (int k = tid; k < half; k += kThreads) {  // round 0's pair entries (later: by step 4)
+    int p, q;
+    pair_of(k, 0, m, &p, &q);
+    dd[k] = a[p * ld + p];
+    dd[half + k] = a[q * ld + q];
+    pq[k] = a[p * ld + q];
+  }
   T* vals = prm.eigenvalues ? prm.eigenvalues + b * n : nullptr;
   T* vecs = prm.eigenvectors ? prm.eigenvectors + b * n * n : nullptr;
   T* inv = prm.inverse ? prm.inverse + b * n * n : nullptr;
@@ -116,20 +179,18 @@ __global__ void __launch_bounds__(kThreads)
   const double scale = norm_scale(block_max(amax, red));
   double sq_off = 0, sq_all = 0;
   for (int e = tid; e < np * np; e += kThreads) {  // each thread reads back its own entries
-    const double xs = scale * static_cast<double>(a[e]);
+    const int i = e / np, j = e % np;
+    const double xs = scale * static_cast<double>(a[i * ld + j]);
     sq_all += xs * xs;
-    if (e / np != e % np) sq_off += xs * xs;
+    if (i != j) sq_off += xs * xs;
   }
   const double target = prm.tol * sqrt(block_sum(sq_all, red));
   double off = sqrt(block_sum(sq_off, red));
-  const int m = np - 1, half = np / 2;
   int sweep = 0;
   while (off > target && sweep < prm.max_sweeps) {
     for (int r = 0; r < m; ++r) {
-      for (int k = tid; k < half; k += kThreads) {  // 1. rotation parameters
-        int p, q;
-        pair_of(k, r, m, &p, &q);
-        const double app = a[p * np + p], aqq = a[q * np + q], apq = a[p * np + q];
+      for (int k = tid; k < half; k += kThreads) {  // 1. rotation parameters; lanes over k
+        const double app = dd[k], aqq = dd[half + k], apq = pq[k];
         double t = 0;
         if (apq != 0) {
           const double theta = (aqq - app) / (2 * apq);
@@ -140,49 +201,61 @@ __global__ void __launch_bounds__(kThreads)
         const double c = 1 / sqrt(1 + t * t);
         cs[k] = c;
         sn[k] = t * c;
-        dnew[2 * k] = static_cast<T>(app - t * apq);
-        dnew[2 * k + 1] = static_cast<T>(aqq + t * apq);
+        dnew[k] = static_cast<T>(app - t * apq);
+        dnew[half + k] = static_cast<T>(aqq + t * apq);
+      }
+      const int r_next = r + 1 < m ? r + 1 : 0;
+      for (int x = tid; x < np; x += kThreads) {  // lanes over x
+        info[x] = pair_info(x, r, m, half);
+        info_next[x] = pair_info(x, r_next, m, half);
       }
       __syncthreads();
-      for (int e = tid; e < np * half; e += kThreads) {  // 2. columns: A <- A J
-        const int i = e / half, k = e % half;
+      for (int e = tid; e < np * half; e += kThreads) {  // 2. columns: A <- A J; lanes over i
+        const int k = e / np, i = e % np;
         int p, q;
         pair_of(k, r, m, &p, &q);
         const T c = static_cast<T>(cs[k]), s = static_cast<T>(sn[k]);
-        const T x = a[i * np + p], y = a[i * np + q];
-        a[i * np + p] = c * x - s * y;
-        a[i * np + q] = s * x + c * y;
+        const T x = a[i * ld + p], y = a[i * ld + q];
+        a[i * ld + p] = c * x - s * y;
+        a[i * ld + q] = s * x + c * y;
       }
       __syncthreads();
-      for (int e = tid; e < np * half; e += kThreads) {  // 3. rows: A <- J^T A; V <- V J
-        const int j = e / half, k = e % half;
+      for (int e = tid; e < np * half; e += kThreads) {  // 3. rows: A <- J^T A, V^T <- J^T V^T
+        const int k = e / np, j = e % np;                // lanes over j
         int p, q;
         pair_of(k, r, m, &p, &q);
         const T c = static_cast<T>(cs[k]), s = static_cast<T>(sn[k]);
-        const T x = a[p * np + j], y = a[q * np + j];
-        a[p * np + j] = c * x - s * y;
-        a[q * np + j] = s * x + c * y;
+        const T x = a[p * ld + j], y = a[q * ld + j];
+        a[p * ld + j] = c * x - s * y;
+        a[q * ld + j] = s * x + c * y;
         const double cd = cs[k], sd = sn[k];
-        const double vx = v[j * np + p], vy = v[j * np + q];
-        v[j * np + p] = cd * vx - sd * vy;
-        v[j * np + q] = sd * vx + cd * vy;
+        const double vx = vt[p * ld + j], vy = vt[q * ld + j];
+        vt[p * ld + j] = cd * vx - sd * vy;
+        vt[q * ld + j] = sd * vx + cd * vy;
       }
       __syncthreads();
-      for (int e = tid; e < np * np; e += kThreads) {  // 4. symmetry, zeros, diagonal
+      // 4. symmetry, zeros, diagonal; lanes over j. The entries of the next round's pairs are
+      // gathered here, where a row's thread holds them, into per-slot arrays: step 1 then reads
+      // contiguous words instead of the tournament's scattered diagonal and a_pq.
+      for (int e = tid; e < np * np; e += kThreads) {
         const int i = e / np, j = e % np;
-        if (i > j) {
-          const T x = (a[i * np + j] + a[j * np + i]) * T(0.5);
-          a[i * np + j] = x;
-          a[j * np + i] = x;
+        if (i < j) continue;
+        const int now = info[j], next = info_next[j];
+        T x;
+        if (i == j)
+          x = dnew[now >> 8];
+        else if ((now & 255) == i)
+          x = T(0);
+        else
+          x = (a[i * ld + j] + a[j * ld + i]) * T(0.5);
+        a[i * ld + j] = x;
+        if (i == j) {
+          diag[i] = x;
+          dd[next >> 8] = x;
+        } else {
+          a[j * ld + i] = x;
+          if ((next & 255) == i) pq[next >> 8] = x;  // j < i: j's slot is the pair's k
         }
-      }
-      __syncthreads();
-      for (int k = tid; k < half; k += kThreads) {
-        int p, q;
-        pair_of(k, r, m, &p, &q);
-        a[p * np + q] = a[q * np + p] = T(0);
-        a[p * np + p] = dnew[2 * k];
-        a[q * np + q] = dnew[2 * k + 1];
       }
       __syncthreads();
     }
@@ -190,7 +263,7 @@ __global__ void __launch_bounds__(kThreads)
     sq_off = 0;
     for (int e = tid; e < np * np; e += kThreads) {
       const int i = e / np, j = e % np;
-      const double xs = scale * static_cast<double>(a[e]);
+      const double xs = scale * static_cast<double>(a[i * ld + j]);
       if (i != j) sq_off += xs * xs;
     }
     off = sqrt(block_sum(sq_off, red));
@@ -200,31 +273,31 @@ __global__ void __launch_bounds__(kThreads)
   // rank of eigenvalue i among the n real ones, ties by index: its output position
   int* rank = reinterpret_cast<int*>(cs);  // the rotation scratch is free now (np ints fit)
   for (int i = tid; i < n; i += kThreads) {
-    const T di = a[i * np + i];
+    const T di = diag[i];
     int rk = 0;
     for (int j = 0; j < n; ++j) {
-      const T dj = a[j * np + j];
+      const T dj = diag[j];
       rk += (dj < di) || (dj == di && j < i);
     }
     rank[i] = rk;
   }
   __syncthreads();
   if (vals)
-    for (int i = tid; i < n; i += kThreads) vals[rank[i]] = a[i * np + i];
+    for (int i = tid; i < n; i += kThreads) vals[rank[i]] = diag[i];
   if (vecs)
-    for (int e = tid; e < n * n; e += kThreads) {
+    for (int e = tid; e < n * n; e += kThreads) {  // lanes over k: writes stay in row i
       const int i = e / n, k = e % n;
-      vecs[i * n + rank[k]] = static_cast<T>(v[i * np + k]);
+      vecs[i * n + rank[k]] = static_cast<T>(vt[k * ld + i]);
     }
   if (inv) {
     const double gamma = static_cast<double>(prm.damping[b]);
-    for (int e = tid; e < n * n; e += kThreads) {
+    for (int e = tid; e < n * n; e += kThreads) {  // lanes over j
       const int i = e / n, j = e % n;
       if (j > i) continue;
       double acc = 0;
       for (int k = 0; k < n; ++k) {
-        const double lam = fmax(static_cast<double>(a[k * np + k]), 0.0);
-        acc += v[i * np + k] * v[j * np + k] / (lam + gamma);
+        const double lam = fmax(static_cast<double>(diag[k]), 0.0);
+        acc += vt[k * ld + i] * vt[k * ld + j] / (lam + gamma);
       }
       inv[i * n + j] = inv[j * n + i] = static_cast<T>(acc);
     }
@@ -233,11 +306,41 @@ __global__ void __launch_bounds__(kThreads)
 
 int padded(int64_t n) { return static_cast<int>(n < 2 ? 2 : n + (n & 1)); }
 
+// Opt-in shared memory per block of the current device (0 if it cannot be read).
+int shared_limit() {
+  int device = 0, bytes = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 0;
+  if (cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
+      cudaSuccess)
+    return 0;
+  return bytes;
+}
+
+template <typename T>
+bool eigenvectors_in_shared(int64_t n) {
+  return shared_bytes<T>(padded(n), true) <= static_cast<size_t>(shared_limit());
+}
+
+template <typename T, bool kSharedV>
+cudaError_t launch(const BlockEighParams<T>& p, double* workspace, cudaStream_t stream) {
+  const int np = padded(p.n);
+  const size_t smem = shared_bytes<T>(np, kSharedV);
+  cudaError_t err = cudaFuncSetAttribute(block_eigh_kernel<T, kSharedV>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  block_eigh_kernel<T, kSharedV><<<static_cast<unsigned>(p.batch), kThreads, smem, stream>>>(
+      p, workspace, np);
+  return cudaGetLastError();
+}
+
 }  // namespace
 
+template <typename T>
 size_t block_eigh_workspace_bytes(int64_t batch, int64_t n) {
+  if (batch <= 0 || n == 0 || eigenvectors_in_shared<T>(n)) return 0;
   const int64_t np = padded(n);
-  return static_cast<size_t>(batch * np * np) * sizeof(double);
+  return static_cast<size_t>(batch * np * (np + 1)) * sizeof(double);
 }
 
 template <typename T>
@@ -248,17 +351,13 @@ cudaError_t block_eigh(const BlockEighParams<T>& p, void* workspace, cudaStream_
     return p.sweeps ? cudaMemsetAsync(p.sweeps, 0, p.batch * sizeof(int32_t), stream)
                     : cudaSuccess;
   }
-  const int np = padded(p.n);
-  const size_t smem = sizeof(double) * (np + kThreads / 32) + sizeof(T) * (np + np * np);
-  cudaError_t err = cudaFuncSetAttribute(block_eigh_kernel<T>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem));
-  if (err != cudaSuccess) return err;
-  block_eigh_kernel<T><<<static_cast<unsigned>(p.batch), kThreads, smem, stream>>>(
-      p, static_cast<double*>(workspace), np);
-  return cudaGetLastError();
+  if (eigenvectors_in_shared<T>(p.n)) return launch<T, true>(p, nullptr, stream);
+  if (workspace == nullptr) return cudaErrorInvalidValue;  // sized on another device
+  return launch<T, false>(p, static_cast<double*>(workspace), stream);
 }
 
+template size_t block_eigh_workspace_bytes<float>(int64_t, int64_t);
+template size_t block_eigh_workspace_bytes<double>(int64_t, int64_t);
 template cudaError_t block_eigh<float>(const BlockEighParams<float>&, void*, cudaStream_t);
 template cudaError_t block_eigh<double>(const BlockEighParams<double>&, void*, cudaStream_t);
 

@@ -57,6 +57,14 @@ function(kfac_emulated_library arch)
   endif()
 endfunction()
 
+# Kernels whose launch depends on the device's limits run at both architectures too: block_eigh
+# keeps its eigenvectors in shared memory where they fit (more sizes on sm_90's 227 KB).
+foreach(name block_eigh)
+  if(NOT name IN_LIST KFAC_EMULATED_ARCH_BRANCHING)
+    list(APPEND KFAC_EMULATED_ARCH_BRANCHING ${name})
+  endif()
+endforeach()
+
 set(KFAC_EMULATED_ARCH_SOURCES)
 foreach(name ${KFAC_EMULATED_ARCH_BRANCHING})
   list(APPEND KFAC_EMULATED_ARCH_SOURCES ${CMAKE_CURRENT_BINARY_DIR}/cuda_emulation/${name}.cu.cpp)

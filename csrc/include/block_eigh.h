@@ -58,13 +58,16 @@ namespace cuda {
 // Largest n the CUDA kernel accepts (the block lives in shared memory: 128 KiB in fp64).
 constexpr int64_t kBlockEighMaxN = 128;
 
-// Bytes of device workspace block_eigh needs: the eigenvectors are accumulated in double there.
+// Bytes of device workspace block_eigh<T> needs on the current device: 0 where the double
+// eigenvectors fit in shared memory next to the block, else batch * np * (np + 1) doubles.
+template <typename T>
 size_t block_eigh_workspace_bytes(int64_t batch, int64_t n);
 
 // Parallel-order (round-robin) Jacobi, one thread block per matrix, the matrix in shared memory.
-// All pointers are device pointers; `workspace` holds block_eigh_workspace_bytes(batch, n) bytes
-// and must stay alive until the work on `stream` is done. Returns cudaErrorInvalidValue for
-// n > kBlockEighMaxN, the launch error, or cudaSuccess. Deterministic.
+// All pointers are device pointers; `workspace` holds block_eigh_workspace_bytes<T>(batch, n)
+// bytes (sized on the same device; may be null when that is 0) and must stay alive until the
+// work on `stream` is done. Returns cudaErrorInvalidValue for n > kBlockEighMaxN or a missing
+// workspace, the launch error, or cudaSuccess. Deterministic.
 template <typename T>
 cudaError_t block_eigh(const BlockEighParams<T>& p, void* workspace, cudaStream_t stream);
 

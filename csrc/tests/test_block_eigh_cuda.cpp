@@ -1,8 +1,9 @@
 // Standalone test of the block_eigh CUDA kernel, with the checks of test_block_eigh.cpp: eigen
 // residual ||A Q - Q Lambda||_F / ||A||_F, orthogonality ||Q^T Q - I||_F, ascending order, the
-// damped inverse against (A + gamma I) X = I, exact symmetry, and a NaN block confined to itself;
-// sizes up to the kernel's limit (128). Exit status 0: all passed, 1: a failure, 77: no CUDA
-// device.
+// damped inverse against (A + gamma I) X = I, exact symmetry, a NaN block confined to itself, and
+// the eigenvalues against the CPU kernel's; sizes up to the kernel's limit (128), on both sides of
+// the size up to which the eigenvectors stay in shared memory. Exit status 0: all passed, 1: a
+// failure, 77: no CUDA device.
 #include <cuda_runtime_api.h>
 
 #include <cmath>
@@ -49,7 +50,7 @@ void run_cuda(kfac_kernels::BlockEighParams<T> p, const std::vector<T>& blocks,
   T* d_damping = damping ? device_copy(*damping) : nullptr;
   T* d_inv = inv ? device_copy(*inv) : nullptr;
   void* ws = nullptr;
-  const size_t bytes = kfac_kernels::cuda::block_eigh_workspace_bytes(p.batch, p.n);
+  const size_t bytes = kfac_kernels::cuda::block_eigh_workspace_bytes<T>(p.batch, p.n);
   cuda_ok(cudaMalloc(&ws, bytes + 1), "cudaMalloc");
   p.blocks = d_blocks;
   p.eigenvalues = d_vals;
@@ -84,6 +85,16 @@ void run(int64_t n, double tol, const char* type) {
   p.tol = std::numeric_limits<T>::epsilon();
   run_cuda<T>(p, blocks, &vals, &vecs, sweeps, nullptr, nullptr);
   run_cuda<T>(p, blocks, nullptr, nullptr, sweeps, &damping, &inv);
+  // the CPU kernel (cyclic order) as a second solver: both backward stable, so their eigenvalues
+  // agree to about tol * ||A||_F (Weyl)
+  std::vector<T> cpu_vals(batch * n), cpu_vecs(batch * n * n);
+  std::vector<int32_t> cpu_sweeps(batch);
+  kfac_kernels::BlockEighParams<T> pc = p;
+  pc.blocks = blocks.data();
+  pc.eigenvalues = cpu_vals.data();
+  pc.eigenvectors = cpu_vecs.data();
+  pc.sweeps = cpu_sweeps.data();
+  kfac_kernels::cpu::block_eigh<T>(pc);
   for (int64_t b = 0; b < batch; ++b) {
     const T* a = blocks.data() + b * n * n;
     const T* q = vecs.data() + b * n * n;
@@ -114,6 +125,11 @@ void run(int64_t n, double tol, const char* type) {
         asym += x[i * n + k] != x[k * n + i];
       }
     }
+    double vals_diff = 0;
+    for (int64_t i = 0; i < n; ++i)
+      vals_diff = std::max(vals_diff, std::fabs(double(l[i]) - double(cpu_vals[b * n + i])));
+    expect(vals_diff <= 2 * tol * std::sqrt(norm), "eigenvalues as the CPU kernel's", n, type,
+           vals_diff);
     res = std::sqrt(res) / std::max(std::sqrt(norm), 1e-300);
     expect(res <= tol, "residual", n, type, res);
     expect(std::sqrt(orth) <= tol, "orthogonality", n, type, std::sqrt(orth));

@@ -20,10 +20,13 @@ void launch(const char* op, const at::Tensor& blocks, int64_t max_sweeps, double
             const at::Tensor& damping, const at::Tensor& inverse) {
   TORCH_CHECK(blocks.size(1) <= cuda::kBlockEighMaxN, op, ": the CUDA kernel takes n <= ",
               cuda::kBlockEighMaxN, ", got n = ", blocks.size(1));
-  const size_t bytes = cuda::block_eigh_workspace_bytes(blocks.size(0), blocks.size(1));
-  at::Tensor workspace =
-      at::empty({static_cast<int64_t>(bytes)}, blocks.options().dtype(at::kByte));
   AT_DISPATCH_FLOATING_TYPES(blocks.scalar_type(), "kfac_kernels::block_eigh_cuda", [&] {
+    // none where the eigenvectors fit in shared memory (csrc/cuda/block_eigh.cu)
+    const size_t bytes =
+        cuda::block_eigh_workspace_bytes<scalar_t>(blocks.size(0), blocks.size(1));
+    at::Tensor workspace;
+    if (bytes)
+      workspace = at::empty({static_cast<int64_t>(bytes)}, blocks.options().dtype(at::kByte));
     BlockEighParams<scalar_t> p;
     p.blocks = blocks.const_data_ptr<scalar_t>();
     p.batch = blocks.size(0);

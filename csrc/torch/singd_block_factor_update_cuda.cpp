@@ -2,8 +2,9 @@
 // kernel in csrc/cuda/singd_block_factor_update.cu). Compiled only with CUDA.
 #include "singd_block_factor_update_glue.h"
 
+#include "device_metadata.h"
+
 #include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -24,15 +25,12 @@ void singd_block_factor_update_cuda(at::Tensor k, at::Tensor c,
                                         c_layer_offsets, c10::kCUDA);
   const c10::cuda::CUDAGuard guard(k.device());
   const int64_t layers = static_cast<int64_t>(k_layer_offsets.size()) - 1;
-  // sizes and offsets to the device in one copy
+  // sizes and offsets on the device (copied at the first call with this layout)
   std::vector<int64_t> host(k_dims.begin(), k_dims.end());
   host.insert(host.end(), c_dims.begin(), c_dims.end());
   host.insert(host.end(), k_layer_offsets.begin(), k_layer_offsets.end());
   host.insert(host.end(), c_layer_offsets.begin(), c_layer_offsets.end());
-  const at::Tensor meta =
-      at::from_blob(host.data(), {static_cast<int64_t>(host.size())},
-                    at::TensorOptions().dtype(at::kLong))
-          .to(k.device());  // a blocking copy: host is freed when this function returns
+  const at::Tensor meta = glue::device_metadata(host, k.device());  // cached per layout
   const int64_t* d = meta.const_data_ptr<int64_t>();
   const int64_t nk = k.size(0), nc = c.size(0);
   const int64_t* d_kdims = d;

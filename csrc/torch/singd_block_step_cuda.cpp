@@ -2,7 +2,8 @@
 // csrc/cuda/singd_block_step.cu). Compiled only with CUDA.
 #include "singd_block_step_glue.h"
 
-#include <ATen/ops/from_blob.h>
+#include "device_metadata.h"
+
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -23,17 +24,14 @@ void singd_block_step_cuda(at::Tensor weight, const at::Tensor& weight_grad,
   TORCH_CHECK(c.size(1) <= 32 && k.size(1) <= 32, "kfac_kernels::singd_block_step: the CUDA "
               "kernel takes blocks of at most 32, got ", c.size(1), " and ", k.size(1));
   const c10::cuda::CUDAGuard guard(weight.device());
-  // sizes, then row and column offsets, to the device in one copy
+  // sizes, then row and column offsets, on the device (copied at the first call with this layout)
   std::vector<int64_t> host(c_dims.begin(), c_dims.end());
   host.insert(host.end(), k_dims.begin(), k_dims.end());
   host.push_back(0);
   for (const auto n : c_dims) host.push_back(host.back() + n);
   host.push_back(0);
   for (const auto n : k_dims) host.push_back(host.back() + n);
-  const at::Tensor meta =
-      at::from_blob(host.data(), {static_cast<int64_t>(host.size())},
-                    at::TensorOptions().dtype(at::kLong))
-          .to(weight.device());  // a blocking copy: host is freed when this function returns
+  const at::Tensor meta = glue::device_metadata(host, weight.device());  // cached per layout
   const int64_t* d = meta.const_data_ptr<int64_t>();
   const int64_t nc = c.size(0), nk = k.size(0);
   const auto stream = c10::cuda::getCurrentCUDAStream(weight.device().index()).stream();

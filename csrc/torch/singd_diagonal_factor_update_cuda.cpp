@@ -2,7 +2,8 @@
 // kernel in csrc/cuda/singd_diagonal_factor_update.cu). Compiled only with CUDA.
 #include "singd_diagonal_factor_update_glue.h"
 
-#include <ATen/ops/from_blob.h>
+#include "device_metadata.h"
+
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -22,13 +23,10 @@ void singd_diagonal_factor_update_cuda(at::Tensor k, at::Tensor c,
                                            c10::kCUDA);
   const c10::cuda::CUDAGuard guard(k.device());
   const int64_t layers = static_cast<int64_t>(k_offsets.size()) - 1;
-  // offsets to the device in one copy (stream-ordered through the caching allocator)
+  // offsets on the device (copied at the first call with this layout)
   std::vector<int64_t> host(k_offsets.begin(), k_offsets.end());
   host.insert(host.end(), c_offsets.begin(), c_offsets.end());
-  const at::Tensor off =
-      at::from_blob(host.data(), {static_cast<int64_t>(host.size())},
-                    at::TensorOptions().dtype(at::kLong))
-          .to(k.device());  // a blocking copy: host is freed when this function returns
+  const at::Tensor off = glue::device_metadata(host, k.device());  // cached per layout
   const int64_t* d_off = off.const_data_ptr<int64_t>();
   const auto stream = c10::cuda::getCurrentCUDAStream(k.device().index()).stream();
   cudaError_t err;

@@ -246,6 +246,19 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
   return status(cudaSuccess);
 }
 
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  if (value == nullptr) return cudaErrorInvalidValue;
+  if (device != 0) return cudaErrorInvalidDevice;
+  const auto& l = kfac_kernels::emulation::device_limits();
+  switch (attr) {
+    case cudaDevAttrMaxSharedMemoryPerBlock: *value = static_cast<int>(l.static_shared_per_block); break;
+    case cudaDevAttrMultiProcessorCount: *value = 1; break;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = static_cast<int>(l.shared_per_block_optin); break;
+    default: return cudaErrorInvalidValue;
+  }
+  return status(cudaSuccess);
+}
+
 cudaError_t cudaDeviceSynchronize() { return status(cudaSuccess); }
 
 cudaError_t cudaGetLastError() {

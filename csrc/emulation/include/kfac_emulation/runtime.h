@@ -52,6 +52,13 @@ enum cudaFuncAttribute : int {
   cudaFuncAttributePreferredSharedMemoryCarveout = 9,
 };
 
+// The device attributes the kernels' launchers read (the runtime's numbering).
+enum cudaDeviceAttr : int {
+  cudaDevAttrMaxSharedMemoryPerBlock = 8,
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
+};
+
 struct CUstream_st;
 using cudaStream_t = CUstream_st*;
 
@@ -71,6 +78,7 @@ cudaError_t cudaGetDeviceCount(int* count);
 cudaError_t cudaGetDevice(int* device);
 cudaError_t cudaSetDevice(int device);
 cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device);
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device);
 cudaError_t cudaDeviceSynchronize();
 cudaError_t cudaGetLastError();
 cudaError_t cudaPeekAtLastError();
