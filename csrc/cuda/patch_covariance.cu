@@ -41,6 +41,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "gram_tiles.cuh"
 #include "patch_covariance.h"
 
 namespace kfac_kernels {
@@ -114,15 +115,7 @@ template <typename T>
 struct Is16Bit : std::integral_constant<bool, std::is_same<T, __half>::value ||
                                                   std::is_same<T, __nv_bfloat16>::value> {};
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 __host__ __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
-
-__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
-__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
-__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
-__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
-__device__ __forceinline__ float fma_(float a, float b, float c) { return fmaf(a, b, c); }
-__device__ __forceinline__ double fma_(double a, double b, double c) { return fma(a, b, c); }
 
 // Conversions between the input types and float / double.
 template <typename To>
@@ -229,48 +222,16 @@ __device__ __forceinline__ void store_pair(const Problem& P, int64_t s, int64_t 
   }
 }
 
-// Linear index q over the upper triangle (row-major) of an nt x nt tile grid -> (ti, tj).
-// Row ti starts at ti * (2 nt - ti + 1) / 2.
-__device__ __forceinline__ void tile_pair(int64_t q, int64_t nt, int64_t& ti, int64_t& tj) {
-  const double b = 2.0 * static_cast<double>(nt) + 1.0;
-  int64_t t = static_cast<int64_t>(floor((b - sqrt(b * b - 8.0 * static_cast<double>(q))) * 0.5));
-  if (t < 0) t = 0;
-  if (t > nt - 1) t = nt - 1;
-  while (t > 0 && t * (2 * nt - t + 1) / 2 > q) --t;
-  while (t + 1 < nt && (t + 1) * (2 * nt - t) / 2 <= q) ++t;
-  ti = t;
-  tj = t + (q - t * (2 * nt - t + 1) / 2);
-}
-
 // Writes the raw sums of tile (ci, cj) of segment s, staged in shared memory (row stride ld), to
-// out[i][j] (consecutive threads on consecutive j) and out[j][i] (consecutive i). On diagonal
-// tiles only the upper entries are used. Ends with a barrier.
+// out[s] (write_symmetric_tile, gram_tiles.cuh). Ends with a barrier.
 template <typename A>
 __device__ void write_staged_tile(const Problem& P, int64_t s, int64_t ci, int64_t cj, bool diag,
                                   const A* stage, int ld) {
   const int64_t D = P.D;
-  A* out = static_cast<A*>(P.out) + s * D * D;
   const A* f = P.factor ? static_cast<const A*>(P.factor) + s * P.fsb : nullptr;
-  const A alpha = static_cast<A>(P.alpha), decay = static_cast<A>(P.decay);
-  const int wi = static_cast<int>(imin(D - ci, kTile));
-  const int wj = static_cast<int>(imin(D - cj, kTile));
-  for (int e = threadIdx.x; e < kTile * kTile; e += kThreads) {
-    const int lr = e / kTile, lc = e % kTile;
-    if (lr < wi && lc < wj && (!diag || lr <= lc)) {
-      const int64_t i = ci + lr, j = cj + lc;
-      const A g = mul_rn(alpha, stage[lr * ld + lc]);
-      out[i * D + j] = f ? add_rn(mul_rn(decay, f[i * P.fsr + j * P.fsc]), g) : g;
-    }
-  }
-  for (int e = threadIdx.x; e < kTile * kTile; e += kThreads) {
-    const int lc = e / kTile, lr = e % kTile;
-    if (lr < wi && lc < wj && (!diag || lr < lc)) {
-      const int64_t i = ci + lr, j = cj + lc;
-      const A g = mul_rn(alpha, stage[lr * ld + lc]);
-      out[j * D + i] = f ? add_rn(mul_rn(decay, f[j * P.fsr + i * P.fsc]), g) : g;
-    }
-  }
-  __syncthreads();
+  write_symmetric_tile<kTile, kThreads>(static_cast<A*>(P.out) + s * D * D, D, f, P.fsr, P.fsc,
+                                        static_cast<A>(P.alpha), static_cast<A>(P.decay), ci, cj,
+                                        diag, stage, ld);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -517,12 +478,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t npairs = nt * (nt + 1) / 2;
   for (int64_t s = blockIdx.y; s < P.S; s += gridDim.y) {
     const A* src = partial + (s * npairs + q) * slices * (kTile * kTile);
-    for (int e = threadIdx.x; e < kTile * kTile; e += kThreads) {
-      A sum = src[e];
-      for (int64_t k = 1; k < slices; ++k) sum = add_rn(sum, src[k * (kTile * kTile) + e]);
-      stage[(e / kTile) * kLd + e % kTile] = sum;
-    }
-    __syncthreads();
+    sum_partial_tiles<kTile, kThreads>(src, slices, stage, kLd);
     write_staged_tile<A>(P, s, ti * kTile, tj * kTile, ti == tj, stage, kLd);
   }
 }
