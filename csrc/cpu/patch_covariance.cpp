@@ -622,8 +622,8 @@ Kernels<T> kernels(int isa);
 template <>
 Kernels<float> kernels<float>(int isa) {
 #if KFK_X86_DISPATCH
-  if (isa == gram::kIsaAvx512) return {tile_avx512_f32, finalize_avx512_f32, fence_store, 32};
-  if (isa == gram::kIsaAvx2) return {tile_avx2_f32, finalize_avx2_f32, fence_store, 16};
+  if (isa == kIsaAvx512) return {tile_avx512_f32, finalize_avx512_f32, fence_store, 32};
+  if (isa == kIsaAvx2) return {tile_avx2_f32, finalize_avx2_f32, fence_store, 16};
 #endif
   (void)isa;
   return {tile_generic_f32, finalize_generic_f32, fence_none, 8};
@@ -632,8 +632,8 @@ Kernels<float> kernels<float>(int isa) {
 template <>
 Kernels<double> kernels<double>(int isa) {
 #if KFK_X86_DISPATCH
-  if (isa == gram::kIsaAvx512) return {tile_avx512_f64, finalize_avx512_f64, fence_store, 16};
-  if (isa == gram::kIsaAvx2) return {tile_avx2_f64, finalize_avx2_f64, fence_store, 8};
+  if (isa == kIsaAvx512) return {tile_avx512_f64, finalize_avx512_f64, fence_store, 16};
+  if (isa == kIsaAvx2) return {tile_avx2_f64, finalize_avx2_f64, fence_store, 8};
 #endif
   (void)isa;
   return {tile_generic_f64, finalize_generic_f64, fence_none, 4};
@@ -689,7 +689,7 @@ void expand(const PatchCovarianceParams& p) {
   const int64_t R = g.rows_per_example;
   const int64_t M = p.n * R;
 
-  const Kernels<T> kern = kernels<T>(gram::current_isa());
+  const Kernels<T> kern = kernels<T>(current_isa());
   const int64_t nr = kern.nr;
   const bool streaming = static_cast<double>(S) * static_cast<double>(D) * static_cast<double>(D) *
                              sizeof(T) >= static_cast<double>(kStreamingBytes);
@@ -1220,8 +1220,8 @@ void mean_avx512(const MeanJob<T>& j, int64_t u0, int64_t u1, T* w) {
 template <typename T, typename In, int B>
 MeanFn<T> mean_fn(int isa) {
 #if KFK_X86_DISPATCH
-  if (isa == gram::kIsaAvx512) return mean_avx512<T, In, B>;
-  if (isa == gram::kIsaAvx2) return mean_avx2<T, In, B>;
+  if (isa == kIsaAvx512) return mean_avx512<T, In, B>;
+  if (isa == kIsaAvx2) return mean_avx2<T, In, B>;
 #endif
   (void)isa;
   return mean_generic<T, In, B>;
@@ -1234,7 +1234,7 @@ void reduce(const PatchCovarianceParams& p) {
   const Geometry g(p);
   const int64_t khkw = g.khkw;
 
-  const Kernels<T> kern = kernels<T>(gram::current_isa());
+  const Kernels<T> kern = kernels<T>(current_isa());
   const int64_t nr = kern.nr;
   const bool streaming = static_cast<double>(S) * static_cast<double>(D) * static_cast<double>(D) *
                              sizeof(T) >= static_cast<double>(kStreamingBytes);
@@ -1257,8 +1257,8 @@ void reduce(const PatchCovarianceParams& p) {
   // channels_last: add along channels; small planes (a few rows of a few values): the per-plane
   // work of one channel at a time is mostly loop overhead, kChannelBlock channels share it
   if (nch > 1 && (asc < asw || p.height * p.width <= kSmallPlane)) job.cb = kChannelBlock;
-  const MeanFn<T> mean = job.cb == 1 ? mean_fn<T, In, 1>(gram::current_isa())
-                                     : mean_fn<T, In, kChannelBlock>(gram::current_isa());
+  const MeanFn<T> mean = job.cb == 1 ? mean_fn<T, In, 1>(current_isa())
+                                     : mean_fn<T, In, kChannelBlock>(current_isa());
   Buffer<T> abar(static_cast<size_t>(N * nch * khkw));
   job.abar = abar.get();
   const int64_t units = N * ceil_div(nch, job.cb);

@@ -177,8 +177,8 @@ KFK_TARGET("avx512f,avx2,fma") void panel_avx512(const Job<A>& job, int64_t i, A
 template <typename A, typename Elem>
 PanelFn<A, Elem> panel_for(int isa) {
 #if KFK_X86_DISPATCH
-  if (isa == gram::kIsaAvx512) return panel_avx512<A, Elem>;
-  if (isa == gram::kIsaAvx2) return panel_avx2<A, Elem>;
+  if (isa == kIsaAvx512) return panel_avx512<A, Elem>;
+  if (isa == kIsaAvx2) return panel_avx2<A, Elem>;
 #endif
   (void)isa;
   return panel_generic<A, Elem>;
@@ -197,7 +197,7 @@ void run(const SingdBlockStepParams<A>& p) {
   for (int64_t j = 0; j < p.k_blocks; ++j) co[j + 1] = co[j] + p.k_dims[j];
   const Job<A> job{&p, cct.data(), kkt.data(), ro.data(), co.data(),
                    p.cols + (p.bias != nullptr ? 1 : 0)};
-  const PanelFn<A, Elem> panel = panel_for<A, Elem>(gram::current_isa());
+  const PanelFn<A, Elem> panel = panel_for<A, Elem>(current_isa());
   const size_t scratch = static_cast<size_t>(max_rows * job.width);
 #ifdef _OPENMP
 #pragma omp parallel if (p.c_blocks > 1)

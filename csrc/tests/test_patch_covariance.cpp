@@ -25,9 +25,9 @@
 #include <omp.h>
 #endif
 
+#include "cpu_isa.h"  // cpu::set_isa / cpu::isa
 #include "patch_covariance.h"
 #include "test_support.h"
-#include "symmetric_factor_update.h"  // cpu::set_isa / cpu::isa
 
 namespace {
 
