@@ -1349,19 +1349,19 @@ void advise_huge_pages(void* ptr, size_t bytes) {
 
 void patch_covariance(const PatchCovarianceParams& p) {
   if (p.num_segments <= 0 || p.dim() <= 0) return;
-  const size_t elem = p.x_type == InputType::kFloat64 ? sizeof(double) : sizeof(float);
+  const size_t elem = p.x_type == ElementType::kFloat64 ? sizeof(double) : sizeof(float);
   advise_huge_pages(p.out, static_cast<size_t>(p.num_segments * p.dim() * p.dim()) * elem);
   switch (p.x_type) {
-    case InputType::kFloat32:
+    case ElementType::kFloat32:
       run<float, float>(p);
       break;
-    case InputType::kFloat64:
+    case ElementType::kFloat64:
       run<double, double>(p);
       break;
-    case InputType::kFloat16:
+    case ElementType::kFloat16:
       run<float, Half>(p);
       break;
-    case InputType::kBFloat16:
+    case ElementType::kBFloat16:
       run<float, BFloat16>(p);
       break;
   }

@@ -194,7 +194,7 @@ void run(const SingdBlockStepParams<A>& p) {
 template <typename A>
 void singd_block_step(const SingdBlockStepParams<A>& p) {
   if (p.rows <= 0 || p.c_blocks <= 0 || p.k_blocks <= 0) return;
-  if (p.param_type == StepParamType::kBFloat16) {
+  if (p.param_type == ElementType::kBFloat16) {
     run<A, uint16_t>(p);
   } else {
     run<A, A>(p);

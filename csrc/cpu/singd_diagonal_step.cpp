@@ -32,7 +32,7 @@ void run(const SingdDiagonalStepParams<A>& p, LoadP load_param, LoadG load_grad,
 template <typename A>
 void singd_diagonal_step(const SingdDiagonalStepParams<A>& p) {
   if (p.rows <= 0 || p.cols <= 0) return;
-  if (p.param_type == StepParamType::kBFloat16) {
+  if (p.param_type == ElementType::kBFloat16) {
     auto* param = static_cast<uint16_t*>(p.param);
     const auto* grad = static_cast<const uint16_t*>(p.grad);
     run(

@@ -886,11 +886,11 @@ cudaError_t launch_mean(const Problem& P, int64_t n, Acc<In>* abar, cudaStream_t
   return cudaGetLastError();
 }
 
-size_t acc_size_of(InputType t) { return t == InputType::kFloat64 ? 8 : 4; }
+size_t acc_size_of(ElementType t) { return t == ElementType::kFloat64 ? 8 : 4; }
 
-bool valid_type(InputType t) {
-  return t == InputType::kFloat32 || t == InputType::kFloat64 || t == InputType::kFloat16 ||
-         t == InputType::kBFloat16;
+bool valid_type(ElementType t) {
+  return t == ElementType::kFloat32 || t == ElementType::kFloat64 || t == ElementType::kFloat16 ||
+         t == ElementType::kBFloat16;
 }
 
 // Workspace layout: reduce: [abar (aligned)][expand partials]; expand: [expand partials].
@@ -950,13 +950,13 @@ cudaError_t patch_covariance(const PatchCovarianceParams& p, void* workspace,
   if (p.x == nullptr && plan.P.M > 0 && plan.P.Dn > 0) return cudaErrorInvalidValue;
   if (plan.workspace_bytes > 0 && workspace == nullptr) return cudaErrorInvalidValue;
   switch (p.x_type) {
-    case InputType::kFloat32:
+    case ElementType::kFloat32:
       return run<float>(p, plan, workspace, stream);
-    case InputType::kFloat64:
+    case ElementType::kFloat64:
       return run<double>(p, plan, workspace, stream);
-    case InputType::kFloat16:
+    case ElementType::kFloat16:
       return run<__half>(p, plan, workspace, stream);
-    case InputType::kBFloat16:
+    case ElementType::kBFloat16:
       return run<__nv_bfloat16>(p, plan, workspace, stream);
   }
   return cudaErrorInvalidValue;

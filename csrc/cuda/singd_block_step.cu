@@ -80,7 +80,7 @@ cudaError_t singd_block_step(const SingdBlockStepParams<A>& p, const int64_t* of
   const auto grid = static_cast<unsigned>(p.c_blocks * p.k_blocks);
   const int64_t* ro = offsets;
   const int64_t* co = offsets + p.c_blocks + 1;
-  if (p.param_type == StepParamType::kBFloat16) {
+  if (p.param_type == ElementType::kBFloat16) {
     block_step_kernel<A, uint16_t><<<grid, kThreads, 0, stream>>>(p, ro, co);
   } else {
     block_step_kernel<A, A><<<grid, kThreads, 0, stream>>>(p, ro, co);

@@ -46,7 +46,7 @@ cudaError_t singd_diagonal_step(const SingdDiagonalStepParams<A>& p, cudaStream_
   constexpr int kThreads = 256;
   const dim3 grid(static_cast<unsigned>((p.cols + kThreads - 1) / kThreads),
                   static_cast<unsigned>(p.rows));
-  if (p.param_type == StepParamType::kBFloat16) {
+  if (p.param_type == ElementType::kBFloat16) {
     step_kernel<A, true><<<grid, kThreads, 0, stream>>>(p);
   } else {
     step_kernel<A, false><<<grid, kThreads, 0, stream>>>(p);

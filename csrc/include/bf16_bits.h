@@ -1,5 +1,5 @@
 // bfloat16 values as raw 16-bit patterns, for the kernels that take bfloat16 parameters without a
-// bfloat16 type (the SINGD steps: StepParamType::kBFloat16). One rounding for the CPU and the CUDA
+// bfloat16 type (the SINGD steps: ElementType::kBFloat16). One rounding for the CPU and the CUDA
 // kernels, so both store the same bits.
 #pragma once
 
