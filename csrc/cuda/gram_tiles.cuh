@@ -46,6 +46,57 @@ __device__ __forceinline__ void tile_pair(int64_t q, int64_t nt, int64_t& ti, in
   tj = t + (q - t * (2 * nt - t + 1) / 2);
 }
 
+// SIMT register tiles: the 256 threads of a block as 16 x 16, thread (tx, ty) = (threadIdx.x % 16,
+// threadIdx.x / 16) holding the kSub x kSub entries (ty + 16 r, tx + 16 c) of a 16 kSub square tile.
+template <int kSub, typename A>
+__device__ __forceinline__ void zero_tile(A (&t)[kSub][kSub]) {
+#pragma unroll
+  for (int r = 0; r < kSub; ++r)
+#pragma unroll
+    for (int c = 0; c < kSub; ++c) t[r][c] = A(0);
+}
+
+// part[r][c] += a[kk][ty + 16 r] * b[kk][tx + 16 c] for the kK staged rows kk in order (fma); the
+// panels a and b (b == a on a diagonal tile) are in shared memory with row stride ld.
+template <int kK, int kSub, typename A>
+__device__ __forceinline__ void fma_staged_rows(A (&part)[kSub][kSub], const A* a, const A* b,
+                                                int ld) {
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+  for (int kk = 0; kk < kK; ++kk) {
+    A av[kSub], bv[kSub];
+#pragma unroll
+    for (int r = 0; r < kSub; ++r) av[r] = a[kk * ld + ty + 16 * r];
+#pragma unroll
+    for (int c = 0; c < kSub; ++c) bv[c] = b[kk * ld + tx + 16 * c];
+#pragma unroll
+    for (int r = 0; r < kSub; ++r)
+#pragma unroll
+      for (int c = 0; c < kSub; ++c) part[r][c] = fma_(av[r], bv[c], part[r][c]);
+  }
+}
+
+// acc += part entry by entry, rounded: the second level of the two-level summation (each chunk of
+// rows is summed from zero in part, so the rounding error grows with the chunk length plus the
+// number of chunks rather than with the number of rows).
+template <int kSub, typename A>
+__device__ __forceinline__ void add_tile(A (&acc)[kSub][kSub], const A (&part)[kSub][kSub]) {
+#pragma unroll
+  for (int r = 0; r < kSub; ++r)
+#pragma unroll
+    for (int c = 0; c < kSub; ++c) acc[r][c] = add_rn(acc[r][c], part[r][c]);
+}
+
+// dst[(ty + 16 r) * ld + tx + 16 c] = t[r][c].
+template <int kSub, typename A>
+__device__ __forceinline__ void store_tile(A* dst, int ld, const A (&t)[kSub][kSub]) {
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+  for (int r = 0; r < kSub; ++r)
+#pragma unroll
+    for (int c = 0; c < kSub; ++c) dst[(ty + 16 * r) * ld + tx + 16 * c] = t[r][c];
+}
+
 // Writes the raw sums of the kTile x kTile tile at (ci, cj), staged in shared memory (`stage`, row
 // stride ld), to out[i][j] (consecutive threads on consecutive j) and out[j][i] (consecutive i) of
 // the dense d x d matrix `out`, as decay * factor + alpha * sum (alpha * sum where factor is null;

@@ -255,7 +255,6 @@ __device__ void tile_body_simt(const Problem& P, int64_t nt, int64_t slices,
   using A = Acc<In>;
   __shared__ SimtSmem<A> sm;
   const int t = threadIdx.x;
-  const int tx = t % 16, ty = t / 16;
   const int64_t q = blockIdx.x / slices;
   const int64_t sl = blockIdx.x % slices;
   int64_t ti, tj;
@@ -275,10 +274,7 @@ __device__ void tile_body_simt(const Problem& P, int64_t nt, int64_t slices,
   for (int64_t s = blockIdx.y; s < P.S; s += gridDim.y) {
     const In* xs = segment_base<In>(P, s);
     A acc[kSub][kSub];
-#pragma unroll
-    for (int r = 0; r < kSub; ++r)
-#pragma unroll
-      for (int c = 0; c < kSub; ++c) acc[r][c] = A(0);
+    zero_tile(acc);
 
     for (int64_t kc0 = k_begin; kc0 < k_end; kc0 += kChunkRows) {
       const int64_t kc_end = imin(k_end, kc0 + kChunkRows);
@@ -286,10 +282,7 @@ __device__ void tile_body_simt(const Problem& P, int64_t nt, int64_t slices,
       if (t < kChunkRows) sm.rows[t] = make_row(P, kc0 + t, kc_end);
       __syncthreads();
       A part[kSub][kSub];
-#pragma unroll
-      for (int r = 0; r < kSub; ++r)
-#pragma unroll
-        for (int c = 0; c < kSub; ++c) part[r][c] = A(0);
+      zero_tile(part);
       const int steps = static_cast<int>(kc_end - kc0);
       for (int k0 = 0; k0 < steps; k0 += kK) {
         for (int e = t; e < kK * kTile; e += kThreads) {
@@ -304,38 +297,17 @@ __device__ void tile_body_simt(const Problem& P, int64_t nt, int64_t slices,
           if (!diag) sm.u.panels[1][kk][c] = gather<A>(xs, r, sm.cols[1][c], P.H, P.W);
         }
         __syncthreads();
-#pragma unroll
-        for (int kk = 0; kk < kK; ++kk) {
-          A a[kSub], b[kSub];
-#pragma unroll
-          for (int r = 0; r < kSub; ++r) a[r] = sm.u.panels[0][kk][ty + 16 * r];
-#pragma unroll
-          for (int c = 0; c < kSub; ++c) b[c] = sm.u.panels[bsel][kk][tx + 16 * c];
-#pragma unroll
-          for (int r = 0; r < kSub; ++r)
-#pragma unroll
-            for (int c = 0; c < kSub; ++c) part[r][c] = fma_(a[r], b[c], part[r][c]);
-        }
+        fma_staged_rows<kK>(part, &sm.u.panels[0][0][0], &sm.u.panels[bsel][0][0], kLd);
         __syncthreads();
       }
-#pragma unroll
-      for (int r = 0; r < kSub; ++r)
-#pragma unroll
-        for (int c = 0; c < kSub; ++c) acc[r][c] = add_rn(acc[r][c], part[r][c]);
+      add_tile(acc, part);
     }
 
     if (kSplit) {
-      A* dst = partial + ((s * npairs + q) * slices + sl) * (kTile * kTile);
-#pragma unroll
-      for (int r = 0; r < kSub; ++r)
-#pragma unroll
-        for (int c = 0; c < kSub; ++c) dst[(ty + 16 * r) * kTile + tx + 16 * c] = acc[r][c];
+      store_tile(partial + ((s * npairs + q) * slices + sl) * (kTile * kTile), kTile, acc);
     } else {
       __syncthreads();  // the panels (aliased by the stage) are no longer read
-#pragma unroll
-      for (int r = 0; r < kSub; ++r)
-#pragma unroll
-        for (int c = 0; c < kSub; ++c) sm.u.stage[ty + 16 * r][tx + 16 * c] = acc[r][c];
+      store_tile(&sm.u.stage[0][0], kLd, acc);
       __syncthreads();
       write_staged_tile<A>(P, s, ci, cj, diag, &sm.u.stage[0][0], kLd);
     }

@@ -63,12 +63,8 @@ __device__ void write_to_output(const SymmetricFactorUpdateParams<T>& p, int64_t
 template <typename T>
 __device__ void write_tile(const SymmetricFactorUpdateParams<T>& p, int64_t b, int64_t ci,
                            int64_t cj, bool diag, const T (&acc)[kSub][kSub], T* sh) {
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   __syncthreads();
-#pragma unroll
-  for (int r = 0; r < kSub; ++r)
-#pragma unroll
-    for (int c = 0; c < kSub; ++c) sh[(ty + 16 * r) * kLd + tx + 16 * c] = acc[r][c];
+  store_tile(sh, kLd, acc);
   __syncthreads();
   write_to_output(p, b, ci, cj, diag, sh);
 }
@@ -84,7 +80,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T>)
   T* As = smem;             // kK x kLd
   T* Bs = smem + kK * kLd;  // kK x kLd
 
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   const int64_t q = blockIdx.x / slices;
   const int64_t s = blockIdx.x % slices;
   int64_t ti, tj;
@@ -102,20 +97,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T>)
   for (int64_t b = blockIdx.y; b < p.batch; b += gridDim.y) {
     const T* xb = p.x + b * p.x_stride_batch;
     T acc[kSub][kSub];
-#pragma unroll
-    for (int r = 0; r < kSub; ++r)
-#pragma unroll
-      for (int c = 0; c < kSub; ++c) acc[r][c] = T(0);
+    zero_tile(acc);
 
     // Two-level summation: chunks of kK * kChunkSteps rows are summed from zero in `part`, then
     // added to `acc`, so the rounding error grows with the chunk length plus m / chunk, not m.
     for (int64_t kc0 = k_begin; kc0 < k_end; kc0 += kK * kChunkSteps) {
       const int64_t kc_end = min(k_end, kc0 + kK * kChunkSteps);
       T part[kSub][kSub];
-#pragma unroll
-      for (int r = 0; r < kSub; ++r)
-#pragma unroll
-        for (int c = 0; c < kSub; ++c) part[r][c] = T(0);
+      zero_tile(part);
       for (int64_t k0 = kc0; k0 < kc_end; k0 += kK) {
         for (int e = threadIdx.x; e < kK * kTile; e += kThreads) {
           int kk, c;
@@ -135,32 +124,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T>)
           if (!diag) Bs[kk * kLd + c] = vb;
         }
         __syncthreads();
-#pragma unroll
-        for (int kk = 0; kk < kK; ++kk) {
-          T a[kSub], bv[kSub];
-#pragma unroll
-          for (int r = 0; r < kSub; ++r) a[r] = As[kk * kLd + ty + 16 * r];
-#pragma unroll
-          for (int c = 0; c < kSub; ++c) bv[c] = Bsrc[kk * kLd + tx + 16 * c];
-#pragma unroll
-          for (int r = 0; r < kSub; ++r)
-#pragma unroll
-            for (int c = 0; c < kSub; ++c) part[r][c] = fma_(a[r], bv[c], part[r][c]);
-        }
+        fma_staged_rows<kK>(part, As, Bsrc, kLd);
         __syncthreads();
       }
-#pragma unroll
-      for (int r = 0; r < kSub; ++r)
-#pragma unroll
-        for (int c = 0; c < kSub; ++c) acc[r][c] = add_rn(acc[r][c], part[r][c]);
+      add_tile(acc, part);
     }
 
     if (kSplit) {
-      T* dst = partial + ((b * npairs + q) * slices + s) * (kTile * kTile);
-#pragma unroll
-      for (int r = 0; r < kSub; ++r)
-#pragma unroll
-        for (int c = 0; c < kSub; ++c) dst[(ty + 16 * r) * kTile + tx + 16 * c] = acc[r][c];
+      store_tile(partial + ((b * npairs + q) * slices + s) * (kTile * kTile), kTile, acc);
     } else {
       write_tile<T>(p, b, ci, cj, diag, acc, smem);
     }
