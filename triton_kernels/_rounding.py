@@ -5,7 +5,7 @@ C++ and the CUDA kernels round; the interpreter's float32 -> bfloat16 cast trunc
 the kernels do not use it. The carry of that sum would wrap a NaN whose low 16 bits are set:
 NVIDIA GPUs produce ``0x7FFFFFFF`` (and ``0xFFFFFFFF`` negated), which would become -0.0 and +0.0.
 A NaN therefore keeps its upper half with the quiet bit set (``(u >> 16) | 0x40``), like
-``csrc/cpu/bf16_bits.h``.
+``csrc/include/bf16_bits.h`` (the CPU and CUDA kernels).
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 // Internal header of the CPU kernels (csrc/cpu/*.cpp only; not part of the public declarations in
-// csrc/include): the register-blocked Gram micro-kernel and the run-time ISA selection shared by
-// symmetric_factor_update.cpp and patch_covariance.cpp.
+// csrc/include): the register-blocked Gram micro-kernel shared by symmetric_factor_update.cpp and
+// patch_covariance.cpp, and the macros of the kernels compiled per ISA (their run-time selection,
+// current_isa, is in cpu_isa.h). The CUDA counterpart is csrc/cuda/gram_tiles.cuh.
 //
 // The micro-kernel computes an MR x NR block of A^T B from packed panels: for every k it loads NR
 // contiguous values of B (b + k * NR) and broadcasts MR values of A (a + k * LDA). LDA = MR is the
@@ -10,14 +11,16 @@
 // Everything below is compiled into each including file separately (anonymous namespace): the
 // kernels are instantiated inside functions with different target attributes (AVX-512, AVX2+FMA,
 // baseline), and they are always inlined there, so no out-of-line copy compiled for one ISA can be
-// shared with another. Only the ISA state (current_isa) is defined once, in
-// symmetric_factor_update.cpp, so that cpu::set_isa applies to every kernel.
+// shared with another. Only the ISA state (current_isa) is defined once, in cpu_isa.cpp, so that
+// cpu::set_isa applies to every kernel.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <new>
+
+#include "cpu_isa.h"
 
 // KFAC_KERNELS_NO_VECTOR_EXT / KFAC_KERNELS_NO_ISA_DISPATCH (compile definitions) select the plain
 // C++ micro-kernel / the baseline path only, as other compilers and CPUs get them.
@@ -53,12 +56,6 @@
 namespace kfac_kernels {
 namespace cpu {
 namespace gram {
-
-enum Isa : int { kIsaGeneric = 0, kIsaAvx2 = 1, kIsaAvx512 = 2, kIsaAuto = -1 };
-
-// The code path the CPU kernels use now: the best one this CPU runs, unless cpu::set_isa forced
-// another. Defined in symmetric_factor_update.cpp.
-int current_isa();
 
 namespace {
 

@@ -625,8 +625,8 @@ Kernels<T> kernels(int isa);
 template <>
 Kernels<float> kernels<float>(int isa) {
 #if KFK_X86_DISPATCH
-  if (isa == gram::kIsaAvx512) return {tile_avx512_f32, finalize_avx512_f32, fence_store, 32};
-  if (isa == gram::kIsaAvx2) return {tile_avx2_f32, finalize_avx2_f32, fence_store, 16};
+  if (isa == kIsaAvx512) return {tile_avx512_f32, finalize_avx512_f32, fence_store, 32};
+  if (isa == kIsaAvx2) return {tile_avx2_f32, finalize_avx2_f32, fence_store, 16};
 #endif
   (void)isa;
   return {tile_generic_f32, finalize_generic_f32, fence_none, 8};
@@ -635,8 +635,8 @@ Kernels<float> kernels<float>(int isa) {
 template <>
 Kernels<double> kernels<double>(int isa) {
 #if KFK_X86_DISPATCH
-  if (isa == gram::kIsaAvx512) return {tile_avx512_f64, finalize_avx512_f64, fence_store, 16};
-  if (isa == gram::kIsaAvx2) return {tile_avx2_f64, finalize_avx2_f64, fence_store, 8};
+  if (isa == kIsaAvx512) return {tile_avx512_f64, finalize_avx512_f64, fence_store, 16};
+  if (isa == kIsaAvx2) return {tile_avx2_f64, finalize_avx2_f64, fence_store, 8};
 #endif
   (void)isa;
   return {tile_generic_f64, finalize_generic_f64, fence_none, 4};
@@ -692,7 +692,7 @@ void expand(const PatchCovarianceParams& p) {
   const int64_t R = g.rows_per_example;
   const int64_t M = p.n * R;
 
-  const Kernels<T> kern = kernels<T>(gram::current_isa());
+  const Kernels<T> kern = kernels<T>(current_isa());
   const int64_t nr = kern.nr;
   const bool streaming = static_cast<double>(S) * static_cast<double>(D) * static_cast<double>(D) *
                              sizeof(T) >= static_cast<double>(kStreamingBytes);
@@ -1099,8 +1099,8 @@ void mean_avx512(const MeanJob<T>& j, int64_t u0, int64_t u1, T* w) {
 template <typename T, typename In, int B>
 MeanFn<T> mean_fn(int isa) {
 #if KFK_X86_DISPATCH
-  if (isa == gram::kIsaAvx512) return mean_avx512<T, In, B>;
-  if (isa == gram::kIsaAvx2) return mean_avx2<T, In, B>;
+  if (isa == kIsaAvx512) return mean_avx512<T, In, B>;
+  if (isa == kIsaAvx2) return mean_avx2<T, In, B>;
 #endif
   (void)isa;
   return mean_generic<T, In, B>;
@@ -1113,7 +1113,7 @@ void reduce(const PatchCovarianceParams& p) {
   const Geometry g(p);
   const int64_t khkw = g.khkw;
 
-  const Kernels<T> kern = kernels<T>(gram::current_isa());
+  const Kernels<T> kern = kernels<T>(current_isa());
   const int64_t nr = kern.nr;
   const bool streaming = static_cast<double>(S) * static_cast<double>(D) * static_cast<double>(D) *
                              sizeof(T) >= static_cast<double>(kStreamingBytes);
@@ -1136,8 +1136,8 @@ void reduce(const PatchCovarianceParams& p) {
   // channels_last: add along channels; small planes (a few rows of a few values): the per-plane
   // work of one channel at a time is mostly loop overhead, kChannelBlock channels share it
   if (nch > 1 && (asc < asw || p.height * p.width <= kSmallPlane)) job.cb = kChannelBlock;
-  const MeanFn<T> mean = job.cb == 1 ? mean_fn<T, In, 1>(gram::current_isa())
-                                     : mean_fn<T, In, kChannelBlock>(gram::current_isa());
+  const MeanFn<T> mean = job.cb == 1 ? mean_fn<T, In, 1>(current_isa())
+                                     : mean_fn<T, In, kChannelBlock>(current_isa());
   Buffer<T> abar(static_cast<size_t>(N * nch * khkw));
   job.abar = abar.get();
   const int64_t units = N * ceil_div(nch, job.cb);
@@ -1227,19 +1227,19 @@ void advise_huge_pages(void* ptr, size_t bytes) {
 
 void patch_covariance(const PatchCovarianceParams& p) {
   if (p.num_segments <= 0 || p.dim() <= 0) return;
-  const size_t elem = p.x_type == InputType::kFloat64 ? sizeof(double) : sizeof(float);
+  const size_t elem = p.x_type == ElementType::kFloat64 ? sizeof(double) : sizeof(float);
   advise_huge_pages(p.out, static_cast<size_t>(p.num_segments * p.dim() * p.dim()) * elem);
   switch (p.x_type) {
-    case InputType::kFloat32:
+    case ElementType::kFloat32:
       run<float, float>(p);
       break;
-    case InputType::kFloat64:
+    case ElementType::kFloat64:
       run<double, double>(p);
       break;
-    case InputType::kFloat16:
+    case ElementType::kFloat16:
       run<float, Half>(p);
       break;
-    case InputType::kBFloat16:
+    case ElementType::kBFloat16:
       run<float, BFloat16>(p);
       break;
   }

@@ -5,6 +5,8 @@
 
 #include <vector>
 
+#include "singd_formulas.h"
+
 namespace kfac_kernels {
 namespace cpu {
 namespace {
@@ -67,13 +69,9 @@ void update(T* x, T* m, const T* stat, const int64_t* dims, const int64_t* layer
     const T aa = a[layer_of[j]], bb = bcoef[layer_of[j]];
     for (int64_t r = 0; r < n; ++r) {
       for (int64_t col = 0; col < n; ++col) {
-        T v = T(0.5) * (aa * h[r * n + col] + bb * q[r * n + col] - (r == col ? T(1) : T(0)));
-        if (m != nullptr) {
-          T* mm = m + j * ld * ld + r * ld + col;
-          v = alpha1 * *mm + v;
-          *mm = v;
-        }
-        s[r * n + col] = v;
+        T* mm = m != nullptr ? m + j * ld * ld + r * ld + col : nullptr;
+        s[r * n + col] =
+            singd::factor_direction(aa, h[r * n + col], bb, q[r * n + col], r == col, alpha1, mm);
       }
     }
     // B (I - lr_cov S) = B - lr_cov B S
@@ -116,15 +114,12 @@ void singd_block_factor_update(const SingdBlockFactorUpdateParams<T>& p) {
       tqc += qc[j];
       d_o += static_cast<T>(p.c_dims[j]);
     }
-    if (p.kfac_like) {
-      a_k[l] = a_c[l] = T(1);
-      b_k[l] = b_c[l] = p.damping;
-    } else {
-      a_k[l] = thc / d_o;
-      b_k[l] = p.damping * tqc / d_o;
-      a_c[l] = thk / d_i;
-      b_c[l] = p.damping * tqk / d_i;
-    }
+    const auto co = singd::factor_coefficients(thk, tqk, d_i, thc, tqc, d_o, p.damping,
+                                               p.kfac_like);
+    a_k[l] = co.a_k;
+    b_k[l] = co.b_k;
+    a_c[l] = co.a_c;
+    b_c[l] = co.b_c;
   }
   const auto k_layer_of = layer_of_blocks(p.k_layer, p.layers);
   const auto c_layer_of = layer_of_blocks(p.c_layer, p.layers);

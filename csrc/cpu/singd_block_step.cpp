@@ -20,28 +20,11 @@
 
 #include "bf16_bits.h"
 #include "gram_tiles.h"
+#include "singd_formulas.h"
 
 namespace kfac_kernels {
 namespace cpu {
 namespace {
-
-template <typename A, typename Elem>
-KFK_ALWAYS_INLINE A load(const Elem* ptr, int64_t i) {
-  if constexpr (sizeof(Elem) == 2) {
-    return A(bf16::to_float(ptr[i]));
-  } else {
-    return A(ptr[i]);
-  }
-}
-
-template <typename A, typename Elem>
-KFK_ALWAYS_INLINE void store(Elem* ptr, int64_t i, A v) {
-  if constexpr (sizeof(Elem) == 2) {
-    ptr[i] = bf16::from_float(static_cast<float>(v));
-  } else {
-    ptr[i] = static_cast<Elem>(v);
-  }
-}
 
 // X X^T of every n x n block (slots of ld x ld), into slots of the same size.
 template <typename A>
@@ -93,8 +76,8 @@ KFK_ALWAYS_INLINE void panel_impl(const Job<A>& job, int64_t i, A* KFK_RESTRICT 
   for (int64_t r = 0; r < ni; ++r) {
     A* mr = m + r * width;
     const Elem* g = wgrad + (r0 + r) * cols;
-    for (int64_t c = 0; c < cols; ++c) mr[c] = load<A>(g, c);
-    if (has_bias) mr[cols] = load<A>(bgrad, r0 + r);
+    for (int64_t c = 0; c < cols; ++c) mr[c] = bf16::load_as<A>(g, c);
+    if (has_bias) mr[cols] = bf16::load_as<A>(bgrad, r0 + r);
   }
   const A* ci = job.cct + i * p.bc * p.bc;
   std::fill(t, t + ni * width, A(0));
@@ -127,19 +110,14 @@ KFK_ALWAYS_INLINE void panel_impl(const Job<A>& job, int64_t i, A* KFK_RESTRICT 
     Elem* w = weight + (r0 + r) * cols;
     A* b = p.weight_buf + (r0 + r) * cols;
     for (int64_t c = 0; c < cols; ++c) {
-      const A pv = load<A>(w, c);
-      const A dv = wd != A(0) ? dr[c] + wd * pv : dr[c];
-      const A bv = p.first ? dv : mom * b[c] + dv;
-      b[c] = bv;
-      store<A>(w, c, pv - lr * bv);
+      bf16::store_as(w, c, singd::step_entry(dr[c], bf16::load_as<A>(w, c), b[c], lr, mom, wd,
+                                             p.first));
     }
     if (has_bias) {
       auto* bias = static_cast<Elem*>(p.bias);
-      const A pv = load<A>(bias, r0 + r);
-      const A dv = wd != A(0) ? dr[cols] + wd * pv : dr[cols];
-      const A bv = p.first ? dv : mom * p.bias_buf[r0 + r] + dv;
-      p.bias_buf[r0 + r] = bv;
-      store<A>(bias, r0 + r, pv - lr * bv);
+      bf16::store_as(bias, r0 + r,
+                     singd::step_entry(dr[cols], bf16::load_as<A>(bias, r0 + r),
+                                       p.bias_buf[r0 + r], lr, mom, wd, p.first));
     }
   }
 }
@@ -177,8 +155,8 @@ KFK_TARGET("avx512f,avx2,fma") void panel_avx512(const Job<A>& job, int64_t i, A
 template <typename A, typename Elem>
 PanelFn<A, Elem> panel_for(int isa) {
 #if KFK_X86_DISPATCH
-  if (isa == gram::kIsaAvx512) return panel_avx512<A, Elem>;
-  if (isa == gram::kIsaAvx2) return panel_avx2<A, Elem>;
+  if (isa == kIsaAvx512) return panel_avx512<A, Elem>;
+  if (isa == kIsaAvx2) return panel_avx2<A, Elem>;
 #endif
   (void)isa;
   return panel_generic<A, Elem>;
@@ -197,7 +175,7 @@ void run(const SingdBlockStepParams<A>& p) {
   for (int64_t j = 0; j < p.k_blocks; ++j) co[j + 1] = co[j] + p.k_dims[j];
   const Job<A> job{&p, cct.data(), kkt.data(), ro.data(), co.data(),
                    p.cols + (p.bias != nullptr ? 1 : 0)};
-  const PanelFn<A, Elem> panel = panel_for<A, Elem>(gram::current_isa());
+  const PanelFn<A, Elem> panel = panel_for<A, Elem>(current_isa());
   const size_t scratch = static_cast<size_t>(max_rows * job.width);
 #ifdef _OPENMP
 #pragma omp parallel if (p.c_blocks > 1)
@@ -216,7 +194,7 @@ void run(const SingdBlockStepParams<A>& p) {
 template <typename A>
 void singd_block_step(const SingdBlockStepParams<A>& p) {
   if (p.rows <= 0 || p.c_blocks <= 0 || p.k_blocks <= 0) return;
-  if (p.param_type == StepParamType::kBFloat16) {
+  if (p.param_type == ElementType::kBFloat16) {
     run<A, uint16_t>(p);
   } else {
     run<A, A>(p);

@@ -3,6 +3,8 @@
 // the sums are sequential, so the result does not depend on the thread count.
 #include "singd_diagonal_factor_update.h"
 
+#include "singd_formulas.h"
+
 namespace kfac_kernels {
 namespace cpu {
 
@@ -26,30 +28,15 @@ void singd_diagonal_factor_update(const SingdDiagonalFactorUpdateParams<T>& p) {
       tr_cc += cc;
       tr_hc += cc * p.g[i];
     }
-    T a_k = 1, b_k = p.damping, a_c = 1, b_c = p.damping;
-    if (!p.kfac_like) {
-      a_k = tr_hc / d_o;
-      b_k = p.damping * tr_cc / d_o;
-      a_c = tr_hk / d_i;
-      b_c = p.damping * tr_kk / d_i;
-    }
+    const auto co = singd::factor_coefficients(tr_hk, tr_kk, d_i, tr_hc, tr_cc, d_o, p.damping,
+                                               p.kfac_like);
     for (int64_t j = k0; j < k1; ++j) {
-      const T kk = p.k[j] * p.k[j];
-      T s = T(0.5) * (a_k * (kk * p.u[j]) + b_k * kk - T(1));
-      if (p.m_k != nullptr) {
-        s = p.alpha1 * p.m_k[j] + s;
-        p.m_k[j] = s;
-      }
-      p.k[j] = p.k[j] * (T(1) - p.lr_cov * s);
+      p.k[j] = singd::diagonal_factor_entry(p.k[j], p.u[j], co.a_k, co.b_k, p.alpha1, p.lr_cov,
+                                            p.m_k ? p.m_k + j : nullptr);
     }
     for (int64_t i = c0; i < c1; ++i) {
-      const T cc = p.c[i] * p.c[i];
-      T s = T(0.5) * (a_c * (cc * p.g[i]) + b_c * cc - T(1));
-      if (p.m_c != nullptr) {
-        s = p.alpha1 * p.m_c[i] + s;
-        p.m_c[i] = s;
-      }
-      p.c[i] = p.c[i] * (T(1) - p.lr_cov * s);
+      p.c[i] = singd::diagonal_factor_entry(p.c[i], p.g[i], co.a_c, co.b_c, p.alpha1, p.lr_cov,
+                                            p.m_c ? p.m_c + i : nullptr);
     }
   }
 }

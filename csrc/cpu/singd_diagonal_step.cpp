@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "bf16_bits.h"
+#include "singd_formulas.h"
 
 namespace kfac_kernels {
 namespace cpu {
@@ -20,13 +21,8 @@ void run(const SingdDiagonalStepParams<A>& p, LoadP load_param, LoadG load_grad,
     const A ci = p.c[i];
     A* b = p.buf + i * p.buf_stride_row;
     for (int64_t j = 0; j < p.cols; ++j) {
-      const A kj = p.k[j];
-      const A pij = load_param(i, j);
-      A d = ci * (ci * ((load_grad(i, j) * kj) * kj));
-      if (wd != A(0)) d = d + wd * pij;
-      const A bij = p.first ? d : mom * b[j] + d;
-      b[j] = bij;
-      store(i, j, pij - lr * bij);
+      const A v = singd::diagonal_preconditioned_gradient(load_grad(i, j), ci, p.k[j]);
+      store(i, j, singd::step_entry(v, load_param(i, j), b[j], lr, mom, wd, p.first));
     }
   }
 }
@@ -36,7 +32,7 @@ void run(const SingdDiagonalStepParams<A>& p, LoadP load_param, LoadG load_grad,
 template <typename A>
 void singd_diagonal_step(const SingdDiagonalStepParams<A>& p) {
   if (p.rows <= 0 || p.cols <= 0) return;
-  if (p.param_type == StepParamType::kBFloat16) {
+  if (p.param_type == ElementType::kBFloat16) {
     auto* param = static_cast<uint16_t*>(p.param);
     const auto* grad = static_cast<const uint16_t*>(p.grad);
     run(

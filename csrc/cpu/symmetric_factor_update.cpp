@@ -14,14 +14,13 @@
 // sums are added in a fixed order afterwards. The split depends only on the problem size, never on
 // the number of threads, so results are bitwise reproducible for any OMP_NUM_THREADS.
 //
-// The micro-kernel and the ISA selection live in gram_tiles.h (shared with patch_covariance.cpp).
+// The micro-kernel lives in gram_tiles.h (shared with patch_covariance.cpp), the ISA state in
+// cpu_isa.cpp.
 #include "symmetric_factor_update.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cstdlib>
 #include <cstring>
-#include <string>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -165,38 +164,6 @@ KFK_TARGET("avx512f,avx2,fma") void tile_avx512_f64(const TileJob<double>& j) {
   Kernel<double, 8, 16, 8>::tile(j);
 }
 #endif
-
-using gram::kIsaAuto;
-using gram::kIsaAvx2;
-using gram::kIsaAvx512;
-using gram::kIsaGeneric;
-
-int detect_isa() {
-#if KFK_X86_DISPATCH
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return kIsaAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kIsaAvx2;
-#endif
-  return kIsaGeneric;
-}
-
-int best_isa() {
-  static const int best = detect_isa();
-  return best;
-}
-
-std::atomic<int> g_forced_isa{kIsaAuto};
-
-}  // namespace
-
-int gram::current_isa() {
-  const int forced = g_forced_isa.load(std::memory_order_relaxed);
-  return forced == kIsaAuto ? best_isa() : forced;
-}
-
-namespace {
-
-using gram::current_isa;
 
 template <typename T>
 TileFn<T> tile_fn(int isa);
@@ -359,52 +326,6 @@ void symmetric_factor_update(const SymmetricFactorUpdateParams<T>& p) {
 
 template void symmetric_factor_update<float>(const SymmetricFactorUpdateParams<float>&);
 template void symmetric_factor_update<double>(const SymmetricFactorUpdateParams<double>&);
-
-const char* isa() {
-  switch (current_isa()) {
-    case kIsaAvx512:
-      return "avx512";
-    case kIsaAvx2:
-      return "avx2";
-    default:
-      return "generic";
-  }
-}
-
-bool set_isa(const char* name) {
-  const std::string s = name ? name : "auto";
-  int want;
-  if (s == "auto") {
-    want = kIsaAuto;
-  } else if (s == "generic") {
-    want = kIsaGeneric;
-  } else if (s == "avx2") {
-    want = kIsaAvx2;
-  } else if (s == "avx512") {
-    want = kIsaAvx512;
-  } else {
-    return false;
-  }
-  if (want != kIsaAuto && want > best_isa()) return false;
-  g_forced_isa.store(want, std::memory_order_relaxed);
-  return true;
-}
-
-int max_threads() {
-#ifdef _OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
-
-bool with_openmp() {
-#ifdef _OPENMP
-  return true;
-#else
-  return false;
-#endif
-}
 
 }  // namespace cpu
 }  // namespace kfac_kernels

@@ -41,6 +41,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "gram_tiles.cuh"
 #include "patch_covariance.h"
 
 namespace kfac_kernels {
@@ -114,15 +115,7 @@ template <typename T>
 struct Is16Bit : std::integral_constant<bool, std::is_same<T, __half>::value ||
                                                   std::is_same<T, __nv_bfloat16>::value> {};
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 __host__ __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
-
-__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
-__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
-__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
-__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
-__device__ __forceinline__ float fma_(float a, float b, float c) { return fmaf(a, b, c); }
-__device__ __forceinline__ double fma_(double a, double b, double c) { return fma(a, b, c); }
 
 // Conversions between the input types and float / double.
 template <typename To>
@@ -229,48 +222,16 @@ __device__ __forceinline__ void store_pair(const Problem& P, int64_t s, int64_t 
   }
 }
 
-// Linear index q over the upper triangle (row-major) of an nt x nt tile grid -> (ti, tj).
-// Row ti starts at ti * (2 nt - ti + 1) / 2.
-__device__ __forceinline__ void tile_pair(int64_t q, int64_t nt, int64_t& ti, int64_t& tj) {
-  const double b = 2.0 * static_cast<double>(nt) + 1.0;
-  int64_t t = static_cast<int64_t>(floor((b - sqrt(b * b - 8.0 * static_cast<double>(q))) * 0.5));
-  if (t < 0) t = 0;
-  if (t > nt - 1) t = nt - 1;
-  while (t > 0 && t * (2 * nt - t + 1) / 2 > q) --t;
-  while (t + 1 < nt && (t + 1) * (2 * nt - t) / 2 <= q) ++t;
-  ti = t;
-  tj = t + (q - t * (2 * nt - t + 1) / 2);
-}
-
 // Writes the raw sums of tile (ci, cj) of segment s, staged in shared memory (row stride ld), to
-// out[i][j] (consecutive threads on consecutive j) and out[j][i] (consecutive i). On diagonal
-// tiles only the upper entries are used. Ends with a barrier.
+// out[s] (write_symmetric_tile, gram_tiles.cuh). Ends with a barrier.
 template <typename A>
 __device__ void write_staged_tile(const Problem& P, int64_t s, int64_t ci, int64_t cj, bool diag,
                                   const A* stage, int ld) {
   const int64_t D = P.D;
-  A* out = static_cast<A*>(P.out) + s * D * D;
   const A* f = P.factor ? static_cast<const A*>(P.factor) + s * P.fsb : nullptr;
-  const A alpha = static_cast<A>(P.alpha), decay = static_cast<A>(P.decay);
-  const int wi = static_cast<int>(imin(D - ci, kTile));
-  const int wj = static_cast<int>(imin(D - cj, kTile));
-  for (int e = threadIdx.x; e < kTile * kTile; e += kThreads) {
-    const int lr = e / kTile, lc = e % kTile;
-    if (lr < wi && lc < wj && (!diag || lr <= lc)) {
-      const int64_t i = ci + lr, j = cj + lc;
-      const A g = mul_rn(alpha, stage[lr * ld + lc]);
-      out[i * D + j] = f ? add_rn(mul_rn(decay, f[i * P.fsr + j * P.fsc]), g) : g;
-    }
-  }
-  for (int e = threadIdx.x; e < kTile * kTile; e += kThreads) {
-    const int lc = e / kTile, lr = e % kTile;
-    if (lr < wi && lc < wj && (!diag || lr < lc)) {
-      const int64_t i = ci + lr, j = cj + lc;
-      const A g = mul_rn(alpha, stage[lr * ld + lc]);
-      out[j * D + i] = f ? add_rn(mul_rn(decay, f[j * P.fsr + i * P.fsc]), g) : g;
-    }
-  }
-  __syncthreads();
+  write_symmetric_tile<kTile, kThreads>(static_cast<A*>(P.out) + s * D * D, D, f, P.fsr, P.fsc,
+                                        static_cast<A>(P.alpha), static_cast<A>(P.decay), ci, cj,
+                                        diag, stage, ld);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -294,7 +255,6 @@ __device__ void tile_body_simt(const Problem& P, int64_t nt, int64_t slices,
   using A = Acc<In>;
   __shared__ SimtSmem<A> sm;
   const int t = threadIdx.x;
-  const int tx = t % 16, ty = t / 16;
   const int64_t q = blockIdx.x / slices;
   const int64_t sl = blockIdx.x % slices;
   int64_t ti, tj;
@@ -314,10 +274,7 @@ __device__ void tile_body_simt(const Problem& P, int64_t nt, int64_t slices,
   for (int64_t s = blockIdx.y; s < P.S; s += gridDim.y) {
     const In* xs = segment_base<In>(P, s);
     A acc[kSub][kSub];
-#pragma unroll
-    for (int r = 0; r < kSub; ++r)
-#pragma unroll
-      for (int c = 0; c < kSub; ++c) acc[r][c] = A(0);
+    zero_tile(acc);
 
     for (int64_t kc0 = k_begin; kc0 < k_end; kc0 += kChunkRows) {
       const int64_t kc_end = imin(k_end, kc0 + kChunkRows);
@@ -325,10 +282,7 @@ __device__ void tile_body_simt(const Problem& P, int64_t nt, int64_t slices,
       if (t < kChunkRows) sm.rows[t] = make_row(P, kc0 + t, kc_end);
       __syncthreads();
       A part[kSub][kSub];
-#pragma unroll
-      for (int r = 0; r < kSub; ++r)
-#pragma unroll
-        for (int c = 0; c < kSub; ++c) part[r][c] = A(0);
+      zero_tile(part);
       const int steps = static_cast<int>(kc_end - kc0);
       for (int k0 = 0; k0 < steps; k0 += kK) {
         for (int e = t; e < kK * kTile; e += kThreads) {
@@ -343,38 +297,17 @@ __device__ void tile_body_simt(const Problem& P, int64_t nt, int64_t slices,
           if (!diag) sm.u.panels[1][kk][c] = gather<A>(xs, r, sm.cols[1][c], P.H, P.W);
         }
         __syncthreads();
-#pragma unroll
-        for (int kk = 0; kk < kK; ++kk) {
-          A a[kSub], b[kSub];
-#pragma unroll
-          for (int r = 0; r < kSub; ++r) a[r] = sm.u.panels[0][kk][ty + 16 * r];
-#pragma unroll
-          for (int c = 0; c < kSub; ++c) b[c] = sm.u.panels[bsel][kk][tx + 16 * c];
-#pragma unroll
-          for (int r = 0; r < kSub; ++r)
-#pragma unroll
-            for (int c = 0; c < kSub; ++c) part[r][c] = fma_(a[r], b[c], part[r][c]);
-        }
+        fma_staged_rows<kK>(part, &sm.u.panels[0][0][0], &sm.u.panels[bsel][0][0], kLd);
         __syncthreads();
       }
-#pragma unroll
-      for (int r = 0; r < kSub; ++r)
-#pragma unroll
-        for (int c = 0; c < kSub; ++c) acc[r][c] = add_rn(acc[r][c], part[r][c]);
+      add_tile(acc, part);
     }
 
     if (kSplit) {
-      A* dst = partial + ((s * npairs + q) * slices + sl) * (kTile * kTile);
-#pragma unroll
-      for (int r = 0; r < kSub; ++r)
-#pragma unroll
-        for (int c = 0; c < kSub; ++c) dst[(ty + 16 * r) * kTile + tx + 16 * c] = acc[r][c];
+      store_tile(partial + ((s * npairs + q) * slices + sl) * (kTile * kTile), kTile, acc);
     } else {
       __syncthreads();  // the panels (aliased by the stage) are no longer read
-#pragma unroll
-      for (int r = 0; r < kSub; ++r)
-#pragma unroll
-        for (int c = 0; c < kSub; ++c) sm.u.stage[ty + 16 * r][tx + 16 * c] = acc[r][c];
+      store_tile(&sm.u.stage[0][0], kLd, acc);
       __syncthreads();
       write_staged_tile<A>(P, s, ci, cj, diag, &sm.u.stage[0][0], kLd);
     }
@@ -517,12 +450,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t npairs = nt * (nt + 1) / 2;
   for (int64_t s = blockIdx.y; s < P.S; s += gridDim.y) {
     const A* src = partial + (s * npairs + q) * slices * (kTile * kTile);
-    for (int e = threadIdx.x; e < kTile * kTile; e += kThreads) {
-      A sum = src[e];
-      for (int64_t k = 1; k < slices; ++k) sum = add_rn(sum, src[k * (kTile * kTile) + e]);
-      stage[(e / kTile) * kLd + e % kTile] = sum;
-    }
-    __syncthreads();
+    sum_partial_tiles<kTile, kThreads>(src, slices, stage, kLd);
     write_staged_tile<A>(P, s, ti * kTile, tj * kTile, ti == tj, stage, kLd);
   }
 }
@@ -930,11 +858,11 @@ cudaError_t launch_mean(const Problem& P, int64_t n, Acc<In>* abar, cudaStream_t
   return cudaGetLastError();
 }
 
-size_t acc_size_of(InputType t) { return t == InputType::kFloat64 ? 8 : 4; }
+size_t acc_size_of(ElementType t) { return t == ElementType::kFloat64 ? 8 : 4; }
 
-bool valid_type(InputType t) {
-  return t == InputType::kFloat32 || t == InputType::kFloat64 || t == InputType::kFloat16 ||
-         t == InputType::kBFloat16;
+bool valid_type(ElementType t) {
+  return t == ElementType::kFloat32 || t == ElementType::kFloat64 || t == ElementType::kFloat16 ||
+         t == ElementType::kBFloat16;
 }
 
 // Workspace layout: reduce: [abar (aligned)][expand partials]; expand: [expand partials].
@@ -994,13 +922,13 @@ cudaError_t patch_covariance(const PatchCovarianceParams& p, void* workspace,
   if (p.x == nullptr && plan.P.M > 0 && plan.P.Dn > 0) return cudaErrorInvalidValue;
   if (plan.workspace_bytes > 0 && workspace == nullptr) return cudaErrorInvalidValue;
   switch (p.x_type) {
-    case InputType::kFloat32:
+    case ElementType::kFloat32:
       return run<float>(p, plan, workspace, stream);
-    case InputType::kFloat64:
+    case ElementType::kFloat64:
       return run<double>(p, plan, workspace, stream);
-    case InputType::kFloat16:
+    case ElementType::kFloat16:
       return run<__half>(p, plan, workspace, stream);
-    case InputType::kBFloat16:
+    case ElementType::kBFloat16:
       return run<__nv_bfloat16>(p, plan, workspace, stream);
   }
   return cudaErrorInvalidValue;

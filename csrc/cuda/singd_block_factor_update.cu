@@ -5,24 +5,14 @@
 // (new values staged in the workspace so no thread reads an entry another already replaced).
 #include "singd_block_factor_update.h"
 
+#include "block_sum.cuh"
+#include "singd_formulas.h"
+
 namespace kfac_kernels {
 namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
-
-template <typename T>
-__device__ T block_sum(T v, T* shared) {
-  shared[threadIdx.x] = v;
-  __syncthreads();
-  for (int s = kThreads / 2; s > 0; s >>= 1) {
-    if (threadIdx.x < s) shared[threadIdx.x] += shared[threadIdx.x + s];
-    __syncthreads();
-  }
-  const T out = shared[0];
-  __syncthreads();
-  return out;
-}
 
 // Partial Tr(B^T S B) and Tr(B^T B) of this thread over blocks [j0, j1); S B stays in ws.
 template <typename T>
@@ -60,12 +50,8 @@ __device__ void side_update(T* x, T* m, const int64_t* dims, int64_t j0, int64_t
         h += b[t * ld + r] * sb[t * ld + c];
         q += b[t * ld + r] * b[t * ld + c];
       }
-      T v = T(0.5) * (a * h + bcoef * q - (r == c ? T(1) : T(0)));
-      if (m != nullptr) {
-        v = alpha1 * m[j * ld * ld + r * ld + c] + v;
-        m[j * ld * ld + r * ld + c] = v;
-      }
-      st[r * ld + c] = v;
+      st[r * ld + c] = singd::factor_direction(a, h, bcoef, q, r == c, alpha1,
+                                               m ? m + j * ld * ld + r * ld + c : nullptr);
     }
     __syncthreads();  // every S entry (and every read of S B) done
     for (int64_t e = threadIdx.x; e < n * n; e += kThreads) {
@@ -96,17 +82,14 @@ __global__ void block_factor_update_kernel(SingdBlockFactorUpdateParams<T> p, T*
   T hk = 0, qk = 0, hc = 0, qc = 0, d_i = 0, d_o = 0;
   side_traces(p.k, p.u, p.k_dims, kj0, kj1, p.bk, ws_k, hk, qk, d_i);
   side_traces(p.c, p.g, p.c_dims, cj0, cj1, p.bc, ws_c, hc, qc, d_o);
-  const T tr_hk = block_sum(hk, shared), tr_qk = block_sum(qk, shared);
-  const T tr_hc = block_sum(hc, shared), tr_qc = block_sum(qc, shared);
-  T a_k = 1, b_k = p.damping, a_c = 1, b_c = p.damping;
-  if (!p.kfac_like) {
-    a_k = tr_hc / d_o;
-    b_k = p.damping * tr_qc / d_o;
-    a_c = tr_hk / d_i;
-    b_c = p.damping * tr_qk / d_i;
-  }
-  side_update(p.k, p.m_k, p.k_dims, kj0, kj1, p.bk, ws_k, ws_sk, a_k, b_k, p.alpha1, p.lr_cov);
-  side_update(p.c, p.m_c, p.c_dims, cj0, cj1, p.bc, ws_c, ws_sc, a_c, b_c, p.alpha1, p.lr_cov);
+  const T tr_hk = block_sum<kThreads>(hk, shared), tr_qk = block_sum<kThreads>(qk, shared);
+  const T tr_hc = block_sum<kThreads>(hc, shared), tr_qc = block_sum<kThreads>(qc, shared);
+  const auto co = singd::factor_coefficients(tr_hk, tr_qk, d_i, tr_hc, tr_qc, d_o, p.damping,
+                                             p.kfac_like);
+  side_update(p.k, p.m_k, p.k_dims, kj0, kj1, p.bk, ws_k, ws_sk, co.a_k, co.b_k, p.alpha1,
+              p.lr_cov);
+  side_update(p.c, p.m_c, p.c_dims, cj0, cj1, p.bc, ws_c, ws_sc, co.a_c, co.b_c, p.alpha1,
+              p.lr_cov);
 }
 
 }  // namespace

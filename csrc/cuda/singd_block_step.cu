@@ -2,9 +2,12 @@
 // csrc/include/singd_block_step.h. One thread block per tile (C row block i, K column block j):
 // the threads form C_i C_i^T, K_j K_j^T and (C_i C_i^T) M_ij in shared memory (blocks of up to
 // kMaxBlock), then each entry of the tile is finished and written once.
-#include <cuda_bf16.h>
-
 #include "singd_block_step.h"
+
+#include <cstdint>
+
+#include "bf16_bits.h"
+#include "singd_formulas.h"
 
 namespace kfac_kernels {
 namespace cuda {
@@ -12,24 +15,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kMaxBlock = 32;  // shared memory: 4 tiles of 32 x 32 doubles = 32 KiB
-
-template <typename A, typename Elem>
-__device__ A load(const Elem* p, int64_t i) {
-  if constexpr (sizeof(Elem) == 2) {
-    return static_cast<A>(__bfloat162float(reinterpret_cast<const __nv_bfloat16*>(p)[i]));
-  } else {
-    return static_cast<A>(p[i]);
-  }
-}
-
-template <typename A, typename Elem>
-__device__ void store(Elem* p, int64_t i, A v) {
-  if constexpr (sizeof(Elem) == 2) {
-    reinterpret_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(static_cast<float>(v));
-  } else {
-    p[i] = static_cast<Elem>(v);
-  }
-}
 
 template <typename A, typename Elem>
 __global__ void block_step_kernel(SingdBlockStepParams<A> p, const int64_t* ro,
@@ -61,7 +46,8 @@ __global__ void block_step_kernel(SingdBlockStepParams<A> p, const int64_t* ro,
   }
   for (int64_t e = threadIdx.x; e < ni * nj; e += kThreads) {
     const int64_t r = e / nj, c = e % nj, gr = r0 + r, gc = c0 + c;
-    m[r * kMaxBlock + c] = gc < p.cols ? load<A>(wgrad, gr * p.cols + gc) : load<A>(bgrad, gr);
+    m[r * kMaxBlock + c] =
+        gc < p.cols ? bf16::load_as<A>(wgrad, gr * p.cols + gc) : bf16::load_as<A>(bgrad, gr);
   }
   __syncthreads();
   for (int64_t e = threadIdx.x; e < ni * nj; e += kThreads) {
@@ -79,11 +65,8 @@ __global__ void block_step_kernel(SingdBlockStepParams<A> p, const int64_t* ro,
     Elem* pp = is_w ? weight : bias;
     A* bp = is_w ? p.weight_buf : p.bias_buf;
     const int64_t idx = is_w ? gr * p.cols + gc : gr;
-    const A pv = load<A>(pp, idx);
-    if (p.weight_decay != A(0)) d = d + p.weight_decay * pv;
-    const A bv = p.first ? d : p.momentum * bp[idx] + d;
-    bp[idx] = bv;
-    store<A>(pp, idx, pv - p.lr * bv);
+    bf16::store_as(pp, idx, singd::step_entry(d, bf16::load_as<A>(pp, idx), bp[idx], p.lr,
+                                              p.momentum, p.weight_decay, p.first));
   }
 }
 
@@ -97,7 +80,7 @@ cudaError_t singd_block_step(const SingdBlockStepParams<A>& p, const int64_t* of
   const auto grid = static_cast<unsigned>(p.c_blocks * p.k_blocks);
   const int64_t* ro = offsets;
   const int64_t* co = offsets + p.c_blocks + 1;
-  if (p.param_type == StepParamType::kBFloat16) {
+  if (p.param_type == ElementType::kBFloat16) {
     block_step_kernel<A, uint16_t><<<grid, kThreads, 0, stream>>>(p, ro, co);
   } else {
     block_step_kernel<A, A><<<grid, kThreads, 0, stream>>>(p, ro, co);

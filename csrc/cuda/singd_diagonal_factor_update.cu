@@ -3,24 +3,14 @@
 // thread, a fixed-order shared-memory tree reduction (deterministic), then the element update.
 #include "singd_diagonal_factor_update.h"
 
+#include "block_sum.cuh"
+#include "singd_formulas.h"
+
 namespace kfac_kernels {
 namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
-
-template <typename T>
-__device__ T block_sum(T v, T* shared) {
-  shared[threadIdx.x] = v;
-  __syncthreads();
-  for (int s = kThreads / 2; s > 0; s >>= 1) {
-    if (threadIdx.x < s) shared[threadIdx.x] += shared[threadIdx.x + s];
-    __syncthreads();
-  }
-  const T out = shared[0];
-  __syncthreads();
-  return out;
-}
 
 template <typename T>
 __global__ void factor_update_kernel(SingdDiagonalFactorUpdateParams<T> p) {
@@ -39,33 +29,18 @@ __global__ void factor_update_kernel(SingdDiagonalFactorUpdateParams<T> p) {
     cc += v;
     hc += v * p.g[i];
   }
-  const T tr_hk = block_sum(hk, shared), tr_kk = block_sum(kk, shared);
-  const T tr_hc = block_sum(hc, shared), tr_cc = block_sum(cc, shared);
+  const T tr_hk = block_sum<kThreads>(hk, shared), tr_kk = block_sum<kThreads>(kk, shared);
+  const T tr_hc = block_sum<kThreads>(hc, shared), tr_cc = block_sum<kThreads>(cc, shared);
   const T d_i = static_cast<T>(k1 - k0), d_o = static_cast<T>(c1 - c0);
-  T a_k = 1, b_k = p.damping, a_c = 1, b_c = p.damping;
-  if (!p.kfac_like) {
-    a_k = tr_hc / d_o;
-    b_k = p.damping * tr_cc / d_o;
-    a_c = tr_hk / d_i;
-    b_c = p.damping * tr_kk / d_i;
-  }
+  const auto co = singd::factor_coefficients(tr_hk, tr_kk, d_i, tr_hc, tr_cc, d_o, p.damping,
+                                             p.kfac_like);
   for (int64_t j = k0 + threadIdx.x; j < k1; j += kThreads) {
-    const T v = p.k[j] * p.k[j];
-    T s = T(0.5) * (a_k * (v * p.u[j]) + b_k * v - T(1));
-    if (p.m_k != nullptr) {
-      s = p.alpha1 * p.m_k[j] + s;
-      p.m_k[j] = s;
-    }
-    p.k[j] = p.k[j] * (T(1) - p.lr_cov * s);
+    p.k[j] = singd::diagonal_factor_entry(p.k[j], p.u[j], co.a_k, co.b_k, p.alpha1, p.lr_cov,
+                                          p.m_k ? p.m_k + j : nullptr);
   }
   for (int64_t i = c0 + threadIdx.x; i < c1; i += kThreads) {
-    const T v = p.c[i] * p.c[i];
-    T s = T(0.5) * (a_c * (v * p.g[i]) + b_c * v - T(1));
-    if (p.m_c != nullptr) {
-      s = p.alpha1 * p.m_c[i] + s;
-      p.m_c[i] = s;
-    }
-    p.c[i] = p.c[i] * (T(1) - p.lr_cov * s);
+    p.c[i] = singd::diagonal_factor_entry(p.c[i], p.g[i], co.a_c, co.b_c, p.alpha1, p.lr_cov,
+                                          p.m_c ? p.m_c + i : nullptr);
   }
 }
 

@@ -5,20 +5,12 @@
 
 #include <cstdint>
 
+#include "bf16_bits.h"
+#include "singd_formulas.h"
+
 namespace kfac_kernels {
 namespace cuda {
 namespace {
-
-__device__ inline float bf16_to_float(uint16_t bits) {
-  return __uint_as_float(static_cast<uint32_t>(bits) << 16);
-}
-
-__device__ inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN kept quiet
-  uint32_t u = __float_as_uint(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
 
 template <typename A, bool kBf16>
 __global__ void step_kernel(SingdDiagonalStepParams<A> p) {
@@ -29,21 +21,17 @@ __global__ void step_kernel(SingdDiagonalStepParams<A> p) {
   const int64_t gi = i * p.grad_stride_row + j;
   A pij, gij;
   if (kBf16) {
-    pij = A(bf16_to_float(static_cast<const uint16_t*>(p.param)[pi]));
-    gij = A(bf16_to_float(static_cast<const uint16_t*>(p.grad)[gi]));
+    pij = A(bf16::to_float(static_cast<const uint16_t*>(p.param)[pi]));
+    gij = A(bf16::to_float(static_cast<const uint16_t*>(p.grad)[gi]));
   } else {
     pij = static_cast<const A*>(p.param)[pi];
     gij = static_cast<const A*>(p.grad)[gi];
   }
-  const A ci = p.c[i], kj = p.k[j];
-  A d = ci * (ci * ((gij * kj) * kj));
-  if (p.weight_decay != A(0)) d = d + p.weight_decay * pij;
-  A* b = p.buf + i * p.buf_stride_row + j;
-  const A bij = p.first ? d : p.momentum * (*b) + d;
-  *b = bij;
-  const A out = pij - p.lr * bij;
+  const A v = singd::diagonal_preconditioned_gradient(gij, p.c[i], p.k[j]);
+  const A out = singd::step_entry(v, pij, p.buf[i * p.buf_stride_row + j], p.lr, p.momentum,
+                                  p.weight_decay, p.first);
   if (kBf16) {
-    static_cast<uint16_t*>(p.param)[pi] = float_to_bf16(static_cast<float>(out));
+    static_cast<uint16_t*>(p.param)[pi] = bf16::from_float(static_cast<float>(out));
   } else {
     static_cast<A*>(p.param)[pi] = out;
   }
@@ -58,7 +46,7 @@ cudaError_t singd_diagonal_step(const SingdDiagonalStepParams<A>& p, cudaStream_
   constexpr int kThreads = 256;
   const dim3 grid(static_cast<unsigned>((p.cols + kThreads - 1) / kThreads),
                   static_cast<unsigned>(p.rows));
-  if (p.param_type == StepParamType::kBFloat16) {
+  if (p.param_type == ElementType::kBFloat16) {
     step_kernel<A, true><<<grid, kThreads, 0, stream>>>(p);
   } else {
     step_kernel<A, false><<<grid, kThreads, 0, stream>>>(p);

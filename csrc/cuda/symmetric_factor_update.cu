@@ -18,8 +18,9 @@
 
 #include <cuda_runtime.h>
 
-#include <cmath>
 #include <cstdint>
+
+#include "gram_tiles.cuh"
 
 namespace kfac_kernels {
 namespace cuda {
@@ -38,28 +39,6 @@ constexpr int64_t kMinRowsPerSlice = 1024;
 constexpr int64_t kTargetBlocks = 256;
 constexpr int64_t kMaxGridY = 65535;
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
-__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
-__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
-__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
-__device__ __forceinline__ float fma_(float a, float b, float c) { return fmaf(a, b, c); }
-__device__ __forceinline__ double fma_(double a, double b, double c) { return fma(a, b, c); }
-
-// Linear index q over the upper triangle (row-major) of an nt x nt tile grid -> (ti, tj).
-// Row ti starts at ti * (2 nt - ti + 1) / 2.
-__device__ __forceinline__ void tile_pair(int64_t q, int64_t nt, int64_t& ti, int64_t& tj) {
-  const double b = 2.0 * static_cast<double>(nt) + 1.0;
-  int64_t t = static_cast<int64_t>(floor((b - sqrt(b * b - 8.0 * static_cast<double>(q))) * 0.5));
-  if (t < 0) t = 0;
-  if (t > nt - 1) t = nt - 1;
-  while (t > 0 && t * (2 * nt - t + 1) / 2 > q) --t;
-  while (t + 1 < nt && (t + 1) * (2 * nt - t) / 2 <= q) ++t;
-  ti = t;
-  tj = t + (q - t * (2 * nt - t + 1) / 2);
-}
-
 template <typename T>
 struct Smem {
   static constexpr int kLoadElems = 2 * kK * kLd;
@@ -67,48 +46,27 @@ struct Smem {
   static constexpr int kElems = kLoadElems > kTransposeElems ? kLoadElems : kTransposeElems;
 };
 
+// out[b] from the raw sums of tile (ci, cj) staged in sh (row stride kLd); ends with a barrier.
+template <typename T>
+__device__ void write_to_output(const SymmetricFactorUpdateParams<T>& p, int64_t b, int64_t ci,
+                                int64_t cj, bool diag, const T* sh) {
+  const T* fb = p.factor ? p.factor + b * p.factor_stride_batch : nullptr;
+  write_symmetric_tile<kTile, kThreads>(p.out + b * p.d * p.d, p.d, fb, p.factor_stride_row,
+                                        p.factor_stride_col, p.alpha, p.decay, ci, cj, diag, sh,
+                                        kLd);
+}
+
 // acc holds this thread's 4 x 4 entries of x^T x for tile (ti, tj): rows ty + 16 r, columns
-// tx + 16 c. alpha * acc is staged in shared memory (`sh`, kTile x kLd), then written to
-// out[i][j] and mirrored to out[j][i], consecutive threads taking consecutive addresses both
-// times. Starts and ends with a barrier, so `sh` may alias the staging buffers of the main loop.
+// tx + 16 c. They are staged in shared memory (`sh`, kTile x kLd) and written by
+// write_symmetric_tile (gram_tiles.cuh). Starts and ends with a barrier, so `sh` may alias the
+// staging buffers of the main loop.
 template <typename T>
 __device__ void write_tile(const SymmetricFactorUpdateParams<T>& p, int64_t b, int64_t ci,
                            int64_t cj, bool diag, const T (&acc)[kSub][kSub], T* sh) {
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   __syncthreads();
-#pragma unroll
-  for (int r = 0; r < kSub; ++r)
-#pragma unroll
-    for (int c = 0; c < kSub; ++c)
-      sh[(ty + 16 * r) * kLd + tx + 16 * c] = mul_rn(p.alpha, acc[r][c]);
+  store_tile(sh, kLd, acc);
   __syncthreads();
-
-  const int64_t d = p.d;
-  T* outb = p.out + b * d * d;
-  const T* fb = p.factor ? p.factor + b * p.factor_stride_batch : nullptr;
-  const int64_t sr = p.factor_stride_row, sc = p.factor_stride_col;
-  const T decay = p.decay;
-  const int wi = static_cast<int>(d - ci < kTile ? d - ci : kTile);
-  const int wj = static_cast<int>(d - cj < kTile ? d - cj : kTile);
-  // out[i][j]: consecutive threads take consecutive j.
-  for (int e = threadIdx.x; e < kTile * kTile; e += kThreads) {
-    const int lr = e / kTile, lc = e % kTile;
-    if (lr < wi && lc < wj && (!diag || lr <= lc)) {
-      const int64_t i = ci + lr, j = cj + lc;
-      const T g = sh[lr * kLd + lc];
-      outb[i * d + j] = fb ? add_rn(mul_rn(decay, fb[i * sr + j * sc]), g) : g;
-    }
-  }
-  // out[j][i]: consecutive threads take consecutive i.
-  for (int e = threadIdx.x; e < kTile * kTile; e += kThreads) {
-    const int lc = e / kTile, lr = e % kTile;
-    if (lr < wi && lc < wj && (!diag || lr < lc)) {
-      const int64_t i = ci + lr, j = cj + lc;
-      const T g = sh[lr * kLd + lc];
-      outb[j * d + i] = fb ? add_rn(mul_rn(decay, fb[j * sr + i * sc]), g) : g;
-    }
-  }
-  __syncthreads();
+  write_to_output(p, b, ci, cj, diag, sh);
 }
 
 // grid.x = npairs * slices, grid.y strides over the batch. With kSplit each block writes its
@@ -122,7 +80,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T>)
   T* As = smem;             // kK x kLd
   T* Bs = smem + kK * kLd;  // kK x kLd
 
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   const int64_t q = blockIdx.x / slices;
   const int64_t s = blockIdx.x % slices;
   int64_t ti, tj;
@@ -140,20 +97,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T>)
   for (int64_t b = blockIdx.y; b < p.batch; b += gridDim.y) {
     const T* xb = p.x + b * p.x_stride_batch;
     T acc[kSub][kSub];
-#pragma unroll
-    for (int r = 0; r < kSub; ++r)
-#pragma unroll
-      for (int c = 0; c < kSub; ++c) acc[r][c] = T(0);
+    zero_tile(acc);
 
     // Two-level summation: chunks of kK * kChunkSteps rows are summed from zero in `part`, then
     // added to `acc`, so the rounding error grows with the chunk length plus m / chunk, not m.
     for (int64_t kc0 = k_begin; kc0 < k_end; kc0 += kK * kChunkSteps) {
       const int64_t kc_end = min(k_end, kc0 + kK * kChunkSteps);
       T part[kSub][kSub];
-#pragma unroll
-      for (int r = 0; r < kSub; ++r)
-#pragma unroll
-        for (int c = 0; c < kSub; ++c) part[r][c] = T(0);
+      zero_tile(part);
       for (int64_t k0 = kc0; k0 < kc_end; k0 += kK) {
         for (int e = threadIdx.x; e < kK * kTile; e += kThreads) {
           int kk, c;
@@ -173,32 +124,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T>)
           if (!diag) Bs[kk * kLd + c] = vb;
         }
         __syncthreads();
-#pragma unroll
-        for (int kk = 0; kk < kK; ++kk) {
-          T a[kSub], bv[kSub];
-#pragma unroll
-          for (int r = 0; r < kSub; ++r) a[r] = As[kk * kLd + ty + 16 * r];
-#pragma unroll
-          for (int c = 0; c < kSub; ++c) bv[c] = Bsrc[kk * kLd + tx + 16 * c];
-#pragma unroll
-          for (int r = 0; r < kSub; ++r)
-#pragma unroll
-            for (int c = 0; c < kSub; ++c) part[r][c] = fma_(a[r], bv[c], part[r][c]);
-        }
+        fma_staged_rows<kK>(part, As, Bsrc, kLd);
         __syncthreads();
       }
-#pragma unroll
-      for (int r = 0; r < kSub; ++r)
-#pragma unroll
-        for (int c = 0; c < kSub; ++c) acc[r][c] = add_rn(acc[r][c], part[r][c]);
+      add_tile(acc, part);
     }
 
     if (kSplit) {
-      T* dst = partial + ((b * npairs + q) * slices + s) * (kTile * kTile);
-#pragma unroll
-      for (int r = 0; r < kSub; ++r)
-#pragma unroll
-        for (int c = 0; c < kSub; ++c) dst[(ty + 16 * r) * kTile + tx + 16 * c] = acc[r][c];
+      store_tile(partial + ((b * npairs + q) * slices + s) * (kTile * kTile), kTile, acc);
     } else {
       write_tile<T>(p, b, ci, cj, diag, acc, smem);
     }
@@ -212,27 +145,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T>)
                       const T* __restrict__ partial) {
   __shared__ __align__(16) unsigned char smem_raw[Smem<T>::kTransposeElems * sizeof(T)];
   T* smem = reinterpret_cast<T*>(smem_raw);
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   const int64_t q = blockIdx.x;
   int64_t ti, tj;
   tile_pair(q, nt, ti, tj);
   const int64_t npairs = nt * (nt + 1) / 2;
   for (int64_t b = blockIdx.y; b < p.batch; b += gridDim.y) {
     const T* src = partial + (b * npairs + q) * slices * (kTile * kTile);
-    T acc[kSub][kSub];
-#pragma unroll
-    for (int r = 0; r < kSub; ++r)
-#pragma unroll
-      for (int c = 0; c < kSub; ++c) acc[r][c] = src[(ty + 16 * r) * kTile + tx + 16 * c];
-    for (int64_t s = 1; s < slices; ++s) {
-      const T* part = src + s * (kTile * kTile);
-#pragma unroll
-      for (int r = 0; r < kSub; ++r)
-#pragma unroll
-        for (int c = 0; c < kSub; ++c)
-          acc[r][c] = add_rn(acc[r][c], part[(ty + 16 * r) * kTile + tx + 16 * c]);
-    }
-    write_tile<T>(p, b, ti * kTile, tj * kTile, ti == tj, acc, smem);
+    sum_partial_tiles<kTile, kThreads>(src, slices, smem, kLd);
+    write_to_output(p, b, ti * kTile, tj * kTile, ti == tj, smem);
   }
 }
 

@@ -29,13 +29,13 @@
 #include <cstddef>
 #include <cstdint>
 
-namespace kfac_kernels {
+#include "element_type.h"
 
-enum class InputType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+namespace kfac_kernels {
 
 struct PatchCovarianceParams {
   const void* x = nullptr;
-  InputType x_type = InputType::kFloat32;
+  ElementType x_type = ElementType::kFloat32;
   int64_t n = 0, channels = 0, height = 0, width = 0;
   int64_t x_stride_n = 0, x_stride_c = 0, x_stride_h = 0, x_stride_w = 0;  // in elements
 

@@ -19,7 +19,7 @@
 
 #include <cstdint>
 
-#include "singd_diagonal_step.h"  // StepParamType
+#include "element_type.h"
 
 namespace kfac_kernels {
 
@@ -29,7 +29,7 @@ struct SingdBlockStepParams {
   const void* weight_grad = nullptr;
   void* bias = nullptr;              // rows, or null: no bias column
   const void* bias_grad = nullptr;
-  StepParamType param_type = StepParamType::kSame;
+  ElementType param_type = element_type_of<A>;  // or ElementType::kBFloat16
   const A* c = nullptr;              // c_blocks x bc x bc
   const int64_t* c_dims = nullptr;   // host memory for the CPU kernel, device for CUDA
   const A* k = nullptr;              // k_blocks x bk x bk

@@ -18,15 +18,15 @@
 
 #include <cstdint>
 
-namespace kfac_kernels {
+#include "element_type.h"
 
-enum class StepParamType : int { kSame = 0, kBFloat16 = 1 };
+namespace kfac_kernels {
 
 template <typename A>
 struct SingdDiagonalStepParams {
   void* param = nullptr;          // rows x cols, element type A or bfloat16 (param_type)
   const void* grad = nullptr;     // same element type and shape as param
-  StepParamType param_type = StepParamType::kSame;
+  ElementType param_type = element_type_of<A>;  // or ElementType::kBFloat16
   const A* c = nullptr;           // rows
   const A* k = nullptr;           // cols
   A* buf = nullptr;               // rows x cols

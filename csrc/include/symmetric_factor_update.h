@@ -50,20 +50,6 @@ namespace cpu {
 template <typename T>
 void symmetric_factor_update(const SymmetricFactorUpdateParams<T>& p);
 
-// Which vector code path the CPU kernel dispatches to at run time: "avx512", "avx2" or "generic".
-const char* isa();
-
-// Force a code path ("generic", "avx2", "avx512") or go back to the best one ("auto"). Returns
-// false, changing nothing, for an unknown name or a path this CPU cannot run. Process-wide; meant
-// for tests and benchmarks.
-bool set_isa(const char* name);
-
-// Threads an OpenMP parallel region would use now (1 without OpenMP).
-int max_threads();
-
-// True when the kernel library was compiled with OpenMP.
-bool with_openmp();
-
 }  // namespace cpu
 }  // namespace kfac_kernels
 

@@ -25,13 +25,13 @@
 #include <omp.h>
 #endif
 
+#include "cpu_isa.h"  // cpu::set_isa / cpu::isa
 #include "patch_covariance.h"
 #include "test_support.h"
-#include "symmetric_factor_update.h"  // cpu::set_isa / cpu::isa
 
 namespace {
 
-using kfac_kernels::InputType;
+using kfac_kernels::ElementType;
 using kfac_kernels::PatchCovarianceParams;
 
 bool g_verbose = false;
@@ -129,15 +129,15 @@ void run_case(const Case& cs_, Layout layout, Type type, bool reduce, bool with_
   std::vector<double> xd;
   std::vector<uint16_t> xh;
   const void* xptr = nullptr;
-  InputType it = InputType::kFloat32;
+  ElementType it = ElementType::kFloat32;
   switch (type) {
     case Type::kF32:
       xf.assign(xval.begin(), xval.end());
       for (size_t i = 0; i < xf.size(); ++i) xval[i] = xf[i];
-      xptr = xf.data(), it = InputType::kFloat32;
+      xptr = xf.data(), it = ElementType::kFloat32;
       break;
     case Type::kF64:
-      xd = xval, xptr = xd.data(), it = InputType::kFloat64;
+      xd = xval, xptr = xd.data(), it = ElementType::kFloat64;
       break;
     case Type::kBF16:
     case Type::kF16:
@@ -145,7 +145,7 @@ void run_case(const Case& cs_, Layout layout, Type type, bool reduce, bool with_
       for (size_t i = 0; i < xh.size(); ++i)
         xh[i] = type == Type::kBF16 ? to_bf16(static_cast<float>(xval[i]))
                                     : to_half(static_cast<float>(xval[i]));
-      xptr = xh.data(), it = type == Type::kBF16 ? InputType::kBFloat16 : InputType::kFloat16;
+      xptr = xh.data(), it = type == Type::kBF16 ? ElementType::kBFloat16 : ElementType::kFloat16;
       break;
   }
 
@@ -305,7 +305,7 @@ void all_half_values() {
   const int64_t C = 65536;
   std::vector<uint16_t> bits(C);
   for (int64_t c = 0; c < C; ++c) bits[c] = static_cast<uint16_t>(c);
-  for (InputType type : {InputType::kFloat16, InputType::kBFloat16})
+  for (ElementType type : {ElementType::kFloat16, ElementType::kBFloat16})
     for (bool reduce : {false, true}) {
       PatchCovarianceParams p;
       p.x = bits.data(), p.x_type = type;
@@ -319,7 +319,7 @@ void all_half_values() {
       kfac_kernels::cpu::patch_covariance(p);
       int64_t wrong = 0;
       for (int64_t c = 0; c < C; ++c) {
-        const double ref = type == InputType::kFloat16 ? half_reference(bits[c])
+        const double ref = type == ElementType::kFloat16 ? half_reference(bits[c])
                                                        : bf16_reference(bits[c]);
         const float got = out[c * 4 + 1];
         const bool same = std::isnan(ref) ? std::isnan(got) : static_cast<double>(got) == ref;
@@ -329,7 +329,7 @@ void all_half_values() {
       (pass ? g_passed : g_failed)++;
       if (!pass || g_verbose)
         std::printf("%s every %s value (%s): %lld wrong\n", pass ? "ok  " : "FAIL",
-                    type == InputType::kFloat16 ? "float16" : "bfloat16",
+                    type == ElementType::kFloat16 ? "float16" : "bfloat16",
                     reduce ? "reduce" : "expand", static_cast<long long>(wrong));
     }
 }

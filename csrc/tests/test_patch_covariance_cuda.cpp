@@ -25,7 +25,7 @@
 
 namespace {
 
-using kfac_kernels::InputType;
+using kfac_kernels::ElementType;
 using kfac_kernels::PatchCovarianceParams;
 
 // k / 64 with |k| <= 128: exact in float16 and bfloat16 alike
@@ -46,29 +46,29 @@ uint16_t to_half(float f) {
   return static_cast<uint16_t>(sign | (exp << 10) | ((u >> 13) & 0x3ffu));
 }
 
-size_t elem_size(InputType t) {
-  return t == InputType::kFloat64 ? 8 : t == InputType::kFloat32 ? 4 : 2;
+size_t elem_size(ElementType t) {
+  return t == ElementType::kFloat64 ? 8 : t == ElementType::kFloat32 ? 4 : 2;
 }
-const char* type_name(InputType t) {
+const char* type_name(ElementType t) {
   switch (t) {
-    case InputType::kFloat32: return "float32";
-    case InputType::kFloat64: return "float64";
-    case InputType::kFloat16: return "float16";
+    case ElementType::kFloat32: return "float32";
+    case ElementType::kFloat64: return "float64";
+    case ElementType::kFloat16: return "float16";
     default: return "bfloat16";
   }
 }
 
-void store(unsigned char* p, InputType t, double v) {
+void store(unsigned char* p, ElementType t, double v) {
   switch (t) {
-    case InputType::kFloat32: {
+    case ElementType::kFloat32: {
       const float f = static_cast<float>(v);
       std::memcpy(p, &f, 4);
       break;
     }
-    case InputType::kFloat64:
+    case ElementType::kFloat64:
       std::memcpy(p, &v, 8);
       break;
-    case InputType::kFloat16: {
+    case ElementType::kFloat16: {
       const uint16_t h = to_half(static_cast<float>(v));
       std::memcpy(p, &h, 2);
       break;
@@ -90,7 +90,7 @@ struct Shape {
 enum Layout { kNCHW = 0, kNHWC = 1, kPadded = 2, kChannelsOuter = 3 };
 
 template <typename A>
-void run_case(const Shape& s, InputType type, bool reduce, bool bias, int layout,
+void run_case(const Shape& s, ElementType type, bool reduce, bool bias, int layout,
               int factor_kind, uint64_t seed) {
   Rng rng(seed);
   PatchCovarianceParams p;
@@ -209,19 +209,19 @@ void run_case(const Shape& s, InputType type, bool reduce, bool bias, int layout
   }
 }
 
-const InputType kTypes[] = {InputType::kFloat32, InputType::kFloat64, InputType::kFloat16,
-                            InputType::kBFloat16};
+const ElementType kTypes[] = {ElementType::kFloat32, ElementType::kFloat64, ElementType::kFloat16,
+                            ElementType::kBFloat16};
 
-void run_one(const Shape& s, InputType t, bool reduce, bool bias, int layout, uint64_t& seed) {
+void run_one(const Shape& s, ElementType t, bool reduce, bool bias, int layout, uint64_t& seed) {
   const int fk = static_cast<int>(seed % 3);
-  if (t == InputType::kFloat64)
+  if (t == ElementType::kFloat64)
     run_case<double>(s, t, reduce, bias, layout, fk, seed++);
   else
     run_case<float>(s, t, reduce, bias, layout, fk, seed++);
 }
 
 void run_shape(const Shape& s, uint64_t& seed, bool all_layouts) {
-  for (InputType t : kTypes)
+  for (ElementType t : kTypes)
     for (int reduce = 0; reduce < 2; ++reduce)
       for (int bias = 0; bias < 2; ++bias)
         for (int layout = 0; layout < (all_layouts ? 4 : 2); ++layout)
@@ -234,16 +234,16 @@ void run_shape(const Shape& s, uint64_t& seed, bool all_layouts) {
 // kernels striding over grid.y).
 void run_shape_quick(const Shape& s, uint64_t& seed, bool segments_only) {
   struct Case {
-    InputType type;
+    ElementType type;
     bool reduce;
     int layout;
   };
-  const Case cases[] = {{InputType::kFloat32, false, kNCHW},
-                        {InputType::kFloat64, true, kNHWC},
-                        {InputType::kFloat16, false, kNHWC},
-                        {InputType::kBFloat16, true, kNCHW}};
+  const Case cases[] = {{ElementType::kFloat32, false, kNCHW},
+                        {ElementType::kFloat64, true, kNHWC},
+                        {ElementType::kFloat16, false, kNHWC},
+                        {ElementType::kBFloat16, true, kNCHW}};
   for (const Case& c : cases) {
-    if (segments_only && c.type != InputType::kFloat32)
+    if (segments_only && c.type != ElementType::kFloat32)
       continue;
     run_one(s, c.type, segments_only ? false : c.reduce, (seed % 2) == 0, c.layout, seed);
   }

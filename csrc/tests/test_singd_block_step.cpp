@@ -128,8 +128,8 @@ void run_case(bool bias, bool first, uint64_t seed, int64_t rows = 7, int64_t co
   prm.weight_grad = wg.data();
   prm.bias = bias ? bs.data() : nullptr;
   prm.bias_grad = bias ? bsg.data() : nullptr;
-  prm.param_type = BF16 ? kfac_kernels::StepParamType::kBFloat16
-                        : kfac_kernels::StepParamType::kSame;
+  prm.param_type = BF16 ? kfac_kernels::ElementType::kBFloat16
+                        : kfac_kernels::element_type_of<A>;
   prm.c = c.data();
   prm.c_dims = c_dims.data();
   prm.k = k.data();

@@ -17,7 +17,8 @@
 namespace {
 
 using kfac_kernels::SingdBlockStepParams;
-using kfac_kernels::StepParamType;
+using kfac_kernels::element_type_of;
+using kfac_kernels::ElementType;
 
 std::vector<int64_t> split(int64_t dim, int64_t b) {  // blocks of b, the remainder last
   std::vector<int64_t> dims(static_cast<size_t>(dim / b), b);
@@ -82,7 +83,7 @@ void run_case(const Shape& s, bool bias, bool first, double wd, bool specials, u
     wbuf[0] = inf;
   }
   SingdBlockStepParams<A> p;
-  p.param_type = BF16 ? StepParamType::kBFloat16 : StepParamType::kSame;
+  p.param_type = BF16 ? ElementType::kBFloat16 : element_type_of<A>;
   p.rows = s.rows, p.cols = s.cols;
   p.c_blocks = static_cast<int64_t>(c_dims.size()), p.k_blocks = static_cast<int64_t>(k_dims.size());
   p.bc = s.bc, p.bk = s.bk;

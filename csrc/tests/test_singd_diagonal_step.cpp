@@ -14,7 +14,8 @@
 namespace {
 
 using kfac_kernels::SingdDiagonalStepParams;
-using kfac_kernels::StepParamType;
+using kfac_kernels::element_type_of;
+using kfac_kernels::ElementType;
 
 float bf16_to_float(uint16_t b) {
   uint32_t u = static_cast<uint32_t>(b) << 16;
@@ -74,7 +75,7 @@ void run_case(int64_t rows, int64_t cols, bool first, double wd, bool bf16, uint
   SingdDiagonalStepParams<A> prm;
   prm.param = bf16 ? static_cast<void*>(pb.data()) : static_cast<void*>(param.data());
   prm.grad = bf16 ? static_cast<const void*>(gb.data()) : static_cast<const void*>(grad.data());
-  prm.param_type = bf16 ? StepParamType::kBFloat16 : StepParamType::kSame;
+  prm.param_type = bf16 ? ElementType::kBFloat16 : element_type_of<A>;
   prm.c = ca.data();
   prm.k = ka.data();
   prm.buf = buf.data();

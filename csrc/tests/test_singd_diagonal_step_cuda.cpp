@@ -17,7 +17,8 @@
 namespace {
 
 using kfac_kernels::SingdDiagonalStepParams;
-using kfac_kernels::StepParamType;
+using kfac_kernels::element_type_of;
+using kfac_kernels::ElementType;
 
 // specials: 0 finite inputs; 1 NaN and infinities in the gradient, the parameter, c and k.
 template <typename A, bool BF16>
@@ -60,7 +61,7 @@ void run_case(int64_t rows, int64_t cols, bool first, double wd, int specials, u
     buf[static_cast<size_t>(sb * (rows / 3))] = inf;
   }
   SingdDiagonalStepParams<A> p;
-  p.param_type = BF16 ? StepParamType::kBFloat16 : StepParamType::kSame;
+  p.param_type = BF16 ? ElementType::kBFloat16 : element_type_of<A>;
   p.rows = rows, p.cols = cols;
   p.param_stride_row = sp, p.grad_stride_row = sg, p.buf_stride_row = sb;
   p.lr = static_cast<A>(0.1), p.momentum = static_cast<A>(0.9);

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "symmetric_factor_update.h"
 #include "test_support.h"
 

@@ -7,7 +7,7 @@
 
 #include <string>
 
-#include "symmetric_factor_update.h"  // csrc/include: kernel declarations (cpu::isa, ...)
+#include "cpu_isa.h"  // csrc/include: cpu::isa, cpu::set_isa, OpenMP
 
 // The op schemas are defined in Python (kfac_kernels/ops/_library.py), so that the fake kernels
 // exist without this extension; the files named above only register implementations.

@@ -32,16 +32,16 @@ inline at::ScalarType patch_covariance_accumulation_type(at::ScalarType x_type) 
   return x_type == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-inline InputType patch_covariance_input_type(at::ScalarType x_type) {
+inline ElementType patch_covariance_input_type(at::ScalarType x_type) {
   switch (x_type) {
     case at::kFloat:
-      return InputType::kFloat32;
+      return ElementType::kFloat32;
     case at::kDouble:
-      return InputType::kFloat64;
+      return ElementType::kFloat64;
     case at::kHalf:
-      return InputType::kFloat16;
+      return ElementType::kFloat16;
     case at::kBFloat16:
-      return InputType::kBFloat16;
+      return ElementType::kBFloat16;
     default:
       TORCH_CHECK(false, "kfac_kernels::patch_covariance: x must be float32, float64, float16 or "
                   "bfloat16, got ", x_type);

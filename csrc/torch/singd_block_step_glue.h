@@ -78,7 +78,7 @@ SingdBlockStepParams<A> make_block_step_params(
     double weight_decay, bool first) {
   SingdBlockStepParams<A> p;
   const bool bf16 = weight.scalar_type() == at::kBFloat16;
-  p.param_type = bf16 ? StepParamType::kBFloat16 : StepParamType::kSame;
+  p.param_type = bf16 ? ElementType::kBFloat16 : element_type_of<A>;
   p.weight = weight.data_ptr();
   p.weight_grad = weight_grad.const_data_ptr();
   if (bias.has_value() && bias->defined()) {

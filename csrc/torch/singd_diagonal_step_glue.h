@@ -59,8 +59,8 @@ SingdDiagonalStepParams<A> make_step_params(at::Tensor& param, const at::Tensor&
   SingdDiagonalStepParams<A> p;
   p.param = param.data_ptr();
   p.grad = grad.const_data_ptr();
-  p.param_type = param.scalar_type() == at::kBFloat16 ? StepParamType::kBFloat16
-                                                      : StepParamType::kSame;
+  p.param_type = param.scalar_type() == at::kBFloat16 ? ElementType::kBFloat16
+                                                      : element_type_of<A>;
   p.c = c.const_data_ptr<A>();
   p.k = k.const_data_ptr<A>();
   p.buf = buf.data_ptr<A>();
