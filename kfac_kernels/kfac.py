@@ -39,6 +39,10 @@ from .layers import SUPPORTED_NAMES, find_adapters, validate_skip_modules
 from .losses import check_loss_fn, loss_coefficient
 
 DAMPING_FORMS = ("exact", "factored")
+# The default damping: a fraction of each layer's curvature scale (the mean eigenvalue of its
+# Kronecker block), chosen by the sweep of bench/sweep_damping.py over every kfac-train task
+# (bench/results/damping_sweep.json).
+DEFAULT_RELATIVE_DAMPING = 0.1
 COMPUTE_METHODS = ("eigen", "inverse")
 DAMPING_SPLITS = ("pi", "equal")
 
@@ -73,7 +77,14 @@ class KFAC:
             ``nn.LayerNorm``/``nn.BatchNorm1d/2d``, ``nn.Embedding`` and
             ``nn.MultiheadAttention`` layers with trainable weights are preconditioned (others
             are named once in a warning and left alone).
-        damping: Tikhonov damping ``gamma > 0``.
+        damping: absolute Tikhonov damping ``gamma > 0`` (added to the eigenvalues of
+            ``kron(G, A)``, or split between the factors, see ``damping_form``).
+        relative_damping: damping as a fraction of each layer's curvature scale, the mean
+            eigenvalue ``m = (tr A / dim A)(tr G / dim G)`` of its Kronecker block: exact
+            damping ``relative_damping * m``, factored damping ``sqrt(relative_damping)`` times
+            each factor's mean eigenvalue. It means the same on every layer and for every loss
+            scale. Pass ``damping`` or ``relative_damping``, not both; with neither, the
+            default is ``relative_damping=0.1`` (:data:`DEFAULT_RELATIVE_DAMPING`).
         factor_decay: EMA decay of the factors, in ``[0, 1)``; the first update takes the batch
             factors as they are.
         factor_update_steps: update the factors every this many steps.
@@ -126,7 +137,8 @@ class KFAC:
     changes nothing: parameters' gradients, factors and step count stay as they were.
     """
 
-    def __init__(self, model: nn.Module, *, damping: float = 1e-3, factor_decay: float = 0.95,
+    def __init__(self, model: nn.Module, *, damping: float | None = None,
+                 relative_damping: float | None = None, factor_decay: float = 0.95,
                  factor_update_steps: int = 1, inv_update_steps: int = 10,
                  structure: str = "dense", num_blocks: int | None = None,
                  block_size: int | None = None, kfac_approx: str = "expand",
@@ -143,7 +155,15 @@ class KFAC:
         who = type(self).__name__
         if not isinstance(model, nn.Module):
             raise TypeError(f"{who}: model must be a torch.nn.Module, got {type(model).__name__}")
-        _positive_float(who, "damping", damping)
+        if damping is not None and relative_damping is not None:
+            raise ValueError(f"{who}: pass damping (absolute) or relative_damping, not both "
+                             f"(got damping={damping!r}, relative_damping={relative_damping!r})")
+        _positive_float(who, "damping", damping, allow_none=True)
+        _positive_float(who, "relative_damping", relative_damping, allow_none=True)
+        self.relative_damping = damping is None
+        if damping is None:
+            damping = (DEFAULT_RELATIVE_DAMPING if relative_damping is None
+                       else relative_damping)
         if isinstance(factor_decay, bool) or not isinstance(factor_decay, (int, float)) or not (
                 0.0 <= factor_decay < 1.0):
             raise ValueError(f"{who}: factor_decay must be in [0, 1), got {factor_decay!r}")
@@ -397,7 +417,8 @@ class KFAC:
         return None if self.damping_form == "exact" else self.damping_split
 
     def _precondition(self, name: str, mat: torch.Tensor) -> torch.Tensor:
-        return self.blocks[name].precondition(mat, self.compute_method, self.damping, self._split)
+        return self.blocks[name].precondition(mat, self.compute_method, self.damping, self._split,
+                                              self.relative_damping)
 
     def _update_factors(self) -> None:
         if self.is_distributed:
@@ -440,12 +461,12 @@ class KFAC:
                 self._warn_once(f"nonfinite-factor:{name}", (
                     f"{type(self).__name__}: the factors of module {name!r} are not finite; "
                     "keeping its previous preconditioner"))
-        jobs = [block.decomposition_jobs(self.compute_method, self.damping, self._split)
-                for block in blocks]
+        jobs = [block.decomposition_jobs(self.compute_method, self.damping, self._split,
+                                         self.relative_damping) for block in blocks]
         results = iter(run_jobs([j for js in jobs for j in js], self.eigh_backend))
         for block, js in zip(blocks, jobs):
             done = block.set_decomposition([next(results) for _ in js], self.compute_method,
-                                           self.damping, self._split)
+                                           self.damping, self._split, self.relative_damping)
             if not done:
                 self._warn_once(f"decomposition:{block.name}", (
                     f"{type(self).__name__}: could not decompose the factors of module "

@@ -22,6 +22,15 @@ Preconditioning of the gradient matrix ``M = [dW | db]`` (per group):
   precomputed damped block inverses, Sec. 4.4), through eigendecompositions or, with
   ``compute_method="inverse"``, precomputed damped inverses.
 
+Relative damping (``relative=True`` below; :class:`~kfac_kernels.KFAC`'s default): ``gamma``
+is a fraction of the layer's curvature scale, the mean eigenvalue of ``kron(G, A)``,
+``m = (tr A / dim A) (tr G / dim G)``: exact damping uses ``gamma m`` (per group), the factored
+forms ``sqrt(gamma) tr A / dim A`` on ``A`` and ``sqrt(gamma) tr G / dim G`` on ``G`` (the
+``pi`` split of ``gamma m``). The same ``gamma`` then means the same on every layer and every
+loss scale (a loss multiplied by ``c`` multiplies ``G`` and ``m`` by ``c``, and the
+preconditioned gradient is unchanged). With eigendecompositions the traces are those of the
+decomposed factors (the mean eigenvalues), so the damping moves with the preconditioner.
+
 A block-diagonal side keeps only the diagonal blocks of a partition of the layer's features
 (Yu & Tatebe (BD-KFAC), Sec. 4.1-4.2; convolutions partition channels, ``|S_i| k_h k_w``
 coordinates per block); every product above is then a product with ``blockdiag`` matrices, and
@@ -144,10 +153,29 @@ class KroneckerBlock(CurvatureBlock):
         root = math.sqrt(damping)
         return pi * root, root / pi
 
-    def _dampings(self, damping: float, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def mean_eigenvalues(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(tr A / dim A, tr G / dim G)`` per group of the current factors (floored at the
+        smallest normal number of their dtype, so that a relative damping stays positive)."""
+        tiny = torch.finfo(self.A[0].dtype).tiny
+        a = sides.trace(self.A, self.a_layout) / (self.A_count * sides.dim(self.A))
+        g = sides.trace(self.G, self.g_layout) / sides.dim(self.G)
+        return a.clamp_min(tiny), g.clamp_min(tiny)
+
+    def curvature_scale(self) -> torch.Tensor:
+        """The mean eigenvalue of ``kron(G, A)`` per group: the unit of relative damping."""
+        a, g = self.mean_eigenvalues()
+        return a * g
+
+    def _dampings(self, damping: float, split: str, relative: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        if relative:
+            a, g = self.mean_eigenvalues()
+            root = math.sqrt(damping)
+            return root * a, root * g
         return self._split_damping(damping, split, self._pi())
 
-    def decomposition_jobs(self, method: str, damping: float, split: str) -> list[Job]:
+    def decomposition_jobs(self, method: str, damping: float, split: str,
+                           relative: bool = False) -> list[Job]:
         """The matrices to decompose: eigendecompositions of every non-diagonal part, or
         damped inverses (``A``'s with its count folded in: ``(A_sum / c + d I)^{-1}
         = c (A_sum + c d I)^{-1}``)."""
@@ -157,14 +185,15 @@ class KroneckerBlock(CurvatureBlock):
                 if layout.kind != "diagonal":
                     jobs += [Job("eigh", p) for p in parts]
             return jobs
-        damp_a, damp_g = self._dampings(damping, split)
+        damp_a, damp_g = self._dampings(damping, split, relative)
         for parts, layout, damp in ((self.A, self.a_layout, damp_a * self.A_count),
                                     (self.G, self.g_layout, damp_g)):
             if layout.kind != "diagonal":
                 jobs += [Job("inverse", p, damp) for p in parts]
         return jobs
 
-    def set_decomposition(self, results: list, method: str, damping: float, split: str) -> bool:
+    def set_decomposition(self, results: list, method: str, damping: float, split: str,
+                          relative: bool = False) -> bool:
         """Store the results of :meth:`decomposition_jobs` (in order); ``False`` (and the
         previous decomposition kept) if one is missing."""
         if any(r is None for r in results):
@@ -186,7 +215,7 @@ class KroneckerBlock(CurvatureBlock):
                 out["pi"] = [self._pi()]
             self.decomposition = out
             return True
-        damp_a, damp_g = self._dampings(damping, split)
+        damp_a, damp_g = self._dampings(damping, split, relative)
         for side, parts, layout, damp in (("A", self.A, self.a_layout, damp_a),
                                           ("G", self.G, self.g_layout, damp_g)):
             if layout.kind == "diagonal":
@@ -199,8 +228,11 @@ class KroneckerBlock(CurvatureBlock):
         return True
 
     def precondition(self, mat: torch.Tensor, method: str, damping: float,
-                     split: str | None) -> torch.Tensor:
-        """The preconditioned gradient matrix (``split=None``: exact eigen damping)."""
+                     split: str | None, relative: bool = False) -> torch.Tensor:
+        """The preconditioned gradient matrix (``split=None``: exact eigen damping;
+        ``relative``: ``damping`` is relative to the curvature scale, see the module
+        docstring). With eigendecompositions any ``damping`` applies without recomputing
+        them; precomputed inverses keep the damping of their decomposition."""
         dec = self.decomposition
         ref = (dec["eigvals_A"] if method == "eigen" else dec["inv_A"])[0]
         m = mat.to(ref.dtype)
@@ -213,10 +245,18 @@ class KroneckerBlock(CurvatureBlock):
         lg = sides.concat_values(dec["eigvals_G"])
         rotated = sides.right(sides.left(qg, m, self.g_layout, transpose=True), qa,
                               self.a_layout)
+        if relative:
+            tiny = torch.finfo(la.dtype).tiny
+            mean_a, mean_g = la.mean(-1).clamp_min(tiny), lg.mean(-1).clamp_min(tiny)
         if split is None:
-            denom = lg[:, :, None] * la[:, None, :] + damping
+            gamma = damping * (mean_a * mean_g)[:, None, None] if relative else damping
+            denom = lg[:, :, None] * la[:, None, :] + gamma
         else:
-            gamma_a, gamma_g = self._split_damping(damping, split, dec["pi"][0])
+            if relative:
+                root = math.sqrt(damping)
+                gamma_a, gamma_g = root * mean_a, root * mean_g
+            else:
+                gamma_a, gamma_g = self._split_damping(damping, split, dec["pi"][0])
             denom = ((lg + gamma_g[:, None])[:, :, None]) * ((la + gamma_a[:, None])[:, None, :])
         return sides.right(sides.left(qg, rotated / denom, self.g_layout), qa, self.a_layout,
                            transpose=True)
