@@ -7,7 +7,7 @@ Each step, with ``g`` the gradient of the objective ``h`` (the loss, plus ``weig
 
 * ``Delta = -(F_kfac + D)^{-1} g``: the K-FAC (or BD-KFAC) preconditioned gradient with the
   current damping (:class:`~kfac_kernels.KFAC`'s relative damping: ``D`` is ``lambda`` times
-  each layer's curvature scale, the mean eigenvalue of its Kronecker block; parameters no layer
+  each layer's curvature scale, the largest eigenvalue of its Kronecker block; parameters no layer
   adapter covers use the mean of the covered layers' scales, ``(1 + lambda) s`` on their
   gradient);
 * ``alpha, mu`` minimise the damped quadratic model ``M(d) = g^T d + d^T (F + D + eta I) d / 2``
@@ -105,8 +105,10 @@ class AdaptiveKFAC(torch.optim.Optimizer):
         :attr:`preconditioner`.
 
     Attributes after a step: ``damping`` (the current relative damping), ``last`` (a dict with
-    ``alpha``, ``mu``, ``rho`` (``None`` on steps without adaptation), the model's predicted
-    reduction and the loss).
+    ``alpha``, ``mu``, ``rho`` (``None`` on steps without adaptation), the undamped model's
+    predicted change, the loss, and the model's coefficients: ``curvature`` ``[[D^T F D,
+    D^T F d], [d^T F D, d^T F d]]`` (``D = Delta``, ``d = delta_prev``, ``F`` the GGN plus
+    ``eta I``), ``damping_terms`` (the same with the damping) and ``linear`` ``[g^T D, g^T d]``).
     """
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module, *,
@@ -253,7 +255,8 @@ class AdaptiveKFAC(torch.optim.Optimizer):
                 self.damping = max(self.damping * omega, self.min_damping)
         self.last = {"alpha": coef[0].item(), "mu": coef[1].item() if k == 2 else 0.0,
                      "rho": rho, "predicted_change": predicted, "loss": float(loss),
-                     "damping": self.damping}
+                     "damping": self.damping, "curvature": curv.tolist(),
+                     "damping_terms": damp.tolist(), "linear": lin.tolist()}
         super().zero_grad(set_to_none=True)
         return loss.detach()
 
@@ -353,7 +356,7 @@ def _scale_of(block) -> torch.Tensor:
     tiny = torch.finfo(dec["eigvals_A"][0].dtype).tiny
     la = torch.cat(dec["eigvals_A"], -1) if len(dec["eigvals_A"]) > 1 else dec["eigvals_A"][0]
     lg = torch.cat(dec["eigvals_G"], -1) if len(dec["eigvals_G"]) > 1 else dec["eigvals_G"][0]
-    return la.mean(-1).clamp_min(tiny) * lg.mean(-1).clamp_min(tiny)
+    return la.amax(-1).clamp_min(tiny) * lg.amax(-1).clamp_min(tiny)
 
 
 def _mean(values: list[float]) -> float:

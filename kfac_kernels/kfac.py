@@ -79,11 +79,11 @@ class KFAC:
             are named once in a warning and left alone).
         damping: absolute Tikhonov damping ``gamma > 0`` (added to the eigenvalues of
             ``kron(G, A)``, or split between the factors, see ``damping_form``).
-        relative_damping: damping as a fraction of each layer's curvature scale, the mean
-            eigenvalue ``m = (tr A / dim A)(tr G / dim G)`` of its Kronecker block: exact
+        relative_damping: damping as a fraction of each layer's curvature scale, the largest
+            eigenvalue ``m = lambda_max(A) lambda_max(G)`` of its Kronecker block: exact
             damping ``relative_damping * m``, factored damping ``sqrt(relative_damping)`` times
-            each factor's mean eigenvalue. It means the same on every layer and for every loss
-            scale. Pass ``damping`` or ``relative_damping``, not both; with neither, the
+            each factor's largest eigenvalue (see :mod:`kfac_kernels.blocks.kronecker`). It
+            means the same on every layer and for every loss scale. Pass ``damping`` or ``relative_damping``, not both; with neither, the
             default is ``relative_damping=0.1`` (:data:`DEFAULT_RELATIVE_DAMPING`).
         factor_decay: EMA decay of the factors, in ``[0, 1)``; the first update takes the batch
             factors as they are.

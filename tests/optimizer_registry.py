@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kfac_kernels import BDKFAC, KFAC, SINGD, PreconditionedOptimizer, TwoLevel
+from kfac_kernels import BDKFAC, KFAC, SINGD, AdaptiveKFAC, PreconditionedOptimizer, TwoLevel
 
 
 @dataclass
@@ -26,10 +26,20 @@ class OptimizerInfo:
     grad_scaler: bool = True               # supports a torch.amp.GradScaler
     distributed: bool = False              # in the two-process parity test
     tags: set = field(default_factory=set)
+    closure: bool = False                  # step(closure) runs the forward and backward itself
 
     def preconditioner(self, opt):
         """The curvature object (KFAC, TwoLevel or the SINGD optimizer itself)."""
         return opt.preconditioner if isinstance(opt, PreconditionedOptimizer) else opt
+
+    def train_step(self, opt, model, x, y):
+        """One training step on ``(x, y)``."""
+        if self.closure:
+            opt.step(lambda: (model(x), y))
+            return
+        opt.zero_grad()
+        self.backward(opt, model(x), y)
+        opt.step()
 
     def backward(self, opt, outputs, targets, scaler=None):
         if self.fisher == "empirical":
@@ -106,6 +116,25 @@ OPTIMIZERS: list[OptimizerInfo] = [
     OptimizerInfo("singd-rank-k", lambda m: SINGD(
         m, lr=0.05, lr_cov=0.1, T=1, damping=0.01, structures="rank-k-lower-triangular",
         block_size=2, normalize_lr_cov=True)),
+    OptimizerInfo("singd-warm", lambda m: SINGD(
+        m, lr=0.02, lr_cov=0.05, T=1, damping=0.01, structures=("dense", "block-diagonal"),
+        block_size=3, warm_start=True)),
+    OptimizerInfo("singd-warm-diagonal-fused", lambda m: SINGD(
+        m, lr=0.02, lr_cov=0.05, T=2, damping=0.01, structures="diagonal", fused=True,
+        warm_start=True)),
+    OptimizerInfo("kfac-relative", lambda m: _sgd(m, KFAC(m, relative_damping=1.0, **COMMON),
+                                                  lr=0.01)),
+    OptimizerInfo("bdkfac-relative-inverse", lambda m: _sgd(m, BDKFAC(
+        m, num_blocks=2, relative_damping=1.0, **PAPER_FORM, **COMMON), lr=0.01)),
+    # The adaptive optimizers run the forward pass in their own step (closure).
+    OptimizerInfo("kfac-adaptive", lambda m: AdaptiveKFAC(
+        m, nn.CrossEntropyLoss(), damping=1.0, damping_adaptation_interval=2,
+        generator=torch.Generator().manual_seed(5), **COMMON), grad_scaler=False,
+        closure=True),
+    OptimizerInfo("bdkfac-adaptive-type-2", lambda m: AdaptiveKFAC(
+        m, nn.CrossEntropyLoss(), structure="block-diagonal", num_blocks=2, damping=1.0,
+        fisher_type="type-2", weight_decay=1e-3, damping_adaptation_interval=2, **COMMON),
+        grad_scaler=False, closure=True),
 ]
 
 BY_NAME = {info.name: info for info in OPTIMIZERS}

@@ -23,13 +23,16 @@ Preconditioning of the gradient matrix ``M = [dW | db]`` (per group):
   ``compute_method="inverse"``, precomputed damped inverses.
 
 Relative damping (``relative=True`` below; :class:`~kfac_kernels.KFAC`'s default): ``gamma``
-is a fraction of the layer's curvature scale, the mean eigenvalue of ``kron(G, A)``,
-``m = (tr A / dim A) (tr G / dim G)``: exact damping uses ``gamma m`` (per group), the factored
-forms ``sqrt(gamma) tr A / dim A`` on ``A`` and ``sqrt(gamma) tr G / dim G`` on ``G`` (the
-``pi`` split of ``gamma m``). The same ``gamma`` then means the same on every layer and every
-loss scale (a loss multiplied by ``c`` multiplies ``G`` and ``m`` by ``c``, and the
-preconditioned gradient is unchanged). With eigendecompositions the traces are those of the
-decomposed factors (the mean eigenvalues), so the damping moves with the preconditioner.
+is a fraction of the layer's curvature scale, the largest eigenvalue of ``kron(G, A)``,
+``m = lambda_max(A) lambda_max(G)``: exact damping uses ``gamma m`` (per group), the factored
+forms ``sqrt(gamma) lambda_max(A)`` on ``A`` and ``sqrt(gamma) lambda_max(G)`` on ``G``. The
+preconditioner then amplifies no direction by more than ``1 / gamma`` relative to the layer's
+stiffest one, whatever the layer's size, the loss scale (a loss multiplied by ``c`` multiplies
+``G`` and ``m`` by ``c``: the preconditioned gradient is unchanged) or the task. (The mean
+eigenvalue would be a poor unit: most eigenvalues of a wide layer's factors are tiny, so the
+mean shrinks with the width and a fixed fraction of it leaves the weak directions undamped.)
+With eigendecompositions ``lambda_max`` comes from the decomposed factors, so the damping moves
+with the preconditioner; precomputed inverses take it from a few power iterations.
 
 A block-diagonal side keeps only the diagonal blocks of a partition of the layer's features
 (Yu & Tatebe (BD-KFAC), Sec. 4.1-4.2; convolutions partition channels, ``|S_i| k_h k_w``
@@ -153,23 +156,19 @@ class KroneckerBlock(CurvatureBlock):
         root = math.sqrt(damping)
         return pi * root, root / pi
 
-    def mean_eigenvalues(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(tr A / dim A, tr G / dim G)`` per group of the current factors (floored at the
-        smallest normal number of their dtype, so that a relative damping stays positive)."""
+    def largest_eigenvalues(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lambda_max(A), lambda_max(G))`` per group of the current factors, by power
+        iteration (floored at the smallest normal number of their dtype, so that a relative
+        damping stays positive)."""
         tiny = torch.finfo(self.A[0].dtype).tiny
-        a = sides.trace(self.A, self.a_layout) / (self.A_count * sides.dim(self.A))
-        g = sides.trace(self.G, self.g_layout) / sides.dim(self.G)
+        a = sides.largest_eigenvalue(self.A, self.a_layout) / self.A_count
+        g = sides.largest_eigenvalue(self.G, self.g_layout)
         return a.clamp_min(tiny), g.clamp_min(tiny)
-
-    def curvature_scale(self) -> torch.Tensor:
-        """The mean eigenvalue of ``kron(G, A)`` per group: the unit of relative damping."""
-        a, g = self.mean_eigenvalues()
-        return a * g
 
     def _dampings(self, damping: float, split: str, relative: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor]:
         if relative:
-            a, g = self.mean_eigenvalues()
+            a, g = self.largest_eigenvalues()
             root = math.sqrt(damping)
             return root * a, root * g
         return self._split_damping(damping, split, self._pi())
@@ -247,14 +246,14 @@ class KroneckerBlock(CurvatureBlock):
                               self.a_layout)
         if relative:
             tiny = torch.finfo(la.dtype).tiny
-            mean_a, mean_g = la.mean(-1).clamp_min(tiny), lg.mean(-1).clamp_min(tiny)
+            top_a, top_g = la.amax(-1).clamp_min(tiny), lg.amax(-1).clamp_min(tiny)
         if split is None:
-            gamma = damping * (mean_a * mean_g)[:, None, None] if relative else damping
+            gamma = damping * (top_a * top_g)[:, None, None] if relative else damping
             denom = lg[:, :, None] * la[:, None, :] + gamma
         else:
             if relative:
                 root = math.sqrt(damping)
-                gamma_a, gamma_g = root * mean_a, root * mean_g
+                gamma_a, gamma_g = root * top_a, root * top_g
             else:
                 gamma_a, gamma_g = self._split_damping(damping, split, dec["pi"][0])
             denom = ((lg + gamma_g[:, None])[:, :, None]) * ((la + gamma_a[:, None])[:, None, :])
