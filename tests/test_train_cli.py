@@ -15,6 +15,7 @@ import torch
 from kfac_kernels.apps.data import load_digits_split
 from kfac_kernels.apps.models import DigitsCNN, build_digits_cnn
 from kfac_kernels.apps.defaults import default_lr
+from kfac_kernels.kfac import DEFAULT_RELATIVE_DAMPING
 from kfac_kernels.apps.train import BatchSampler, main
 
 REQUIRED_KEYS = {"optimizer", "steps", "batch_size", "lr", "seed", "device", "dtype",
@@ -204,7 +205,7 @@ def test_bdkfac_default_reaches_95_percent(tmp_path):
     """``kfac-train --optimizer bdkfac --steps 300`` (seed 0): BD-KFAC over AdamW."""
     result = _train(tmp_path, "--optimizer", "bdkfac", "--steps", "300")
     _check_metrics(result, "bdkfac", 300)
-    assert result["num_blocks"] == 4 and result["damping"] == 0.3
+    assert result["num_blocks"] == 4 and result["damping"] == DEFAULT_RELATIVE_DAMPING
     assert result["test_accuracy"] >= 0.95, result["test_accuracy"]
 
 
@@ -221,8 +222,9 @@ def test_num_blocks_only_for_bdkfac(capsys):
     assert "--num-blocks only applies to --optimizer bdkfac" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("task", ["digits-vit", "char-lm", "deep-linear", "graphs"])
-@pytest.mark.parametrize("optimizer", ["adamw", "kfac"])
+@pytest.mark.parametrize("task", ["digits-vit", "char-lm", "deep-linear", "graphs",
+                                  "digits-autoencoder", "digits-bn"])
+@pytest.mark.parametrize("optimizer", ["adamw", "kfac", "kfac-adaptive"])
 def test_other_tasks_train(tmp_path, task, optimizer):
     result = _train(tmp_path, "--task", task, "--optimizer", optimizer, "--steps", "30",
                     "--batch-size", "16", "--eval-every", "15", "--log-every", "10")
@@ -239,7 +241,7 @@ def test_compare_table_json_and_plot(tmp_path, capsys):
                  "--eval-every", "10", "--target", "test_accuracy=0.5", "--no-progress",
                  "--json", str(out), "--plot", str(png)]) == 0
     text = capsys.readouterr().out
-    assert "optimizer | target reached | steps to target" in text
+    assert "optimizer | lr | target reached | steps to target | CPU time to target" in text
     data = json.loads(out.read_text())
     assert [r["optimizer"] for r in data["summary"]] == ["adamw", "kfac"]
     for row in data["summary"]:
@@ -262,3 +264,53 @@ def test_compare_bad_arguments(capsys, argv, message):
     with pytest.raises(SystemExit):
         main(argv + ["--no-progress"])
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("optimizer", ["muon", "bdkfac-adaptive", "singd-diagonal"])
+def test_more_optimizers_train(tmp_path, optimizer):
+    result = _train(tmp_path, "--optimizer", optimizer, "--steps", "20", "--eval-every", "10")
+    assert math.isfinite(result["train_loss"])
+    assert result["history"][-1]["train_batch_loss"] < result["history"][0]["train_batch_loss"]
+    assert result["cpu_time_s"] > 0 and result["target"]["value"] == 0.97
+
+
+def test_soap_trains_when_installed(tmp_path):
+    pytest.importorskip("pytorch_optimizer")
+    result = _train(tmp_path, "--optimizer", "soap", "--steps", "20")
+    assert math.isfinite(result["train_loss"])
+
+
+def test_schedule_and_warmup(tmp_path):
+    from kfac_kernels.apps.train import lr_multiplier
+    assert [lr_multiplier(s, 10, "constant", 3) for s in range(5)] == [0.25, 0.5, 0.75, 1, 1]
+    assert lr_multiplier(3, 13, "cosine", 3) == 1.0
+    assert lr_multiplier(8, 13, "cosine", 3) == pytest.approx(0.5)
+    assert lr_multiplier(13, 13, "cosine", 3) == pytest.approx(0.0)
+    result = _train(tmp_path, "--optimizer", "kfac", "--steps", "12", "--schedule", "cosine",
+                    "--warmup", "4")
+    assert result["schedule"] == "cosine" and result["warmup"] == 4
+    assert math.isfinite(result["train_loss"])
+
+
+def test_adaptive_takes_no_learning_rate(capsys):
+    with pytest.raises(SystemExit):
+        main(["--optimizer", "kfac-adaptive", "--lr", "0.1", "--no-progress"])
+    assert "--lr does not apply to --optimizer kfac-adaptive" in capsys.readouterr().err
+
+
+def test_compare_lr_grid_keeps_the_best_point(tmp_path, capsys):
+    out = tmp_path / "grid.json"
+    assert main(["--compare", "sgd,kfac-adaptive", "--lr-grid", "--steps", "20",
+                 "--eval-every", "5", "--target", "test_accuracy=0.3", "--no-progress",
+                 "--stop-at-target", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["lr_grid"] == [1 / 3, 1.0, 3.0]
+    assert [r["config"] for r in data["grid"]] == [
+        f"sgd@{default_lr('digits', 'sgd') * m:.4g}" for m in (1 / 3, 1.0, 3.0)] + [
+        "kfac-adaptive"]
+    best = {r["optimizer"]: r for r in data["summary"]}
+    inf = float("inf")
+    sgd = [r for r in data["grid"] if r["optimizer"] == "sgd"]
+    fewest = min(r["median_steps_to_target"] or inf for r in sgd)
+    assert (best["sgd"]["median_steps_to_target"] or inf) == fewest
+    assert best["kfac-adaptive"]["lr"] is None

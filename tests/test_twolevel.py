@@ -261,7 +261,7 @@ def test_shared_module_is_a_clear_error():
 def test_checkpoint_resumes_bit_identically():
     def make():
         model = net()
-        two = TwoLevel(KFAC(model, inv_update_steps=2))
+        two = TwoLevel(KFAC(model, inv_update_steps=2, damping=1e-3))
         return model, PreconditionedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05,
                                                               momentum=0.9), two)
 

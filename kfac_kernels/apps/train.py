@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .defaults import (ADAPTIVE_OPTIMIZERS, ADAPTIVE_DEFAULTS, DEFAULT_LR, DEFAULT_MOMENTUM,
+                       KFAC_KL_CLIP,
                        DEFAULT_RELATIVE_DAMPING, DEFAULT_WEIGHT_DECAY, OPTIMIZERS, SECOND_ORDER,
                        SINGD_DEFAULTS, SINGD_OPTIMIZERS, default_damping, default_lr)
 from .models import num_parameters
@@ -174,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="curvature of the factors (default: empirical for kfac/bdkfac, mc "
                            "for the adaptive optimizers)")
     kfac.add_argument("--kl-clip", type=_positive_float, default=None,
-                      help="KL-clipping constant (off by default)")
+                      help=f"KL-clipping constant (default {KFAC_KL_CLIP:g} for kfac, off for "
+                           "bdkfac)")
     kfac.add_argument("--num-blocks", type=_positive_int, default=4,
                       help="diagonal blocks per Kronecker factor (--optimizer bdkfac)")
     kfac.add_argument("--backend", choices=("auto", "eager", "triton", "cuda", "cpu"),
@@ -363,7 +365,11 @@ def _make_optimizer(args: argparse.Namespace, model: nn.Module, workload=None):
         return PreconditionedOptimizer(base, precond)
     base = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum,
                            weight_decay=args.weight_decay)
-    precond = KFAC(model, **damping, damping_form=args.damping_form, kl_clip=args.kl_clip,
+    # KL-clipping (Tselepidis et al. (2020), Eq. 10) bounds the step of SGD over K-FAC: with
+    # it the step length no longer depends on the learning rate once clipped, and a relative
+    # damping can leave the weak directions nearly undamped without diverging.
+    kl_clip = args.kl_clip if args.kl_clip is not None else KFAC_KL_CLIP
+    precond = KFAC(model, **damping, damping_form=args.damping_form, kl_clip=kl_clip,
                    loss_average=loss_average, **fisher, **_kfac_options(args))
     return PreconditionedOptimizer(base, precond)
 

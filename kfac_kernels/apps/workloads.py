@@ -446,7 +446,7 @@ WORKLOADS: dict[str, Workload] = {
         lambda dtype, device: _load_digits_pixels(dtype, device),
         lambda seed, dtype, device, split: _seeded(digits_autoencoder, seed).to(device=device,
                                                                                  dtype=dtype),
-        loss_average="batch", target=("test_loss", 25.0), metric_name="reconstruction",
+        loss_average="batch", target=("test_loss", 0.35), metric_name="reconstruction",
         loss_fn=_bce, loss_module=nn.BCEWithLogitsLoss),
     "digits-bn": Workload(
         "digits-bn", "scikit-learn digits, CNN with batch norm",
