@@ -24,6 +24,7 @@ Environment switches, read at build time:
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import re
 import subprocess
@@ -151,7 +152,56 @@ def _extensions():
     else:
         ext = CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **common)
         print("kfac-kernels: building kfac_kernels._C with the CPU kernels")
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    stamp = _build_stamp(torch, with_cuda, debug)
+    if _up_to_date(stamp):
+        print("kfac-kernels: kfac_kernels._C is up to date with its sources and this torch; not "
+              f"rebuilt ({STAMP_FILE}; set KFAC_KERNELS_REBUILD=1 to rebuild)")
+        return [], {}
+    base = BuildExtension.with_options(use_ninja=True)
+
+    class BuildAndStamp(base):
+        """Records what the extension was built from, so an unchanged tree is not rebuilt."""
+
+        def run(self):
+            super().run()
+            if self.inplace or os.path.exists(os.path.join(ROOT, "kfac_kernels")):
+                with open(os.path.join(ROOT, STAMP_FILE), "w", encoding="utf-8") as fh:
+                    fh.write(stamp + "\n")
+
+    return [ext], {"build_ext": BuildAndStamp}
+
+
+# An editable install builds the extension into the source tree; this file beside it records the
+# hash of everything it was built from (sources, build script, torch, flags).
+STAMP_FILE = os.path.join("kfac_kernels", "_C.build-stamp")
+
+
+def _build_stamp(torch, with_cuda: bool, debug: bool) -> str:
+    digest = hashlib.sha256()
+    files = sorted(glob.glob(os.path.join(ROOT, "csrc", "**", "*"), recursive=True)) + [
+        os.path.join(ROOT, "setup.py")]
+    for path in files:
+        if os.path.isfile(path):
+            digest.update(os.path.relpath(path, ROOT).encode())
+            with open(path, "rb") as fh:
+                digest.update(fh.read())
+    digest.update(f"{torch.__version__}|cuda={with_cuda}|debug={debug}|{sys.version}".encode())
+    return digest.hexdigest()
+
+
+def _up_to_date(stamp: str) -> bool:
+    """Whether the extension in the source tree was built from exactly this (editable installs
+    only: a regular install builds into its own directory)."""
+    if _flag("KFAC_KERNELS_REBUILD") or not any("develop" in a or "editable" in a
+                                                for a in sys.argv):
+        return False
+    built = glob.glob(os.path.join(ROOT, "kfac_kernels", "_C.*.so")) + glob.glob(
+        os.path.join(ROOT, "kfac_kernels", "_C.*.pyd"))
+    try:
+        with open(os.path.join(ROOT, STAMP_FILE), encoding="utf-8") as fh:
+            return bool(built) and fh.read().strip() == stamp
+    except OSError:
+        return False
 
 
 def _long_description() -> str:

@@ -30,7 +30,6 @@ import argparse
 import json
 import sys
 import time
-import warnings
 from pathlib import Path
 
 if __name__ == "__main__":  # script mode: make the repository importable

@@ -297,8 +297,8 @@ def two_level() -> list[str]:
         return []
     st = d["settings"]
     epochs = st["epochs"]
-    out = [f"**Two-level vs one-level K-FAC, deep linear MLP of seed 004 ({st['depth']} hidden "
-           f"layers of width {st['width']}, {st['n_train']} samples, {epochs} epochs of batch "
+    out = [f"**Two-level vs one-level K-FAC, deep linear MLP of Tselepidis et al. (2020) "
+           f"({st['depth']} hidden layers of width {st['width']}, {st['n_train']} samples, {epochs} epochs of batch "
            f"{st['batch']}; training loss on the whole training set)** ({_env(d)}; "
            f"`bench/results/two_level_deep_linear.json`)", "",
            "| setting | seeds | two-level ahead at the end | two-level collapsed (loss ~ log 2) "

@@ -1,4 +1,4 @@
-"""Seed 004 App. B.1 at the paper's size: one-level against two-level K-FAC on the batch-normalised
+"""Tselepidis et al. (2020) App. B.1 at the paper's size: one-level against two-level K-FAC on the batch-normalised
 deep linear MLP with planted targets (python/deep_linear_two_level.py: 64 hidden layers of
 width 10, 25 000 samples, batch 512, 20 epochs), over 10 seeds: the paper's setting (one binary
 target, bias-free layers, binary cross-entropy, true Fisher by label sampling, coarse damping =

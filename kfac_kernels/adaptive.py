@@ -49,7 +49,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 from ._skips import SkipCounter
-from .kfac import KFAC, grads_finite
+from .kfac import KFAC, gradient_health
 
 # The initial relative damping: large, so that the first steps stay where the quadratic model
 # holds; the Levenberg-Marquardt rule brings it down within the first few dozen steps.
@@ -158,6 +158,9 @@ class AdaptiveKFAC(torch.optim.Optimizer):
         self._plain = [p for p in params if id(p) not in covered]
         self.model = model
         self.loss_fn = loss_fn
+        # the current relative damping: a 0-d tensor, adapted on the device
+        self.damping = torch.tensor(self.damping, dtype=torch.float64,
+                                    device=params[0].device if params else None)
         self.steps = 0
         self.skips = SkipCounter(who)
         self.last: dict = {}
@@ -169,7 +172,15 @@ class AdaptiveKFAC(torch.optim.Optimizer):
                            "the model's trainable parameters; add_param_group is not supported")
 
     def remove_hooks(self) -> None:
+        """Detach the curvature hooks from the model (it stops capturing); ``with
+        AdaptiveKFAC(...) as opt:`` detaches at the end of the block."""
         self.preconditioner.remove_hooks()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove_hooks()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.preconditioner.discard_pending()
@@ -182,8 +193,13 @@ class AdaptiveKFAC(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure):
         """One step; ``closure()`` runs the forward pass and returns ``(outputs, targets)``.
-        Returns the loss at the parameters before the step (a step whose gradients are not
-        finite changes nothing and is said)."""
+        Returns the loss at the parameters before the step (a step whose loss or gradients are
+        not finite changes nothing and is said).
+
+        One host read per step, K-FAC's (whether the gradients and the loss are finite, with
+        the checks queued by earlier steps): the quadratic model's coefficients, ``alpha``,
+        ``mu``, the reduction ratio and the adapted damping are computed and applied on the
+        device, never read."""
         if closure is None:
             raise TypeError("AdaptiveKFAC.step needs a closure returning (outputs, targets)")
         kfac = self.preconditioner
@@ -200,20 +216,26 @@ class AdaptiveKFAC(torch.optim.Optimizer):
                     p.grad.add_(p, alpha=self.weight_decay)
         grads = kfac.gradient_matrices()
         plain = [p.grad for p in self._plain if p.grad is not None]
-        if not grads_finite(list(grads.values()) + plain) or not torch.isfinite(loss):
-            kfac.discard_pending()
-            self.skips.skipped(self.steps + 1)
-            return loss.detach()
         g = {p: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params}
+        self.damping = self.damping.to(loss.device)
         kfac.damping = self.damping
-        updates = kfac.precondition_gradients(grads)
+        updates = kfac.precondition_gradients(
+            grads, health=gradient_health(plain + [loss.detach().reshape(1)]))
+        if updates is None:
+            if kfac.skip_reason == "non-finite gradients":
+                self.skips.skipped(self.steps + 1)
+            super().zero_grad(set_to_none=True)
+            return loss.detach()
         weights = self._damping_weights(updates)
         kfac.apply_updates(updates, grads, kl_clip=False)
-        scale = _mean([float(w.mean()) for p, w in weights.items()]) if weights else 1.0
-        for p in self._plain:
-            weights[p] = torch.full((), self.damping * scale, dtype=p.dtype, device=p.device)
-            if p.grad is not None:
-                p.grad.div_((1.0 + self.damping) * scale)
+        if self._plain:
+            # the mean curvature scale of the covered layers, lambda times it their damping
+            scale = (torch.stack([w.double().mean() for w in weights.values()]).mean()
+                     / self.damping if weights else torch.ones_like(self.damping))
+            for p in self._plain:
+                weights[p] = (self.damping * scale).to(p.dtype)
+                if p.grad is not None:
+                    p.grad.div_(((1.0 + self.damping) * scale).to(p.dtype))
         delta = {p: -(p.grad if p.grad is not None else torch.zeros_like(p)) for p in params}
         prev = {p: self.state[p]["delta"] for p in params if "delta" in self.state[p]}
         use_prev = self.use_momentum and len(prev) == len(params)
@@ -222,58 +244,69 @@ class AdaptiveKFAC(torch.optim.Optimizer):
         jvps = self._jvps(closure, vectors, rng, devices)
         hess = _loss_hessian_products(self.loss_fn, outputs.detach(), targets, jvps)
         k = len(vectors)
-        curv = torch.zeros(k, k, dtype=torch.float64)
-        damp = torch.zeros(k, k, dtype=torch.float64)
-        lin = torch.zeros(k, dtype=torch.float64)
-        for i in range(k):
-            lin[i] = _dot(g, vectors[i])
-            for j in range(i, k):
-                curv[i, j] = curv[j, i] = float((jvps[i].double() * hess[j].double()).sum()) + \
-                    self.weight_decay * _dot(vectors[i], vectors[j])
-                damp[i, j] = damp[j, i] = _weighted_dot(weights, vectors[i], vectors[j])
+        pairs = [(i, j) for i in range(k) for j in range(k)]
+        curv = torch.stack([(jvps[i].double() * hess[j].double()).sum()
+                            + self.weight_decay * _dot(vectors[i], vectors[j])
+                            for i, j in pairs]).reshape(k, k)
+        curv = 0.5 * (curv + curv.mT)  # symmetric J^T H J: the two products differ by round-off
+        damp = torch.stack([_weighted_dot(weights, vectors[i], vectors[j])
+                            for i, j in pairs]).reshape(k, k)
+        lin = torch.stack([_dot(g, v) for v in vectors])
         coef = self._solve(curv + damp, lin)
-        predicted = float(0.5 * coef @ curv @ coef + lin @ coef)
-        step = {p: coef[0].item() * delta[p] + (coef[1].item() * prev[p] if k == 2 else 0.0)
-                for p in params}
+        predicted = 0.5 * coef @ curv @ coef + lin @ coef
+        step = {p: coef[0] * delta[p] + (coef[1] * prev[p] if k == 2 else 0.0) for p in params}
         for p in params:
             p.add_(step[p].to(p.dtype))
-            self.state[p]["delta"] = step[p].detach().clone()
+            self.state[p]["delta"] = step[p].to(p.dtype).detach().clone()
         self.steps += 1
         rho = None
         if self.steps % self.interval == 0:
-            new_loss = self._loss_at_current(closure, rng, devices)
-            change = float(new_loss) - float(loss)
-            if self.weight_decay:
-                change += 0.5 * self.weight_decay * sum(
-                    float((p.double() ** 2).sum() - ((p - step[p]).double() ** 2).sum())
-                    for p in params)
-            rho = change / predicted if predicted < 0 else -math.inf
-            omega = self.decay ** self.interval
-            if not math.isfinite(change) or rho < 0.25:
-                self.damping = min(self.damping / omega, self.max_damping)
-            elif rho > 0.75:
-                self.damping = max(self.damping * omega, self.min_damping)
-        self.last = {"alpha": coef[0].item(), "mu": coef[1].item() if k == 2 else 0.0,
-                     "rho": rho, "predicted_change": predicted, "loss": float(loss),
-                     "damping": self.damping, "curvature": curv.tolist(),
-                     "damping_terms": damp.tolist(), "linear": lin.tolist()}
+            rho = self._adapt_damping(closure, rng, devices, loss, step, predicted)
+        zero = torch.zeros_like(coef[0])
+        self.last = {"alpha": coef[0], "mu": coef[1] if k == 2 else zero,
+                     "rho": rho, "predicted_change": predicted, "loss": loss.detach(),
+                     "damping": self.damping, "curvature": curv, "damping_terms": damp,
+                     "linear": lin}
         super().zero_grad(set_to_none=True)
         return loss.detach()
 
+    def _adapt_damping(self, closure, rng, devices, loss, step, predicted) -> torch.Tensor:
+        """The Levenberg-Marquardt rule on the device: returns ``rho`` and updates
+        :attr:`damping` (``-inf`` when the model predicted no decrease)."""
+        new_loss = self._loss_at_current(closure, rng, devices)
+        change = new_loss.double() - loss.detach().double()
+        if self.weight_decay:
+            change = change + 0.5 * self.weight_decay * sum(
+                (p.double() ** 2).sum() - ((p - step[p]).double() ** 2).sum()
+                for p in self._params())
+        rho = torch.where(predicted < 0, change / predicted.clamp_max(-torch.finfo(
+            predicted.dtype).tiny), torch.full_like(predicted, -math.inf))
+        omega = self.decay ** self.interval
+        raise_it = ~change.isfinite() | ~(rho >= 0.25)
+        lower_it = rho > 0.75
+        self.damping = torch.where(
+            raise_it, (self.damping / omega).clamp_max(self.max_damping),
+            torch.where(lower_it, (self.damping * omega).clamp_min(self.min_damping),
+                        self.damping))
+        return rho
+
     def _solve(self, matrix: torch.Tensor, lin: torch.Tensor) -> torch.Tensor:
-        """``argmin`` of ``c^T matrix c / 2 + lin^T c``: the 2 x 2 system, or ``alpha`` alone
-        when it is singular; clipped to ``max_step``."""
-        coef = torch.zeros(2, dtype=torch.float64)
+        """``argmin`` of ``c^T matrix c / 2 + lin^T c`` on the device: the 2 x 2 system, or
+        ``alpha`` alone (``mu = 0``) when it is singular; clipped to ``max_step``; zero (no
+        step) where the model is not finite."""
+        m00 = matrix[0, 0]
+        alone = torch.where(m00 > 0, -lin[0] / torch.where(m00 > 0, m00, 1.0), 0.0)
+        coef = torch.stack([alone, torch.zeros_like(alone)])[:matrix.shape[0]]
         if matrix.shape[0] == 2:
-            det = matrix[0, 0] * matrix[1, 1] - matrix[0, 1] ** 2
-            if det > 1e-12 * matrix[0, 0] * matrix[1, 1]:
-                coef = -torch.linalg.solve(matrix, lin)
-                coef[0] = coef[0].clamp(-self.max_step, self.max_step)
-                coef[1] = coef[1].clamp(-self.max_step, self.max_step)
-                return coef[:2]
-        if matrix[0, 0] > 0:
-            coef[0] = (-lin[0] / matrix[0, 0]).clamp(-self.max_step, self.max_step)
-        return coef[:matrix.shape[0]] if matrix.shape[0] == 2 else coef[:1]
+            m01, m11 = matrix[0, 1], matrix[1, 1]
+            det = m00 * m11 - m01 ** 2
+            regular = det > 1e-12 * m00 * m11
+            det = torch.where(regular, det, 1.0)
+            both = torch.stack([-(m11 * lin[0] - m01 * lin[1]) / det,
+                                -(m00 * lin[1] - m01 * lin[0]) / det])
+            coef = torch.where(regular, both, coef)
+        coef = coef.clamp(-self.max_step, self.max_step)
+        return torch.where(coef.isfinite().all(), coef, 0.0)
 
     def _damping_weights(self, updates: dict) -> dict:
         """Per covered parameter, the absolute damping of each entry (``lambda`` times its
@@ -344,7 +377,8 @@ class AdaptiveKFAC(torch.optim.Optimizer):
         extra = state_dict["adaptive"]
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "adaptive"})
         self.preconditioner.load_state_dict(extra["kfac"])
-        self.damping = float(extra["damping"])
+        self.damping = torch.as_tensor(extra["damping"], dtype=torch.float64).to(
+            self.damping.device)
         self.steps = int(extra["steps"])
         self.skips.load_state_dict(extra.get("skips"))
 
@@ -359,16 +393,12 @@ def _scale_of(block) -> torch.Tensor:
     return la.amax(-1).clamp_min(tiny) * lg.amax(-1).clamp_min(tiny)
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else 1.0
+def _dot(a: dict, b: dict) -> torch.Tensor:
+    return sum((a[p].double() * b[p].double()).sum() for p in a)
 
 
-def _dot(a: dict, b: dict) -> float:
-    return float(sum((a[p].double() * b[p].double()).sum() for p in a))
-
-
-def _weighted_dot(w: dict, a: dict, b: dict) -> float:
-    return float(sum((w[p].double() * a[p].double() * b[p].double()).sum() for p in a))
+def _weighted_dot(w: dict, a: dict, b: dict) -> torch.Tensor:
+    return sum((w[p].double() * a[p].double() * b[p].double()).sum() for p in a)
 
 
 def _loss_hessian_products(loss_fn, outputs: torch.Tensor, targets, vectors: list) -> list:

@@ -29,6 +29,8 @@ names the group of a grouped output (the query/key/value projections of attentio
 """
 from __future__ import annotations
 
+import warnings
+import weakref
 from functools import partial
 from typing import Callable
 
@@ -36,6 +38,21 @@ import torch
 
 LOSS_AVERAGES = (None, "batch", "batch+sequence")
 KFAC_APPROXES = ("expand", "reduce")
+
+
+# The optimizers capturing each module (weakly: a dropped optimizer leaves no trace here).
+_CAPTURED_BY: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def weak_method(method: Callable) -> Callable:
+    """A callable that calls the bound ``method`` while its object lives (else returns None):
+    what hooks hold instead of the optimizer itself."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args, **kwargs):
+        bound = ref()
+        return None if bound is None else bound(*args, **kwargs)
+    return call
 
 
 def default_factor_dtype(param: torch.Tensor) -> torch.dtype:
@@ -49,13 +66,15 @@ class Capture:
     Args:
         adapters: qualified module name -> adapter.
         loss_average: how the user's loss was reduced (see the module docstring).
-        loss_scale: callable returning the current loss scale of a GradScaler (or ``None``).
+        loss_scale: callable returning the current loss scale of a GradScaler (a float, a 0-d
+            tensor on the device, or ``None``).
         train_only: capture only from modules in training mode (evaluation forwards run with
             gradients enabled do not leak into an optimizer's statistics).
     """
 
     def __init__(self, adapters: dict, *, loss_average: str | None = "batch",
-                 loss_scale: Callable[[], float | None] | None = None, train_only: bool = True):
+                 loss_scale: Callable[[], float | torch.Tensor | None] | None = None,
+                 train_only: bool = True):
         self.adapters = adapters
         self.loss_average = loss_average
         self.loss_scale = loss_scale
@@ -95,6 +114,26 @@ class Capture:
     @property
     def attached(self) -> bool:
         return bool(self._handles)
+
+    def claim(self, owner, who: str) -> None:
+        """Record ``owner`` (an optimizer) as capturing this capture's modules, warn once if
+        another live optimizer already captures some of them (both would precondition the same
+        gradients), and detach the hooks when ``owner`` is garbage collected (the hooks hold
+        the capture, never the optimizer, so dropping the optimizer ends the capture)."""
+        others = {}
+        for name, adapter in self.adapters.items():
+            for other in _CAPTURED_BY.get(adapter.module, ()):
+                if other is not owner and getattr(other, "capture", None) is not None \
+                        and other.capture.attached:
+                    others.setdefault(type(other).__name__, []).append(name)
+            _CAPTURED_BY.setdefault(adapter.module, weakref.WeakSet()).add(owner)
+        if others:
+            kind, names = next(iter(others.items()))
+            warnings.warn(
+                f"{who}: modules {names} are already captured by a {kind} created earlier on "
+                f"this model; both will update from and precondition the same gradients. Call "
+                f"remove_hooks() on the earlier one (or drop it) first", UserWarning, stacklevel=4)
+        weakref.finalize(owner, self.detach)
 
     def __enter__(self) -> "Capture":
         return self.attach()
@@ -140,11 +179,27 @@ class Capture:
             return
         multiplier = self.multiplier(n, r)
         grad = grad.detach()
+        # Weights known on the device only -- a count of targets (``grad_multiplier``), a
+        # GradScaler's scale -- are applied to the gradient (g -> sqrt(m) g, g / scale) rather
+        # than read on the host, which would wait for a GPU in the middle of the backward pass.
+        # Low-precision gradients are unscaled in float32 (in fp16 they would underflow).
+        scale = self.loss_scale() if self.loss_scale is not None else None
+        device_weight = isinstance(multiplier, torch.Tensor) or isinstance(scale, torch.Tensor)
+        if device_weight and grad.dtype in (torch.float16, torch.bfloat16):
+            grad = grad.float()
+        if isinstance(multiplier, torch.Tensor):
+            grad = grad * multiplier.sqrt().to(grad.device, grad.dtype)
+            multiplier = 1.0
+        if isinstance(scale, torch.Tensor):
+            grad = grad * scale.reciprocal().to(grad.device, grad.dtype)
+        elif scale:
+            multiplier /= float(scale) ** 2
         for consumer in self.consumers[adapter.name]:
             consumer.add_backward(adapter, grad, context, index, multiplier, group)
 
-    def multiplier(self, n: int, r: int) -> float:
-        """Weight of ``g g^T`` for an output gradient of ``n`` examples and ``r`` positions."""
+    def multiplier(self, n: int, r: int) -> float | torch.Tensor:
+        """Weight of ``g g^T`` for an output gradient of ``n`` examples and ``r`` positions (a
+        0-d tensor where :attr:`grad_multiplier` is one), before the loss scale."""
         if self.grad_multiplier is not None:
             multiplier = self.grad_multiplier
         elif self.loss_average is None:
@@ -153,7 +208,13 @@ class Capture:
             multiplier = float(n * self.accumulation_steps)
         else:
             multiplier = float(n * r * self.accumulation_steps)
-        scale = self.loss_scale() if self.loss_scale is not None else None
-        if scale:
-            multiplier /= float(scale) ** 2
         return multiplier / self.world_size
+
+
+def grad_scaler_scale(scaler) -> torch.Tensor | float | None:
+    """The current scale of an enabled ``torch.amp.GradScaler`` as a 0-d tensor on its device
+    (no host read); a float before its first ``scale()`` made one; ``None`` without one."""
+    if scaler is None or not scaler.is_enabled():
+        return None
+    tensor = getattr(scaler, "_scale", None)
+    return tensor if isinstance(tensor, torch.Tensor) else scaler.get_scale()

@@ -6,11 +6,13 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from . import _arguments as args
 from ._backend import BACKENDS
 from .blocks import KroneckerBlock
 from .capture import KFAC_APPROXES, LOSS_AVERAGES, Capture, default_factor_dtype
 from .layers import SUPPORTED_NAMES, find_adapters, validate_skip_modules
-from .losses import check_loss_fn, loss_coefficient, mc_grad_output, type2_grad_outputs
+from .losses import (check_loss_fn, inverse_coefficient, loss_coefficient, mc_grad_output,
+                     type2_grad_outputs)
 
 FISHER_TYPES = ("empirical", "mc", "type-2")
 
@@ -34,7 +36,7 @@ def curvature_backward(capture: Capture, loss_fn, outputs: torch.Tensor,
         if fisher_type == "empirical":
             loss = loss_fn(outputs, targets)
             c = loss_coefficient(loss_fn, outputs, targets)
-            capture.grad_multiplier = 1.0 / c if c > 0 else 0.0
+            capture.grad_multiplier = inverse_coefficient(c)
             torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
         elif fisher_type == "type-2":
             capture.grad_multiplier = 1.0
@@ -51,20 +53,15 @@ def curvature_backward(capture: Capture, loss_fn, outputs: torch.Tensor,
 def check_common(who: str, kfac_approx, fisher_type, loss_average, mc_samples, backend,
                  generator) -> None:
     """Argument checks shared by :func:`kronecker_factors` and the optimizers."""
-    if kfac_approx not in KFAC_APPROXES:
-        raise ValueError(f"{who}: kfac_approx must be 'expand' or 'reduce', got {kfac_approx!r}")
-    if fisher_type not in FISHER_TYPES:
-        raise ValueError(f"{who}: fisher_type must be one of {FISHER_TYPES}, got {fisher_type!r}")
+    args.choice(who, "kfac_approx", kfac_approx, KFAC_APPROXES)
+    args.choice(who, "fisher_type", fisher_type, FISHER_TYPES)
     if loss_average not in LOSS_AVERAGES:
         raise ValueError(f"{who}: loss_average must be None, 'batch' or 'batch+sequence', got "
                          f"{loss_average!r}")
-    if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
-        raise ValueError(f"{who}: mc_samples must be an int >= 1, got {mc_samples!r}")
+    args.positive_int(who, "mc_samples", mc_samples)
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"{who}: backend must be one of {BACKENDS}, got {backend!r}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"{who}: generator must be a torch.Generator or None, got "
-                        f"{type(generator).__name__}")
+    args.instance(who, "generator", generator, torch.Generator, "a torch.Generator")
 
 
 def kronecker_factors(model: nn.Module, loss_fn: nn.Module, inputs, targets: torch.Tensor, *,
@@ -89,7 +86,7 @@ def kronecker_factors(model: nn.Module, loss_fn: nn.Module, inputs, targets: tor
             reduction ``"mean"``/``"sum"``.
         inputs: passed to ``model`` (a tuple is unpacked).
         targets: passed to ``loss_fn``.
-        kfac_approx: ``"expand"`` (seed 001, Eq. 7) or ``"reduce"`` (Eq. 10).
+        kfac_approx: ``"expand"`` (Eschenhagen et al. (2023), Eq. 7) or ``"reduce"`` (Eq. 10).
         fisher_type: ``"empirical"`` (gradients of the loss), ``"mc"`` (``mc_samples`` labels
             sampled from the model) or ``"type-2"`` (exact: Hessian factor columns).
         loss_average: how the loss was reduced; must agree with ``loss_fn.reduction`` (``None``

@@ -23,6 +23,8 @@ all-reduced.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.distributed as dist
 
@@ -170,7 +172,13 @@ class CommOpt:
     for every refresh) and broadcast, so every rank holds and applies every preconditioner."""
 
     def __init__(self, driver):
-        self.driver = driver
+        # A weak reference: the driver owns its strategy, and a cycle would keep a dropped
+        # optimizer (and its hooks on the model) alive until the garbage collector runs.
+        self._driver = weakref.ref(driver)
+
+    @property
+    def driver(self):
+        return self._driver()
 
     def _rank_world(self) -> tuple[int, int]:
         group = self.driver.process_group
@@ -182,10 +190,12 @@ class CommOpt:
     def refresh(self, names: list[str]) -> None:
         d = self.driver
         if not d.is_distributed:
-            d.decompose(names)
+            d.decompose(names, check=False)  # checked with the next step's one host read
             return
         rank, world = self._rank_world()
         owner = assign_greedily(self._costs(names), world)
+        # Checked before the broadcast: every rank must receive a finite decomposition (the
+        # collectives synchronise the ranks anyway).
         d.decompose([n for n in names if owner[n] == rank])
         templates = {n: d.blocks[n].decomposition_template(d.compute_method, d._split)
                      for n in names}

@@ -12,8 +12,10 @@ belonging to graph ``batch_index[i]`` (a 1-D integer tensor of length ``R_M``, v
 ``[0, num_graphs)``). The backward pass may run after the block is left. Contexts nest (one for
 the node layers, one for the edge layers); the innermost that names a module wins.
 
-* expand (seed 001 App. B.4): every row is an example, ``A = sum_rows a a^T / R_M``.
-* reduce (seed 001 Eq. 55): per graph ``a_hat_n = sum_{r} a_{n,r} / sqrt(R_n)`` and
+* expand (Eschenhagen et al. (2023), App. B.4): every row is an example,
+  ``A = sum_rows a a^T / R_M``.
+* reduce (Eschenhagen et al. (2023), Eq. 55): per graph
+  ``a_hat_n = sum_{r} a_{n,r} / sqrt(R_n)`` and
   ``b_hat_n = sum_r b_{n,r} / sqrt(R_n)`` (a scatter-sum scaled by ``1/sqrt(R_n)``; the bias
   coordinate becomes ``sqrt(R_n)``), ``A = sum_n a_hat a_hat^T / N`` and ``G = m sum_n b_hat
   b_hat^T`` over the ``N`` graphs that have rows.

@@ -30,43 +30,31 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from . import _arguments as args
 from . import distributed as dist_utils
 from ._backend import BACKENDS
+from ._flags import DeferredChecks
 from .blocks import BLOCKS, run_jobs
-from .capture import Capture, default_factor_dtype
+from .blocks.decompositions import retry_in_float64
+from .capture import Capture, default_factor_dtype, grad_scaler_scale, weak_method
 from .curvature import check_common, curvature_backward
 from .layers import SUPPORTED_NAMES, find_adapters, validate_skip_modules
-from .losses import check_loss_fn, loss_coefficient
+from .losses import check_loss_fn, inverse_coefficient, loss_coefficient
 
 DAMPING_FORMS = ("exact", "factored")
-# The default damping: a fraction of each layer's curvature scale (the mean eigenvalue of its
-# Kronecker block), chosen by the sweep of bench/sweep_damping.py over every kfac-train task
-# (bench/results/damping_sweep.json).
+# The default damping: a fraction of each layer's curvature scale (the largest eigenvalue of its
+# Kronecker block). 0.1 bounds the amplification of any direction to 10x the stiffest one's.
 DEFAULT_RELATIVE_DAMPING = 0.1
 COMPUTE_METHODS = ("eigen", "inverse")
 DAMPING_SPLITS = ("pi", "equal")
 
 
-def _positive_float(who, name, value, allow_none=False):
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
-            value) or value <= 0:
-        raise ValueError(f"{who}: {name} must be a positive finite float, got {value!r}")
-
-
-def _positive_int(who, name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{who}: {name} must be an int >= 1, got {value!r}")
-
-
-def grads_finite(mats: list[torch.Tensor]) -> bool:
-    """Whether every gradient matrix is finite: one reduction (the largest magnitude of each,
-    NaN-propagating) and one read of the result."""
+def gradient_health(mats: list[torch.Tensor]) -> torch.Tensor:
+    """A 0-d tensor, finite iff every gradient matrix is: one fused reduction (the largest
+    magnitude of each, NaN-propagating), no host read."""
     norms = torch._foreach_norm([m.float() if m.dtype in (torch.float16, torch.bfloat16) else m
                                  for m in mats], float("inf"))
-    return bool(torch.stack([n.to(norms[0].device, torch.float64) for n in norms]).sum()
-                .isfinite())
+    return torch.stack([n.to(norms[0].device, torch.float64) for n in norms]).sum()
 
 
 class KFAC:
@@ -83,8 +71,9 @@ class KFAC:
             eigenvalue ``m = lambda_max(A) lambda_max(G)`` of its Kronecker block: exact
             damping ``relative_damping * m``, factored damping ``sqrt(relative_damping)`` times
             each factor's largest eigenvalue (see :mod:`kfac_kernels.blocks.kronecker`). It
-            means the same on every layer and for every loss scale. Pass ``damping`` or ``relative_damping``, not both; with neither, the
-            default is ``relative_damping=0.1`` (:data:`DEFAULT_RELATIVE_DAMPING`).
+            means the same on every layer and for every loss scale. Pass ``damping`` or
+            ``relative_damping``, not both; with neither, the default is
+            ``relative_damping=0.1`` (:data:`DEFAULT_RELATIVE_DAMPING`).
         factor_decay: EMA decay of the factors, in ``[0, 1)``; the first update takes the batch
             factors as they are.
         factor_update_steps: update the factors every this many steps.
@@ -94,7 +83,7 @@ class KFAC:
         num_blocks, block_size: the partition of ``structure="block-diagonal"``: ``num_blocks``
             near-equal parts of each layer's input features (channels of a convolution) and
             output features (default 4), or parts of ``block_size`` features.
-        kfac_approx: ``"expand"`` or ``"reduce"`` (Eschenhagen et al. (2023)).
+        kfac_approx: ``"expand"`` or ``"reduce"`` (Eschenhagen et al., 2023).
         fisher_type: ``"empirical"`` (uses the gradients of ``loss.backward()``), ``"mc"`` or
             ``"type-2"`` (use ``precond.backward(outputs, targets)``; need ``loss_fn``).
         loss_fn: ``nn.CrossEntropyLoss`` / ``nn.MSELoss`` / ``nn.BCEWithLogitsLoss`` for
@@ -153,25 +142,22 @@ class KFAC:
                  grad_accumulation_steps: int = 1, distributed: bool | None = None,
                  process_group=None, distributed_strategy: str = "comm-opt"):
         who = type(self).__name__
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"{who}: model must be a torch.nn.Module, got {type(model).__name__}")
+        args.instance(who, "model", model, nn.Module, "a torch.nn.Module", allow_none=False)
         if damping is not None and relative_damping is not None:
             raise ValueError(f"{who}: pass damping (absolute) or relative_damping, not both "
                              f"(got damping={damping!r}, relative_damping={relative_damping!r})")
-        _positive_float(who, "damping", damping, allow_none=True)
-        _positive_float(who, "relative_damping", relative_damping, allow_none=True)
+        if damping is not None:
+            damping = args.positive_float(who, "damping", damping)
+        if relative_damping is not None:
+            relative_damping = args.positive_float(who, "relative_damping", relative_damping)
         self.relative_damping = damping is None
         if damping is None:
             damping = (DEFAULT_RELATIVE_DAMPING if relative_damping is None
                        else relative_damping)
-        if isinstance(factor_decay, bool) or not isinstance(factor_decay, (int, float)) or not (
-                0.0 <= factor_decay < 1.0):
-            raise ValueError(f"{who}: factor_decay must be in [0, 1), got {factor_decay!r}")
-        _positive_int(who, "factor_update_steps", factor_update_steps)
-        _positive_int(who, "inv_update_steps", inv_update_steps)
-        if structure not in BLOCKS:
-            raise ValueError(f"{who}: structure must be one of {tuple(BLOCKS)}, got "
-                             f"{structure!r}")
+        factor_decay = args.fraction(who, "factor_decay", factor_decay)
+        args.positive_int(who, "factor_update_steps", factor_update_steps)
+        args.positive_int(who, "inv_update_steps", inv_update_steps)
+        args.choice(who, "structure", structure, tuple(BLOCKS))
         options = self._structure_options(who, structure, num_blocks, block_size)
         check_common(who, kfac_approx, fisher_type, loss_average, mc_samples, backend, generator)
         if fisher_type != "empirical" and loss_fn is None:
@@ -180,44 +166,34 @@ class KFAC:
                              "or factorise the loss Hessian")
         if loss_fn is not None:
             check_loss_fn(loss_fn, loss_average, who)
-        if damping_form not in DAMPING_FORMS:
-            raise ValueError(f"{who}: damping_form must be 'exact' or 'factored', got "
-                             f"{damping_form!r}")
-        if compute_method not in COMPUTE_METHODS:
-            raise ValueError(f"{who}: compute_method must be 'eigen' or 'inverse', got "
-                             f"{compute_method!r}")
+        args.choice(who, "damping_form", damping_form, DAMPING_FORMS)
+        args.choice(who, "compute_method", compute_method, COMPUTE_METHODS)
         if compute_method == "inverse" and damping_form == "exact":
             raise ValueError(f"{who}: compute_method='inverse' needs damping_form='factored'; "
                              "exact eigen damping needs compute_method='eigen'")
-        if damping_split not in DAMPING_SPLITS:
-            raise ValueError(f"{who}: damping_split must be 'pi' or 'equal', got "
-                             f"{damping_split!r}")
-        _positive_float(who, "kl_clip", kl_clip, allow_none=True)
+        args.choice(who, "damping_split", damping_split, DAMPING_SPLITS)
+        kl_clip = args.positive_float(who, "kl_clip", kl_clip, allow_none=True)
         if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float))
                                or not math.isfinite(lr) or lr < 0):
             raise ValueError(f"{who}: lr must be a non-negative finite float or None, got {lr!r}")
-        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
-            raise TypeError(f"{who}: grad_scaler must be a torch.amp.GradScaler or None, got "
-                            f"{type(grad_scaler).__name__}")
-        if factor_dtype is not None and (not isinstance(factor_dtype, torch.dtype) or
-                                         factor_dtype not in (torch.float32, torch.float64)):
+        args.instance(who, "grad_scaler", grad_scaler, torch.amp.GradScaler,
+                      "a torch.amp.GradScaler")
+        if factor_dtype not in (None, torch.float32, torch.float64):
             raise ValueError(f"{who}: factor_dtype must be torch.float32, torch.float64 or None, "
                              f"got {factor_dtype!r}")
         if eigh_backend not in BACKENDS:
             raise ValueError(f"{who}: eigh_backend must be one of "
                              f"{', '.join(map(repr, BACKENDS))}, got {eigh_backend!r}")
         dist_utils.check_arguments(who, grad_accumulation_steps, distributed)
-        if distributed_strategy not in dist_utils.STRATEGIES:
-            raise ValueError(f"{who}: distributed_strategy must be 'comm-opt' or 'mem-opt', got "
-                             f"{distributed_strategy!r}")
+        args.choice(who, "distributed_strategy", distributed_strategy, dist_utils.STRATEGIES)
         skip_modules = validate_skip_modules(model, skip_modules, who)
         self.adapters = find_adapters(model, skip_modules, who, kfac_approx=kfac_approx)
         if not self.adapters:
             raise ValueError(f"{who}: the model has no supported layers ({SUPPORTED_NAMES}) "
                              "with trainable weights")
         self.model = model
-        self.damping = float(damping)
-        self.factor_decay = float(factor_decay)
+        self.damping = damping
+        self.factor_decay = factor_decay
         self.factor_update_steps = factor_update_steps
         self.inv_update_steps = inv_update_steps
         self.structure = structure
@@ -229,7 +205,7 @@ class KFAC:
         self.damping_form = damping_form
         self.compute_method = compute_method
         self.damping_split = damping_split
-        self.kl_clip = None if kl_clip is None else float(kl_clip)
+        self.kl_clip = kl_clip
         self.lr = lr
         self.grad_scaler = grad_scaler
         self.generator = generator
@@ -242,6 +218,8 @@ class KFAC:
         self.steps = 0
         # Why the last step() did nothing: None, "no gradients" or "non-finite gradients".
         self.skip_reason: str | None = None
+        # Device-side checks read with the next step's one host read (kfac_kernels._flags).
+        self.checks = DeferredChecks()
         self._warned: set[str] = set()
         block_class = BLOCKS[structure]
         self.blocks = {
@@ -250,11 +228,12 @@ class KFAC:
                               backend=backend, **options)
             for name, adapter in self.adapters.items()}
         self.capture = Capture(self.adapters, loss_average=loss_average,
-                               loss_scale=self._loss_scale, train_only=True)
+                               loss_scale=weak_method(self._loss_scale), train_only=True)
         for name, block in self.blocks.items():
             self.capture.subscribe(name, block)
         self.capture.accumulation_steps = grad_accumulation_steps
         self.capture.attach()
+        self.capture.claim(self, who)
         self.distribution = dist_utils.make_strategy(distributed_strategy, self)
         self._arm_capture()
 
@@ -267,19 +246,19 @@ class KFAC:
                                      f"(got structure={structure!r})")
             return {}
         if block_size is not None:
-            _positive_int(who, "block_size", block_size)
+            args.positive_int(who, "block_size", block_size)
             if num_blocks is not None:
                 raise ValueError(f"{who}: pass num_blocks or block_size, not both (got "
                                  f"num_blocks={num_blocks!r}, block_size={block_size!r})")
             return {"block_size": block_size, "num_blocks": None}
         num_blocks = 4 if num_blocks is None else num_blocks
-        _positive_int(who, "num_blocks", num_blocks)
+        args.positive_int(who, "num_blocks", num_blocks)
         return {"num_blocks": num_blocks}
 
     # --- capture ----------------------------------------------------------------------------
     def _loss_scale(self) -> float | None:
-        s = self.grad_scaler
-        return s.get_scale() if s is not None and s.is_enabled() else None
+        # The scale as a tensor on the device (read on the host it would synchronise).
+        return grad_scaler_scale(self.grad_scaler)
 
     @property
     def is_factor_step(self) -> bool:
@@ -312,8 +291,15 @@ class KFAC:
         self.capture.new_step()
 
     def remove_hooks(self) -> None:
-        """Detach all hooks from the model (the preconditioner stops capturing)."""
+        """Detach all hooks from the model (the preconditioner stops capturing). Dropping the
+        preconditioner does the same; ``with KFAC(model) as precond:`` detaches at the end."""
         self.capture.detach()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove_hooks()
 
     def backward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """``loss = loss_fn(outputs, targets)``; ``loss.backward()``, with the extra backward
@@ -332,7 +318,7 @@ class KFAC:
             # The loss is known here, so its exact coefficient (e.g. 1/numel for a mean-reduced
             # MSELoss) is used, as kronecker_factors does, instead of the loss_average guess.
             c = loss_coefficient(self.loss_fn, outputs, targets)
-            self.capture.grad_multiplier = 1.0 / c if c > 0 else 0.0
+            self.capture.grad_multiplier = inverse_coefficient(c)
         try:
             if self.grad_scaler is not None and self.grad_scaler.is_enabled():
                 self.grad_scaler.scale(loss).backward()
@@ -377,19 +363,43 @@ class KFAC:
         return True
 
     @torch.no_grad()
-    def precondition_gradients(self, grads: dict[str, torch.Tensor]
+    def precondition_gradients(self, grads: dict[str, torch.Tensor],
+                               health: torch.Tensor | None = None
                                ) -> dict[str, torch.Tensor] | None:
         """One step without KL-clipping and without writing: update the factors and the
         decompositions when due, and return the preconditioned gradient matrices of ``grads``
         (from :meth:`gradient_matrices`); ``None`` (and nothing changed) if the step is
-        skipped: no gradients, or non-finite ones."""
+        skipped: no gradients, or non-finite ones. ``health``: a 0-d tensor read together with
+        the gradients' (in the step's one host read) that must be finite too, e.g. the loss
+        and the gradients of parameters no layer covers (a caller's step skips as a whole)."""
         self.skip_reason = None
-        if not grads or not grads_finite(list(grads.values())):
-            self.skip_reason = "non-finite gradients" if grads else "no gradients"
+        if not grads:
+            self.skip_reason = "no gradients"
+            self._warn_once("no-gradients", (
+                f"{type(self).__name__}: step() found no gradients of the covered layers: call "
+                "loss.backward() (or precond.backward(outputs, targets)) before step(); nothing "
+                "was preconditioned"))
             self.discard_pending()
             return None
-        if self.is_factor_step:
-            self._update_factors()
+        factor_step = self.is_factor_step
+        if factor_step and self.is_distributed:
+            dist_utils.allreduce_pending(self.blocks, self.process_group)
+        pending = ({n: h for n, h in ((n, b.pending_health()) for n, b in self.blocks.items())
+                    if h is not None} if factor_step else {})
+        # The step's one host read: the gradients, this step's statistics and the checks queued
+        # by earlier steps (e.g. their decompositions), together.
+        grads_ok = gradient_health(list(grads.values()))
+        if health is not None:
+            grads_ok = grads_ok + health.to(grads_ok.device, grads_ok.dtype)
+        ok = self.checks.read([grads_ok, *pending.values()])
+        if not ok[0]:
+            self.skip_reason = "non-finite gradients"
+            self.discard_pending()
+            return None
+        if factor_step:
+            if not any(b.pending is not None for b in self.blocks.values()):
+                self._warn_nothing_captured()
+            self._update_factors(dict(zip(pending, ok[1:])))
         self.discard_pending()
         due = [n for n in grads if self.blocks[n].has_factors
                and (self.is_inverse_step or self.blocks[n].decomposition is None)]
@@ -407,8 +417,7 @@ class KFAC:
         parameters' gradients."""
         if kl_clip and self.kl_clip is not None and updates:
             nu = self.kl_clip_factor(updates, grads, lr)
-            if nu < 1.0:
-                updates = {name: v * nu for name, v in updates.items()}
+            updates = {name: v * nu.to(v.dtype) for name, v in updates.items()}
         for name, v in updates.items():
             self.adapters[name].set_grad_matrix(v.to(grads[name].dtype))
 
@@ -420,9 +429,9 @@ class KFAC:
         return self.blocks[name].precondition(mat, self.compute_method, self.damping, self._split,
                                               self.relative_damping)
 
-    def _update_factors(self) -> None:
-        if self.is_distributed:
-            dist_utils.allreduce_pending(self.blocks, self.process_group)
+    def _update_factors(self, finite: dict[str, bool]) -> None:
+        """Fold the step's statistics into the factors (``finite``: by layer, whether they
+        are)."""
         if self.fisher_type != "empirical":
             missing_g = [name for name, b in self.blocks.items()
                          if b.pending is not None and b.pending.a is not None
@@ -433,12 +442,7 @@ class KFAC:
                     f"{type(self).__name__}: fisher_type={self.fisher_type!r} captured no output "
                     f"gradients for {missing_g}: compute the loss with "
                     "`loss = precond.backward(outputs, targets)` instead of `loss.backward()`")
-        health = {n: b.pending_health() for n, b in self.blocks.items()}
-        health = {n: h for n, h in health.items() if h is not None}
-        if not health:
-            return
-        finite = torch.stack([h.to(torch.float64) for h in health.values()]).isfinite().tolist()
-        for (name, _), ok in zip(health.items(), finite):
+        for name, ok in finite.items():
             if ok:
                 self.blocks[name].fold_pending(self.factor_decay)
                 continue
@@ -448,32 +452,69 @@ class KFAC:
                 "in its inputs or output gradients); its factor update is skipped this "
                 "step and whenever this happens again"))
 
-    def decompose(self, names: list[str]) -> None:
-        """Recompute the decompositions of ``names`` on this process: all of them in as few
-        batched calls as their sizes allow; a layer whose factors are not finite, or whose
-        decomposition fails even in fp64, keeps its previous one (warned once)."""
-        blocks = []
-        for name in names:
-            block = self.blocks[name]
-            if block.factors_finite():
-                blocks.append(block)
-            else:
-                self._warn_once(f"nonfinite-factor:{name}", (
-                    f"{type(self).__name__}: the factors of module {name!r} are not finite; "
-                    "keeping its previous preconditioner"))
-        jobs = [block.decomposition_jobs(self.compute_method, self.damping, self._split,
-                                         self.relative_damping) for block in blocks]
+    def _warn_nothing_captured(self) -> None:
+        modules = [a.module for a in self.adapters.values()]
+        if not any(m.training for m in modules):
+            cause = ("the model is in evaluation mode (call model.train(): curvature is "
+                     "captured from modules in training mode only)")
+        elif not self.capture.attached:
+            cause = "its hooks were removed (remove_hooks())"
+        else:
+            cause = ("no forward pass with gradients enabled reached the covered layers since "
+                     "the last step")
+        self._warn_once("nothing-captured", (
+            f"{type(self).__name__}: step {self.steps + 1} should update the factors but no "
+            f"curvature was captured: {cause}; the gradients are preconditioned with the "
+            "factors so far (left unchanged before the first update)"))
+
+    def decompose(self, names: list[str], check: bool = True) -> None:
+        """Recompute the decompositions of ``names`` on this process, in as few batched calls
+        as their sizes allow. Where a result is not finite the previous decomposition is kept
+        (before any, the layer's gradient stays unpreconditioned); the failure is found by a
+        host read -- right away with ``check``, else with the next step's one read -- and then
+        answered by an fp64 retry, or a warning that keeps the previous one."""
+        blocks = [self.blocks[n] for n in names]
+        jobs = [b.decomposition_jobs(self.compute_method, self.damping, self._split,
+                                     self.relative_damping) for b in blocks]
         results = iter(run_jobs([j for js in jobs for j in js], self.eigh_backend))
         for block, js in zip(blocks, jobs):
-            done = block.set_decomposition([next(results) for _ in js], self.compute_method,
-                                           self.damping, self._split, self.relative_damping)
-            if not done:
-                self._warn_once(f"decomposition:{block.name}", (
-                    f"{type(self).__name__}: could not decompose the factors of module "
-                    f"{block.name!r}, even in float64; keeping its previous preconditioner"))
+            health = block.set_decomposition([next(results) for _ in js], self.compute_method,
+                                             self.damping, self._split, self.relative_damping)
+            if health is None:  # even the fp64 solve raised
+                self._decomposition_failed(block)
+                continue
+            self.checks.add(health, self, "_retry_decomposition", block, js,
+                            on_success="_decomposition_verified")
+        if check:
+            self.checks.read()
 
-    def kl_clip_factor(self, updates, grads, lr) -> float:
-        """``nu`` of KL-clipping for preconditioned gradients ``updates`` of ``grads``."""
+    def _retry_decomposition(self, block, jobs) -> None:
+        """A decomposition found not finite: once more in fp64 (read at once: this is rare)."""
+        if block.factors_finite():
+            results = retry_in_float64(jobs, self.eigh_backend)
+            health = block.set_decomposition(results, self.compute_method, self.damping,
+                                             self._split, self.relative_damping)
+            if health is not None and bool(health.isfinite()):
+                block.unverified = None
+                return
+            self._decomposition_failed(block)
+            return
+        self._warn_once(f"nonfinite-factor:{block.name}", (
+            f"{type(self).__name__}: the factors of module {block.name!r} are not finite; keeping "
+            "its previous preconditioner"))
+
+    @staticmethod
+    def _decomposition_verified(block, jobs) -> None:
+        block.unverified = None
+
+    def _decomposition_failed(self, block) -> None:
+        self._warn_once(f"decomposition:{block.name}", (
+            f"{type(self).__name__}: could not decompose the factors of module {block.name!r}, "
+            "even in float64; keeping its previous preconditioner"))
+
+    def kl_clip_factor(self, updates, grads, lr) -> torch.Tensor:
+        """``nu`` of KL-clipping for preconditioned gradients ``updates`` of ``grads``: a 0-d
+        tensor on their device (no host read)."""
         lr = self.lr if lr is None else lr
         if lr is None:
             raise RuntimeError(f"{type(self).__name__}: kl_clip needs a learning rate: pass "
@@ -483,10 +524,9 @@ class KFAC:
         for name, v in updates.items():
             layer_lr = lr(self.adapters[name].weight) if callable(lr) else lr
             terms.append(layer_lr ** 2 * (v * grads[name].to(v.dtype)).sum().abs().double())
-        total = float(torch.stack(terms).sum()) if terms else 0.0
-        if total <= 0.0:
-            return 1.0
-        return min(1.0, math.sqrt(self.kl_clip / total))
+        total = torch.stack(terms).sum()
+        nu = torch.sqrt(self.kl_clip / total.clamp_min(1e-300)).clamp_max(1.0)
+        return torch.where(total > 0, nu, torch.ones_like(nu))
 
     # --- views ------------------------------------------------------------------------------
     @property
@@ -540,13 +580,16 @@ class KFAC:
                 expected = block.decomposition_template(self.compute_method, self._split)
                 self._warn_once(f"load-preconditioner:{name}", (
                     f"{who}: the preconditioner of module {name!r} was saved with other settings "
-                    f"(entries {sorted(dec)}, expected {sorted(k for k, v in expected.items() if v)}"
-                    "); it is recomputed from the factors at the next step"))
+                    f"(entries {sorted(dec)}, expected "
+                    f"{sorted(k for k, v in expected.items() if v)}); it is recomputed from the "
+                    "factors at the next step"))
                 continue
             decompositions[name] = loaded
         for name, block in self.blocks.items():
             block.set_factors(factors.get(name))
             block.decomposition = decompositions.get(name)
+            block.unverified = None
+        self.checks = DeferredChecks()
         self.steps = int(state_dict["steps"])
         gen_state = state_dict.get("generator")
         if gen_state is not None and self.generator is not None:
@@ -556,7 +599,7 @@ class KFAC:
 
 
 class BDKFAC(KFAC):
-    """Block-diagonal K-FAC (Yu & Tatebe (BD-KFAC)): :class:`KFAC` with
+    """Block-diagonal K-FAC (Yu & Tatebe, BD-KFAC): :class:`KFAC` with
     ``structure="block-diagonal"``; every other argument, and its default, is :class:`KFAC`'s.
 
     The paper's setting (AdamW underneath, 4 blocks, spatially averaged convolution inputs,

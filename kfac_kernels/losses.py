@@ -11,11 +11,11 @@ GGN of ``L`` w.r.t. the output is block diagonal over positions with blocks ``c 
 * binary cross-entropy on a logit ``f`` (``nn.BCEWithLogitsLoss``): ``H_i = p (1 - p)`` per
   element, ``p = sigmoid(f)``; the model's predictive distribution is ``Bernoulli(p)``.
 
-``type-2`` backpropagates ``sqrt(c) * S[:, k]`` for each class ``k`` *and each position of a
-sample separately* (batched over the examples), so the result is the sum of seed 001 Eq. 7 without
-cross terms between positions. ``mc`` backpropagates ``sqrt(c) * grad l(f, y_sampled)`` with labels
-drawn from the model's predictive distribution (seed 001, App. B.4, Eq. 56), one backward pass per
-sample; its expectation is the type-2 result.
+``type-2`` backpropagates ``sqrt(c) * S[:, k]`` for each class ``k`` *and each position of a sample
+separately* (batched over the examples), so the result is the sum of Eschenhagen et al. (2023), Eq.
+7 without cross terms between positions. ``mc`` backpropagates ``sqrt(c) * grad l(f, y_sampled)``
+with labels drawn from the model's predictive distribution (Eschenhagen et al. (2023), App. B.4, Eq.
+56), one backward pass per sample; its expectation is the type-2 result.
 """
 from __future__ import annotations
 
@@ -73,16 +73,31 @@ def _ce_mask(loss_fn: nn.CrossEntropyLoss, outputs, targets) -> torch.Tensor | N
     return (t != loss_fn.ignore_index).unsqueeze(-1).to(outputs.dtype)
 
 
-def loss_coefficient(loss_fn, outputs: torch.Tensor, targets: torch.Tensor) -> float:
-    """``c`` in ``L = c * sum_i l_i`` for the loss as ``loss_fn`` computes it."""
+def loss_coefficient(loss_fn, outputs: torch.Tensor,
+                     targets: torch.Tensor) -> float | torch.Tensor:
+    """``c`` in ``L = c * sum_i l_i`` for the loss as ``loss_fn`` computes it: a float, or a 0-d
+    tensor where the count depends on the targets (``ignore_index``), so that it is not read on
+    the host (a device synchronisation on a GPU)."""
     if loss_fn.reduction == "sum":
         return 1.0
     if isinstance(loss_fn, (nn.MSELoss, nn.BCEWithLogitsLoss)):
         return 1.0 / outputs.numel()
     mask = _ce_mask(loss_fn, outputs, targets)
-    count = _class_last(outputs).shape[0] * _class_last(outputs).shape[1] if mask is None \
-        else float(mask.sum())
-    return 1.0 / count if count > 0 else 0.0
+    if mask is None:
+        count = _class_last(outputs).shape[0] * _class_last(outputs).shape[1]
+        return 1.0 / count if count > 0 else 0.0
+    return inverse_coefficient(mask.sum())
+
+
+def inverse_coefficient(c: float | torch.Tensor) -> float | torch.Tensor:
+    """``1 / c``, and 0 for ``c = 0`` (a loss over no element); on the device for a tensor."""
+    if isinstance(c, torch.Tensor):
+        return torch.where(c > 0, 1.0 / c.clamp_min(torch.finfo(c.dtype).tiny), 0.0)
+    return 1.0 / c if c > 0 else 0.0
+
+
+def _sqrt(c: float | torch.Tensor) -> float | torch.Tensor:
+    return c.sqrt() if isinstance(c, torch.Tensor) else math.sqrt(c)
 
 
 def type2_grad_outputs(loss_fn, outputs: torch.Tensor,
@@ -94,7 +109,7 @@ def type2_grad_outputs(loss_fn, outputs: torch.Tensor,
     if isinstance(loss_fn, nn.MSELoss):
         n = outputs.shape[0] if outputs.dim() > 0 else 1
         flat = outputs.reshape(n, -1)
-        value = math.sqrt(2.0 * c)
+        value = _sqrt(2.0 * c)
         for e in range(flat.shape[1]):
             col = torch.zeros_like(flat)
             col[:, e] = value
@@ -113,7 +128,7 @@ def type2_grad_outputs(loss_fn, outputs: torch.Tensor,
     p = torch.softmax(logits, dim=-1)
     sqrt_p = p.sqrt()
     mask = _ce_mask(loss_fn, outputs, targets)
-    scale = math.sqrt(c)
+    scale = _sqrt(c)
     n, positions, classes = p.shape
     for j in range(positions):
         for k in range(classes):
@@ -137,13 +152,13 @@ def mc_grad_output(loss_fn, outputs: torch.Tensor, targets: torch.Tensor,
         # gives the gradient 2 (f - y) = -sqrt(2) e, whose second moment is 2 = the Hessian.
         eps = torch.randn(outputs.shape, generator=generator, device=outputs.device,
                           dtype=outputs.dtype)
-        return eps.mul_(math.sqrt(2.0 * c))
+        return eps.mul_(_sqrt(2.0 * c))
     if isinstance(loss_fn, nn.BCEWithLogitsLoss):
         # y ~ Bernoulli(p): l's gradient at the sampled label is p - y, E[(p - y)^2] = p (1 - p).
         p = torch.sigmoid(outputs)
         y = torch.bernoulli(p.to(torch.float64) if p.dtype in (torch.float16, torch.bfloat16)
                             else p, generator=generator).to(p.dtype)
-        return (p - y).mul_(math.sqrt(c))
+        return (p - y).mul_(_sqrt(c))
     logits = _class_last(outputs)
     p = torch.softmax(logits, dim=-1)
     flat = p.reshape(-1, p.shape[-1])
@@ -151,7 +166,7 @@ def mc_grad_output(loss_fn, outputs: torch.Tensor, targets: torch.Tensor,
         torch.float16, torch.bfloat16) else flat, 1, generator=generator).squeeze(-1)
     grad = flat.clone()
     grad[torch.arange(flat.shape[0], device=flat.device), labels] -= 1.0
-    grad = grad.reshape(p.shape).mul_(math.sqrt(c))
+    grad = grad.reshape(p.shape).mul_(_sqrt(c))
     mask = _ce_mask(loss_fn, outputs, targets)
     if mask is not None:
         grad.mul_(mask)

@@ -62,6 +62,18 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         self.optimizer.step()
         return loss
 
+    def remove_hooks(self) -> None:
+        """Detach the preconditioner's hooks from the model (it stops capturing). Dropping the
+        optimizer does the same; ``with PreconditionedOptimizer(...) as opt:`` detaches at the
+        end of the block."""
+        self.preconditioner.remove_hooks()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove_hooks()
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         if hasattr(self.preconditioner, "discard_pending"):
             self.preconditioner.discard_pending()

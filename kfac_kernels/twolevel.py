@@ -1,7 +1,8 @@
-r"""Two-level K-FAC (seed 004): a coarse-space correction over layers added to K-FAC or BD-KFAC.
+r"""Two-level K-FAC (Tselepidis et al., 2020): a coarse-space correction over layers added to K-FAC
+or BD-KFAC.
 
 With ``Z`` the ``L x n`` matrix summing the parameters of each of the ``L`` layers (Eq. 5), the
-update of seed 004 Eq. 6 is
+update of Tselepidis et al. (2020), Eq. 6 is
 
 .. math::
 
@@ -39,10 +40,12 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
 
+from . import _arguments as args
 from .graph import GraphRows
 from .kfac import KFAC
 
@@ -55,23 +58,29 @@ class _CoarseCapture:
     forward call."""
 
     def __init__(self, owner: "TwoLevel", name: str):
-        self.owner, self.name = owner, name
-
-    def _record(self) -> dict:
-        return self.owner._pending.setdefault(self.name, {"a": {}, "g": {}})
+        # Weakly: the module hooks reach this consumer, and must not keep the optimizer alive.
+        self.owner, self.name = weakref.ref(owner), name
 
     def add_forward(self, adapter, x, context, index) -> None:
+        owner = self.owner()
+        if owner is None:
+            return
         if isinstance(context, GraphRows):
             raise ValueError(f"TwoLevel: module {self.name!r} runs inside graph_rows; the "
                              "coarse space treats rows as examples and does not support "
                              "graph batches")
-        self._record()["a"][index] = adapter.example_inputs(x, self.owner._dtype(self.name))
+        record = owner._pending.setdefault(self.name, {"a": {}, "g": {}})
+        record["a"][index] = adapter.example_inputs(x, owner._dtype(self.name))
 
     def add_backward(self, adapter, grad, context, index, multiplier, group) -> None:
-        g = adapter.example_outputs(grad, self.owner._dtype(self.name))
+        owner = self.owner()
+        if owner is None:
+            return
+        g = adapter.example_outputs(grad, owner._dtype(self.name))
         # One entry per backward pass through this output: the user's backward (empirical
         # Fisher) or each Monte-Carlo / type-2 pass; scaled so that t t^T carries the weight m.
-        self._record()["g"].setdefault(index, []).append(g * math.sqrt(multiplier))
+        record = owner._pending.setdefault(self.name, {"a": {}, "g": {}})
+        record["g"].setdefault(index, []).append(g * math.sqrt(multiplier))
 
 
 class TwoLevel:
@@ -98,20 +107,12 @@ class TwoLevel:
     def __init__(self, preconditioner: KFAC, *, coarse_damping: float | None = None,
                  coarse_decay: float = 0.95, coarse_method: str = "sums"):
         who = type(self).__name__
-        if not isinstance(preconditioner, KFAC):
-            raise TypeError(f"{who}: preconditioner must be a kfac_kernels.KFAC or BDKFAC, got "
-                            f"{type(preconditioner).__name__}")
-        if coarse_damping is not None and (
-                isinstance(coarse_damping, bool) or not isinstance(coarse_damping, (int, float))
-                or not math.isfinite(coarse_damping) or coarse_damping <= 0):
-            raise ValueError(f"{who}: coarse_damping must be a positive finite float or None, got "
-                             f"{coarse_damping!r}")
-        if isinstance(coarse_decay, bool) or not isinstance(coarse_decay, (int, float)) or not (
-                0.0 <= coarse_decay < 1.0):
-            raise ValueError(f"{who}: coarse_decay must be in [0, 1), got {coarse_decay!r}")
-        if coarse_method not in COARSE_METHODS:
-            raise ValueError(f"{who}: coarse_method must be 'sums' or 'algorithm1', got "
-                             f"{coarse_method!r}")
+        args.instance(who, "preconditioner", preconditioner, KFAC,
+                      "a kfac_kernels.KFAC or BDKFAC", allow_none=False)
+        coarse_damping = args.positive_float(who, "coarse_damping", coarse_damping,
+                                             allow_none=True)
+        coarse_decay = args.fraction(who, "coarse_decay", coarse_decay)
+        args.choice(who, "coarse_method", coarse_method, COARSE_METHODS)
         special = [n for n, a in preconditioner.adapters.items()
                    if getattr(a, "attention_module", None) is not None or getattr(a, "tied", False)]
         if special:
@@ -119,14 +120,16 @@ class TwoLevel:
                              f"tied embedding weights (modules {special}); build the "
                              "preconditioner with skip_modules=[...] for them")
         self.inner = preconditioner
-        self.coarse_damping = float(preconditioner.damping if coarse_damping is None
-                                    else coarse_damping)
-        self.coarse_decay = float(coarse_decay)
+        self.coarse_damping = preconditioner.damping if coarse_damping is None else coarse_damping
+        self.coarse_decay = coarse_decay
         self.coarse_method = coarse_method
         self.names = list(preconditioner.adapters)
         self.units = [(i, g) for i, name in enumerate(self.names)
                       for g in range(preconditioner.adapters[name].groups)]
-        self.updates = 0                   # k of Algorithm 1
+        # k of Algorithm 1 (see updates), on the device: reading it would synchronise.
+        self._count = torch.zeros((), dtype=torch.float64,
+                                  device=preconditioner.blocks[self.names[0]].device)
+        self._layer_of: torch.Tensor | None = None
         self.stats: dict[str, torch.Tensor] = {}
         self.coarse_inverse: torch.Tensor | None = None
         self._pending: dict[str, dict[str, dict]] = {}
@@ -155,6 +158,12 @@ class TwoLevel:
     def remove_hooks(self) -> None:
         self.inner.remove_hooks()
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove_hooks()
+
     # --- statistics -------------------------------------------------------------------------
     def _batch_vectors(self):
         """Per layer ``(a, g)``: ``(groups, N, D)`` and ``(P, groups, N, d)`` over this step's
@@ -167,9 +176,12 @@ class TwoLevel:
             rec = self._pending.get(name)
             if rec is None or not rec["a"] or not rec["g"]:
                 return None
-            calls = sorted(rec["a"])
-            if sorted(rec["g"]) != calls:
-                return None  # a pass without its backward (e.g. evaluation with grad enabled)
+            # The forward calls whose outputs were backpropagated: a call without a backward
+            # (an activation-checkpointing recomputation, a forward that was not trained on)
+            # pairs with nothing and is left out.
+            calls = sorted(set(rec["a"]) & set(rec["g"]))
+            if not calls:
+                return None
             passes = {len(rec["g"][i]) for i in calls}
             if len(passes) != 1:
                 return None
@@ -217,21 +229,32 @@ class TwoLevel:
             for k in keys:
                 batch[k] = flat[at:at + batch[k].numel()].reshape(batch[k].shape)
                 at += batch[k].numel()
-            n = float(flat[-1])
+            n = flat[-1]  # stays on the device
         batch = {k: (v / n if k.startswith(("sum_A", "A")) else v) for k, v in batch.items()}
-        if not bool(torch.stack([t.sum() for t in batch.values()]).isfinite().all()):
-            if not self._warned:
-                self._warned = True
-                warnings.warn(f"{type(self).__name__}: non-finite coarse statistics this step; "
-                              "skipped (and whenever this happens again)", RuntimeWarning,
-                              stacklevel=3)
-            return
-        self.updates += 1
-        eps = min(1.0 - 1.0 / self.updates, self.coarse_decay)
+        # Without a host read: a non-finite batch leaves the statistics as they were (and does
+        # not count as an update); the warning comes with the next step's one read.
+        health = torch.stack([t.sum() for t in batch.values()]).sum()
+        self.inner.checks.add(health, self, "_warn_nonfinite")
+        ok = health.isfinite()
+        count = self._count + ok.to(self._count.dtype)
         if not self.stats:
-            self.stats = batch
-        else:
-            self.stats = {k: torch.lerp(v, self.stats[k], eps) for k, v in batch.items()}
+            self.stats, self._count = batch, count
+            return
+        eps = (1.0 - 1.0 / count.clamp_min(1.0)).clamp_max(self.coarse_decay)
+        self.stats = {k: torch.where(ok, torch.where(count <= 1, v, torch.lerp(
+            v, self.stats[k], eps.to(v.dtype))), self.stats[k]) for k, v in batch.items()}
+        self._count = count
+
+    def _warn_nonfinite(self) -> None:
+        if not self._warned:
+            self._warned = True
+            warnings.warn(f"{type(self).__name__}: non-finite coarse statistics; skipped (and "
+                          "whenever this happens again)", RuntimeWarning, stacklevel=4)
+
+    @property
+    def updates(self) -> int:
+        """k of Algorithm 1: the statistics batches folded in so far (a host read)."""
+        return int(self._count)
 
     def coarse_fisher(self) -> torch.Tensor | None:
         """``F_coarse`` (``L x L``) from the current statistics, or ``None`` before any."""
@@ -249,7 +272,9 @@ class TwoLevel:
                     # Eq. 7: sum(G_uv 1_{m x n} A_uv), never forming kron(A_uv, G_uv)
                     val = (g @ g.new_ones(g.shape[1], a.shape[0]) @ a).sum()
                     unit[u, v] = unit[v, u] = val
-        layer_of = torch.tensor([i for i, _ in self.units], device=unit.device)
+        if self._layer_of is None or self._layer_of.device != unit.device:
+            self._layer_of = torch.tensor([i for i, _ in self.units], device=unit.device)
+        layer_of = self._layer_of
         onehot = F.one_hot(layer_of, len(self.names)).to(unit.dtype)  # (units, L)
         return onehot.T @ unit @ onehot
 
@@ -258,9 +283,12 @@ class TwoLevel:
         if fc is None:
             return
         eye = torch.eye(fc.shape[0], dtype=torch.float64, device=fc.device)
-        inv = torch.linalg.inv(fc.double() + self.coarse_damping * eye)
-        if bool(torch.isfinite(inv).all()):
-            self.coarse_inverse = inv.to(fc.dtype)
+        inv = torch.linalg.inv_ex(fc.double() + self.coarse_damping * eye).inverse.to(fc.dtype)
+        # No host read: a non-finite inverse keeps the previous one, and before any the coarse
+        # correction is zero (the step is the fine preconditioner's alone).
+        ok = inv.sum().isfinite()
+        old = self.coarse_inverse if self.coarse_inverse is not None else torch.zeros_like(inv)
+        self.coarse_inverse = torch.where(ok, inv, old)
 
     # --- the step ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -290,7 +318,7 @@ class TwoLevel:
 
     # --- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"inner": self.inner.state_dict(), "updates": self.updates,
+        return {"inner": self.inner.state_dict(), "updates": self._count.clone(),
                 "stats": dict(self.stats), "coarse_inverse": self.coarse_inverse}
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -304,7 +332,7 @@ class TwoLevel:
                              f"{(len(self.names),) * 2} (one row per covered layer)")
         self.inner.load_state_dict(state_dict["inner"])
         device = self.inner.blocks[self.names[0]].device
-        self.updates = int(state_dict["updates"])
+        self._count = torch.as_tensor(state_dict["updates"], dtype=torch.float64).to(device)
         self.stats = {k: v.detach().clone().to(device) for k, v in state_dict["stats"].items()}
         self.coarse_inverse = None if inv is None else inv.detach().clone().to(device)
         self._pending = {}

@@ -1,12 +1,12 @@
 """A character-level transformer language model on text shipped with Python: K-FAC vs AdamW.
 
 The text is the docstrings of a few standard-library modules (read with ``ast`` from
-``sysconfig.get_paths()["stdlib"]``) and the Zen of Python (``this``), so nothing is
-downloaded. The model: token and position embeddings (the token embedding tied to the output
-projection), pre-norm blocks of ``nn.MultiheadAttention`` (causal mask) and an MLP. K-FAC covers
-the embeddings, the tied weight (seed 003 App. A.1: swapped factors, a diagonal vocabulary
-factor), the packed attention projections and ``out_proj``, and the MLP; the loss is per
-character, so the expand form is used (seed 001).
+``sysconfig.get_paths()["stdlib"]``) and the Zen of Python (``this``), so nothing is downloaded. The
+model: token and position embeddings (the token embedding tied to the output projection), pre-norm
+blocks of ``nn.MultiheadAttention`` (causal mask) and an MLP. K-FAC covers the embeddings, the tied
+weight (Zhang et al. (2019), App. A.1: swapped factors, a diagonal vocabulary factor), the packed
+attention projections and ``out_proj``, and the MLP; the loss is per character, so the expand form
+is used (Eschenhagen et al., 2023).
 
 Run from the repository root::
 

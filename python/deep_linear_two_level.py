@@ -1,4 +1,4 @@
-"""Seed 004's deep linear MLP experiment (App. B.1): one-level against two-level K-FAC.
+"""Tselepidis et al. (2020)'s deep linear MLP experiment (App. B.1): one-level against two-level K-FAC.
 
 A linear network of width 10 with batch normalisation -- an input layer and ``--depth`` hidden
 layers, each ``Linear`` + ``BatchNorm1d``, and a ``Linear`` output: 66 K-FAC layers at the

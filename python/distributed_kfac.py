@@ -80,7 +80,12 @@ def main(argv=None) -> int:
         model.eval()
         with torch.no_grad():
             acc = (model(data.x_test.to(device)).argmax(1) == data.y_test.to(device)).float().mean()
-        print(f"{world} ranks, {args.optimizer}: test accuracy {float(acc):.4f}")
+        print(f"{world} ranks, {args.optimizer}: test accuracy {float(acc):.4f}", flush=True)
+    # An orderly shutdown: every rank done (rank 0 evaluated alone), the optimizer's hooks and
+    # DDP's reducer released, then the process group, so no gloo thread outlives its group.
+    opt.remove_hooks()
+    del ddp, opt
+    dist.barrier()
     dist.destroy_process_group()
     return 0
 

@@ -8,7 +8,7 @@ edges]`` with ``nn.Linear`` layers; the graph's node mean feeds the classifier.
 
 The edge and node layers share their weights over each graph's edges/nodes, a weight-sharing
 dim of graph-dependent size: ``kfac_kernels.graph_rows`` names the graph of every row, and
-K-FAC-reduce uses seed 001 Eq. 55 (per-graph sums scaled by ``1/sqrt(R_n)``)::
+K-FAC-reduce uses Eschenhagen et al. (2023), Eq. 55 (per-graph sums scaled by ``1/sqrt(R_n)``)::
 
     with graph_rows(batch.node_graph, modules=node_layers), \\
             graph_rows(batch.edge_graph, modules=edge_layers):

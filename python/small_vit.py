@@ -1,10 +1,10 @@
 """A small vision transformer on scikit-learn's 8x8 digits: K-FAC (reduce or expand) vs AdamW.
 
 Patches of 2x2 (or 4x4) pixels are embedded by an ``nn.Conv2d`` with ``stride = kernel_size``
-(covered by K-FAC's convolution factors), followed by ``nn.TransformerEncoderLayer`` blocks
-(their ``nn.MultiheadAttention`` packed projections and ``out_proj``, and the MLP, are covered)
-and a mean over the patch tokens before the classifier: a pooled classification, the reduce
-setting of seed 001, so ``kfac_approx="reduce"`` is the default (``--kfac-approx expand``
+(covered by K-FAC's convolution factors), followed by ``nn.TransformerEncoderLayer`` blocks (their
+``nn.MultiheadAttention`` packed projections and ``out_proj``, and the MLP, are covered) and a mean
+over the patch tokens before the classifier: a pooled classification, the reduce setting of
+Eschenhagen et al. (2023), so ``kfac_approx="reduce"`` is the default (``--kfac-approx expand``
 treats every token as an example).
 
 Run from the repository root::

@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the optimizer registry
 
 import torch
 import torch.distributed as dist
@@ -54,7 +55,8 @@ def model_for_test(method: str = "kfac") -> nn.Module:
             return TiedLM().double()
         return nn.Sequential(
             nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2), nn.ReLU(),
-            nn.Flatten(), nn.Linear(6 * 3 * 3, 7), nn.ReLU(), nn.Linear(7, 5)).double()
+            nn.Flatten(), nn.Linear(6 * 3 * 3, 7), nn.LayerNorm(7), nn.ReLU(),
+            nn.Linear(7, 5)).double()
 
 
 def batches(method: str = "kfac"):
@@ -69,41 +71,15 @@ def batches(method: str = "kfac"):
              torch.randint(0, 5, (BATCH,), generator=gen)) for _ in range(STEPS)]
 
 
-def make_optimizer(method: str, model: nn.Module, accumulate: int):
-    from kfac_kernels import BDKFAC, KFAC, PreconditionedOptimizer
+def split_case(method: str) -> tuple[str, bool]:
+    """``entry`` or ``entry-tied`` (the tied language model) -> (registry entry, tied)."""
+    return (method[:-len("-tied")], True) if method.endswith("-tied") else (method, False)
 
-    common = dict(factor_update_steps=1, inv_update_steps=2, grad_accumulation_steps=accumulate)
-    if method in ("kfac", "kfac-tied"):
-        precond = KFAC(model, damping=0.1, **common)
-    elif method == "kfac-memopt":
-        precond = KFAC(model, damping=0.1, distributed_strategy="mem-opt", **common)
-    elif method == "bdkfac-memopt":
-        precond = BDKFAC(model, num_blocks=2, damping=0.1, kl_clip=None,
-                         distributed_strategy="mem-opt", **common)
-    elif method == "twolevel":
-        from kfac_kernels import TwoLevel
-        precond = TwoLevel(KFAC(model, damping=0.1, **common), coarse_damping=0.05)
-    elif method == "bdkfac":
-        precond = BDKFAC(model, num_blocks=2, damping=0.1, kl_clip=None, **common)
-    elif method in ("singd", "singd-tied"):
-        from kfac_kernels import SINGD
-        # T=1 and a large lr_cov so that K and C really move in these few steps: without the
-        # all-reduce of U and G the 2-rank parameters then differ by 3e-5 (measured), 30x the
-        # tolerance of the parity test
-        return SINGD(model, lr=0.05, lr_cov=0.3, T=1, damping=0.01,
-                     structures=("dense", "diagonal"), grad_accumulation_steps=accumulate)
-    elif method in ("singd-diagonal", "singd-blocks"):
-        from kfac_kernels import SINGD
-        # Statistics kept in the structure (diagonals / diagonal blocks from rows, the conv
-        # input diagonal from window sums) and the fused kernels: the structured sums are what
-        # the processes all-reduce.
-        structures = "diagonal" if method == "singd-diagonal" else "block-diagonal"
-        return SINGD(model, lr=0.05, lr_cov=0.3, T=1, damping=0.01, structures=structures,
-                     block_size=3, fused=True, grad_accumulation_steps=accumulate)
-    else:
-        raise ValueError(method)
-    return PreconditionedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-                                   precond)
+
+def make_optimizer(method: str, model: nn.Module, accumulate: int):
+    from optimizer_registry import BY_NAME
+
+    return BY_NAME[split_case(method)[0]].build(model, accumulate)
 
 
 def run_case(method: str, accumulate: int, rank: int, world: int) -> list[torch.Tensor]:

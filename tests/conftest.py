@@ -2,9 +2,65 @@
 a fixed seed for every test."""
 from __future__ import annotations
 
+import fnmatch
+
 import pytest
 import torch
 from torch import nn
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", default=False,
+                     help="also run the tests marked slow (the README's test command and CI do)")
+
+
+# The long tests (each several seconds or more: end-to-end training, multi-process runs, the
+# Triton interpreter at larger sizes, memory measurements, ahead-of-time compilation), marked
+# slow by node id here so the list stays in one place.
+SLOW = (
+    "tests/test_distributed.py::*",
+    "tests/test_train_cli.py::test_compare_*", "tests/test_train_cli.py::test_help_runs_*",
+    "tests/test_train_cli.py::test_*_default_reaches_*",
+    "tests/test_train_cli.py::test_other_tasks_*",
+    "tests/test_singd_train.py::*",
+    "tests/test_singd_fused_block.py::*triton*",
+    "tests/test_singd_block_step.py::test_backends_match_eager_at_block_sizes*triton*",
+    "tests/test_patch_covariance_chunked.py::test_chunked_memory_*",
+    "tests/test_patch_covariance.py::test_cpu_temporaries_*",
+    "tests/test_patch_covariance.py::test_hypothesis_*",
+    "tests/test_block_eigh.py::*triton*", "tests/test_block_eigh_scale.py::*-triton*",
+    "tests/test_triton_aot.py::test_every_configuration_*",
+    "tests/test_kfac.py::test_kfac_beats_sgd_*", "tests/test_kfac.py::test_kfac_with_kl_clip_*",
+    "tests/test_bdkfac.py::test_bdkfac_beats_*",
+    "tests/test_twolevel.py::test_deep_linear_*", "tests/test_twolevel.py::test_coarse_fisher_mc_*",
+    "tests/test_oracles.py::test_mc_fisher_converges_*",
+    "tests/test_symmetric_factor_update.py::test_torch_compile_*",
+    "tests/test_symmetric_factor_update.py::test_triton_tiling*",
+    "tests/test_patch_covariance_triton.py::test_split_rows_*",
+    "tests/test_ops.py::*triton*",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the SLOW tests; without --run-slow the tests marked ``slow`` are deselected, and
+    the run says so."""
+    for item in items:
+        if any(fnmatch.fnmatchcase(item.nodeid, pattern) for pattern in SLOW):
+            item.add_marker(pytest.mark.slow)
+    if config.getoption("--run-slow"):
+        return
+    slow = [item for item in items if "slow" in item.keywords]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if "slow" not in item.keywords]
+        config._kfac_slow_deselected = len(slow)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    count = getattr(config, "_kfac_slow_deselected", 0)
+    if count:
+        terminalreporter.write_line(f"{count} tests marked slow were not run (add --run-slow to "
+                                    "run them; the README's test command and CI do)")
 
 
 @pytest.fixture(autouse=True)

@@ -3,12 +3,13 @@ manner of torch.optim's ``OptimizerInfo``: the generic tests (tests/test_optimiz
 multi-process parity test (tests/test_distributed.py) run once over each entry.
 
 An entry builds the object a training loop calls ``zero_grad()`` / ``step()`` on for a given
-model; ``backward(opt, outputs, targets)`` runs the loss's backward the way that entry needs
+model (``build(model, accumulate=1)``, ``accumulate`` micro-batches per step);
+``backward(opt, outputs, targets)`` runs the loss's backward the way that entry needs
 (``precond.backward`` for the MC and type-2 Fisher).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -21,11 +22,11 @@ from kfac_kernels import BDKFAC, KFAC, SINGD, AdaptiveKFAC, PreconditionedOptimi
 @dataclass
 class OptimizerInfo:
     name: str
-    build: Callable[[nn.Module], object]   # model -> optimizer (zero_grad / step / state_dict)
+    build: Callable[..., object]   # (model, accumulate=1) -> optimizer (zero_grad / step / ...)
     fisher: str = "empirical"
     grad_scaler: bool = True               # supports a torch.amp.GradScaler
     distributed: bool = False              # in the two-process parity test
-    tags: set = field(default_factory=set)
+    tied: bool = True                      # covers an embedding tied to the output layer
     closure: bool = False                  # step(closure) runs the forward and backward itself
 
     def preconditioner(self, opt):
@@ -54,87 +55,119 @@ def _sgd(model, precond, lr=0.1):
                                    precond)
 
 
-COMMON = dict(factor_update_steps=1, inv_update_steps=2)
+def _fresh(kwargs: dict) -> dict:
+    """A fresh MC generator for every build (the runs of one entry must not share one)."""
+    if "generator_seed" in kwargs:
+        kwargs = dict(kwargs)
+        kwargs["generator"] = torch.Generator().manual_seed(kwargs.pop("generator_seed"))
+    return kwargs
+
+
+def _kfac(cls=KFAC, sgd=True, lr=0.1, **kwargs):
+    """An entry's build: ``cls(model, **kwargs)`` (factors and inverses every 1 and 2 steps),
+    under SGD with momentum (learning rate ``lr``) or, with ``sgd=False``, AdamW."""
+    def build(model, accumulate=1):
+        precond = cls(model, factor_update_steps=1, inv_update_steps=2,
+                      grad_accumulation_steps=accumulate, **_fresh(kwargs))
+        if sgd:
+            return _sgd(model, precond, lr)
+        return PreconditionedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), precond)
+    return build
+
+
+def _twolevel(cls=KFAC, **kwargs):
+    def build(model, accumulate=1):
+        return _sgd(model, TwoLevel(cls(model, factor_update_steps=1, inv_update_steps=2,
+                                        grad_accumulation_steps=accumulate, **_fresh(kwargs)),
+                                    coarse_damping=0.05))
+    return build
+
+
+def _singd(**kwargs):
+    def build(model, accumulate=1):
+        return SINGD(model, grad_accumulation_steps=accumulate, **kwargs)
+    return build
+
+
+def _adaptive(**kwargs):
+    def build(model, accumulate=1):
+        return AdaptiveKFAC(model, nn.CrossEntropyLoss(), factor_update_steps=1,
+                            inv_update_steps=2, damping_adaptation_interval=2,
+                            grad_accumulation_steps=accumulate, **_fresh(kwargs))
+    return build
+
+
+def _mc(kind, seed=3):
+    out = dict(fisher_type=kind, loss_fn=nn.CrossEntropyLoss())
+    if kind == "mc":
+        out["generator_seed"] = seed
+    return out
+
 
 # The BD-KFAC paper's form of the preconditioner (precomputed damped block inverses).
 PAPER_FORM = dict(damping_form="factored", compute_method="inverse", damping_split="equal")
+# SINGD: T=1 and a large lr_cov so that K and C really move in a few steps (without the
+# all-reduce of U and G the two-process parameters then differ by 3e-5, 30x the tolerance).
+MOVING = dict(lr=0.05, lr_cov=0.3, T=1, damping=0.01)
 
 OPTIMIZERS: list[OptimizerInfo] = [
-    OptimizerInfo("kfac", lambda m: _sgd(m, KFAC(m, damping=0.1, **COMMON)), distributed=True),
-    OptimizerInfo("kfac-factored", lambda m: _sgd(m, KFAC(
-        m, damping=0.1, damping_form="factored", **COMMON))),
-    OptimizerInfo("kfac-inverse", lambda m: _sgd(m, KFAC(
-        m, damping=0.1, damping_form="factored", compute_method="inverse", **COMMON))),
-    OptimizerInfo("kfac-reduce-klclip", lambda m: _sgd(m, KFAC(
-        m, damping=0.1, kfac_approx="reduce", kl_clip=1e-2, **COMMON))),
-    OptimizerInfo("kfac-diagonal", lambda m: _sgd(m, KFAC(
-        m, damping=0.1, structure="diagonal", **COMMON))),
-    OptimizerInfo("kfac-mc", lambda m: _sgd(m, KFAC(
-        m, damping=0.1, fisher_type="mc", loss_fn=nn.CrossEntropyLoss(),
-        generator=torch.Generator().manual_seed(3), **COMMON)), fisher="mc"),
-    OptimizerInfo("kfac-type-2", lambda m: _sgd(m, KFAC(
-        m, damping=0.1, fisher_type="type-2", loss_fn=nn.CrossEntropyLoss(), **COMMON)),
-        fisher="type-2"),
-    OptimizerInfo("kfac-memopt", lambda m: _sgd(m, KFAC(
-        m, damping=0.1, distributed_strategy="mem-opt", **COMMON)), distributed=True),
-    OptimizerInfo("bdkfac", lambda m: _sgd(m, BDKFAC(m, num_blocks=2, damping=0.1, **COMMON)),
+    OptimizerInfo("kfac", _kfac(damping=0.1), distributed=True),
+    OptimizerInfo("kfac-factored", _kfac(damping=0.1, damping_form="factored")),
+    OptimizerInfo("kfac-inverse", _kfac(damping=0.1, damping_form="factored",
+                                        compute_method="inverse")),
+    OptimizerInfo("kfac-reduce-klclip", _kfac(damping=0.1, kfac_approx="reduce", kl_clip=1e-2)),
+    OptimizerInfo("kfac-diagonal", _kfac(damping=0.1, structure="diagonal")),
+    OptimizerInfo("kfac-mc", _kfac(damping=0.1, **_mc("mc")), fisher="mc"),
+    OptimizerInfo("kfac-type-2", _kfac(damping=0.1, **_mc("type-2")), fisher="type-2"),
+    OptimizerInfo("kfac-memopt", _kfac(damping=0.1, distributed_strategy="mem-opt"),
                   distributed=True),
-    OptimizerInfo("bdkfac-paper", lambda m: PreconditionedOptimizer(
-        torch.optim.AdamW(m.parameters(), lr=1e-3), BDKFAC(
-            m, num_blocks=2, damping=0.1, kl_clip=2e-3, kfac_approx="reduce", **PAPER_FORM,
-            **COMMON))),
-    OptimizerInfo("bdkfac-memopt", lambda m: _sgd(m, BDKFAC(
-        m, num_blocks=2, damping=0.1, distributed_strategy="mem-opt", **PAPER_FORM,
-        **COMMON)), distributed=True),
-    OptimizerInfo("twolevel", lambda m: _sgd(m, TwoLevel(KFAC(m, damping=0.1, **COMMON),
-                                                         coarse_damping=0.05)),
-                  distributed=True, tags={"no-tied"}),
-    OptimizerInfo("twolevel-bdkfac-mc", lambda m: _sgd(m, TwoLevel(BDKFAC(
-        m, num_blocks=2, damping=0.1, fisher_type="mc", loss_fn=nn.CrossEntropyLoss(),
-        generator=torch.Generator().manual_seed(4), **COMMON))), fisher="mc",
-        tags={"no-tied"}),
-    # SINGD: T=1 and a large lr_cov so that K and C really move in a few steps.
-    OptimizerInfo("singd", lambda m: SINGD(m, lr=0.05, lr_cov=0.3, T=1, damping=0.01,
-                                           structures=("dense", "diagonal")),
+    OptimizerInfo("bdkfac", _kfac(BDKFAC, num_blocks=2, damping=0.1), distributed=True),
+    OptimizerInfo("bdkfac-paper", _kfac(BDKFAC, sgd=False, num_blocks=2, damping=0.1,
+                                        kl_clip=2e-3, kfac_approx="reduce", **PAPER_FORM)),
+    OptimizerInfo("bdkfac-memopt", _kfac(BDKFAC, num_blocks=2, damping=0.1,
+                                         distributed_strategy="mem-opt", **PAPER_FORM),
                   distributed=True),
-    OptimizerInfo("ingd", lambda m: SINGD(m, lr=0.05, lr_cov=0.1, T=2, damping=0.01,
-                                          structures="dense")),
-    OptimizerInfo("ikfac", lambda m: SINGD(m, lr=0.05, lr_cov=0.1, T=1, damping=0.01,
-                                           structures="dense", kfac_like=True, alpha1=0.0)),
-    OptimizerInfo("singd-diagonal", lambda m: SINGD(
-        m, lr=0.05, lr_cov=0.3, T=1, damping=0.01, structures="diagonal", fused=True),
-        distributed=True),
-    OptimizerInfo("singd-blocks", lambda m: SINGD(
-        m, lr=0.05, lr_cov=0.3, T=1, damping=0.01, structures="block-diagonal", block_size=3,
-        fused=True), distributed=True),
-    OptimizerInfo("singd-hierarchical-bf16", lambda m: SINGD(
-        m, lr=0.05, lr_cov=0.1, T=2, damping=0.01, structures="hierarchical", block_size=3,
+    OptimizerInfo("twolevel", _twolevel(damping=0.1), distributed=True, tied=False),
+    OptimizerInfo("twolevel-bdkfac-mc", _twolevel(BDKFAC, num_blocks=2, damping=0.1,
+                                                  **_mc("mc", 4)), fisher="mc", tied=False),
+    OptimizerInfo("singd", _singd(structures=("dense", "diagonal"), **MOVING),
+                  distributed=True),
+    OptimizerInfo("ingd", _singd(lr=0.05, lr_cov=0.1, T=2, damping=0.01, structures="dense")),
+    OptimizerInfo("ikfac", _singd(lr=0.05, lr_cov=0.1, T=1, damping=0.01, structures="dense",
+                                  kfac_like=True, alpha1=0.0)),
+    OptimizerInfo("singd-diagonal", _singd(structures="diagonal", fused=True, **MOVING),
+                  distributed=True),
+    OptimizerInfo("singd-blocks", _singd(structures="block-diagonal", block_size=3, fused=True,
+                                         **MOVING), distributed=True),
+    OptimizerInfo("singd-diagonal-bf16", _singd(structures="diagonal", fused=True,
+                                                preconditioner_dtype=torch.bfloat16, **MOVING)),
+    OptimizerInfo("singd-blocks-bf16", _singd(structures="block-diagonal", block_size=3,
+                                              fused=True, preconditioner_dtype=torch.bfloat16,
+                                              **MOVING)),
+    OptimizerInfo("singd-hierarchical-bf16", _singd(
+        lr=0.05, lr_cov=0.1, T=2, damping=0.01, structures="hierarchical", block_size=3,
         preconditioner_dtype=torch.bfloat16)),
-    OptimizerInfo("singd-triangular", lambda m: SINGD(
-        m, lr=0.05, lr_cov=0.1, T=1, damping=0.01,
+    OptimizerInfo("singd-triangular", _singd(
+        lr=0.05, lr_cov=0.1, T=1, damping=0.01,
         structures=("lower-triangular", "upper-triangular-toeplitz"))),
-    OptimizerInfo("singd-rank-k", lambda m: SINGD(
-        m, lr=0.05, lr_cov=0.1, T=1, damping=0.01, structures="rank-k-lower-triangular",
-        block_size=2, normalize_lr_cov=True)),
-    OptimizerInfo("singd-warm", lambda m: SINGD(
-        m, lr=0.02, lr_cov=0.05, T=1, damping=0.01, structures=("dense", "block-diagonal"),
-        block_size=3, warm_start=True)),
-    OptimizerInfo("singd-warm-diagonal-fused", lambda m: SINGD(
-        m, lr=0.02, lr_cov=0.05, T=2, damping=0.01, structures="diagonal", fused=True,
-        warm_start=True)),
-    OptimizerInfo("kfac-relative", lambda m: _sgd(m, KFAC(m, relative_damping=1.0, **COMMON),
-                                                  lr=0.01)),
-    OptimizerInfo("bdkfac-relative-inverse", lambda m: _sgd(m, BDKFAC(
-        m, num_blocks=2, relative_damping=1.0, **PAPER_FORM, **COMMON), lr=0.01)),
+    OptimizerInfo("singd-rank-k", _singd(lr=0.05, lr_cov=0.1, T=1, damping=0.01,
+                                         structures="rank-k-lower-triangular", block_size=2,
+                                         normalize_lr_cov=True)),
+    OptimizerInfo("singd-warm", _singd(lr=0.02, lr_cov=0.05, T=1, damping=0.01,
+                                       structures=("dense", "block-diagonal"), block_size=3,
+                                       warm_start=True)),
+    OptimizerInfo("singd-warm-diagonal-fused", _singd(lr=0.02, lr_cov=0.05, T=2, damping=0.01,
+                                                      structures="diagonal", fused=True,
+                                                      warm_start=True)),
+    OptimizerInfo("kfac-relative", _kfac(relative_damping=1.0, lr=0.01)),
+    OptimizerInfo("bdkfac-relative-inverse", _kfac(BDKFAC, num_blocks=2, relative_damping=1.0,
+                                                   lr=0.01, **PAPER_FORM)),
     # The adaptive optimizers run the forward pass in their own step (closure).
-    OptimizerInfo("kfac-adaptive", lambda m: AdaptiveKFAC(
-        m, nn.CrossEntropyLoss(), damping=1.0, damping_adaptation_interval=2,
-        generator=torch.Generator().manual_seed(5), **COMMON), grad_scaler=False,
-        closure=True),
-    OptimizerInfo("bdkfac-adaptive-type-2", lambda m: AdaptiveKFAC(
-        m, nn.CrossEntropyLoss(), structure="block-diagonal", num_blocks=2, damping=1.0,
-        fisher_type="type-2", weight_decay=1e-3, damping_adaptation_interval=2, **COMMON),
-        grad_scaler=False, closure=True),
+    OptimizerInfo("kfac-adaptive", _adaptive(damping=1.0, generator_seed=5), grad_scaler=False,
+                  closure=True),
+    OptimizerInfo("bdkfac-adaptive-type-2", _adaptive(
+        structure="block-diagonal", num_blocks=2, damping=1.0, fisher_type="type-2",
+        weight_decay=1e-3), grad_scaler=False, closure=True),
 ]
 
 BY_NAME = {info.name: info for info in OPTIMIZERS}

@@ -56,12 +56,12 @@ def test_quadratic_model_coefficients_match_the_exact_ggn():
     delta_prev = _flat(opt.state[p]["delta"] for p in model.parameters())
     ggn = _dense_ggn(model, loss_fn, x, y)             # at the parameters of the second step
     opt.step(closure)
-    last = opt.last
+    last = {k: v.item() if k in ("alpha", "mu") else v for k, v in opt.last.items()}
     delta = _flat(opt.state[p]["delta"] for p in model.parameters())
     big_delta = (delta - last["mu"] * delta_prev) / last["alpha"]
     vectors = [big_delta, delta_prev]
     expected = torch.tensor([[float(u @ ggn @ v) for v in vectors] for u in vectors], dtype=DT)
-    got = torch.tensor(last["curvature"], dtype=DT)
+    got = last["curvature"].to(DT)
     torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-12)
     assert abs(last["mu"]) > 0 and last["alpha"] > 0
 
@@ -79,9 +79,9 @@ def test_reduction_ratio_is_one_on_a_quadratic_objective():
                        damping_adaptation_interval=1, weight_decay=0.01)
     for _ in range(4):
         opt.step(lambda: (model(x), y))
-        assert opt.last["rho"] == pytest.approx(1.0, abs=1e-9)
+        assert opt.last["rho"].item() == pytest.approx(1.0, abs=1e-9)
     # rho = 1 > 3/4 every time: the damping fell by omega = decay ** 1 per step
-    assert opt.damping == pytest.approx(3.0 * 0.9 ** 4)
+    assert opt.damping.item() == pytest.approx(3.0 * 0.9 ** 4)
 
 
 def test_newton_step_on_linear_least_squares():
@@ -97,7 +97,7 @@ def test_newton_step_on_linear_least_squares():
     opt = AdaptiveKFAC(model, nn.MSELoss(), fisher_type="type-2", damping=1e-10,
                        min_damping=1e-12, factor_decay=0.0)
     opt.step(lambda: (model(x), y))
-    assert opt.last["alpha"] == pytest.approx(1.0, rel=1e-6)
+    assert opt.last["alpha"].item() == pytest.approx(1.0, rel=1e-6)
     xb = torch.cat([x, torch.ones(30, 1, dtype=DT)], 1)
     solution = torch.linalg.lstsq(xb, y).solution.T
     torch.testing.assert_close(torch.cat([model.weight, model.bias[:, None]], 1).detach(),

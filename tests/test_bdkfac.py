@@ -5,7 +5,6 @@ argument validation, and training on digits."""
 from __future__ import annotations
 
 import copy
-import io
 import re
 import warnings
 
@@ -188,7 +187,7 @@ def test_precomputed_inverse_deviation_matches_seed000_appendix_a():
 
 
 # ---------------------------------------------------------------------------------------------
-# normalisation layers (seed 000 Sec. 4.3)
+# normalisation layers (Yu & Tatebe, Sec. 4.3)
 # ---------------------------------------------------------------------------------------------
 
 def test_norm_layer_factors_against_brute_force_sums():
@@ -271,39 +270,6 @@ def test_nonfinite_factor_keeps_previous_preconditioner():
         assert torch.equal(old, new)
 
 
-def test_checkpoint_resumes_bit_identically():
-    def run(model, opt, precond, steps, start=0):
-        for s in range(start, start + steps):
-            x, y = data(seed=s)
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-
-    def make(seed=0):
-        model = cnn(norm=True)
-        precond = bdkfac(model, num_blocks=3, factor_update_steps=2, inv_update_steps=3)
-        opt = PreconditionedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), precond)
-        return model, opt, precond
-
-    model, opt, precond = make()
-    run(model, opt, precond, 8)
-    full = [p.detach().clone() for p in model.parameters()]
-
-    model, opt, precond = make()
-    run(model, opt, precond, 4)
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=False)
-    model2, opt2, precond2 = make()
-    model2.load_state_dict(ckpt["model"])
-    opt2.load_state_dict(ckpt["opt"])
-    assert precond2.steps == 4
-    run(model2, opt2, precond2, 4, start=4)
-    for p, q in zip(model2.parameters(), full):
-        assert torch.equal(p, q)
-
-
 def test_load_state_dict_rejects_other_partitions():
     bd3 = bdkfac(cnn(), num_blocks=3, kl_clip=None)
     bd2 = bdkfac(cnn(), num_blocks=2, kl_clip=None)
@@ -322,7 +288,7 @@ def test_load_state_dict_rejects_other_partitions():
      "BDKFAC: pass num_blocks or block_size, not both (got num_blocks=2, block_size=4)"),
     (dict(damping_split="both"), "BDKFAC: damping_split must be 'pi' or 'equal', got 'both'"),
     (dict(damping=-1.0), "BDKFAC: damping must be a positive finite float, got -1.0"),
-    (dict(kl_clip=0.0), "BDKFAC: kl_clip must be a positive finite float, got 0.0"),
+    (dict(kl_clip=0.0), "BDKFAC: kl_clip must be a positive finite float or None, got 0.0"),
     (dict(eigh_backend="gpu"), "BDKFAC: eigh_backend must be one of"),
     (dict(factor_update_steps=0), "BDKFAC: factor_update_steps must be an int >= 1, got 0"),
 ])

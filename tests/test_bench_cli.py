@@ -44,3 +44,15 @@ def test_unknown_op_is_an_error(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--ops", "conv3d"])
     assert "--ops: unknown ['conv3d']" in capsys.readouterr().err
+
+
+def test_default_output_is_a_fresh_folder_in_the_current_directory(tmp_path, monkeypatch):
+    """Without --out nothing is written into the tracked bench/results: a new folder named by
+    device and time appears in the current directory."""
+    monkeypatch.chdir(tmp_path)
+    bench.main(["--device", "cpu", "--ops", "symmetric_factor_update", "--repeats", "1",
+                "--threads", "1"])
+    folders = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert len(folders) == 1 and folders[0].name.startswith("kfac-bench-")
+    assert sorted(p.suffix for p in folders[0].iterdir())[:2] == [".json", ".md"]
+    assert not (tmp_path / "bench").exists()

@@ -15,12 +15,15 @@ import torch
 from kfac_kernels import distributed as dist_utils
 
 from _distributed_worker import model_for_test  # tests/ is on sys.path under pytest
+from optimizer_registry import BY_NAME, OPTIMIZERS
 
 WORKER = Path(__file__).resolve().parent / "_distributed_worker.py"
 
 
-METHODS = ["kfac", "bdkfac", "singd", "singd-diagonal", "singd-blocks", "kfac-tied",
-           "kfac-memopt", "bdkfac-memopt", "singd-tied", "twolevel"]
+# Every registry entry marked distributed, and with the tied language model the K-FAC and the
+# SINGD entry.
+METHODS = ([info.name for info in OPTIMIZERS if info.distributed]
+           + [f"{name}-tied" for name in ("kfac", "singd") if BY_NAME[name].tied])
 CASES = [(m, a) for m in METHODS for a in (1, 2)]
 
 

@@ -1,4 +1,5 @@
-"""gradient_covariance (the G factor) against sums written out example by example."""
+"""gradient_covariance (the G factor) against sums written out example by example, on every
+backend (the triton and cuda ones on CUDA tensors too: ``gpu`` marker)."""
 from __future__ import annotations
 
 import importlib
@@ -6,10 +7,9 @@ import importlib
 import pytest
 import torch
 
+from _backend_cases import all_cases
 from kfac_kernels import testing
 from kfac_kernels.ops import gradient_covariance
-
-BACKENDS = testing.backends_for("cpu")
 
 
 def reference(grad, channel_dim, groups, mode, factor, decay, alpha):
@@ -48,13 +48,13 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", all_cases())
 @pytest.mark.parametrize("mode", ["expand", "reduce"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-dim{c[1]}-g{c[2]}"
                          f"{'-cl' if c[3] else ''}")
 @pytest.mark.parametrize("with_factor", [False, True])
-def test_matches_reference(backend, mode, dtype, case, with_factor):
+def test_matches_reference(backend, device, mode, dtype, case, with_factor):
     shape, channel_dim, groups, channels_last = case
     grad = torch.randn(shape, dtype=dtype)
     if channels_last:
@@ -64,8 +64,9 @@ def test_matches_reference(backend, mode, dtype, case, with_factor):
     if with_factor:
         f = torch.randn(groups, cg, cg, dtype=dtype)
         factor = f + f.mT
-    out = gradient_covariance(grad, channel_dim=channel_dim, groups=groups, mode=mode,
-                              factor=factor, decay=0.7, alpha=0.3, backend=backend)
+    out = gradient_covariance(grad.to(device), channel_dim=channel_dim, groups=groups,
+                              mode=mode, factor=None if factor is None else factor.to(device),
+                              decay=0.7, alpha=0.3, backend=backend).cpu()
     expected = reference(grad, channel_dim, groups, mode, factor, 0.7, 0.3)
     assert out.dtype == dtype
     testing.assert_close_rel(out, expected.to(dtype), rtol=testing.RTOL[dtype] * 10

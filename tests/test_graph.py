@@ -1,11 +1,12 @@
-"""Linear layers in GraphNetwork-style blocks (seed 001 Eq. 55, App. B.4): rows of graphs of
-different sizes concatenated, the graph of each row named with ``kfac_kernels.graph_rows``.
+"""Linear layers in GraphNetwork-style blocks (Eschenhagen et al. (2023), Eq. 55, App. B.4): rows of
+graphs of different sizes concatenated, the graph of each row named with
+``kfac_kernels.graph_rows``.
 
-Oracles (float64): a per-graph Python loop (each graph run on its own, its rows' inputs and
-output gradients taken from plain autograd, the Eq. 55 sums formed from them), and the exact GGN
-where Lemma 5 of seed 001 makes K-FAC-reduce exact (a linear node layer, a sum over each
-graph's nodes and a linear readout: b_hat_n = sqrt(R_n) D, so exact when all R_n are equal, and
-not otherwise).
+Oracles (float64): a per-graph Python loop (each graph run on its own, its rows' inputs and output
+gradients taken from plain autograd, the Eq. 55 sums formed from them), and the exact GGN where
+Lemma 5 of Eschenhagen et al. (2023) makes K-FAC-reduce exact (a linear node layer, a sum over each
+graph's nodes and a linear readout: b_hat_n = sqrt(R_n) D, so exact when all R_n are equal, and not
+otherwise).
 """
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ GradScaler overflow is skipped, hooks can be removed."""
 from __future__ import annotations
 
 import io
+import math
 import warnings
 
 import pytest
@@ -62,8 +63,12 @@ def _flat_state(state):
 IDS = [info.name for info in OPTIMIZERS]
 
 
+@pytest.mark.parametrize("split", [3, 4], ids=["mid-period", "on-period"])
 @pytest.mark.parametrize("info", OPTIMIZERS, ids=IDS)
-def test_checkpoint_resumes_bit_identically(info):
+def test_checkpoint_resumes_bit_identically(info, split):
+    """Saved after ``split`` steps (the inverses are refreshed every 2), loaded into a fresh
+    model of another initialisation and a fresh optimizer, resumed: the parameters and every
+    tensor of the optimizer's state equal the uninterrupted run's."""
     batches = _batches(7)
     model = _model()
     opt = info.build(model)
@@ -71,7 +76,7 @@ def test_checkpoint_resumes_bit_identically(info):
 
     half = _model()
     opt_half = info.build(half)
-    _run(info, half, opt_half, batches[:4])
+    _run(info, half, opt_half, batches[:split])
     buf = io.BytesIO()
     torch.save({"model": half.state_dict(), "opt": opt_half.state_dict()}, buf)
     buf.seek(0)
@@ -80,7 +85,7 @@ def test_checkpoint_resumes_bit_identically(info):
     resumed.load_state_dict(saved["model"])
     opt_resumed = info.build(resumed)
     opt_resumed.load_state_dict(saved["opt"])
-    _run(info, resumed, opt_resumed, batches[4:])
+    _run(info, resumed, opt_resumed, batches[split:])
 
     for p, q in zip(model.parameters(), resumed.parameters()):
         assert torch.equal(p, q)
@@ -147,3 +152,108 @@ def test_removed_hooks_capture_nothing(info):
     precond = info.preconditioner(opt)
     precond.remove_hooks()
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=IDS)
+def test_dropped_optimizer_stops_capturing_and_is_freed(info):
+    """The hooks hold the capture, never the optimizer: dropping the optimizer frees it and its
+    finaliser detaches every hook."""
+    import gc
+    import weakref
+
+    model = _model()
+    opt = info.build(model)
+    _run(info, model, opt, _batches(3))
+    ref = weakref.ref(info.preconditioner(opt))
+    # Freed by reference counting alone, at once: no reference cycle through the optimizer
+    # (a cycle would keep it capturing until the garbage collector happened to run).
+    gc.disable()
+    try:
+        del opt
+        assert ref() is None
+    finally:
+        gc.enable()
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=IDS)
+def test_context_manager_detaches(info):
+    model = _model()
+    with info.build(model) as opt:
+        _run(info, model, opt, _batches(1))
+        assert any(m._forward_hooks for m in model.modules())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_second_optimizer_on_a_model_is_said():
+    from kfac_kernels import KFAC, SINGD
+
+    model = _model()
+    first = KFAC(model)
+    with pytest.warns(UserWarning, match=r"SINGD: modules \[.*\] are already captured by a KFAC "
+                                         r"created earlier on this model"):
+        SINGD(model)
+    first.remove_hooks()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        KFAC(model)  # the earlier ones: removed hooks, or dropped
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=IDS)
+def test_one_host_read_per_step(info):
+    """On a GPU a host read of a tensor waits for the device. A step reads one thing, whether
+    its gradients are finite (to skip it, as GradScaler does); every other check stays on the
+    device and is read together with the next step's. Counted on CPU tensors over 8 steps that
+    include factor, decomposition and (for SINGD) preconditioner steps; nothing is made from
+    host data either (a host-to-device copy)."""
+    from _syncs import count_syncs
+    model = _model()
+    opt = info.build(model)
+    batches = _batches(9)
+    _run(info, model, opt, batches[:1])  # lazy state, warnings of the first step
+    with count_syncs() as counts:
+        _run(info, model, opt, batches[1:])
+    reads = sum(n for (kind, _), n in counts.items() if kind not in ("tensor", "as_tensor"))
+    made = {site: n for (kind, site), n in counts.items() if kind in ("tensor", "as_tensor")}
+    assert reads <= 8, counts
+    assert not made, made
+
+
+def test_grad_scaler_scale_is_not_read_on_the_host():
+    """The backward hooks divide the statistics by a GradScaler's scale on the device (a host
+    read per layer would stall the backward pass on a GPU): no read, and the factors equal
+    those of an unscaled run through growths of the scale (powers of two: exactly)."""
+    from _syncs import count_syncs
+
+    from kfac_kernels import KFAC, PreconditionedOptimizer
+
+    def run(scaler, overflow_at=None):
+        model = _model()
+        precond = KFAC(model, damping=0.1, grad_scaler=scaler)
+        opt = PreconditionedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), precond)
+        scales = []
+        with count_syncs() as counts:
+            for i, (x, y) in enumerate(_batches(7)):
+                opt.zero_grad()
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                if scaler is None:
+                    loss.backward()
+                    opt.step()
+                    continue
+                scaler.scale(loss * (math.inf if i == overflow_at else 1.0)).backward()
+                scaler.step(opt)
+                scaler.update()
+                scales.append(scaler.get_scale())
+        reads = {key: n for key, n in counts.items() if not key[1].startswith("_flags")}
+        return precond, reads, scales
+
+    growing = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=2)
+    scaled, reads, scales = run(growing)
+    assert scales[-1] > scales[0] and not reads, (scales, reads)
+    plain, _, _ = run(None)
+    for name, block in plain.blocks.items():
+        for p, q in zip(block.G, scaled.blocks[name].G):
+            torch.testing.assert_close(q, p, rtol=1e-12, atol=0)
+    # An overflow (skipped by the scaler, which then backs off): still no read.
+    _, reads, scales = run(torch.amp.GradScaler("cpu", init_scale=2.0 ** 10), overflow_at=4)
+    assert scales[4] < scales[3] and not reads, (scales, reads)

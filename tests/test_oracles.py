@@ -1,11 +1,11 @@
 """Oracle tests for ``kfac_kernels.kronecker_factors``: checks that come from outside the code.
 
-The references are exact GGN blocks computed with ``torch.func`` (``tests/_ggn.py``), the
-exactness results of seed 001 (Prop. 1: K-FAC-expand is exact for deep linear networks in the
-expand setting; Prop. 2: K-FAC-reduce is exact for deep linear networks in the reduce setting,
-i.e. with a scaled sum over the weight-sharing dimension before the loss), elementary facts
-(one example and no weight sharing: K-FAC with the type-2 Fisher is exact for any network), the
-unbiasedness of the Monte-Carlo Fisher, and hand-computed gradients for the empirical Fisher.
+The references are exact GGN blocks computed with ``torch.func`` (``tests/_ggn.py``), the exactness
+results of Eschenhagen et al. (2023) (Prop. 1: K-FAC-expand is exact for deep linear networks in the
+expand setting; Prop. 2: K-FAC-reduce is exact for deep linear networks in the reduce setting, i.e.
+with a scaled sum over the weight-sharing dimension before the loss), elementary facts (one example
+and no weight sharing: K-FAC with the type-2 Fisher is exact for any network), the unbiasedness of
+the Monte-Carlo Fisher, and hand-computed gradients for the empirical Fisher.
 
 Everything runs in float64 (models are made with ``.double()``; the default dtype is untouched).
 

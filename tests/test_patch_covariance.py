@@ -35,11 +35,7 @@ from kfac_kernels import testing
 from kfac_kernels._backend import BackendUnavailableError, resolve_backend
 from kfac_kernels.ops import patch_covariance
 
-try:
-    from hypothesis import given, settings
-    from hypothesis import strategies as st
-except ImportError:  # pragma: no cover - hypothesis is a test dependency
-    given = None
+from _hypothesis import given, settings, st  # noqa: E402
 
 OP = "patch_covariance"
 DTYPES = (torch.float32, torch.float64)
@@ -536,91 +532,90 @@ def test_auto_matches_resolved_backend(device):
 # ---------------------------------------------------------------------------------------------
 # property-based tests (random small geometries)
 
-if given is not None:
 
-    @st.composite
-    def _geometries(draw, max_size=9, max_channels=3, max_kernel=4):
-        dims = draw(st.sampled_from([1, 2]))
-        groups = draw(st.integers(1, 3))
-        cg = draw(st.integers(1, max_channels))
-        kernel = tuple(draw(st.integers(1, max_kernel)) for _ in range(dims))
-        dilation = tuple(draw(st.integers(1, 2)) for _ in range(dims))
-        pad_kind = draw(st.sampled_from(["int", "tuple", "same", "valid"]))
-        if pad_kind == "same":
-            stride = (1,) * dims
-        else:
-            stride = tuple(draw(st.integers(1, 3)) for _ in range(dims))
-        if pad_kind == "int":
-            padding = draw(st.integers(0, 2))
-        elif pad_kind == "tuple":
-            padding = tuple(draw(st.integers(0, 2)) for _ in range(dims))
-        else:
-            padding = pad_kind
-        padding_mode = draw(st.sampled_from(["zeros", "zeros", "reflect", "replicate",
-                                             "circular"]))
-        pads = reference_pads((1,) * dims, kernel, padding, dilation)
-        size = []
-        for kk, dd, (p0, p1) in zip(kernel, dilation, pads):
-            low = max(1, dd * (kk - 1) + 1 - p0 - p1)
-            if padding_mode == "reflect":
-                low = max(low, max(p0, p1) + 1)
-            elif padding_mode == "circular":
-                low = max(low, max(p0, p1))
-            size.append(draw(st.integers(low, max(low, max_size))))
-        blocks = None
-        if cg >= 2:
-            blocks = draw(st.sampled_from([None, None, "int", "list"]))
-            if blocks == "int":
-                blocks = draw(st.integers(1, cg))
-            elif blocks == "list":
-                first = draw(st.integers(1, cg - 1))
-                blocks = [first, cg - first]
-        layouts = ["contiguous", "transposed", "strided"] + (["channels_last"] if dims == 2
-                                                             else [])
-        as_int = len(set(kernel)) == 1 and draw(st.booleans())
-        return dict(
-            n=draw(st.integers(1, 3)), channels=groups * cg, size=tuple(size),
-            layout=draw(st.sampled_from(layouts)), dtype=draw(st.sampled_from(DTYPES)),
-            mode=draw(st.sampled_from(MODES)), seed=draw(st.integers(0, 2**31 - 1)),
-            kwargs=dict(kernel_size=kernel[0] if as_int else kernel, stride=stride,
-                        padding=padding, dilation=dilation, groups=groups, num_blocks=blocks,
-                        bias=draw(st.booleans()), padding_mode=padding_mode))
+@st.composite
+def _geometries(draw, max_size=9, max_channels=3, max_kernel=4):
+    dims = draw(st.sampled_from([1, 2]))
+    groups = draw(st.integers(1, 3))
+    cg = draw(st.integers(1, max_channels))
+    kernel = tuple(draw(st.integers(1, max_kernel)) for _ in range(dims))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(dims))
+    pad_kind = draw(st.sampled_from(["int", "tuple", "same", "valid"]))
+    if pad_kind == "same":
+        stride = (1,) * dims
+    else:
+        stride = tuple(draw(st.integers(1, 3)) for _ in range(dims))
+    if pad_kind == "int":
+        padding = draw(st.integers(0, 2))
+    elif pad_kind == "tuple":
+        padding = tuple(draw(st.integers(0, 2)) for _ in range(dims))
+    else:
+        padding = pad_kind
+    padding_mode = draw(st.sampled_from(["zeros", "zeros", "reflect", "replicate",
+                                         "circular"]))
+    pads = reference_pads((1,) * dims, kernel, padding, dilation)
+    size = []
+    for kk, dd, (p0, p1) in zip(kernel, dilation, pads):
+        low = max(1, dd * (kk - 1) + 1 - p0 - p1)
+        if padding_mode == "reflect":
+            low = max(low, max(p0, p1) + 1)
+        elif padding_mode == "circular":
+            low = max(low, max(p0, p1))
+        size.append(draw(st.integers(low, max(low, max_size))))
+    blocks = None
+    if cg >= 2:
+        blocks = draw(st.sampled_from([None, None, "int", "list"]))
+        if blocks == "int":
+            blocks = draw(st.integers(1, cg))
+        elif blocks == "list":
+            first = draw(st.integers(1, cg - 1))
+            blocks = [first, cg - first]
+    layouts = ["contiguous", "transposed", "strided"] + (["channels_last"] if dims == 2
+                                                         else [])
+    as_int = len(set(kernel)) == 1 and draw(st.booleans())
+    return dict(
+        n=draw(st.integers(1, 3)), channels=groups * cg, size=tuple(size),
+        layout=draw(st.sampled_from(layouts)), dtype=draw(st.sampled_from(DTYPES)),
+        mode=draw(st.sampled_from(MODES)), seed=draw(st.integers(0, 2**31 - 1)),
+        kwargs=dict(kernel_size=kernel[0] if as_int else kernel, stride=stride,
+                    padding=padding, dilation=dilation, groups=groups, num_blocks=blocks,
+                    bias=draw(st.booleans()), padding_mode=padding_mode))
 
-    def _check_geometry(g, backend):
-        device = torch.device("cpu")
-        x = make_input(g["n"], g["channels"], g["size"], g["dtype"], device, g["layout"],
-                       seed=g["seed"])
-        out = patch_covariance(x, mode=g["mode"], backend=backend, **g["kwargs"])
-        ref = reference(x, mode=g["mode"], **g["kwargs"])
-        rtol = testing.RTOL[g["dtype"]]
-        if backend != "eager":
-            # Random shapes include ill-conditioned ones (a reduce-mode mean patch that nearly
-            # cancels amplifies fp32 rounding ~60x; eager errs exactly as much there). A kernel
-            # is held to the fixed tolerance or to the low-precision rule: at most twice the
-            # eager same-dtype error against the fp64 reference, whichever is larger.
-            eager = patch_covariance(x, mode=g["mode"], backend="eager", **g["kwargs"])
-            pairs = zip(eager, ref) if isinstance(eager, list) else [(eager, ref)]
-            eager_err = max(testing.rel_error(e, r) for e, r in pairs)
-            rtol = max(rtol, testing.LOW_PRECISION_FACTOR * eager_err)
-        check_result(out, ref, dtype=g["dtype"], backend=backend, device=device,
-                     rtol=rtol, msg=f"backend={backend} {g}")
+def _check_geometry(g, backend):
+    device = torch.device("cpu")
+    x = make_input(g["n"], g["channels"], g["size"], g["dtype"], device, g["layout"],
+                   seed=g["seed"])
+    out = patch_covariance(x, mode=g["mode"], backend=backend, **g["kwargs"])
+    ref = reference(x, mode=g["mode"], **g["kwargs"])
+    rtol = testing.RTOL[g["dtype"]]
+    if backend != "eager":
+        # Random shapes include ill-conditioned ones (a reduce-mode mean patch that nearly
+        # cancels amplifies fp32 rounding ~60x; eager errs exactly as much there). A kernel
+        # is held to the fixed tolerance or to the low-precision rule: at most twice the
+        # eager same-dtype error against the fp64 reference, whichever is larger.
+        eager = patch_covariance(x, mode=g["mode"], backend="eager", **g["kwargs"])
+        pairs = zip(eager, ref) if isinstance(eager, list) else [(eager, ref)]
+        eager_err = max(testing.rel_error(e, r) for e, r in pairs)
+        rtol = max(rtol, testing.LOW_PRECISION_FACTOR * eager_err)
+    check_result(out, ref, dtype=g["dtype"], backend=backend, device=device,
+                 rtol=rtol, msg=f"backend={backend} {g}")
 
-    @settings(max_examples=150, deadline=None)
-    @given(g=_geometries())
-    def test_hypothesis_eager(g):
-        _check_geometry(g, "eager")
+@settings(max_examples=150, deadline=None)
+@given(g=_geometries())
+def test_hypothesis_eager(g):
+    _check_geometry(g, "eager")
 
-    @needs_cpu_kernel
-    @settings(max_examples=300, deadline=None)
-    @given(g=_geometries())
-    def test_hypothesis_cpu_backend(g):
-        _check_geometry(g, "cpu")
+@needs_cpu_kernel
+@settings(max_examples=300, deadline=None)
+@given(g=_geometries())
+def test_hypothesis_cpu_backend(g):
+    _check_geometry(g, "cpu")
 
-    @needs_triton_cpu
-    @settings(max_examples=30, deadline=None)
-    @given(g=_geometries(max_size=6, max_channels=2, max_kernel=3))
-    def test_hypothesis_triton_interpreter(g):
-        _check_geometry(g, "triton")
+@needs_triton_cpu
+@settings(max_examples=30, deadline=None)
+@given(g=_geometries(max_size=6, max_channels=2, max_kernel=3))
+def test_hypothesis_triton_interpreter(g):
+    _check_geometry(g, "triton")
 
 
 # ---------------------------------------------------------------------------------------------

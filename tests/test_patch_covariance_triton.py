@@ -225,9 +225,14 @@ def test_split_rows_and_several_tiles(dtype):
                         factor="asymmetric", dtype=dtype)
     want = reference(x, *args)
     tol = 1e-10 if dtype == torch.float64 else 1e-5
-    for splits in (1, 3):
-        got = patch_covariance_triton(x, *args, block=16, block_k=16, splits=splits)
-        assert_matches(got, want, tol)
+    from kfac_kernels._triton.patch_covariance import tile_steps
+
+    # every row step a launch can use at block 16 (40 rows: two ranges of 32, or three of 16
+    # at step 8)
+    for block_k in tile_steps(dtype, 16, on_gpu=False):
+        for splits in (1, 3):
+            got = patch_covariance_triton(x, *args, block=16, block_k=block_k, splits=splits)
+            assert_matches(got, want, tol)
 
 
 @interpreter_only

@@ -1,16 +1,17 @@
 """The many-layer block-diagonal factor update: every backend against the eager reference, and the
 eager reference against the structured Fig. 4 update (SINGD's `factor_update` with BlockDiagonal
-structures and dense U, G)."""
+structures and dense U, G). The triton and cuda backends also run on CUDA tensors (``gpu``
+marker; skipped without a CUDA device)."""
 import pytest
 import torch
 
+from _backend_cases import kernel_cases
 from kfac_kernels._backend import native_has_op
 from kfac_kernels.ops.singd_block_factor_update import singd_block_factor_update
 from kfac_kernels.singd.optimizer import factor_update
 from kfac_kernels.singd.structures import BlockDiagonal
-from kfac_kernels.testing import RTOL, backends_for, rel_error
+from kfac_kernels.testing import RTOL, rel_error
 
-BACKENDS = backends_for("cpu")
 BK, BC = 4, 3
 # per layer: (d_in, d_out); blocks of BK / BC with a smaller last block, and a layer narrower
 # than one block
@@ -50,20 +51,21 @@ def _problem(dtype, momentum, seed=0):
     return k, c, m_k, m_c, u, g, k_dims, c_dims, k_off, c_off
 
 
-def _run(backend, prob, kfac_like):
-    k, c, m_k, m_c, u, g, *layout = [t.clone() if isinstance(t, torch.Tensor) else t
+def _run(backend, prob, kfac_like, device="cpu"):
+    """The update on copies of ``prob`` on ``device``; the results back on the CPU."""
+    k, c, m_k, m_c, u, g, *layout = [t.clone().to(device) if isinstance(t, torch.Tensor) else t
                                      for t in prob]
     singd_block_factor_update(k, c, m_k, m_c, u, g, *layout, 0.1, 0.5, 0.05, kfac_like,
                               backend=backend)
-    return [t for t in (k, c, m_k, m_c) if t is not None]
+    return [t.cpu() for t in (k, c, m_k, m_c) if t is not None]
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "eager"])
+@pytest.mark.parametrize("backend,device", kernel_cases())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("momentum,kfac_like", [(True, False), (False, False), (False, True)])
-def test_backends_match_eager(backend, dtype, momentum, kfac_like):
+def test_backends_match_eager(backend, device, dtype, momentum, kfac_like):
     prob = _problem(dtype, momentum)
-    got_all = _run(backend, prob, kfac_like)
+    got_all = _run(backend, prob, kfac_like, device)
     for got, want, before in zip(got_all, _run("eager", prob, kfac_like), prob):
         assert rel_error(got, want) <= RTOL[dtype]
         assert rel_error(got, before) > 1e-4   # the update did something
@@ -136,6 +138,7 @@ def test_bad_arguments():
         singd_block_factor_update(k, c, m_k, None, u, g, k_dims, c_dims, k_off, c_off, 0.1, 0.5,
                                   0.05, False)
     with pytest.raises(ValueError, match=r"singd_block_factor_update: u must be a contiguous "
-                                         r"torch.float32 tensor of shape \(5, 4, 4\)"):
+                                         r"torch.float32 tensor of shape \(5, 4, 4\) on cpu; it "
+                                         r"has dtype torch.float64"):
         singd_block_factor_update(k, c, m_k, m_c, u.double(), g, k_dims, c_dims, k_off, c_off,
                                   0.1, 0.5, 0.05, False)

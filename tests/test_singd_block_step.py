@@ -1,16 +1,17 @@
 """The fused block-diagonal SINGD parameter step: every backend against the eager reference
 (bf16 judged against fp64), and the eager reference against SINGD's structured `precondition`
-with BlockDiagonal factors plus the paper's momentum rule."""
+with BlockDiagonal factors plus the paper's momentum rule. The triton and cuda backends also run
+on CUDA tensors (``gpu`` marker; skipped without a CUDA device)."""
 import pytest
 import torch
 
+from _backend_cases import all_cases, kernel_cases
 from kfac_kernels._backend import native_has_op
 from kfac_kernels.ops.singd_block_step import singd_block_step
 from kfac_kernels.singd.optimizer import precondition
 from kfac_kernels.singd.structures import BlockDiagonal
-from kfac_kernels.testing import RTOL, backends_for, rel_error
+from kfac_kernels.testing import RTOL, rel_error
 
-BACKENDS = backends_for("cpu")
 ROWS, COLS, BC, BK = 7, 8, 3, 4   # C blocks 3, 3, 1; K blocks 4, 4, 1 (the bias column)
 
 
@@ -47,18 +48,21 @@ def _problem(dtype, bias=True, seed=0, shape=(ROWS, COLS, BC, BK)):
     return args
 
 
-def _run(backend, args, first=False, wd=1e-2):
-    args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+def _run(backend, args, first=False, wd=1e-2, device="cpu"):
+    """The step on copies of ``args`` on ``device``; the parameters and buffers back on the
+    CPU."""
+    args = [a.clone().to(device) if isinstance(a, torch.Tensor) else a for a in args]
     singd_block_step(*args, 0.1, 0.9, wd, first, backend=backend)
-    return [a for i, a in enumerate(args) if i in (0, 2, 8, 9) and a is not None]
+    return [a.cpu() for i, a in enumerate(args) if i in (0, 2, 8, 9) and a is not None]
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "eager"])
+@pytest.mark.parametrize("backend,device", kernel_cases())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("bias,first", [(True, False), (False, True), (True, True)])
-def test_backends_match_eager(backend, dtype, bias, first):
+def test_backends_match_eager(backend, device, dtype, bias, first):
     args = _problem(dtype, bias)
-    for got, want, before in zip(_run(backend, args, first), _run("eager", args, first),
+    for got, want, before in zip(_run(backend, args, first, device=device),
+                                 _run("eager", args, first),
                                  [a for i, a in enumerate(args) if i in (0, 2, 8, 9)
                                   and a is not None]):
         assert rel_error(got, want) <= RTOL[dtype]
@@ -70,27 +74,28 @@ def test_backends_match_eager(backend, dtype, bias, first):
 SHAPES = [(33, 40, 16, 16), (20, 70, 3, 8), (40, 95, 32, 32), (9, 23, 5, 7), (1, 5, 1, 16)]
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "eager"])
+@pytest.mark.parametrize("backend,device", kernel_cases())
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("bias", [True, False])
-def test_backends_match_eager_at_block_sizes(backend, shape, bias):
+def test_backends_match_eager_at_block_sizes(backend, device, shape, bias):
     for dtype in (torch.float32, torch.float64):
         args = _problem(dtype, bias, seed=1, shape=shape)
-        for got, want in zip(_run(backend, args), _run("eager", args)):
+        for got, want in zip(_run(backend, args, device=device), _run("eager", args)):
             assert rel_error(got, want) <= RTOL[dtype], (dtype, rel_error(got, want))
     exact = _run("eager", _problem(torch.float64, bias, seed=1, shape=shape))
     low = _problem(torch.bfloat16, bias, seed=1, shape=shape)
     eager_err = max(rel_error(a.double(), e) for a, e in zip(_run("eager", low), exact))
-    got_err = max(rel_error(a.double(), e) for a, e in zip(_run(backend, low), exact))
+    got_err = max(rel_error(a.double(), e) for a, e in zip(_run(backend, low, device=device),
+                                                           exact))
     assert got_err <= 2 * eager_err + 1e-7
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_bf16_parameters_within_twice_the_eager_error(backend):
+@pytest.mark.parametrize("backend,device", all_cases())
+def test_bf16_parameters_within_twice_the_eager_error(backend, device):
     exact = _run("eager", _problem(torch.float64))
     eager_err = max(rel_error(a.double(), e) for a, e in zip(_run("eager", _problem(
         torch.bfloat16)), exact))
-    got = _run(backend, _problem(torch.bfloat16))
+    got = _run(backend, _problem(torch.bfloat16), device=device)
     assert got[0].dtype == torch.bfloat16
     assert max(rel_error(a.double(), e) for a, e in zip(got, exact)) <= 2 * eager_err + 1e-7
 

@@ -1,16 +1,17 @@
 """The many-layer diagonal factor update: every backend against the eager reference, and the
 eager reference against the structured Fig. 4 update (SINGD's `factor_update` with Diagonal
-structures and dense U, G)."""
+structures and dense U, G). The triton and cuda backends also run on CUDA tensors (``gpu``
+marker; skipped without a CUDA device)."""
 import pytest
 import torch
 
+from _backend_cases import kernel_cases
 from kfac_kernels._backend import native_has_op
 from kfac_kernels.ops.singd_diagonal_factor_update import singd_diagonal_factor_update
 from kfac_kernels.singd.optimizer import factor_update
 from kfac_kernels.singd.structures import Diagonal
-from kfac_kernels.testing import RTOL, backends_for, rel_error
+from kfac_kernels.testing import RTOL, rel_error
 
-BACKENDS = backends_for("cpu")
 D_IN, D_OUT = [3, 1, 130], [2, 200, 1]   # sizes above the Triton block (128) and of one
 
 
@@ -31,20 +32,21 @@ def _problem(dtype, momentum, seed=0):
     return k, c, m_k, m_c, u, g, k_off, c_off
 
 
-def _run(backend, prob, kfac_like):
-    k, c, m_k, m_c, u, g, k_off, c_off = [t.clone() if isinstance(t, torch.Tensor) else t
-                                          for t in prob]
+def _run(backend, prob, kfac_like, device="cpu"):
+    """The update on copies of ``prob`` on ``device``; the results back on the CPU."""
+    k, c, m_k, m_c, u, g, k_off, c_off = [t.clone().to(device) if isinstance(t, torch.Tensor)
+                                          else t for t in prob]
     singd_diagonal_factor_update(k, c, m_k, m_c, u, g, k_off, c_off, 0.1, 0.5, 0.05, kfac_like,
                                  backend=backend)
-    return [t for t in (k, c, m_k, m_c) if t is not None]
+    return [t.cpu() for t in (k, c, m_k, m_c) if t is not None]
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "eager"])
+@pytest.mark.parametrize("backend,device", kernel_cases())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("momentum,kfac_like", [(True, False), (False, False), (False, True)])
-def test_backends_match_eager(backend, dtype, momentum, kfac_like):
+def test_backends_match_eager(backend, device, dtype, momentum, kfac_like):
     prob = _problem(dtype, momentum)
-    for got, want in zip(_run(backend, prob, kfac_like), _run("eager", prob, kfac_like)):
+    for got, want in zip(_run(backend, prob, kfac_like, device), _run("eager", prob, kfac_like)):
         assert rel_error(got, want) <= RTOL[dtype]
 
 
@@ -87,6 +89,13 @@ def test_bad_arguments():
                                          r"be given or both be None"):
         singd_diagonal_factor_update(k, c, m_k, None, u, g, k_off, c_off, 0.1, 0.5, 0.05, False)
     with pytest.raises(ValueError, match=r"singd_diagonal_factor_update: u must be a contiguous "
-                                         r"torch.float32 vector of 134 entries"):
+                                         r"torch.float32 vector of shape \(134,\) on cpu; it has "
+                                         r"dtype torch.float64, expected torch.float32"):
         singd_diagonal_factor_update(k, c, m_k, m_c, u.double(), g, k_off, c_off, 0.1, 0.5,
                                      0.05, False)
+    strided = torch.stack([k, k], dim=1)[:, 0]
+    with pytest.raises(ValueError, match=r"singd_diagonal_factor_update: k must be a contiguous "
+                                         r"torch.float32 vector of shape \(134,\) on cpu; it has "
+                                         r"strides \(2,\) \(not contiguous"):
+        singd_diagonal_factor_update(strided, c, m_k, m_c, u, g, k_off, c_off, 0.1, 0.5, 0.05,
+                                     False)

@@ -1,13 +1,14 @@
 """The fused SINGD step for diagonal factors: every backend against the eager reference and
-against dense matrices, bf16 judged against fp64, opcheck and argument checks."""
+against dense matrices, bf16 judged against fp64, opcheck and argument checks. The triton and
+cuda backends also run on CUDA tensors (``gpu`` marker; skipped without a CUDA device)."""
 import pytest
 import torch
 
+from _backend_cases import kernel_cases
 from kfac_kernels._backend import native_has_op
 from kfac_kernels.ops.singd_diagonal_step import singd_diagonal_step
 from kfac_kernels.testing import LOW_PRECISION_FACTOR, RTOL, backends_for, rel_error
 
-BACKENDS = backends_for("cpu")
 SHAPES = [(5, 7), (1, 1), (17, 70), (3, 1)]
 
 
@@ -26,28 +27,31 @@ def _inputs(shape, dtype, seed=0, strided=False):
     return (param.to(dtype), grad.to(dtype), c.to(acc), k.to(acc), buf.to(acc))
 
 
-def _run(backend, inputs, **hp):
-    param, grad, c, k, buf = (t.clone() if i in (0, 4) else t for i, t in enumerate(inputs))
+def _run(backend, inputs, device="cpu", **hp):
+    """The step on copies of ``inputs`` moved to ``device`` (a strided ``param`` keeps a row
+    stride past its width there too); the results back on the CPU."""
+    param, grad, c, k, buf = (t.clone().to(device) if i in (0, 4) else t.to(device)
+                              for i, t in enumerate(inputs))
     if param.dim() == 2 and inputs[0].stride(0) != inputs[0].shape[1]:
-        wide = torch.zeros(param.shape[0], param.shape[1] + 3, dtype=param.dtype)
+        wide = torch.zeros(param.shape[0], param.shape[1] + 3, dtype=param.dtype, device=device)
         wide[:, :param.shape[1]] = param
         param = wide[:, :param.shape[1]]
     singd_diagonal_step(param, grad, c, k, buf, backend=backend, **hp)
-    return param, buf
+    return param.cpu(), buf.cpu()
 
 
 HP = [dict(lr=0.1, momentum=0.9, weight_decay=0.01, first=False),
       dict(lr=0.05, momentum=0.0, weight_decay=0.0, first=True)]
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "eager"])
+@pytest.mark.parametrize("backend,device", kernel_cases())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("hp", HP)
-def test_backends_match_eager(backend, dtype, shape, hp):
+def test_backends_match_eager(backend, device, dtype, shape, hp):
     inputs = _inputs(shape, dtype, strided=shape[1] > 1)
     p_ref, b_ref = _run("eager", inputs, **hp)
-    p, b = _run(backend, inputs, **hp)
+    p, b = _run(backend, inputs, device, **hp)
     assert rel_error(p, p_ref) <= RTOL[dtype]
     assert rel_error(b, b_ref) <= RTOL[dtype]
 
@@ -65,12 +69,12 @@ def test_eager_matches_dense_matrices():
     assert rel_error(p, want_param) < 1e-14
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "eager"])
-def test_bf16_error_against_fp64_within_twice_eager(backend):
+@pytest.mark.parametrize("backend,device", kernel_cases())
+def test_bf16_error_against_fp64_within_twice_eager(backend, device):
     inputs = _inputs((17, 70), torch.bfloat16, seed=1)
     exact = _run("eager", tuple(t.double() for t in inputs), **HP[0])[0]
     eager_err = rel_error(_run("eager", inputs, **HP[0])[0], exact)
-    err = rel_error(_run(backend, inputs, **HP[0])[0], exact)
+    err = rel_error(_run(backend, inputs, device, **HP[0])[0], exact)
     assert err <= LOW_PRECISION_FACTOR * eager_err + 1e-7, (err, eager_err)
 
 
@@ -95,3 +99,15 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match=r"singd_diagonal_step: lr must be a finite float, got "
                                          r"nan"):
         singd_diagonal_step(param, grad, c, k, buf, float("nan"), 0.9, 0.0, False)
+
+
+@pytest.mark.parametrize("backend", backends_for("cpu"))
+def test_overlapping_outputs_are_refused_as_eager_refuses_them(backend):
+    """A parameter whose rows share memory (an expanded tensor) would be written in an order
+    that decides the result: every backend refuses it with eager's own message."""
+    param = torch.zeros(1, 4).expand(3, 4)
+    grad = torch.ones(3, 4)
+    c, k, buf = torch.ones(3), torch.ones(4), torch.zeros(3, 4)
+    with pytest.raises(RuntimeError, match="more than one element of the written-to tensor "
+                                           "refers to a single memory location"):
+        singd_diagonal_step(param, grad, c, k, buf, 0.1, 0.9, 0.0, True, backend=backend)

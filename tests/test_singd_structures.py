@@ -15,7 +15,7 @@ def _k(name):
 
 
 def table1_projection(name: str, m: torch.Tensor, k: int | None) -> torch.Tensor:
-    """Table 1 of seed 002 written entry by entry (independent of the classes)."""
+    """Table 1 of Lin et al. (2024) written entry by entry (independent of the classes)."""
     d = m.shape[0]
     out = torch.zeros_like(m)
     if name == "upper-triangular-toeplitz":
@@ -132,8 +132,8 @@ def test_projected_products_match_table1(name):
 
 @pytest.mark.parametrize("name", list(STRUCTURES))
 def test_statistics_from_rows_match_table1(name):
-    """Pi(x^T x) accumulated from rows equals Table 1's map of the dense second moment, and
-    where the class says Pi(U) suffices, Pi(S^T U S) from Pi(U) equals the dense product's
+    """Pi(U) equals Table 1's map of the dense second moment, and where the class says Pi(U)
+    suffices, Pi(S^T U S) from Pi(U) equals the dense product's
     projection (the triangular family needs all of U and says so)."""
     gen = torch.Generator().manual_seed(5)
     k = _k(name)
@@ -142,7 +142,7 @@ def test_statistics_from_rows_match_table1(name):
     d = s.to_dense()
     rows = torch.randn(7, DIM, dtype=torch.float64, generator=gen)
     u = rows.T @ rows
-    p = cls.gram_of_rows_projected(rows, k)
+    p = cls.project(u, k)
     assert type(p) is cls
     assert _err(p.to_dense(), table1_projection(name, u, k)) < TOL
     if cls.projection_suffices:

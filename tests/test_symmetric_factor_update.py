@@ -27,11 +27,7 @@ from kfac_kernels import testing
 from kfac_kernels._backend import BackendUnavailableError, resolve_backend
 from kfac_kernels.ops import symmetric_factor_update
 
-try:
-    from hypothesis import assume, given, settings
-    from hypothesis import strategies as st
-except ImportError:  # pragma: no cover - hypothesis is a test dependency
-    given = None
+from _hypothesis import assume, given, settings, st  # noqa: E402
 
 OP = "symmetric_factor_update"
 DTYPES = (torch.float32, torch.float64)
@@ -245,18 +241,38 @@ TRITON_DEVICES = [pytest.param(dev, id=dev.type,
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
-@pytest.mark.parametrize("block,block_m,split_m,batched", [
-    (16, 16, 1, False), (16, 16, 3, True), (32, 16, 4, False), (64, 32, 2, True),
+@pytest.mark.parametrize("block,split_m,batched", [
+    (16, 1, False), (16, 3, True), (32, 4, False), (64, 2, True),
 ], ids=str)
-def test_triton_tiling(device, dtype, block, block_m, split_m, batched):
-    from kfac_kernels._triton.symmetric_factor_update import symmetric_factor_update_triton
+def test_triton_tiling(device, dtype, block, split_m, batched):
+    """Several tiles and row ranges at every row step a launch can use (the largest fp64 tile
+    is 32)."""
+    from kfac_kernels._triton import _tiles
+    from kfac_kernels._triton.symmetric_factor_update import (symmetric_factor_update_triton,
+                                                               tile_steps)
 
+    block = min(block, max(_tiles.GRAM_BLOCKS[dtype]))
     shape = (2, 70, 37) if batched else (70, 37)  # 3 tiles per side at block 16
     factor, x = make_inputs(shape, dtype, device, x_layout="strided", seed=5)
-    for f in (factor, None):
-        out = symmetric_factor_update_triton(f, x, 0.9, 0.2, block=block, block_m=block_m,
-                                             split_m=split_m)
-        check(out, f, x, 0.9, 0.2, "triton")
+    for block_m in tile_steps(dtype, block, on_gpu=False):
+        for f in (factor, None):
+            out = symmetric_factor_update_triton(f, x, 0.9, 0.2, block=block, block_m=block_m,
+                                                 split_m=split_m)
+            check(out, f, x, 0.9, 0.2, "triton")
+
+
+def test_triton_tile_overrides_are_checked():
+    """Only tile sizes a launch picks anyway (compiled ahead of time and checked for spills) are
+    accepted as overrides."""
+    if "triton" not in testing.backends_for("cpu"):
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (and triton)")
+    from kfac_kernels._triton.symmetric_factor_update import symmetric_factor_update_triton
+
+    x = torch.randn(8, 5)
+    with pytest.raises(ValueError, match=r"symmetric_factor_update_triton: torch.float32 tiles "
+                                         r"are block in \(16, 32, 64\) and, at block 128, row "
+                                         r"step in \(32,\), got 128 and 32"):
+        symmetric_factor_update_triton(None, x, 0.0, 1.0, block=128)
 
 
 def test_triton_package_is_lazy():
@@ -273,53 +289,52 @@ def test_triton_package_is_lazy():
 # ---------------------------------------------------------------------------------------------
 # property-based tests (small random shapes, layouts and coefficients)
 
-if given is not None:
-    _COEF = st.one_of(st.just(0.0), st.just(1.0), st.floats(1e-3, 4.0), st.floats(-4.0, -1e-3))
+_COEF = st.one_of(st.just(0.0), st.just(1.0), st.floats(1e-3, 4.0), st.floats(-4.0, -1e-3))
 
-    @st.composite
-    def _cases(draw, max_m=40, max_d=40):
-        batch = draw(st.one_of(st.none(), st.integers(1, 3)))
-        m = draw(st.integers(0, max_m))
-        d = draw(st.integers(1, max_d))
-        shape = (m, d) if batch is None else (batch, m, d)
-        layouts = ["contiguous", "transposed", "strided", "expanded"]
-        if batch is not None:
-            layouts.append("batch_inner")
-        return dict(shape=shape, dtype=draw(st.sampled_from(DTYPES)),
-                    with_factor=draw(st.booleans()), x_layout=draw(st.sampled_from(layouts)),
-                    factor_layout=draw(st.sampled_from(["contiguous", "transposed", "strided"])),
-                    seed=draw(st.integers(0, 2**31 - 1)), decay=draw(_COEF),
-                    alpha=draw(_COEF))
+@st.composite
+def _cases(draw, max_m=40, max_d=40):
+    batch = draw(st.one_of(st.none(), st.integers(1, 3)))
+    m = draw(st.integers(0, max_m))
+    d = draw(st.integers(1, max_d))
+    shape = (m, d) if batch is None else (batch, m, d)
+    layouts = ["contiguous", "transposed", "strided", "expanded"]
+    if batch is not None:
+        layouts.append("batch_inner")
+    return dict(shape=shape, dtype=draw(st.sampled_from(DTYPES)),
+                with_factor=draw(st.booleans()), x_layout=draw(st.sampled_from(layouts)),
+                factor_layout=draw(st.sampled_from(["contiguous", "transposed", "strided"])),
+                seed=draw(st.integers(0, 2**31 - 1)), decay=draw(_COEF),
+                alpha=draw(_COEF))
 
-    def _check_case(case, backend):
-        factor, x = make_inputs(case["shape"], case["dtype"], torch.device("cpu"),
-                                with_factor=case["with_factor"], x_layout=case["x_layout"],
-                                factor_layout=case["factor_layout"], seed=case["seed"])
-        decay, alpha = case["decay"], case["alpha"]
-        ref = reference(factor, x, decay, alpha)
-        # relative parity is meaningless where decay*F and alpha*X^T X nearly cancel
-        x64 = x.to(torch.float64)
-        scale = abs(alpha) * float(torch.linalg.norm(x64.mT @ x64))
-        if factor is not None:
-            scale += abs(decay) * float(torch.linalg.norm(factor.to(torch.float64)))
-        assume(float(torch.linalg.norm(ref)) >= 0.1 * scale)
-        out = symmetric_factor_update(factor, x, decay, alpha, backend=backend)
-        check(out, factor, x, decay, alpha, backend)
+def _check_case(case, backend):
+    factor, x = make_inputs(case["shape"], case["dtype"], torch.device("cpu"),
+                            with_factor=case["with_factor"], x_layout=case["x_layout"],
+                            factor_layout=case["factor_layout"], seed=case["seed"])
+    decay, alpha = case["decay"], case["alpha"]
+    ref = reference(factor, x, decay, alpha)
+    # relative parity is meaningless where decay*F and alpha*X^T X nearly cancel
+    x64 = x.to(torch.float64)
+    scale = abs(alpha) * float(torch.linalg.norm(x64.mT @ x64))
+    if factor is not None:
+        scale += abs(decay) * float(torch.linalg.norm(factor.to(torch.float64)))
+    assume(float(torch.linalg.norm(ref)) >= 0.1 * scale)
+    out = symmetric_factor_update(factor, x, decay, alpha, backend=backend)
+    check(out, factor, x, decay, alpha, backend)
 
-    @pytest.mark.skipif("cpu" not in testing.backends_for("cpu"),
-                        reason="the C++ extension kfac_kernels._C is not built "
-                               "(pip install --no-build-isolation -e .)")
-    @settings(max_examples=40, deadline=None)
-    @given(case=_cases())
-    def test_hypothesis_cpu_backend(case):
-        _check_case(case, "cpu")
+@pytest.mark.skipif("cpu" not in testing.backends_for("cpu"),
+                    reason="the C++ extension kfac_kernels._C is not built "
+                           "(pip install --no-build-isolation -e .)")
+@settings(max_examples=40, deadline=None)
+@given(case=_cases())
+def test_hypothesis_cpu_backend(case):
+    _check_case(case, "cpu")
 
-    @pytest.mark.skipif("triton" not in testing.backends_for("cpu"),
-                        reason="Triton on CPU tensors needs TRITON_INTERPRET=1 (and triton)")
-    @settings(max_examples=15, deadline=None)
-    @given(case=_cases(max_m=24, max_d=24))
-    def test_hypothesis_triton_interpreter(case):
-        _check_case(case, "triton")
+@pytest.mark.skipif("triton" not in testing.backends_for("cpu"),
+                    reason="Triton on CPU tensors needs TRITON_INTERPRET=1 (and triton)")
+@settings(max_examples=15, deadline=None)
+@given(case=_cases(max_m=24, max_d=24))
+def test_hypothesis_triton_interpreter(case):
+    _check_case(case, "triton")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,15 +3,15 @@ tied between an input embedding and an output projection.
 
 Oracles (float64):
 
-* exact GGN blocks (``tests/_ggn.py``) where seed 001 shows exactness: the last linear layer of
-  a network with a Gaussian likelihood (``out_proj`` of an attention whose output is the model
-  output: expand with a loss per position, reduce with a mean over positions); the query
-  projection of the simplified self-attention of seed 001 Eq. 45 for one example (App. B.3.1);
-  one query row of one example (a single row: K-FAC with the type-2 Fisher is exact); an
+* exact GGN blocks (``tests/_ggn.py``) where Eschenhagen et al. (2023) show exactness: the last
+  linear layer of a network with a Gaussian likelihood (``out_proj`` of an attention whose output
+  is the model output: expand with a loss per position, reduce with a mean over positions); the query projection
+  of the simplified self-attention of Eschenhagen et al. (2023), Eq. 45 for one example (App.
+  B.3.1); one query row of one example (a single row: K-FAC with the type-2 Fisher is exact); an
   embedding followed by a linear layer (a deep linear network on one-hot inputs, Prop. 1);
 * an equivalent attention built from ``nn.Linear`` projections (its factors are computed by the
   plain Linear adapters), which pins the split of the packed ``in_proj_weight``;
-* factor sums computed by hand with autograd for the tied weight (seed 003 App. A.1).
+* factor sums computed by hand with autograd for the tied weight (Zhang et al. (2019), App. A.1).
 """
 from __future__ import annotations
 
@@ -131,7 +131,7 @@ def test_attention_factors_equal_linear_projection_attention(kfac_approx, cross,
 
 
 def test_out_proj_is_exact_in_the_expand_setting():
-    """Seed 001 Lemma 3: the last linear layer, a loss per position, Gaussian likelihood."""
+    """Eschenhagen et al. (2023) Lemma 3: the last linear layer, a loss per position, Gaussian likelihood."""
     mha = _mha()
 
     class Model(nn.Module):
@@ -152,7 +152,7 @@ def test_out_proj_is_exact_in_the_expand_setting():
 
 
 def test_out_proj_is_exact_in_the_reduce_setting():
-    """Seed 001 Lemma 5 / Prop. 6: the last linear layer followed by a mean over positions."""
+    """Eschenhagen et al. (2023) Lemma 5 / Prop. 6: the last linear layer followed by a mean over positions."""
     mha = _mha(batch_first=False)
 
     class Model(nn.Module):
@@ -214,7 +214,7 @@ class _Transposed(nn.Module):
 
 
 def test_simplified_self_attention_query_layer_is_exact_for_one_example():
-    """Seed 001 Eq. 45-47: f(X) = (X W^Q)(X W^K)^T (X W^V), one example, Gaussian likelihood:
+    """Eschenhagen et al. (2023) Eq. 45-47: f(X) = (X W^Q)(X W^K)^T (X W^V), one example, Gaussian likelihood:
     K-FAC-expand is exact for W^Q, not for W^K and W^V."""
     torch.manual_seed(1)
 
@@ -303,7 +303,7 @@ def test_embedding_factors_equal_linear_on_one_hot(kfac_approx):
 
 
 def test_embedding_is_exact_as_a_deep_linear_network():
-    """Seed 001 Prop. 1 (expand, Gaussian): ``kron(A, G)`` in the ``(V, d)`` row-major order of
+    """Eschenhagen et al. (2023) Prop. 1 (expand, Gaussian): ``kron(A, G)`` in the ``(V, d)`` row-major order of
     ``weight`` (the swapped orientation of the Linear form ``weight.T``)."""
     emb, _ = _embedding_pair()
     x, y = torch.randint(0, 5, (3, 6)), torch.randn(3, 6, 4, dtype=DT)
@@ -340,7 +340,7 @@ class TiedLM(nn.Module):
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_tied_factor_sums_by_hand(bias):
-    """Seed 003 App. A.1: the feature side pools the head's inputs and the embedding's output
+    """Zhang et al. (2019) App. A.1: the feature side pools the head's inputs and the embedding's output
     gradients as examples, the vocabulary side (diagonal) the head's output gradients and the
     token counts."""
     torch.manual_seed(3)

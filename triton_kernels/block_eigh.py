@@ -20,7 +20,10 @@ TF32). The rotated entries ``a_pq`` are then set to exactly 0, as the formula ma
 A padding index only ever meets entries that are exactly zero, so it never mixes with the block.
 
 Before every sweep the program compares ``off(A) = ||A - diag(A)||_F`` with
-``tol * ||A||_F`` and stops when it is below, or after ``max_sweeps`` sweeps. At the end the
+``tol * ||A||_F`` and stops when it is below, or after ``max_sweeps`` sweeps. The squares are
+summed in fp64, where those of every fp32 value are normal numbers: in fp32 they underflow to 0
+below ~1e-19 (a block of 1e-25 would look converged before its first sweep) and overflow past
+~1e19, so the test holds at every scale. At the end the
 eigenvalues (the diagonal) are ranked (ties by index, so the order is deterministic) and every
 eigenvalue and eigenvector column is stored at its rank: ascending output without a sort.
 
@@ -35,9 +38,19 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["block_eigh_triton", "MAX_N"]
+__all__ = ["block_eigh_triton", "launch_configs", "MAX_N"]
 
 MAX_N = 64
+
+
+@triton.jit
+def _frobenius(a, eye, OFF_ONLY: tl.constexpr):
+    """``||A - diag(A)||_F`` (``OFF_ONLY``) or ``||A||_F`` of the fp32 tile, in fp64."""
+    a64 = a.to(tl.float64)
+    sq = a64 * a64
+    if OFF_ONLY:
+        sq = tl.where(eye, 0.0, sq)
+    return tl.sqrt(tl.sum(tl.sum(sq, axis=1), axis=0))
 
 
 @triton.jit
@@ -60,9 +73,8 @@ def _block_eigh_kernel(a_ptr, vals_ptr, vecs_ptr, sweeps_ptr, n, max_sweeps, tol
     a = raw + tl.trans(raw) - tl.where(eye, raw, 0.0)
     v = tl.where(eye, 1.0, 0.0).to(tl.float64)
 
-    off = tl.sqrt(tl.sum(tl.sum(tl.where(eye, 0.0, a * a), axis=1), axis=0))
-    full = tl.sqrt(tl.sum(tl.sum(a * a, axis=1), axis=0))
-    target = tol * full
+    off = _frobenius(a, eye, True)
+    target = tol * _frobenius(a, eye, False)
     sweep = 0
     while (off > target) & (sweep < max_sweeps):
         for r in range(NP - 1):
@@ -106,7 +118,7 @@ def _block_eigh_kernel(a_ptr, vals_ptr, vecs_ptr, sweeps_ptr, n, max_sweeps, tol
             a = tl.where(cj == part[:, None], 0.0, a)
             a = tl.where(eye, new_diag[:, None], a)
         sweep += 1
-        off = tl.sqrt(tl.sum(tl.sum(tl.where(eye, 0.0, a * a), axis=1), axis=0))
+        off = _frobenius(a, eye, True)
 
     # rank of every eigenvalue among the n real ones (ties by index): its output position
     lam_i = tl.sum(tl.where(eye, a, 0.0), axis=1)
@@ -121,6 +133,26 @@ def _block_eigh_kernel(a_ptr, vals_ptr, vecs_ptr, sweeps_ptr, n, max_sweeps, tol
     tl.store(vecs_ptr + base + ri * n + rank_col[None, :], tl.where(finite, v.to(tl.float32), nan),
              mask=out_mask)
     tl.store(sweeps_ptr + pid, tl.where(finite, sweep, -1))
+
+
+def _padded(n: int) -> int:
+    """The tile side ``NP`` for blocks of size ``n``."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def _num_warps(np_: int) -> int:
+    return 4 if np_ <= 32 else 8
+
+
+def launch_configs():
+    """Every configuration the launcher picks: one per tile side for ``n <= MAX_N``."""
+    from ._aot import KernelConfig
+
+    return [KernelConfig(_block_eigh_kernel, {"NP": np_}, num_warps=_num_warps(np_),
+                         pointers={"a_ptr": "fp32", "vals_ptr": "fp32", "vecs_ptr": "fp32",
+                                   "sweeps_ptr": "i32"},
+                         scalars={"tol": "fp32"})
+            for np_ in sorted({_padded(n) for n in range(1, MAX_N + 1)})]
 
 
 def block_eigh_triton(blocks: torch.Tensor, max_sweeps: int, tol: float):
@@ -139,7 +171,7 @@ def block_eigh_triton(blocks: torch.Tensor, max_sweeps: int, tol: float):
         return vals, vecs, sweeps
     if n == 0:
         return vals, vecs, sweeps.zero_()
-    np_ = max(16, triton.next_power_of_2(n))
+    np_ = _padded(n)
     _block_eigh_kernel[(b,)](blocks, vals, vecs, sweeps, n, int(max_sweeps), float(tol),
-                             NP=np_, num_warps=4 if np_ <= 32 else 8)
+                             NP=np_, num_warps=_num_warps(np_))
     return vals, vecs, sweeps

@@ -39,8 +39,8 @@ Reduce
 ------
 A first kernel writes the mean patches ``abar`` into an ``(N, S, D)`` buffer (the bias coordinate
 set to 1): one program per ``(n, s)`` and block of columns sums the patches over the output grid
-in ``BLOCK_P`` chunks. ``alpha * X^T X`` is then :func:`kfac_kernels._triton.symmetric_factor_update`
-on the buffer viewed as ``(S, N, D)``, and ``decay * factor`` is added entry by entry.
+in ``BLOCK_P`` chunks. ``decay * factor + alpha * X^T X`` is then
+:func:`kfac_kernels._triton.symmetric_factor_update` on the buffer viewed as ``(S, N, D)``.
 
 ``decay`` and ``alpha`` are fp64 kernel arguments on a GPU; the interpreter narrows float
 arguments to fp32, so there they are read from a small fp64 tensor instead. Under
@@ -49,31 +49,18 @@ arguments to fp32, so there they are read from a small fp64 tensor instead. Unde
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
 
-__all__ = ["patch_covariance_triton"]
+from . import _tiles
+from ._tiles import epilogue_store, store_partial, upper_tile
+
+__all__ = ["patch_covariance_triton", "launch_configs"]
 
 _NAME = "patch_covariance_triton"
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-# Axis 1 of a CUDA grid is limited to 65535 programs.
-_MAX_GRID_Y = 65535
-
-
-@triton.jit
-def _upper_tile(pid):
-    """Linear index -> upper-triangle tile ``(ti, tj)``, ``ti <= tj``, numbered column by column
-    (``pid = tj (tj + 1) / 2 + ti``); the float estimate is corrected by one step either way."""
-    kf = pid.to(tl.float32)
-    tj = ((tl.sqrt(8.0 * kf + 1.0) - 1.0) * 0.5).to(tl.int32)
-    tj = tl.where(tj * (tj + 1) // 2 > pid, tj - 1, tj)
-    tj = tl.where((tj + 1) * (tj + 2) // 2 <= pid, tj + 1, tj)
-    ti = pid - tj * (tj + 1) // 2
-    return ti, tj
 
 
 @triton.jit
@@ -105,43 +92,19 @@ def _gather(x_seg, row_off, y0, x0, row_ok, col_off, dy, dx, col_data, col_bias,
 
 
 @triton.jit
-def _epilogue_store(acc, f_base, o_base, decay, alpha, offs_i, offs_j, D, sfi, sfj, soi, soj,
-                    HAS_FACTOR: tl.constexpr):
-    """For the upper entries (i <= j) of the tile: ``out[i, j] = decay * F[i, j] + alpha * acc``
-    and ``out[j, i] = decay * F[j, i] + alpha * acc`` (the same value whenever F is symmetric)."""
-    mask_ij = (offs_i < D)[:, None] & (offs_j < D)[None, :]
-    upper = mask_ij & (offs_i[:, None] <= offs_j[None, :])
-    ii = offs_i.to(tl.int64)
-    jj = offs_j.to(tl.int64)
-    g = acc * alpha.to(acc.dtype)
-    if HAS_FACTOR:
-        f = tl.load(f_base + ii[:, None] * sfi + jj[None, :] * sfj, mask=upper, other=0.0)
-        f_t = tl.load(f_base + jj[None, :] * sfi + ii[:, None] * sfj, mask=upper, other=0.0)
-        out = f.to(acc.dtype) * decay.to(acc.dtype) + g
-        out_t = f_t.to(acc.dtype) * decay.to(acc.dtype) + g
-    else:
-        out = g
-        out_t = g
-    tl.store(o_base + ii[:, None] * soi + jj[None, :] * soj, out.to(o_base.dtype.element_ty),
-             mask=upper)
-    tl.store(o_base + jj[None, :] * soi + ii[:, None] * soj, out_t.to(o_base.dtype.element_ty),
-             mask=upper)
-
-
-@triton.jit
 def _pc_expand_kernel(x_ptr, f_ptr, out_ptr, ws_ptr, scal_ptr, decay: tl.float64,
                       alpha: tl.float64,
                       M, R, OUT_W, H, W, D, DN, C_START, C_STEP, N_TILES, ROWS_PER_SPLIT,
                       sxn, sxc, sxh, sxw, KH, KW, STR_H, STR_W, DIL_H, DIL_W, PAD_T, PAD_L,
                       sfb, sfi, sfj, sob, soi, soj, wss, wsb, wsi, wsj,
-                      HAS_BIAS: tl.constexpr, HAS_FACTOR: tl.constexpr, SPLIT: tl.constexpr,
+                      HAS_FACTOR: tl.constexpr, SPLIT: tl.constexpr,
                       ACC_FP64: tl.constexpr, IEEE_DOT: tl.constexpr, WIDEN: tl.constexpr,
                       BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
                       SCALARS_IN_MEMORY: tl.constexpr):
     """One program per (segment, upper tile[, row range]); see the module docstring."""
     pid = tl.program_id(0)
     s = pid // N_TILES
-    ti, tj = _upper_tile(pid % N_TILES)
+    ti, tj = upper_tile(pid % N_TILES)
     split = tl.program_id(1)
     offs_i = ti * BLOCK + tl.arange(0, BLOCK)
     offs_j = tj * BLOCK + tl.arange(0, BLOCK)
@@ -151,12 +114,9 @@ def _pc_expand_kernel(x_ptr, f_ptr, out_ptr, ws_ptr, scal_ptr, decay: tl.float64
                                          sxc, sxh, sxw)
     off_j, dy_j, dx_j, data_j = _columns(offs_j, DN, KH, KW, DIL_H, DIL_W, PAD_T, PAD_L,
                                          sxc, sxh, sxw)
-    if HAS_BIAS:
-        bias_i = offs_i == DN
-        bias_j = offs_j == DN
-    else:
-        bias_i = offs_i < 0
-        bias_j = offs_j < 0
+    # the bias column is d = DN, present when D = DN + 1
+    bias_i = (offs_i == DN) & (offs_i < D)
+    bias_j = (offs_j == DN) & (offs_j < D)
     row_start = split.to(tl.int64) * ROWS_PER_SPLIT
     row_end = tl.minimum(row_start + ROWS_PER_SPLIT, M)
     if ACC_FP64:
@@ -192,59 +152,36 @@ def _pc_expand_kernel(x_ptr, f_ptr, out_ptr, ws_ptr, scal_ptr, decay: tl.float64
                 part = tl.dot(tl.trans(a), b, part)
         acc += part
     if SPLIT:
-        mask_ij = (offs_i < D)[:, None] & (offs_j < D)[None, :]
-        w_base = ws_ptr + split.to(tl.int64) * wss + s64 * wsb
-        tl.store(w_base + offs_i.to(tl.int64)[:, None] * wsi + offs_j.to(tl.int64)[None, :] * wsj,
-                 acc, mask=mask_ij)
+        store_partial(acc, ws_ptr, split, s64, offs_i, offs_j, D, wss, wsb, wsi, wsj)
     else:
         if SCALARS_IN_MEMORY:
             decay = tl.load(scal_ptr)
             alpha = tl.load(scal_ptr + 1)
-        _epilogue_store(acc, f_ptr + s64 * sfb, out_ptr + s64 * sob, decay, alpha, offs_i, offs_j,
-                        D, sfi, sfj, soi, soj, HAS_FACTOR)
+        epilogue_store(acc, f_ptr + s64 * sfb, out_ptr + s64 * sob, decay, alpha, offs_i, offs_j,
+                       D, sfi, sfj, soi, soj, HAS_FACTOR)
+
+
+# Steps of the expand kernel summed before they join the running total (two-level summation).
+_CHUNK = 8
+# Tiles of the mean kernel: columns per program, output positions per step (the interpreter runs
+# a step as one NumPy operation, so there a larger one is cheaper).
+MEAN_BLOCK_D = 64
+MEAN_BLOCK_P = 32
+MEAN_BLOCK_P_INTERPRETED = 128
 
 
 @triton.jit
-def _pc_split_reduce_kernel(f_ptr, out_ptr, ws_ptr, scal_ptr, decay: tl.float64,
-                            alpha: tl.float64, D, N_TILES, N_SPLIT,
-                            sfb, sfi, sfj, sob, soi, soj, wss, wsb, wsi, wsj,
-                            HAS_FACTOR: tl.constexpr, ACC_FP64: tl.constexpr,
-                            BLOCK: tl.constexpr, SCALARS_IN_MEMORY: tl.constexpr):
-    """Sum the row ranges' partial tiles of one (segment, upper tile) in order, then the
-    epilogue."""
-    pid = tl.program_id(0)
-    s = pid // N_TILES
-    ti, tj = _upper_tile(pid % N_TILES)
-    offs_i = ti * BLOCK + tl.arange(0, BLOCK)
-    offs_j = tj * BLOCK + tl.arange(0, BLOCK)
-    s64 = s.to(tl.int64)
-    mask_ij = (offs_i < D)[:, None] & (offs_j < D)[None, :]
-    if ACC_FP64:
-        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float64)
-    else:
-        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
-    w_tile = (ws_ptr + s64 * wsb + offs_i.to(tl.int64)[:, None] * wsi
-              + offs_j.to(tl.int64)[None, :] * wsj)
-    for k in range(0, N_SPLIT):
-        acc += tl.load(w_tile + k * wss, mask=mask_ij, other=0.0)
-    if SCALARS_IN_MEMORY:
-        decay = tl.load(scal_ptr)
-        alpha = tl.load(scal_ptr + 1)
-    _epilogue_store(acc, f_ptr + s64 * sfb, out_ptr + s64 * sob, decay, alpha, offs_i, offs_j,
-                    D, sfi, sfj, soi, soj, HAS_FACTOR)
-
-
-@triton.jit
-def _pc_mean_kernel(x_ptr, abar_ptr, S, R, OUT_W, H, W, D, DN, C_START, C_STEP,
+def _pc_mean_kernel(x_ptr, abar_ptr, S, COL_BLOCKS, R, OUT_W, H, W, D, DN, C_START, C_STEP,
                     sxn, sxc, sxh, sxw, KH, KW, STR_H, STR_W, DIL_H, DIL_W, PAD_T, PAD_L,
-                    HAS_BIAS: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_D: tl.constexpr,
+                    ACC_FP64: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_P: tl.constexpr):
     """abar[(n * S + s) * D + d] = mean over the output grid of patch column d (1 for the bias);
-    program (n * S + s, column block)."""
+    program ((n * S + s) * COL_BLOCKS + column block), one grid axis (no 65535 limit)."""
     pid = tl.program_id(0)
-    n = pid // S
-    s = pid - n * S
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    row = pid // COL_BLOCKS
+    n = row // S
+    s = row - n * S
+    offs_d = (pid - row * COL_BLOCKS) * BLOCK_D + tl.arange(0, BLOCK_D)
     off_d, dy, dx, data = _columns(offs_d, DN, KH, KW, DIL_H, DIL_W, PAD_T, PAD_L, sxc, sxh, sxw)
     base = x_ptr + n.to(tl.int64) * sxn + (C_START + s.to(tl.int64) * C_STEP) * sxc
     if ACC_FP64:
@@ -263,15 +200,58 @@ def _pc_mean_kernel(x_ptr, abar_ptr, S, R, OUT_W, H, W, D, DN, C_START, C_STEP,
         v = tl.load(base + row_off[:, None] + off_d[None, :], mask=mask, other=0.0)
         acc += tl.sum(v.to(acc.dtype), axis=0)
     mean = acc / R
-    if HAS_BIAS:
-        mean = tl.where(offs_d == DN, 1.0, mean)
-    tl.store(abar_ptr + pid.to(tl.int64) * D + offs_d, mean.to(abar_ptr.dtype.element_ty),
+    mean = tl.where(offs_d == DN, 1.0, mean)  # the bias column (stored only when D = DN + 1)
+    tl.store(abar_ptr + row.to(tl.int64) * D + offs_d, mean.to(abar_ptr.dtype.element_ty),
              mask=offs_d < D)
 
 
-def _interpreted() -> bool:
-    """Whether the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``)."""
-    return isinstance(_pc_expand_kernel, InterpretedFunction)
+_TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16",
+          torch.bfloat16: "bf16"}
+
+
+def _dot_mode(dtype: torch.dtype, interpreted: bool) -> tuple[bool, bool]:
+    """``(IEEE_DOT, WIDEN)``: full-fp32 products for fp32 (no TF32); 16-bit tiles straight to
+    the tensor cores, except bfloat16 under the interpreter, whose ``tl.dot`` mishandles it."""
+    widen = interpreted and dtype == torch.bfloat16
+    return dtype == torch.float32 or widen, widen
+
+
+def tile_steps(dtype: torch.dtype, block: int, on_gpu: bool) -> tuple[int, ...]:
+    """Row steps a launch can use at ``block`` (the default is the largest). The gathered
+    ``step x block`` tiles and their int64 addresses share the registers with the accumulators:
+    16 rows for fp32 (whose full-precision products run on the FMA units, operands in
+    registers) and for 16-bit inputs at 64 x 64 tiles, 32 otherwise; 8 in fp64 (whose product
+    slab is ``block x 8 x block``)."""
+    if dtype == torch.float64:
+        return _tiles.row_steps(8, on_gpu)
+    return _tiles.row_steps(16 if dtype == torch.float32 or block >= 64 else 32, on_gpu)
+
+
+def launch_configs():
+    """Every configuration a launch on a GPU can pick: per input dtype, each tile (defaults and
+    overrides) of the expand kernel at its row step, with a factor or not, or a row range
+    writing its partial tile; the mean kernel of the reduce mode (whose Gram is
+    ``symmetric_factor_update``'s kernel)."""
+    from ._aot import KernelConfig
+
+    out = []
+    for dtype, t in _TYPES.items():
+        acc = _tiles.accumulation(dtype)
+        ieee, widen = _dot_mode(dtype, False)
+        ptrs = {"x_ptr": t}
+        ptrs.update({n: _TYPES[acc] for n in ("f_ptr", "out_ptr", "ws_ptr", "scal_ptr")})
+        for block in _tiles.GRAM_BLOCKS[acc]:
+            for step in tile_steps(dtype, block, on_gpu=True):
+                for has_factor, split in ((False, False), (True, False), (False, True)):
+                    out.append(KernelConfig(_pc_expand_kernel, dict(
+                        HAS_FACTOR=has_factor, SPLIT=split, ACC_FP64=acc == torch.float64,
+                        IEEE_DOT=ieee, WIDEN=widen, BLOCK=block, BLOCK_K=step, CHUNK=_CHUNK,
+                        SCALARS_IN_MEMORY=False), pointers=ptrs,
+                        num_warps=_tiles.gram_num_warps(block)))
+        out.append(KernelConfig(_pc_mean_kernel, dict(
+            ACC_FP64=acc == torch.float64, BLOCK_D=MEAN_BLOCK_D, BLOCK_P=MEAN_BLOCK_P),
+            pointers={"x_ptr": t, "abar_ptr": _TYPES[acc]}))
+    return out + _tiles.split_reduce_configs()
 
 
 def _pair(name: str, value) -> tuple[int, int]:
@@ -280,28 +260,6 @@ def _pair(name: str, value) -> tuple[int, int]:
     except (TypeError, ValueError):
         raise ValueError(f"{_NAME}: {name} must be 2 ints (height, width), got {value!r}") from None
     return a, b
-
-
-def _default_blocks(dtype: torch.dtype, d: int, device: torch.device) -> tuple[int, int]:
-    """``(BLOCK, BLOCK_K)``: ``tl.dot`` needs every dimension >= 16; fp64 materialises a
-    ``BLOCK_K x BLOCK x BLOCK`` product per step, kept small in registers on a GPU (under the
-    interpreter a larger step is cheaper)."""
-    block = min(64, max(16, triton.next_power_of_2(d)))
-    if dtype == torch.float64:
-        return min(block, 32), (8 if device.type == "cuda" else 32)
-    return block, 32
-
-
-def _num_splits(device: torch.device, programs: int, m: int, block_k: int) -> int:
-    """How many row ranges to use so that ``programs * splits`` roughly fills a GPU (1 on CPU)."""
-    if device.type != "cuda" or m <= 0:
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    if programs >= sms:
-        return 1
-    want = math.ceil(2 * sms / programs)
-    most = max(1, m // (8 * block_k))  # every range at least 8 steps long
-    return max(1, min(want, most, _MAX_GRID_Y))
 
 
 def patch_covariance_triton(x: torch.Tensor, kernel_size, stride, dilation, padding, out_size,
@@ -329,8 +287,8 @@ def patch_covariance_triton(x: torch.Tensor, kernel_size, stride, dilation, padd
         factor: ``(num_segments, D, D)`` of the accumulation dtype, any strides, or ``None``
             (zeros; ``decay`` unused).
         decay, alpha: Python numbers.
-        block, block_k: tile sizes (powers of two, ``>= 16`` except for float64), for tests and
-            tuning.
+        block, block_k: tile sizes (for tests and tuning), among those a launch can pick anyway
+            (``_tiles.GRAM_BLOCKS``, :func:`tile_steps`).
         splits: number of row ranges of the expand kernel (default: chosen from the GPU's SM
             count, 1 on the CPU).
 
@@ -387,23 +345,17 @@ def _expand(x, geometry, oh, ow, num_segments, segment_start, segment_step, dn, 
     out = torch.empty((num_segments, d, d), dtype=acc_dtype, device=x.device)
     m = n * oh * ow
     fp64 = x.dtype == torch.float64
-    dflt_block, dflt_block_k = _default_blocks(x.dtype, d, x.device)
-    block = block or dflt_block
-    block_k = block_k or dflt_block_k
-    if not fp64 and (block < 16 or block_k < 16):
-        raise ValueError(f"{_NAME}: tiles of a {x.dtype} input need block, block_k >= 16")
+    interpreted = _tiles.interpreted()
+    block = block or _tiles.gram_block(x.dtype, d)
+    steps = tile_steps(x.dtype, block, not interpreted)
+    block_k = block_k or max(steps)
+    _tiles.check_gram_tiles(_NAME, x.dtype, block, block_k, steps)
     n_t = triton.cdiv(d, block)
     n_tiles = n_t * (n_t + 1) // 2
     programs = num_segments * n_tiles
-    if programs >= 2**31:
-        raise ValueError(f"{_NAME}: too many tiles for one launch")
-    n_split = splits if splits is not None else _num_splits(x.device, programs, m, block_k)
-    n_split = max(1, min(int(n_split), max(1, triton.cdiv(m, block_k)), _MAX_GRID_Y))
-    rows_per_split = triton.cdiv(max(m, 1), n_split * block_k) * block_k
-    interpreted = _interpreted()
-    # the interpreter narrows float arguments to fp32: there the scalars travel in a tensor
-    scal = (torch.tensor([decay, alpha], dtype=torch.float64, device=x.device) if interpreted
-            else out)
+    n_split, rows_per_split = _tiles.plan_splits(_NAME, x.device, programs, m, block_k, splits)
+    ieee, widen = _dot_mode(x.dtype, interpreted)
+    scal, in_memory = _tiles.scalar_args(decay, alpha, x.device, out)
     f_arg = factor if factor is not None else out  # never read without HAS_FACTOR
     f_strides = factor.stride() if factor is not None else (0, 0, 0)
     ws = None
@@ -416,18 +368,13 @@ def _expand(x, geometry, oh, ow, num_segments, segment_start, segment_step, dn, 
         m, oh * ow, ow, h, w, d, dn, segment_start, segment_step, n_tiles, rows_per_split,
         *x.stride(), kh, kw, sh, sw, dh, dw, pt, pl,
         *f_strides, *out.stride(), *ws_strides,
-        HAS_BIAS=bias, HAS_FACTOR=factor is not None, SPLIT=n_split > 1, ACC_FP64=fp64,
-        IEEE_DOT=x.dtype == torch.float32 or (interpreted and x.dtype == torch.bfloat16),
-        WIDEN=interpreted and x.dtype == torch.bfloat16,
-        BLOCK=block, BLOCK_K=block_k, CHUNK=8, SCALARS_IN_MEMORY=interpreted,
+        HAS_FACTOR=factor is not None and n_split == 1, SPLIT=n_split > 1, ACC_FP64=fp64,
+        IEEE_DOT=ieee, WIDEN=widen, BLOCK=block, BLOCK_K=block_k, CHUNK=_CHUNK,
+        SCALARS_IN_MEMORY=in_memory, num_warps=_tiles.gram_num_warps(block),
     )
     if n_split > 1:
-        _pc_split_reduce_kernel[(programs,)](
-            f_arg, out, ws, scal, decay, alpha, d, n_tiles, n_split,
-            *f_strides, *out.stride(), *ws_strides,
-            HAS_FACTOR=factor is not None, ACC_FP64=fp64, BLOCK=block,
-            SCALARS_IN_MEMORY=interpreted,
-        )
+        _tiles.launch_split_reduce(factor, out, ws, scal, decay, alpha, d, n_tiles, n_split,
+                                   programs, fp64, block, in_memory)
     return out
 
 
@@ -439,19 +386,18 @@ def _reduce(x, geometry, oh, ow, num_segments, segment_start, segment_step, dn, 
     n, _, h, w = x.shape
     abar = torch.empty((n, num_segments, d), dtype=acc_dtype, device=x.device)
     if n > 0:
-        block_d = min(64, triton.next_power_of_2(d))
-        block_p = min(128 if _interpreted() else 32, triton.next_power_of_2(oh * ow))
-        grid = (n * num_segments, triton.cdiv(d, block_d))
-        _pc_mean_kernel[grid](
-            x, abar, num_segments, oh * ow, ow, h, w, d, dn, segment_start, segment_step,
-            *x.stride(), kh, kw, sh, sw, dh, dw, pt, pl,
-            HAS_BIAS=bias, ACC_FP64=acc_dtype == torch.float64, BLOCK_D=block_d,
+        block_p = MEAN_BLOCK_P_INTERPRETED if _tiles.interpreted() else MEAN_BLOCK_P
+        col_blocks = triton.cdiv(d, MEAN_BLOCK_D)
+        programs = n * num_segments * col_blocks
+        if programs > _tiles.MAX_GRID_X:
+            raise ValueError(f"{_NAME}: too many (example, segment, column block) programs for "
+                             f"one launch ({programs} > {_tiles.MAX_GRID_X})")
+        _pc_mean_kernel[(programs,)](
+            x, abar, num_segments, col_blocks, oh * ow, ow, h, w, d, dn, segment_start,
+            segment_step, *x.stride(), kh, kw, sh, sw, dh, dw, pt, pl,
+            ACC_FP64=acc_dtype == torch.float64, BLOCK_D=MEAN_BLOCK_D,
             BLOCK_P=block_p,
         )
-    # alpha * X[s]^T X[s] with X[s] = abar[:, s, :]  (N, D), exactly symmetric. The factor term
-    # is added here, entry by entry, rather than by symmetric_factor_update_triton, which reads
-    # only the factor's upper triangle: out[j, i] must use factor[j, i].
-    out = symmetric_factor_update_triton(None, abar.transpose(0, 1), 0.0, alpha)
-    if factor is not None:
-        out.add_(factor, alpha=decay)
+    # decay * factor + alpha * X[s]^T X[s] with X[s] = abar[:, s, :]  (N, D)
+    out = symmetric_factor_update_triton(factor, abar.transpose(0, 1), decay, alpha)
     return out

@@ -12,7 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["singd_diagonal_factor_update_triton"]
+__all__ = ["singd_diagonal_factor_update_triton", "launch_configs"]
+
+BLOCK = 128
 
 
 @triton.jit
@@ -74,6 +76,17 @@ def _factor_kernel(k_ptr, c_ptr, mk_ptr, mc_ptr, u_ptr, g_ptr, off_ptr, s_ptr, l
     _update_side(c_ptr, mc_ptr, g_ptr, c0, c1, a_c, b_c, alpha1, lr_cov, HAS_M, BLOCK)
 
 
+def launch_configs():
+    """Every configuration the launcher picks: per dtype, with momenta or not, IKFAC or not."""
+    from ._aot import KernelConfig
+
+    return [KernelConfig(_factor_kernel, dict(HAS_M=has_m, KFAC_LIKE=kfac_like, BLOCK=BLOCK),
+                         pointers={**{n: t for n in ("k_ptr", "c_ptr", "mk_ptr", "mc_ptr",
+                                                     "u_ptr", "g_ptr", "s_ptr")},
+                                   "off_ptr": "i64"})
+            for t in ("fp32", "fp64") for has_m in (False, True) for kfac_like in (False, True)]
+
+
 def singd_diagonal_factor_update_triton(k, c, m_k, m_c, u, g, k_offsets, c_offsets, damping,
                                         alpha1, lr_cov, kfac_like):
     """In place on ``k``, ``c`` (``m_k``, ``m_c``); arguments checked by the op."""
@@ -84,4 +97,4 @@ def singd_diagonal_factor_update_triton(k, c, m_k, m_c, u, g, k_offsets, c_offse
     scalars = torch.tensor([damping, alpha1, lr_cov], dtype=k.dtype, device=k.device)
     has_m = m_k is not None
     _factor_kernel[(layers,)](k, c, m_k if has_m else k, m_c if has_m else c, u, g, off, scalars,
-                              layers, HAS_M=has_m, KFAC_LIKE=bool(kfac_like), BLOCK=128)
+                              layers, HAS_M=has_m, KFAC_LIKE=bool(kfac_like), BLOCK=BLOCK)

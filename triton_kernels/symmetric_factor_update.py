@@ -4,14 +4,8 @@ Algorithm
 ---------
 The output ``F' = decay * F + alpha * X^T X`` (``X`` of shape ``(m, d)``, or ``(B, m, d)`` for a
 stack of ``B`` independent factors) is symmetric, so only its upper triangle of ``BLOCK x BLOCK``
-tiles is computed. With ``T = ceil(d / BLOCK)`` tiles per side there are ``T (T + 1) / 2`` upper
-tiles ``(ti, tj)``, ``ti <= tj``, numbered column by column::
-
-    k = tj (tj + 1) / 2 + ti,      tj = floor((sqrt(8 k + 1) - 1) / 2)
-
-and the launch grid has exactly one program per upper tile and factor, so no program is spent on
-the lower triangle (the floating-point square root is corrected by one step either way, which
-makes the inverse map exact for any tile count a launch can have).
+tiles is computed: the launch grid has exactly one program per upper tile and factor (the tile
+numbering, epilogue and row split are those of :mod:`._tiles`).
 
 Each program walks down the rows of ``X`` in chunks of ``BLOCK_M``: it loads the column panels
 ``X[r:r+BLOCK_M, ti-block]`` (as its transpose) and ``X[r:r+BLOCK_M, tj-block]`` through the
@@ -23,12 +17,11 @@ tensor's strides, so any layout of ``X`` is read in place, with masks for the ra
 * float64: ``tl.dot`` has no portable fp64 path, so the product is a sum of outer products,
   ``tl.sum(a[:, :, None] * b[None, :, :], axis=1)``, accumulated in fp64.
 
-The epilogue forms ``alpha * acc + decay * F_tile`` (``F`` is not read at all when it is
-``None``) and stores the upper-triangle elements of the tile twice: at ``(i, j)`` and mirrored at
-``(j, i)``. Every output element is therefore written from one computed value, so the result is
-exactly symmetric (``torch.equal(out, out.mT)``) even on diagonal tiles, where the two halves of
-the accumulator need not agree bit for bit. Only the upper triangle of ``F`` is read, which is all
-of it for a symmetric factor.
+The epilogue forms ``alpha * acc + decay * F`` (``F`` is not read at all when it is ``None``)
+and stores every upper-triangle element of the tile at ``(i, j)`` and ``(j, i)`` (with
+``F[j, i]`` there), so the result is exactly symmetric (``torch.equal(out, out.mT)``) whenever
+``F`` is, even on diagonal tiles, where the two halves of the accumulator need not agree bit for
+bit.
 
 Split over rows
 ---------------
@@ -50,29 +43,17 @@ Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (slowly: keep s
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
 
-__all__ = ["symmetric_factor_update_triton"]
+from . import _tiles
+from ._tiles import epilogue_store, store_partial, upper_tile
 
-# Axis 1 of a CUDA grid is limited to 65535 programs.
-_MAX_GRID_Y = 65535
+__all__ = ["symmetric_factor_update_triton", "launch_configs"]
 
-
-@triton.jit
-def _upper_tile(pid):
-    """Map a linear index to the upper-triangle tile ``(ti, tj)``, ``ti <= tj`` (column order)."""
-    kf = pid.to(tl.float32)
-    tj = ((tl.sqrt(8.0 * kf + 1.0) - 1.0) * 0.5).to(tl.int32)
-    # one correction step either way makes the float estimate exact
-    tj = tl.where(tj * (tj + 1) // 2 > pid, tj - 1, tj)
-    tj = tl.where((tj + 1) * (tj + 2) // 2 <= pid, tj + 1, tj)
-    ti = pid - tj * (tj + 1) // 2
-    return ti, tj
+_NAME = "symmetric_factor_update_triton"
 
 
 @triton.jit
@@ -104,23 +85,6 @@ def _gram_tile(x_base, row_start, row_end, offs_i, offs_j, D, sxm, sxd,
 
 
 @triton.jit
-def _epilogue_store(acc, f_base, o_base, decay, alpha, offs_i, offs_j, D, sfi, sfj, soi, soj,
-                    HAS_FACTOR: tl.constexpr):
-    """``alpha * acc + decay * F`` stored at (i, j) and (j, i) for the upper elements only."""
-    out = acc * alpha.to(acc.dtype)
-    mask_ij = (offs_i < D)[:, None] & (offs_j < D)[None, :]
-    ii = offs_i.to(tl.int64)
-    jj = offs_j.to(tl.int64)
-    if HAS_FACTOR:
-        f = tl.load(f_base + ii[:, None] * sfi + jj[None, :] * sfj, mask=mask_ij, other=0.0)
-        out += f.to(acc.dtype) * decay.to(acc.dtype)
-    out = out.to(o_base.dtype.element_ty)
-    upper = mask_ij & (offs_i[:, None] <= offs_j[None, :])
-    tl.store(o_base + ii[:, None] * soi + jj[None, :] * soj, out, mask=upper)
-    tl.store(o_base + jj[None, :] * soi + ii[:, None] * soj, out, mask=upper)
-
-
-@triton.jit
 def _sfu_kernel(x_ptr, f_ptr, out_ptr, ws_ptr, scal_ptr, decay: tl.float64, alpha: tl.float64,
                 M, D, N_TILES, ROWS_PER_SPLIT,
                 sxb, sxm, sxd, sfb, sfi, sfj, sob, soi, soj, wss, wsb, wsi, wsj,
@@ -133,87 +97,51 @@ def _sfu_kernel(x_ptr, f_ptr, out_ptr, ws_ptr, scal_ptr, decay: tl.float64, alph
     """
     pid = tl.program_id(0)
     b = pid // N_TILES
-    ti, tj = _upper_tile(pid % N_TILES)
+    ti, tj = upper_tile(pid % N_TILES)
     s = tl.program_id(1)
     offs_i = ti * BLOCK + tl.arange(0, BLOCK)
     offs_j = tj * BLOCK + tl.arange(0, BLOCK)
     b64 = b.to(tl.int64)
-    row_start = s * ROWS_PER_SPLIT
+    # int64 row indices: a range may end within BLOCK_M of 2^31
+    row_start = s.to(tl.int64) * ROWS_PER_SPLIT
     row_end = tl.minimum(row_start + ROWS_PER_SPLIT, M)
     acc = _gram_tile(x_ptr + b64 * sxb, row_start, row_end, offs_i, offs_j, D, sxm, sxd,
                      BLOCK, BLOCK_M, ACC_FP64)
     if SPLIT:
-        mask_ij = (offs_i < D)[:, None] & (offs_j < D)[None, :]
-        w_base = ws_ptr + s.to(tl.int64) * wss + b64 * wsb
-        tl.store(w_base + offs_i.to(tl.int64)[:, None] * wsi + offs_j.to(tl.int64)[None, :] * wsj,
-                 acc, mask=mask_ij)
+        store_partial(acc, ws_ptr, s, b64, offs_i, offs_j, D, wss, wsb, wsi, wsj)
     else:
         if SCALARS_IN_MEMORY:
             decay = tl.load(scal_ptr)
             alpha = tl.load(scal_ptr + 1)
-        _epilogue_store(acc, f_ptr + b64 * sfb, out_ptr + b64 * sob, decay, alpha, offs_i, offs_j,
-                        D, sfi, sfj, soi, soj, HAS_FACTOR)
+        epilogue_store(acc, f_ptr + b64 * sfb, out_ptr + b64 * sob, decay, alpha, offs_i, offs_j,
+                       D, sfi, sfj, soi, soj, HAS_FACTOR)
 
 
-@triton.jit
-def _sfu_reduce_kernel(f_ptr, out_ptr, ws_ptr, scal_ptr, decay: tl.float64, alpha: tl.float64,
-                       D, N_TILES, N_SPLIT,
-                       sfb, sfi, sfj, sob, soi, soj, wss, wsb, wsi, wsj,
-                       HAS_FACTOR: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK: tl.constexpr,
-                       SCALARS_IN_MEMORY: tl.constexpr):
-    """Sum the row-range partials of one upper tile in a fixed order, then the epilogue."""
-    pid = tl.program_id(0)
-    b = pid // N_TILES
-    ti, tj = _upper_tile(pid % N_TILES)
-    offs_i = ti * BLOCK + tl.arange(0, BLOCK)
-    offs_j = tj * BLOCK + tl.arange(0, BLOCK)
-    b64 = b.to(tl.int64)
-    mask_ij = (offs_i < D)[:, None] & (offs_j < D)[None, :]
-    if ACC_FP64:
-        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float64)
-    else:
-        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
-    w_tile = (ws_ptr + b64 * wsb + offs_i.to(tl.int64)[:, None] * wsi
-              + offs_j.to(tl.int64)[None, :] * wsj)
-    for s in range(0, N_SPLIT):
-        acc += tl.load(w_tile + s * wss, mask=mask_ij, other=0.0)
-    if SCALARS_IN_MEMORY:
-        decay = tl.load(scal_ptr)
-        alpha = tl.load(scal_ptr + 1)
-    _epilogue_store(acc, f_ptr + b64 * sfb, out_ptr + b64 * sob, decay, alpha, offs_i, offs_j,
-                    D, sfi, sfj, soi, soj, HAS_FACTOR)
+def tile_steps(dtype: torch.dtype, block: int, on_gpu: bool) -> tuple[int, ...]:
+    """Row steps a launch can use at ``block`` (the default is the largest): 32 rows in fp32;
+    in fp64 the outer-product slab ``block x 8 x block`` stays in registers."""
+    return _tiles.row_steps(8 if dtype == torch.float64 else 32, on_gpu)
 
 
-def _interpreted() -> bool:
-    """Whether the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``)."""
-    return isinstance(_sfu_kernel, InterpretedFunction)
+def launch_configs():
+    """Every configuration a launch on a GPU can pick: each tile of ``_tiles.GRAM_BLOCKS`` (the
+    defaults and the overrides) at its row step, with a factor or not, or a row range writing
+    its partial tile (then the split reduction applies the factor)."""
+    from ._aot import KernelConfig
 
-
-def _default_blocks(dtype: torch.dtype, d: int, device: torch.device) -> tuple[int, int]:
-    """Tile sizes ``(BLOCK, BLOCK_M)``.
-
-    float32 uses ``tl.dot``, so every dimension is at least 16. float64 materialises a
-    ``BLOCK x BLOCK_M x BLOCK`` product slab per step, kept small in registers on a GPU; the
-    interpreter (CPU tensors) runs each step as one NumPy operation, so there a larger slab means
-    fewer, cheaper steps.
-    """
-    block = min(64, max(16, triton.next_power_of_2(d)))
-    if dtype == torch.float64:
-        return min(block, 32), (8 if device.type == "cuda" else 32)
-    return block, 32
-
-
-def _num_splits(device: torch.device, programs: int, m: int, block_m: int) -> int:
-    """How many row ranges to use so that ``programs * S`` roughly fills a GPU (1 on CPU)."""
-    if device.type != "cuda" or m <= 0:
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    if programs >= sms:
-        return 1
-    want = math.ceil(2 * sms / programs)
-    # keep every range at least 8 chunks long so the workspace pass stays cheap
-    most = max(1, m // (8 * block_m))
-    return max(1, min(want, most, _MAX_GRID_Y))
+    out = []
+    for dtype, t in ((torch.float32, "fp32"), (torch.float64, "fp64")):
+        for block in _tiles.GRAM_BLOCKS[dtype]:
+            for step in tile_steps(dtype, block, on_gpu=True):
+                for has_factor, split in ((False, False), (True, False), (False, True)):
+                    out.append(KernelConfig(
+                        _sfu_kernel, dict(HAS_FACTOR=has_factor, SPLIT=split,
+                                          ACC_FP64=dtype == torch.float64, BLOCK=block,
+                                          BLOCK_M=step, SCALARS_IN_MEMORY=False),
+                        pointers={n: t for n in ("x_ptr", "f_ptr", "out_ptr", "ws_ptr",
+                                                 "scal_ptr")},
+                        num_warps=_tiles.gram_num_warps(block)))
+    return out + _tiles.split_reduce_configs()
 
 
 def symmetric_factor_update_triton(factor: torch.Tensor | None, x: torch.Tensor, decay: float,
@@ -223,24 +151,22 @@ def symmetric_factor_update_triton(factor: torch.Tensor | None, x: torch.Tensor,
     """Return ``decay * factor + alpha * x^T x`` computed by the Triton kernel (a new tensor).
 
     Args:
-        factor: ``(d, d)`` / ``(B, d, d)`` symmetric factor or ``None`` (zeros; ``decay`` unused).
+        factor: ``(d, d)`` / ``(B, d, d)`` factor or ``None`` (zeros; ``decay`` unused).
         x: ``(m, d)`` / ``(B, m, d)`` float32 or float64, any strides, on CUDA or (under
             ``TRITON_INTERPRET=1``) on the CPU.
         decay, alpha: Python numbers.
-        block, block_m: override the tile sizes (powers of two, ``>= 16`` for float32); for tests
-            and tuning.
+        block, block_m: override the tile sizes (for tests and tuning), among those a launch
+            can pick anyway (``_tiles.GRAM_BLOCKS``, :func:`tile_steps`).
         split_m: number of row ranges (default: chosen from the GPU's SM count, 1 on the CPU).
 
     The inputs are expected to be validated by :func:`kfac_kernels.ops.symmetric_factor_update`;
     only what the kernel itself relies on is checked here. The output is contiguous, of the
-    input's dtype, and exactly symmetric.
+    input's dtype, and exactly symmetric whenever ``factor`` is.
     """
     if x.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"symmetric_factor_update_triton: x must be float32 or float64, "
-                        f"got {x.dtype}")
+        raise TypeError(f"{_NAME}: x must be float32 or float64, got {x.dtype}")
     if x.dim() not in (2, 3):
-        raise ValueError(f"symmetric_factor_update_triton: x must be 2-D or 3-D, "
-                         f"got shape {tuple(x.shape)}")
+        raise ValueError(f"{_NAME}: x must be 2-D or 3-D, got shape {tuple(x.shape)}")
     batched = x.dim() == 3
     xb = x if batched else x.unsqueeze(0)
     nb, m, d = xb.shape
@@ -248,33 +174,23 @@ def symmetric_factor_update_triton(factor: torch.Tensor | None, x: torch.Tensor,
     if factor is not None:
         fb = factor if batched else factor.unsqueeze(0)
         if tuple(fb.shape) != (nb, d, d) or fb.dtype != x.dtype or fb.device != x.device:
-            raise ValueError("symmetric_factor_update_triton: factor must match x in batch, d, "
-                             "dtype and device")
+            raise ValueError(f"{_NAME}: factor must match x in batch, d, dtype and device")
     out = torch.empty((nb, d, d), dtype=x.dtype, device=x.device)
     if nb == 0 or d == 0:
         return out if batched else out[0]
 
     fp64 = x.dtype == torch.float64
-    dflt_block, dflt_block_m = _default_blocks(x.dtype, d, x.device)
-    block = block or dflt_block
-    block_m = block_m or dflt_block_m
-    if not fp64 and (block < 16 or block_m < 16):
-        raise ValueError("symmetric_factor_update_triton: float32 tiles need block, block_m >= 16")
+    block = block or _tiles.gram_block(x.dtype, d)
+    steps = tile_steps(x.dtype, block, not _tiles.interpreted())
+    block_m = block_m or max(steps)
+    _tiles.check_gram_tiles(_NAME, x.dtype, block, block_m, steps)
     n_t = triton.cdiv(d, block)
     n_tiles = n_t * (n_t + 1) // 2
     programs = nb * n_tiles
-    if programs >= 2**31:
-        raise ValueError("symmetric_factor_update_triton: too many tiles for one launch")
-    splits = split_m if split_m is not None else _num_splits(x.device, programs, m, block_m)
-    splits = max(1, min(int(splits), max(1, triton.cdiv(m, block_m)), _MAX_GRID_Y))
-    rows_per_split = triton.cdiv(max(m, 1), splits * block_m) * block_m
+    splits, rows_per_split = _tiles.plan_splits(_NAME, x.device, programs, m, block_m, split_m)
 
     decay, alpha = float(decay), float(alpha)
-    in_memory = _interpreted()
-    # the interpreter narrows float arguments to fp32 whatever their annotation; there the two
-    # scalars travel in a (host) tensor instead
-    scal = (torch.tensor([decay, alpha], dtype=torch.float64, device=x.device) if in_memory
-            else out)
+    scal, in_memory = _tiles.scalar_args(decay, alpha, x.device, out)
     f_arg = fb if fb is not None else xb  # never read when HAS_FACTOR is False
     f_strides = fb.stride() if fb is not None else (0, 0, 0)
     sxb, sxm, sxd = xb.stride()
@@ -291,15 +207,11 @@ def symmetric_factor_update_triton(factor: torch.Tensor | None, x: torch.Tensor,
             xb, f_arg, out, ws if ws is not None else out, scal, decay, alpha,
             m, d, n_tiles, rows_per_split,
             sxb, sxm, sxd, *f_strides, *out.stride(), *ws_strides,
-            HAS_FACTOR=fb is not None, SPLIT=splits > 1, ACC_FP64=fp64,
+            HAS_FACTOR=fb is not None and splits == 1, SPLIT=splits > 1, ACC_FP64=fp64,
             BLOCK=block, BLOCK_M=block_m, SCALARS_IN_MEMORY=in_memory,
+            num_warps=_tiles.gram_num_warps(block),
         )
         if splits > 1:
-            _sfu_reduce_kernel[(programs,)](
-                f_arg, out, ws, scal, decay, alpha, d, n_tiles, splits,
-                *f_strides, *out.stride(), *ws_strides,
-                HAS_FACTOR=fb is not None, ACC_FP64=fp64, BLOCK=block,
-                SCALARS_IN_MEMORY=in_memory,
-            )
+            _tiles.launch_split_reduce(fb, out, ws, scal, decay, alpha, d, n_tiles, splits,
+                                       programs, fp64, block, in_memory)
     return out if batched else out[0]
-

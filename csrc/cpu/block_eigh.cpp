@@ -40,14 +40,31 @@ struct Scratch {
   }
 };
 
-// Off-diagonal Frobenius norm and full Frobenius norm of the symmetric a (accumulated in double
-// so the stopping test itself is not limited by fp32 round-off of the sum).
+// A power of two that brings the largest |entry| of the block near 1. The norms below square
+// entries times it, so they neither underflow (a block of 1e-200 in double would look converged
+// before its first sweep) nor overflow, whatever the block's scale; a power of two scales
+// exactly, so the stopping decision is the one the unscaled norms would give.
 template <typename T>
-void norms(const T* a, int64_t n, double* off, double* full) {
+double norm_scale(const T* a, int64_t n) {
+  double amax = 0;
+  for (int64_t i = 0; i < n * n; ++i) amax = std::max(amax, std::abs(static_cast<double>(a[i])));
+  if (amax == 0) return 1;
+  return std::ldexp(1.0, -std::min(std::max(std::ilogb(amax), -1022), 1023));
+}
+
+// Off-diagonal Frobenius norm and full Frobenius norm of the symmetric a, both times `scale`
+// (accumulated in double so the stopping test itself is not limited by fp32 round-off of the
+// sum).
+template <typename T>
+void norms(const T* a, int64_t n, double scale, double* off, double* full) {
   double o = 0, d = 0;
   for (int64_t i = 0; i < n; ++i) {
-    for (int64_t j = 0; j < i; ++j) o += static_cast<double>(a[i * n + j]) * a[i * n + j];
-    d += static_cast<double>(a[i * n + i]) * a[i * n + i];
+    for (int64_t j = 0; j < i; ++j) {
+      const double x = scale * static_cast<double>(a[i * n + j]);
+      o += x * x;
+    }
+    const double x = scale * static_cast<double>(a[i * n + i]);
+    d += x * x;
   }
   *off = std::sqrt(2 * o);
   *full = std::sqrt(2 * o + d);
@@ -125,15 +142,17 @@ void solve_block(const BlockEighParams<T>& p, int64_t b, Scratch<T>& w) {
   std::fill(vt, vt + n * n, V(0));
   for (int64_t i = 0; i < n; ++i) vt[i * n + i] = V(1);
 
+  // rotations keep ||A||_F, so the first scale keeps every later entry below n in scaled units
+  const double scale = norm_scale(a, n);
   double off = 0, full = 0;
-  norms(a, n, &off, &full);
+  norms(a, n, scale, &off, &full);
   const double target = p.tol * full;
   int sweep = 0;
   while (off > target && sweep < p.max_sweeps) {
     for (int64_t i = 0; i + 1 < n; ++i)
       for (int64_t j = i + 1; j < n; ++j) rotate(a, vt, n, i, j);
     ++sweep;
-    norms(a, n, &off, &full);
+    norms(a, n, scale, &off, &full);
   }
   if (p.sweeps) p.sweeps[b] = sweep;
 

@@ -13,8 +13,9 @@
 //   2. column rotations A <- A J, one thread per (row, pair);
 //   3. row rotations A <- J^T A, and V <- V J, one thread per (column, pair);
 //   4. exact symmetry (0.5 (a_ij + a_ji)), a_pq = 0 and the accurate diagonal.
-// Before each sweep the block reduces off(A)^2 (in double) and stops at tol * ||A||_F or after
-// max_sweeps sweeps. Then every eigenvalue's rank (ties by index) is its output position, and the
+// Before each sweep the block reduces off(A)^2 (in double, every entry times a power of two that
+// brings the block's largest |entry| near 1, so the squares neither underflow nor overflow at any
+// scale) and stops at tol * ||A||_F or after max_sweeps sweeps. Then every eigenvalue's rank (ties by index) is its output position, and the
 // damped inverse, if asked for, is formed from the double eigenvectors (lower triangle, mirrored).
 #include "block_eigh.h"
 
@@ -38,6 +39,23 @@ __device__ inline double block_sum(double v, double* red) {
   double total = 0;
   for (int w = 0; w < kThreads / 32; ++w) total += red[w];  // fixed order: deterministic
   return total;
+}
+
+__device__ inline double block_max(double v, double* red) {
+  for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_down_sync(0xffffffffu, v, o));
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();  // red may still be read from a previous call
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  double m = 0;
+  for (int w = 0; w < kThreads / 32; ++w) m = fmax(m, red[w]);
+  return m;
+}
+
+// 2^-e for the exponent e of amax (clamped so that the power is a double): exact scaling.
+__device__ inline double norm_scale(double amax) {
+  if (amax == 0) return 1;
+  return ldexp(1.0, -min(max(ilogb(amax), -1022), 1023));
 }
 
 __device__ inline void pair_of(int k, int r, int m, int* p, int* q) {
@@ -70,7 +88,7 @@ __global__ void __launch_bounds__(kThreads)
   double* v = vws + b * np * np;
 
   int bad_here = 0;
-  double sq_off = 0, sq_all = 0;
+  double amax = 0;
   for (int e = tid; e < np * np; e += kThreads) {
     const int i = e / np, j = e % np;
     T x = T(0);
@@ -78,9 +96,7 @@ __global__ void __launch_bounds__(kThreads)
     if (!isfinite(x)) bad_here = 1;
     a[e] = x;
     v[e] = i == j ? 1.0 : 0.0;
-    const double xd = static_cast<double>(x);
-    sq_all += xd * xd;
-    if (i != j) sq_off += xd * xd;
+    amax = fmax(amax, fabs(static_cast<double>(x)));
   }
   const bool bad = __syncthreads_or(bad_here);
   T* vals = prm.eigenvalues ? prm.eigenvalues + b * n : nullptr;
@@ -95,6 +111,14 @@ __global__ void __launch_bounds__(kThreads)
     for (int e = tid; e < n && vals; e += kThreads) vals[e] = nan;
     if (tid == 0 && prm.sweeps) prm.sweeps[b] = -1;
     return;
+  }
+  // rotations keep ||A||_F: the first scale keeps every later entry below np in scaled units
+  const double scale = norm_scale(block_max(amax, red));
+  double sq_off = 0, sq_all = 0;
+  for (int e = tid; e < np * np; e += kThreads) {  // each thread reads back its own entries
+    const double xs = scale * static_cast<double>(a[e]);
+    sq_all += xs * xs;
+    if (e / np != e % np) sq_off += xs * xs;
   }
   const double target = prm.tol * sqrt(block_sum(sq_all, red));
   double off = sqrt(block_sum(sq_off, red));
@@ -166,7 +190,8 @@ __global__ void __launch_bounds__(kThreads)
     sq_off = 0;
     for (int e = tid; e < np * np; e += kThreads) {
       const int i = e / np, j = e % np;
-      if (i != j) sq_off += static_cast<double>(a[e]) * a[e];
+      const double xs = scale * static_cast<double>(a[e]);
+      if (i != j) sq_off += xs * xs;
     }
     off = sqrt(block_sum(sq_off, red));
   }

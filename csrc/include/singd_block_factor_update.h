@@ -1,5 +1,5 @@
 // SINGD / IKFAC factor update of block-diagonal K and C for many layers in one call, torch-free
-// declarations (seed 002, Fig. 4 step 1 with Table 1's block-diagonal projection).
+// declarations (Lin et al. (2024), Fig. 4 step 1 with Table 1's block-diagonal projection).
 //
 // Every diagonal block of every layer's K is stored in one array of `k_blocks` padded
 // `bk x bk` matrices (row-major); block j is `k_dims[j] x k_dims[j]` (<= bk) in its top-left

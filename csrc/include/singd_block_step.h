@@ -1,5 +1,5 @@
 // Fused SINGD parameter step for block-diagonal Kronecker factors, torch-free declarations
-// (seed 002, Fig. 4, steps 2-3).
+// (Lin et al. (2024), Fig. 4, steps 2-3).
 //
 // The layer's parameter matrix is [W | b] (rows x (cols + 1) with a bias, rows x cols without):
 // W is `weight` (rows x cols, contiguous), b the optional `bias` (rows). With block-diagonal

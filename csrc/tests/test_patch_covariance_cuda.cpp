@@ -1,6 +1,7 @@
 // Standalone test of the CUDA patch covariance kernels against the CPU kernel (itself checked
 // against explicit patches by test_patch_covariance). Exit status 0: all passed, 1: a failure,
-// 77: no CUDA device.
+// 77: no CUDA device. `--quick` (the emulated runs) runs a subset of the cases of the large
+// shapes that keeps every code path, `--small` (compute-sanitizer) none of them.
 //
 // The grid covers every code path of csrc/cuda/patch_covariance.cu: the small kernel (D <= 16:
 // depthwise, 1x1 of few channels) and the tile kernel (one and several 64-wide tiles), each with
@@ -9,8 +10,6 @@
 // channels_last), bias, factors (none, symmetric, asymmetric, strided), four layouts of x and all
 // four input types. Outputs must agree with the CPU kernel, be exactly symmetric whenever the
 // factor is, and be bitwise identical across two runs (determinism).
-#include <cuda_runtime_api.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -20,23 +19,13 @@
 #include <string>
 #include <vector>
 
+#include "cuda_test_support.h"
 #include "patch_covariance.h"
-#include "test_support.h"
 
 namespace {
 
 using kfac_kernels::InputType;
 using kfac_kernels::PatchCovarianceParams;
-
-#define CUDA_OK(expr)                                                                   \
-  do {                                                                                  \
-    const cudaError_t err_ = (expr);                                                    \
-    if (err_ != cudaSuccess) {                                                          \
-      std::printf("CUDA error %s at %s:%d: %s\n", cudaGetErrorString(err_), __FILE__, \
-                  __LINE__, #expr);                                                     \
-      std::exit(1);                                                                     \
-    }                                                                                   \
-  } while (0)
 
 // k / 64 with |k| <= 128: exact in float16 and bfloat16 alike
 double grid(Rng& rng) { return std::round(rng.uniform() * 128.0) / 64.0; }
@@ -89,14 +78,6 @@ void store(unsigned char* p, InputType t, double v) {
       break;
     }
   }
-}
-
-template <typename T>
-T* to_device(const std::vector<T>& h) {
-  T* d = nullptr;
-  CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&d), std::max<size_t>(h.size(), 1) * sizeof(T)));
-  if (!h.empty()) CUDA_OK(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
-  return d;
 }
 
 struct Shape {
@@ -227,29 +208,51 @@ void run_case(const Shape& s, InputType type, bool reduce, bool bias, int layout
   }
 }
 
+const InputType kTypes[] = {InputType::kFloat32, InputType::kFloat64, InputType::kFloat16,
+                            InputType::kBFloat16};
+
+void run_one(const Shape& s, InputType t, bool reduce, bool bias, int layout, uint64_t& seed) {
+  const int fk = static_cast<int>(seed % 3);
+  if (t == InputType::kFloat64)
+    run_case<double>(s, t, reduce, bias, layout, fk, seed++);
+  else
+    run_case<float>(s, t, reduce, bias, layout, fk, seed++);
+}
+
 void run_shape(const Shape& s, uint64_t& seed, bool all_layouts) {
-  const InputType types[] = {InputType::kFloat32, InputType::kFloat64, InputType::kFloat16,
-                             InputType::kBFloat16};
-  for (InputType t : types)
+  for (InputType t : kTypes)
     for (int reduce = 0; reduce < 2; ++reduce)
       for (int bias = 0; bias < 2; ++bias)
-        for (int layout = 0; layout < (all_layouts ? 4 : 2); ++layout) {
-          const int fk = static_cast<int>(seed % 3);
-          if (t == InputType::kFloat64)
-            run_case<double>(s, t, reduce, bias, layout, fk, seed++);
-          else
-            run_case<float>(s, t, reduce, bias, layout, fk, seed++);
-        }
+        for (int layout = 0; layout < (all_layouts ? 4 : 2); ++layout)
+          run_one(s, t, reduce, bias, layout, seed);
+}
+
+// --quick subset of a large shape: each input type once, expand and reduce, NCHW and channels
+// last (float64: reduce on channels last, the thread-per-item mean patches). With
+// `segments_only`, the float32 and bfloat16 expand cases alone (the SIMT and tensor-core tile
+// kernels striding over grid.y).
+void run_shape_quick(const Shape& s, uint64_t& seed, bool segments_only) {
+  struct Case {
+    InputType type;
+    bool reduce;
+    int layout;
+  };
+  const Case cases[] = {{InputType::kFloat32, false, kNCHW},
+                        {InputType::kFloat64, true, kNHWC},
+                        {InputType::kFloat16, false, kNHWC},
+                        {InputType::kBFloat16, true, kNCHW}};
+  for (const Case& c : cases) {
+    if (segments_only && c.type != InputType::kFloat32)
+      continue;
+    run_one(s, c.type, segments_only ? false : c.reduce, (seed % 2) == 0, c.layout, seed);
+  }
 }
 
 }  // namespace
 
-int main() {
-  int count = 0;
-  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
-    std::printf("no CUDA device visible: skipped\n");
-    return 77;
-  }
+int main(int argc, char** argv) {
+  if (!device_visible()) return kNoDevice;
+  const Sizes sizes = test_sizes(argc, argv);
   // n, c, h, w, kh, kw, sh, sw, dh, dw, pt, pb, pl, pr, segments, start, step, seg_channels
   const Shape small[] = {
       {2, 3, 7, 6, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 3},    // 3x3, D = 27 / 28: one tile
@@ -274,6 +277,12 @@ int main() {
   };
   uint64_t seed = 1;
   for (const Shape& s : small) run_shape(s, seed, true);
-  for (const Shape& s : large) run_shape(s, seed, false);
+  for (const Shape& s : large) {
+    if (sizes == Sizes::kSmall) break;
+    if (sizes == Sizes::kQuick)
+      run_shape_quick(s, seed, s.c / s.seg_channels > 65535);
+    else
+      run_shape(s, seed, false);
+  }
   return finish();
 }

@@ -1,7 +1,5 @@
 // Standalone test of the CUDA kernel against the CPU kernel (itself checked against a naive loop
 // by test_symmetric_factor_update). Exit status 0: all passed, 1: a failure, 77: no CUDA device.
-#include <cuda_runtime_api.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -10,30 +8,12 @@
 #include <limits>
 #include <vector>
 
+#include "cuda_test_support.h"
 #include "symmetric_factor_update.h"
-#include "test_support.h"
 
 namespace {
 
 using kfac_kernels::SymmetricFactorUpdateParams;
-
-#define CUDA_OK(expr)                                                                   \
-  do {                                                                                  \
-    const cudaError_t err_ = (expr);                                                    \
-    if (err_ != cudaSuccess) {                                                          \
-      std::printf("CUDA error %s at %s:%d: %s\n", cudaGetErrorString(err_), __FILE__, \
-                  __LINE__, #expr);                                                     \
-      std::exit(1);                                                                     \
-    }                                                                                   \
-  } while (0)
-
-template <typename T>
-T* to_device(const std::vector<T>& h) {
-  T* d = nullptr;
-  CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&d), std::max<size_t>(h.size(), 1) * sizeof(T)));
-  if (!h.empty()) CUDA_OK(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
-  return d;
-}
 
 // layout 0: row-major, 1: column-major, 2: padded rows + every other column
 template <typename T>
@@ -116,25 +96,24 @@ void run_case(int64_t batch, int64_t m, int64_t d, int layout, int factor_kind, 
 }
 
 template <typename T>
-void run_all() {
+void run_all(bool small) {
   const int64_t shapes[][3] = {{1, 0, 5},    {2, 0, 67},   {1, 7, 1},     {3, 13, 1},
                                {1, 131, 67}, {3, 131, 67}, {1, 129, 128}, {2, 50, 130},
                                {1, 5000, 40}, {2, 3000, 70}, {0, 10, 4},  {1, 40000, 3}};
   uint64_t seed = 1;
-  for (const auto& s : shapes)
+  for (const auto& s : shapes) {
+    if (small && s[1] >= 3000) continue;
     for (int layout = 0; layout < 3; ++layout)
       for (int fk = 0; fk < 3; ++fk) run_case<T>(s[0], s[1], s[2], layout, fk, seed++);
+  }
 }
 
 }  // namespace
 
-int main() {
-  int count = 0;
-  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
-    std::printf("no CUDA device visible: skipped\n");
-    return 77;
-  }
-  run_all<float>();
-  run_all<double>();
+int main(int argc, char** argv) {  // --quick: every size (quick enough); --small: m < 3000
+  if (!device_visible()) return kNoDevice;
+  const bool small = test_sizes(argc, argv) == Sizes::kSmall;
+  run_all<float>(small);
+  run_all<double>(small);
   return finish();
 }

@@ -4,7 +4,8 @@ For every op and every backend present on the device (CPU: ``cpu`` vs ``eager``;
 and ``triton`` vs ``eager``) and every case: the backend's result is first checked against the
 eager reference (a case that fails the check is recorded as failed and not timed), then both are
 timed (median of ``--repeats`` runs after a warm-up, synchronised on GPUs) and the ratio
-``eager / backend`` is recorded. Writes, under ``--out`` (default ``bench/results``)::
+``eager / backend`` is recorded. Writes, under ``--out`` (default: a fresh folder
+``kfac-bench-<device>-<date>-<time>`` in the current directory)::
 
     <device>.json   environment (device name, versions, threads, date) and one record per case
     <device>.md     the same as a markdown table
@@ -59,6 +60,7 @@ def _cases(full: bool) -> dict[str, list[tuple]]:
     out: dict[str, list[tuple]] = {"symmetric_factor_update": [], "patch_covariance": [],
                                    "gradient_covariance": [], "block_eigh": [],
                                    "block_damped_inverse": []}
+    out.update(_singd_cases(full))
     for m, d in sfu:
         out["symmetric_factor_update"].append((
             f"X {m}x{d}", lambda dev, g, m=m, d=d: (_gen_x((m, d), dev, g),),
@@ -85,6 +87,75 @@ def _cases(full: bool) -> dict[str, list[tuple]]:
     return out
 
 
+def _singd_cases(full: bool) -> dict[str, list[tuple]]:
+    """SINGD's in-place ops at ResNet-18 layer shapes (rows x cols, block size 32); each case
+    returns the tensors it updated."""
+    shapes = [(512, 4608), (256, 2305)] + ([(1024, 9216)] if full else [])
+    out: dict[str, list[tuple]] = {"singd_diagonal_step": [], "singd_diagonal_factor_update": [],
+                                   "singd_block_step": [], "singd_block_factor_update": []}
+
+    def blocks(n, b, dev, g, eye=1.0):
+        dims = [b] * (n // b) + ([n % b] if n % b else [])
+        x = eye * torch.eye(b) + 0.1 * torch.randn(len(dims), b, b, generator=g)
+        return x.to(dev), dims
+
+    for rows, cols in shapes:
+        for dt in (torch.float32, torch.bfloat16):
+            def make_step(dev, g, rows=rows, cols=cols, dt=dt):
+                return (_gen_x((rows, cols), dev, g, dt), _gen_x((rows, cols), dev, g, dt),
+                        1 + 0.1 * _gen_x((rows,), dev, g), 1 + 0.1 * _gen_x((cols,), dev, g),
+                        _gen_x((rows, cols), dev, g))
+            out["singd_diagonal_step"].append((
+                f"P {rows}x{cols} {str(dt)[6:]}", make_step,
+                lambda a, be: (ops.singd_diagonal_step(*a, 0.1, 0.9, 1e-4, False, backend=be),
+                               (a[0], a[4]))[1]))
+
+            def make_block_step(dev, g, rows=rows, cols=cols, dt=dt):
+                c, c_dims = blocks(rows, 32, dev, g)
+                k, k_dims = blocks(cols + 1, 32, dev, g)
+                return (_gen_x((rows, cols), dev, g, dt), _gen_x((rows, cols), dev, g, dt),
+                        _gen_x((rows,), dev, g, dt), _gen_x((rows,), dev, g, dt), c, c_dims, k,
+                        k_dims, _gen_x((rows, cols), dev, g), _gen_x((rows,), dev, g))
+            out["singd_block_step"].append((
+                f"[W|b] {rows}x{cols + 1} blocks 32 {str(dt)[6:]}", make_block_step,
+                lambda a, be: (ops.singd_block_step(*a, 0.1, 0.9, 1e-4, False, backend=be),
+                               (a[0], a[2], a[8], a[9]))[1]))
+    for layers in ([(4608, 512)] * 8, [(576, 64)] * 16 + [(2305, 256)] * 4):
+        d_in = [i for i, _ in layers]
+        d_out = [o for _, o in layers]
+        k_off = [sum(d_in[:i]) for i in range(len(d_in) + 1)]
+        c_off = [sum(d_out[:i]) for i in range(len(d_out) + 1)]
+
+        def make_diag(dev, g, nk=k_off[-1], nc=c_off[-1]):
+            return (1 + 0.1 * _gen_x((nk,), dev, g), 1 + 0.1 * _gen_x((nc,), dev, g),
+                    0.1 * _gen_x((nk,), dev, g), 0.1 * _gen_x((nc,), dev, g),
+                    _gen_x((nk,), dev, g).abs(), _gen_x((nc,), dev, g).abs())
+        out["singd_diagonal_factor_update"].append((
+            f"{len(layers)} layers, K {k_off[-1]}, C {c_off[-1]}", make_diag,
+            lambda a, be, k_off=k_off, c_off=c_off: (ops.singd_diagonal_factor_update(
+                *a, k_off, c_off, 1e-3, 0.5, 0.1, False, backend=be), a[:4])[1]))
+
+        def make_block(dev, g, d_in=d_in, d_out=d_out):
+            k, k_dims, c, c_dims, kl, cl = [], [], [], [], [0], [0]
+            for i, o in zip(d_in, d_out):
+                bk, dk = blocks(i, 32, dev, g)
+                bc, dc = blocks(o, 32, dev, g)
+                k.append(bk)
+                c.append(bc)
+                k_dims += dk
+                c_dims += dc
+                kl.append(kl[-1] + len(dk))
+                cl.append(cl[-1] + len(dc))
+            k, c = torch.cat(k), torch.cat(c)
+            return (k, c, 0.01 * torch.randn_like(k), 0.01 * torch.randn_like(c),
+                    k @ k.mT / 32, c @ c.mT / 32, k_dims, c_dims, kl, cl)
+        out["singd_block_factor_update"].append((
+            f"{len(layers)} layers, blocks 32", make_block,
+            lambda a, be: (ops.singd_block_factor_update(*a, 1e-3, 0.5, 0.1, False, backend=be),
+                           a[:4])[1]))
+    return out
+
+
 def _error(op: str, result, reference, args) -> float:
     if op == "block_eigh":
         vals, vecs = result
@@ -94,10 +165,18 @@ def _error(op: str, result, reference, args) -> float:
         eye = torch.eye(v.shape[-1], dtype=torch.float64, device=v.device)
         orth = torch.linalg.norm(v.mT @ v - eye) / (v.shape[0] ** 0.5)
         return max(float(resid), float(orth))
+    if isinstance(result, tuple):  # the updated tensors of an in-place op
+        return max(rel_error(r, e) for r, e in zip(result, reference))
     return rel_error(result, reference)
 
 
-TOLERANCE = {"block_eigh": 1e-4, "block_damped_inverse": 1e-3}
+# bfloat16 parameters: a last-bit difference of the fp32 value moves a bf16 result by one unit
+TOLERANCE = {"block_eigh": 1e-4, "block_damped_inverse": 1e-3, "singd_diagonal_step": 1e-3,
+             "singd_block_step": 1e-3}
+
+
+def _clone(args: tuple) -> tuple:
+    return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
 
 
 def _time(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
@@ -154,17 +233,19 @@ def run(device: torch.device, ops_wanted: list[str] | None, full: bool, repeats:
     if device.type == "cpu":
         backends = [b for b in backends if b != "triton"]  # the interpreter checks, not times
     gen = torch.Generator().manual_seed(0)
-    for op, cases in _cases(full).items():
-        if ops_wanted and op not in ops_wanted:
-            continue
+    selected = {op: cases for op, cases in _cases(full).items()
+                if not ops_wanted or op in ops_wanted}
+    total = sum(len(cases) for cases in selected.values()) * len(backends)
+    for op, cases in selected.items():
         for label, make, fn in cases:
             args = make(device, gen)
-            reference = fn(args, "eager")
+            pristine = _clone(args)  # in-place ops: every check starts from the same inputs
+            reference = fn(_clone(pristine), "eager")
             eager_s = _time(lambda: fn(args, "eager"), device, repeats)
             for backend in backends:
                 rec = {"op": op, "case": label, "backend": backend, "eager_s": eager_s}
                 try:
-                    result = fn(args, backend)
+                    result = fn(_clone(pristine), backend)
                 except Exception as err:  # a backend that cannot run this case
                     rec.update(status="error", error=f"{type(err).__name__}: {err}"[:300])
                     records.append(rec)
@@ -181,7 +262,8 @@ def run(device: torch.device, ops_wanted: list[str] | None, full: bool, repeats:
                 records.append(rec)
                 if progress:
                     speed = f"{rec['speedup']:.2f}x" if "speedup" in rec else rec["status"]
-                    print(f"{op:24s} {label:38s} {backend:6s} {speed}", flush=True)
+                    print(f"[{len(records)}/{total}] {op:24s} {label:38s} {backend:6s} {speed}",
+                          flush=True)
     return records
 
 
@@ -229,15 +311,25 @@ def slug(name: str) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="kfac-bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="kfac-bench",
+        description="The kernel microbenchmarks on this machine: every op on every backend of "
+                    "the device, checked against the eager reference, then timed against it.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        choices=("cpu", "cuda"))
-    parser.add_argument("--full", action="store_true", help="the full set of cases")
-    parser.add_argument("--ops", nargs="+", default=None, help="only these ops")
-    parser.add_argument("--repeats", type=int, default=5)
+                        choices=("cpu", "cuda"),
+                        help="device to benchmark on (default: cuda if there is one, else cpu)")
+    parser.add_argument("--full", action="store_true",
+                        help="the full set of cases (larger shapes; default: the quick set)")
+    parser.add_argument("--ops", nargs="+", default=None, metavar="OP",
+                        help=f"only these ops, of: {', '.join(sorted(_cases(False)))} (default: "
+                             "all)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed runs per case after a warm-up, the median kept (default: 5)")
     parser.add_argument("--threads", type=int, default=0,
-                        help="CPU threads (0: torch's default)")
-    parser.add_argument("--out", default="bench/results")
+                        help="CPU threads for torch (default: 0, torch's default)")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="folder for <device>.json/.md/.png (default: a fresh folder "
+                             "kfac-bench-<device>-<date>-<time> in the current directory)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
@@ -250,7 +342,9 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     env = environment(device)
     records = run(device, args.ops, args.full, args.repeats)
-    out = Path(args.out)
+    out = Path(args.out) if args.out is not None else Path(
+        f"kfac-bench-{slug(env['device_name'])}-"
+        f"{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     stem = out / slug(env["device_name"])
     stem.with_suffix(".json").write_text(json.dumps({"environment": env, "results": records},

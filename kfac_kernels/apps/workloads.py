@@ -7,7 +7,7 @@ digits         scikit-learn's bundled 8x8 digits, a small CNN (:class:`DigitsCNN
 digits-vit     the same digits, a ViT-tiny on 2x2 patches (:class:`DigitsViT`)       conv + linear
 char-lm        characters of the Python standard library's docstrings, a small      linear (expand
                causal transformer (attention built from ``nn.Linear``)               over positions)
-deep-linear    seed 004's planted targets: Gaussian inputs, binary targets of a      linear
+deep-linear    Tselepidis et al.'s planted targets: Gaussian inputs, binary targets of a      linear
                random linear map; a deep linear MLP with batch norm (MSE)
 digits-        the digits' pixels in [0, 1], a deep tanh autoencoder                linear
 autoencoder    64-256-128-64-16-64-128-256-64 with logistic outputs (binary
@@ -23,7 +23,6 @@ only, and mini-batches come from a seeded generator, so optimizers compare like 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -282,7 +281,7 @@ def _build_char_lm(seed, dtype, device, split: Split) -> nn.Module:
     return model.to(device=device, dtype=dtype)
 
 
-# --- deep-linear (seed 004 App. B.1) ------------------------------------------------------------
+# --- deep-linear (Tselepidis et al. (2020), App. B.1) ------------------------------------------
 
 def planted_data(n: int, width: int, seed: int, classes: bool = False,
                  outputs: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -435,7 +434,7 @@ WORKLOADS: dict[str, Workload] = {
         lambda dtype, device: _load_char_lm(dtype, device), _build_char_lm,
         loss_average="batch+sequence", target=("test_loss", 2.6)),
     "deep-linear": Workload(
-        "deep-linear", "seed 004 planted targets, deep linear MLP with batch norm",
+        "deep-linear", "Tselepidis et al. (2020) planted targets, deep linear MLP with batch norm",
         lambda dtype, device: _load_deep_linear(dtype, device),
         lambda seed, dtype, device, split: deep_linear_mlp(16, 10, seed).to(device=device,
                                                                             dtype=dtype),

@@ -3,9 +3,11 @@
 Blocks hand in :class:`Job` s -- an eigendecomposition, or a damped inverse
 ``(F + gamma I)^{-1}`` of a PSD factor -- and :func:`run_jobs` stacks the jobs of the same kind,
 size, dtype and device into one call of :func:`kfac_kernels.ops.block_eigh` /
-:func:`kfac_kernels.ops.block_damped_inverse` (which pick the kernel). A result that is not
-finite (an fp32 solve that failed to converge or overflowed) is computed once more in fp64, only
-for the jobs that failed.
+:func:`kfac_kernels.ops.block_damped_inverse` (which pick the kernel). A solve that raises (an
+fp32 eigendecomposition that failed to converge) is computed once more in fp64, only for the
+jobs it held. Nothing is read on the host: each result comes with a health tensor (finite iff
+the result is), which the caller checks without a device synchronisation
+(:mod:`kfac_kernels._flags`) and answers with :func:`retry_in_float64` where needed.
 """
 from __future__ import annotations
 
@@ -23,23 +25,22 @@ class Job:
     damping: torch.Tensor | None = None  # (groups,) for "inverse"
 
 
-def _health(kind: str, result) -> torch.Tensor:
-    """A 0-d tensor that is finite iff the result is: eigenvalues (a vector per matrix), or the
-    trace of an inverse (a non-finite solve leaves NaN or inf on the diagonal)."""
-    if result is None:
-        return torch.tensor(float("nan"))
+def health(kind: str, result) -> torch.Tensor:
+    """A 0-d tensor that is finite iff the result is: the eigenvalues (a vector per matrix; the
+    eigenvectors of a non-finite solve are non-finite with them), or the trace of an inverse (a
+    non-finite solve leaves NaN or inf on the diagonal). Computed on the result's device."""
     if kind == "eigh":
-        return result[0].sum().cpu()
-    return torch.diagonal(result, dim1=-2, dim2=-1).sum().cpu()
+        return result[0].sum()
+    return torch.diagonal(result, dim1=-2, dim2=-1).sum()
 
 
-def _solve(kind: str, stack: torch.Tensor, damping, backend: str):
+def _solve(kind: str, stack: torch.Tensor, damping, backend: str, fallback: bool):
     if kind == "eigh":
         return ops.block_eigh(stack, backend=backend)
-    return ops.block_damped_inverse(stack, damping, backend=backend)
+    return ops.block_damped_inverse(stack, damping, backend=backend, fallback=fallback)
 
 
-def _run_batched(jobs: list[Job], backend: str) -> list:
+def _run_batched(jobs: list[Job], backend: str, fallback: bool) -> list:
     buckets: dict[tuple, list[int]] = {}
     for i, job in enumerate(jobs):
         key = (job.kind, job.matrix.shape[-1], job.matrix.dtype, job.matrix.device)
@@ -50,7 +51,7 @@ def _run_batched(jobs: list[Job], backend: str) -> list:
         damping = (torch.cat([jobs[i].damping.to(stack.dtype) for i in members])
                    if kind == "inverse" else None)
         try:
-            out = _solve(kind, stack, damping, backend)
+            out = _solve(kind, stack, damping, backend, fallback)
         except torch.linalg.LinAlgError:
             out = None
         at = 0
@@ -68,23 +69,32 @@ def _run_batched(jobs: list[Job], backend: str) -> list:
 
 def run_jobs(jobs: list[Job], backend: str = "auto") -> list:
     """Results in the order of ``jobs``: ``(eigenvalues, eigenvectors)`` for ``"eigh"``, the
-    inverse for ``"inverse"``, or ``None`` where even fp64 failed."""
+    inverse for ``"inverse"``; a bucket whose solve raised is solved again in fp64 (cast back),
+    ``None`` where that fails too."""
     if not jobs:
         return []
-    results = _run_batched(jobs, backend)
-    finite = torch.stack([_health(j.kind, r) for j, r in zip(jobs, results)]).isfinite().tolist()
-    retry = [i for i, ok in enumerate(finite) if not ok]
-    if retry:
-        again = _run_batched([Job(jobs[i].kind, jobs[i].matrix.double(),
-                                  None if jobs[i].damping is None else jobs[i].damping.double())
-                              for i in retry], backend)
-        for i, res in zip(retry, again):
-            dtype = jobs[i].matrix.dtype
-            ok = res is not None and bool(_health(jobs[i].kind, res).isfinite())
-            if not ok:
-                results[i] = None
-            elif jobs[i].kind == "eigh":
-                results[i] = (res[0].to(dtype), res[1].to(dtype))
-            else:
-                results[i] = res.to(dtype)
+    # A failed Cholesky factorisation gives NaN (no host read): the health check retries it.
+    results = _run_batched(jobs, backend, fallback=False)
+    failed = [i for i, r in enumerate(results) if r is None]
+    for i, res in zip(failed, retry_in_float64([jobs[i] for i in failed], backend)):
+        results[i] = res
     return results
+
+
+def retry_in_float64(jobs: list[Job], backend: str = "auto") -> list:
+    """The jobs solved in fp64 and cast back to their dtype (``None`` where that fails)."""
+    if not jobs:
+        return []
+    again = _run_batched([Job(j.kind, j.matrix.double(),
+                              None if j.damping is None else j.damping.double()) for j in jobs],
+                         backend, fallback=True)
+    out = []
+    for job, res in zip(jobs, again):
+        dtype = job.matrix.dtype
+        if res is None:
+            out.append(None)
+        elif job.kind == "eigh":
+            out.append((res[0].to(dtype), res[1].to(dtype)))
+        else:
+            out.append(res.to(dtype))
+    return out

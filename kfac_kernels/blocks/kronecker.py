@@ -12,7 +12,7 @@ step this is exactly the moving average of the per-step means.
 
 Preconditioning of the gradient matrix ``M = [dW | db]`` (per group):
 
-* ``compute_method="eigen"``, ``damping_form="exact"`` (Yu & Tatebe (BD-KFAC), Sec. 3):
+* ``compute_method="eigen"``, ``damping_form="exact"`` (Yu & Tatebe, Sec. 3):
   ``Q_G [(Q_G^T M Q_A) / (lambda_G lambda_A^T + gamma)] Q_A^T`` -- ``(G (x) A + gamma I)^{-1}``
   applied exactly;
 * ``damping_form="factored"`` (Tselepidis et al. (2020), Eq. 8-9):
@@ -35,7 +35,7 @@ With eigendecompositions ``lambda_max`` comes from the decomposed factors, so th
 with the preconditioner; precomputed inverses take it from a few power iterations.
 
 A block-diagonal side keeps only the diagonal blocks of a partition of the layer's features
-(Yu & Tatebe (BD-KFAC), Sec. 4.1-4.2; convolutions partition channels, ``|S_i| k_h k_w``
+(Yu & Tatebe, Sec. 4.1-4.2; convolutions partition channels, ``|S_i| k_h k_w``
 coordinates per block); every product above is then a product with ``blockdiag`` matrices, and
 no dense factor is ever formed. A diagonal side (an embedding's token frequencies, the
 vocabulary side of a tied weight) needs no decomposition.
@@ -47,6 +47,7 @@ import math
 import torch
 
 from ..layers import DENSE, LayerAdapter, Layout, blocks
+from .._flags import keep_finite
 from . import sides
 from .base import CurvatureBlock
 from .decompositions import Job
@@ -58,7 +59,7 @@ def partition_sizes(features: int, num_blocks: int | None = None,
 
     ``num_blocks``: ``min(num_blocks, features)`` near-equal parts; ``block_size``:
     ``max(1, features // block_size)`` parts of ``block_size``. The last part absorbs the
-    remainder in both cases (Yu & Tatebe (BD-KFAC), Sec. 4.1).
+    remainder in both cases (Yu & Tatebe, Sec. 4.1).
     """
     if block_size is not None:
         n = max(1, features // block_size)
@@ -88,6 +89,8 @@ class KroneckerBlock(CurvatureBlock):
         self.A_count = 0.0                          # moving average of the rows per step
         self.G: list[torch.Tensor] | None = None
         self.decomposition: dict[str, list[torch.Tensor]] | None = None
+        # The health of a first decomposition until a host read has found it finite.
+        self.unverified: torch.Tensor | None = None
 
     @classmethod
     def layouts(cls, adapter, **options) -> tuple[Layout, Layout]:
@@ -191,12 +194,15 @@ class KroneckerBlock(CurvatureBlock):
                 jobs += [Job("inverse", p, damp) for p in parts]
         return jobs
 
-    def set_decomposition(self, results: list, method: str, damping: float, split: str,
-                          relative: bool = False) -> bool:
-        """Store the results of :meth:`decomposition_jobs` (in order); ``False`` (and the
-        previous decomposition kept) if one is missing."""
+    def set_decomposition(self, results: list, method: str, damping: float,
+                          split: str | None, relative: bool = False) -> torch.Tensor | None:
+        """Store the results of :meth:`decomposition_jobs` (in order) and return their health (a
+        0-d tensor, finite iff every new tensor is; ``None`` if a result is missing, nothing
+        stored). Without a host read: where the new decomposition is not finite the previous
+        one is kept element for element, and before any verified decomposition the
+        preconditioned gradient falls back to the gradient (:attr:`unverified`)."""
         if any(r is None for r in results):
-            return False
+            return None
         it = iter(results)
         out: dict[str, list[torch.Tensor]] = {}
         scale = {"A": 1.0 / self.A_count, "G": 1.0}
@@ -212,19 +218,30 @@ class KroneckerBlock(CurvatureBlock):
                 out[f"eigvecs_{side}"] = list(vecs)
             if split is not None:
                 out["pi"] = [self._pi()]
-            self.decomposition = out
-            return True
-        damp_a, damp_g = self._dampings(damping, split, relative)
-        for side, parts, layout, damp in (("A", self.A, self.a_layout, damp_a),
-                                          ("G", self.G, self.g_layout, damp_g)):
-            if layout.kind == "diagonal":
-                out[f"inv_{side}"] = [1.0 / (parts[0] * scale[side] + damp[:, None])]
-            elif side == "A":
-                out["inv_A"] = [next(it) * self.A_count for _ in parts]
-            else:
-                out["inv_G"] = [next(it) for _ in parts]
+        else:
+            damp_a, damp_g = self._dampings(damping, split, relative)
+            for side, parts, layout, damp in (("A", self.A, self.a_layout, damp_a),
+                                              ("G", self.G, self.g_layout, damp_g)):
+                if layout.kind == "diagonal":
+                    out[f"inv_{side}"] = [1.0 / (parts[0] * scale[side] + damp[:, None])]
+                elif side == "A":
+                    out["inv_A"] = [next(it) * self.A_count for _ in parts]
+                else:
+                    out["inv_G"] = [next(it) for _ in parts]
+        # Eigenvalue sums and the traces of inverses: non-finite with any non-finite entry.
+        health = sum(t.sum() if key.startswith(("eigvals", "pi")) else
+                     torch.diagonal(t, dim1=-2, dim2=-1).sum()
+                     for key, parts in out.items() if not key.startswith("eigvecs")
+                     for t in parts)
+        old = self.decomposition
+        if old is not None and {k: [t.shape for t in v] for k, v in old.items()} == {
+                k: [t.shape for t in v] for k, v in out.items()}:
+            out = {k: [keep_finite(n, o, health) for n, o in zip(v, old[k])]
+                   for k, v in out.items()}
+        else:
+            self.unverified = health
         self.decomposition = out
-        return True
+        return health
 
     def precondition(self, mat: torch.Tensor, method: str, damping: float,
                      split: str | None, relative: bool = False) -> torch.Tensor:
@@ -232,6 +249,12 @@ class KroneckerBlock(CurvatureBlock):
         ``relative``: ``damping`` is relative to the curvature scale, see the module
         docstring). With eigendecompositions any ``damping`` applies without recomputing
         them; precomputed inverses keep the damping of their decomposition."""
+        out = self._precondition(mat, method, damping, split, relative)
+        if self.unverified is not None:  # no decomposition known to be finite yet
+            out = torch.where(self.unverified.isfinite(), out, mat.to(out.dtype))
+        return out
+
+    def _precondition(self, mat, method, damping, split, relative):
         dec = self.decomposition
         ref = (dec["eigvals_A"] if method == "eigen" else dec["inv_A"])[0]
         m = mat.to(ref.dtype)
@@ -377,7 +400,7 @@ class KroneckerBlock(CurvatureBlock):
 
 
 class BlockDiagonalBlock(KroneckerBlock):
-    """Block-diagonal factors (Yu & Tatebe (BD-KFAC)): the diagonal blocks of a partition of
+    """Block-diagonal factors (Yu & Tatebe): the diagonal blocks of a partition of
     the layer's input features (channels for a convolution; the bias coordinate in the last
     block) and output features into ``num_blocks`` near-equal parts, or parts of
     ``block_size``."""

@@ -90,7 +90,3 @@ def right(mat: torch.Tensor, parts: list[torch.Tensor] | None, layout: Layout,
 def concat_values(vals: list[torch.Tensor]) -> torch.Tensor:
     """Per-part eigenvalue vectors ``(groups, w)`` joined into ``(groups, n)``."""
     return vals[0] if len(vals) == 1 else torch.cat(vals, dim=-1)
-
-
-def zeros_like_layout(layout: Layout, groups: int, n: int, **kw) -> list[torch.Tensor]:
-    return as_parts(layout.zeros(groups, n, **kw), layout)

@@ -130,7 +130,7 @@ class LayerAdapter:
     groups: int = 1
     channel_dim = -1  # where an output (gradient) holds the features
     # Coordinates of the A side per partitioned input feature (k_h * k_w for a convolution:
-    # block-diagonal factors partition channels, Yu & Tatebe (BD-KFAC), Sec. 4.2).
+    # block-diagonal factors partition channels, Yu & Tatebe, Sec. 4.2).
     input_unit = 1
 
     def __init__(self, name: str, module: nn.Module):

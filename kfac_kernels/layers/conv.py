@@ -4,8 +4,9 @@ The patches are channel-major, then kernel positions (the order of ``weight.resh
 -1)``), one factor pair per group; padding is applied exactly as the module applies it
 (``"same"``, ``"valid"``, every ``padding_mode``). The statistics come from the conv ops
 (:func:`kfac_kernels.ops.patch_covariance` for dense factors and channel-aligned blocks,
-:func:`~kfac_kernels.ops.patch_covariance_diagonal`, :func:`~kfac_kernels.ops.patch_covariance_blocks`
-and :func:`~kfac_kernels.ops.patch_mean` for the others), which pick the kernel.
+:func:`~kfac_kernels.ops.patch_covariance_diagonal`,
+:func:`~kfac_kernels.ops.patch_covariance_blocks` and :func:`~kfac_kernels.ops.patch_mean` for the
+others), which pick the kernel.
 """
 from __future__ import annotations
 
@@ -90,4 +91,3 @@ class ConvAdapter(LayerAdapter):
 
     def example_inputs(self, x, dtype):
         return self.input_rows(self._batched(x).to(dtype), "reduce")[0]
-

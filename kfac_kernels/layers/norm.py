@@ -1,5 +1,5 @@
 r"""``nn.LayerNorm`` / ``nn.BatchNorm1d`` / ``nn.BatchNorm2d`` with affine parameters
-(Yu & Tatebe (BD-KFAC), Sec. 4.3).
+(Yu & Tatebe, Sec. 4.3).
 
 The affine parameters ``[gamma_c, beta_c]`` of channel ``c`` act like a linear layer on the input
 ``[a_hat_c, 1]`` (``a_hat`` the normalised activation), shared by every channel, so ``A`` is the

@@ -12,8 +12,9 @@ flattened channel-major then kernel rows then kernel columns, the order of
     \text{reduce:}\quad A = \frac{1}{N} \sum_n \bar a_n \bar a_n^\top,\;
     \bar a_n = \frac{1}{R} \sum_r a_{n,r}
 
-(seed 001, Eq. 7 and 10). ``groups > 1`` gives one factor per group, stacked. ``num_blocks``
-gives only the diagonal blocks of a channel partition (BD-KFAC, seed 000 Sec. 4.2).
+(Eschenhagen et al. (2023), Eq. 7 and 10). ``groups > 1`` gives one factor per group, stacked.
+``num_blocks`` gives only the diagonal blocks of a channel partition (BD-KFAC, Yu & Tatebe, Sec.
+4.2).
 
 The ``eager`` backend is the definition (``F.unfold`` then a matmul). The ``cpu``, ``cuda`` and
 ``triton`` kernels never build the unfolded tensor: expand forms tiles of ``A`` from input tiles
@@ -328,6 +329,15 @@ def pre_pad(x: torch.Tensor, geom: ConvGeometry, padding_mode: str) -> tuple[tor
     if padding_mode == "zeros" or not any(geom.pad):
         return x, geom
     top, bottom, left, right = geom.pad
+    for pads, size in (((top, bottom), x.shape[2] if x.dim() == 4 else 1), ((left, right),
+                                                                            x.shape[-1])):
+        limit = size - 1 if padding_mode == "reflect" else size
+        if padding_mode in ("reflect", "circular") and max(pads) > limit:
+            raise ValueError(f"{_OP}: padding {max(pads)} is too large for "
+                             f"padding_mode={padding_mode!r} and an input of spatial size "
+                             f"{tuple(x.shape[2:])}: {padding_mode} padding must be at most "
+                             f"{'the size - 1' if padding_mode == 'reflect' else 'the size'} in "
+                             "each dim")
     pads = (left, right) if x.dim() == 3 else (left, right, top, bottom)
     xp = F.pad(x, pads, mode=padding_mode)
     size = tuple(xp.shape[2:]) if x.dim() == 4 else (1, xp.shape[-1])

@@ -1,5 +1,5 @@
 r"""SINGD / IKFAC factor update of block-diagonal ``K`` and ``C`` for many layers in one call
-(seed 002, Fig. 4, step 1, with Table 1's block-diagonal projection).
+(Lin et al. (2024), Fig. 4, step 1, with Table 1's block-diagonal projection).
 
 The diagonal blocks of every layer's ``K`` are packed into one ``(blocks, b, b)`` tensor ``k``
 (block ``j`` is ``k_dims[j] x k_dims[j]`` in the top-left corner of its ``b x b`` slot; the rest
@@ -22,9 +22,14 @@ from __future__ import annotations
 import torch
 
 from .._backend import native_has_op, resolve_backend
-from ._checks import check_bool, check_finite_floats
+from ._checks import check_bool, check_finite_floats, check_like, within_block_limit
 
 _OP = "singd_block_factor_update"
+# Largest slot (b of k and c) the Triton kernels take, their tiles in registers
+# (kfac_kernels._triton.singd_block_factor_update.MAX_BLOCK: at 64 they spill); the other
+# backends take any size.
+MAX_BLOCK = {"triton": 32}
+_warned: set[str] = set()
 
 
 def _side(x, m, stat, dims, offsets, layer):
@@ -101,11 +106,7 @@ def _check(k, c, m_k, m_c, u, g, k_dims, c_dims, k_layer_offsets, c_layer_offset
     if m_k is not None:
         blocks += [("m_k", m_k, k), ("m_c", m_c, c)]
     for name, t, ref in blocks:
-        if (t.shape != ref.shape or t.dtype != k.dtype or t.device != k.device
-                or not t.is_contiguous()):
-            raise ValueError(f"{_OP}: {name} must be a contiguous {k.dtype} tensor of shape "
-                             f"{tuple(ref.shape)} on {k.device}, got shape {tuple(t.shape)}, "
-                             f"{t.dtype} on {t.device}")
+        check_like(_OP, name, t, tuple(ref.shape), k.dtype, k.device)
     check_finite_floats(_OP, damping=damping, alpha1=alpha1, lr_cov=lr_cov)
     check_bool(_OP, "kfac_like", kfac_like)
 
@@ -125,11 +126,14 @@ def singd_block_factor_update(k: torch.Tensor, c: torch.Tensor, m_k: torch.Tenso
         k_dims, c_dims: the used size of each block (``1 <= dim <= b``).
         k_layer_offsets, c_layer_offsets: ``layers + 1`` increasing block offsets.
         damping, alpha1, lr_cov, kfac_like: ``lambda``, ``alpha1``, ``beta1``, IKFAC.
-        backend: ``"auto"``, ``"eager"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
+        backend: ``"auto"``, ``"eager"``, ``"cpu"``, ``"cuda"`` or ``"triton"``. The triton
+            kernels take blocks of at most ``MAX_BLOCK`` (32); ``"auto"`` computes larger ones
+            with the eager path (and says so once).
     """
     _check(k, c, m_k, m_c, u, g, k_dims, c_dims, k_layer_offsets, c_layer_offsets, damping,
            alpha1, lr_cov, kfac_like)
-    chosen = resolve_backend(backend, k.device, _OP)
+    chosen = within_block_limit(_OP, resolve_backend(backend, k.device, _OP), backend,
+                                max(k.shape[1], c.shape[1]), MAX_BLOCK, _warned)
     args = (k, c, m_k, m_c, u, g, list(k_dims), list(c_dims), list(k_layer_offsets),
             list(c_layer_offsets), float(damping), float(alpha1), float(lr_cov), kfac_like)
     if chosen == "eager":

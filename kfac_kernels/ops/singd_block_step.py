@@ -1,4 +1,5 @@
-r"""Fused SINGD parameter step for block-diagonal Kronecker factors (seed 002, Fig. 4, steps 2-3).
+r"""Fused SINGD parameter step for block-diagonal Kronecker factors (Lin et al. (2024), Fig. 4,
+steps 2-3).
 
 For a layer with weight ``W`` (``rows x cols``, the weight reshaped to ``(d_out, -1)``) and
 optional bias ``b`` (its coordinate is the last column of the parameter matrix ``[W | b]``, so
@@ -25,11 +26,16 @@ from __future__ import annotations
 import torch
 
 from .._backend import native_has_op, resolve_backend
-from ._checks import check_bool, check_finite_floats
+from ._checks import check_bool, check_finite_floats, check_writable, within_block_limit
 from .singd_diagonal_step import accumulation_dtype
 
 _OP = "singd_block_step"
 _PARAM_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+# Largest slot (b of c and k) each kernel backend takes, its tiles on chip: Triton in registers
+# (kfac_kernels._triton.singd_block_step.MAX_BLOCK: at 64 they spill), CUDA in shared memory
+# (kMaxBlock of csrc/cuda/singd_block_step.cu). eager and cpu take any size.
+MAX_BLOCK = {"triton": 32, "cuda": 32}
+_warned: set[str] = set()
 
 
 def _outer_blocks(x, dims):
@@ -122,11 +128,15 @@ def singd_block_step(weight: torch.Tensor, weight_grad: torch.Tensor, bias: torc
             without a bias).
         lr, momentum, weight_decay: ``beta2``, ``alpha2``, ``gamma``.
         first: the buffers have no history yet (``B <- D``).
-        backend: ``"auto"``, ``"eager"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
+        backend: ``"auto"``, ``"eager"``, ``"cpu"``, ``"cuda"`` or ``"triton"``. The triton
+            and cuda kernels take blocks of at most ``MAX_BLOCK`` (32); ``"auto"`` computes
+            larger ones with the eager path (and says so once).
     """
     _check(weight, weight_grad, bias, bias_grad, c, c_dims, k, k_dims, weight_buf, bias_buf, lr,
            momentum, weight_decay, first)
-    chosen = resolve_backend(backend, weight.device, _OP)
+    check_writable(_OP, weight=weight, bias=bias, weight_buf=weight_buf, bias_buf=bias_buf)
+    chosen = within_block_limit(_OP, resolve_backend(backend, weight.device, _OP), backend,
+                                max(c.shape[1], k.shape[1]), MAX_BLOCK, _warned)
     args = [weight, weight_grad, bias, bias_grad, c, list(c_dims), k, list(k_dims), weight_buf,
             bias_buf, float(lr), float(momentum), float(weight_decay), first]
     if chosen == "eager":

@@ -1,5 +1,5 @@
-r"""SINGD / IKFAC factor update of diagonal ``K`` and ``C`` for many layers in one call (seed 002,
-Fig. 4, step 1, with Table 1's diagonal projection).
+r"""SINGD / IKFAC factor update of diagonal ``K`` and ``C`` for many layers in one call (Lin et al.
+(2024), Fig. 4, step 1, with Table 1's diagonal projection).
 
 All layers' diagonals are packed into flat vectors: layer ``l`` owns ``k[k_offsets[l]:
 k_offsets[l+1]]`` (``d_i`` entries) and ``c[c_offsets[l]:c_offsets[l+1]]`` (``d_o``), with the
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .._backend import native_has_op, resolve_backend
-from ._checks import check_bool, check_finite_floats
+from ._checks import check_bool, check_finite_floats, check_like
 
 _OP = "singd_diagonal_factor_update"
 
@@ -70,11 +70,7 @@ def _check(k, c, m_k, m_c, u, g, k_offsets, c_offsets, damping, alpha1, lr_cov, 
     if m_k is not None:
         vectors += [("m_k", m_k, k), ("m_c", m_c, c)]
     for name, t, ref in vectors:
-        if t.dim() != 1 or t.numel() != ref.numel() or t.dtype != k.dtype or (
-                t.device != k.device) or not t.is_contiguous():
-            raise ValueError(f"{_OP}: {name} must be a contiguous {k.dtype} vector of "
-                             f"{ref.numel()} entries on {k.device}, got shape "
-                             f"{tuple(t.shape)}, {t.dtype} on {t.device}")
+        check_like(_OP, name, t, (ref.numel(),), k.dtype, k.device, "vector")
     _offsets("k_offsets", k_offsets, k.numel())
     _offsets("c_offsets", c_offsets, c.numel())
     if len(k_offsets) != len(c_offsets):

@@ -1,4 +1,5 @@
-r"""Fused SINGD parameter step for diagonal Kronecker factors (seed 002, Fig. 4, steps 2-3).
+r"""Fused SINGD parameter step for diagonal Kronecker factors (Lin et al. (2024), Fig. 4, steps
+2-3).
 
 For a parameter matrix ``P`` (``rows x cols``; a weight reshaped to ``(d_out, -1)``, or a bias as
 ``(d_out, 1)``) with gradient ``G``, ``C = diag(c)``, ``K = diag(k)`` and momentum buffer ``B``:
@@ -19,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .._backend import native_has_op, resolve_backend
-from ._checks import check_bool, check_finite_floats
+from ._checks import check_bool, check_finite_floats, check_writable
 
 _OP = "singd_diagonal_step"
 _PARAM_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
@@ -86,6 +87,7 @@ def singd_diagonal_step(param: torch.Tensor, grad: torch.Tensor, c: torch.Tensor
         backend: ``"auto"``, ``"eager"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
     """
     _check(param, grad, c, k, buf, lr, momentum, weight_decay, first)
+    check_writable(_OP, param=param, buf=buf)
     chosen = resolve_backend(backend, param.device, _OP)
     lr, momentum, weight_decay = float(lr), float(momentum), float(weight_decay)
     if chosen == "eager":

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from .._flags import keep_finite
 from ..blocks.base import CurvatureBlock
 from ..layers import DENSE, DIAGONAL, Layout, blocks
 from .structures import BlockDiagonal, Diagonal, StructuredMatrix
@@ -136,26 +137,31 @@ class SingdBlock(CurvatureBlock):
             self.state = self.initial_state()
         return self.state
 
-    def update_factors(self, stats: list[tuple], settings: dict) -> bool:
-        """The readable update of Fig. 4 (IKFAC: Eq. 10) of the SINGD paper, per group."""
+    def update_factors(self, stats: list[tuple], settings: dict) -> torch.Tensor:
+        """The readable update of Fig. 4 (IKFAC: Eq. 10) of the SINGD paper, per group; returns
+        the update's health (see :meth:`store`)."""
         state = self.factors()
+        health = []
         for gi, (u, g) in enumerate(stats):
             old = {key: state[key][gi].to(self.compute) for key in state}
             new = factor_update(old["K"], old["C"], u, g, m_K=old.get("m_K"),
                                 m_C=old.get("m_C"), **settings)
-            if not self.store(gi, new):
-                return False
-        return True
+            health.append(self.store(gi, new))
+        return torch.stack(health).sum()
 
-    def store(self, gi: int, new: dict[str, StructuredMatrix]) -> bool:
-        """Store group ``gi``'s updated factors in their storage dtypes; a non-finite update is
-        not stored and gives ``False``."""
-        if not all(s.all_finite() for s in new.values()):
-            return False
+    def store(self, gi: int, new: dict[str, StructuredMatrix]) -> torch.Tensor:
+        """Store group ``gi``'s updated factors in their storage dtypes where the update is
+        finite (else the previous ones stay: decided on the device, no host read) and return
+        its health, a 0-d tensor finite iff every new factor is."""
+        health = torch.stack([s.max_abs().to(torch.float64) for s in new.values()]).sum()
         dk, dc = self.storage
+        state = self.factors()
         for key, s in new.items():
-            self.factors()[key][gi] = s.to(dk if key.endswith("K") else dc)
-        return True
+            s = s.to(dk if key.endswith("K") else dc)
+            old = state[key][gi]
+            state[key][gi] = type(s)(s.dim, tuple(keep_finite(n, o, health)
+                                                  for n, o in zip(s.data, old.data)), s.k)
+        return health
 
     def precondition(self, mat: torch.Tensor) -> torch.Tensor:
         """``C C^T M K K^T`` per group, in the compute dtype."""

@@ -1,4 +1,4 @@
-r"""SINGD / INGD / IKFAC (seed 002, Fig. 3 and 4) as a ``torch.optim.Optimizer``.
+r"""SINGD / INGD / IKFAC (Lin et al. (2024), Fig. 3 and 4) as a ``torch.optim.Optimizer``.
 
 Per supported layer (``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``; bias folded in as a last input
 coordinate, one factor pair per convolution group) with gradient matrix ``M = [dW | db]``
@@ -44,17 +44,18 @@ Low precision (``preconditioner_dtype=torch.bfloat16``, or bf16 parameters). Saf
 """
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Iterable
 
 import torch
 from torch import nn
 
+from .. import _arguments as args
 from .. import distributed as dist_utils
-from ..capture import Capture, default_factor_dtype
+from ..capture import Capture, default_factor_dtype, grad_scaler_scale, weak_method
 from ..curvature import check_common
 from ..layers import find_adapters, validate_skip_modules
+from .._flags import DeferredChecks
 from .._skips import SkipCounter
 from .block import SingdBlock
 from .fused import FusedSteps
@@ -65,20 +66,6 @@ __all__ = ["SINGD", "factor_update", "precondition"]
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _number(who, name, value, *, low=0.0, high=None, high_open=True, low_open=False):
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    if ok:
-        ok = (value > low) if low_open else (value >= low)
-        if ok and high is not None:
-            ok = value < high if high_open else value <= high
-    if not ok:
-        lo = "(" if low_open else "["
-        hi = "inf)" if high is None else (f"{high:g})" if high_open else f"{high:g}]")
-        raise ValueError(f"{who}: {name} must be a finite float in {lo}{low:g}, {hi}, got "
-                         f"{value!r}")
-    return float(value)
 
 
 def _pair(value):
@@ -101,7 +88,8 @@ class SINGD(FusedSteps, torch.optim.Optimizer):
             :data:`kfac_kernels.singd.STRUCTURES`.
         block_size: ``k`` of the block-diagonal, hierarchical and rank-k lower-triangular
             structures (one int, or a pair for ``K`` and ``C``).
-        kfac_approx: ``"expand"`` or ``"reduce"`` for weight-sharing layers (seed 001).
+        kfac_approx: ``"expand"`` or ``"reduce"`` for weight-sharing layers (Eschenhagen et al.,
+            2023).
         loss_average: ``None`` (summed loss), ``"batch"`` or ``"batch+sequence"``.
         kfac_like: IKFAC (Eq. 10).
         preconditioner_dtype: storage dtype of ``K, C, m_K, m_C`` (one dtype or a pair); default
@@ -119,20 +107,20 @@ class SINGD(FusedSteps, torch.optim.Optimizer):
             while the factors warm up from ``I``, so larger ``lr_cov`` stay stable.
         fused: with diagonal ``K`` and ``C``, update the factors of all layers in one launch of
             :func:`kfac_kernels.ops.singd_diagonal_factor_update` and apply steps 2-3 of Fig. 4
-            (preconditioning, weight decay, momentum, parameter update) to each weight and bias
-            in one pass of :func:`kfac_kernels.ops.singd_diagonal_step`; with block-diagonal
-            ``K`` and ``C``, update the factors of all layers in one call of
-            :func:`kfac_kernels.ops.singd_block_factor_update` and apply steps 2-3 to each
-            layer's weight and bias together in one pass of
-            :func:`kfac_kernels.ops.singd_block_step`; other structures (and, for the parameter step, convolutions with
-            groups, non-contiguous weights, or factors kept wider than fp32 for fp32
-            parameters) use the readable path. Same result up to round-off.
+            (preconditioning, weight decay, momentum, parameter update) to each weight and bias in
+            one pass of :func:`kfac_kernels.ops.singd_diagonal_step`; with block-diagonal ``K`` and
+            ``C``, update the factors of all layers in one call of
+            :func:`kfac_kernels.ops.singd_block_factor_update` and apply steps 2-3 to each layer's
+            weight and bias together in one pass of :func:`kfac_kernels.ops.singd_block_step`; other
+            structures (and, for the parameter step, convolutions with groups, non-contiguous
+            weights, or factors kept wider than fp32 for fp32 parameters) use the readable path.
+            Same result up to round-off.
         statistics_from_rows: for diagonal and block-diagonal structures, accumulate only the
             structure's part of ``U`` (``nn.Linear`` inputs; convolution inputs with
             ``kfac_approx="expand"``, without unfolding the layer's patches) and ``G``
-            (``nn.Linear`` and convolution output gradients) from the rows, never forming the
-            dense ``d x d`` matrices (:mod:`kfac_kernels.singd.statistics`). ``False`` captures the dense ``U``
-            and ``G`` and projects them (the readable reference path). Same result up to
+            (``nn.Linear`` and convolution output gradients) from the rows, never forming the dense
+            ``d x d`` matrices (:mod:`kfac_kernels.singd.block`). ``False`` captures the dense
+            ``U`` and ``G`` and projects them (the readable reference path). Same result up to
             round-off.
         grad_accumulation_steps: micro-batches per step whose losses are averaged (each
             ``loss / k`` backpropagated): ``U`` and ``G`` are then those of the whole batch.
@@ -161,20 +149,15 @@ class SINGD(FusedSteps, torch.optim.Optimizer):
                  grad_accumulation_steps: int = 1, distributed: bool | None = None,
                  process_group=None, warm_start: bool = False):
         who = "SINGD"
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"{who}: model must be a torch.nn.Module, got {type(model).__name__}")
-        lr = _number(who, "lr", lr)
-        momentum = _number(who, "momentum", momentum, high=1.0)
-        self.damping = _number(who, "damping", damping)
-        self.alpha1 = _number(who, "alpha1", alpha1, high=1.0)
-        weight_decay = _number(who, "weight_decay", weight_decay)
-        self.lr_cov = _number(who, "lr_cov", lr_cov)
-        if not isinstance(warm_start, bool):
-            raise TypeError(f"{who}: warm_start must be a bool, got {warm_start!r}")
-        self.warm_start = warm_start
-        if isinstance(T, bool) or not isinstance(T, int) or T < 1:
-            raise ValueError(f"{who}: T must be an int >= 1, got {T!r}")
-        self.T = T
+        args.instance(who, "model", model, nn.Module, "a torch.nn.Module", allow_none=False)
+        lr = args.in_range(who, "lr", lr)
+        momentum = args.in_range(who, "momentum", momentum, high=1.0)
+        self.damping = args.in_range(who, "damping", damping)
+        self.alpha1 = args.in_range(who, "alpha1", alpha1, high=1.0)
+        weight_decay = args.in_range(who, "weight_decay", weight_decay)
+        self.lr_cov = args.in_range(who, "lr_cov", lr_cov)
+        self.warm_start = args.flag(who, "warm_start", warm_start)
+        self.T = args.positive_int(who, "T", T)
         names = _pair(structures)
         if len(names) != 2:
             raise ValueError(f"{who}: structures must be a name or a pair of names (K, C), got "
@@ -185,27 +168,17 @@ class SINGD(FusedSteps, torch.optim.Optimizer):
             raise ValueError(f"{who}: block_size must be an int or a pair of ints, got "
                              f"{block_size!r}")
         for k in sizes:
-            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-                raise ValueError(f"{who}: block_size must be an int >= 1, got {k!r}")
+            args.positive_int(who, "block_size", k)
         self.block_sizes = tuple(k if cls.takes_block_size else None
                                  for k, cls in zip(sizes, self.structure_classes))
         check_common(who, kfac_approx, "empirical", loss_average, 1, backend, None)
-        if not isinstance(kfac_like, bool):
-            raise TypeError(f"{who}: kfac_like must be a bool, got {kfac_like!r}")
+        self.kfac_like = args.flag(who, "kfac_like", kfac_like)
         if kfac_like and self.alpha1 != 0.0:
             warnings.warn(f"{who}: kfac_like=True (IKFAC) has no Riemannian momentum; "
                           f"alpha1={self.alpha1} is not used", stacklevel=2)
-        self.kfac_like = kfac_like
-        if not isinstance(fused, bool):
-            raise TypeError(f"{who}: fused must be a bool, got {fused!r}")
-        self.fused = fused
-        if not isinstance(normalize_lr_cov, bool):
-            raise TypeError(f"{who}: normalize_lr_cov must be a bool, got {normalize_lr_cov!r}")
-        self.normalize_lr_cov = normalize_lr_cov
-        if not isinstance(statistics_from_rows, bool):
-            raise TypeError(f"{who}: statistics_from_rows must be a bool, got "
-                            f"{statistics_from_rows!r}")
-        self.statistics_from_rows = statistics_from_rows
+        self.fused = args.flag(who, "fused", fused)
+        self.normalize_lr_cov = args.flag(who, "normalize_lr_cov", normalize_lr_cov)
+        self.statistics_from_rows = args.flag(who, "statistics_from_rows", statistics_from_rows)
         dtypes = _pair(preconditioner_dtype)
         if len(dtypes) != 2:
             raise ValueError(f"{who}: preconditioner_dtype must be None, a dtype or a pair "
@@ -216,10 +189,8 @@ class SINGD(FusedSteps, torch.optim.Optimizer):
                                  f"{STORAGE_DTYPES} or a pair of them, got "
                                  f"{preconditioner_dtype!r}")
         self.preconditioner_dtypes = dtypes
-        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
-            raise TypeError(f"{who}: grad_scaler must be a torch.amp.GradScaler or None, got "
-                            f"{type(grad_scaler).__name__}")
-        self.grad_scaler = grad_scaler
+        self.grad_scaler = args.instance(who, "grad_scaler", grad_scaler, torch.amp.GradScaler,
+                                         "a torch.amp.GradScaler")
         dist_utils.check_arguments(who, grad_accumulation_steps, distributed)
         self.distributed = distributed
         self.process_group = process_group
@@ -243,13 +214,15 @@ class SINGD(FusedSteps, torch.optim.Optimizer):
         self.steps = 0
         self._warned: set[str] = set()
         self.skips = SkipCounter("SINGD")
+        self.checks = DeferredChecks()  # read with the next step's one host read
         self.blocks = {name: self._make_block(name, ad) for name, ad in self.adapters.items()}
         self.capture = Capture(self.adapters, loss_average=loss_average,
-                               loss_scale=self._loss_scale, train_only=True)
+                               loss_scale=weak_method(self._loss_scale), train_only=True)
         for name, block in self.blocks.items():
             self.capture.subscribe(name, block)
         self.capture.accumulation_steps = grad_accumulation_steps
         self.capture.attach()
+        self.capture.claim(self, who)
         self._arm_capture()
 
     def _make_block(self, name: str, adapter) -> SingdBlock:
@@ -272,8 +245,8 @@ class SINGD(FusedSteps, torch.optim.Optimizer):
 
     # --- capture ----------------------------------------------------------------------------
     def _loss_scale(self):
-        s = self.grad_scaler
-        return s.get_scale() if s is not None and s.is_enabled() else None
+        # The scale as a tensor on the device (read on the host it would synchronise).
+        return grad_scaler_scale(self.grad_scaler)
 
     def _arm_capture(self) -> None:
         on = self.steps % self.T == 0
@@ -295,7 +268,15 @@ class SINGD(FusedSteps, torch.optim.Optimizer):
         super().zero_grad(set_to_none=set_to_none)
 
     def remove_hooks(self) -> None:
+        """Detach the curvature hooks (dropping the optimizer does the same; ``with SINGD(...)
+        as opt:`` detaches at the end)."""
         self.capture.detach()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove_hooks()
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -322,7 +303,7 @@ class SINGD(FusedSteps, torch.optim.Optimizer):
     def step(self, closure=None):
         """One SINGD step. Returns the closure's loss (if given). A step whose gradients are
         not finite is skipped without changing any state."""
-        from ..kfac import grads_finite
+        from ..kfac import gradient_health
 
         loss = None
         if closure is not None:
@@ -335,14 +316,28 @@ class SINGD(FusedSteps, torch.optim.Optimizer):
                 mats[name] = mat
         plain = [p for p in self._plain_params if p.grad is not None]
         grads = list(mats.values()) + [p.grad for p in plain]
-        if not grads or not grads_finite(grads):
-            if grads and not (self.grad_scaler is not None and self.grad_scaler.is_enabled()):
+        if not grads:
+            self._discard_pending()
+            return loss
+        factor_step = self.steps % self.T == 0
+        if factor_step and self._is_distributed():
+            # U and G of the loss DDP optimises (see kfac_kernels.distributed); no
+            # decompositions to share: every rank updates K and C from the same statistics.
+            dist_utils.allreduce_pending(self.blocks, self.process_group)
+        stats = {n: self.blocks[n].pending_statistics() for n in mats} if factor_step else {}
+        stats = {n: st for n, st in stats.items() if st is not None}
+        # The step's one host read: the gradients, this step's statistics and the checks of
+        # earlier factor updates, together (kfac_kernels._flags).
+        ok = self.checks.read([gradient_health(grads)]
+                              + [SingdBlock.statistics_finite(st) for st in stats.values()])
+        if not ok[0]:
+            if not (self.grad_scaler is not None and self.grad_scaler.is_enabled()):
                 self.skips.skipped(self.steps + 1)
             self._discard_pending()
             return loss
         group = self.param_groups[0]
-        if self.steps % self.T == 0:
-            self._update_factors(list(mats))
+        if factor_step:
+            self._update_factors(list(mats), stats, dict(zip(stats, ok[1:])))
         self._discard_pending()
         for name, mat in mats.items():
             if self._fusable(name):
@@ -367,20 +362,20 @@ class SINGD(FusedSteps, torch.optim.Optimizer):
                 and (all(c is Diagonal for c in self.structure_classes)
                      or all(c is BlockDiagonal for c in self.structure_classes)))
 
-    def _update_factors(self, names: list[str]) -> None:
-        """Step 1 of Fig. 4 for every layer with statistics; layers whose statistics are not
-        finite are skipped (warned once)."""
-        if self._is_distributed():
-            # U and G of the loss DDP optimises (see kfac_kernels.distributed); no
-            # decompositions to share: every rank updates K and C from the same statistics.
-            dist_utils.allreduce_pending(self.blocks, self.process_group)
-        stats = {n: self.blocks[n].pending_statistics() for n in names}
-        stats = {n: s for n, s in stats.items() if s is not None}
-        if not stats:
+    def _update_factors(self, names: list[str], stats: dict, finite: dict) -> None:
+        """Step 1 of Fig. 4 for every layer with statistics (``finite``: by layer, whether
+        they are; the others are skipped, warned once). A non-finite update is not stored;
+        that is found with the next step's host read and warned then."""
+        if not stats and names:
+            in_eval = not any(a.module.training for a in self.adapters.values())
+            cause = ("the model is in evaluation mode (call model.train(): curvature is "
+                     "captured from modules in training mode only)" if in_eval else
+                     "no forward pass with gradients enabled reached the covered layers")
+            self._warn_once("nothing-captured", (
+                f"SINGD: step {self.steps + 1} should update K and C but no curvature was "
+                f"captured: {cause}; the factors keep their previous values"))
             return
-        finite = torch.stack([SingdBlock.statistics_finite(s) for s in stats.values()]
-                             ).isfinite().tolist()
-        for (name, _), ok in zip(list(stats.items()), finite):
+        for name, ok in finite.items():
             if not ok:
                 del stats[name]
                 self._warn_once(f"nonfinite-curvature:{name}", (
@@ -399,17 +394,16 @@ class SINGD(FusedSteps, torch.optim.Optimizer):
             return
         settings = dict(damping=self.damping, alpha1=self.alpha1, lr_cov=self.lr_cov,
                         kfac_like=self.kfac_like, normalize_lr_cov=self.normalize_lr_cov)
-        for name, s in stats.items():
-            if not self.blocks[name].update_factors(s, settings):
-                self._warn_nonfinite_update(name)
+        for name, st in stats.items():
+            self._check_update(name, self.blocks[name].update_factors(st, settings))
 
-    def _store_factor_update(self, name: str, gi: int, new: dict) -> bool:
-        """Store group ``gi``'s updated ``K``, ``C`` (and momenta) of layer ``name`` in their
-        storage dtypes; a non-finite update is not stored (one warning) and gives ``False``."""
-        if self.blocks[name].store(gi, new):
-            return True
-        self._warn_nonfinite_update(name)
-        return False
+    def _store_factor_update(self, name: str, gi: int, new: dict) -> None:
+        """Store group ``gi``'s updated ``K``, ``C`` (and momenta) of layer ``name`` where
+        finite (see :meth:`SingdBlock.store`)."""
+        self._check_update(name, self.blocks[name].store(gi, new))
+
+    def _check_update(self, name: str, health: torch.Tensor) -> None:
+        self.checks.add(health, self, "_warn_nonfinite_update", name)
 
     def _warn_nonfinite_update(self, name: str) -> None:
         self._warn_once(f"nonfinite-factor:{name}", (
@@ -482,8 +476,11 @@ class SINGD(FusedSteps, torch.optim.Optimizer):
                 layer[key] = []
                 for ref, data in zip(template[key], mats):
                     shapes = [tuple(t.shape) for t in ref.data]
-                    if [tuple(t.shape) for t in data] != shapes:
-                        raise ValueError(f"{who}: {key} of module {name!r} has the wrong shapes")
+                    got = [tuple(t.shape) for t in data]
+                    if got != shapes:
+                        raise ValueError(f"{who}: {key} of module {name!r} has shapes {got}; "
+                                         f"this optimizer's is {shapes} (saved from another "
+                                         "model or with other structures?)")
                     layer[key].append(type(ref)(ref.dim, tuple(t.detach().clone().to(dev)
                                                                for t in data), ref.k))
             factors[name] = layer

@@ -1,4 +1,4 @@
-"""The readable reference of SINGD's update (seed 002, Fig. 4; IKFAC: Eq. 10) through
+"""The readable reference of SINGD's update (Lin et al. (2024), Fig. 4; IKFAC: Eq. 10) through
 structured products: the factor update of one layer and the preconditioned gradient."""
 from __future__ import annotations
 

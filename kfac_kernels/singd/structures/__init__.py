@@ -1,4 +1,4 @@
-r"""Structured Kronecker factors of SINGD (seed 002, Table 1 and Fig. 5).
+r"""Structured Kronecker factors of SINGD (Lin et al. (2024), Table 1 and Fig. 5).
 
 A structure is a subspace of square matrices closed under addition, scaling and matrix
 multiplication, so the factor update ``K <- K (I - beta1 m_K)`` stays in it. Each class stores

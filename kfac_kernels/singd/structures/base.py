@@ -155,17 +155,11 @@ class StructuredMatrix:
         y = self.rmatmul(x)
         return type(self).project(symmetric_matmul(y.mT, y), self.k)
 
-    # --- statistics kept in the structure (kernel 1 of the fused update) ---------------------
+    # --- statistics kept in the structure ------------------------------------------------------
     #: ``True`` where :math:`\hat\Pi(S^T U S)` depends on ``U`` only through
     #: :math:`\hat\Pi(U)` (diagonal, block-diagonal, dense), so only :math:`\hat\Pi(U)` has to
     #: be accumulated from the layer's rows.
     projection_suffices = False
-
-    @classmethod
-    def gram_of_rows_projected(cls, x: Tensor, k: int | None = None) -> "StructuredMatrix":
-        r""":math:`\hat\Pi(x^T x)` for rows ``x`` of shape ``(m, dim)`` (``gram_of_rows`` of the
-        identity): the structure's part of the rows' second moment."""
-        return cls.eye(x.shape[-1], k, dtype=x.dtype, device=x.device).gram_of_rows(x)
 
     def congruence_of_projection(self, p: "StructuredMatrix") -> "StructuredMatrix":
         r""":math:`\hat\Pi(S^T U S)` from :math:`p = \hat\Pi(U)` alone (only where

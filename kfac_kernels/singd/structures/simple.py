@@ -51,10 +51,6 @@ class Dense(StructuredMatrix):
         y = x @ self.data[0]
         return self._like((symmetric_matmul(y.mT, y),))
 
-    @classmethod
-    def gram_of_rows_projected(cls, x, k=None):
-        return cls(x.shape[-1], (symmetric_matmul(x.mT, x),), None)
-
     def congruence_of_projection(self, p):
         self._check_same(p)
         return self.congruence(p.data[0])
@@ -117,10 +113,6 @@ class Diagonal(StructuredMatrix):
 
     def gram_of_rows(self, x):
         return self._like(((x * x).sum(-2) * self.data[0] ** 2,))
-
-    @classmethod
-    def gram_of_rows_projected(cls, x, k=None):
-        return cls(x.shape[-1], ((x * x).sum(-2),), None)
 
     def congruence_of_projection(self, p):
         self._check_same(p)
@@ -208,15 +200,6 @@ class BlockDiagonal(StructuredMatrix):
         y = (x[:, :q * k].reshape(x.shape[0], q, k).transpose(0, 1) @ b)  # (q, m, k)
         yl = x[:, q * k:] @ last
         return self._like((y.mT @ y, yl.mT @ yl))
-
-    @classmethod
-    def gram_of_rows_projected(cls, x, k=None):
-        k = cls._check_k(k)
-        dim = x.shape[-1]
-        q, _ = cls._split(dim, k)
-        y = x[:, :q * k].reshape(x.shape[0], q, k).transpose(0, 1)  # (q, m, k): one block's columns
-        tail = x[:, q * k:]
-        return cls(dim, (y.mT @ y, tail.mT @ tail), k)
 
     def congruence_of_projection(self, p):
         self._check_same(p)

@@ -1,0 +1,58 @@
+"""One host read per step: device-side checks whose results are collected and read together.
+
+On a GPU every read of a tensor's value on the host (``bool(t)``, ``t.item()``, ``t.tolist()``)
+waits for the device. A step has to read one thing -- whether its gradients are finite, to skip
+it (``torch.amp.GradScaler`` reads its found-inf flag for the same reason) -- and everything
+else it checks is kept on the device: a non-finite factor update or decomposition is not stored
+(``torch.where`` keeps the previous value), and its flag is queued here and read with the next
+step's one read, when the warning is given. So warnings about factors arrive one step late;
+what is stored never depends on the late read.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+
+class DeferredChecks:
+    """Flags (0-d tensors, finite = good) with the method to call when one is not finite.
+
+    The methods are named, with their owner held by a weak reference: a queued check must not
+    keep a dropped optimizer (and its hooks on the model) alive."""
+
+    def __init__(self):
+        self._pending: list[tuple] = []
+
+    def add(self, health: torch.Tensor, owner, on_failure: str, *args,
+            on_success: str | None = None) -> None:
+        """Queue ``health``; when read, ``owner.<on_failure>(*args)`` runs if it is not finite,
+        else ``owner.<on_success>(*args)`` (if given)."""
+        self._pending.append((health, weakref.ref(owner), on_failure, on_success, args))
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def read(self, now: list[torch.Tensor] = ()) -> list[bool]:
+        """Read ``now`` (0-d tensors, finite = good) and every queued flag in one host read;
+        run the queued actions and return ``now``'s results."""
+        queued, self._pending = self._pending, []
+        values = list(now) + [entry[0] for entry in queued]
+        if not values:
+            return []
+        device = values[0].device
+        ok = torch.stack([v.to(device, torch.float64).reshape(()) for v in values]
+                         ).isfinite().tolist()
+        for good, (_, owner_ref, on_failure, on_success, args) in zip(ok[len(now):], queued):
+            owner = owner_ref()
+            method = on_failure if not good else on_success
+            if owner is not None and method is not None:
+                getattr(owner, method)(*args)
+        return ok[:len(now)]
+
+
+def keep_finite(new: torch.Tensor, old: torch.Tensor | None, health: torch.Tensor) -> torch.Tensor:
+    """``new`` where ``health`` is finite, else ``old`` (``None``: NaN), without a host read."""
+    if old is None:
+        return new
+    return torch.where(health.isfinite(), new, old)
