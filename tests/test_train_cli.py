@@ -148,6 +148,94 @@ def test_cuda_without_cuda_is_an_error(capsys):
     assert "no CUDA device is available" in capsys.readouterr().err
 
 
+def _help_texts() -> dict[str, str]:
+    """Every option's help text as ``--help`` prints it (defaults expanded)."""
+    from kfac_kernels.apps.train import build_parser
+    parser = build_parser()
+    formatter = parser._get_formatter()
+    return {action.option_strings[-1]: formatter._expand_help(action)
+            for action in parser._actions if action.option_strings and action.help}
+
+
+def test_help_gives_each_default_once():
+    """No option's help says its default twice (its own text and argparse's suffix) or shows
+    ``(default: None)`` for a default that depends on the optimizer or the task."""
+    texts = _help_texts()
+    assert "--lr" in texts and "--damping" in texts
+    for option, text in texts.items():
+        assert text.count("(default") <= 1, (option, text)
+        assert "(default: None)" not in text and "(default: False)" not in text, (option, text)
+    assert "(default per task:" in texts["--target"]
+    assert "largest eigenvalue" in texts["--damping"]
+
+
+def test_help_learning_rates_are_the_ones_every_task_runs():
+    """--lr's help gives one default per optimizer, "the same on every task": it is."""
+    from kfac_kernels.apps.defaults import DEFAULT_LR, OPTIMIZERS
+    from kfac_kernels.apps.workloads import WORKLOADS
+    text = _help_texts()["--lr"]
+    assert "the same on every task" in text
+    for task in WORKLOADS:
+        for optimizer in OPTIMIZERS:
+            assert default_lr(task, optimizer) == DEFAULT_LR[optimizer], (task, optimizer)
+            if DEFAULT_LR[optimizer] is not None:
+                assert f"{DEFAULT_LR[optimizer]:g} for" in text
+
+
+def _error_line(capsys, argv) -> str:
+    """The one line that ``argv`` ends with (exit status 2, no traceback)."""
+    with pytest.raises(SystemExit) as err:
+        main(argv + ["--no-progress"])
+    assert err.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("kfac-train: error: ")
+    assert not any("Traceback" in line for line in lines)
+    return lines[-1]
+
+
+def test_unavailable_backend_is_a_one_line_error(capsys, monkeypatch):
+    if not torch.cuda.is_available():
+        line = _error_line(capsys, ["--optimizer", "kfac", "--backend", "cuda"])
+        assert "--backend cuda is not available on cpu" in line and "eager" in line
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # Triton runs on CPU only interpreted
+    line = _error_line(capsys, ["--optimizer", "singd-diagonal", "--backend", "triton"])
+    assert "--backend triton is not available on cpu" in line
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--optimizer", "adamw", "--backend", "eager"],
+     "--backend only applies to the K-FAC and SINGD optimizers"),
+    (["--optimizer", "kfac", "--lr-cov", "0.1"], "--lr-cov only applies to the SINGD family"),
+    (["--optimizer", "singd-diagonal", "--block-size", "8"],
+     "--block-size only applies to --optimizer singd-block-diagonal"),
+    (["--optimizer", "ingd", "--singd-fused"],
+     "--singd-fused only applies to --optimizer singd-diagonal or singd-block-diagonal"),
+    (["--optimizer", "ikfac", "--alpha1", "0.3"], "--alpha1 only applies to the SINGD family"),
+    (["--optimizer", "kfac-adaptive", "--kl-clip", "0.01"],
+     "--kl-clip only applies to --optimizer kfac or bdkfac"),
+    (["--optimizer", "kfac-adaptive", "--schedule", "cosine"],
+     "--schedule only applies to optimizers with a learning rate"),
+    (["--optimizer", "bdkfac", "--damping-form", "factored"],
+     "--damping-form only applies to --optimizer kfac"),
+    (["--optimizer", "adamw", "--momentum", "0.5"], "--momentum only applies to"),
+    (["--compare", "adamw,sgd", "--damping", "0.1"],
+     "--damping only applies to --optimizer kfac, bdkfac or the adaptive ones, not to any of "
+     "the compared optimizers"),
+])
+def test_option_for_another_optimizer_is_refused(capsys, argv, message):
+    assert message in _error_line(capsys, argv)
+
+
+def test_options_for_the_chosen_optimizer_pass_the_checks():
+    from kfac_kernels.apps.train import _check_args, build_parser
+    parser = build_parser()
+    for argv in (["--optimizer", "bdkfac-adaptive", "--num-blocks", "2"],
+                 ["--optimizer", "singd-diagonal", "--backend", "eager", "--singd-fused"],
+                 ["--optimizer", "ingd", "--kfac-approx", "reduce", "--momentum", "0.5"],
+                 ["--compare", "adamw,singd-diagonal", "--lr-cov", "0.1"]):
+        _check_args(parser, parser.parse_args(argv))
+
+
 def test_batch_size_larger_than_the_training_set():
     with pytest.raises(ValueError, match="exceeds the"):
         main(["--batch-size", "100000", "--steps", "1", "--no-progress"])

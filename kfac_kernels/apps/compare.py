@@ -24,8 +24,7 @@ import subprocess
 import sys
 import tempfile
 
-from .defaults import (ADAPTIVE_OPTIMIZERS, LR_GRID, OPTIMIZERS, SECOND_ORDER, SINGD_OPTIMIZERS,
-                       default_lr)
+from .defaults import ADAPTIVE_OPTIMIZERS, LR_GRID, OPTIMIZERS, OPTION_USERS, default_lr
 
 # Options that are forwarded to every run unless they are at their parser default.
 _FORWARD = ("task", "steps", "batch_size", "lr", "momentum", "weight_decay", "device", "threads",
@@ -34,10 +33,6 @@ _FORWARD = ("task", "steps", "batch_size", "lr", "momentum", "weight_decay", "de
             "fisher", "absolute_damping", "lr_cov", "singd_damping", "alpha1", "singd_T",
             "block_size", "no_warm_start", "target", "eval_every", "log_every", "schedule",
             "warmup", "stop_at_target")
-_SECOND_ORDER_ONLY = {"damping", "kfac_approx", "damping_form", "factor_decay",
-                      "factor_update_steps", "inv_update_steps", "kl_clip", "num_blocks",
-                      "fisher", "absolute_damping"}
-_SINGD_ONLY = {"lr_cov", "singd_damping", "alpha1", "singd_T", "block_size", "no_warm_start"}
 _FLAGS = {"absolute_damping", "no_warm_start", "stop_at_target"}
 
 
@@ -54,9 +49,7 @@ def _run_args(parser: argparse.ArgumentParser, args: argparse.Namespace, optimiz
         value = getattr(args, dest)
         if value == parser.get_default(dest):
             continue
-        if dest in _SECOND_ORDER_ONLY and optimizer not in SECOND_ORDER:
-            continue
-        if dest in _SINGD_ONLY and optimizer not in SINGD_OPTIMIZERS:
+        if dest in OPTION_USERS and optimizer not in OPTION_USERS[dest][0]:
             continue
         if dest == "lr" and (lr is not None or optimizer in ADAPTIVE_OPTIMIZERS):
             continue

@@ -52,3 +52,42 @@ def default_damping(task: str, optimizer: str) -> float:
     if optimizer in ADAPTIVE_OPTIMIZERS:
         return ADAPTIVE_DEFAULTS["damping"]
     return DEFAULT_RELATIVE_DAMPING
+
+
+_WITH_LR = tuple(o for o in OPTIMIZERS if o not in ADAPTIVE_OPTIMIZERS)
+_BLOCK_STRUCTURES = ("singd-block-diagonal", "singd-hierarchical", "singd-rank-k-lower-triangular")
+_K_FAC = "--optimizer kfac, bdkfac or the adaptive ones"
+_SINGD = "the SINGD family (--optimizer singd-<structure>, ingd, ikfac)"
+# The options that only some optimizers use: dest -> (those optimizers, how to name them).
+# kfac-train refuses such an option given for an optimizer that would ignore it (with
+# --compare: for none of the compared optimizers), and --compare forwards it only to those.
+OPTION_USERS: dict[str, tuple[tuple[str, ...], str]] = {
+    "damping": (SECOND_ORDER, _K_FAC),
+    "factor_decay": (SECOND_ORDER, _K_FAC),
+    "factor_update_steps": (SECOND_ORDER, _K_FAC),
+    "inv_update_steps": (SECOND_ORDER, _K_FAC),
+    "fisher": (SECOND_ORDER, _K_FAC),
+    "kl_clip": (("kfac", "bdkfac"),
+                "--optimizer kfac or bdkfac (the adaptive ones choose their step length)"),
+    "absolute_damping": (("kfac", "bdkfac"),
+                         "--optimizer kfac or bdkfac (the adaptive ones adapt a relative "
+                         "damping)"),
+    "damping_form": (("kfac",), "--optimizer kfac (bdkfac uses the factored form, the adaptive "
+                                "ones the exact one)"),
+    "num_blocks": (("bdkfac", "bdkfac-adaptive"), "--optimizer bdkfac or bdkfac-adaptive"),
+    "kfac_approx": (SECOND_ORDER + SINGD_OPTIMIZERS, "the K-FAC and SINGD optimizers"),
+    "backend": (SECOND_ORDER + SINGD_OPTIMIZERS,
+                "the K-FAC and SINGD optimizers (the kernels of their curvature)"),
+    "momentum": (("sgd", "kfac") + SINGD_OPTIMIZERS, "--optimizer sgd, kfac and " + _SINGD),
+    "schedule": (_WITH_LR, "optimizers with a learning rate (not the adaptive ones)"),
+    "warmup": (_WITH_LR, "optimizers with a learning rate (not the adaptive ones)"),
+    "lr_cov": (SINGD_OPTIMIZERS, _SINGD),
+    "singd_damping": (SINGD_OPTIMIZERS, _SINGD),
+    "singd_T": (SINGD_OPTIMIZERS, _SINGD),
+    "normalize_lr_cov": (SINGD_OPTIMIZERS, _SINGD),
+    "no_warm_start": (SINGD_OPTIMIZERS, _SINGD),
+    "alpha1": (tuple(o for o in SINGD_OPTIMIZERS if o != "ikfac"), _SINGD + " except ikfac"),
+    "block_size": (_BLOCK_STRUCTURES, "--optimizer " + ", ".join(_BLOCK_STRUCTURES)),
+    "singd_fused": (("singd-diagonal", "singd-block-diagonal"),
+                    "--optimizer singd-diagonal or singd-block-diagonal"),
+}

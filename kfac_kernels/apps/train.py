@@ -26,6 +26,7 @@ history of the training loss, to ``PATH``.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -36,10 +37,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .defaults import (ADAPTIVE_OPTIMIZERS, ADAPTIVE_DEFAULTS, DEFAULT_LR, DEFAULT_MOMENTUM,
-                       KFAC_KL_CLIP,
-                       DEFAULT_RELATIVE_DAMPING, DEFAULT_WEIGHT_DECAY, OPTIMIZERS, SECOND_ORDER,
-                       SINGD_DEFAULTS, SINGD_OPTIMIZERS, default_damping, default_lr)
+from .defaults import (ADAPTIVE_DEFAULTS, ADAPTIVE_OPTIMIZERS, DEFAULT_LR, DEFAULT_MOMENTUM,
+                       DEFAULT_RELATIVE_DAMPING, DEFAULT_WEIGHT_DECAY, KFAC_KL_CLIP, OPTIMIZERS,
+                       OPTION_USERS, SECOND_ORDER, SINGD_DEFAULTS, SINGD_OPTIMIZERS,
+                       default_damping, default_lr)
 from .models import num_parameters
 from .workloads import WORKLOADS
 
@@ -105,13 +106,43 @@ def _momentum(text: str) -> float:
     return value
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` only where the help text does not give the default itself
+    (per optimizer, per task) and there is a value to show."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
+def _per_optimizer(values: dict) -> str:
+    """``{optimizer: value}`` as ``value for a, b; ...`` (the SINGD family named once)."""
+    groups: dict = {}
+    for name, value in values.items():
+        if value is not None:
+            groups.setdefault(value, []).append(name)
+    parts = []
+    for value, names in groups.items():
+        if set(SINGD_OPTIMIZERS) <= set(names):
+            names = [n for n in names if n not in SINGD_OPTIMIZERS] + ["the SINGD family"]
+        parts.append(f"{value:g} for {', '.join(names)}")
+    return "; ".join(parts)
+
+
+def _library_default(name: str):
+    from kfac_kernels import KFAC
+    return inspect.signature(KFAC).parameters[name].default
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kfac-train",
         description="Train a small workload (no download) with SGD, AdamW, K-FAC, BD-KFAC or the "
                     "SINGD family and report train/test loss, accuracy, wall time and steps to a "
                     "target; or compare several optimizers (--compare).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     parser.add_argument("--task", choices=tuple(WORKLOADS), default="digits",
                         help="workload: " + "; ".join(f"{k}: {w.description}"
                                                       for k, w in WORKLOADS.items()))
@@ -126,9 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=_positive_int, default=300, help="optimizer steps")
     parser.add_argument("--batch-size", type=_positive_int, default=64, help="mini-batch size")
     parser.add_argument("--lr", type=_positive_float, default=None,
-                        help="learning rate (default: " + ", ".join(
-                            f"{k} {v:g}" for k, v in DEFAULT_LR.items() if v is not None) +
-                             "; the adaptive optimizers have none)")
+                        help="learning rate (default, the same on every task: " +
+                             _per_optimizer(DEFAULT_LR) + "; the adaptive optimizers have none)")
     parser.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
                         help="learning-rate schedule after the warmup: constant, or a cosine "
                              "decay to 0 at the last step (not used by the adaptive "
@@ -138,8 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--momentum", type=_momentum, default=DEFAULT_MOMENTUM,
                         help="momentum of SGD (sgd and kfac)")
     parser.add_argument("--weight-decay", type=_non_negative_float, default=None,
-                        help="weight decay (default: " + ", ".join(
-                            f"{k} {v:g}" for k, v in DEFAULT_WEIGHT_DECAY.items()) + ")")
+                        help="weight decay (default: " + _per_optimizer(DEFAULT_WEIGHT_DECAY)
+                             + ")")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the initial weights and of the mini-batch order")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
@@ -154,9 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     kfac = parser.add_argument_group("K-FAC (--optimizer kfac, bdkfac)")
     kfac.add_argument("--damping", type=_positive_float, default=None,
                       help=f"damping of K-FAC / BD-KFAC relative to each layer's curvature "
-                           f"scale (the mean eigenvalue of its Kronecker block; default "
+                           f"scale (the largest eigenvalue of its Kronecker block; default: "
                            f"{DEFAULT_RELATIVE_DAMPING:g}); the initial damping of the adaptive "
-                           f"optimizers (default {ADAPTIVE_DEFAULTS['damping']:g})")
+                           f"optimizers (default: {ADAPTIVE_DEFAULTS['damping']:g})")
     kfac.add_argument("--absolute-damping", action="store_true",
                       help="--damping is an absolute Tikhonov damping instead")
     kfac.add_argument("--kfac-approx", choices=("expand", "reduce"), default="expand",
@@ -166,21 +196,22 @@ def build_parser() -> argparse.ArgumentParser:
     kfac.add_argument("--factor-decay", type=_non_negative_float, default=0.95,
                       help="decay of the factors' moving average, in [0, 1)")
     kfac.add_argument("--factor-update-steps", type=_positive_int, default=None,
-                      help="update the Kronecker factors every this many steps (default: the "
-                           "library's)")
+                      help="update the Kronecker factors every this many steps (default: "
+                           f"{_library_default('factor_update_steps')}, the library's)")
     kfac.add_argument("--inv-update-steps", type=_positive_int, default=None,
                       help="recompute the eigendecompositions every this many steps (default: "
-                           "the library's)")
+                           f"{_library_default('inv_update_steps')}, the library's)")
     kfac.add_argument("--fisher", choices=("empirical", "mc", "type-2"), default=None,
                       help="curvature of the factors (default: empirical for kfac/bdkfac, mc "
                            "for the adaptive optimizers)")
     kfac.add_argument("--kl-clip", type=_positive_float, default=None,
-                      help=f"KL-clipping constant (default {KFAC_KL_CLIP:g} for kfac, off for "
+                      help=f"KL-clipping constant (default: {KFAC_KL_CLIP:g} for kfac, off for "
                            "bdkfac)")
     kfac.add_argument("--num-blocks", type=_positive_int, default=4,
                       help="diagonal blocks per Kronecker factor (--optimizer bdkfac)")
     kfac.add_argument("--backend", choices=("auto", "eager", "triton", "cuda", "cpu"),
-                      default="auto", help="kernel backend of K-FAC's factor updates")
+                      default="auto", help="kernel backend of the curvature (K-FAC's and "
+                                           "SINGD's factor updates)")
     singd = parser.add_argument_group("SINGD (--optimizer singd-<structure>, ingd, ikfac)")
     singd.add_argument("--lr-cov", type=_non_negative_float, default=SINGD_DEFAULTS["lr_cov"],
                        help="beta1: learning rate of the Kronecker factors K and C")
@@ -226,24 +257,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _flag_of(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """User errors end in ``parser.error`` (one line, exit status 2), before anything runs."""
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available to this torch "
                      f"({torch.__version__}); use --device cpu")
     if args.factor_decay >= 1:
         parser.error(f"--factor-decay must be in [0, 1), got {args.factor_decay}")
-    if args.optimizer not in SECOND_ORDER:
-        kfac_only = [flag for flag, value, default in (
-            ("--damping", args.damping, None),
-            ("--kl-clip", args.kl_clip, None)) if value != default]
-        if kfac_only:
-            parser.error(f"{', '.join(kfac_only)} only applies to --optimizer kfac, bdkfac or "
-                         "the adaptive ones")
+    compared = None if args.compare is None else [
+        o.strip() for o in args.compare.split(",") if o.strip() in OPTIMIZERS]
+    optimizers = compared if compared else [args.optimizer]
+    for dest, (users, described) in OPTION_USERS.items():
+        if getattr(args, dest) == parser.get_default(dest):
+            continue
+        if not any(o in users for o in optimizers):
+            used_by = (f"--optimizer {args.optimizer}" if compared is None
+                       else "any of the compared optimizers")
+            parser.error(f"{_flag_of(dest)} only applies to {described}, not to {used_by}")
     if args.optimizer in ADAPTIVE_OPTIMIZERS and args.lr is not None:
         parser.error(f"--lr does not apply to --optimizer {args.optimizer}: its step length is "
                      "chosen from the quadratic model on every step")
-    if args.optimizer != "bdkfac" and args.num_blocks != 4:
-        parser.error("--num-blocks only applies to --optimizer bdkfac")
+    if args.backend != "auto":
+        from kfac_kernels import available_backends
+        available = available_backends(args.device)
+        if args.backend not in available:
+            parser.error(f"--backend {args.backend} is not available on {args.device} on this "
+                         f"machine (available: {', '.join(['auto'] + available)})")
     if args.json is not None:
         folder = os.path.dirname(os.path.abspath(args.json))
         if not os.path.isdir(folder):
