@@ -230,7 +230,8 @@ def evidence_grid() -> list[str]:
         rows = {r["optimizer"]: r for r in d["summary"]}
         ref = rows.get("adamw")
         first = next(iter(d["runs"].values()))[0]
-        out += [f"**`{task}`: {d['command']}** ({first['steps']} steps at most, seeds "
+        command = " and ".join(d.get("commands", [d["command"]]))
+        out += [f"**`{task}`: {command}** ({first['steps']} steps at most, seeds "
                 f"{ref['seeds'] if ref else '?'}, target {first['target']['metric']}="
                 f"{first['target']['value']:g}; {d.get('device_name', first['device'])}, "
                 f"{d.get('date', '')[:10]}, one thread, CPU time of the process, shared "
