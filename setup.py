@@ -232,6 +232,8 @@ setup(
         "test": ["pytest", "hypothesis", "pytest-benchmark"],
         # The command-line tools kfac-train / kfac-bench and their tasks (kfac_kernels.apps).
         "apps": ["scikit-learn", "tqdm", "matplotlib"],
+        # The SOAP baseline of kfac-train (--optimizer soap); it leaves torch as installed.
+        "soap": ["pytorch-optimizer"],
     },
     entry_points={"console_scripts": ["kfac-train = kfac_kernels.apps.train:main",
                                       "kfac-bench = kfac_kernels.apps.bench:main"]},

@@ -195,6 +195,103 @@ def evidence(key: str) -> list[str]:
     return out + [""]
 
 
+KFAC_FAMILY = ("kfac", "bdkfac", "kfac-adaptive", "bdkfac-adaptive")
+EVIDENCE_TASKS = ("digits", "digits-bn", "digits-autoencoder", "digits-vit", "deep-linear",
+                  "graphs", "char-lm")
+
+
+def _ratio(value, ref):
+    return None if value is None or not ref else value / ref
+
+
+def _fmt(value, spec=".2f", unit=""):
+    return "-" if value is None else f"{value:{spec}}{unit}"
+
+
+def _lr(r) -> str:
+    return "adaptive" if r["lr"] is None else f"{r['lr']:.3g}"
+
+
+def evidence_grid() -> list[str]:
+    """The tuned comparisons (``kfac-train --compare ... --lr-grid``): per task the best
+    learning rate of each optimizer, steps and CPU time to the target against AdamW's, and a
+    summary of the acceptance criteria across tasks."""
+    found = [(t, _load(f"evidence_{t}.json")) for t in EVIDENCE_TASKS]
+    found = [(t, d) for t, d in found if d is not None and d.get("lr_grid")]
+    if not found:
+        return []
+    out = []
+    summary = ["**Summary over the tasks** (medians of the seeds; each optimizer with the best "
+               "of its three learning rates, the adaptive ones with none; ratios to AdamW's)",
+               "", "| task | AdamW steps / CPU s | best K-FAC family (steps, CPU) | Muon "
+               "(steps, CPU) | adaptive K-FAC steps | SINGD steps vs SGD steps |",
+               "| --- | ---: | --- | --- | ---: | --- |"]
+    for task, d in found:
+        rows = {r["optimizer"]: r for r in d["summary"]}
+        ref = rows.get("adamw")
+        first = next(iter(d["runs"].values()))[0]
+        command = " and ".join(d.get("commands", [d["command"]]))
+        out += [f"**`{task}`: {command}** ({first['steps']} steps at most, seeds "
+                f"{ref['seeds'] if ref else '?'}, target {first['target']['metric']}="
+                f"{first['target']['value']:g}; {d.get('device_name', first['device'])}, "
+                f"{d.get('date', '')[:10]}, one thread, CPU time of the process, shared "
+                f"machine; `bench/results/evidence_{task}.json`)", "",
+                "| optimizer | lr | reached | steps to target | steps vs AdamW | CPU time to "
+                "target | CPU time vs AdamW | CPU ms / step |",
+                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in d["summary"]:
+            steps, cpu = r["median_steps_to_target"], r["median_cpu_to_target_s"]
+            out.append(
+                f"| {r['optimizer']} | {_lr(r)} | "
+                f"{r['reached']}/{len(r['seeds'])} | {_fmt(steps, 'g')} | "
+                f"{_fmt(_ratio(steps, ref and ref['median_steps_to_target']))} | "
+                f"{_fmt(cpu, '.2f', ' s')} | "
+                f"{_fmt(_ratio(cpu, ref and ref['median_cpu_to_target_s']))} | "
+                f"{_fmt(1e3 * r['median_cpu_s_per_step'], '.1f')} |")
+        out.append("")
+        if ref is None:
+            continue
+        fam = [r for o, r in rows.items() if o in KFAC_FAMILY
+               and r["median_steps_to_target"] is not None]
+        best = min(fam, key=lambda r: (r["median_cpu_to_target_s"], r["median_steps_to_target"]),
+                   default=None)
+        rs = lambda r: _ratio(r["median_steps_to_target"], ref["median_steps_to_target"])  # noqa
+        rc = lambda r: _ratio(r["median_cpu_to_target_s"], ref["median_cpu_to_target_s"])  # noqa
+        muon = rows.get("muon")
+        ada = rows.get("kfac-adaptive")
+        singd = min((r for o, r in rows.items() if o.startswith("singd")
+                     or o in ("ingd", "ikfac")),
+                    key=lambda r: r["median_steps_to_target"] or float("inf"), default=None)
+        sgd = rows.get("sgd")
+        summary.append(
+            f"| {task} | {_fmt(ref['median_steps_to_target'], 'g')} / "
+            f"{_fmt(ref['median_cpu_to_target_s'])} | "
+            + (f"{best['optimizer']}: {_fmt(rs(best))}, {_fmt(rc(best))}" if best else "none")
+            + " | " + (f"{_fmt(rs(muon))}, {_fmt(rc(muon))}" if muon else "-")
+            + " | " + (_fmt(rs(ada)) if ada else "-") + " | "
+            + (f"{singd['optimizer']} {_fmt(singd['median_steps_to_target'], 'g')} vs "
+               f"{_fmt(sgd['median_steps_to_target'], 'g')}" if singd and sgd else "-") + " |")
+    return summary + [""] + out
+
+
+def amortisation() -> list[str]:
+    d = _load("amortisation_cpu.json")
+    if d is None:
+        return []
+    tasks = list(dict.fromkeys(r["task"] for r in d["results"]))
+    configs = list(dict.fromkeys(r["config"] for r in d["results"]))
+    cell = {(r["task"], r["config"]): r["vs_adamw"] for r in d["results"]}
+    out = [f"**Step time against AdamW per factor / inverse period (`F/I`) and SINGD's `T`** "
+           f"(whole training step, CPU time, one thread, median of {d['rounds']} interleaved "
+           f"rounds of {d['steps_per_round']} steps; {_env(d)}, shared machine; "
+           "`bench/results/amortisation_cpu.json`)", "",
+           "| configuration | " + " | ".join(tasks) + " |",
+           "| --- | " + " | ".join("---:" for _ in tasks) + " |"]
+    for c in configs:
+        out.append(f"| {c} | " + " | ".join(_fmt(cell.get((t, c))) for t in tasks) + " |")
+    return out + [""]
+
+
 def two_level() -> list[str]:
     d = _load("two_level_deep_linear.json")
     if d is None:
@@ -230,7 +327,7 @@ def two_level() -> list[str]:
 
 def section() -> str:
     lines = [START, ""]
-    for part in (evidence("digits"), evidence("char-lm"), evidence("digits_bf16"),
+    for part in (evidence_grid(), amortisation(), evidence("digits_bf16"),
                  patch_covariance(), peers(), bdkfac(),
                  block_eigh(), singd(), singd("singd_cpu_bf16.json"), two_level()):
         lines += part

@@ -2,6 +2,7 @@
 from . import ops
 from ._backend import BackendUnavailableError, available_backends
 from ._version import __version__
+from .adaptive import AdaptiveKFAC
 from .curvature import kronecker_factors
 from .graph import graph_rows
 from .kfac import BDKFAC, KFAC
@@ -9,6 +10,6 @@ from .optim import PreconditionedOptimizer
 from .singd import SINGD
 from .twolevel import TwoLevel
 
-__all__ = ["BDKFAC", "BackendUnavailableError", "KFAC", "PreconditionedOptimizer", "SINGD",
+__all__ = ["AdaptiveKFAC", "BDKFAC", "BackendUnavailableError", "KFAC", "PreconditionedOptimizer", "SINGD",
            "TwoLevel", "__version__", "available_backends", "graph_rows", "kronecker_factors",
            "ops"]

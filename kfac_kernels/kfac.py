@@ -42,6 +42,9 @@ from .layers import SUPPORTED_NAMES, find_adapters, validate_skip_modules
 from .losses import check_loss_fn, inverse_coefficient, loss_coefficient
 
 DAMPING_FORMS = ("exact", "factored")
+# The default damping: a fraction of each layer's curvature scale (the largest eigenvalue of its
+# Kronecker block). 0.1 bounds the amplification of any direction to 10x the stiffest one's.
+DEFAULT_RELATIVE_DAMPING = 0.1
 COMPUTE_METHODS = ("eigen", "inverse")
 DAMPING_SPLITS = ("pi", "equal")
 
@@ -62,7 +65,15 @@ class KFAC:
             ``nn.LayerNorm``/``nn.BatchNorm1d/2d``, ``nn.Embedding`` and
             ``nn.MultiheadAttention`` layers with trainable weights are preconditioned (others
             are named once in a warning and left alone).
-        damping: Tikhonov damping ``gamma > 0``.
+        damping: absolute Tikhonov damping ``gamma > 0`` (added to the eigenvalues of
+            ``kron(G, A)``, or split between the factors, see ``damping_form``).
+        relative_damping: damping as a fraction of each layer's curvature scale, the largest
+            eigenvalue ``m = lambda_max(A) lambda_max(G)`` of its Kronecker block: exact
+            damping ``relative_damping * m``, factored damping ``sqrt(relative_damping)`` times
+            each factor's largest eigenvalue (see :mod:`kfac_kernels.blocks.kronecker`). It
+            means the same on every layer and for every loss scale. Pass ``damping`` or
+            ``relative_damping``, not both; with neither, the default is
+            ``relative_damping=0.1`` (:data:`DEFAULT_RELATIVE_DAMPING`).
         factor_decay: EMA decay of the factors, in ``[0, 1)``; the first update takes the batch
             factors as they are.
         factor_update_steps: update the factors every this many steps.
@@ -115,7 +126,8 @@ class KFAC:
     changes nothing: parameters' gradients, factors and step count stay as they were.
     """
 
-    def __init__(self, model: nn.Module, *, damping: float = 1e-3, factor_decay: float = 0.95,
+    def __init__(self, model: nn.Module, *, damping: float | None = None,
+                 relative_damping: float | None = None, factor_decay: float = 0.95,
                  factor_update_steps: int = 1, inv_update_steps: int = 10,
                  structure: str = "dense", num_blocks: int | None = None,
                  block_size: int | None = None, kfac_approx: str = "expand",
@@ -131,7 +143,17 @@ class KFAC:
                  process_group=None, distributed_strategy: str = "comm-opt"):
         who = type(self).__name__
         args.instance(who, "model", model, nn.Module, "a torch.nn.Module", allow_none=False)
-        damping = args.positive_float(who, "damping", damping)
+        if damping is not None and relative_damping is not None:
+            raise ValueError(f"{who}: pass damping (absolute) or relative_damping, not both "
+                             f"(got damping={damping!r}, relative_damping={relative_damping!r})")
+        if damping is not None:
+            damping = args.positive_float(who, "damping", damping)
+        if relative_damping is not None:
+            relative_damping = args.positive_float(who, "relative_damping", relative_damping)
+        self.relative_damping = damping is None
+        if damping is None:
+            damping = (DEFAULT_RELATIVE_DAMPING if relative_damping is None
+                       else relative_damping)
         factor_decay = args.fraction(who, "factor_decay", factor_decay)
         args.positive_int(who, "factor_update_steps", factor_update_steps)
         args.positive_int(who, "inv_update_steps", inv_update_steps)
@@ -341,12 +363,15 @@ class KFAC:
         return True
 
     @torch.no_grad()
-    def precondition_gradients(self, grads: dict[str, torch.Tensor]
+    def precondition_gradients(self, grads: dict[str, torch.Tensor],
+                               health: torch.Tensor | None = None
                                ) -> dict[str, torch.Tensor] | None:
         """One step without KL-clipping and without writing: update the factors and the
         decompositions when due, and return the preconditioned gradient matrices of ``grads``
         (from :meth:`gradient_matrices`); ``None`` (and nothing changed) if the step is
-        skipped: no gradients, or non-finite ones."""
+        skipped: no gradients, or non-finite ones. ``health``: a 0-d tensor read together with
+        the gradients' (in the step's one host read) that must be finite too, e.g. the loss
+        and the gradients of parameters no layer covers (a caller's step skips as a whole)."""
         self.skip_reason = None
         if not grads:
             self.skip_reason = "no gradients"
@@ -363,7 +388,10 @@ class KFAC:
                     if h is not None} if factor_step else {})
         # The step's one host read: the gradients, this step's statistics and the checks queued
         # by earlier steps (e.g. their decompositions), together.
-        ok = self.checks.read([gradient_health(list(grads.values())), *pending.values()])
+        grads_ok = gradient_health(list(grads.values()))
+        if health is not None:
+            grads_ok = grads_ok + health.to(grads_ok.device, grads_ok.dtype)
+        ok = self.checks.read([grads_ok, *pending.values()])
         if not ok[0]:
             self.skip_reason = "non-finite gradients"
             self.discard_pending()
@@ -398,7 +426,8 @@ class KFAC:
         return None if self.damping_form == "exact" else self.damping_split
 
     def _precondition(self, name: str, mat: torch.Tensor) -> torch.Tensor:
-        return self.blocks[name].precondition(mat, self.compute_method, self.damping, self._split)
+        return self.blocks[name].precondition(mat, self.compute_method, self.damping, self._split,
+                                              self.relative_damping)
 
     def _update_factors(self, finite: dict[str, bool]) -> None:
         """Fold the step's statistics into the factors (``finite``: by layer, whether they
@@ -445,12 +474,12 @@ class KFAC:
         host read -- right away with ``check``, else with the next step's one read -- and then
         answered by an fp64 retry, or a warning that keeps the previous one."""
         blocks = [self.blocks[n] for n in names]
-        jobs = [b.decomposition_jobs(self.compute_method, self.damping, self._split)
-                for b in blocks]
+        jobs = [b.decomposition_jobs(self.compute_method, self.damping, self._split,
+                                     self.relative_damping) for b in blocks]
         results = iter(run_jobs([j for js in jobs for j in js], self.eigh_backend))
         for block, js in zip(blocks, jobs):
             health = block.set_decomposition([next(results) for _ in js], self.compute_method,
-                                             self.damping, self._split)
+                                             self.damping, self._split, self.relative_damping)
             if health is None:  # even the fp64 solve raised
                 self._decomposition_failed(block)
                 continue
@@ -464,7 +493,7 @@ class KFAC:
         if block.factors_finite():
             results = retry_in_float64(jobs, self.eigh_backend)
             health = block.set_decomposition(results, self.compute_method, self.damping,
-                                             self._split)
+                                             self._split, self.relative_damping)
             if health is not None and bool(health.isfinite()):
                 block.unverified = None
                 return

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kfac_kernels import BDKFAC, KFAC, SINGD, PreconditionedOptimizer, TwoLevel
+from kfac_kernels import BDKFAC, KFAC, SINGD, AdaptiveKFAC, PreconditionedOptimizer, TwoLevel
 
 
 @dataclass
@@ -27,10 +27,20 @@ class OptimizerInfo:
     grad_scaler: bool = True               # supports a torch.amp.GradScaler
     distributed: bool = False              # in the two-process parity test
     tied: bool = True                      # covers an embedding tied to the output layer
+    closure: bool = False                  # step(closure) runs the forward and backward itself
 
     def preconditioner(self, opt):
         """The curvature object (KFAC, TwoLevel or the SINGD optimizer itself)."""
         return opt.preconditioner if isinstance(opt, PreconditionedOptimizer) else opt
+
+    def train_step(self, opt, model, x, y):
+        """One training step on ``(x, y)``."""
+        if self.closure:
+            opt.step(lambda: (model(x), y))
+            return
+        opt.zero_grad()
+        self.backward(opt, model(x), y)
+        opt.step()
 
     def backward(self, opt, outputs, targets, scaler=None):
         if self.fisher == "empirical":
@@ -53,14 +63,14 @@ def _fresh(kwargs: dict) -> dict:
     return kwargs
 
 
-def _kfac(cls=KFAC, sgd=True, **kwargs):
+def _kfac(cls=KFAC, sgd=True, lr=0.1, **kwargs):
     """An entry's build: ``cls(model, **kwargs)`` (factors and inverses every 1 and 2 steps),
-    under SGD with momentum or, with ``sgd=False``, AdamW."""
+    under SGD with momentum (learning rate ``lr``) or, with ``sgd=False``, AdamW."""
     def build(model, accumulate=1):
         precond = cls(model, factor_update_steps=1, inv_update_steps=2,
                       grad_accumulation_steps=accumulate, **_fresh(kwargs))
         if sgd:
-            return _sgd(model, precond)
+            return _sgd(model, precond, lr)
         return PreconditionedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), precond)
     return build
 
@@ -76,6 +86,14 @@ def _twolevel(cls=KFAC, **kwargs):
 def _singd(**kwargs):
     def build(model, accumulate=1):
         return SINGD(model, grad_accumulation_steps=accumulate, **kwargs)
+    return build
+
+
+def _adaptive(**kwargs):
+    def build(model, accumulate=1):
+        return AdaptiveKFAC(model, nn.CrossEntropyLoss(), factor_update_steps=1,
+                            inv_update_steps=2, damping_adaptation_interval=2,
+                            grad_accumulation_steps=accumulate, **_fresh(kwargs))
     return build
 
 
@@ -135,6 +153,21 @@ OPTIMIZERS: list[OptimizerInfo] = [
     OptimizerInfo("singd-rank-k", _singd(lr=0.05, lr_cov=0.1, T=1, damping=0.01,
                                          structures="rank-k-lower-triangular", block_size=2,
                                          normalize_lr_cov=True)),
+    OptimizerInfo("singd-warm", _singd(lr=0.02, lr_cov=0.05, T=1, damping=0.01,
+                                       structures=("dense", "block-diagonal"), block_size=3,
+                                       warm_start=True)),
+    OptimizerInfo("singd-warm-diagonal-fused", _singd(lr=0.02, lr_cov=0.05, T=2, damping=0.01,
+                                                      structures="diagonal", fused=True,
+                                                      warm_start=True)),
+    OptimizerInfo("kfac-relative", _kfac(relative_damping=1.0, lr=0.01)),
+    OptimizerInfo("bdkfac-relative-inverse", _kfac(BDKFAC, num_blocks=2, relative_damping=1.0,
+                                                   lr=0.01, **PAPER_FORM)),
+    # The adaptive optimizers run the forward pass in their own step (closure).
+    OptimizerInfo("kfac-adaptive", _adaptive(damping=1.0, generator_seed=5), grad_scaler=False,
+                  closure=True),
+    OptimizerInfo("bdkfac-adaptive-type-2", _adaptive(
+        structure="block-diagonal", num_blocks=2, damping=1.0, fisher_type="type-2",
+        weight_decay=1e-3), grad_scaler=False, closure=True),
 ]
 
 BY_NAME = {info.name: info for info in OPTIMIZERS}

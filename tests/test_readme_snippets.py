@@ -87,7 +87,8 @@ def test_snippets_run_and_train(data, digits, single_thread):
             loss = _loss(namespace, held_out)
             assert loss == loss and loss < float("inf"), (data, i, loss)
     ours = [str(w.message) for w in record if str(w.message).startswith(
-        ("KFAC", "BDKFAC", "SINGD", "TwoLevel", "PreconditionedOptimizer", "kronecker"))]
+        ("KFAC", "BDKFAC", "AdaptiveKFAC", "SINGD", "TwoLevel", "PreconditionedOptimizer",
+         "kronecker"))]
     assert not ours, ours
     chance = math.log(CLASSES[data])
     assert loss < 0.7 * chance, (data, loss, chance)

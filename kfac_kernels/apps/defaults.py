@@ -1,53 +1,93 @@
-"""The optimizers ``kfac-train`` offers and their default hyperparameters, overall and per task
-(from the recorded sweeps). Read by :mod:`.train` and :mod:`.compare`."""
+"""The optimizers ``kfac-train`` offers and their default hyperparameters (read by :mod:`.train`,
+:mod:`.compare` and ``bench/sweep_train.py``).
+
+Every optimizer has one learning rate per task-independent default, the centre of the
+three-point grid ``lr x {1/3, 1, 3}`` (:data:`LR_GRID`) that ``kfac-train --compare ... --lr-grid``
+runs for every optimizer alike (the same tuning budget). Damping, factor and inverse periods
+are the library's defaults (:class:`kfac_kernels.KFAC`, :class:`kfac_kernels.AdaptiveKFAC`,
+:class:`kfac_kernels.SINGD`); the adaptive optimizers take no learning rate at all.
+"""
 from __future__ import annotations
+
+from kfac_kernels.adaptive import DEFAULT_INITIAL_DAMPING
+from kfac_kernels.kfac import DEFAULT_RELATIVE_DAMPING
 
 SINGD_OPTIMIZERS = ("ingd", "ikfac", "singd-dense", "singd-diagonal", "singd-block-diagonal",
                     "singd-hierarchical", "singd-lower-triangular",
                     "singd-rank-k-lower-triangular", "singd-upper-triangular-toeplitz")
-OPTIMIZERS = ("sgd", "adamw", "kfac", "bdkfac") + SINGD_OPTIMIZERS
-SECOND_ORDER = ("kfac", "bdkfac")  # take the K-FAC options
+ADAPTIVE_OPTIMIZERS = ("kfac-adaptive", "bdkfac-adaptive")   # no learning rate
+FIRST_ORDER = ("sgd", "adamw", "muon", "soap")
+OPTIMIZERS = FIRST_ORDER + ("kfac", "bdkfac") + ADAPTIVE_OPTIMIZERS + SINGD_OPTIMIZERS
+SECOND_ORDER = ("kfac", "bdkfac") + ADAPTIVE_OPTIMIZERS  # take the K-FAC options
 
-# Defaults per optimizer. K-FAC's lr and damping come from a sweep over lr x damping (with and
-# without KL-clipping) at 300 steps and batch size 64: lr 0.02 with damping 0.3 trained stably for
-# every seed tried (0-9), each reaching >= 0.98 test accuracy; larger steps (lr >= 0.05, or damping
-# <= 0.1 at lr 0.03) let some seeds spike or diverge. BD-KFAC preconditions AdamW (the BD-KFAC
-# paper's setting) and keeps AdamW's weight decay; its lr comes from a sweep recorded in
-# bench/results/bdkfac_digits_sweep.json.
-DEFAULT_LR = {"sgd": 0.05, "adamw": 3e-3, "kfac": 0.02, "bdkfac": 1e-2}
-DEFAULT_WEIGHT_DECAY = {"sgd": 0.0, "adamw": 1e-2, "kfac": 0.0, "bdkfac": 1e-2}
+# The multipliers of an optimizer's default learning rate that a tuned comparison tries.
+LR_GRID = (1 / 3, 1.0, 3.0)
+
+# Learning rates: the centres of the grids (bench/results/evidence_<task>.json record which
+# point won on each task). K-FAC preconditions SGD with momentum, BD-KFAC AdamW (the BD-KFAC
+# paper's setting); SINGD is its own optimizer (lr = beta2 of the SINGD paper).
+DEFAULT_LR = {"sgd": 0.05, "adamw": 3e-3, "muon": 3e-3, "soap": 3e-3, "kfac": 0.1,
+              "bdkfac": 3e-3, "kfac-adaptive": None, "bdkfac-adaptive": None}
+DEFAULT_WEIGHT_DECAY = {"sgd": 0.0, "adamw": 1e-2, "muon": 1e-2, "soap": 1e-2, "kfac": 0.0,
+                        "bdkfac": 1e-2, "kfac-adaptive": 0.0, "bdkfac-adaptive": 0.0}
 DEFAULT_MOMENTUM = 0.9
-DEFAULT_DAMPING = 0.3
-# SINGD family: lr (beta2) and lr_cov (beta1) from a sweep over lr in {0.02, 0.05, 0.1} x lr_cov
-# in {3e-4, 1e-3, 3e-3, 1e-2} (bench/sweep_singd_digits.py, results in
-# bench/results/singd_digits_sweep.json): lr_cov >= 3e-3 diverges for most settings, lr_cov 3e-4
-# reached >= 0.977 test accuracy at every lr for seeds 0 and 1 (0.992-0.994 at lr 0.05). The same
-# sweep for ingd and ikfac (bench/results/singd_digits_sweep_dense.json): lr_cov 3e-4 gave
-# 0.989-0.997 at every lr; ikfac also tolerates lr_cov up to 1e-2 at lr <= 0.05, ingd does not.
-DEFAULT_LR.update({name: 0.05 for name in SINGD_OPTIMIZERS})
+KFAC_KL_CLIP = 1e-3     # the KL-clipping of --optimizer kfac (kfac-pytorch's default)
+# SINGD with warm-started factors (kfac_kernels.SINGD(warm_start=True)): the factors follow the
+# curvature from the first step, so lr_cov can be K-FAC's 1 - factor_decay (0.05); the
+# preconditioner is then K-FAC-sized, which wants K-FAC-like damping (0.1 on each factor) and a
+# learning rate ~10x below SGD's (a sweep on digits: damping 0.01 diverged at lr 0.02, damping
+# 0.1 at lr 0.005 reached the target as fast as SGD).
+DEFAULT_LR.update({name: 0.005 for name in SINGD_OPTIMIZERS})
 DEFAULT_WEIGHT_DECAY.update({name: 0.0 for name in SINGD_OPTIMIZERS})
-SINGD_DEFAULTS = {"lr_cov": 3e-4, "damping": 1e-3, "alpha1": 0.5, "T": 1, "block_size": 16}
-
-# Per-task learning rates and dampings from bench/sweep_train.py: the same budget for every
-# optimizer (300 steps, seeds 0 and 1; lr = its previous default x 1/3, 1, 3; damping 0.1 or 0.3
-# for K-FAC and BD-KFAC), the best median final test metric winning, ties going to fewer steps
-# to the task's target (results: bench/results/sweep_<task>.json). These are the defaults
-# `--compare` runs; entries not listed fall back to DEFAULT_LR / DEFAULT_DAMPING.
-TASK_DEFAULTS: dict[str, dict[str, dict[str, float]]] = {
-    "digits": {"kfac": {"lr": 0.02 / 3, "damping": 0.1}, "bdkfac": {"lr": 0.01 / 3,
-                                                                    "damping": 0.3}},
-    # batch size 32. Winners at the top of their grid got one more lr (x3, the sweep file's
-    # "extension"): AdamW 0.027 (worse than 0.009), K-FAC 0.18 (diverged at damping 0.1, worse
-    # at 0.3), SGD 0.45 (worse), SINGD-diagonal 0.45 (2.8012 vs 2.8044: adopted, though within
-    # the spread of the two seeds).
-    "char-lm": {"sgd": {"lr": 0.15}, "adamw": {"lr": 0.009}, "kfac": {"lr": 0.06, "damping": 0.3},
-                "bdkfac": {"lr": 0.01, "damping": 0.1}, "singd-diagonal": {"lr": 0.45}},
-}
+SINGD_DEFAULTS = {"lr_cov": 0.05, "damping": 0.1, "alpha1": 0.5, "T": 1, "block_size": 16}
+ADAPTIVE_DEFAULTS = {"damping": DEFAULT_INITIAL_DAMPING}
 
 
-def default_lr(task: str, optimizer: str) -> float:
-    return TASK_DEFAULTS.get(task, {}).get(optimizer, {}).get("lr", DEFAULT_LR[optimizer])
+def default_lr(task: str, optimizer: str) -> float | None:
+    return DEFAULT_LR[optimizer]
 
 
 def default_damping(task: str, optimizer: str) -> float:
-    return TASK_DEFAULTS.get(task, {}).get(optimizer, {}).get("damping", DEFAULT_DAMPING)
+    """The relative damping of K-FAC / BD-KFAC, the initial one of the adaptive optimizers."""
+    if optimizer in ADAPTIVE_OPTIMIZERS:
+        return ADAPTIVE_DEFAULTS["damping"]
+    return DEFAULT_RELATIVE_DAMPING
+
+
+_WITH_LR = tuple(o for o in OPTIMIZERS if o not in ADAPTIVE_OPTIMIZERS)
+_BLOCK_STRUCTURES = ("singd-block-diagonal", "singd-hierarchical", "singd-rank-k-lower-triangular")
+_K_FAC = "--optimizer kfac, bdkfac or the adaptive ones"
+_SINGD = "the SINGD family (--optimizer singd-<structure>, ingd, ikfac)"
+# The options that only some optimizers use: dest -> (those optimizers, how to name them).
+# kfac-train refuses such an option given for an optimizer that would ignore it (with
+# --compare: for none of the compared optimizers), and --compare forwards it only to those.
+OPTION_USERS: dict[str, tuple[tuple[str, ...], str]] = {
+    "damping": (SECOND_ORDER, _K_FAC),
+    "factor_decay": (SECOND_ORDER, _K_FAC),
+    "factor_update_steps": (SECOND_ORDER, _K_FAC),
+    "inv_update_steps": (SECOND_ORDER, _K_FAC),
+    "fisher": (SECOND_ORDER, _K_FAC),
+    "kl_clip": (("kfac", "bdkfac"),
+                "--optimizer kfac or bdkfac (the adaptive ones choose their step length)"),
+    "absolute_damping": (("kfac", "bdkfac"),
+                         "--optimizer kfac or bdkfac (the adaptive ones adapt a relative "
+                         "damping)"),
+    "damping_form": (("kfac",), "--optimizer kfac (bdkfac uses the factored form, the adaptive "
+                                "ones the exact one)"),
+    "num_blocks": (("bdkfac", "bdkfac-adaptive"), "--optimizer bdkfac or bdkfac-adaptive"),
+    "kfac_approx": (SECOND_ORDER + SINGD_OPTIMIZERS, "the K-FAC and SINGD optimizers"),
+    "backend": (SECOND_ORDER + SINGD_OPTIMIZERS,
+                "the K-FAC and SINGD optimizers (the kernels of their curvature)"),
+    "momentum": (("sgd", "kfac") + SINGD_OPTIMIZERS, "--optimizer sgd, kfac and " + _SINGD),
+    "schedule": (_WITH_LR, "optimizers with a learning rate (not the adaptive ones)"),
+    "warmup": (_WITH_LR, "optimizers with a learning rate (not the adaptive ones)"),
+    "lr_cov": (SINGD_OPTIMIZERS, _SINGD),
+    "singd_damping": (SINGD_OPTIMIZERS, _SINGD),
+    "singd_T": (SINGD_OPTIMIZERS, _SINGD),
+    "normalize_lr_cov": (SINGD_OPTIMIZERS, _SINGD),
+    "no_warm_start": (SINGD_OPTIMIZERS, _SINGD),
+    "alpha1": (tuple(o for o in SINGD_OPTIMIZERS if o != "ikfac"), _SINGD + " except ikfac"),
+    "block_size": (_BLOCK_STRUCTURES, "--optimizer " + ", ".join(_BLOCK_STRUCTURES)),
+    "singd_fused": (("singd-diagonal", "singd-block-diagonal"),
+                    "--optimizer singd-diagonal or singd-block-diagonal"),
+}

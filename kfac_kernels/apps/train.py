@@ -26,6 +26,7 @@ history of the training loss, to ``PATH``.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -36,9 +37,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .defaults import (DEFAULT_DAMPING, DEFAULT_LR, DEFAULT_MOMENTUM, DEFAULT_WEIGHT_DECAY,
-                       OPTIMIZERS, SECOND_ORDER, SINGD_DEFAULTS, SINGD_OPTIMIZERS, default_damping,
-                       default_lr)
+from .defaults import (ADAPTIVE_DEFAULTS, ADAPTIVE_OPTIMIZERS, DEFAULT_LR, DEFAULT_MOMENTUM,
+                       DEFAULT_RELATIVE_DAMPING, DEFAULT_WEIGHT_DECAY, KFAC_KL_CLIP, OPTIMIZERS,
+                       OPTION_USERS, SECOND_ORDER, SINGD_DEFAULTS, SINGD_OPTIMIZERS,
+                       default_damping, default_lr)
 from .models import num_parameters
 from .workloads import WORKLOADS
 
@@ -104,13 +106,43 @@ def _momentum(text: str) -> float:
     return value
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` only where the help text does not give the default itself
+    (per optimizer, per task) and there is a value to show."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
+def _per_optimizer(values: dict) -> str:
+    """``{optimizer: value}`` as ``value for a, b; ...`` (the SINGD family named once)."""
+    groups: dict = {}
+    for name, value in values.items():
+        if value is not None:
+            groups.setdefault(value, []).append(name)
+    parts = []
+    for value, names in groups.items():
+        if set(SINGD_OPTIMIZERS) <= set(names):
+            names = [n for n in names if n not in SINGD_OPTIMIZERS] + ["the SINGD family"]
+        parts.append(f"{value:g} for {', '.join(names)}")
+    return "; ".join(parts)
+
+
+def _library_default(name: str):
+    from kfac_kernels import KFAC
+    return inspect.signature(KFAC).parameters[name].default
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kfac-train",
         description="Train a small workload (no download) with SGD, AdamW, K-FAC, BD-KFAC or the "
                     "SINGD family and report train/test loss, accuracy, wall time and steps to a "
                     "target; or compare several optimizers (--compare).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     parser.add_argument("--task", choices=tuple(WORKLOADS), default="digits",
                         help="workload: " + "; ".join(f"{k}: {w.description}"
                                                       for k, w in WORKLOADS.items()))
@@ -125,13 +157,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=_positive_int, default=300, help="optimizer steps")
     parser.add_argument("--batch-size", type=_positive_int, default=64, help="mini-batch size")
     parser.add_argument("--lr", type=_positive_float, default=None,
-                        help="learning rate (default: " + ", ".join(
-                            f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
+                        help="learning rate (default, the same on every task: " +
+                             _per_optimizer(DEFAULT_LR) + "; the adaptive optimizers have none)")
+    parser.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
+                        help="learning-rate schedule after the warmup: constant, or a cosine "
+                             "decay to 0 at the last step (not used by the adaptive "
+                             "optimizers, whose step length comes from their quadratic model)")
+    parser.add_argument("--warmup", type=_non_negative_int, default=0,
+                        help="steps of linear learning-rate warmup from lr / (warmup + 1)")
     parser.add_argument("--momentum", type=_momentum, default=DEFAULT_MOMENTUM,
                         help="momentum of SGD (sgd and kfac)")
     parser.add_argument("--weight-decay", type=_non_negative_float, default=None,
-                        help="weight decay (default: " + ", ".join(
-                            f"{k} {v:g}" for k, v in DEFAULT_WEIGHT_DECAY.items()) + ")")
+                        help="weight decay (default: " + _per_optimizer(DEFAULT_WEIGHT_DECAY)
+                             + ")")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the initial weights and of the mini-batch order")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
@@ -145,24 +183,35 @@ def build_parser() -> argparse.ArgumentParser:
                              "in float32)")
     kfac = parser.add_argument_group("K-FAC (--optimizer kfac, bdkfac)")
     kfac.add_argument("--damping", type=_positive_float, default=None,
-                      help=f"Tikhonov damping of K-FAC / BD-KFAC (default: per task from the "
-                           f"sweep, else {DEFAULT_DAMPING:g})")
+                      help=f"damping of K-FAC / BD-KFAC relative to each layer's curvature "
+                           f"scale (the largest eigenvalue of its Kronecker block; default: "
+                           f"{DEFAULT_RELATIVE_DAMPING:g}); the initial damping of the adaptive "
+                           f"optimizers (default: {ADAPTIVE_DEFAULTS['damping']:g})")
+    kfac.add_argument("--absolute-damping", action="store_true",
+                      help="--damping is an absolute Tikhonov damping instead")
     kfac.add_argument("--kfac-approx", choices=("expand", "reduce"), default="expand",
                       help="K-FAC approximation for layers with weight sharing (convolutions)")
     kfac.add_argument("--damping-form", choices=("exact", "factored"), default="exact",
                       help="exact eigen damping or factored Tikhonov damping")
     kfac.add_argument("--factor-decay", type=_non_negative_float, default=0.95,
                       help="decay of the factors' moving average, in [0, 1)")
-    kfac.add_argument("--factor-update-steps", type=_positive_int, default=1,
-                      help="update the Kronecker factors every this many steps")
-    kfac.add_argument("--inv-update-steps", type=_positive_int, default=10,
-                      help="recompute the eigendecompositions every this many steps")
+    kfac.add_argument("--factor-update-steps", type=_positive_int, default=None,
+                      help="update the Kronecker factors every this many steps (default: "
+                           f"{_library_default('factor_update_steps')}, the library's)")
+    kfac.add_argument("--inv-update-steps", type=_positive_int, default=None,
+                      help="recompute the eigendecompositions every this many steps (default: "
+                           f"{_library_default('inv_update_steps')}, the library's)")
+    kfac.add_argument("--fisher", choices=("empirical", "mc", "type-2"), default=None,
+                      help="curvature of the factors (default: empirical for kfac/bdkfac, mc "
+                           "for the adaptive optimizers)")
     kfac.add_argument("--kl-clip", type=_positive_float, default=None,
-                      help="KL-clipping constant (off by default)")
+                      help=f"KL-clipping constant (default: {KFAC_KL_CLIP:g} for kfac, off for "
+                           "bdkfac)")
     kfac.add_argument("--num-blocks", type=_positive_int, default=4,
                       help="diagonal blocks per Kronecker factor (--optimizer bdkfac)")
     kfac.add_argument("--backend", choices=("auto", "eager", "triton", "cuda", "cpu"),
-                      default="auto", help="kernel backend of K-FAC's factor updates")
+                      default="auto", help="kernel backend of the curvature (K-FAC's and "
+                                           "SINGD's factor updates)")
     singd = parser.add_argument_group("SINGD (--optimizer singd-<structure>, ingd, ikfac)")
     singd.add_argument("--lr-cov", type=_non_negative_float, default=SINGD_DEFAULTS["lr_cov"],
                        help="beta1: learning rate of the Kronecker factors K and C")
@@ -178,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="normalised updates of K and C (lr_cov / max(1, max|m|))")
     singd.add_argument("--singd-fused", action="store_true",
                        help="fused kernels for diagonal factors (singd-diagonal)")
+    singd.add_argument("--no-warm-start", action="store_true",
+                       help="start K and C at the identity (the reference implementation) "
+                            "instead of at the damped inverse roots of the first statistics")
     out = parser.add_argument_group("output")
     out.add_argument("--json", metavar="PATH", default=None,
                      help="write the settings, final metrics and history to this JSON file")
@@ -185,31 +237,56 @@ def build_parser() -> argparse.ArgumentParser:
                      help="record the training loss every this many steps (history, progress "
                           "bar)")
     out.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
+    out.add_argument("--stop-at-target", action="store_true",
+                     help="stop at the first evaluation that reaches the target (the final "
+                          "metrics are then those at that step)")
     cmp = parser.add_argument_group("comparison")
     cmp.add_argument("--compare", metavar="A,B,...", default=None,
                      help="compare these optimizers (each with its defaults unless --lr etc. "
                           "are given) on the same seeds and data order")
     cmp.add_argument("--seeds", metavar="S,...", default=None,
                      help="seeds of a comparison (default: --seed)")
+    cmp.add_argument("--lr-grid", action="store_true",
+                     help="run every optimizer with a learning rate at its default times "
+                          "1/3, 1 and 3 and keep, per optimizer, the best (fewest median steps "
+                          "to the target, then least CPU time)")
+    cmp.add_argument("--progress-log", action="store_true",
+                     help="with --compare: print one line per finished run to stderr")
     cmp.add_argument("--plot", metavar="PATH", default=None,
                      help="with --compare: write a PNG of loss/metric against steps and time")
     return parser
 
 
+def _flag_of(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """User errors end in ``parser.error`` (one line, exit status 2), before anything runs."""
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available to this torch "
                      f"({torch.__version__}); use --device cpu")
     if args.factor_decay >= 1:
         parser.error(f"--factor-decay must be in [0, 1), got {args.factor_decay}")
-    if args.optimizer not in SECOND_ORDER:
-        kfac_only = [flag for flag, value, default in (
-            ("--damping", args.damping, None),
-            ("--kl-clip", args.kl_clip, None)) if value != default]
-        if kfac_only:
-            parser.error(f"{', '.join(kfac_only)} only applies to --optimizer kfac or bdkfac")
-    if args.optimizer != "bdkfac" and args.num_blocks != 4:
-        parser.error("--num-blocks only applies to --optimizer bdkfac")
+    compared = None if args.compare is None else [
+        o.strip() for o in args.compare.split(",") if o.strip() in OPTIMIZERS]
+    optimizers = compared if compared else [args.optimizer]
+    for dest, (users, described) in OPTION_USERS.items():
+        if getattr(args, dest) == parser.get_default(dest):
+            continue
+        if not any(o in users for o in optimizers):
+            used_by = (f"--optimizer {args.optimizer}" if compared is None
+                       else "any of the compared optimizers")
+            parser.error(f"{_flag_of(dest)} only applies to {described}, not to {used_by}")
+    if args.optimizer in ADAPTIVE_OPTIMIZERS and args.lr is not None:
+        parser.error(f"--lr does not apply to --optimizer {args.optimizer}: its step length is "
+                     "chosen from the quadratic model on every step")
+    if args.backend != "auto":
+        from kfac_kernels import available_backends
+        available = available_backends(args.device)
+        if args.backend not in available:
+            parser.error(f"--backend {args.backend} is not available on {args.device} on this "
+                         f"machine (available: {', '.join(['auto'] + available)})")
     if args.json is not None:
         folder = os.path.dirname(os.path.abspath(args.json))
         if not os.path.isdir(folder):
@@ -228,7 +305,69 @@ def _make_singd(args: argparse.Namespace, model: nn.Module, loss_average: str = 
                  T=args.singd_T, lr_cov=args.lr_cov, structures=structure,
                  block_size=args.block_size, kfac_approx=args.kfac_approx,
                  loss_average=loss_average, kfac_like=kfac_like, backend=args.backend,
-                 fused=args.singd_fused, normalize_lr_cov=args.normalize_lr_cov)
+                 fused=args.singd_fused, normalize_lr_cov=args.normalize_lr_cov,
+                 warm_start=not args.no_warm_start)
+
+
+class MultiOptimizer:
+    """Several optimizers over disjoint parameters, stepped together (Muon and AdamW)."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+
+    @property
+    def param_groups(self) -> list:
+        return [g for o in self.parts for g in o.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.parts:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for o in self.parts:
+            o.step()
+
+    def state_dict(self) -> dict:
+        return {"parts": [o.state_dict() for o in self.parts]}
+
+
+def _muon(model: nn.Module, lr: float, weight_decay: float):
+    """``torch.optim.Muon`` on the hidden 2-D weights, AdamW on everything else (embeddings,
+    the first and the output layer, biases, gains, convolution kernels), as Muon's
+    documentation prescribes; Muon's updates scaled to AdamW's RMS (``match_rms_adamw``) so
+    that both take the same learning rate."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    first = next((m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d,
+                                                                 nn.Embedding))), None)
+    last = linears[-1] if linears else None
+    hidden = [m.weight for m in linears if m is not first and m is not last
+              and m.weight.requires_grad]
+    ids = {id(p) for p in hidden}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    parts = [torch.optim.AdamW(rest, lr=lr, weight_decay=weight_decay)]
+    if hidden:
+        parts.append(torch.optim.Muon(hidden, lr=lr, weight_decay=weight_decay,
+                                      adjust_lr_fn="match_rms_adamw"))
+    return MultiOptimizer(parts)
+
+
+def _soap(model: nn.Module, lr: float, weight_decay: float):
+    try:
+        from pytorch_optimizer import SOAP
+    except ImportError:
+        raise SystemExit("kfac-train: --optimizer soap needs the pytorch-optimizer package "
+                         "(pip install 'kfac-kernels[soap]')") from None
+    return SOAP(model.parameters(), lr=lr, weight_decay=weight_decay)
+
+
+def _kfac_options(args: argparse.Namespace) -> dict:
+    """The K-FAC options given on the command line (the library's defaults otherwise)."""
+    out = {"factor_decay": args.factor_decay, "kfac_approx": args.kfac_approx,
+           "backend": args.backend}
+    for key in ("factor_update_steps", "inv_update_steps"):
+        if getattr(args, key) is not None:
+            out[key] = getattr(args, key)
+    return out
 
 
 def _make_optimizer(args: argparse.Namespace, model: nn.Module, workload=None):
@@ -242,27 +381,51 @@ def _make_optimizer(args: argparse.Namespace, model: nn.Module, workload=None):
                                weight_decay=args.weight_decay)
     if args.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    from kfac_kernels import BDKFAC, KFAC, PreconditionedOptimizer
+    if args.optimizer == "muon":
+        return _muon(model, args.lr, args.weight_decay)
+    if args.optimizer == "soap":
+        return _soap(model, args.lr, args.weight_decay)
+    from kfac_kernels import BDKFAC, KFAC, AdaptiveKFAC, PreconditionedOptimizer
 
+    damping = ({"damping": args.damping} if args.absolute_damping
+               else {"relative_damping": args.damping})
+    if args.optimizer in ADAPTIVE_OPTIMIZERS:
+        structure = "block-diagonal" if args.optimizer == "bdkfac-adaptive" else "dense"
+        extra = {"num_blocks": args.num_blocks} if structure == "block-diagonal" else {}
+        loss_fn = workload.loss_module() if workload is not None else nn.CrossEntropyLoss()
+        return AdaptiveKFAC(model, loss_fn, damping=args.damping, structure=structure,
+                            fisher_type=args.fisher or "mc", weight_decay=args.weight_decay,
+                            loss_average=loss_average, **extra, **_kfac_options(args))
+    fisher = {} if args.fisher in (None, "empirical") else {
+        "fisher_type": args.fisher, "loss_fn": workload.loss_module()}
     if args.optimizer == "bdkfac":
         base = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-        # The BD-KFAC paper's precomputed damped block inverses (the recorded sweeps' form).
-        precond = BDKFAC(model, num_blocks=args.num_blocks, damping=args.damping,
-                         factor_decay=args.factor_decay,
-                         factor_update_steps=args.factor_update_steps,
-                         inv_update_steps=args.inv_update_steps, kfac_approx=args.kfac_approx,
+        # The BD-KFAC paper's precomputed damped block inverses.
+        precond = BDKFAC(model, num_blocks=args.num_blocks, **damping,
                          damping_form="factored", compute_method="inverse",
                          damping_split="equal", kl_clip=args.kl_clip, loss_average=loss_average,
-                         backend=args.backend)
+                         **fisher, **_kfac_options(args))
         return PreconditionedOptimizer(base, precond)
     base = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum,
                            weight_decay=args.weight_decay)
-    precond = KFAC(model, damping=args.damping, factor_decay=args.factor_decay,
-                   factor_update_steps=args.factor_update_steps,
-                   inv_update_steps=args.inv_update_steps, kfac_approx=args.kfac_approx,
-                   damping_form=args.damping_form, kl_clip=args.kl_clip,
-                   loss_average=loss_average, backend=args.backend)
+    # KL-clipping (Tselepidis et al. (2020), Eq. 10) bounds the step of SGD over K-FAC: with
+    # it the step length no longer depends on the learning rate once clipped, and a relative
+    # damping can leave the weak directions nearly undamped without diverging.
+    kl_clip = args.kl_clip if args.kl_clip is not None else KFAC_KL_CLIP
+    precond = KFAC(model, **damping, damping_form=args.damping_form, kl_clip=kl_clip,
+                   loss_average=loss_average, **fisher, **_kfac_options(args))
     return PreconditionedOptimizer(base, precond)
+
+
+def lr_multiplier(step: int, steps: int, schedule: str, warmup: int) -> float:
+    """The learning-rate factor of step ``step`` (0-based) of ``steps``: linear warmup over
+    ``warmup`` steps from ``1 / (warmup + 1)``, then constant or a cosine decay to 0."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    span = max(1, steps - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, span) / span))
 
 
 @torch.no_grad()
@@ -392,37 +555,57 @@ def _run(args: argparse.Namespace) -> dict:
         value = metrics[target_metric]
         hit = value >= target_value if target_metric.endswith("accuracy") else value <= target_value
         if reached is None and hit:
-            reached = {"step": step, "elapsed_s": elapsed}
+            reached = {"step": step, "elapsed_s": elapsed, "cpu_s": metrics["cpu_s"]}
 
     sync()
-    train_time = 0.0
+    train_time = cpu_time = 0.0
+    adaptive = args.optimizer in ADAPTIVE_OPTIMIZERS
+    precond = getattr(optimizer, "preconditioner", None)
+    extra_backward = precond is not None and getattr(precond, "fisher_type", "empirical") != \
+        "empirical"
+    base_lrs = [g["lr"] for g in optimizer.param_groups] if not adaptive else []
     for step in range(1, args.steps + 1):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         idx = sampler.next()
         x, y = workload.inputs(data.x_train, idx), data.y_train[idx]
-        optimizer.zero_grad(set_to_none=True)
-        loss = workload.loss(model(x), y)  # the loss in fp32 also for bf16 models
-        loss.backward()
-        optimizer.step()
+        if adaptive:
+            # the closure runs the forward pass; the optimizer computes loss and backward
+            loss = optimizer.step(lambda: workload.loss_pair(model(x), y))
+        else:
+            factor = lr_multiplier(step - 1, args.steps, args.schedule, args.warmup)
+            for group, lr in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = lr * factor
+            optimizer.zero_grad(set_to_none=True)
+            if extra_backward:
+                loss = precond.backward(*workload.loss_pair(model(x), y))
+            else:
+                loss = workload.loss(model(x), y)  # the loss in fp32 also for bf16 models
+                loss.backward()
+            optimizer.step()
         run_loss += loss.detach().double()
         run_steps += 1
         sync()
         train_time += time.perf_counter() - t0
+        cpu_time += time.process_time() - c0
         # Read back (a sync) only every --log-every steps; evaluation is not timed.
         if step % args.log_every == 0 or step == args.steps:
             mean_loss = float(run_loss) / run_steps
-            history.append({"step": step, "train_batch_loss": mean_loss, "elapsed_s": train_time})
+            history.append({"step": step, "train_batch_loss": mean_loss, "elapsed_s": train_time,
+                            "cpu_s": cpu_time})
             bar.set_postfix(loss=f"{mean_loss:.4f}", refresh=False)
             bar.update(run_steps)
             run_loss.zero_()
             run_steps = 0
         if step % args.eval_every == 0 or step == args.steps:
             test_loss, test_acc = evaluate(workload, model, data.x_test, data.y_test)
-            metrics = {"step": step, "elapsed_s": train_time, "test_loss": test_loss,
+            metrics = {"step": step, "elapsed_s": train_time, "cpu_s": cpu_time,
+                       "test_loss": test_loss,
                        "test_accuracy": test_acc, "train_loss": history[-1]["train_batch_loss"]
                        if history else float("nan")}
             evals.append(metrics)
             check_target(step, train_time, metrics)
+            if reached is not None and args.stop_at_target:
+                break
     bar.close()
     wall = train_time
 
@@ -440,6 +623,9 @@ def _run(args: argparse.Namespace) -> dict:
         "lr": args.lr,
         "momentum": (args.momentum if args.optimizer in ("sgd", "kfac") + SINGD_OPTIMIZERS
                      else None),
+        "schedule": args.schedule,
+        "warmup": args.warmup,
+        "steps_run": step,
         "weight_decay": args.weight_decay,
         "damping": args.damping if args.optimizer in SECOND_ORDER else None,
         "kfac_approx": args.kfac_approx if args.optimizer in SECOND_ORDER else None,
@@ -457,9 +643,12 @@ def _run(args: argparse.Namespace) -> dict:
         "test_accuracy": test_acc,
         "target": {"metric": target_metric, "value": target_value,
                    "reached_at_step": None if reached is None else reached["step"],
-                   "reached_after_s": None if reached is None else reached["elapsed_s"]},
+                   "reached_after_s": None if reached is None else reached["elapsed_s"],
+                   "reached_after_cpu_s": None if reached is None else reached["cpu_s"]},
         "wall_time_s": wall,
-        "steps_per_s": args.steps / wall if wall > 0 else float("inf"),
+        "cpu_time_s": cpu_time,
+        "steps_per_s": step / wall if wall > 0 else float("inf"),
+        "cpu_s_per_step": cpu_time / step,
         "optimizer_state_bytes": state_bytes(optimizer),
         **peak,
         "torch_version": torch.__version__,
@@ -487,8 +676,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     result = run(args)
 
+    lr = "adaptive" if result["lr"] is None else f"{result['lr']:g}"
     print(f"task {result['task']}  optimizer {result['optimizer']}  steps {result['steps']}  "
-          f"batch size {result['batch_size']}  lr {result['lr']:g}  seed {result['seed']}  "
+          f"batch size {result['batch_size']}  lr {lr}  seed {result['seed']}  "
           f"device {result['device']}  dtype {result['dtype']}")
     print(f"train loss {result['train_loss']:.4f}  train accuracy {result['train_accuracy']:.4f}")
     print(f"test  loss {result['test_loss']:.4f}  test  accuracy {result['test_accuracy']:.4f}")
@@ -498,7 +688,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                else "not reached")
     print(f"target {target['metric']}={target['value']:g}: {reached}")
     print(f"wall time {result['wall_time_s']:.2f} s  ({result['steps_per_s']:.1f} steps/s, "
-          "training only)")
+          f"training only; CPU time {result['cpu_time_s']:.2f} s)")
     if not math.isfinite(result["train_loss"]):
         print("warning: the training loss is not finite (diverged); try a smaller --lr",
               file=sys.stderr)

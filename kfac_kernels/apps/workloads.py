@@ -9,6 +9,11 @@ char-lm        characters of the Python standard library's docstrings, a small  
                causal transformer (attention built from ``nn.Linear``)               over positions)
 deep-linear    Tselepidis et al.'s planted targets: Gaussian inputs, binary targets of a      linear
                random linear map; a deep linear MLP with batch norm (MSE)
+digits-        the digits' pixels in [0, 1], a deep tanh autoencoder                linear
+autoencoder    64-256-128-64-16-64-128-256-64 with logistic outputs (binary
+               cross-entropy), the shape of Martens & Grosse (2015)'s benchmark
+digits-bn      the digits, :class:`DigitsCNN` with BatchNorm after every hidden      conv + linear
+               layer                                                                 + batch norm
 graphs         synthetic graph classification (random graphs of 3 families with     linear (rows are
                varying node counts), a message-passing GNN with mean readout         nodes)
 =============  ================================================================  ==============
@@ -56,6 +61,14 @@ class Workload:
     metric_name: str = "accuracy"
     loss_fn: Callable | None = None             # (outputs, targets) -> mean loss
     take: Callable | None = None                # (x, idx) -> model inputs
+    loss_module: Callable[[], nn.Module] = nn.CrossEntropyLoss   # the loss as an nn.Module
+
+    def loss_pair(self, outputs: torch.Tensor, targets: torch.Tensor):
+        """``(outputs, targets)`` as :attr:`loss_module` takes them (per-position logits of a
+        sequence model flattened to rows) for :class:`kfac_kernels.AdaptiveKFAC`."""
+        if self.loss_fn is None and outputs.dim() > 2:
+            return outputs.flatten(0, -2), targets.flatten()
+        return outputs, targets.to(outputs.dtype) if self.loss_fn is not None else targets
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if self.loss_fn is not None:
@@ -66,6 +79,10 @@ class Workload:
         return self.take(x, idx) if self.take is not None else x[idx]
 
     def correct(self, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[int, int]:
+        if self.metric_name == "reconstruction":
+            # pixels within 0.1 of the target: a readable side metric of an autoencoder
+            close = ((torch.sigmoid(outputs) - targets).abs() < 0.1)
+            return int(close.sum()), int(targets.numel())
         if self.metric_name == "accuracy":
             pred = outputs.argmax(-1)
             return int((pred == targets).sum()), int(targets.numel())
@@ -127,6 +144,46 @@ class DigitsViT(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x).mean(1))
+
+
+# --- digits-autoencoder, digits-bn -------------------------------------------------------------
+
+def _load_digits_pixels(dtype, device) -> Split:
+    """The digits' pixels scaled to ``[0, 1]`` (not standardised: they are the targets of a
+    logistic output), flattened to 64 features; inputs and targets are the same tensor."""
+    d = load_digits_split(0, dtype=torch.float64, device="cpu")
+    x_train = (d.x_train * d.std + d.mean).clamp(0, 1).flatten(1).to(device=device, dtype=dtype)
+    x_test = (d.x_test * d.std + d.mean).clamp(0, 1).flatten(1).to(device=device, dtype=dtype)
+    return Split(x_train, x_train, x_test, x_test)
+
+
+def digits_autoencoder(widths: tuple[int, ...] = (64, 256, 128, 64, 16, 64, 128, 256, 64)
+                       ) -> nn.Sequential:
+    """A deep autoencoder with tanh hidden units and a linear last layer (the logits of a
+    logistic output): the shape of the classic K-FAC benchmark (Martens & Grosse (2015), Sec.
+    13), sized for 8x8 images."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(widths) - 2:
+            layers.append(nn.Tanh())
+    return nn.Sequential(*layers)
+
+
+def _bce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy per pixel (``nn.BCEWithLogitsLoss()``)."""
+    return F.binary_cross_entropy_with_logits(out, y.to(out.dtype))
+
+
+def digits_bn_cnn(num_classes: int = 10) -> nn.Sequential:
+    """:class:`~kfac_kernels.apps.models.DigitsCNN` with ``BatchNorm2d``/``BatchNorm1d`` after
+    each hidden layer (before the ReLU)."""
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
+        nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 64), nn.BatchNorm1d(64), nn.ReLU(inplace=True),
+        nn.Linear(64, num_classes))
 
 
 # --- char-lm -----------------------------------------------------------------------------------
@@ -382,7 +439,20 @@ WORKLOADS: dict[str, Workload] = {
         lambda seed, dtype, device, split: deep_linear_mlp(16, 10, seed).to(device=device,
                                                                             dtype=dtype),
         loss_average="batch", target=("test_loss", 0.12), metric_name="binary accuracy",
-        loss_fn=lambda out, y: F.mse_loss(out, y.to(out.dtype))),
+        loss_fn=lambda out, y: F.mse_loss(out, y.to(out.dtype)), loss_module=nn.MSELoss),
+    "digits-autoencoder": Workload(
+        "digits-autoencoder", "digits pixels, deep tanh autoencoder (binary cross-entropy)",
+        lambda dtype, device: _load_digits_pixels(dtype, device),
+        lambda seed, dtype, device, split: _seeded(digits_autoencoder, seed).to(device=device,
+                                                                                 dtype=dtype),
+        loss_average="batch", target=("test_loss", 0.35), metric_name="reconstruction",
+        loss_fn=_bce, loss_module=nn.BCEWithLogitsLoss),
+    "digits-bn": Workload(
+        "digits-bn", "scikit-learn digits, CNN with batch norm",
+        lambda dtype, device: _load_digits(dtype, device),
+        lambda seed, dtype, device, split: _seeded(digits_bn_cnn, seed).to(device=device,
+                                                                            dtype=dtype),
+        loss_average="batch", target=("test_accuracy", 0.97)),
     "graphs": Workload(
         "graphs", "synthetic graph families, message-passing GNN",
         lambda dtype, device: _load_graphs(dtype, device),

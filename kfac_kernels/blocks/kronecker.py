@@ -22,6 +22,18 @@ Preconditioning of the gradient matrix ``M = [dW | db]`` (per group):
   precomputed damped block inverses, Sec. 4.4), through eigendecompositions or, with
   ``compute_method="inverse"``, precomputed damped inverses.
 
+Relative damping (``relative=True`` below; :class:`~kfac_kernels.KFAC`'s default): ``gamma``
+is a fraction of the layer's curvature scale, the largest eigenvalue of ``kron(G, A)``,
+``m = lambda_max(A) lambda_max(G)``: exact damping uses ``gamma m`` (per group), the factored
+forms ``sqrt(gamma) lambda_max(A)`` on ``A`` and ``sqrt(gamma) lambda_max(G)`` on ``G``. The
+preconditioner then amplifies no direction by more than ``1 / gamma`` relative to the layer's
+stiffest one, whatever the layer's size, the loss scale (a loss multiplied by ``c`` multiplies
+``G`` and ``m`` by ``c``: the preconditioned gradient is unchanged) or the task. (The mean
+eigenvalue would be a poor unit: most eigenvalues of a wide layer's factors are tiny, so the
+mean shrinks with the width and a fixed fraction of it leaves the weak directions undamped.)
+With eigendecompositions ``lambda_max`` comes from the decomposed factors, so the damping moves
+with the preconditioner; precomputed inverses take it from a few power iterations.
+
 A block-diagonal side keeps only the diagonal blocks of a partition of the layer's features
 (Yu & Tatebe, Sec. 4.1-4.2; convolutions partition channels, ``|S_i| k_h k_w``
 coordinates per block); every product above is then a product with ``blockdiag`` matrices, and
@@ -147,10 +159,25 @@ class KroneckerBlock(CurvatureBlock):
         root = math.sqrt(damping)
         return pi * root, root / pi
 
-    def _dampings(self, damping: float, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def largest_eigenvalues(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lambda_max(A), lambda_max(G))`` per group of the current factors, by power
+        iteration (floored at the smallest normal number of their dtype, so that a relative
+        damping stays positive)."""
+        tiny = torch.finfo(self.A[0].dtype).tiny
+        a = sides.largest_eigenvalue(self.A, self.a_layout) / self.A_count
+        g = sides.largest_eigenvalue(self.G, self.g_layout)
+        return a.clamp_min(tiny), g.clamp_min(tiny)
+
+    def _dampings(self, damping: float, split: str, relative: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        if relative:
+            a, g = self.largest_eigenvalues()
+            root = math.sqrt(damping)
+            return root * a, root * g
         return self._split_damping(damping, split, self._pi())
 
-    def decomposition_jobs(self, method: str, damping: float, split: str) -> list[Job]:
+    def decomposition_jobs(self, method: str, damping: float, split: str,
+                           relative: bool = False) -> list[Job]:
         """The matrices to decompose: eigendecompositions of every non-diagonal part, or
         damped inverses (``A``'s with its count folded in: ``(A_sum / c + d I)^{-1}
         = c (A_sum + c d I)^{-1}``)."""
@@ -160,7 +187,7 @@ class KroneckerBlock(CurvatureBlock):
                 if layout.kind != "diagonal":
                     jobs += [Job("eigh", p) for p in parts]
             return jobs
-        damp_a, damp_g = self._dampings(damping, split)
+        damp_a, damp_g = self._dampings(damping, split, relative)
         for parts, layout, damp in ((self.A, self.a_layout, damp_a * self.A_count),
                                     (self.G, self.g_layout, damp_g)):
             if layout.kind != "diagonal":
@@ -168,7 +195,7 @@ class KroneckerBlock(CurvatureBlock):
         return jobs
 
     def set_decomposition(self, results: list, method: str, damping: float,
-                          split: str | None) -> torch.Tensor | None:
+                          split: str | None, relative: bool = False) -> torch.Tensor | None:
         """Store the results of :meth:`decomposition_jobs` (in order) and return their health (a
         0-d tensor, finite iff every new tensor is; ``None`` if a result is missing, nothing
         stored). Without a host read: where the new decomposition is not finite the previous
@@ -192,7 +219,7 @@ class KroneckerBlock(CurvatureBlock):
             if split is not None:
                 out["pi"] = [self._pi()]
         else:
-            damp_a, damp_g = self._dampings(damping, split)
+            damp_a, damp_g = self._dampings(damping, split, relative)
             for side, parts, layout, damp in (("A", self.A, self.a_layout, damp_a),
                                               ("G", self.G, self.g_layout, damp_g)):
                 if layout.kind == "diagonal":
@@ -217,14 +244,17 @@ class KroneckerBlock(CurvatureBlock):
         return health
 
     def precondition(self, mat: torch.Tensor, method: str, damping: float,
-                     split: str | None) -> torch.Tensor:
-        """The preconditioned gradient matrix (``split=None``: exact eigen damping)."""
-        out = self._precondition(mat, method, damping, split)
+                     split: str | None, relative: bool = False) -> torch.Tensor:
+        """The preconditioned gradient matrix (``split=None``: exact eigen damping;
+        ``relative``: ``damping`` is relative to the curvature scale, see the module
+        docstring). With eigendecompositions any ``damping`` applies without recomputing
+        them; precomputed inverses keep the damping of their decomposition."""
+        out = self._precondition(mat, method, damping, split, relative)
         if self.unverified is not None:  # no decomposition known to be finite yet
             out = torch.where(self.unverified.isfinite(), out, mat.to(out.dtype))
         return out
 
-    def _precondition(self, mat, method, damping, split):
+    def _precondition(self, mat, method, damping, split, relative):
         dec = self.decomposition
         ref = (dec["eigvals_A"] if method == "eigen" else dec["inv_A"])[0]
         m = mat.to(ref.dtype)
@@ -237,10 +267,18 @@ class KroneckerBlock(CurvatureBlock):
         lg = sides.concat_values(dec["eigvals_G"])
         rotated = sides.right(sides.left(qg, m, self.g_layout, transpose=True), qa,
                               self.a_layout)
+        if relative:
+            tiny = torch.finfo(la.dtype).tiny
+            top_a, top_g = la.amax(-1).clamp_min(tiny), lg.amax(-1).clamp_min(tiny)
         if split is None:
-            denom = lg[:, :, None] * la[:, None, :] + damping
+            gamma = damping * (top_a * top_g)[:, None, None] if relative else damping
+            denom = lg[:, :, None] * la[:, None, :] + gamma
         else:
-            gamma_a, gamma_g = self._split_damping(damping, split, dec["pi"][0])
+            if relative:
+                root = math.sqrt(damping)
+                gamma_a, gamma_g = root * top_a, root * top_g
+            else:
+                gamma_a, gamma_g = self._split_damping(damping, split, dec["pi"][0])
             denom = ((lg + gamma_g[:, None])[:, :, None]) * ((la + gamma_a[:, None])[:, None, :])
         return sides.right(sides.left(qg, rotated / denom, self.g_layout), qa, self.a_layout,
                            transpose=True)

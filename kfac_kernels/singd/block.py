@@ -25,6 +25,7 @@ from ..blocks.base import CurvatureBlock
 from ..layers import DENSE, DIAGONAL, Layout, blocks
 from .structures import BlockDiagonal, Diagonal, StructuredMatrix
 from .update import factor_update, precondition
+from .warm import warm_factor
 
 
 def structure_layout(cls: type[StructuredMatrix], k: int | None, dim: int,
@@ -118,6 +119,18 @@ class SingdBlock(CurvatureBlock):
             state["m_K"] = [ck.zeros(di, kk, dtype=dk, device=dev) for _ in range(g)]
             state["m_C"] = [cc.zeros(do, kc, dtype=dc, device=dev) for _ in range(g)]
         return state
+
+    def warm_start(self, stats: list[tuple], damping: float) -> None:
+        """Start ``K``, ``C`` at ``K K^T ~ (U + damping I)^{-1}``, ``C C^T ~ (G + damping
+        I)^{-1}`` of the statistics ``stats`` (per group), the momenta at zero
+        (:mod:`kfac_kernels.singd.warm`)."""
+        state = self.initial_state()
+        (ck, cc), (kk, kc) = self.classes, self.block_sizes
+        dk, dc = self.storage
+        for gi, (u, g) in enumerate(stats):
+            state["K"][gi] = warm_factor(ck, kk, u, damping, self.compute).to(dk)
+            state["C"][gi] = warm_factor(cc, kc, g, damping, self.compute).to(dc)
+        self.state = state
 
     def factors(self) -> dict[str, list[StructuredMatrix]]:
         if self.state is None:

@@ -129,6 +129,12 @@ class SINGD(FusedSteps, torch.optim.Optimizer):
             diagonals / diagonal blocks) are all-reduced on factor-update steps (one triangle,
             bucketed) so every rank updates ``K`` and ``C`` identically.
         process_group: the ``torch.distributed`` group (default: the world).
+        warm_start: start ``K`` and ``C`` at the damped inverse roots of the first captured
+            statistics, ``K K^T ~ (U + lambda I)^{-1}``, ``C C^T ~ (G + lambda I)^{-1}``,
+            computed with matrix products only (:mod:`kfac_kernels.singd.warm`), instead of
+            at the identity; then the factors follow the curvature from the first step and a
+            larger ``lr_cov`` (e.g. ``1 - factor_decay`` of K-FAC, 0.05) is stable. ``False``
+            (the default) is the reference implementation's start.
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, momentum: float = 0.9,
@@ -141,7 +147,7 @@ class SINGD(FusedSteps, torch.optim.Optimizer):
                  skip_modules: Iterable = (), backend: str = "auto", fused: bool = False,
                  normalize_lr_cov: bool = False, statistics_from_rows: bool = True,
                  grad_accumulation_steps: int = 1, distributed: bool | None = None,
-                 process_group=None):
+                 process_group=None, warm_start: bool = False):
         who = "SINGD"
         args.instance(who, "model", model, nn.Module, "a torch.nn.Module", allow_none=False)
         lr = args.in_range(who, "lr", lr)
@@ -150,6 +156,7 @@ class SINGD(FusedSteps, torch.optim.Optimizer):
         self.alpha1 = args.in_range(who, "alpha1", alpha1, high=1.0)
         weight_decay = args.in_range(who, "weight_decay", weight_decay)
         self.lr_cov = args.in_range(who, "lr_cov", lr_cov)
+        self.warm_start = args.flag(who, "warm_start", warm_start)
         self.T = args.positive_int(who, "T", T)
         names = _pair(structures)
         if len(names) != 2:
@@ -375,6 +382,10 @@ class SINGD(FusedSteps, torch.optim.Optimizer):
                     f"SINGD: non-finite curvature for module {name!r} (NaN/inf in its inputs or "
                     "output gradients); its factor update is skipped this step and whenever "
                     "this happens again"))
+        if self.warm_start:
+            for name, s in stats.items():
+                if self.blocks[name].state is None:
+                    self.blocks[name].warm_start(s, self.damping)
         if self._fused_factors:
             if self.structure_classes[0] is Diagonal:
                 self._update_diagonal_factors_fused(stats)

@@ -1,0 +1,434 @@
+r"""Adaptive K-FAC: Levenberg-Marquardt damping, and a learning rate and momentum chosen on every
+step from the quadratic model (Martens & Grosse (2015), Sec. 6-7), as a ``torch.optim``
+optimizer.
+
+Each step, with ``g`` the gradient of the objective ``h`` (the loss, plus ``weight_decay / 2
+|theta|^2``) on the mini-batch, ``F`` the exact mini-batch GGN and ``D`` the damping:
+
+* ``Delta = -(F_kfac + D)^{-1} g``: the K-FAC (or BD-KFAC) preconditioned gradient with the
+  current damping (:class:`~kfac_kernels.KFAC`'s relative damping: ``D`` is ``lambda`` times
+  each layer's curvature scale, the largest eigenvalue of its Kronecker block; parameters no layer
+  adapter covers use the mean of the covered layers' scales, ``(1 + lambda) s`` on their
+  gradient);
+* ``alpha, mu`` minimise the damped quadratic model ``M(d) = g^T d + d^T (F + D + eta I) d / 2``
+  over ``d = alpha Delta + mu delta_prev`` (a 2 x 2 linear system; ``mu = 0`` on the first step
+  or when the system is singular), and the parameters move by ``delta = alpha Delta +
+  mu delta_prev``;
+* every ``damping_adaptation_interval`` steps, the reduction ratio ``rho = (h(theta + delta) -
+  h(theta)) / (M_0(delta) - M_0(0))`` of the *undamped* model ``M_0`` adapts the damping:
+  ``lambda <- omega lambda`` when ``rho > 3/4``, ``lambda <- lambda / omega`` when ``rho < 1/4``,
+  ``omega = damping_adaptation_decay ** interval`` (Sec. 6.5).
+
+No learning rate and no KL-clipping: the model's ``alpha`` sets the step length.
+
+Cost per step, on top of the forward/backward pass and K-FAC's own work: the GGN-vector
+products ``J Delta`` and ``J delta_prev`` by forward-mode differentiation (``torch.func``'s
+``functional_call`` with dual parameters) of the closure's forward pass, one per vector (each
+about one to two forward passes; one on the first step), and products with the loss Hessian at
+the outputs (output-sized); every ``damping_adaptation_interval`` steps one more forward pass
+for ``h(theta + delta)``. These passes restore the random state of the closure's forward pass
+(the same dropout masks) and run on copies of the buffers (batch-norm running statistics are
+updated once per step, by the closure's own pass); attention runs in PyTorch's math kernel
+there (the fused CPU kernels have no forward-mode derivative).
+
+Usage::
+
+    opt = AdaptiveKFAC(model, nn.CrossEntropyLoss())
+    for x, y in loader:
+        loss = opt.step(lambda: (model(x), y))   # the closure returns (outputs, targets)
+
+``step`` computes the loss ``loss_fn(outputs, targets)``, its backward pass (and the sampled or
+type-2 passes of the Fisher) itself; gradients left in ``.grad`` before the call are discarded.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import nn
+
+from ._skips import SkipCounter
+from .kfac import KFAC, gradient_health
+
+# The initial relative damping: large, so that the first steps stay where the quadratic model
+# holds; the Levenberg-Marquardt rule brings it down within the first few dozen steps.
+DEFAULT_INITIAL_DAMPING = 100.0
+
+
+def _check(who, name, value, low, high=None, low_open=True):
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (high is None or value < high)
+    if not ok:
+        rng = f"{'(' if low_open else '['}{low:g}, {'inf' if high is None else f'{high:g}'})"
+        raise ValueError(f"{who}: {name} must be a finite float in {rng}, got {value!r}")
+    return float(value)
+
+
+class _Closure(nn.Module):
+    """The user's model under a module whose forward is the closure, so that
+    ``torch.func.functional_call`` can run the closure with substituted parameters."""
+
+    def __init__(self, model: nn.Module, closure):
+        super().__init__()
+        self.model = model
+        self.closure = closure
+
+    def forward(self):
+        return self.closure()
+
+
+class AdaptiveKFAC(torch.optim.Optimizer):
+    """K-FAC with adaptive damping, learning rate and momentum (see the module docstring).
+
+    Args:
+        model: the network; all its trainable parameters are optimised.
+        loss_fn: ``nn.CrossEntropyLoss``, ``nn.MSELoss`` or ``nn.BCEWithLogitsLoss`` (its
+            reduction and ``loss_average`` must agree, as for :class:`~kfac_kernels.KFAC`).
+        damping: the initial relative damping ``lambda`` (a fraction of each layer's curvature
+            scale), adapted every ``damping_adaptation_interval`` steps.
+        min_damping, max_damping: bounds of the adapted damping.
+        damping_adaptation_interval: ``T_1`` of Martens & Grosse (2015), Sec. 6.5.
+        damping_adaptation_decay: ``omega`` per step (``omega ** T_1`` per adaptation).
+        momentum: solve for ``mu`` (``False``: ``mu = 0``, only the step length ``alpha``).
+        max_step: ``alpha`` and ``|mu|`` are clipped to ``max_step`` (a safeguard against a
+            nearly singular model on a tiny batch).
+        weight_decay: ``eta``: the objective is the loss plus ``eta / 2 |theta|^2`` (in the
+            gradient, the quadratic model and ``rho``).
+        structure, num_blocks, block_size: the K-FAC structure (``"block-diagonal"``: BD-KFAC).
+        fisher_type: ``"mc"`` (default), ``"type-2"`` or ``"empirical"``: the factors' curvature.
+            The quadratic model always uses the exact GGN.
+        Everything else (``factor_decay``, ``factor_update_steps``, ``inv_update_steps``,
+        ``kfac_approx``, ``mc_samples``, ``loss_average``, ``damping_form``, ``skip_modules``,
+        ``factor_dtype``, ``backend``, ``eigh_backend``, ``generator``) is passed to the
+        :class:`~kfac_kernels.KFAC` that keeps the curvature, available as
+        :attr:`preconditioner`.
+
+    Attributes after a step: ``damping`` (the current relative damping), ``last`` (a dict with
+    ``alpha``, ``mu``, ``rho`` (``None`` on steps without adaptation), the undamped model's
+    predicted change, the loss, and the model's coefficients: ``curvature`` ``[[D^T F D,
+    D^T F d], [d^T F D, d^T F d]]`` (``D = Delta``, ``d = delta_prev``, ``F`` the GGN plus
+    ``eta I``), ``damping_terms`` (the same with the damping) and ``linear`` ``[g^T D, g^T d]``).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, *,
+                 damping: float = DEFAULT_INITIAL_DAMPING,
+                 min_damping: float = 1e-6, max_damping: float = 1e4,
+                 damping_adaptation_interval: int = 5, damping_adaptation_decay: float = 0.9,
+                 momentum: bool = True, max_step: float = 100.0, weight_decay: float = 0.0,
+                 structure: str = "dense", fisher_type: str = "mc",
+                 factor_update_steps: int = 1, inv_update_steps: int = 10, **kfac_options):
+        who = "AdaptiveKFAC"
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{who}: model must be a torch.nn.Module, got {type(model).__name__}")
+        self.damping = _check(who, "damping", damping, 0.0)
+        self.min_damping = _check(who, "min_damping", min_damping, 0.0)
+        self.max_damping = _check(who, "max_damping", max_damping, 0.0)
+        if not self.min_damping <= self.damping <= self.max_damping:
+            raise ValueError(f"{who}: damping must lie in [min_damping, max_damping] = "
+                             f"[{min_damping:g}, {max_damping:g}], got {damping!r}")
+        if isinstance(damping_adaptation_interval, bool) or not isinstance(
+                damping_adaptation_interval, int) or damping_adaptation_interval < 1:
+            raise ValueError(f"{who}: damping_adaptation_interval must be an int >= 1, got "
+                             f"{damping_adaptation_interval!r}")
+        self.interval = damping_adaptation_interval
+        self.decay = _check(who, "damping_adaptation_decay", damping_adaptation_decay, 0.0, 1.0)
+        if not isinstance(momentum, bool):
+            raise TypeError(f"{who}: momentum must be a bool, got {momentum!r}")
+        self.use_momentum = momentum
+        self.max_step = _check(who, "max_step", max_step, 0.0)
+        self.weight_decay = _check(who, "weight_decay", weight_decay, 0.0, low_open=False)
+        for key in ("kl_clip", "lr", "damping", "relative_damping", "compute_method"):
+            if key in kfac_options:
+                raise TypeError(f"{who}: {key} is not an option here (the step length comes "
+                                "from the quadratic model; the damping is adapted; the "
+                                "decompositions are eigendecompositions)")
+        if kfac_options.get("damping_form", "exact") != "exact":
+            raise ValueError(f"{who}: damping_form must be 'exact' (the adapted damping is "
+                             "applied to the eigenvalues at every step)")
+        self.preconditioner = KFAC(model, relative_damping=self.damping, structure=structure,
+                                   fisher_type=fisher_type, loss_fn=loss_fn,
+                                   factor_update_steps=factor_update_steps,
+                                   inv_update_steps=inv_update_steps, **kfac_options)
+        params = [p for p in model.parameters() if p.requires_grad]
+        self._initialising = True
+        super().__init__(params, {})
+        self._initialising = False
+        covered = {id(p) for a in self.preconditioner.adapters.values() for p in a.params()}
+        self._plain = [p for p in params if id(p) not in covered]
+        self.model = model
+        self.loss_fn = loss_fn
+        # the current relative damping: a 0-d tensor, adapted on the device
+        self.damping = torch.tensor(self.damping, dtype=torch.float64,
+                                    device=params[0].device if params else None)
+        self.steps = 0
+        self.skips = SkipCounter(who)
+        self.last: dict = {}
+
+    def add_param_group(self, param_group: dict) -> None:
+        if getattr(self, "_initialising", False):
+            return super().add_param_group(param_group)
+        raise RuntimeError("AdaptiveKFAC: the optimizer has one parameter group holding all of "
+                           "the model's trainable parameters; add_param_group is not supported")
+
+    def remove_hooks(self) -> None:
+        """Detach the curvature hooks from the model (it stops capturing); ``with
+        AdaptiveKFAC(...) as opt:`` detaches at the end of the block."""
+        self.preconditioner.remove_hooks()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove_hooks()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.preconditioner.discard_pending()
+        super().zero_grad(set_to_none=set_to_none)
+
+    # --- the step ---------------------------------------------------------------------------
+    def _params(self) -> list[torch.Tensor]:
+        return self.param_groups[0]["params"]
+
+    @torch.no_grad()
+    def step(self, closure):
+        """One step; ``closure()`` runs the forward pass and returns ``(outputs, targets)``.
+        Returns the loss at the parameters before the step (a step whose loss or gradients are
+        not finite changes nothing and is said).
+
+        One host read per step, K-FAC's (whether the gradients and the loss are finite, with
+        the checks queued by earlier steps): the quadratic model's coefficients, ``alpha``,
+        ``mu``, the reduction ratio and the adapted damping are computed and applied on the
+        device, never read."""
+        if closure is None:
+            raise TypeError("AdaptiveKFAC.step needs a closure returning (outputs, targets)")
+        kfac = self.preconditioner
+        params = self._params()
+        super().zero_grad(set_to_none=True)
+        devices = sorted({p.device for p in params if p.device.type != "cpu"}, key=str)
+        rng = _rng_state(devices)
+        with torch.enable_grad():
+            outputs, targets = closure()
+            loss = kfac.backward(outputs, targets)
+        if self.weight_decay:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.add_(p, alpha=self.weight_decay)
+        grads = kfac.gradient_matrices()
+        plain = [p.grad for p in self._plain if p.grad is not None]
+        g = {p: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params}
+        self.damping = self.damping.to(loss.device)
+        kfac.damping = self.damping
+        updates = kfac.precondition_gradients(
+            grads, health=gradient_health(plain + [loss.detach().reshape(1)]))
+        if updates is None:
+            if kfac.skip_reason == "non-finite gradients":
+                self.skips.skipped(self.steps + 1)
+            super().zero_grad(set_to_none=True)
+            return loss.detach()
+        weights = self._damping_weights(updates)
+        kfac.apply_updates(updates, grads, kl_clip=False)
+        if self._plain:
+            # the mean curvature scale of the covered layers, lambda times it their damping
+            scale = (torch.stack([w.double().mean() for w in weights.values()]).mean()
+                     / self.damping if weights else torch.ones_like(self.damping))
+            for p in self._plain:
+                weights[p] = (self.damping * scale).to(p.dtype)
+                if p.grad is not None:
+                    p.grad.div_(((1.0 + self.damping) * scale).to(p.dtype))
+        delta = {p: -(p.grad if p.grad is not None else torch.zeros_like(p)) for p in params}
+        prev = {p: self.state[p]["delta"] for p in params if "delta" in self.state[p]}
+        use_prev = self.use_momentum and len(prev) == len(params)
+        vectors = [delta, prev] if use_prev else [delta]
+
+        jvps = self._jvps(closure, vectors, rng, devices)
+        hess = _loss_hessian_products(self.loss_fn, outputs.detach(), targets, jvps)
+        k = len(vectors)
+        pairs = [(i, j) for i in range(k) for j in range(k)]
+        curv = torch.stack([(jvps[i].double() * hess[j].double()).sum()
+                            + self.weight_decay * _dot(vectors[i], vectors[j])
+                            for i, j in pairs]).reshape(k, k)
+        curv = 0.5 * (curv + curv.mT)  # symmetric J^T H J: the two products differ by round-off
+        damp = torch.stack([_weighted_dot(weights, vectors[i], vectors[j])
+                            for i, j in pairs]).reshape(k, k)
+        lin = torch.stack([_dot(g, v) for v in vectors])
+        coef = self._solve(curv + damp, lin)
+        predicted = 0.5 * coef @ curv @ coef + lin @ coef
+        step = {p: coef[0] * delta[p] + (coef[1] * prev[p] if k == 2 else 0.0) for p in params}
+        for p in params:
+            p.add_(step[p].to(p.dtype))
+            self.state[p]["delta"] = step[p].to(p.dtype).detach().clone()
+        self.steps += 1
+        rho = None
+        if self.steps % self.interval == 0:
+            rho = self._adapt_damping(closure, rng, devices, loss, step, predicted)
+        zero = torch.zeros_like(coef[0])
+        self.last = {"alpha": coef[0], "mu": coef[1] if k == 2 else zero,
+                     "rho": rho, "predicted_change": predicted, "loss": loss.detach(),
+                     "damping": self.damping, "curvature": curv, "damping_terms": damp,
+                     "linear": lin}
+        super().zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def _adapt_damping(self, closure, rng, devices, loss, step, predicted) -> torch.Tensor:
+        """The Levenberg-Marquardt rule on the device: returns ``rho`` and updates
+        :attr:`damping` (``-inf`` when the model predicted no decrease)."""
+        new_loss = self._loss_at_current(closure, rng, devices)
+        change = new_loss.double() - loss.detach().double()
+        if self.weight_decay:
+            change = change + 0.5 * self.weight_decay * sum(
+                (p.double() ** 2).sum() - ((p - step[p]).double() ** 2).sum()
+                for p in self._params())
+        rho = torch.where(predicted < 0, change / predicted.clamp_max(-torch.finfo(
+            predicted.dtype).tiny), torch.full_like(predicted, -math.inf))
+        omega = self.decay ** self.interval
+        raise_it = ~change.isfinite() | ~(rho >= 0.25)
+        lower_it = rho > 0.75
+        self.damping = torch.where(
+            raise_it, (self.damping / omega).clamp_max(self.max_damping),
+            torch.where(lower_it, (self.damping * omega).clamp_min(self.min_damping),
+                        self.damping))
+        return rho
+
+    def _solve(self, matrix: torch.Tensor, lin: torch.Tensor) -> torch.Tensor:
+        """``argmin`` of ``c^T matrix c / 2 + lin^T c`` on the device: the 2 x 2 system, or
+        ``alpha`` alone (``mu = 0``) when it is singular; clipped to ``max_step``; zero (no
+        step) where the model is not finite."""
+        m00 = matrix[0, 0]
+        alone = torch.where(m00 > 0, -lin[0] / torch.where(m00 > 0, m00, 1.0), 0.0)
+        coef = torch.stack([alone, torch.zeros_like(alone)])[:matrix.shape[0]]
+        if matrix.shape[0] == 2:
+            m01, m11 = matrix[0, 1], matrix[1, 1]
+            det = m00 * m11 - m01 ** 2
+            regular = det > 1e-12 * m00 * m11
+            det = torch.where(regular, det, 1.0)
+            both = torch.stack([-(m11 * lin[0] - m01 * lin[1]) / det,
+                                -(m00 * lin[1] - m01 * lin[0]) / det])
+            coef = torch.where(regular, both, coef)
+        coef = coef.clamp(-self.max_step, self.max_step)
+        return torch.where(coef.isfinite().all(), coef, 0.0)
+
+    def _damping_weights(self, updates: dict) -> dict:
+        """Per covered parameter, the absolute damping of each entry (``lambda`` times its
+        layer's curvature scale, per group), in the parameter's shape."""
+        kfac = self.preconditioner
+        out = {}
+        for name, v in updates.items():
+            adapter = kfac.adapters[name]
+            block = kfac.blocks[name]
+            scale = (self.damping * _scale_of(block)).to(v.dtype)
+            mat = scale[:, None, None].expand_as(v).contiguous()
+            saved = {p: p.grad for p in adapter.params()}
+            for p in adapter.params():
+                p.grad = torch.empty_like(p)
+            adapter.set_grad_matrix(mat)
+            for p in adapter.params():
+                out[p] = p.grad
+                p.grad = saved[p]
+        return out
+
+    def _functional(self, closure, tensors: dict):
+        """``closure()`` with the model's parameters replaced by ``tensors`` and its buffers by
+        copies; the curvature capture off."""
+        kfac = self.preconditioner
+        wrapper = _Closure(self.model, closure)
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        swap = {"model." + names[id(p)]: t for p, t in tensors.items()}
+        swap.update({"model." + n: b.clone() for n, b in self.model.named_buffers()})
+        flags = kfac.capture.inputs_on, kfac.capture.grads_on
+        kfac.capture.inputs_on = kfac.capture.grads_on = False
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            with sdpa_kernel([SDPBackend.MATH]):
+                return torch.func.functional_call(wrapper, swap, ())
+        finally:
+            kfac.capture.inputs_on, kfac.capture.grads_on = flags
+
+    def _jvps(self, closure, vectors: list[dict], rng, devices) -> list[torch.Tensor]:
+        """``J v`` of the outputs for every ``v`` (forward mode, same random state)."""
+        out = []
+        for v in vectors:
+            with _restored_rng(rng, devices), fwAD.dual_level():
+                duals = {p: fwAD.make_dual(p.detach(), v[p].to(p.dtype)) for p in self._params()}
+                outputs, _ = self._functional(closure, duals)
+                tangent = fwAD.unpack_dual(outputs).tangent
+                out.append(torch.zeros_like(outputs) if tangent is None else tangent.detach())
+        return out
+
+    def _loss_at_current(self, closure, rng, devices) -> torch.Tensor:
+        with _restored_rng(rng, devices):
+            outputs, targets = self._functional(closure, {})
+            return self.loss_fn(outputs, targets)
+
+    # --- state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """torch.optim's state (the last update of every parameter) plus ``"adaptive"``: the
+        damping, the step count and the K-FAC state."""
+        sd = super().state_dict()
+        sd["adaptive"] = {"damping": self.damping, "steps": self.steps,
+                          "skips": self.skips.state_dict(),
+                          "kfac": self.preconditioner.state_dict()}
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "adaptive" not in state_dict:
+            raise KeyError("AdaptiveKFAC.load_state_dict: state_dict has no 'adaptive' entry "
+                           "(not saved by AdaptiveKFAC)")
+        extra = state_dict["adaptive"]
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "adaptive"})
+        self.preconditioner.load_state_dict(extra["kfac"])
+        self.damping = torch.as_tensor(extra["damping"], dtype=torch.float64).to(
+            self.damping.device)
+        self.steps = int(extra["steps"])
+        self.skips.load_state_dict(extra.get("skips"))
+
+
+def _scale_of(block) -> torch.Tensor:
+    """The curvature scale per group that relative damping multiplies (the one the block's
+    preconditioning used: from the eigenvalues of its decomposition)."""
+    dec = block.decomposition
+    tiny = torch.finfo(dec["eigvals_A"][0].dtype).tiny
+    la = torch.cat(dec["eigvals_A"], -1) if len(dec["eigvals_A"]) > 1 else dec["eigvals_A"][0]
+    lg = torch.cat(dec["eigvals_G"], -1) if len(dec["eigvals_G"]) > 1 else dec["eigvals_G"][0]
+    return la.amax(-1).clamp_min(tiny) * lg.amax(-1).clamp_min(tiny)
+
+
+def _dot(a: dict, b: dict) -> torch.Tensor:
+    return sum((a[p].double() * b[p].double()).sum() for p in a)
+
+
+def _weighted_dot(w: dict, a: dict, b: dict) -> torch.Tensor:
+    return sum((w[p].double() * a[p].double() * b[p].double()).sum() for p in a)
+
+
+def _loss_hessian_products(loss_fn, outputs: torch.Tensor, targets, vectors: list) -> list:
+    """``H v`` for each ``v``, ``H`` the Hessian of ``loss_fn`` w.r.t. the outputs (exact, by
+    differentiating the gradient once more)."""
+    with torch.enable_grad():
+        o = outputs.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(loss_fn(o, targets), o, create_graph=True)
+        return [torch.autograd.grad(grad, o, v.to(o.dtype), retain_graph=True)[0].detach()
+                for v in vectors]
+
+
+def _rng_state(devices) -> tuple:
+    return (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices])
+
+
+class _restored_rng:
+    """Run a block with the random state of ``state``, leaving the current state as it was."""
+
+    def __init__(self, state, devices):
+        self.state, self.devices = state, devices
+
+    def __enter__(self):
+        self.saved = _rng_state(self.devices)
+        torch.set_rng_state(self.state[0])
+        for d, s in zip(self.devices, self.state[1]):
+            torch.cuda.set_rng_state(s, d)
+
+    def __exit__(self, *exc):
+        torch.set_rng_state(self.saved[0])
+        for d, s in zip(self.devices, self.saved[1]):
+            torch.cuda.set_rng_state(s, d)
+        return False
