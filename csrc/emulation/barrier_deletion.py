@@ -2,7 +2,7 @@
 """Barrier-deletion experiment: does some emulated CUDA test fail when one __syncthreads() of a
 kernel is deleted?
 
-For every `__syncthreads()` call in csrc/cuda/*.cu (one at a time) it runs the emulated tests of
+For every `__syncthreads()` call in csrc/cuda/*.cu and the shared *.cuh headers (one at a time) it runs the emulated tests of
 that file (test_<name>_cuda_emulated_sm*, --quick) under the forward and the reverse schedule and
 records whether one of them fails (a wrong result, a deadlock report, a crash) or the two
 schedules give different results (the digests of what the tests copy back differ, as the CTest
@@ -42,7 +42,7 @@ SCHEDULES = ("forward", "reverse")
 def barrier_sites(cuda_dir: Path) -> list[tuple[str, int]]:
     """(path relative to the root, line) of every __syncthreads() call, comments excluded."""
     sites = []
-    for cu in sorted(cuda_dir.glob("*.cu")):
+    for cu in sorted([*cuda_dir.glob("*.cu"), *cuda_dir.glob("*.cuh")]):
         code = code_mask(cu.read_text())
         for m in re.finditer(r"\b__syncthreads\s*\(\s*\)", code):
             sites.append((cu.relative_to(ROOT).as_posix(), code.count("\n", 0, m.start()) + 1))
@@ -50,8 +50,16 @@ def barrier_sites(cuda_dir: Path) -> list[tuple[str, int]]:
 
 
 def tests_for(build: Path, cu: str) -> list[Path]:
-    stem = Path(cu).stem
-    return sorted(p for p in build.glob(f"test_{stem}_cuda_emulated_sm*") if os.access(p, os.X_OK))
+    """The emulated tests of a .cu file; for a shared .cuh header, those of every .cu file that
+    includes it."""
+    path = ROOT / cu
+    if path.suffix == ".cuh":
+        stems = [c.stem for c in sorted(path.parent.glob("*.cu"))
+                 if f'"{path.name}"' in c.read_text()]
+    else:
+        stems = [path.stem]
+    return sorted(p for stem in stems for p in build.glob(f"test_{stem}_cuda_emulated_sm*")
+                  if os.access(p, os.X_OK))
 
 
 FAILURE = re.compile(r"^FAIL|CUDA emulation: (deadlock|fault)|CUDA error|invalid memory access")

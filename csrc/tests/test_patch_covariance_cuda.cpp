@@ -257,7 +257,7 @@ void run_shape_quick(const Shape& s, uint64_t& seed, bool segments_only) {
 // at the pixel.
 template <typename A>
 void run_extreme_pixel(const Shape& s, bool reduce, double value, uint64_t seed) {
-  constexpr InputType type = sizeof(A) == 8 ? InputType::kFloat64 : InputType::kFloat32;
+  constexpr ElementType type = sizeof(A) == 8 ? ElementType::kFloat64 : ElementType::kFloat32;
   Rng rng(seed);
   PatchCovarianceParams p;
   p.n = s.n, p.channels = s.c, p.height = s.h, p.width = s.w;
@@ -278,7 +278,7 @@ void run_extreme_pixel(const Shape& s, bool reduce, double value, uint64_t seed)
   one[pixel] = 1.0;
   std::vector<double> reads(static_cast<size_t>(D * D)), want(static_cast<size_t>(D * D));
   PatchCovarianceParams q = p;
-  q.x_type = InputType::kFloat64;
+  q.x_type = ElementType::kFloat64;
   q.x = one.data(), q.out = reads.data();
   kfac_kernels::cpu::patch_covariance(q);
   x64[pixel] = 0.0;

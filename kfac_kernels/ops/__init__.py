@@ -1,5 +1,6 @@
 """Kernel-backed operations. Each module holds the eager reference, the dispatch and the formula."""
-from . import _library  # noqa: F401  (the op schemas, before any fake kernel registers)
+from .._backend import native_has_op as _native_has_op
+from . import _library  # the op schemas, before any fake kernel registers
 from .block_eigh import block_damped_inverse, block_eigh
 from .gradient_covariance import gradient_covariance
 from .patch_covariance import conv_geometry, padded_input, patch_covariance
@@ -21,3 +22,9 @@ __all__ = ["block_damped_inverse", "block_eigh", "conv_geometry", "gradient_cova
            "singd_diagonal_factor_update", "singd_diagonal_factor_update_eager",
            "singd_diagonal_step", "singd_diagonal_step_eager", "symmetric_factor_update",
            "symmetric_factor_update_eager"]
+
+# Ask once per op, at import, whether the extension has its kernel: torch.compile then reads a
+# filled cache instead of tracing into the extension's import and the dispatcher's tables.
+for _op in _library.SCHEMAS:
+    _native_has_op(_op)
+del _op
