@@ -67,10 +67,11 @@ __device__ inline double block_sum(double v, double* red) {
   return total;
 }
 
+// Called once per block, after the non-finite vote (a barrier) and before any block_sum: nothing
+// can still be reading red, so no barrier is needed before the write.
 __device__ inline double block_max(double v, double* red) {
   for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_down_sync(0xffffffffu, v, o));
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __syncthreads();  // red may still be read from a previous call
   if (lane == 0) red[warp] = v;
   __syncthreads();
   double m = 0;

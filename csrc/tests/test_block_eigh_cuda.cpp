@@ -141,6 +141,56 @@ void run(int64_t n, double tol, const char* type) {
   }
 }
 
+// A graded block: tiny entries (1e-150) except the lower-right quadrant (1e20). The kernel scales
+// every entry by a power of two from the block's largest |entry| (a block-wide max) so that the
+// squares of off(A) neither overflow nor underflow; a scale taken from some threads' entries
+// only (the tiny ones) overflows the squares of the large ones, and the solve stops at once.
+void run_graded(int64_t n) {
+  const double tol = 1e-10;
+  Rng rng(static_cast<uint64_t>(n) + 99);
+  std::vector<double> blocks = make_blocks<double>(2, n, rng);
+  for (int64_t b = 0; b < 2; ++b)
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < n; ++j)
+        blocks[b * n * n + i * n + j] *= (2 * i >= n && 2 * j >= n) ? 1e20 : 1e-150;
+  std::vector<double> vals(2 * n), vecs(2 * n * n);
+  std::vector<int32_t> sweeps(2);
+  kfac_kernels::BlockEighParams<double> p;
+  p.batch = 2;
+  p.n = n;
+  p.max_sweeps = 30;
+  p.tol = std::numeric_limits<double>::epsilon();
+  run_cuda<double>(p, blocks, &vals, &vecs, sweeps, nullptr, nullptr);
+  std::vector<double> cpu_vals(2 * n), cpu_vecs(2 * n * n);
+  std::vector<int32_t> cpu_sweeps(2);
+  kfac_kernels::BlockEighParams<double> pc = p;
+  pc.blocks = blocks.data();
+  pc.eigenvalues = cpu_vals.data();
+  pc.eigenvectors = cpu_vecs.data();
+  pc.sweeps = cpu_sweeps.data();
+  kfac_kernels::cpu::block_eigh<double>(pc);
+  for (int64_t b = 0; b < 2; ++b) {
+    double norm = 0, diff = 0;
+    for (int64_t i = 0; i < n * n; ++i) norm += blocks[b * n * n + i] * blocks[b * n * n + i];
+    for (int64_t i = 0; i < n; ++i)
+      diff = std::max(diff, std::fabs(vals[b * n + i] - cpu_vals[b * n + i]));
+    expect(diff <= 2 * tol * std::sqrt(norm), "graded block: eigenvalues as the CPU kernel's", n,
+           "double", diff / std::sqrt(norm));
+    // and a true eigendecomposition: ||A Q - Q diag(l)||_F <= tol ||A||_F
+    const double* a = blocks.data() + b * n * n;
+    const double* q = vecs.data() + b * n * n;
+    double res = 0;
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t k = 0; k < n; ++k) {
+        double aq = 0;
+        for (int64_t r = 0; r < n; ++r) aq += (i >= r ? a[i * n + r] : a[r * n + i]) * q[r * n + k];
+        res += std::pow(aq - q[i * n + k] * vals[b * n + k], 2);
+      }
+    expect(std::sqrt(res) <= tol * std::sqrt(norm), "graded block: residual", n, "double",
+           std::sqrt(res / norm));
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -153,5 +203,6 @@ int main() {
     run<float>(n, 1e-5, "float");
     run<double>(n, 1e-10, "double");
   }
+  for (int64_t n : {64, 128}) run_graded(n);
   return finish();
 }
