@@ -360,10 +360,14 @@ def _soap(model: nn.Module, lr: float, weight_decay: float):
     return SOAP(model.parameters(), lr=lr, weight_decay=weight_decay)
 
 
-def _kfac_options(args: argparse.Namespace) -> dict:
-    """The K-FAC options given on the command line (the library's defaults otherwise)."""
+def _kfac_options(args: argparse.Namespace, model: nn.Module) -> dict:
+    """The K-FAC options given on the command line (the library's defaults otherwise). A task
+    model's own parameters (a class token, position embeddings) take the base optimizer's
+    update on purpose: said as ``skip_modules``, so the run does not warn about its own model."""
     out = {"factor_decay": args.factor_decay, "kfac_approx": args.kfac_approx,
            "backend": args.backend}
+    if any(True for _ in model.parameters(recurse=False)):
+        out["skip_modules"] = [type(model)]
     for key in ("factor_update_steps", "inv_update_steps"):
         if getattr(args, key) is not None:
             out[key] = getattr(args, key)
@@ -395,7 +399,7 @@ def _make_optimizer(args: argparse.Namespace, model: nn.Module, workload=None):
         loss_fn = workload.loss_module() if workload is not None else nn.CrossEntropyLoss()
         return AdaptiveKFAC(model, loss_fn, damping=args.damping, structure=structure,
                             fisher_type=args.fisher or "mc", weight_decay=args.weight_decay,
-                            loss_average=loss_average, **extra, **_kfac_options(args))
+                            loss_average=loss_average, **extra, **_kfac_options(args, model))
     fisher = {} if args.fisher in (None, "empirical") else {
         "fisher_type": args.fisher, "loss_fn": workload.loss_module()}
     if args.optimizer == "bdkfac":
@@ -404,7 +408,7 @@ def _make_optimizer(args: argparse.Namespace, model: nn.Module, workload=None):
         precond = BDKFAC(model, num_blocks=args.num_blocks, **damping,
                          damping_form="factored", compute_method="inverse",
                          damping_split="equal", kl_clip=args.kl_clip, loss_average=loss_average,
-                         **fisher, **_kfac_options(args))
+                         **fisher, **_kfac_options(args, model))
         return PreconditionedOptimizer(base, precond)
     base = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum,
                            weight_decay=args.weight_decay)
@@ -413,7 +417,7 @@ def _make_optimizer(args: argparse.Namespace, model: nn.Module, workload=None):
     # damping can leave the weak directions nearly undamped without diverging.
     kl_clip = args.kl_clip if args.kl_clip is not None else KFAC_KL_CLIP
     precond = KFAC(model, **damping, damping_form=args.damping_form, kl_clip=kl_clip,
-                   loss_average=loss_average, **fisher, **_kfac_options(args))
+                   loss_average=loss_average, **fisher, **_kfac_options(args, model))
     return PreconditionedOptimizer(base, precond)
 
 
