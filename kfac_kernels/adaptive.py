@@ -49,6 +49,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 from ._skips import SkipCounter
+from .capture import DetachesHooksOnExit
 from .kfac import KFAC, gradient_health
 
 # The initial relative damping: large, so that the first steps stay where the quadratic model
@@ -78,7 +79,7 @@ class _Closure(nn.Module):
         return self.closure()
 
 
-class AdaptiveKFAC(torch.optim.Optimizer):
+class AdaptiveKFAC(DetachesHooksOnExit, torch.optim.Optimizer):
     """K-FAC with adaptive damping, learning rate and momentum (see the module docstring).
 
     Args:
@@ -175,12 +176,6 @@ class AdaptiveKFAC(torch.optim.Optimizer):
         """Detach the curvature hooks from the model (it stops capturing); ``with
         AdaptiveKFAC(...) as opt:`` detaches at the end of the block."""
         self.preconditioner.remove_hooks()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove_hooks()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.preconditioner.discard_pending()

@@ -218,3 +218,14 @@ def grad_scaler_scale(scaler) -> torch.Tensor | float | None:
         return None
     tensor = getattr(scaler, "_scale", None)
     return tensor if isinstance(tensor, torch.Tensor) else scaler.get_scale()
+
+
+class DetachesHooksOnExit:
+    """``with optimizer:``: the optimizer's hooks are detached from the model at the end of the
+    block (its ``remove_hooks()``), for every optimizer and preconditioner of the package."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove_hooks()

@@ -36,7 +36,8 @@ from ._backend import BACKENDS
 from ._flags import DeferredChecks
 from .blocks import BLOCKS, run_jobs
 from .blocks.decompositions import retry_in_float64
-from .capture import Capture, default_factor_dtype, grad_scaler_scale, weak_method
+from .capture import (Capture, DetachesHooksOnExit, default_factor_dtype, grad_scaler_scale,
+                      weak_method)
 from .curvature import check_common, curvature_backward
 from .layers import SUPPORTED_NAMES, find_adapters, validate_skip_modules
 from .losses import check_loss_fn, inverse_coefficient, loss_coefficient
@@ -57,7 +58,7 @@ def gradient_health(mats: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([n.to(norms[0].device, torch.float64) for n in norms]).sum()
 
 
-class KFAC:
+class KFAC(DetachesHooksOnExit):
     """K-FAC preconditioner: ``loss.backward(); precond.step(); optimizer.step()``.
 
     Args:
@@ -294,12 +295,6 @@ class KFAC:
         """Detach all hooks from the model (the preconditioner stops capturing). Dropping the
         preconditioner does the same; ``with KFAC(model) as precond:`` detaches at the end."""
         self.capture.detach()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove_hooks()
 
     def backward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """``loss = loss_fn(outputs, targets)``; ``loss.backward()``, with the extra backward

@@ -4,9 +4,10 @@ from __future__ import annotations
 import torch
 
 from ._skips import SkipCounter
+from .capture import DetachesHooksOnExit
 
 
-class PreconditionedOptimizer(torch.optim.Optimizer):
+class PreconditionedOptimizer(DetachesHooksOnExit, torch.optim.Optimizer):
     """``step()`` = ``preconditioner.step()`` then ``optimizer.step()``.
 
     It shares ``param_groups`` and ``state`` with the wrapped optimizer, so learning-rate
@@ -67,12 +68,6 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         optimizer does the same; ``with PreconditionedOptimizer(...) as opt:`` detaches at the
         end of the block."""
         self.preconditioner.remove_hooks()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove_hooks()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         if hasattr(self.preconditioner, "discard_pending"):

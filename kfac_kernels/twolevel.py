@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 from . import _arguments as args
 from .graph import GraphRows
+from .capture import DetachesHooksOnExit
 from .kfac import KFAC
 
 COARSE_METHODS = ("sums", "algorithm1")
@@ -83,7 +84,7 @@ class _CoarseCapture:
         record["g"].setdefault(index, []).append(g * math.sqrt(multiplier))
 
 
-class TwoLevel:
+class TwoLevel(DetachesHooksOnExit):
     """Two-level K-FAC: ``loss.backward(); precond.step(); optimizer.step()`` as with the
     wrapped preconditioner.
 
@@ -157,12 +158,6 @@ class TwoLevel:
 
     def remove_hooks(self) -> None:
         self.inner.remove_hooks()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove_hooks()
 
     # --- statistics -------------------------------------------------------------------------
     def _batch_vectors(self):

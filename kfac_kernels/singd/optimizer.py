@@ -52,7 +52,8 @@ from torch import nn
 
 from .. import _arguments as args
 from .. import distributed as dist_utils
-from ..capture import Capture, default_factor_dtype, grad_scaler_scale, weak_method
+from ..capture import (Capture, DetachesHooksOnExit, default_factor_dtype, grad_scaler_scale,
+                       weak_method)
 from ..curvature import check_common
 from ..layers import find_adapters, validate_skip_modules
 from .._flags import DeferredChecks
@@ -72,7 +73,7 @@ def _pair(value):
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
-class SINGD(FusedSteps, torch.optim.Optimizer):
+class SINGD(DetachesHooksOnExit, FusedSteps, torch.optim.Optimizer):
     """Structured inverse-free natural gradient descent (SINGD; INGD, IKFAC as special cases).
 
     Args:
@@ -271,12 +272,6 @@ class SINGD(FusedSteps, torch.optim.Optimizer):
         """Detach the curvature hooks (dropping the optimizer does the same; ``with SINGD(...)
         as opt:`` detaches at the end)."""
         self.capture.detach()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove_hooks()
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
