@@ -70,6 +70,19 @@ void run_cuda(kfac_kernels::BlockEighParams<T> p, const std::vector<T>& blocks,
     if (ptr) cudaFree(ptr);
 }
 
+// The eigenvalues of the CPU kernel (cyclic order) for the same blocks and parameters.
+template <typename T>
+std::vector<T> cpu_eigenvalues(kfac_kernels::BlockEighParams<T> p, const std::vector<T>& blocks) {
+  std::vector<T> vals(p.batch * p.n), vecs(p.batch * p.n * p.n);
+  std::vector<int32_t> sweeps(p.batch);
+  p.blocks = blocks.data();
+  p.eigenvalues = vals.data();
+  p.eigenvectors = vecs.data();
+  p.sweeps = sweeps.data();
+  kfac_kernels::cpu::block_eigh<T>(p);
+  return vals;
+}
+
 template <typename T>
 void run(int64_t n, double tol, const char* type) {
   const int64_t batch = 4;
@@ -87,14 +100,7 @@ void run(int64_t n, double tol, const char* type) {
   run_cuda<T>(p, blocks, nullptr, nullptr, sweeps, &damping, &inv);
   // the CPU kernel (cyclic order) as a second solver: both backward stable, so their eigenvalues
   // agree to about tol * ||A||_F (Weyl)
-  std::vector<T> cpu_vals(batch * n), cpu_vecs(batch * n * n);
-  std::vector<int32_t> cpu_sweeps(batch);
-  kfac_kernels::BlockEighParams<T> pc = p;
-  pc.blocks = blocks.data();
-  pc.eigenvalues = cpu_vals.data();
-  pc.eigenvectors = cpu_vecs.data();
-  pc.sweeps = cpu_sweeps.data();
-  kfac_kernels::cpu::block_eigh<T>(pc);
+  const std::vector<T> cpu_vals = cpu_eigenvalues(p, blocks);
   for (int64_t b = 0; b < batch; ++b) {
     const T* a = blocks.data() + b * n * n;
     const T* q = vecs.data() + b * n * n;
@@ -161,14 +167,7 @@ void run_graded(int64_t n) {
   p.max_sweeps = 30;
   p.tol = std::numeric_limits<double>::epsilon();
   run_cuda<double>(p, blocks, &vals, &vecs, sweeps, nullptr, nullptr);
-  std::vector<double> cpu_vals(2 * n), cpu_vecs(2 * n * n);
-  std::vector<int32_t> cpu_sweeps(2);
-  kfac_kernels::BlockEighParams<double> pc = p;
-  pc.blocks = blocks.data();
-  pc.eigenvalues = cpu_vals.data();
-  pc.eigenvectors = cpu_vecs.data();
-  pc.sweeps = cpu_sweeps.data();
-  kfac_kernels::cpu::block_eigh<double>(pc);
+  const std::vector<double> cpu_vals = cpu_eigenvalues(p, blocks);
   for (int64_t b = 0; b < 2; ++b) {
     double norm = 0, diff = 0;
     for (int64_t i = 0; i < n * n; ++i) norm += blocks[b * n * n + i] * blocks[b * n * n + i];
