@@ -418,7 +418,7 @@ def _shared_bytes(np_: int, elem: int, shared_v: bool) -> int:
     """shared_bytes<T> of csrc/cuda/block_eigh.cu."""
     ld = np_ + 1
     return 8 * (np_ + 8 + (np_ * ld if shared_v else 0)) + 4 * 2 * np_ + elem * (
-        3 * np_ + np_ // 2 + np_ * ld)
+        4 * np_ + np_ // 2 + np_ * ld)
 
 
 # ResNet-18 (ImageNet): (rows, cols) of every conv / linear weight, cols = C_in k^2 (+1 bias).

@@ -13,17 +13,23 @@ the rotation that zeroes ``a_pq`` has
     theta = (a_qq - a_pp) / (2 a_pq),  t = sign(theta) / (|theta| + sqrt(theta^2 + 1)),
     c = 1 / sqrt(1 + t^2),  s = t c
 
-(``c = 1, s = 0`` when ``a_pq = 0``). The round's rotations commute, so they form one orthogonal
+(``c = 1, s = 0`` when ``a_pq = 0``, and in the first ``THRESHOLD_SWEEPS`` sweeps when
+``|a_pq| < 0.2 sum_{i>j} |a_ij| / n^2``: threshold Jacobi, so that a huge off-diagonal entry is
+eliminated by its own rotation before small rotations spread its rounding into the small
+eigenpairs; see csrc/cpu/block_eigh.cpp). The round's rotations commute, so they form one orthogonal
 ``J`` with ``J_pp = J_qq = c``, ``J_pq = s``, ``J_qp = -s``, and the round is
 ``A <- J^T A J``, ``V <- V J`` as three ``tl.dot`` products (``input_precision="ieee"``: never
 TF32). The rotated entries ``a_pq`` are then set to exactly 0, as the formula makes them.
 A padding index only ever meets entries that are exactly zero, so it never mixes with the block.
 
 Before every sweep the program compares ``off(A) = ||A - diag(A)||_F`` with
-``tol * ||A||_F`` and stops when it is below, or after ``max_sweeps`` sweeps. The squares are
-summed in fp64, where those of every fp32 value are normal numbers: in fp32 they underflow to 0
-below ~1e-19 (a block of 1e-25 would look converged before its first sweep) and overflow past
-~1e19, so the test holds at every scale. At the end the
+``tol * ||A||_F`` and checks every pair against its own diagonal,
+``|a_ij| <= tol * max(sqrt(r_i r_j), tol * ||A||_F)`` with ``r_i`` the larger of ``|a_ii|`` now
+and at the start (the pairwise test of the C++ kernels, which keeps the small eigenpairs of a
+graded block accurate); it stops when both hold, or after ``max_sweeps`` sweeps. The squares and
+products are formed in fp64, where those of every fp32 value are normal numbers: in fp32 they
+underflow to 0 below ~1e-19 (a block of 1e-25 would look converged before its first sweep) and
+overflow past ~1e19, so the test holds at every scale. At the end the
 eigenvalues (the diagonal) are ranked (ties by index, so the order is deterministic) and every
 eigenvalue and eigenvector column is stored at its rank: ascending output without a sort.
 
@@ -41,6 +47,8 @@ import triton.language as tl
 __all__ = ["block_eigh_triton", "launch_configs", "MAX_N"]
 
 MAX_N = 64
+#: sweeps of threshold Jacobi (the C++ and CUDA kernels' kThresholdSweeps)
+THRESHOLD_SWEEPS = tl.constexpr(3)
 
 
 @triton.jit
@@ -51,6 +59,23 @@ def _frobenius(a, eye, OFF_ONLY: tl.constexpr):
     if OFF_ONLY:
         sq = tl.where(eye, 0.0, sq)
     return tl.sqrt(tl.sum(tl.sum(sq, axis=1), axis=0))
+
+
+@triton.jit
+def _pairs_left(a, eye, start, tol, floor):
+    """Whether an off-diagonal entry is significant against its pair:
+    ``|a_ij| > tol * max(sqrt(r_i r_j), floor)``, ``r_i = max(|a_ii|, start_i)``, in fp64."""
+    a64 = a.to(tl.float64)
+    root = tl.sqrt(tl.maximum(tl.abs(tl.sum(tl.where(eye, a64, 0.0), axis=1)), start))
+    bound = tol * tl.maximum(root[:, None] * root[None, :], floor)
+    return tl.sum(tl.where((~eye) & (tl.abs(a64) > bound), 1, 0)) > 0
+
+
+@triton.jit
+def _threshold(a, eye, n):
+    """``0.2 sum_{i>j} |a_ij| / n^2`` in fp64 (both triangles summed, halved)."""
+    off = tl.where(eye, 0.0, tl.abs(a.to(tl.float64)))
+    return 0.1 * tl.sum(tl.sum(off, axis=1), axis=0) / (n * n)
 
 
 @triton.jit
@@ -75,8 +100,11 @@ def _block_eigh_kernel(a_ptr, vals_ptr, vecs_ptr, sweeps_ptr, n, max_sweeps, tol
 
     off = _frobenius(a, eye, True)
     target = tol * _frobenius(a, eye, False)
+    start = tl.abs(tl.sum(tl.where(eye, a, 0.0), axis=1)).to(tl.float64)
+    left = _pairs_left(a, eye, start, tol, target)
     sweep = 0
-    while (off > target) & (sweep < max_sweeps):
+    while ((off > target) | left) & (sweep < max_sweeps):
+        skip = tl.where(sweep < THRESHOLD_SWEEPS, _threshold(a, eye, n), 0.0)
         for r in range(NP - 1):
             # partner of every index in round r of the circle method
             m = NP - 1
@@ -90,7 +118,7 @@ def _block_eigh_kernel(a_ptr, vals_ptr, vecs_ptr, sweeps_ptr, n, max_sweeps, tol
             app = tl.where(is_p, diag, d_part).to(tl.float64)
             aqq = tl.where(is_p, d_part, diag).to(tl.float64)
             apq = a_ip.to(tl.float64)
-            nonzero = apq != 0.0
+            nonzero = (apq != 0.0) & (tl.abs(apq) >= skip)  # rotated pairs
             theta = (aqq - app) / (2.0 * tl.where(nonzero, apq, 1.0))
             at = tl.abs(theta)
             # theta^2 overflows past ~1e154: t = 1 / (2 theta) there (both branches are
@@ -115,10 +143,11 @@ def _block_eigh_kernel(a_ptr, vals_ptr, vecs_ptr, sweeps_ptr, n, max_sweeps, tol
             # diagonal from the accurate a_pp - t a_pq, a_qq + t a_pq.
             new_diag = tl.where(is_p, app - t * apq, aqq + t * apq).to(tl.float32)
             a = (a + tl.trans(a)) * 0.5
-            a = tl.where(cj == part[:, None], 0.0, a)
+            a = tl.where((cj == part[:, None]) & nonzero[:, None], 0.0, a)
             a = tl.where(eye, new_diag[:, None], a)
         sweep += 1
         off = _frobenius(a, eye, True)
+        left = _pairs_left(a, eye, start, tol, target)
 
     # rank of every eigenvalue among the n real ones (ties by index): its output position
     lam_i = tl.sum(tl.where(eye, a, 0.0), axis=1)

@@ -31,12 +31,15 @@ template <typename T>
 struct Scratch {
   std::vector<T> a;
   std::vector<V> vt, acc;
+  std::vector<double> start, root;
   std::vector<int64_t> order;
   void resize(int64_t n, bool inverse) {
     a.resize(static_cast<size_t>(n * n));
     vt.resize(static_cast<size_t>(n * n));
     if (inverse) acc.resize(static_cast<size_t>(n * n));
     order.resize(static_cast<size_t>(n));
+    start.resize(static_cast<size_t>(n));
+    root.resize(static_cast<size_t>(n));
   }
 };
 
@@ -68,6 +71,46 @@ void norms(const T* a, int64_t n, double scale, double* off, double* full) {
   }
   *off = std::sqrt(2 * o);
   *full = std::sqrt(2 * o + d);
+}
+
+// Whether some off-diagonal entry is still significant against its own pair (scaled units):
+//     |a_ij| > tol * max(sqrt(r_i r_j), tol ||A||_F),   r_i = max(|a_ii|, |a_ii at the start|).
+// The normwise test alone stops once off(A) <= tol ||A||_F, which leaves the small eigenpairs
+// of a graded block (one entry 1e8 times the others) with errors of eps ||A||: 0 sweeps and a
+// damped inverse 1e3 times less accurate than LAPACK's. Measured against its own diagonal (Demmel
+// & Veselic's relative test) each pair of a graded block is solved to its own scale. The
+// starting diagonal in r_i limits that to blocks whose input is graded: the small diagonal of a
+// rank-deficient or ill-conditioned block is rounding noise of ||A||, which more sweeps cannot
+// make more accurate (it took 30-50% more sweeps for nothing). The floor tol^2 ||A||_F lets
+// pairs whose diagonal is zero stop (an indefinite block need not be graded).
+template <typename T>
+bool pair_significant(const T* a, int64_t n, double scale, double tol, double floor,
+                      const double* start, double* root) {
+  for (int64_t i = 0; i < n; ++i)
+    root[i] = std::sqrt(std::max(std::abs(scale * static_cast<double>(a[i * n + i])), start[i]));
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < i; ++j)
+      if (std::abs(scale * static_cast<double>(a[i * n + j])) >
+          tol * std::max(root[i] * root[j], floor))
+        return true;
+  return false;
+}
+
+// Threshold Jacobi (Rutishauser; Numerical Recipes' jacobi): in the first kThresholdSweeps
+// sweeps a pair is rotated only when |a_pq| >= 0.2 sum_{i>j} |a_ij| / n^2. A huge off-diagonal
+// entry (an indefinite block with one 1e7 pair) is then eliminated by its own rotation before
+// rotations of small pairs spread it over other rows, where its rounding (eps times it) would
+// land in the small eigenpairs: the damped inverse erred by 0.08-0.2 in fp32 and 5e-10 in fp64
+// without it (LAPACK: 2e-7, 6e-16), and 2e-8, 2.5e-16 with it. Ordinary blocks take as many
+// sweeps as without (measured for n = 8..128).
+constexpr int kThresholdSweeps = 3;
+
+template <typename T>
+double threshold(const T* a, int64_t n, double scale) {  // scaled units, like the norms
+  double l1 = 0;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < i; ++j) l1 += std::abs(scale * static_cast<double>(a[i * n + j]));
+  return 0.2 * l1 / static_cast<double>(n * n);
 }
 
 // x' = c x - s y, y' = s x + c y over two distinct rows (restrict: the loop vectorises).
@@ -147,10 +190,17 @@ void solve_block(const BlockEighParams<T>& p, int64_t b, Scratch<T>& w) {
   double off = 0, full = 0;
   norms(a, n, scale, &off, &full);
   const double target = p.tol * full;
+  const double tol = p.tol;
+  double* start = w.start.data();
+  double* root = w.root.data();
+  for (int64_t i = 0; i < n; ++i) start[i] = std::abs(scale * static_cast<double>(a[i * n + i]));
   int sweep = 0;
-  while (off > target && sweep < p.max_sweeps) {
+  while ((off > target || pair_significant(a, n, scale, tol, target, start, root)) &&
+         sweep < p.max_sweeps) {
+    const double skip = sweep < kThresholdSweeps ? threshold(a, n, scale) : 0.0;
     for (int64_t i = 0; i + 1 < n; ++i)
-      for (int64_t j = i + 1; j < n; ++j) rotate(a, vt, n, i, j);
+      for (int64_t j = i + 1; j < n; ++j)
+        if (std::abs(scale * static_cast<double>(a[i * n + j])) >= skip) rotate(a, vt, n, i, j);
     ++sweep;
     norms(a, n, scale, &off, &full);
   }

@@ -31,16 +31,21 @@
 // of a round are disjoint and every pair meets once per sweep. A round:
 //   1. one thread per pair computes c, s, t from a_pp, a_qq, a_pq (the stable formulas of
 //      csrc/include/block_eigh.h, in double) and the new diagonal a_pp - t a_pq, a_qq + t a_pq;
+//      in the first sweeps a pair below the threshold of threshold Jacobi is left as it is
+//      (c = 1, s = 0, see the CPU kernel);
 //   2. column rotations A <- A J, one thread per (row, pair);
 //   3. row rotations A <- J^T A, and V^T <- J^T V^T, one thread per (column, pair);
-//   4. exact symmetry (0.5 (a_ij + a_ji)), a_pq = 0 and the accurate diagonal, one thread per
-//      lower entry; the pair tables of step 1 (partner and slot of every index, this and the next
+//   4. exact symmetry (0.5 (a_ij + a_ji)), a_pq = 0 (rotated pairs) and the accurate diagonal,
+//      one thread per lower entry; the pair tables of step 1 (partner and slot of every index, this and the next
 //      round) tell a thread whether its entry is a pair's.
 // Every entry is computed by the same operations in the same order whichever thread computes it
 // and wherever V^T lives, so the results do not depend on the storage or the thread mapping.
 // Before each sweep the block reduces off(A)^2 (in double, every entry times a power of two that
 // brings the block's largest |entry| near 1, so the squares neither underflow nor overflow at any
-// scale) and stops at tol * ||A||_F or after max_sweeps sweeps. Then every eigenvalue's rank
+// scale) and votes whether some pair is still significant against its own diagonal (the test of
+// csrc/cpu/block_eigh.cpp: |a_ij| > tol max(sqrt(r_i r_j), tol ||A||_F), r_i the larger of |a_ii|
+// now and at the start); it stops when off(A) <= tol * ||A||_F and no pair is significant, or
+// after max_sweeps sweeps. Then every eigenvalue's rank
 // (ties by index) is its output position, and the damped inverse, if asked for, is formed from
 // the double eigenvectors (lower triangle, mirrored).
 #include "block_eigh.h"
@@ -109,14 +114,44 @@ __device__ inline int pair_info(int x, int r, int m, int half) {
   return y | (x < y ? k : half + k) << 8;
 }
 
+// The stopping quantities of this block, after a barrier (every rotation written): off(A) (scaled,
+// into *off) and whether some off-diagonal entry is significant against its pair, |a_ij| >
+// tol max(sqrt(r_i r_j), floor) with r_i = max(|a_ii|, start_i), all scaled (see the CPU kernel
+// for why), and the threshold of the next sweep: 0.2 sum_{i>j} |a_ij| / n^2 (scaled) while
+// sweep < kThresholdSweeps, else 0 (threshold Jacobi, see the CPU kernel). Each thread reads its
+// own entries; one or two block_sums and one vote.
+constexpr int kThresholdSweeps = 3;
+
+template <typename T>
+__device__ inline bool pairs_left(const T* a, const T* diag, const T* start, int np, int ld,
+                                  int n, double scale, double tol, double floor, int sweep,
+                                  double* red, double* off, double* skip) {
+  double sq_off = 0, l1 = 0;
+  int significant = 0;
+  for (int e = static_cast<int>(threadIdx.x); e < np * np; e += kThreads) {
+    const int i = e / np, j = e % np;
+    if (i == j) continue;
+    const double xs = scale * static_cast<double>(a[i * ld + j]);
+    sq_off += xs * xs;
+    if (i > j) l1 += fabs(xs);
+    const double ri = scale * fmax(fabs(static_cast<double>(diag[i])), static_cast<double>(start[i]));
+    const double rj = scale * fmax(fabs(static_cast<double>(diag[j])), static_cast<double>(start[j]));
+    if (fabs(xs) > tol * fmax(sqrt(ri) * sqrt(rj), floor)) significant = 1;
+  }
+  *off = sqrt(block_sum(sq_off, red));
+  *skip = sweep < kThresholdSweeps ? 0.2 * block_sum(l1, red) / (static_cast<double>(n) * n) : 0.0;
+  return __syncthreads_or(significant) != 0;
+}
+
 // Shared memory of one block: per pair c and s, the reduction slots, V^T when kept there
 // (double); the pair information of this and the next round (int, 2 np); per slot the new and
-// the next round's diagonal, per pair the next a_pq, the diagonal by index, and A (T).
+// the next round's diagonal, per pair the next a_pq, the diagonal by index and its starting
+// magnitude, and A (T).
 template <typename T>
 size_t shared_bytes(int np, bool shared_v) {
   const size_t ld = static_cast<size_t>(np) + 1;
   return sizeof(double) * (np + kThreads / 32 + (shared_v ? np * ld : 0)) +
-         sizeof(int) * 2 * np + sizeof(T) * (3 * np + np / 2 + np * ld);
+         sizeof(int) * 2 * np + sizeof(T) * (4 * np + np / 2 + np * ld);
 }
 
 template <typename T, bool kSharedV>
@@ -134,7 +169,8 @@ __global__ void __launch_bounds__(kThreads)
   T* dd = dnew + np;                               // by slot: the next round's a_pp, a_qq
   T* pq = dd + np;                                 // per pair: the next round's a_pq
   T* diag = pq + np / 2;                           // a_ii by index
-  T* a = diag + np;                                // np x ld
+  T* start = diag + np;                            // |a_ii| of the input, by index
+  T* a = start + np;                               // np x ld
 
   const int64_t b = blockIdx.x;
   const int n = static_cast<int>(prm.n);
@@ -150,7 +186,10 @@ __global__ void __launch_bounds__(kThreads)
     if (i < n && j < n) x = i >= j ? src[i * n + j] : src[j * n + i];
     if (!isfinite(x)) bad_here = 1;
     a[i * ld + j] = x;
-    if (i == j) diag[i] = x;
+    if (i == j) {
+      diag[i] = x;
+      start[i] = x < T(0) ? -x : x;
+    }
     vt[i * ld + j] = i == j ? 1.0 : 0.0;
     amax = fmax(amax, fabs(static_cast<double>(x)));
   }
@@ -178,22 +217,23 @@ __global__ void __launch_bounds__(kThreads)
   }
   // rotations keep ||A||_F: the first scale keeps every later entry below np in scaled units
   const double scale = norm_scale(block_max(amax, red));
-  double sq_off = 0, sq_all = 0;
+  double sq_all = 0;
   for (int e = tid; e < np * np; e += kThreads) {  // each thread reads back its own entries
     const int i = e / np, j = e % np;
     const double xs = scale * static_cast<double>(a[i * ld + j]);
     sq_all += xs * xs;
-    if (i != j) sq_off += xs * xs;
   }
   const double target = prm.tol * sqrt(block_sum(sq_all, red));
-  double off = sqrt(block_sum(sq_off, red));
+  double off = 0, skip = 0;
+  bool significant =
+      pairs_left(a, diag, start, np, ld, n, scale, prm.tol, target, 0, red, &off, &skip);
   int sweep = 0;
-  while (off > target && sweep < prm.max_sweeps) {
+  while ((off > target || significant) && sweep < prm.max_sweeps) {
     for (int r = 0; r < m; ++r) {
       for (int k = tid; k < half; k += kThreads) {  // 1. rotation parameters; lanes over k
         const double app = dd[k], aqq = dd[half + k], apq = pq[k];
-        double t = 0;
-        if (apq != 0) {
+        double t = 0;  // also for a pair below the threshold: c = 1, s = 0, a_pq kept
+        if (apq != 0 && fabs(apq) * scale >= skip) {
           const double theta = (aqq - app) / (2 * apq);
           const double at = fabs(theta);
           t = at > 1e100 ? 0.5 / at : 1 / (at + sqrt(at * at + 1));
@@ -245,7 +285,7 @@ __global__ void __launch_bounds__(kThreads)
         T x;
         if (i == j)
           x = dnew[now >> 8];
-        else if ((now & 255) == i)
+        else if ((now & 255) == i && sn[now >> 8] != 0.0)  // a rotated pair's a_pq
           x = T(0);
         else
           x = (a[i * ld + j] + a[j * ld + i]) * T(0.5);
@@ -261,13 +301,8 @@ __global__ void __launch_bounds__(kThreads)
       __syncthreads();
     }
     ++sweep;
-    sq_off = 0;
-    for (int e = tid; e < np * np; e += kThreads) {
-      const int i = e / np, j = e % np;
-      const double xs = scale * static_cast<double>(a[i * ld + j]);
-      if (i != j) sq_off += xs * xs;
-    }
-    off = sqrt(block_sum(sq_off, red));
+    significant =
+        pairs_left(a, diag, start, np, ld, n, scale, prm.tol, target, sweep, red, &off, &skip);
   }
   if (tid == 0 && prm.sweeps) prm.sweeps[b] = sweep;
 

@@ -11,8 +11,11 @@
 //
 // Convergence: a sweep rotates every off-diagonal pair once (with the stable formulas
 // theta = (a_qq - a_pp) / (2 a_pq), t = sign(theta) / (|theta| + sqrt(theta^2 + 1)),
-// c = 1 / sqrt(1 + t^2), s = t c, which zero a_pq). Before each sweep the off-diagonal norm is
-// compared with tol * ||A||_F; the solver stops when it is below, or after max_sweeps sweeps.
+// c = 1 / sqrt(1 + t^2), s = t c, which zero a_pq; in the first 3 sweeps only pairs with
+// |a_pq| >= 0.2 sum_{i>j} |a_ij| / n^2, threshold Jacobi). Before each sweep the off-diagonal
+// norm is compared with tol * ||A||_F and every pair with its own diagonal (|a_ij| <=
+// tol * max(sqrt(r_i r_j), tol ||A||_F), r_i = max(|a_ii|, |a_ii of the input|)); the solver stops
+// when both hold, or after max_sweeps sweeps (csrc/cpu/block_eigh.cpp says why).
 // sweeps[b] is the number of sweeps applied (0: already diagonal). A block with a non-finite
 // entry in its lower triangle gets NaN outputs and sweeps[b] = -1; other blocks are unaffected.
 //
