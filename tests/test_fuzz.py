@@ -55,7 +55,6 @@ LOW = (torch.float16, torch.bfloat16)
 KINDS = ("plain", "outlier", "nan", "inf", "-inf")
 
 
-
 def _draw(gen, n: int) -> int:
     return int(torch.randint(0, n, (), generator=gen))
 

@@ -237,9 +237,12 @@ def test_options_for_the_chosen_optimizer_pass_the_checks():
         _check_args(parser, parser.parse_args(argv))
 
 
-def test_batch_size_larger_than_the_training_set():
-    with pytest.raises(ValueError, match="exceeds the"):
-        main(["--batch-size", "100000", "--steps", "1", "--no-progress"])
+def test_batch_size_larger_than_the_training_set(capsys):
+    """A one-line error and exit status 2 (it was a traceback), alone and inside --compare."""
+    assert main(["--batch-size", "100000", "--steps", "1", "--no-progress"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["kfac-train: error: --batch-size 100000 exceeds the 1438 training examples "
+                     "of the task; use at most 1438"]
 
 
 def test_help_runs_as_a_module_and_as_the_console_script():
@@ -358,6 +361,17 @@ def test_compare_table_json_and_plot(tmp_path, capsys):
         if None not in steps:
             assert row["median_steps_to_target"] == statistics.median(steps)
     assert png.stat().st_size > 10_000
+    # the plot says what it shows (the mean over the seeds) and draws the target
+    import matplotlib.pyplot as plt
+    from kfac_kernels.apps.compare import figure
+    fig = figure(data["runs"], "title")
+    for ax in fig.axes:
+        assert "(mean over 2 seeds)" in ax.get_ylabel() or "; mean over 2 seeds)" in ax.get_ylabel()
+    for ax in fig.axes[2:]:
+        assert ax.get_ylabel().startswith("test accuracy")
+        assert any(list(line.get_ydata()) == [0.5, 0.5] and line.get_linestyle() == "--"
+                   for line in ax.get_lines())
+    plt.close(fig)
 
 
 @pytest.mark.parametrize("argv, message", [

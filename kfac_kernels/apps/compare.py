@@ -138,14 +138,19 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(runs: dict[str, list[dict]], path: str, title: str) -> None:
+def figure(runs: dict[str, list[dict]], title: str):
+    """The comparison figure: training loss (top) and the target's metric (bottom) against
+    steps (left) and training time (right), each curve the mean over the seeds at every logged
+    step, the target a dashed line. Returns the matplotlib figure."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
-    metric = next(iter(runs.values()))[0]["target"]["metric"]
-    shown = "test_accuracy" if metric.endswith("accuracy") else "test_loss"
+    first = next(iter(runs.values()))[0]["target"]
+    metric, value = first["metric"], first["value"]
+    seeds = max(len(results) for results in runs.values())
+    over = f"mean over {seeds} seed{'s' if seeds != 1 else ''}"
     for optimizer, results in runs.items():
         hist = [r["history"] for r in results]
         steps = [h["step"] for h in hist[0]]
@@ -153,7 +158,7 @@ def plot(runs: dict[str, list[dict]], path: str, title: str) -> None:
         time_ = [statistics.fmean(h[i]["elapsed_s"] for h in hist) for i in range(len(steps))]
         evals = [r["evaluations"] for r in results]
         e_steps = [e["step"] for e in evals[0]]
-        e_val = [statistics.fmean(e[i][shown] for e in evals) for i in range(len(e_steps))]
+        e_val = [statistics.fmean(e[i][metric] for e in evals) for i in range(len(e_steps))]
         e_time = [statistics.fmean(e[i]["elapsed_s"] for e in evals) for i in range(len(e_steps))]
         axes[0, 0].plot(steps, loss, label=optimizer)
         axes[0, 1].plot(time_, loss, label=optimizer)
@@ -161,16 +166,27 @@ def plot(runs: dict[str, list[dict]], path: str, title: str) -> None:
         axes[1, 1].plot(e_time, e_val, label=optimizer)
     for ax in axes[0]:
         ax.set_yscale("log")
-        ax.set_ylabel("training loss (batch mean)")
+        ax.set_ylabel(f"training loss (mini-batch; {over})")
     for ax in axes[1]:
-        ax.set_ylabel(shown.replace("_", " "))
+        ax.set_ylabel(f"{metric.replace('_', ' ')} ({over})")
+        ax.axhline(value, color="0.3", linestyle="--", linewidth=1,
+                   label=f"target {metric} = {value:g}")
     for ax in axes[:, 0]:
         ax.set_xlabel("step")
     for ax in axes[:, 1]:
         ax.set_xlabel("training time (s)")
     axes[0, 0].legend()
+    axes[1, 0].legend()
     fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def plot(runs: dict[str, list[dict]], path: str, title: str) -> None:
+    """Save :func:`figure` to ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(runs, title)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

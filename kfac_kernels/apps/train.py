@@ -490,13 +490,19 @@ def state_bytes(optimizer) -> int:
     return total
 
 
+class ArgumentMismatch(ValueError):
+    """An argument that the chosen task's data cannot satisfy (found once the data is loaded);
+    ``main`` turns it into a one-line error and exit status 2."""
+
+
 class BatchSampler:
     """Indices of mini-batches: epochs of a seeded permutation, the last incomplete batch of an
     epoch dropped. Depends only on ``(n, batch_size, seed)``, not on the optimizer."""
 
     def __init__(self, n: int, batch_size: int, seed: int, device: torch.device):
         if batch_size > n:
-            raise ValueError(f"batch size {batch_size} exceeds the {n} training examples")
+            raise ArgumentMismatch(f"--batch-size {batch_size} exceeds the {n} training examples "
+                                   f"of the task; use at most {n}")
         self.n, self.batch_size, self.device = n, batch_size, device
         self.generator = torch.Generator().manual_seed(seed)
         self._perm = torch.empty(0, dtype=torch.int64)
@@ -678,7 +684,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.weight_decay is None:
         args.weight_decay = DEFAULT_WEIGHT_DECAY[args.optimizer]
 
-    result = run(args)
+    try:
+        result = run(args)
+    except ArgumentMismatch as err:  # one line, also inside --compare's runs
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
 
     lr = "adaptive" if result["lr"] is None else f"{result['lr']:g}"
     print(f"task {result['task']}  optimizer {result['optimizer']}  steps {result['steps']}  "
