@@ -34,7 +34,7 @@ rotated order) and the records keep the median, the minimum and the maximum over
   one ``torch.optim.AdamW`` step of the same model. K-FAC contenders share damping ``1e-3``,
   factor decay 0.95 (ASDL: ``ema_decay=0.05``, its convention), the empirical Fisher, the
   expand form, and precondition the same layers (``nn.Linear``, ``nn.Conv2d``; ASDL's norm
-  layers ignored): ours ``KFAC`` eigen (exact damping) and inverse (factored damping);
+  layers ignored): ours ``KFAC`` eigen (exact damping), inverse and cholesky (factored damping);
   kfac-pytorch eigen and inverse (its defaults otherwise: ``kl_clip=0.001``); ASDL's
   ``KfacGradientMaker`` (Cholesky inverses).
 * **singd**: ours ``SINGD`` (dense; diagonal ``fused=True``) against singd's ``SINGD`` with the
@@ -317,7 +317,8 @@ def _peer_singd(structure: str, T: int):
 
 
 def kfac_contenders(libs, T):
-    out = {"ours-kfac-eigen": _ours_kfac("eigen", T), "ours-kfac-inverse": _ours_kfac("inverse", T)}
+    out = {"ours-kfac-eigen": _ours_kfac("eigen", T), "ours-kfac-inverse": _ours_kfac("inverse", T),
+           "ours-kfac-cholesky": _ours_kfac("cholesky", T)}
     if "kfac-pytorch" in libs:
         out["kfac-pytorch-eigen"] = _kfac_pytorch("eigen", T)
         out["kfac-pytorch-inverse"] = _kfac_pytorch("inverse", T)

@@ -160,7 +160,7 @@ INVALID = [
     ("damping_form", lambda: dict(damping_form="x"), ValueError,
      "KFAC: damping_form must be 'exact' or 'factored', got 'x'"),
     ("compute_method", lambda: dict(compute_method="svd"), ValueError,
-     "KFAC: compute_method must be 'eigen' or 'inverse', got 'svd'"),
+     "KFAC: compute_method must be one of ('eigen', 'inverse', 'cholesky'), got 'svd'"),
     ("inverse-with-exact", lambda: dict(compute_method="inverse", damping_form="exact"),
      ValueError, "KFAC: compute_method='inverse' needs damping_form='factored'"),
     ("kl_clip-negative", lambda: dict(kl_clip=-1), ValueError,

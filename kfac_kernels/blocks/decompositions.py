@@ -1,9 +1,10 @@
 """All of a step's factor decompositions in as few batched calls as the sizes allow.
 
-Blocks hand in :class:`Job` s -- an eigendecomposition, or a damped inverse
-``(F + gamma I)^{-1}`` of a PSD factor -- and :func:`run_jobs` stacks the jobs of the same kind,
-size, dtype and device into one call of :func:`kfac_kernels.ops.block_eigh` /
-:func:`kfac_kernels.ops.block_damped_inverse` (which pick the kernel). A solve that raises (an
+Blocks hand in :class:`Job` s -- an eigendecomposition, a damped inverse
+``(F + gamma I)^{-1}`` of a PSD factor, or the Cholesky factor of ``F + gamma I`` -- and
+:func:`run_jobs` stacks the jobs of the same kind, size, dtype and device into one call of
+:func:`kfac_kernels.ops.block_eigh` / :func:`kfac_kernels.ops.block_damped_inverse` /
+:func:`kfac_kernels.ops.block_damped_cholesky` (which pick the kernel). A solve that raises (an
 fp32 eigendecomposition that failed to converge) is computed once more in fp64, only for the
 jobs it held. Nothing is read on the host: each result comes with a health tensor (finite iff
 the result is), which the caller checks without a device synchronisation
@@ -20,15 +21,16 @@ from .. import ops
 
 @dataclass
 class Job:
-    kind: str                      # "eigh" or "inverse"
+    kind: str                      # "eigh", "inverse" or "cholesky"
     matrix: torch.Tensor           # (groups, n, n), symmetric
-    damping: torch.Tensor | None = None  # (groups,) for "inverse"
+    damping: torch.Tensor | None = None  # (groups,) for "inverse" and "cholesky"
 
 
 def health(kind: str, result) -> torch.Tensor:
     """A 0-d tensor that is finite iff the result is: the eigenvalues (a vector per matrix; the
     eigenvectors of a non-finite solve are non-finite with them), or the trace of an inverse (a
-    non-finite solve leaves NaN or inf on the diagonal). Computed on the result's device."""
+    non-finite solve leaves NaN or inf on the diagonal; a failed Cholesky factor is NaN).
+    Computed on the result's device."""
     if kind == "eigh":
         return result[0].sum()
     return torch.diagonal(result, dim1=-2, dim2=-1).sum()
@@ -37,6 +39,8 @@ def health(kind: str, result) -> torch.Tensor:
 def _solve(kind: str, stack: torch.Tensor, damping, backend: str, fallback: bool):
     if kind == "eigh":
         return ops.block_eigh(stack, backend=backend)
+    if kind == "cholesky":
+        return ops.block_damped_cholesky(stack, damping)
     return ops.block_damped_inverse(stack, damping, backend=backend, fallback=fallback)
 
 
@@ -49,7 +53,7 @@ def _run_batched(jobs: list[Job], backend: str, fallback: bool) -> list:
     for (kind, *_), members in buckets.items():
         stack = torch.cat([jobs[i].matrix for i in members])
         damping = (torch.cat([jobs[i].damping.to(stack.dtype) for i in members])
-                   if kind == "inverse" else None)
+                   if kind != "eigh" else None)
         try:
             out = _solve(kind, stack, damping, backend, fallback)
         except torch.linalg.LinAlgError:
@@ -69,7 +73,7 @@ def _run_batched(jobs: list[Job], backend: str, fallback: bool) -> list:
 
 def run_jobs(jobs: list[Job], backend: str = "auto") -> list:
     """Results in the order of ``jobs``: ``(eigenvalues, eigenvectors)`` for ``"eigh"``, the
-    inverse for ``"inverse"``; a bucket whose solve raised is solved again in fp64 (cast back),
+    inverse for ``"inverse"``, the lower Cholesky factor for ``"cholesky"``; a bucket whose solve raised is solved again in fp64 (cast back),
     ``None`` where that fails too."""
     if not jobs:
         return []

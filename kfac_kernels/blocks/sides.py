@@ -52,6 +52,27 @@ def widths(parts: list[torch.Tensor]) -> list[int]:
     return [p.shape[-1] for p in parts]
 
 
+def _blockwise(parts: list[torch.Tensor], mat: torch.Tensor, apply) -> torch.Tensor:
+    """``apply(part, rows)`` for every part and its rows of ``mat`` ``(groups, rows, cols)``,
+    joined; the leading equal-size parts are one batched call."""
+    if len(parts) == 1:
+        return apply(parts[0], mat)
+    groups, rows, cols = mat.shape
+    q = parts[0].shape[-1]
+    lead = next((i for i, p in enumerate(parts) if p.shape[-1] != q), len(parts))
+    out = []
+    if lead:
+        stacked = torch.stack(parts[:lead], dim=1)                     # (groups, n, q, q)
+        head = apply(stacked, mat[:, :q * lead].reshape(groups, lead, q, cols))
+        out.append(head.reshape(groups, q * lead, cols))
+    start = q * lead
+    for p in parts[lead:]:
+        w = p.shape[-1]
+        out.append(apply(p, mat[:, start:start + w]))
+        start += w
+    return torch.cat(out, dim=1) if len(out) > 1 else out[0]
+
+
 def left(parts: list[torch.Tensor] | None, mat: torch.Tensor, layout: Layout,
          transpose: bool = False) -> torch.Tensor:
     """``blockdiag(parts) @ mat`` for ``mat`` ``(groups, rows, cols)`` (``parts^T`` with
@@ -63,28 +84,27 @@ def left(parts: list[torch.Tensor] | None, mat: torch.Tensor, layout: Layout,
         return parts[0][:, :, None] * mat
     if transpose:
         parts = [p.mT for p in parts]
-    if len(parts) == 1:
-        return parts[0] @ mat
-    groups, rows, cols = mat.shape
-    q = parts[0].shape[-1]
-    lead = next((i for i, p in enumerate(parts) if p.shape[-1] != q), len(parts))
-    out = []
-    if lead:
-        stacked = torch.stack(parts[:lead], dim=1)                     # (groups, n, q, q)
-        head = stacked @ mat[:, :q * lead].reshape(groups, lead, q, cols)
-        out.append(head.reshape(groups, q * lead, cols))
-    start = q * lead
-    for p in parts[lead:]:
-        w = p.shape[-1]
-        out.append(p @ mat[:, start:start + w])
-        start += w
-    return torch.cat(out, dim=1) if len(out) > 1 else out[0]
+    return _blockwise(parts, mat, torch.matmul)
 
 
 def right(mat: torch.Tensor, parts: list[torch.Tensor] | None, layout: Layout,
           transpose: bool = False) -> torch.Tensor:
     """``mat @ blockdiag(parts)`` (``parts^T`` with ``transpose``)."""
     return left(parts, mat.mT, layout, transpose=not transpose).mT
+
+
+def solve_left(chol: list[torch.Tensor], mat: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """``blockdiag(L L^T)^{-1} @ mat`` from lower Cholesky factors ``L`` (two triangular solves
+    per part); a diagonal side holds ``L``'s diagonal (a vector) and divides the rows by its
+    square."""
+    if layout.kind == "diagonal":
+        return mat / (chol[0] * chol[0])[:, :, None]
+    return _blockwise(chol, mat, lambda factor, rows: torch.cholesky_solve(rows, factor))
+
+
+def solve_right(mat: torch.Tensor, chol: list[torch.Tensor], layout: Layout) -> torch.Tensor:
+    """``mat @ blockdiag(L L^T)^{-1}`` (the factors are symmetric)."""
+    return solve_left(chol, mat.mT, layout).mT
 
 
 def concat_values(vals: list[torch.Tensor]) -> torch.Tensor:

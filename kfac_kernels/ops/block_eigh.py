@@ -164,8 +164,8 @@ def _check_sweeps_tol(max_sweeps, tol) -> None:
         raise ValueError(f"{_OP}: tol must be a non-negative finite float or None, got {tol!r}")
 
 
-def _damping_values(damping, count: int) -> list[float] | float | torch.Tensor:
-    op = "block_damped_inverse"
+def _damping_values(damping, count: int, op: str = "block_damped_inverse"
+                    ) -> list[float] | float | torch.Tensor:
     if isinstance(damping, bool):
         raise TypeError(f"{op}: damping must be a float or one value per block, got bool")
     if isinstance(damping, (int, float)):
@@ -239,13 +239,17 @@ def damped_inverse_by_cholesky(stack: torch.Tensor, damping: torch.Tensor,
     round-off, or non-finite) take the eigendecomposition, which clamps and confines NaN; with
     ``fallback=False`` they are NaN instead, and nothing is read on the host (finding the
     failed blocks would synchronise with a GPU): the caller checks and solves them again."""
-    eye = torch.eye(stack.shape[-1], dtype=stack.dtype, device=stack.device)
-    shifted = torch.tril(stack) + torch.tril(stack, -1).mT + damping[:, None, None] * eye
+    # The factorisation reads the lower triangle only (LAPACK potrf, uplo "L"), so the damping
+    # goes onto a copy's diagonal and nothing is mirrored; cholesky_inverse returns an exactly
+    # symmetric matrix. (Mirroring and symmetrising here were two passes over transposed views:
+    # 2.3 s of a 17.9 s ResNet-18 K-FAC step at n = 4608 on one CPU thread.)
+    shifted = stack.clone()
+    shifted.diagonal(dim1=-2, dim2=-1).add_(damping[:, None])
     chol, info = torch.linalg.cholesky_ex(shifted)
+    del shifted
     inverse = torch.cholesky_inverse(chol)
-    inverse = (inverse + inverse.mT) * 0.5
     if not fallback:
-        return torch.where((info == 0)[:, None, None], inverse, math.nan)
+        return inverse.masked_fill_((info != 0)[:, None, None], math.nan)
     failed = (info != 0).nonzero().flatten()
     if failed.numel():
         vals, vecs, _ = block_eigh_eager(stack[failed])
@@ -391,6 +395,43 @@ def block_damped_inverse(blocks, damping, *, backend: str = "auto", fallback: bo
     """
     inverse, _ = _run(blocks, backend, None, None, damping, "block_damped_inverse", fallback)
     return inverse
+
+
+def block_damped_cholesky(blocks: torch.Tensor, damping) -> torch.Tensor:
+    """The lower Cholesky factor ``L`` of ``A + gamma I`` per block, ``L L^T = A + gamma I``
+    (``torch.linalg.cholesky_ex`` on every backend: it is LAPACK / cuSOLVER's, and the preferred
+    form when the damped inverse is applied only once or twice: two triangular solves with the
+    gradient cost what a product with the inverse costs, and forming the inverse (LAPACK
+    ``potri``) is skipped).
+
+    Args:
+        blocks: ``(B, n, n)`` tensor; only the lower triangle is read.
+        damping: non-negative float, or one value per block (sequence or 1-D tensor of length B).
+
+    Returns:
+        ``(B, n, n)``, lower triangular, in the input dtype (fp16/bf16 are factorised in fp32).
+        A block whose factorisation fails (indefinite beyond ``-gamma``, or non-finite) is all
+        NaN; nothing is read on the host.
+    """
+    op = "block_damped_cholesky"
+    if not isinstance(blocks, torch.Tensor) or blocks.dim() != 3 or (
+            blocks.shape[-1] != blocks.shape[-2]):
+        raise ValueError(f"{op}: blocks must be a (B, n, n) tensor, got "
+                         f"{tuple(blocks.shape) if isinstance(blocks, torch.Tensor) else blocks!r}")
+    if not blocks.is_floating_point():
+        raise TypeError(f"{op}: blocks must be floating point, got {blocks.dtype}")
+    compute = torch.float32 if blocks.dtype in _LOW else blocks.dtype
+    values = _damping_values(damping, blocks.shape[0], op)
+    if isinstance(values, torch.Tensor):  # 1-D, on its device: no host round trip
+        gamma = values.to(blocks.device, compute)
+    else:
+        if isinstance(values, float):
+            values = [values] * blocks.shape[0]
+        gamma = torch.tensor(values, dtype=compute, device=blocks.device)
+    shifted = blocks.to(compute, copy=True)
+    shifted.diagonal(dim1=-2, dim2=-1).add_(gamma[:, None])
+    chol, info = torch.linalg.cholesky_ex(shifted)
+    return chol.masked_fill_((info != 0)[:, None, None], math.nan).to(blocks.dtype)
 
 
 def _register_fake() -> None:

@@ -1,0 +1,90 @@
+"""``compute_method="cholesky"``: the damped factors' Cholesky factors and two triangular solves
+per side give the preconditioned gradient of the precomputed damped inverses (fp64, to
+round-off) for every structure (dense, block-diagonal with norm layers, diagonal), with
+absolute and relative damping; the factor of a failed factorisation keeps the previous one; the
+op ``block_damped_cholesky`` against its definition."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kfac_kernels import BDKFAC, KFAC
+from kfac_kernels.ops import block_damped_cholesky
+
+from test_bdkfac import cnn, data
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _preconditioned(make, method, steps=2):
+    model = cnn(norm=True)
+    opt = make(model, method)
+    x, y = data()
+    for _ in range(steps):
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return [p.grad.clone() for p in model.parameters()], opt
+
+
+MAKERS = {
+    "dense": lambda m, c: KFAC(m, damping=1e-2, damping_form="factored", compute_method=c,
+                               factor_update_steps=1, inv_update_steps=1),
+    "dense-relative": lambda m, c: KFAC(m, relative_damping=1e-2, lr=0.1, damping_form="factored",
+                                        compute_method=c, factor_update_steps=1,
+                                        inv_update_steps=1),
+    "block-diagonal": lambda m, c: BDKFAC(m, num_blocks=2, damping=1e-2, damping_form="factored",
+                                          compute_method=c, damping_split="equal",
+                                          factor_update_steps=1, inv_update_steps=1),
+    "diagonal": lambda m, c: KFAC(m, structure="diagonal", damping=1e-2,
+                                  damping_form="factored", compute_method=c,
+                                  factor_update_steps=1, inv_update_steps=1),
+}
+
+
+@pytest.mark.parametrize("structure", MAKERS)
+def test_cholesky_form_equals_the_inverse_form(structure):
+    want, _ = _preconditioned(MAKERS[structure], "inverse")
+    got, opt = _preconditioned(MAKERS[structure], "cholesky")
+    assert any("chol_A" in d for d in opt.preconditioners.values())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12 * float(w.abs().max()))
+
+
+def test_failed_factorisation_keeps_the_previous_factor():
+    model = cnn()
+    opt = KFAC(model, damping=1e-2, damping_form="factored", compute_method="cholesky",
+               factor_update_steps=1, inv_update_steps=1)
+    x, y = data()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    before = [t.clone() for t in opt.blocks["0"].decomposition["chol_A"]]
+    opt.blocks["0"].A[0][0, 0, 0] = float("nan")
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        opt.decompose(["0"])
+    for old, new in zip(before, opt.blocks["0"].decomposition["chol_A"]):
+        assert torch.equal(old, new)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_block_damped_cholesky_against_its_definition(dtype):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 6, 9, generator=gen, dtype=torch.float64)
+    a = x @ x.mT / 9
+    gamma = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
+    a[:, 0, 1] = 1e3  # the upper triangle is not read
+    chol = block_damped_cholesky(a.to(dtype), gamma.to(dtype))
+    assert chol.dtype == dtype and torch.equal(chol, chol.tril())
+    lower = a.tril() + a.tril(-1).mT + torch.diag_embed(gamma[:, None].expand(3, 6))
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    err = (chol.double() @ chol.double().mT - lower).norm() / lower.norm()
+    assert err <= tol
+    bad = a.clone()
+    bad[1] = -bad[1]
+    out = block_damped_cholesky(bad.to(dtype), 0.1)
+    assert out[1].isnan().all() and out[[0, 2]].isfinite().all()
+    with pytest.raises(ValueError, match="block_damped_cholesky: damping must have one value"):
+        block_damped_cholesky(a, [0.1, 0.2])
