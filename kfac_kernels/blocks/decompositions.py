@@ -73,8 +73,8 @@ def _run_batched(jobs: list[Job], backend: str, fallback: bool) -> list:
 
 def run_jobs(jobs: list[Job], backend: str = "auto") -> list:
     """Results in the order of ``jobs``: ``(eigenvalues, eigenvectors)`` for ``"eigh"``, the
-    inverse for ``"inverse"``, the lower Cholesky factor for ``"cholesky"``; a bucket whose solve raised is solved again in fp64 (cast back),
-    ``None`` where that fails too."""
+    inverse for ``"inverse"``, the lower Cholesky factor for ``"cholesky"``; a bucket whose
+    solve raised is solved again in fp64 (cast back), ``None`` where that fails too."""
     if not jobs:
         return []
     # A failed Cholesky factorisation gives NaN (no host read): the health check retries it.
