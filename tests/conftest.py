@@ -39,6 +39,15 @@ SLOW = (
     "tests/test_symmetric_factor_update.py::test_triton_tiling*",
     "tests/test_patch_covariance_triton.py::test_split_rows_*",
     "tests/test_ops.py::*triton*",
+    # 3-10 s each: a subprocess, a GPU-target compilation or a bank-access count
+    "tests/test_triton_aot.py::test_largest_tiles_compile_within_the_spill_budget",
+    "tests/test_block_eigh_banks.py::test_padded_kernel_is_conflict_free_and_unpadded_is_not",
+    "tests/test_package.py::test_no_top_level_triton_kernels_module",
+    "tests/test_ops.py::test_fake_kernels_exist_and_validate_without_the_extension",
+    "tests/test_triton_limits.py::test_singd_diagonal_step_rows_past_2_31",
+    "tests/test_symmetric_factor_update.py::test_triton_package_is_lazy",
+    "tests/test_gpu_check.py::test_dry_run_lists_every_step_and_tool",
+    "tests/test_gpu_check.py::test_without_gpu_nothing_runs",
 )
 
 

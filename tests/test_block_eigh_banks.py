@@ -28,7 +28,6 @@ def test_warp_ways_of_strided_lanes(elem, stride, ways):
     assert banks.warp_ways(index, active, elem)[0] == ways
 
 
-@pytest.mark.slow  # 3-10 s (a subprocess, a GPU-target compilation or an access count)
 def test_padded_kernel_is_conflict_free_and_unpadded_is_not():
     table = banks.bank_table((64, 96, 128))
     for dtype, full in (("float32", 32), ("float64", 16)):

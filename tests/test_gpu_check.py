@@ -39,7 +39,6 @@ def test_script_parses():
     assert r.returncode == 0, r.stderr
 
 
-@pytest.mark.slow  # 3-10 s (a subprocess, a GPU-target compilation or an access count)
 def test_dry_run_lists_every_step_and_tool():
     r = _run("--dry-run", "--budget", "300")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -60,7 +59,6 @@ def test_unknown_option_is_refused():
     assert r.returncode == 2 and "unknown option" in r.stderr
 
 
-@pytest.mark.slow  # 3-10 s (a subprocess, a GPU-target compilation or an access count)
 def test_without_gpu_nothing_runs(tmp_path):
     pytest.importorskip("torch")
     import torch

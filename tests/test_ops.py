@@ -77,7 +77,6 @@ def test_opcheck_of_every_native_call(info):
         torch.library.opcheck(func, args, kwargs)
 
 
-@pytest.mark.slow  # 3-10 s (a subprocess, a GPU-target compilation or an access count)
 def test_fake_kernels_exist_and_validate_without_the_extension():
     """The schemas and fake kernels do not need kfac_kernels._C: torch.compile can trace the
     ops on a machine without it, and a fake call with a wrong shape fails with the op's name."""

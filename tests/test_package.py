@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import kfac_kernels
 
 PACKAGE = Path(kfac_kernels.__file__).resolve().parent
@@ -92,7 +90,6 @@ def test_no_import_cycles_between_library_modules():
     assert not cycles
 
 
-@pytest.mark.slow  # 3-10 s (a subprocess, a GPU-target compilation or an access count)
 def test_no_top_level_triton_kernels_module(tmp_path):
     """The Triton kernels install as kfac_kernels._triton: outside the repository (whose root
     is not on sys.path there) ``import triton_kernels`` fails while the package's own name

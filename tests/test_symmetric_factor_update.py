@@ -275,7 +275,6 @@ def test_triton_tile_overrides_are_checked():
         symmetric_factor_update_triton(None, x, 0.0, 1.0, block=128)
 
 
-@pytest.mark.slow  # 3-10 s (a subprocess, a GPU-target compilation or an access count)
 def test_triton_package_is_lazy():
     """Without Triton installed, ``kfac_kernels`` and ``kfac_kernels._triton`` import (torch
     itself imports triton when it is present, so its absence is simulated)."""

@@ -35,7 +35,6 @@ def _static(*args: str, timeout: int) -> None:
     assert done.returncode == 0, "\n".join(problems) or (done.stdout + done.stderr)[-4000:]
 
 
-@pytest.mark.slow  # 3-10 s (a subprocess, a GPU-target compilation or an access count)
 def test_largest_tiles_compile_within_the_spill_budget():
     """Per kernel the configuration with the largest tiles, for sm_80 and sm_90."""
     _static("--fast", timeout=1200)

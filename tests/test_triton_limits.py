@@ -114,7 +114,6 @@ _BIG_STRIDE = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow  # 3-10 s (a subprocess, a GPU-target compilation or an access count)
 def test_singd_diagonal_step_rows_past_2_31():
     """A parameter view whose last row starts past element 2^31 of its storage (the kernels
     compute ``row * row_stride``), on every backend: in a fresh process, since an int32 offset
