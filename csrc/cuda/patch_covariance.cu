@@ -278,9 +278,10 @@ __device__ void tile_body_simt(const Problem& P, int64_t nt, int64_t slices,
 
     for (int64_t kc0 = k_begin; kc0 < k_end; kc0 += kChunkRows) {
       const int64_t kc_end = imin(k_end, kc0 + kChunkRows);
-      __syncthreads();  // the previous chunk's (segment's) users of rows / panels are done
+      // No barrier before the row table is rewritten: only the gathers read it, and every
+      // chunk's last gather is followed by two barriers (a chunk has at least one step).
       if (t < kChunkRows) sm.rows[t] = make_row(P, kc0 + t, kc_end);
-      __syncthreads();
+      __syncthreads();  // also: the previous segment's tile is read (the panels alias it)
       A part[kSub][kSub];
       zero_tile(part);
       const int steps = static_cast<int>(kc_end - kc0);
@@ -306,7 +307,9 @@ __device__ void tile_body_simt(const Problem& P, int64_t nt, int64_t slices,
     if (kSplit) {
       store_tile(partial + ((s * npairs + q) * slices + sl) * (kTile * kTile), kTile, acc);
     } else {
-      __syncthreads();  // the panels (aliased by the stage) are no longer read
+      // No barrier before the stage (aliasing the panels) is written: the last reads of the
+      // panels end with the last step's barrier, and a segment without rows (M == 0) follows
+      // the previous segment's write_staged_tile, which ends with a barrier.
       store_tile(&sm.u.stage[0][0], kLd, acc);
       __syncthreads();
       write_staged_tile<A>(P, s, ci, cj, diag, &sm.u.stage[0][0], kLd);
@@ -365,9 +368,9 @@ __device__ void tile_body_wmma(const Problem& P, int64_t nt, int64_t slices,
     wmma::fill_fragment(acc[1], 0.0f);
     for (int64_t kc0 = k_begin; kc0 < k_end; kc0 += kChunkRows) {
       const int64_t kc_end = imin(k_end, kc0 + kChunkRows);
-      __syncthreads();
+      // No barrier before the row table is rewritten (as in tile_body_simt).
       if (t < kChunkRows) sm.rows[t] = make_row(P, kc0 + t, kc_end);
-      __syncthreads();
+      __syncthreads();  // also: the previous segment's stage is read (the panels alias it)
       wmma::fill_fragment(part[0], 0.0f);
       wmma::fill_fragment(part[1], 0.0f);
       const int steps = static_cast<int>(kc_end - kc0);
@@ -404,7 +407,9 @@ __device__ void tile_body_wmma(const Problem& P, int64_t nt, int64_t slices,
         for (int e = 0; e < part[f].num_elements; ++e)
           acc[f].x[e] = add_rn(acc[f].x[e], part[f].x[e]);
     }
-    __syncthreads();  // the panels (aliased by the stage) are no longer read
+    // No barrier before the stage (aliasing the panels) is written: the last reads of the panels
+    // end with the last step's barrier; a segment without rows (M == 0, never split) follows
+    // the previous segment's write_staged_tile, which ends with a barrier.
 #pragma unroll
     for (int f = 0; f < 2; ++f)
       wmma::store_matrix_sync(&sm.u.stage[16 * fr][16 * (fc0 + f)], acc[f], kLdc,
@@ -412,8 +417,9 @@ __device__ void tile_body_wmma(const Problem& P, int64_t nt, int64_t slices,
     __syncthreads();
     if (kSplit) {
       float* dst = partial + ((s * npairs + q) * slices + sl) * (kTile * kTile);
+      // No barrier after these reads of the stage: the next segment rewrites shared memory only
+      // after its first chunk's barrier (every slice of the split kernel has rows).
       for (int e = t; e < kTile * kTile; e += kThreads) dst[e] = sm.u.stage[e / kTile][e % kTile];
-      __syncthreads();
     } else {
       write_staged_tile<float>(P, s, ci, cj, diag, &sm.u.stage[0][0], kLdc);
     }

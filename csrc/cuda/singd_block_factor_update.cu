@@ -61,11 +61,13 @@ __device__ void side_update(T* x, T* m, const int64_t* dims, int64_t j0, int64_t
       sb[r * ld + c] = b[r * ld + c] - lr_cov * acc;
     }
     __syncthreads();  // every read of B done
+    // No barrier after the copy: it is the last access to block j's storage (B, S B, S and the
+    // momentum at j * ld^2 in their arrays), and the next block (or the other side's) reads and
+    // writes only its own.
     for (int64_t e = threadIdx.x; e < n * n; e += kThreads) {
       const int64_t r = e / n, c = e % n;
       b[r * ld + c] = sb[r * ld + c];
     }
-    __syncthreads();
   }
 }
 

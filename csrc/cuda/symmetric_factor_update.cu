@@ -58,12 +58,14 @@ __device__ void write_to_output(const SymmetricFactorUpdateParams<T>& p, int64_t
 
 // acc holds this thread's 4 x 4 entries of x^T x for tile (ti, tj): rows ty + 16 r, columns
 // tx + 16 c. They are staged in shared memory (`sh`, kTile x kLd) and written by
-// write_symmetric_tile (gram_tiles.cuh). Starts and ends with a barrier, so `sh` may alias the
-// staging buffers of the main loop.
+// write_symmetric_tile (gram_tiles.cuh), which ends with a barrier, so `sh` may alias the staging
+// buffers of the main loop. No barrier is needed before the stores into `sh`: the last accesses
+// to shared memory before them are either the main loop's reads of the staged rows, which its
+// last step's closing barrier ends, or (no rows: m == 0) the previous batch element's reads of
+// its tile, which write_symmetric_tile's closing barrier ends.
 template <typename T>
 __device__ void write_tile(const SymmetricFactorUpdateParams<T>& p, int64_t b, int64_t ci,
                            int64_t cj, bool diag, const T (&acc)[kSub][kSub], T* sh) {
-  __syncthreads();
   store_tile(sh, kLd, acc);
   __syncthreads();
   write_to_output(p, b, ci, cj, diag, sh);

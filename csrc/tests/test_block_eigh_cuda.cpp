@@ -147,18 +147,24 @@ void run(int64_t n, double tol, const char* type) {
   }
 }
 
-// A graded block: tiny entries (1e-150) except the lower-right quadrant (1e20). The kernel scales
-// every entry by a power of two from the block's largest |entry| (a block-wide max) so that the
-// squares of off(A) neither overflow nor underflow; a scale taken from some threads' entries
-// only (the tiny ones) overflows the squares of the large ones, and the solve stops at once.
-void run_graded(int64_t n) {
+// A graded block: tiny entries (1e-150) except one quadrant (1e20), the lower-right or the
+// upper-left one. The kernel scales every entry by a power of two from the block's largest
+// |entry| (a block-wide max) so that the squares of off(A) neither overflow nor underflow; a
+// scale taken from some threads' entries only (the tiny ones) overflows the squares of the large
+// ones, and the solve stops at once. Thread t holds the entries t, t + 256, ... of the row-major
+// matrix (columns t mod n for n = 64, 128), so the upper-left quadrant puts the large entries in
+// the first warps and only tiny ones in the last: a warp that read the maximum of the later warps
+// before its own was written takes the scale from tiny entries.
+void run_graded(int64_t n, bool upper_left) {
   const double tol = 1e-10;
   Rng rng(static_cast<uint64_t>(n) + 99);
   std::vector<double> blocks = make_blocks<double>(2, n, rng);
   for (int64_t b = 0; b < 2; ++b)
     for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < n; ++j)
-        blocks[b * n * n + i * n + j] *= (2 * i >= n && 2 * j >= n) ? 1e20 : 1e-150;
+      for (int64_t j = 0; j < n; ++j) {
+        const bool large = upper_left ? (2 * i < n && 2 * j < n) : (2 * i >= n && 2 * j >= n);
+        blocks[b * n * n + i * n + j] *= large ? 1e20 : 1e-150;
+      }
   std::vector<double> vals(2 * n), vecs(2 * n * n);
   std::vector<int32_t> sweeps(2);
   kfac_kernels::BlockEighParams<double> p;
@@ -173,8 +179,9 @@ void run_graded(int64_t n) {
     for (int64_t i = 0; i < n * n; ++i) norm += blocks[b * n * n + i] * blocks[b * n * n + i];
     for (int64_t i = 0; i < n; ++i)
       diff = std::max(diff, std::fabs(vals[b * n + i] - cpu_vals[b * n + i]));
+    const char* type = upper_left ? "double, upper-left large" : "double, lower-right large";
     expect(diff <= 2 * tol * std::sqrt(norm), "graded block: eigenvalues as the CPU kernel's", n,
-           "double", diff / std::sqrt(norm));
+           type, diff / std::sqrt(norm));
     // and a true eigendecomposition: ||A Q - Q diag(l)||_F <= tol ||A||_F
     const double* a = blocks.data() + b * n * n;
     const double* q = vecs.data() + b * n * n;
@@ -185,7 +192,7 @@ void run_graded(int64_t n) {
         for (int64_t r = 0; r < n; ++r) aq += (i >= r ? a[i * n + r] : a[r * n + i]) * q[r * n + k];
         res += std::pow(aq - q[i * n + k] * vals[b * n + k], 2);
       }
-    expect(std::sqrt(res) <= tol * std::sqrt(norm), "graded block: residual", n, "double",
+    expect(std::sqrt(res) <= tol * std::sqrt(norm), "graded block: residual", n, type,
            std::sqrt(res / norm));
   }
 }
@@ -254,7 +261,8 @@ int main() {
     run<float>(n, 1e-5, "float");
     run<double>(n, 1e-10, "double");
   }
-  for (int64_t n : {64, 128}) run_graded(n);
+  for (int64_t n : {64, 128})
+    for (bool upper_left : {false, true}) run_graded(n, upper_left);
   for (int64_t n : {8, 64, 128}) {
     run_outlier(n, true);
     run_outlier(n, false);
