@@ -329,10 +329,17 @@ def test_other_tasks_train(tmp_path, task, optimizer):
         # this 30-step run (on digits-vit the batch loss then moves by noise only). The default
         # is what the comparisons in bench/results/evidence_<task>.json run.
         extra = ["--damping", "1"]
+    batch = "16"
+    if (task, optimizer) == ("digits-vit", "kfac-adaptive"):
+        # AdaptiveKFAC does not train the ViT from batches of 16: its MC Fisher and quadratic
+        # model from 16 examples are too noisy (batch loss at chance after 30 steps for
+        # initial dampings 1, 0.1 and 0.01 on seeds 0-2, test loss 7.9 after 120 steps on seed
+        # 0). From batches of 64 it learns on seeds 0-2 (batch loss 2.30-2.36 -> 2.02-2.11).
+        batch = "64"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = _train(tmp_path, "--task", task, "--optimizer", optimizer, "--steps", "30",
-                        "--batch-size", "16", "--eval-every", "15", "--log-every", "10", *extra)
+                        "--batch-size", batch, "--eval-every", "15", "--log-every", "10", *extra)
     # The package's own tasks say what they leave to the base optimizer: no warning about
     # their own models' layers
     about_itself = [str(w.message) for w in caught if "no Kronecker-factored" in str(w.message)]
