@@ -222,28 +222,24 @@ class KroneckerBlock(CurvatureBlock):
                 out[f"eigvecs_{side}"] = list(vecs)
             if split is not None:
                 out["pi"] = [self._pi()]
-        elif method == "cholesky":
-            # L L^T = A_sum + c d I, so L / sqrt(c) is the factor of A_sum / c + d I.
+        else:  # damped inverses or their Cholesky factors
+            key = "inv" if method == "inverse" else "chol"
+            # A's count folds in: (A_sum / c + d I)^{-1} = c (A_sum + c d I)^{-1}, and the
+            # Cholesky factor of A_sum / c + d I is that of A_sum + c d I over sqrt(c).
+            count_power = 1.0 if method == "inverse" else -0.5
             damp_a, damp_g = self._dampings(damping, split, relative)
             for side, parts, layout, damp in (("A", self.A, self.a_layout, damp_a),
                                               ("G", self.G, self.g_layout, damp_g)):
                 if layout.kind == "diagonal":
-                    out[f"chol_{side}"] = [(parts[0] * scale[side] + damp[:, None]).sqrt()]
-                elif side == "A":
-                    out["chol_A"] = [next(it).mul_(self.A_count ** -0.5) for _ in parts]
-                else:
-                    out["chol_G"] = [next(it) for _ in parts]
-        else:
-            damp_a, damp_g = self._dampings(damping, split, relative)
-            for side, parts, layout, damp in (("A", self.A, self.a_layout, damp_a),
-                                              ("G", self.G, self.g_layout, damp_g)):
-                if layout.kind == "diagonal":
-                    out[f"inv_{side}"] = [1.0 / (parts[0] * scale[side] + damp[:, None])]
+                    shifted = parts[0] * scale[side] + damp[:, None]
+                    out[f"{key}_{side}"] = [1.0 / shifted if method == "inverse"
+                                            else shifted.sqrt()]
                 elif side == "A":
                     # in place: each result is this block's own slice of a fresh batched solve
-                    out["inv_A"] = [next(it).mul_(self.A_count) for _ in parts]
+                    out[f"{key}_A"] = [next(it).mul_(self.A_count ** count_power)
+                                       for _ in parts]
                 else:
-                    out["inv_G"] = [next(it) for _ in parts]
+                    out[f"{key}_G"] = [next(it) for _ in parts]
         # Eigenvalue sums and the traces of inverses: non-finite with any non-finite entry.
         # (a diagonal side's inverse or Cholesky factor is a vector: all of it counts)
         health = sum(t.sum() if key.startswith(("eigvals", "pi")) or t.dim() < 3 else
