@@ -51,6 +51,32 @@ class DeferredChecks:
         return ok[:len(now)]
 
 
+def largest_magnitude(t: torch.Tensor) -> torch.Tensor:
+    """``max |t|`` as a 0-d tensor (NaN if ``t`` has one; 0 for an empty ``t``): from one
+    ``aminmax`` pass, ``max(-min t, max t)`` -- exact, and on the CPU about 10x faster than
+    ``abs().max()`` or the inf-norm (whose reduction is not vectorised)."""
+    if not t.numel():
+        return t.new_zeros(())
+    lo, hi = torch.aminmax(t)
+    return torch.maximum(-lo, hi)
+
+
+def finite_health(tensors) -> torch.Tensor:
+    """A 0-d float64 tensor, finite iff every entry of every tensor is (their largest
+    magnitude), without a host read: on the CPU one :func:`largest_magnitude` per tensor, on a
+    GPU one fused ``_foreach_norm`` launch for all of them."""
+    tensors = [t for t in tensors if t.numel()]
+    if not tensors:
+        return torch.zeros((), dtype=torch.float64)
+    device = tensors[0].device
+    if device.type == "cpu":
+        parts = [largest_magnitude(t) for t in tensors]
+    else:
+        parts = torch._foreach_norm([t.float() if t.dtype in (torch.float16, torch.bfloat16)
+                                     else t for t in tensors], float("inf"))
+    return torch.stack([m.to(device, torch.float64) for m in parts]).amax()
+
+
 def keep_finite(new: torch.Tensor, old: torch.Tensor | None, health: torch.Tensor) -> torch.Tensor:
     """``new`` where ``health`` is finite, else ``old`` (``None``: NaN), without a host read."""
     if old is None:

@@ -28,6 +28,8 @@ import weakref
 import torch
 import torch.distributed as dist
 
+from .layers.base import as_dense
+
 DEFAULT_BUCKET_BYTES = 25 * 2 ** 20
 
 
@@ -142,6 +144,8 @@ def allreduce_pending(blocks: dict, process_group=None) -> None:
         sums = block._sums()
         groups = block.groups
         kw = dict(dtype=sums.dtype, device=block.device)
+        # Rows (the ROWS layout) differ in number between ranks: they travel as their Gram.
+        sums.a, sums.g = as_dense(sums.a), as_dense(sums.g)
         a = sums.a if sums.a is not None else sums.a_layout.zeros(
             groups, block.adapter.in_features_per_group, **kw)
         g = sums.g if sums.g is not None else sums.g_layout.zeros(

@@ -33,7 +33,7 @@ from torch import nn
 from . import _arguments as args
 from . import distributed as dist_utils
 from ._backend import BACKENDS
-from ._flags import DeferredChecks
+from ._flags import DeferredChecks, finite_health
 from .blocks import BLOCKS, run_jobs
 from .blocks.decompositions import retry_in_float64
 from .capture import (Capture, DetachesHooksOnExit, default_factor_dtype, grad_scaler_scale,
@@ -51,11 +51,9 @@ DAMPING_SPLITS = ("pi", "equal")
 
 
 def gradient_health(mats: list[torch.Tensor]) -> torch.Tensor:
-    """A 0-d tensor, finite iff every gradient matrix is: one fused reduction (the largest
-    magnitude of each, NaN-propagating), no host read."""
-    norms = torch._foreach_norm([m.float() if m.dtype in (torch.float16, torch.bfloat16) else m
-                                 for m in mats], float("inf"))
-    return torch.stack([n.to(norms[0].device, torch.float64) for n in norms]).sum()
+    """A 0-d tensor, finite iff every gradient matrix is (their largest magnitude,
+    NaN-propagating, :func:`kfac_kernels._flags.finite_health`), no host read."""
+    return finite_health(mats)
 
 
 class KFAC(DetachesHooksOnExit):

@@ -14,15 +14,17 @@ from typing import Iterable
 
 from torch import nn
 
-from .base import DENSE, DIAGONAL, LayerAdapter, Layout, StepSums, blocks, gram_of_rows
+from .base import (DENSE, DIAGONAL, ROWS, GramRows, LayerAdapter, Layout, StepSums, blocks,
+                   gram_of_rows)
 from .conv import ConvAdapter
 from .linear import LinearAdapter
 from .norm import NORM_TYPES, NormAdapter
 from .transformer import (AttentionHooks, AttentionInProjAdapter, AttentionOutProjAdapter,
                           EmbeddingAdapter, TiedEmbeddingAdapter, unsupported_attention_reason)
 
-__all__ = ["ConvAdapter", "DENSE", "DIAGONAL", "EmbeddingAdapter", "LayerAdapter", "Layout",
-           "LinearAdapter", "NormAdapter", "StepSums", "TiedEmbeddingAdapter", "blocks",
+__all__ = ["ConvAdapter", "DENSE", "DIAGONAL", "EmbeddingAdapter", "GramRows", "LayerAdapter",
+           "Layout", "LinearAdapter", "NormAdapter", "ROWS", "StepSums", "TiedEmbeddingAdapter",
+           "blocks",
            "find_adapters", "gram_of_rows", "validate_skip_modules"]
 
 SUPPORTED_NAMES = ("nn.Linear, nn.Conv1d, nn.Conv2d, nn.LayerNorm, nn.BatchNorm1d, "

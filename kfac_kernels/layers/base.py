@@ -37,20 +37,25 @@ class Layout:
     * ``"dense"``: the whole ``(groups, D, D)`` matrix;
     * ``"blocks"``: the diagonal blocks of the contiguous coordinate ranges ``widths`` (summing
       to ``D``), a list of ``(groups, w, w)`` tensors;
-    * ``"diagonal"``: the diagonal, ``(groups, D)``.
+    * ``"diagonal"``: the diagonal, ``(groups, D)``;
+    * ``"rows"``: the whole matrix as its rows (a :class:`GramRows`) while a step has at most
+      ``D`` of them, past that the dense matrix. A consumer that only needs products
+      ``S^T (X^T X) S`` computes them as ``(X S)^T (X S)``: ``O(m D^2)`` instead of ``O(D^3)``
+      when there are fewer rows ``m`` than coordinates ``D`` (SINGD's dense factors at the late
+      stages of a CNN), and the ``D x D`` matrix is never formed.
     """
 
     kind: str
     widths: tuple[int, ...] = ()
 
     def __post_init__(self):
-        if self.kind not in ("dense", "blocks", "diagonal"):
-            raise ValueError(f"Layout: kind must be 'dense', 'blocks' or 'diagonal', got "
-                             f"{self.kind!r}")
+        if self.kind not in ("dense", "blocks", "diagonal", "rows"):
+            raise ValueError(f"Layout: kind must be 'dense', 'blocks', 'diagonal' or 'rows', "
+                             f"got {self.kind!r}")
 
     def zeros(self, groups: int, dim: int, **kw):
         """A zero statistic of this layout for ``groups`` Gram matrices of size ``dim``."""
-        if self.kind == "dense":
+        if self.kind in ("dense", "rows"):
             return torch.zeros(groups, dim, dim, **kw)
         if self.kind == "diagonal":
             return torch.zeros(groups, dim, **kw)
@@ -59,6 +64,42 @@ class Layout:
 
 DENSE = Layout("dense")
 DIAGONAL = Layout("diagonal")
+ROWS = Layout("rows")
+
+
+class GramRows:
+    """``rows^T rows`` per group, kept as ``rows`` ``(groups, m, D)`` (a :data:`ROWS`
+    statistic with at most ``D`` rows); weights are folded into the rows as square roots."""
+
+    def __init__(self, rows: torch.Tensor):
+        self.rows = rows
+
+    @property
+    def count(self) -> int:
+        return self.rows.shape[1]
+
+    def gram(self, backend: str = "auto") -> torch.Tensor:
+        """The dense ``(groups, D, D)`` matrix."""
+        return symmetric_factor_update(None, self.rows, 0.0, 1.0, backend=backend)
+
+    def extended(self, rows: torch.Tensor, decay: float, alpha: float) -> "GramRows":
+        """``decay * self + alpha * rows^T rows`` as one stack of rows (``decay, alpha >= 0``)."""
+        old = self.rows if decay == 1.0 else self.rows * math.sqrt(decay)
+        new = rows if alpha == 1.0 else rows * math.sqrt(alpha)
+        return GramRows(torch.cat([old, new.to(old.dtype)], dim=1))
+
+
+def as_dense(value, backend: str = "auto"):
+    """A statistic with :class:`GramRows` replaced by its dense matrix (others unchanged)."""
+    return value.gram(backend) if isinstance(value, GramRows) else value
+
+
+def rows_fit(current, count: int, dim: int) -> bool:
+    """Whether a :data:`ROWS` statistic ``current`` (``None``, :class:`GramRows` or dense) can
+    take ``count`` more rows of width ``dim`` and stay rows."""
+    if isinstance(current, torch.Tensor):
+        return False
+    return (current.count if current is not None else 0) + count <= dim
 
 
 def blocks(widths) -> Layout:
@@ -78,7 +119,12 @@ def gram_of_rows(current, rows: torch.Tensor, layout: Layout, decay: float, alph
     """``decay * current + alpha * rows^T rows`` in ``layout`` for ``rows`` ``(groups, m, D)``
     (``current=None``: start from zero). Dense and block Grams go through
     :func:`kfac_kernels.ops.symmetric_factor_update` (one triangle, mirrored)."""
-    if layout.kind == "dense":
+    if layout.kind == "rows":
+        if alpha >= 0 and decay >= 0 and rows_fit(current, rows.shape[1], rows.shape[-1]):
+            return (GramRows(rows if alpha == 1.0 else rows * math.sqrt(alpha))
+                    if current is None else current.extended(rows, decay, alpha))
+        current = as_dense(current, backend)
+    if layout.kind in ("dense", "rows"):
         return symmetric_factor_update(current, rows, decay if current is not None else 0.0,
                                        alpha, backend=backend)
     if layout.kind == "diagonal":
@@ -95,6 +141,7 @@ def gram_of_rows(current, rows: torch.Tensor, layout: Layout, decay: float, alph
 
 def _add_group(total, part, group: int) -> None:
     """``total[group] += part[0]`` for a statistic of any layout (tensor or list of blocks)."""
+    part = as_dense(part)
     if isinstance(total, torch.Tensor):
         total[group] += part[0]
     else:
@@ -129,6 +176,9 @@ class LayerAdapter:
 
     groups: int = 1
     channel_dim = -1  # where an output (gradient) holds the features
+    # Whether input_gram / output_gram take the ROWS layout (adapters whose statistics are
+    # plain Grams of rows: Linear, Conv).
+    rows_statistics = False
     # Coordinates of the A side per partitioned input feature (k_h * k_w for a convolution:
     # block-diagonal factors partition channels, Yu & Tatebe, Sec. 4.2).
     input_unit = 1

@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 from .. import ops
-from .base import LayerAdapter, Layout
+from .base import DENSE, LayerAdapter, Layout, as_dense, gram_of_rows, rows_fit
 
 
 class ConvAdapter(LayerAdapter):
     channel_dim = 1
+    rows_statistics = True
 
     def __init__(self, name: str, module: nn.Module):
         super().__init__(name, module)
@@ -72,6 +73,16 @@ class ConvAdapter(LayerAdapter):
             return current, 0
         count = self._count(x, approx)
         bias = self.bias is not None
+        if layout.kind == "rows":
+            if approx == "reduce" or rows_fit(current, count, self.in_features_per_group):
+                # Few patches (late CNN stages): the unfolded patches are no larger than the
+                # Gram; reduce rows are the mean patches.
+                rows, _ = (self.input_rows(x, approx) if approx == "reduce" else
+                           (ops.patch_rows(x.to(dtype), *self._conv_args(), bias=bias,
+                                           padding_mode=self.module.padding_mode), count))
+                return gram_of_rows(current, rows.to(dtype), layout, decay, alpha,
+                                    backend), count
+            current, layout = as_dense(current, backend), DENSE
         kw = dict(mode=approx, bias=bias, padding_mode=self.module.padding_mode)
         channels = self._channel_blocks(layout) if layout.kind == "blocks" else None
         if layout.kind == "dense" or channels is not None:

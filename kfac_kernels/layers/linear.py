@@ -17,6 +17,8 @@ class LinearAdapter(LayerAdapter):
     """``nn.Linear`` on inputs ``(*, d_in)``: the dims between the batch dim and the features are
     the weight-sharing dim ``R`` (their product); a 1-D input is one example."""
 
+    rows_statistics = True
+
     @staticmethod
     def _split(t: torch.Tensor) -> torch.Tensor:
         if t.dim() == 1:

@@ -209,6 +209,8 @@ class _AttentionAdapter(LinearAdapter):
     """A projection of an ``nn.MultiheadAttention`` fed by its :class:`AttentionHooks`; the
     forward context is whether the call was batched (gradients come sequence-first)."""
 
+    rows_statistics = False  # three groups' Grams rescaled separately (input_gram)
+
     def __init__(self, name: str, module: nn.Module, hooks: AttentionHooks):
         super().__init__(name, module)
         self.hooks = hooks
@@ -301,6 +303,7 @@ class TiedEmbeddingAdapter(LinearAdapter):
     """
 
     tied = True
+    rows_statistics = False  # the embedding's rows join the Gram (accumulate_backward)
 
     def __init__(self, name: str, embedding: nn.Embedding, head: nn.Linear):
         super().__init__(name, head)

@@ -5,7 +5,7 @@ from .block_eigh import block_damped_cholesky, block_damped_inverse, block_eigh
 from .gradient_covariance import gradient_covariance
 from .patch_covariance import conv_geometry, padded_input, patch_covariance
 from .patch_statistics import (patch_covariance_blocks, patch_covariance_diagonal, patch_mean,
-                               patch_statistics_eager)
+                               patch_rows, patch_statistics_eager)
 from .singd_block_factor_update import (singd_block_factor_update,
                                         singd_block_factor_update_eager)
 from .singd_block_step import singd_block_step, singd_block_step_eager
@@ -16,7 +16,7 @@ from .symmetric_factor_update import symmetric_factor_update, symmetric_factor_u
 
 __all__ = ["block_damped_cholesky", "block_damped_inverse", "block_eigh", "conv_geometry", "gradient_covariance", "padded_input",
            "patch_covariance", "patch_covariance_blocks", "patch_covariance_diagonal", "patch_mean",
-           "patch_statistics_eager",
+           "patch_rows", "patch_statistics_eager",
            "singd_block_factor_update", "singd_block_factor_update_eager",
            "singd_block_step", "singd_block_step_eager",
            "singd_diagonal_factor_update", "singd_diagonal_factor_update_eager",

@@ -62,6 +62,20 @@ def patch_mean(x: torch.Tensor, kernel_size, stride=1, padding=0, dilation=1, gr
     return _append_bias(rows, bias)
 
 
+def patch_rows(x: torch.Tensor, kernel_size, stride=1, padding=0, dilation=1, groups: int = 1,
+               *, bias: bool = False, padding_mode: str = "zeros") -> torch.Tensor:
+    """``(groups, N * R, D_g)``: every patch ``a_{n,r}`` as a row (example-major), in ``x``'s
+    dtype -- the unfolded tensor itself, for callers that keep the expand rows because there are
+    no more of them than coordinates (``N R <= D_g``: no larger than the Gram ``A``)."""
+    check_input(x, groups)
+    x4, geom = padded_input(x, kernel_size, stride, padding, dilation, padding_mode,
+                            pad_zeros=True)
+    patches = F.unfold(x4, geom.kernel, dilation=geom.dilation, stride=geom.stride)
+    n, width, r = patches.shape
+    rows = patches.reshape(n, groups, width // groups, r).permute(1, 0, 3, 2)
+    return _append_bias(rows.reshape(groups, n * r, width // groups), bias)
+
+
 def _mean_alpha(n: int, geom: ConvGeometry, mode: str) -> float:
     return 1.0 / n if mode == "reduce" else 1.0 / (n * geom.positions)
 

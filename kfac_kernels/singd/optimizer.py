@@ -120,9 +120,12 @@ class SINGD(DetachesHooksOnExit, FusedSteps, torch.optim.Optimizer):
             structure's part of ``U`` (``nn.Linear`` inputs; convolution inputs with
             ``kfac_approx="expand"``, without unfolding the layer's patches) and ``G``
             (``nn.Linear`` and convolution output gradients) from the rows, never forming the dense
-            ``d x d`` matrices (:mod:`kfac_kernels.singd.block`). ``False`` captures the dense
-            ``U`` and ``G`` and projects them (the readable reference path). Same result up to
-            round-off.
+            ``d x d`` matrices (:mod:`kfac_kernels.singd.block`). For dense structures of
+            ``nn.Linear`` and convolution layers, a step's rows themselves are kept while there
+            are no more of them than ``d`` (late CNN stages, small batches): ``K^T U K`` is then
+            ``(X K)^T (X K) / m``, ``O(m d^2)`` instead of ``O(d^3)`` flops, and ``U`` is never
+            formed (past ``d`` rows, the dense ``U``). ``False`` captures the dense ``U`` and
+            ``G`` and projects them (the readable reference path). Same result up to round-off.
         grad_accumulation_steps: micro-batches per step whose losses are averaged (each
             ``loss / k`` backpropagated): ``U`` and ``G`` are then those of the whole batch.
         distributed: ``None`` (on when ``torch.distributed`` runs with more than one rank),
@@ -341,7 +344,7 @@ class SINGD(DetachesHooksOnExit, FusedSteps, torch.optim.Optimizer):
                 else:
                     self._fused_layer_step(name, self.blocks[name].factors(), group)
                 continue
-            self._apply_layer(name, self.blocks[name].precondition(mat), group)
+            self._apply_layer(name, self.blocks[name].precondition(mat, self.T), group)
         for p in plain:
             self._apply(p, p.grad.to(torch.promote_types(p.dtype, torch.float32)), group)
         self.steps += 1

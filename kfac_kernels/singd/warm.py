@@ -45,7 +45,7 @@ def inverse_sqrt_newton_schulz(mat: torch.Tensor, floor: float) -> torch.Tensor:
 
 
 def _dense(stat) -> torch.Tensor:
-    return stat.to_dense() if isinstance(stat, StructuredMatrix) else stat
+    return stat if isinstance(stat, torch.Tensor) else stat.to_dense()
 
 
 def warm_factor(cls: type[StructuredMatrix], k: int | None, stat, damping: float,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..._flags import largest_magnitude
 from ...ops._symmetric_matmul import symmetric_matmul
 
 Tensor = torch.Tensor
@@ -113,7 +114,7 @@ class StructuredMatrix:
 
     def max_abs(self) -> torch.Tensor:
         """Largest absolute entry (every stored value is an entry of the matrix)."""
-        return torch.stack([t.abs().max() if t.numel() else t.new_zeros(()) for t in self.data]).max()
+        return torch.stack([largest_magnitude(t) for t in self.data]).max()
 
     def all_finite(self) -> bool:
         return all(bool(torch.isfinite(t).all()) for t in self.data)
