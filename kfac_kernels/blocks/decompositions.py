@@ -48,10 +48,15 @@ def _run_batched(jobs: list[Job], backend: str, fallback: bool) -> list:
     buckets: dict[tuple, list[int]] = {}
     for i, job in enumerate(jobs):
         key = (job.kind, job.matrix.shape[-1], job.matrix.dtype, job.matrix.device)
+        if job.kind == "cholesky" and job.matrix.device.type == "cpu":
+            # LAPACK factorises a batch one matrix at a time: stacking would only add a copy
+            # of every factor (0.3 s of an 11.5 s ResNet-18 step on one thread)
+            key += (i,)
         buckets.setdefault(key, []).append(i)
     results: list = [None] * len(jobs)
     for (kind, *_), members in buckets.items():
-        stack = torch.cat([jobs[i].matrix for i in members])
+        stack = (torch.cat([jobs[i].matrix for i in members]) if len(members) > 1
+                 else jobs[members[0]].matrix)  # the ops never write their input
         damping = (torch.cat([jobs[i].damping.to(stack.dtype) for i in members])
                    if kind != "eigh" else None)
         try:
