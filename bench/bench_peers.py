@@ -107,15 +107,31 @@ def _stats(times: list[float]) -> dict:
             "rounds": len(times)}
 
 
-def _interleaved(contenders: dict, rounds: int) -> dict[str, list[float]]:
+def _interleaved(contenders: dict, rounds: int,
+                 failures: dict[str, str] | None = None) -> dict[str, list[float]]:
     """``contenders``: name -> zero-argument callable returning the CPU seconds of one sample.
-    Each round runs every contender once, the order rotated by one each round."""
+    Each round runs every contender once, the order rotated by one each round. With
+    ``failures`` (name -> error), a contender that raises is recorded there and dropped from
+    the later rounds (a peer whose factorisation fails must not cost the others' results)."""
     names = list(contenders)
     times = {name: [] for name in names}
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            times[name].append(contenders[name]())
-    return times
+            if failures is not None and name in failures:
+                continue
+            try:
+                times[name].append(contenders[name]())
+            except Exception as err:  # noqa: BLE001 -- recorded, reported, never hidden
+                if failures is None:
+                    raise
+                failures[name] = _error_line(err)
+                print(f"  {name} failed: {failures[name]}", flush=True)
+    return {name: ts for name, ts in times.items() if name not in (failures or {})}
+
+
+def _error_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,11 +365,22 @@ def bench_steps(section: str, libs, models, rounds: int, periods) -> list[dict]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 contenders = {name: Contender(build, make) for name, make in makers.items()}
-                for c in contenders.values():  # warm-up: one whole window (first updates)
-                    c.window(x, y, T)
+                failures: dict[str, str] = {}
+                # warm-up: one whole window (first updates), a failure recorded like a round's
+                _interleaved({name: (lambda c=c: c.window(x, y, T))
+                              for name, c in contenders.items()}, 1, failures)
                 times = _interleaved({name: (lambda c=c: c.window(x, y, T))
-                                      for name, c in contenders.items()}, rounds)
+                                      for name, c in contenders.items()
+                                      if name not in failures}, rounds, failures)
+            own = [name for name in failures if name == "adamw" or name.startswith("ours-")]
+            if own:
+                raise RuntimeError(f"{section} {model_name} T={T}: "
+                                   + "; ".join(f"{n}: {failures[n]}" for n in own))
             adamw = statistics.median(times["adamw"])
+            for name, error in failures.items():
+                records.append({"section": section, "model": model_name,
+                                "description": description, "T": T, "contender": name,
+                                "error": error})
             for name, ts in times.items():
                 rec = {"section": section, "model": model_name, "description": description,
                        "T": T, "contender": name, **_stats(ts),

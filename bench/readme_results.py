@@ -160,10 +160,16 @@ def peers() -> list[str]:
         names = list(dict.fromkeys(r["contender"] for r in rows))
         by = {}
         for r in rows:
-            by.setdefault((r["model"], r["T"]), {})[r["contender"]] = r["step_vs_adamw"]
+            by.setdefault((r["model"], r["T"]), {})[r["contender"]] = (
+                "failed" if "error" in r else f"{r['step_vs_adamw']:.2f}")
         for (model, T), vals in by.items():
-            out.append(f"| {model} | {T} | " + " | ".join(
-                f"{vals[n]:.2f}" if n in vals else "-" for n in names) + " |")
+            out.append(f"| {model} | {T} | " + " | ".join(vals.get(n, "-") for n in names)
+                       + " |")
+        failed = [r for r in rows if "error" in r]
+        if failed:
+            out.append("")
+            out += [f"Failed: {r['contender']} on {r['model']}, T={r['T']}: `{r['error']}`"
+                    for r in failed]
         out.append("")
     return out
 
