@@ -29,8 +29,9 @@ rotated order) and the records keep the median, the minimum and the maximum over
   (:mod:`bench.memory`).
 * **steps**: one whole training step (forward, backward, preconditioner, ``SGD(momentum=0.9)``)
   of ResNet-18 (CIFAR stem, 32x32 inputs, batch 32) and a 4-layer ViT (width 128, 4 heads,
-  MLP 512, patch 4, batch 32) with factor and inverse updates every step (``T=1``) and every
-  10 steps (``T=10``: ten steps timed together, one update amortised over them), as a ratio to
+  MLP 512, patch 4, batch 32) with the factors updated every step and the inverses
+  (decompositions) every step (``T=1``) or every 10 steps (``T=10``: ten steps timed together,
+  one inverse update amortised over them), as a ratio to
   one ``torch.optim.AdamW`` step of the same model. K-FAC contenders share damping ``1e-3``,
   factor decay 0.95 (ASDL: ``ema_decay=0.05``, its convention), the empirical Fisher, the
   expand form, and precondition the same layers (``nn.Linear``, ``nn.Conv2d``; ASDL's norm

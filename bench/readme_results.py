@@ -147,13 +147,15 @@ def peers() -> list[str]:
                              else f"{r['median_s'] * 1e3:.1f} ms{mem}")
             out.append(f"| {c} x {hw}x{hw} | {mode} | " + " | ".join(items) + " |")
         out.append("")
-    for section, title in (("steps", "K-FAC"), ("singd", "SINGD")):
+    for section, title, cadence in (
+            ("steps", "K-FAC", "factors updated every step, inverses every `T` steps"),
+            ("singd", "SINGD", "`K` and `C` updated every `T` steps")):
         rows = d.get(section)
         if not rows:
             continue
         out += [f"**{title} training step against the peers, as a multiple of AdamW's step on "
-                f"the same model** (forward, backward, optimizer; factors and inverses updated "
-                f"every `T` steps, amortised) {head}", "",
+                f"the same model** (forward, backward, optimizer; {cadence}, amortised) {head}",
+                "",
                 "| model | T | " + " | ".join(dict.fromkeys(r["contender"] for r in rows)) + " |",
                 "| --- | ---: | " + " | ".join("---:" for _ in dict.fromkeys(
                     r["contender"] for r in rows)) + " |"]
