@@ -870,6 +870,33 @@ def test_nan_in_activations_skips_the_step(make_cnn, digits):
         assert torch.isfinite(a).all() and torch.isfinite(g).all()
 
 
+@pytest.mark.parametrize("loss_fn", [nn.CrossEntropyLoss(), nn.BCEWithLogitsLoss()],
+                         ids=["cross-entropy", "bce"])
+def test_nan_outputs_with_sampled_fisher_skip_the_step(loss_fn):
+    """A diverged model's NaN outputs under the Monte-Carlo Fisher: the sampler does not raise
+    (torch.multinomial / torch.bernoulli reject NaN probabilities); the step is skipped by the
+    finiteness check, as with the empirical Fisher, and the factors keep the earlier batch."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4))
+    precond = KFAC(model, damping=0.1, fisher_type="mc", loss_fn=loss_fn,
+                   generator=torch.Generator().manual_seed(0))
+    x, y = batch(dtype=torch.float32)
+    target = F.one_hot(y, 4).float() if isinstance(loss_fn, nn.BCEWithLogitsLoss) else y
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    opt.zero_grad()
+    precond.backward(model(x), target)
+    assert precond.step() is True
+    factors = clone_factors(precond)
+    bad = x.clone()
+    bad[1, 2] = float("nan")
+    opt.zero_grad()
+    loss = precond.backward(model(bad), target)
+    assert not torch.isfinite(loss)
+    assert precond.step() is False
+    assert_factors_equal(precond, factors)
+
+
 def test_nonfinite_curvature_with_finite_grads_warns_once_and_keeps_factors():
     """Inputs of 1e25 overflow A (1e50 > float32 max) while the gradients (g * 1e25 / N) stay
     finite: the factor update is skipped with one RuntimeWarning, the step still happens."""
