@@ -52,9 +52,20 @@ from ._skips import SkipCounter
 from .capture import DetachesHooksOnExit
 from .kfac import KFAC, gradient_health
 
-# The initial relative damping: large, so that the first steps stay where the quadratic model
-# holds; the Levenberg-Marquardt rule brings it down within the first few dozen steps.
-DEFAULT_INITIAL_DAMPING = 100.0
+# The initial relative damping: large enough that the first steps, taken before the first
+# reduction ratio is measured, stay where the quadratic model holds (an initial 1 diverged on the
+# digits CNN within 5 steps: the GGN of a saturating softmax underestimates the curvature).
+# Against 100 (the earlier default), 10 reached the kfac-train targets in fewer steps on four
+# tasks (median of seeds 0-2, batch 64: digits-autoencoder 110 steps where 100 missed on two
+# seeds, digits 50 vs 80, digits-bn 40 vs 60), level on graphs (40), behind on deep-linear
+# (130 vs 90).
+DEFAULT_INITIAL_DAMPING = 10.0
+# The floor of the adapted damping. With the reduction ratio near 1 the Levenberg-Marquardt rule
+# lowers the damping without end; at 1e-6 the steps fitted each mini-batch of the digits ViT
+# (batch loss 0.04, test loss rising from 0.70 to 1.3) until a nearly singular 2 x 2 model
+# made the parameters NaN. 1e-4 (amplification at most 1e4 times the stiffest direction's)
+# trained it without failing and changed no other task's steps to target.
+DEFAULT_MIN_DAMPING = 1e-4
 
 
 def _check(who, name, value, low, high=None, low_open=True):
@@ -114,7 +125,7 @@ class AdaptiveKFAC(DetachesHooksOnExit, torch.optim.Optimizer):
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module, *,
                  damping: float = DEFAULT_INITIAL_DAMPING,
-                 min_damping: float = 1e-6, max_damping: float = 1e4,
+                 min_damping: float = DEFAULT_MIN_DAMPING, max_damping: float = 1e4,
                  damping_adaptation_interval: int = 5, damping_adaptation_decay: float = 0.9,
                  momentum: bool = True, max_step: float = 100.0, weight_decay: float = 0.0,
                  structure: str = "dense", fisher_type: str = "mc",
