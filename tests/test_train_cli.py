@@ -395,6 +395,18 @@ def test_more_optimizers_train(tmp_path, optimizer):
     assert result["cpu_time_s"] > 0 and result["target"]["value"] == 0.97
 
 
+@pytest.mark.parametrize("optimizer", ["ingd", "singd-diagonal", "kfac", "bdkfac"])
+def test_no_warning_about_the_tasks_own_parameters(tmp_path, optimizer):
+    """The ViT's class token and position embeddings belong to the model itself: every
+    curvature optimizer is told so (skip_modules), so the run does not warn about them."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train(tmp_path, "--task", "digits-vit", "--optimizer", optimizer, "--steps", "2",
+               "--eval-every", "2", "--log-every", "1")
+    about_itself = [str(w.message) for w in caught if "no Kronecker-factored" in str(w.message)]
+    assert not about_itself, about_itself
+
+
 def test_soap_trains_when_installed(tmp_path):
     pytest.importorskip("pytorch_optimizer")
     result = _train(tmp_path, "--optimizer", "soap", "--steps", "20")

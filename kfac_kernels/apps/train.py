@@ -300,7 +300,10 @@ def _make_singd(args: argparse.Namespace, model: nn.Module, loss_average: str = 
 
     structure = "dense" if args.optimizer in ("ingd", "ikfac") else args.optimizer[6:]
     kfac_like = args.optimizer == "ikfac"
-    return SINGD(model, lr=args.lr, momentum=args.momentum, damping=args.singd_damping,
+    # as for K-FAC: a task model's own parameters take the plain update on purpose
+    own = ({"skip_modules": [type(model)]} if any(True for _ in model.parameters(recurse=False))
+           else {})
+    return SINGD(model, **own, lr=args.lr, momentum=args.momentum, damping=args.singd_damping,
                  alpha1=0.0 if kfac_like else args.alpha1, weight_decay=args.weight_decay,
                  T=args.singd_T, lr_cov=args.lr_cov, structures=structure,
                  block_size=args.block_size, kfac_approx=args.kfac_approx,
