@@ -251,19 +251,21 @@ class AdaptiveKFAC(DetachesHooksOnExit, torch.optim.Optimizer):
         hess = _loss_hessian_products(self.loss_fn, outputs.detach(), targets, jvps)
         k = len(vectors)
         pairs = [(i, j) for i in range(k) for j in range(k)]
+        gram, damp, lin = _subspace_products(vectors, g, weights)
         curv = torch.stack([(jvps[i].double() * hess[j].double()).sum()
-                            + self.weight_decay * _dot(vectors[i], vectors[j])
-                            for i, j in pairs]).reshape(k, k)
+                            for i, j in pairs]).reshape(k, k) + self.weight_decay * gram
         curv = 0.5 * (curv + curv.mT)  # symmetric J^T H J: the two products differ by round-off
-        damp = torch.stack([_weighted_dot(weights, vectors[i], vectors[j])
-                            for i, j in pairs]).reshape(k, k)
-        lin = torch.stack([_dot(g, v) for v in vectors])
         coef = self._solve(curv + damp, lin)
         predicted = 0.5 * coef @ curv @ coef + lin @ coef
-        step = {p: coef[0] * delta[p] + (coef[1] * prev[p] if k == 2 else 0.0) for p in params}
-        for p in params:
-            p.add_(step[p].to(p.dtype))
-            self.state[p]["delta"] = step[p].to(p.dtype).detach().clone()
+        # delta = alpha Delta + mu delta_prev for all parameters at once (multi-tensor kernels),
+        # applied and kept as the next step's delta_prev
+        moves = torch._foreach_mul([delta[p] for p in params], coef[0])
+        if k == 2:
+            torch._foreach_add_(moves, torch._foreach_mul([prev[p] for p in params], coef[1]))
+        torch._foreach_add_(params, moves)
+        step = dict(zip(params, moves))
+        for p, move in step.items():
+            self.state[p]["delta"] = move
         self.steps += 1
         rho = None
         if self.steps % self.interval == 0:
@@ -399,12 +401,23 @@ def _scale_of(block) -> torch.Tensor:
     return la.amax(-1).clamp_min(tiny) * lg.amax(-1).clamp_min(tiny)
 
 
-def _dot(a: dict, b: dict) -> torch.Tensor:
-    return sum((a[p].double() * b[p].double()).sum() for p in a)
-
-
-def _weighted_dot(w: dict, a: dict, b: dict) -> torch.Tensor:
-    return sum((w[p].double() * a[p].double() * b[p].double()).sum() for p in a)
+def _subspace_products(vectors: list[dict], g: dict, weights: dict):
+    """Over all parameters, in float64: the ``k x k`` Gram matrix ``V^T V`` of the vectors, the
+    same weighted by the damping, ``V^T W V``, and their products with the gradient, ``V^T g``.
+    One small matrix product per parameter (``[V | W V]^T [V | g]``) instead of an elementwise
+    pass per pair and parameter: the step's many small operations were most of its overhead on
+    small models. A parameter without a damping weight (a layer that got no gradient) adds no
+    damping."""
+    k = len(vectors)
+    parts = []
+    for p in vectors[0]:
+        v = torch.stack([vec[p].reshape(-1) for vec in vectors]).double()
+        w = weights.get(p)
+        w = torch.zeros((), dtype=torch.float64, device=v.device) if w is None else w.double()
+        rows = torch.cat([v, v * (w.reshape(-1) if w.dim() else w)])
+        parts.append(rows @ torch.cat([v, g[p].reshape(1, -1).double()]).mT)
+    total = torch.stack(parts).sum(0)
+    return total[:k, :k], total[k:, :k], total[:k, k]
 
 
 def _loss_hessian_products(loss_fn, outputs: torch.Tensor, targets, vectors: list) -> list:
