@@ -142,10 +142,13 @@ def type2_grad_outputs(loss_fn, outputs: torch.Tensor,
 
 
 def _samplable(p: torch.Tensor, fill: float) -> torch.Tensor:
-    """``p`` with non-finite probabilities replaced by ``fill``, so that sampling never raises
-    (nor trips a device-side assert) on the outputs of a diverged model. The backward vector
-    is still computed from the original ``p``: it stays non-finite there, and the optimizer's
-    finiteness check skips the step and says so, instead of a sampler error. No host read."""
+    """``p`` as the samplers take it: half precision in float64, and non-finite probabilities
+    replaced by ``fill``, so that sampling never raises (nor trips a device-side assert) on the
+    outputs of a diverged model. The backward vector is still computed from the original
+    ``p``: it stays non-finite there, and the optimizer's finiteness check skips the step and
+    says so, instead of a sampler error. No host read."""
+    if p.dtype in (torch.float16, torch.bfloat16):
+        p = p.to(torch.float64)
     return torch.where(p.isfinite(), p, fill)
 
 
@@ -164,15 +167,13 @@ def mc_grad_output(loss_fn, outputs: torch.Tensor, targets: torch.Tensor,
     if isinstance(loss_fn, nn.BCEWithLogitsLoss):
         # y ~ Bernoulli(p): l's gradient at the sampled label is p - y, E[(p - y)^2] = p (1 - p).
         p = torch.sigmoid(outputs)
-        y = torch.bernoulli(_samplable(p.to(torch.float64) if p.dtype in (
-            torch.float16, torch.bfloat16) else p, 0.5), generator=generator).to(p.dtype)
+        y = torch.bernoulli(_samplable(p, 0.5), generator=generator).to(p.dtype)
         return (p - y).mul_(_sqrt(c))
     logits = _class_last(outputs)
     p = torch.softmax(logits, dim=-1)
     flat = p.reshape(-1, p.shape[-1])
-    labels = torch.multinomial(_samplable(flat.to(torch.float64) if flat.dtype in (
-        torch.float16, torch.bfloat16) else flat, 1.0 / flat.shape[-1]), 1,
-        generator=generator).squeeze(-1)
+    labels = torch.multinomial(_samplable(flat, 1.0 / flat.shape[-1]), 1,
+                               generator=generator).squeeze(-1)
     grad = flat.clone()
     grad[torch.arange(flat.shape[0], device=flat.device), labels] -= 1.0
     grad = grad.reshape(p.shape).mul_(_sqrt(c))

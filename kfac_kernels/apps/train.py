@@ -300,10 +300,7 @@ def _make_singd(args: argparse.Namespace, model: nn.Module, loss_average: str = 
 
     structure = "dense" if args.optimizer in ("ingd", "ikfac") else args.optimizer[6:]
     kfac_like = args.optimizer == "ikfac"
-    # as for K-FAC: a task model's own parameters take the plain update on purpose
-    own = ({"skip_modules": [type(model)]} if any(True for _ in model.parameters(recurse=False))
-           else {})
-    return SINGD(model, **own, lr=args.lr, momentum=args.momentum, damping=args.singd_damping,
+    return SINGD(model, **_own_parameters_skipped(model), lr=args.lr, momentum=args.momentum, damping=args.singd_damping,
                  alpha1=0.0 if kfac_like else args.alpha1, weight_decay=args.weight_decay,
                  T=args.singd_T, lr_cov=args.lr_cov, structures=structure,
                  block_size=args.block_size, kfac_approx=args.kfac_approx,
@@ -363,14 +360,20 @@ def _soap(model: nn.Module, lr: float, weight_decay: float):
     return SOAP(model.parameters(), lr=lr, weight_decay=weight_decay)
 
 
+def _own_parameters_skipped(model: nn.Module) -> dict:
+    """``skip_modules`` naming the task model itself when it holds parameters of its own (a
+    class token, position embeddings): they take the base update on purpose, so the curvature
+    optimizers are told, and the run does not warn about its own model."""
+    return ({"skip_modules": [type(model)]} if any(True for _ in model.parameters(recurse=False))
+            else {})
+
+
 def _kfac_options(args: argparse.Namespace, model: nn.Module) -> dict:
     """The K-FAC options given on the command line (the library's defaults otherwise). A task
     model's own parameters (a class token, position embeddings) take the base optimizer's
     update on purpose: said as ``skip_modules``, so the run does not warn about its own model."""
     out = {"factor_decay": args.factor_decay, "kfac_approx": args.kfac_approx,
-           "backend": args.backend}
-    if any(True for _ in model.parameters(recurse=False)):
-        out["skip_modules"] = [type(model)]
+           "backend": args.backend, **_own_parameters_skipped(model)}
     for key in ("factor_update_steps", "inv_update_steps"):
         if getattr(args, key) is not None:
             out[key] = getattr(args, key)
