@@ -29,6 +29,7 @@ import os
 import re
 import subprocess
 import sys
+import sysconfig
 
 from setuptools import find_packages, setup
 
@@ -185,8 +186,16 @@ def _build_stamp(torch, with_cuda: bool, debug: bool) -> str:
             digest.update(os.path.relpath(path, ROOT).encode())
             with open(path, "rb") as fh:
                 digest.update(fh.read())
-    digest.update(f"{torch.__version__}|cuda={with_cuda}|debug={debug}|{sys.version}".encode())
+    # The interpreter enters by its ABI (the extension's file suffix), not its patch release, so a
+    # build made by another 3.x.y of the same ABI (e.g. on a build machine) is reused.
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else ""
+    digest.update(f"{torch.__version__}|cuda={with_cuda}|arch={arch}|debug={debug}|"
+                  f"{_ext_suffix()}".encode())
     return digest.hexdigest()
+
+
+def _ext_suffix() -> str:
+    return sysconfig.get_config_var("EXT_SUFFIX") or ".so"
 
 
 def _up_to_date(stamp: str) -> bool:
@@ -195,8 +204,7 @@ def _up_to_date(stamp: str) -> bool:
     if _flag("KFAC_KERNELS_REBUILD") or not any("develop" in a or "editable" in a
                                                 for a in sys.argv):
         return False
-    built = glob.glob(os.path.join(ROOT, "kfac_kernels", "_C.*.so")) + glob.glob(
-        os.path.join(ROOT, "kfac_kernels", "_C.*.pyd"))
+    built = os.path.exists(os.path.join(ROOT, "kfac_kernels", "_C" + _ext_suffix()))
     try:
         with open(os.path.join(ROOT, STAMP_FILE), encoding="utf-8") as fh:
             return bool(built) and fh.read().strip() == stamp

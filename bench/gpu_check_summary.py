@@ -69,7 +69,9 @@ def environment() -> dict:
         env["device_name"] = None
     env["driver"] = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
     nvcc = _run(["nvcc", "--version"])
-    env["nvcc"] = nvcc.strip().splitlines()[-1] if nvcc else None
+    lines = nvcc.strip().splitlines() if nvcc else []
+    # "Cuda compilation tools, release 13.0, V13.0.88" (its line moves between versions)
+    env["nvcc"] = next((l for l in lines if "release" in l), lines[-1] if lines else None)
     return env
 
 

@@ -90,20 +90,28 @@ def symmetric_from_lower(a: torch.Tensor) -> torch.Tensor:
     return low + low.tril(-1).mT
 
 
-def check_eigh(a: torch.Tensor, vals: torch.Tensor, vecs: torch.Tensor, tol: float, msg: str):
-    """The outside oracle: residual, orthogonality, order, eigenvalues vs fp64 LAPACK."""
+def eigh_errors(a: torch.Tensor, vals: torch.Tensor, vecs: torch.Tensor) -> dict[str, float]:
+    """Residual and orthogonality (2-norms, the residual relative to ||A||_2) and the largest
+    eigenvalue error against fp64 LAPACK (relative to ||A||_2)."""
     a64 = symmetric_from_lower(a)
     v, q = vals.to(torch.float64), vecs.to(torch.float64)
     n = a.shape[-1]
     norm = max(float(torch.linalg.matrix_norm(a64, ord=2)), 1e-300) if n else 1.0
-    residual = float(torch.linalg.matrix_norm(a64 @ q - q * v, ord=2)) / norm
-    orth = float(torch.linalg.matrix_norm(q.mT @ q - torch.eye(n, dtype=torch.float64), ord=2))
-    assert residual <= tol, f"{msg}: residual {residual:.2e} > {tol:.0e}"
-    assert orth <= tol, f"{msg}: orthogonality {orth:.2e} > {tol:.0e}"
-    assert bool((v[1:] >= v[:-1]).all()), f"{msg}: eigenvalues not ascending"
     ref = torch.linalg.eigvalsh(a64)
-    err = float((v - ref).abs().max()) / norm if n else 0.0
-    assert err <= tol, f"{msg}: eigenvalue error {err:.2e} > {tol:.0e}"
+    return {"residual": float(torch.linalg.matrix_norm(a64 @ q - q * v, ord=2)) / norm,
+            "orthogonality": float(torch.linalg.matrix_norm(
+                q.mT @ q - torch.eye(n, dtype=torch.float64), ord=2)),
+            "eigenvalue error": float((v - ref).abs().max()) / norm if n else 0.0}
+
+
+def check_eigh(a: torch.Tensor, vals: torch.Tensor, vecs: torch.Tensor, tol, msg: str):
+    """The outside oracle: residual, orthogonality, order, eigenvalues vs fp64 LAPACK. ``tol``:
+    one bound for all three, or a dict of bounds by name (as ``eigh_errors`` names them)."""
+    for name, err in eigh_errors(a, vals, vecs).items():
+        bound = tol[name] if isinstance(tol, dict) else tol
+        assert err <= bound, f"{msg}: {name} {err:.2e} > {bound:.1e}"
+    v = vals.to(torch.float64)
+    assert bool((v[1:] >= v[:-1]).all()), f"{msg}: eigenvalues not ascending"
 
 
 def corpus(sizes, dtype, seed=0) -> list[tuple[str, torch.Tensor]]:
@@ -390,7 +398,19 @@ def test_corpus_cuda(backend, dtype):
         if i == 3:
             assert v.isnan().all() and q.isnan().all()
             continue
-        check_eigh(a, v.cpu(), q.cpu(), TOL[dtype], f"cuda {backend} {dtype} {name}")
+        # The bound is the device's own eigensolver in the same dtype: a kernel may err at most
+        # twice as much as cuSOLVER (torch.linalg.eigh on the same block). cuSOLVER's fp32
+        # vectors themselves miss the CPU bound of 1e-5 on ill-conditioned blocks (cond 1e10,
+        # on an H200: orthogonality 1.12e-5 = 2.8 n eps at n = 33, 6.63e-5 = 4.4 n eps at
+        # n = 128), so for the eager backend the bound is 8 n eps: a backward-stable solver's
+        # error grows with n, with a constant no solver documents.
+        if backend == "eager":
+            tol = max(TOL[dtype], 8 * a.shape[-1] * torch.finfo(dtype).eps)
+        else:
+            ref_vals, ref_vecs = torch.linalg.eigh(symmetric_from_lower(a).to(dtype).cuda())
+            tol = {k: max(TOL[dtype], 2 * e)
+                   for k, e in eigh_errors(a, ref_vals.cpu(), ref_vecs.cpu()).items()}
+        check_eigh(a, v.cpu(), q.cpu(), tol, f"cuda {backend} {dtype} {name}")
     spd = torch.stack([make_block("spd", 24, torch.Generator().manual_seed(i))
                        for i in range(3)]).to(dtype)
     inv = block_damped_inverse(spd.cuda(), [0.1, 0.2, 0.3], backend=backend).cpu()

@@ -103,3 +103,22 @@ def test_junit_counts(tmp_path):
     xml.write_text('<testsuites><testsuite tests="7" failures="1" errors="1" skipped="2">'
                    "</testsuite></testsuites>")
     assert mod.junit_counts(xml) == "3 passed, 2 failed, 2 skipped"
+
+
+def test_targets_script_runs_its_kernel_sections_on_cpu(tmp_path):
+    """bench/gpu_targets.py (the GPU pass's target measurements) with tiny shapes on the CPU:
+    every case is checked against its reference and timed, and none fails."""
+    out = tmp_path / "targets.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_targets.py"), "--device", "cpu",
+                        "--small", "--sections", "patch_covariance", "block_eigh", "singd_steps",
+                        "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    data = json.loads(out.read_text())
+    for section in ("patch_covariance", "block_eigh", "singd_steps"):
+        assert data[section], section
+        for row in data[section]:
+            cpu = row["cpu"]
+            assert "failed" not in cpu, (row["target"], cpu)
+            assert cpu["s"] > 0
+            err = cpu.get("error", cpu.get("residual"))
+            assert err is not None and err < 1e-2, (row["target"], cpu)

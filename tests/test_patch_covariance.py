@@ -195,7 +195,9 @@ def total_rel_error(out, ref) -> float:
 def make_input(n, c, size, dtype, device, layout="contiguous", seed=0):
     """Random ``(n, c, *size)`` in the given memory layout."""
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn((n, c, *size), generator=gen, dtype=torch.float64).to(dtype)
+    # the layout is made on the device: a copy to another device would be contiguous again
+    x = torch.randn((n, c, *size), generator=gen, dtype=torch.float64).to(dtype=dtype,
+                                                                          device=device)
     if layout == "contiguous":
         pass
     elif layout == "channels_last":
@@ -207,14 +209,14 @@ def make_input(n, c, size, dtype, device, layout="contiguous", seed=0):
         # every 2nd channel and column of a NaN-filled buffer (rows offset by one): a read
         # outside the view poisons the result
         big = torch.full((n, 2 * c, *[s + 2 for s in size[:-1]], 2 * size[-1]), math.nan,
-                         dtype=dtype)
+                         dtype=dtype, device=device)
         inner = (slice(None), slice(None, None, 2),
                  *[slice(1, s + 1) for s in size[:-1]], slice(None, None, 2))
         big[inner] = x
         x = big[inner]
     else:
         raise AssertionError(layout)
-    return x.to(device)
+    return x
 
 
 # ---------------------------------------------------------------------------------------------
