@@ -333,11 +333,85 @@ def two_level() -> list[str]:
     return out + [""]
 
 
+def gpu_targets() -> list[str]:
+    d = _load("nvidia-h200_targets.json")
+    if d is None:
+        return []
+    env = d["environment"]
+    pc = {(r["mode"], r["dtype"], r["allow_tf32"], r["num_blocks"]): r
+          for r in d["patch_covariance"]}
+    eig = {(r["n"], r["B"]): r for r in d["block_eigh"]}
+    steps = {r["target"].split()[0]: r for r in d["singd_steps"]}
+    train = {r["optimizer"]: r for r in d["training_steps"]}
+
+    def best(row, ref_key):
+        speed = {be: row[ref_key] / row[be]["s"] for be in ("cuda", "triton")
+                 if "s" in row.get(be, {})}
+        be = max(speed, key=speed.get)
+        return f"{speed[be]:.2f}x ({be}; {', '.join(f'{k} {v:.2f}x' for k, v in speed.items())})"
+
+    out = [f"**GPU targets on an {env.get('gpu')}** (torch {env.get('torch')}, Triton "
+           f"{env.get('triton')}, CUDA {env.get('cuda')}; medians of CUDA-event timings; "
+           "`bench/gpu_targets.py`, `bench/results/nvidia-h200_targets.json`). Speed-ups are "
+           "against unfold + one matrix product in the same dtype (`patch_covariance`), "
+           "`torch.linalg.eigh` (`block_eigh`) and the eager step (SINGD).", "",
+           "| target | goal | measured | met |", "| --- | ---: | --- | :---: |"]
+
+    def add(name, goal, value, met):
+        out.append(f"| {name} | {goal} | {value} | {'yes' if met else 'no'} |")
+
+    r = pc[("expand", "bfloat16", False, None)]
+    add("`patch_covariance` expand bf16, ResNet-50 stage 3", ">= 2x, >= 50% of peak",
+        best(r, "unfold_matmul_s") + f"; {r['cuda']['fraction_of_h100_peak'] * 100:.1f}% of "
+        "the bf16 peak", False)
+    r = pc[("reduce", "float32", False, None)]
+    s_ = max(r[be]["vs_eager_op"] for be in ("cuda", "triton") if "s" in r.get(be, {}))
+    add("`patch_covariance` reduce fp32, same layer", ">= 10x", best(r, "eager_op_s"), s_ >= 10)
+    r = pc[("expand", "bfloat16", False, 4)]
+    s_ = max(r[be]["vs_eager_op"] for be in ("cuda", "triton") if "s" in r.get(be, {}))
+    add("`patch_covariance` 4 diagonal blocks bf16, same layer", ">= 3x", best(r, "eager_op_s"),
+        s_ >= 3)
+    for n in (33, 64, 96, 128):
+        for b in (64, 1024):
+            r = eig.get((n, b))
+            if r is None:
+                continue
+            s_ = max(r["eigh_s"] / r[be]["s"] for be in ("cuda", "triton") if "s" in r.get(be, {}))
+            add(f"`block_eigh` fp32, n = {n}, B = {b}", ">= 30x", best(r, "eigh_s"), s_ >= 30)
+    for op in ("singd_diagonal_step", "singd_block_step"):
+        r = steps.get(op)
+        if r is not None:
+            s_ = max(r["eager_s"] / r[be]["s"] for be in ("cuda", "triton") if "s" in r.get(be, {}))
+            add(f"`{op}` fp32, ResNet-18's 21 layers", ">= 5x", best(r, "eager_s"), s_ >= 5)
+    fused = train.get("singd-diagonal T=10 fused")
+    if fused is not None and "time_vs_adamw" in fused:
+        add("SINGD-diagonal T=10 (fused) training step, ResNet-18 CIFAR batch 128 bf16",
+            "<= 1.1x AdamW time and memory",
+            f"time {fused['time_vs_adamw']:.2f}x ({fused['step_s'] * 1e3:.1f} vs "
+            f"{train['adamw']['step_s'] * 1e3:.1f} ms), peak memory "
+            f"{fused['peak_memory_vs_adamw']:.2f}x, state {fused['state_memory_vs_adamw']:.2f}x",
+            fused["time_vs_adamw"] <= 1.1 and fused["peak_memory_vs_adamw"] <= 1.1)
+    out.append("")
+    m = _load("static_vs_h200.json")
+    if m is not None:
+        out += ["**The static H100 model against the H200** (`bench/static_vs_h200.py`, "
+                "`bench/results/static_vs_h200.json`, which says why each miss happened and what "
+                "the model needs instead):", "",
+                "| target | kernel | predicted / measured time (ms) | speed-up predicted / "
+                "measured |", "| --- | --- | ---: | ---: |"]
+        for r in m["rows"]:
+            out.append(f"| {r['target'].split(':')[0].split(' (')[0]} | {r['kernel']} | "
+                       f"{r['predicted_s'] * 1e3:.2f} / {r['measured_s'] * 1e3:.2f} | "
+                       f"{r['predicted_ratio']:.2f}x / {r['measured_ratio']:.2f}x |")
+        out.append("")
+    return out
+
+
 def section() -> str:
     lines = [START, ""]
     for part in (evidence_grid(), amortisation(), evidence("digits_bf16"),
                  patch_covariance(), peers(), bdkfac(),
-                 block_eigh(), singd(), singd("singd_cpu_bf16.json"), two_level()):
+                 block_eigh(), singd(), singd("singd_cpu_bf16.json"), gpu_targets(), two_level()):
         lines += part
     lines.append(END)
     return "\n".join(lines)

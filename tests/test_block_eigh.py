@@ -307,7 +307,8 @@ def test_triton_rejects_fp64():
 def test_auto_never_picks_triton_for_fp64(monkeypatch):
     """On CUDA tensors without the CUDA extension "auto" resolves to Triton, which is fp32-only:
     fp64 blocks then go to the eager path instead of raising."""
-    monkeypatch.setattr(block_eigh_module, "resolve_backend", lambda backend, device, op: "triton")
+    monkeypatch.setattr(block_eigh_module, "resolve_backend",
+                        lambda backend, device, op, prefer=None: "triton")
     a = make_block("spd", 4, torch.Generator().manual_seed(12))[None]
     vals, vecs, sweeps = block_eigh(a, return_sweeps=True)
     assert int(sweeps[0]) == -1

@@ -224,7 +224,8 @@ def test_singd_blocks_above_the_triton_limit(op_name, monkeypatch):
         fn(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args], backend="triton")
     want = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
     fn(*want, backend="eager")
-    monkeypatch.setattr(op, "resolve_backend", lambda backend, device, name: "triton")
+    monkeypatch.setattr(op, "resolve_backend",
+                        lambda backend, device, name, prefer=None: "triton")
     monkeypatch.setattr(op, "_warned", set())
     got = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
     with pytest.warns(UserWarning, match=rf"{op_name}: blocks of 64 exceed the 'triton' kernel's "

@@ -103,6 +103,7 @@ from collections.abc import Sequence
 import torch
 
 from .._backend import native_has_op, resolve_backend
+from ._cuda_auto import cuda_order
 from ._library import check_same
 
 _OP = "block_eigh"
@@ -341,7 +342,11 @@ def _run(blocks, backend, max_sweeps, tol, damping, op, fallback=True):
         damp = None
         if damp_list is not None:
             damp = damp_list if idx is None else damp_list[torch.tensor(idx, device=ref.device)]
-        results[n] = _solve_bucket(stack, chosen, sweeps_cap, tol, damp, backend != "auto",
+        here = chosen
+        if backend == "auto" and ref.device.type == "cuda":  # the fastest solver for this size
+            here = resolve_backend(backend, ref.device, _OP,
+                                   cuda_order(op, n=n, dtype=compute_dtype))
+        results[n] = _solve_bucket(stack, here, sweeps_cap, tol, damp, backend != "auto",
                                    fallback)
 
     def cast(t):

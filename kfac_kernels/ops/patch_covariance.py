@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .._backend import native_has_op, resolve_backend
+from ._cuda_auto import cuda_order
 from ._library import check_same
 from ._symmetric_matmul import add_symmetric_matmul_, block_edges, mirror_upper
 
@@ -454,6 +455,12 @@ def patch_covariance(x: torch.Tensor, kernel_size, stride=1, padding=0, dilation
     x4 = as_4d(xp)
     reduce = mode == "reduce"
     n = x.shape[0]
+    if backend == "auto" and x.device.type == "cuda":
+        taps = geom.kernel[0] * geom.kernel[1]
+        unfolded = n * geom.positions * x.shape[1] * taps * x.element_size()
+        chosen = resolve_backend(backend, x.device, _OP, cuda_order(
+            _OP, mode=mode, blocked=num_blocks is not None, kernel_elements=taps,
+            unfolded_bytes=unfolded))
     if alpha is None:
         alpha = 1.0 / n if reduce else 1.0 / (n * geom.positions)
     if factor is not None or stacked:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from .._backend import native_has_op, resolve_backend
+from ._cuda_auto import cuda_order
 from ._library import check_same
 from ._checks import check_bool, check_finite_floats, check_like, within_block_limit
 
@@ -133,7 +134,7 @@ def singd_block_factor_update(k: torch.Tensor, c: torch.Tensor, m_k: torch.Tenso
     """
     _check(k, c, m_k, m_c, u, g, k_dims, c_dims, k_layer_offsets, c_layer_offsets, damping,
            alpha1, lr_cov, kfac_like)
-    chosen = within_block_limit(_OP, resolve_backend(backend, k.device, _OP), backend,
+    chosen = within_block_limit(_OP, resolve_backend(backend, k.device, _OP, cuda_order(_OP)), backend,
                                 max(k.shape[1], c.shape[1]), MAX_BLOCK, _warned)
     args = (k, c, m_k, m_c, u, g, list(k_dims), list(c_dims), list(k_layer_offsets),
             list(c_layer_offsets), float(damping), float(alpha1), float(lr_cov), kfac_like)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from .._backend import native_has_op, resolve_backend
+from ._cuda_auto import cuda_order
 from ._library import check_same
 from ._checks import check_bool, check_finite_floats, check_writable, within_block_limit
 from .singd_diagonal_step import accumulation_dtype
@@ -136,7 +137,7 @@ def singd_block_step(weight: torch.Tensor, weight_grad: torch.Tensor, bias: torc
     _check(weight, weight_grad, bias, bias_grad, c, c_dims, k, k_dims, weight_buf, bias_buf, lr,
            momentum, weight_decay, first)
     check_writable(_OP, weight=weight, bias=bias, weight_buf=weight_buf, bias_buf=bias_buf)
-    chosen = within_block_limit(_OP, resolve_backend(backend, weight.device, _OP), backend,
+    chosen = within_block_limit(_OP, resolve_backend(backend, weight.device, _OP, cuda_order(_OP)), backend,
                                 max(c.shape[1], k.shape[1]), MAX_BLOCK, _warned)
     args = [weight, weight_grad, bias, bias_grad, c, list(c_dims), k, list(k_dims), weight_buf,
             bias_buf, float(lr), float(momentum), float(weight_decay), first]

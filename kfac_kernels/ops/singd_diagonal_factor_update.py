@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from .._backend import native_has_op, resolve_backend
+from ._cuda_auto import cuda_order
 from ._library import check_same
 from ._checks import check_bool, check_finite_floats, check_like
 
@@ -97,7 +98,7 @@ def singd_diagonal_factor_update(k: torch.Tensor, c: torch.Tensor, m_k: torch.Te
         backend: ``"auto"``, ``"eager"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
     """
     _check(k, c, m_k, m_c, u, g, k_offsets, c_offsets, damping, alpha1, lr_cov, kfac_like)
-    chosen = resolve_backend(backend, k.device, _OP)
+    chosen = resolve_backend(backend, k.device, _OP, cuda_order(_OP))
     damping, alpha1, lr_cov = float(damping), float(alpha1), float(lr_cov)
     if chosen == "eager":
         singd_diagonal_factor_update_eager(k, c, m_k, m_c, u, g, k_offsets, c_offsets, damping,

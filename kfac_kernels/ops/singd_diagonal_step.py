@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from .._backend import native_has_op, resolve_backend
+from ._cuda_auto import cuda_order
 from ._library import check_same
 from ._checks import check_bool, check_finite_floats, check_writable
 
@@ -89,7 +90,7 @@ def singd_diagonal_step(param: torch.Tensor, grad: torch.Tensor, c: torch.Tensor
     """
     _check(param, grad, c, k, buf, lr, momentum, weight_decay, first)
     check_writable(_OP, param=param, buf=buf)
-    chosen = resolve_backend(backend, param.device, _OP)
+    chosen = resolve_backend(backend, param.device, _OP, cuda_order(_OP))
     lr, momentum, weight_decay = float(lr), float(momentum), float(weight_decay)
     if chosen == "eager":
         singd_diagonal_step_eager(param, grad, c, k, buf, lr, momentum, weight_decay, first)

@@ -21,6 +21,7 @@ import math
 import torch
 
 from .._backend import native_has_op, resolve_backend
+from ._cuda_auto import cuda_order
 from ._library import check_same
 
 _OP = "symmetric_factor_update"
@@ -80,7 +81,7 @@ def symmetric_factor_update(factor: torch.Tensor | None, x: torch.Tensor, decay:
         backend: ``"auto"``, ``"eager"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
     """
     _check(factor, x, decay, alpha)
-    chosen = resolve_backend(backend, x.device, _OP)
+    chosen = resolve_backend(backend, x.device, _OP, cuda_order(_OP))
     decay, alpha = float(decay), float(alpha)
     if chosen == "eager":
         return symmetric_factor_update_eager(factor, x, decay, alpha)
