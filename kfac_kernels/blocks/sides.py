@@ -31,17 +31,38 @@ def largest_eigenvalue(parts: list[torch.Tensor], layout: Layout,
                        iterations: int = 20) -> torch.Tensor:
     """``(groups,)`` largest eigenvalues of a PSD side (the largest over its parts), by power
     iteration for dense and block parts (a lower bound, accurate to a few digits: enough for a
-    damping scale)."""
+    damping scale).
+
+    All parts iterate together, as one stack zero-padded to the widest (the padding adds zero
+    eigenvalues only, which cannot be the largest of a PSD part). Each part is first divided by
+    its trace, so its eigenvalues lie in [1 / n, 1]: the iterate then shrinks by at most n^5 in
+    five products, and is normalised every fifth one only (a fifth of the normalisations; the
+    same iterates up to rounding). The call is host-bound at these sizes: ops, not flops, are
+    its cost."""
     if layout.kind == "diagonal":
         return parts[0].amax(-1)
-    out = []
-    for p in parts:
-        v = torch.ones(p.shape[:-1], dtype=p.dtype, device=p.device)[..., None]
-        for _ in range(iterations):
-            v = p @ v
-            v = v / v.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
-        out.append((v.mT @ p @ v)[..., 0, 0])
-    return torch.stack(out).amax(0)
+    groups = parts[0].shape[0]
+    if len(parts) == 1:
+        stack = parts[0]                                            # (groups, n, n)
+    else:
+        w = max(p.shape[-1] for p in parts)
+        stack = parts[0].new_zeros(groups, len(parts), w, w)
+        for i, p in enumerate(parts):
+            stack[:, i, :p.shape[-1], :p.shape[-1]] = p
+        stack = stack.view(groups * len(parts), w, w)
+    tiny = torch.finfo(stack.dtype).tiny
+    scale = torch.diagonal(stack, dim1=-2, dim2=-1).sum(-1).clamp_min(tiny)
+    unit = stack / scale[:, None, None]
+    # row iterates, v^T A (= (A v)^T, A symmetric): a batched row-times-matrix product is many
+    # times faster than the batched matrix-times-column one on the CPU (12 against 96 us for
+    # 4 blocks of 129, one thread)
+    v = torch.ones(stack.shape[:-1], dtype=stack.dtype, device=stack.device)[:, None, :]
+    for step in range(1, iterations + 1):
+        v = torch.bmm(v, unit)
+        if step % 5 == 0 or step == iterations:
+            v = v / torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min(tiny)
+    lam = (torch.bmm(v, unit) * v).sum(-1)[:, 0] * scale
+    return lam.view(groups, len(parts)).amax(-1)
 
 
 def dim(parts: list[torch.Tensor]) -> int:
