@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from kfac_kernels import SINGD, ops  # noqa: E402
 from kfac_kernels._backend import available_backends  # noqa: E402
+from kfac_kernels.testing import rel_error as rel  # noqa: E402
 
 RESNET18 = ([(64, 147)] + [(64, 576)] * 4 + [(128, 576), (128, 1152), (128, 1152), (128, 1152),
             (128, 64)] + [(256, 1152), (256, 2304), (256, 2304), (256, 2304), (256, 128)]
@@ -69,9 +70,13 @@ def timed(fn, device: str, min_runs: int = 5, max_runs: int = 50, budget_s: floa
     return statistics.median(times)
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b).clamp_min(1e-300))
+def measure(row: dict, backend: str, fn) -> None:
+    """``row[backend] = fn()``, or the failure, recorded: one backend failing does not stop the
+    other targets."""
+    try:
+        row[backend] = fn()
+    except Exception as exc:
+        row[backend] = {"failed": f"{type(exc).__name__}: {exc}"[:300]}
 
 
 def _backends(device: str) -> list[str]:
@@ -114,23 +119,25 @@ def patch_covariance_targets(device: str, small: bool) -> list[dict]:
             row["unfold_matmul_error"] = rel(base, ref)
             row["unfold_matmul_s"] = timed(lambda: unfold_gram(x, k, 1, mode == "reduce"), device)
         for be in _backends(device):
-            try:
-                got = ops.patch_covariance(x, k, 1, 1, mode=mode, num_blocks=blocks, backend=be)
+            def run(be=be):
+                return ops.patch_covariance(x, k, 1, 1, mode=mode, num_blocks=blocks, backend=be)
+
+            def case(run=run):
+                got = run()
                 err = (max(rel(g, r) for g, r in zip(got, ref)) if isinstance(got, list)
                        else rel(got, ref))
-                t = timed(lambda: ops.patch_covariance(x, k, 1, 1, mode=mode, num_blocks=blocks,
-                                                       backend=be), device)
-                row[be] = {"s": t, "error": err, "vs_eager_op": row["eager_op_s"] / t}
+                t = timed(run, device)
+                res = {"s": t, "error": err, "vs_eager_op": row["eager_op_s"] / t}
                 if "unfold_matmul_s" in row:
-                    row[be]["vs_unfold_matmul"] = row["unfold_matmul_s"] / t
+                    res["vs_unfold_matmul"] = row["unfold_matmul_s"] / t
                 if mode == "expand" and blocks is None:
                     d = c * k * k
                     flops = 2 * n * hw * hw * d * d / 2  # the upper triangle (the kernels' work)
                     peak = {"bfloat16": 989.4e12, "float32": 494.7e12 if tf32 else 66.9e12}
-                    row[be]["tflops_upper"] = flops / t / 1e12
-                    row[be]["fraction_of_h100_peak"] = flops / t / peak[str(dtype)[6:]]
-            except Exception as exc:  # recorded, not fatal: the other targets still run
-                row[be] = {"failed": f"{type(exc).__name__}: {exc}"[:300]}
+                    res["tflops_upper"] = flops / t / 1e12
+                    res["fraction_of_h100_peak"] = flops / t / peak[str(dtype)[6:]]
+                return res
+            measure(row, be, case)
         out.append(row)
         print(_line(row), flush=True)
     if device == "cuda":
@@ -150,7 +157,7 @@ def block_eigh_targets(device: str, small: bool) -> list[dict]:
         row = {"target": f"block_eigh fp32, n = {n}, B = {b}", "n": n, "B": b}
         row["eigh_s"] = timed(lambda: torch.linalg.eigh(a32), device)
         for be in _backends(device):
-            try:
+            def case(be=be):
                 vals, vecs = ops.block_eigh(a32, backend=be)
                 v = vecs.double()
                 resid = float(torch.linalg.norm(a @ v - v * vals.double()[..., None, :])
@@ -158,10 +165,9 @@ def block_eigh_targets(device: str, small: bool) -> list[dict]:
                 eye = torch.eye(n, dtype=torch.float64, device=device)
                 orth = float(torch.linalg.norm(v.mT @ v - eye) / math.sqrt(b))
                 t = timed(lambda: ops.block_eigh(a32, backend=be), device)
-                row[be] = {"s": t, "residual": resid, "orthogonality": orth,
-                           "vs_eigh": row["eigh_s"] / t}
-            except Exception as exc:
-                row[be] = {"failed": f"{type(exc).__name__}: {exc}"[:300]}
+                return {"s": t, "residual": resid, "orthogonality": orth,
+                        "vs_eigh": row["eigh_s"] / t}
+            measure(row, be, case)
         out.append(row)
         print(_line(row), flush=True)
     return out
@@ -198,26 +204,22 @@ def singd_step_targets(device: str, small: bool) -> list[dict]:
         def run(be, states=states, op=op):
             for st in states:
                 op(*st, 0.1, 0.9, 1e-4, False, backend=be)
+            return states
 
         # correctness on copies: every backend from the same state as eager
         def copy_state(states):
             return [tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in st)
                     for st in states]
         pristine = copy_state(states)  # the timing below moves `states` on
-        ref_states = copy_state(pristine)
-        for st in ref_states:
-            op(*st, 0.1, 0.9, 1e-4, False, backend="eager")
+        ref_states = run("eager", copy_state(pristine))
         row["eager_s"] = timed(lambda: run("eager"), device)
         for be in _backends(device):
-            try:
-                mine = copy_state(pristine)
-                for st in mine:
-                    op(*st, 0.1, 0.9, 1e-4, False, backend=be)
+            def case(be=be):
+                mine = run(be, copy_state(pristine))
                 err = max(rel(m[0], r[0]) for m, r in zip(mine, ref_states))
                 t = timed(lambda: run(be), device)
-                row[be] = {"s": t, "error": err, "vs_eager": row["eager_s"] / t}
-            except Exception as exc:
-                row[be] = {"failed": f"{type(exc).__name__}: {exc}"[:300]}
+                return {"s": t, "error": err, "vs_eager": row["eager_s"] / t}
+            measure(row, be, case)
         out.append(row)
         print(_line(row), flush=True)
     return out

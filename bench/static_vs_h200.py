@@ -147,7 +147,6 @@ def corrections(model: dict, measured: dict) -> dict:
                                           "factor": r["cuda"]["s"] / predicted}
     out["jacobi_clocks_per_round_n64"] = {
         "value": clocks_per_round,
-        "model_value": None,
         "assumed_sweeps": JACOBI_SWEEPS,
         "calibrated_on": "n = 64, B = 64 (one wave)",
         "scaling": "per round ~ (n / 64)^2; waves = B / (SMs x blocks per SM), blocks per SM "
