@@ -35,6 +35,8 @@ from . import distributed as dist_utils
 from ._backend import BACKENDS
 from ._flags import DeferredChecks, finite_health
 from .blocks import BLOCKS, run_jobs
+from .blocks.kronecker import (BatchedPreconditioner, KroneckerBlock,
+                               measure_largest_eigenvalues, pending_healths)
 from .blocks.decompositions import retry_in_float64
 from .capture import (Capture, DetachesHooksOnExit, default_factor_dtype, grad_scaler_scale,
                       weak_method)
@@ -223,6 +225,7 @@ class KFAC(DetachesHooksOnExit):
         self.skip_reason: str | None = None
         # Device-side checks read with the next step's one host read (kfac_kernels._flags).
         self.checks = DeferredChecks()
+        self._batched = BatchedPreconditioner()
         self._warned: set[str] = set()
         block_class = BLOCKS[structure]
         self.blocks = {
@@ -381,8 +384,7 @@ class KFAC(DetachesHooksOnExit):
         factor_step = self.is_factor_step
         if factor_step and self.is_distributed:
             dist_utils.allreduce_pending(self.blocks, self.process_group)
-        pending = ({n: h for n, h in ((n, b.pending_health()) for n, b in self.blocks.items())
-                    if h is not None} if factor_step else {})
+        pending = (pending_healths(list(self.blocks.values())) if factor_step else {})
         # The step's one host read: the gradients, this step's statistics and the checks queued
         # by earlier steps (e.g. their decompositions), together.
         grads_ok = gradient_health(list(grads.values()))
@@ -401,8 +403,8 @@ class KFAC(DetachesHooksOnExit):
         due = [n for n in grads if self.blocks[n].has_factors
                and (self.is_inverse_step or self.blocks[n].decomposition is None)]
         self.distribution.refresh(due)
-        updates = {name: self._precondition(name, mat) for name, mat in grads.items()
-                   if self.distribution.preconditions(name)}
+        updates = self._precondition_many({name: mat for name, mat in grads.items()
+                                           if self.distribution.preconditions(name)})
         updates = self.distribution.share_updates(updates, grads)
         self.steps += 1
         self._arm_capture()
@@ -426,6 +428,11 @@ class KFAC(DetachesHooksOnExit):
         return self.blocks[name].precondition(mat, self.compute_method, self.damping, self._split,
                                               self.relative_damping)
 
+    def _precondition_many(self, mats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """:meth:`_precondition` of every layer in ``mats``, same-shape layers stacked."""
+        return self._batched(self.blocks, mats, self.compute_method, self.damping, self._split,
+                             self.relative_damping)
+
     def _update_factors(self, finite: dict[str, bool]) -> None:
         """Fold the step's statistics into the factors (``finite``: by layer, whether they
         are)."""
@@ -439,15 +446,18 @@ class KFAC(DetachesHooksOnExit):
                     f"{type(self).__name__}: fisher_type={self.fisher_type!r} captured no output "
                     f"gradients for {missing_g}: compute the loss with "
                     "`loss = precond.backward(outputs, targets)` instead of `loss.backward()`")
+        lerps: tuple[list, list] = ([], [])
         for name, ok in finite.items():
             if ok:
-                self.blocks[name].fold_pending(self.factor_decay)
+                self.blocks[name].fold_pending(self.factor_decay, lerps)
                 continue
             self.blocks[name].discard_pending()
             self._warn_once(f"nonfinite-batch:{name}", (
                 f"{type(self).__name__}: non-finite curvature for module {name!r} (NaN/inf "
                 "in its inputs or output gradients); its factor update is skipped this "
                 "step and whenever this happens again"))
+        if lerps[0]:
+            torch._foreach_lerp_(*lerps, 1.0 - self.factor_decay)
 
     def _warn_nothing_captured(self) -> None:
         modules = [a.module for a in self.adapters.values()]
@@ -471,6 +481,9 @@ class KFAC(DetachesHooksOnExit):
         host read -- right away with ``check``, else with the next step's one read -- and then
         answered by an fp64 retry, or a warning that keeps the previous one."""
         blocks = [self.blocks[n] for n in names]
+        if self.relative_damping and self.compute_method != "eigen":
+            # their damping scales, all blocks in one batched power iteration
+            measure_largest_eigenvalues([b for b in blocks if isinstance(b, KroneckerBlock)])
         jobs = [b.decomposition_jobs(self.compute_method, self.damping, self._split,
                                      self.relative_damping) for b in blocks]
         results = iter(run_jobs([j for js in jobs for j in js], self.eigh_backend))

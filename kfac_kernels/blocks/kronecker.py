@@ -46,6 +46,7 @@ vocabulary side of a tied weight) needs no decomposition.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -95,6 +96,10 @@ class KroneckerBlock(CurvatureBlock):
         self.decomposition: dict[str, list[torch.Tensor]] | None = None
         # The health of a first decomposition until a host read has found it finite.
         self.unverified: torch.Tensor | None = None
+        # (key, (lambda_max(A), lambda_max(G))) of the factors last measured; the key changes
+        # with every new factor list (the generation) and in-place update (tensor versions)
+        self._largest: tuple | None = None
+        self._generation = 0
 
     @classmethod
     def layouts(cls, adapter, **options) -> tuple[Layout, Layout]:
@@ -105,25 +110,29 @@ class KroneckerBlock(CurvatureBlock):
         """A 0-d tensor, finite iff this step's statistics are (the traces of Gram matrices:
         a NaN or inf row makes a diagonal entry non-finite), or ``None`` if a side saw no
         data."""
-        p = self.pending
-        if p is None or not p.complete:
-            return None
-        a = sides.trace(sides.as_parts(p.a, self.a_layout), self.a_layout).sum()
-        g = sides.trace(sides.as_parts(p.g, self.g_layout), self.g_layout).sum()
-        return a + g
+        return pending_healths([self]).get(self.name)
 
-    def fold_pending(self, decay: float) -> None:
-        """``F <- decay F + (1 - decay) S`` for both sides (the first step takes ``S``)."""
+    def fold_pending(self, decay: float, lerps: tuple[list, list] | None = None) -> None:
+        """``F <- decay F + (1 - decay) S`` for both sides (the first step takes ``S``).
+
+        ``lerps``: two lists ``(stored, new)`` to which the parts are appended instead of
+        folded here, for the caller to fold every block's parts in one
+        ``torch._foreach_lerp_`` (on the CPU a per-part ``lerp_`` costs more in dispatch than
+        in arithmetic for the small parts of block-diagonal factors)."""
         p = self.pending
         self.pending = None
         a = sides.as_parts(p.a, self.a_layout)
         g = sides.as_parts(p.g, self.g_layout)
         if self.A is None:
             self.A, self.A_count, self.G = a, float(p.rows), g
+            self._generation += 1
             return
+        stored_parts, new_parts = ([], []) if lerps is None else lerps
         for stored, new in ((self.A, a), (self.G, g)):
-            for s, n in zip(stored, new):
-                s.lerp_(n, 1.0 - decay)
+            stored_parts.extend(stored)
+            new_parts.extend(new)
+        if lerps is None:
+            torch._foreach_lerp_(stored_parts, new_parts, 1.0 - decay)
         self.A_count = decay * self.A_count + (1.0 - decay) * p.rows
 
     @property
@@ -141,6 +150,7 @@ class KroneckerBlock(CurvatureBlock):
 
     def reset_factors(self) -> None:
         self.A, self.A_count, self.G = None, 0.0, None
+        self._generation += 1
 
     def factors_finite(self) -> bool:
         if self.A is None:
@@ -166,11 +176,19 @@ class KroneckerBlock(CurvatureBlock):
     def largest_eigenvalues(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(lambda_max(A), lambda_max(G))`` per group of the current factors, by power
         iteration (floored at the smallest normal number of their dtype, so that a relative
-        damping stays positive)."""
-        tiny = torch.finfo(self.A[0].dtype).tiny
-        a = sides.largest_eigenvalue(self.A, self.a_layout) / self.A_count
-        g = sides.largest_eigenvalue(self.G, self.g_layout)
-        return a.clamp_min(tiny), g.clamp_min(tiny)
+        damping stays positive); measured once per factor update (see
+        :func:`measure_largest_eigenvalues`, which measures many blocks at once)."""
+        if not self._largest_is_current():
+            measure_largest_eigenvalues([self])
+        return self._largest[1]
+
+    def _largest_is_current(self) -> bool:
+        # the factor tensors are updated in place: their versions tell whether they changed
+        key = self._factor_key()
+        return self._largest is not None and self._largest[0] == key
+
+    def _factor_key(self) -> tuple:
+        return (self._generation, self.A_count, *(t._version for t in (*self.A, *self.G)))
 
     def _dampings(self, damping: float, split: str, relative: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -268,21 +286,27 @@ class KroneckerBlock(CurvatureBlock):
         return out
 
     def _precondition(self, mat, method, damping, split, relative):
-        dec = self.decomposition
+        return self._apply(self.decomposition, self.a_layout, self.g_layout, mat, method,
+                           damping, split, relative)
+
+    @classmethod
+    def _apply(cls, dec, a_layout, g_layout, mat, method, damping, split, relative):
+        """The preconditioned ``mat`` ``(groups, rows, cols)`` by decomposition ``dec`` (every
+        tensor with the same leading groups axis: one layer's, or several layers' stacked)."""
         ref = dec[{"eigen": "eigvals_A", "inverse": "inv_A", "cholesky": "chol_A"}[method]][0]
         m = mat.to(ref.dtype)
         if method == "cholesky":
-            out = sides.solve_left(dec["chol_G"], m, self.g_layout)
-            return sides.solve_right(out, dec["chol_A"], self.a_layout)
+            out = sides.solve_left(dec["chol_G"], m, g_layout)
+            return sides.solve_right(out, dec["chol_A"], a_layout)
         if method == "inverse":
-            out = sides.left(dec["inv_G"], m, self.g_layout)
-            return sides.right(out, dec["inv_A"], self.a_layout)
+            out = sides.left(dec["inv_G"], m, g_layout)
+            return sides.right(out, dec["inv_A"], a_layout)
         qa = dec["eigvecs_A"] or None
         qg = dec["eigvecs_G"] or None
         la = sides.concat_values(dec["eigvals_A"])
         lg = sides.concat_values(dec["eigvals_G"])
-        rotated = sides.right(sides.left(qg, m, self.g_layout, transpose=True), qa,
-                              self.a_layout)
+        rotated = sides.right(sides.left(qg, m, g_layout, transpose=True), qa,
+                              a_layout)
         if relative:
             tiny = torch.finfo(la.dtype).tiny
             top_a, top_g = la.amax(-1).clamp_min(tiny), lg.amax(-1).clamp_min(tiny)
@@ -294,9 +318,9 @@ class KroneckerBlock(CurvatureBlock):
                 root = math.sqrt(damping)
                 gamma_a, gamma_g = root * top_a, root * top_g
             else:
-                gamma_a, gamma_g = self._split_damping(damping, split, dec["pi"][0])
+                gamma_a, gamma_g = cls._split_damping(damping, split, dec["pi"][0])
             denom = ((lg + gamma_g[:, None])[:, :, None]) * ((la + gamma_a[:, None])[:, None, :])
-        return sides.right(sides.left(qg, rotated / denom, self.g_layout), qa, self.a_layout,
+        return sides.right(sides.left(qg, rotated / denom, g_layout), qa, a_layout,
                            transpose=True)
 
     def decomposition_cost(self) -> float:
@@ -414,6 +438,56 @@ class KroneckerBlock(CurvatureBlock):
             self.reset_factors()
         else:
             self.A, self.G, self.A_count = loaded["A"], loaded["G"], loaded["A_count"]
+            self._generation += 1
+
+
+@functools.lru_cache(maxsize=64)
+def _segment_index(segments: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The segment index as a tensor on ``device``, made once per layout (a copy to a GPU
+    would wait for it every step)."""
+    return torch.tensor(segments, device=device)
+
+
+def pending_healths(blocks: list[KroneckerBlock]) -> dict[str, torch.Tensor]:
+    """:meth:`KroneckerBlock.pending_health` of every block with complete statistics, from
+    one ``_foreach_norm`` over the diagonals of all their parts (the 1-norm: NaN and inf
+    propagate, and only the diagonals are read) instead of a few ops per part."""
+    diagonals, owners = [], []
+    for i, b in enumerate(blocks):
+        p = b.pending
+        if p is None or not p.complete:
+            continue
+        for value, layout in ((p.a, b.a_layout), (p.g, b.g_layout)):
+            for part in sides.as_parts(value, layout):
+                diagonals.append(part if layout.kind == "diagonal"
+                                 else torch.diagonal(part, dim1=-2, dim2=-1))
+                owners.append(i)
+    if not diagonals:
+        return {}
+    if len({d.device for d in diagonals}) > 1:      # a model spread over devices: per part
+        owned: dict[int, torch.Tensor] = {}
+        for i, d in zip(owners, diagonals):
+            norm = torch.linalg.vector_norm(d, 1).to(diagonals[0].device, torch.float64)
+            owned[i] = norm if i not in owned else owned[i] + norm
+        return {blocks[i].name: h for i, h in owned.items()}
+    norms = torch.stack(torch._foreach_norm(diagonals, 1))
+    present = sorted(set(owners))
+    index = _segment_index(tuple(present.index(i) for i in owners), norms.device)
+    per_block = norms.new_zeros(len(present)).index_add_(0, index, norms)
+    return {blocks[i].name: h for i, h in zip(present, per_block.unbind(0))}
+
+
+def measure_largest_eigenvalues(blocks: list[KroneckerBlock]) -> None:
+    """:meth:`KroneckerBlock.largest_eigenvalues` of the ``blocks`` whose factors changed
+    since their last measurement, all in one :func:`sides.largest_eigenvalues` call."""
+    blocks = [b for b in blocks if b.A is not None and not b._largest_is_current()]
+    if not blocks:
+        return
+    values = sides.largest_eigenvalues([side for b in blocks for side in
+                                        ((b.A, b.a_layout), (b.G, b.g_layout))])
+    for b, a, g in zip(blocks, values[::2], values[1::2]):
+        tiny = torch.finfo(b.A[0].dtype).tiny
+        b._largest = (b._factor_key(), ((a / b.A_count).clamp_min(tiny), g.clamp_min(tiny)))
 
 
 class BlockDiagonalBlock(KroneckerBlock):
@@ -447,3 +521,72 @@ class DiagonalBlock(KroneckerBlock):
     def layouts(cls, adapter, **options):
         from ..layers import DIAGONAL
         return DIAGONAL, DIAGONAL
+
+
+class BatchedPreconditioner:
+    """Preconditions many layers' gradients in one go: the blocks whose decompositions have the
+    same structure and shapes (the repeated layers of a deep MLP or a transformer) are
+    preconditioned as one stack along the groups axis, with their decompositions stacked once
+    per decomposition (kept until one of them changes). On the CPU, a layer's few small
+    products cost more in dispatch than in arithmetic; one stacked call serves all of them.
+
+    Blocks with a large decomposition (more than :attr:`MAX_STACKED` entries), or a first
+    decomposition not yet verified finite, take their own path: for them stacking saves
+    nothing and would copy a large decomposition."""
+
+    MAX_STACKED = 1 << 16
+
+    def __init__(self):
+        self._stacks: dict[tuple, tuple[list, dict]] = {}
+
+    @classmethod
+    def _key(cls, block: KroneckerBlock, mat: torch.Tensor) -> tuple | None:
+        dec = block.decomposition
+        if dec is None or block.unverified is not None or (
+                type(block)._precondition is not KroneckerBlock._precondition):
+            return None
+        cached = getattr(block, "_batch_key", None)
+        if cached is None or cached[0] is not dec:
+            tensors = [t for v in dec.values() for t in v]
+            shapes = None if sum(t.numel() for t in tensors) > cls.MAX_STACKED else tuple(
+                (k, tuple((tuple(t.shape[1:]), t.dtype, t.device) for t in v))
+                for k, v in dec.items())
+            cached = block._batch_key = (dec, shapes)
+        if cached[1] is None:
+            return None
+        return (block.a_layout, block.g_layout, cached[1], tuple(mat.shape[1:]), mat.dtype)
+
+    def __call__(self, blocks: dict[str, KroneckerBlock], mats: dict[str, torch.Tensor],
+                 method: str, damping: float, split: str | None,
+                 relative: bool) -> dict[str, torch.Tensor]:
+        """``{name: preconditioned mats[name]}``, as ``blocks[name].precondition`` would
+        give."""
+        groups: dict[tuple, list[str]] = {}
+        out = {}
+        for name, mat in mats.items():
+            key = self._key(blocks[name], mat)
+            if key is None:
+                out[name] = blocks[name].precondition(mat, method, damping, split, relative)
+            else:
+                groups.setdefault(key, []).append(name)
+        live = {}
+        for key, names in groups.items():
+            if len(names) == 1:
+                out[names[0]] = blocks[names[0]].precondition(mats[names[0]], method, damping,
+                                                              split, relative)
+                continue
+            decs = [blocks[n].decomposition for n in names]
+            cached = self._stacks.get(key)
+            if cached is None or len(cached[0]) != len(decs) or any(
+                    a is not b for a, b in zip(cached[0], decs)):
+                stacked = {k: [torch.cat([d[k][j] for d in decs]) for j in range(len(v))]
+                           for k, v in decs[0].items()}
+                cached = (decs, stacked)
+            live[key] = cached
+            first = blocks[names[0]]
+            result = KroneckerBlock._apply(cached[1], first.a_layout, first.g_layout,
+                                           torch.cat([mats[n] for n in names]), method,
+                                           damping, split, relative)
+            out.update(zip(names, result.split([mats[n].shape[0] for n in names])))
+        self._stacks = live       # the stacks of decompositions no longer in use are dropped
+        return {name: out[name] for name in mats}

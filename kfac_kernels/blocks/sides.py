@@ -31,25 +31,44 @@ def largest_eigenvalue(parts: list[torch.Tensor], layout: Layout,
                        iterations: int = 20) -> torch.Tensor:
     """``(groups,)`` largest eigenvalues of a PSD side (the largest over its parts), by power
     iteration for dense and block parts (a lower bound, accurate to a few digits: enough for a
-    damping scale).
+    damping scale). See :func:`largest_eigenvalues`, which does many sides at once."""
+    return largest_eigenvalues([(parts, layout)], iterations)[0]
 
-    All parts iterate together, as one stack zero-padded to the widest (the padding adds zero
-    eigenvalues only, which cannot be the largest of a PSD part). Each part is first divided by
-    its trace, so its eigenvalues lie in [1 / n, 1]: the iterate then shrinks by at most n^5 in
-    five products, and is normalised every fifth one only (a fifth of the normalisations; the
-    same iterates up to rounding). The call is host-bound at these sizes: ops, not flops, are
-    its cost."""
-    if layout.kind == "diagonal":
-        return parts[0].amax(-1)
-    groups = parts[0].shape[0]
-    if len(parts) == 1:
-        stack = parts[0]                                            # (groups, n, n)
-    else:
-        w = max(p.shape[-1] for p in parts)
-        stack = parts[0].new_zeros(groups, len(parts), w, w)
-        for i, p in enumerate(parts):
-            stack[:, i, :p.shape[-1], :p.shape[-1]] = p
-        stack = stack.view(groups * len(parts), w, w)
+
+def largest_eigenvalues(sides: list[tuple[list[torch.Tensor], Layout]],
+                        iterations: int = 20) -> list[torch.Tensor]:
+    """:func:`largest_eigenvalue` of every ``(parts, layout)`` in ``sides`` (of any layers),
+    in as few calls as their part widths allow.
+
+    The parts of every side iterate together, one stack per width, dtype and device (a
+    network's many same-size blocks then cost the ops of one: at these sizes the call is
+    host-bound, ops and not flops are its cost). Each part is first divided by its trace, so
+    its eigenvalues lie in [1 / n, 1]: the iterate then shrinks by at most n^5 in five
+    products, and is normalised every fifth one only (a fifth of the normalisations; the same
+    iterates up to rounding)."""
+    out: list = [None] * len(sides)
+    stacks: dict[tuple, list] = {}          # (width, dtype, device) -> [(side, part index, part)]
+    for i, (parts, layout) in enumerate(sides):
+        if layout.kind == "diagonal":
+            out[i] = parts[0].amax(-1)
+            continue
+        for j, p in enumerate(parts):
+            stacks.setdefault((p.shape[-1], p.dtype, p.device), []).append((i, j, p))
+    per_part: dict[tuple[int, int], torch.Tensor] = {}
+    for members in stacks.values():
+        stack = torch.cat([p for _, _, p in members]) if len(members) > 1 else members[0][2]
+        lam = _power_iteration(stack, iterations)
+        for (i, j, _), value in zip(members, lam.split([p.shape[0] for _, _, p in members])):
+            per_part[i, j] = value
+    for i, (parts, layout) in enumerate(sides):
+        if out[i] is None:
+            values = [per_part[i, j] for j in range(len(parts))]
+            out[i] = values[0] if len(values) == 1 else torch.stack(values).amax(0)
+    return out
+
+
+def _power_iteration(stack: torch.Tensor, iterations: int) -> torch.Tensor:
+    """Largest eigenvalues ``(b,)`` of a stack ``(b, n, n)`` of PSD matrices."""
     tiny = torch.finfo(stack.dtype).tiny
     scale = torch.diagonal(stack, dim1=-2, dim2=-1).sum(-1).clamp_min(tiny)
     unit = stack / scale[:, None, None]
@@ -61,8 +80,7 @@ def largest_eigenvalue(parts: list[torch.Tensor], layout: Layout,
         v = torch.bmm(v, unit)
         if step % 5 == 0 or step == iterations:
             v = v / torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min(tiny)
-    lam = (torch.bmm(v, unit) * v).sum(-1)[:, 0] * scale
-    return lam.view(groups, len(parts)).amax(-1)
+    return (torch.bmm(v, unit) * v).sum(-1)[:, 0] * scale
 
 
 def dim(parts: list[torch.Tensor]) -> int:

@@ -130,8 +130,18 @@ def gram_of_rows(current, rows: torch.Tensor, layout: Layout, decay: float, alph
     if layout.kind == "diagonal":
         diag = (rows * rows).sum(dim=1) * alpha
         return diag if current is None else diag.add_(current, alpha=decay)
-    out = []
-    for i, (c0, w) in enumerate(zip(_offsets(layout.widths), layout.widths)):
+    out, widths, first = [], layout.widths, 0
+    lead = next((i for i, w in enumerate(widths) if w != widths[0]), len(widths))
+    if current is None and lead > 1 and rows.shape[0] == 1:
+        # the leading equal-width blocks as one batched call on a strided view of the rows
+        # ((lead, m, w), no copy): one dispatch instead of one per block
+        q = widths[0]
+        stacked = rows[0, :, :q * lead].unflatten(-1, (lead, q)).transpose(0, 1)
+        grams = symmetric_factor_update(None, stacked, 0.0, alpha, backend=backend)
+        out, first = [g[None] for g in grams.unbind(0)], lead
+    for i, (c0, w) in enumerate(zip(_offsets(widths), widths)):
+        if i < first:
+            continue
         prev = None if current is None else current[i]
         out.append(symmetric_factor_update(prev, rows[..., c0:c0 + w],
                                            decay if prev is not None else 0.0, alpha,
