@@ -61,16 +61,37 @@ def largest_magnitude(t: torch.Tensor) -> torch.Tensor:
     return torch.maximum(-lo, hi)
 
 
+#: the size up to which a CPU tensor's largest magnitude is taken in the shared foreach call
+SMALL = 1 << 14
+#: the fewest small tensors for which that call is faster (33 of 110 entries: 101 against
+#: 270 us; 3 of 160-1450 entries: 62 against 47 us, one thread)
+FOREACH_MIN = 8
+
+
 def finite_health(tensors) -> torch.Tensor:
     """A 0-d float64 tensor, finite iff every entry of every tensor is (their largest
-    magnitude), without a host read: on the CPU one :func:`largest_magnitude` per tensor, on a
-    GPU one fused ``_foreach_norm`` launch for all of them."""
+    magnitude), without a host read: on the CPU one :func:`largest_magnitude` per tensor (many
+    small tensors of a dtype: one ``_foreach_norm`` call for them), on a GPU one fused
+    ``_foreach_norm`` launch for all of them."""
     tensors = [t for t in tensors if t.numel()]
     if not tensors:
         return torch.zeros((), dtype=torch.float64)
     device = tensors[0].device
     if device.type == "cpu":
-        parts = [largest_magnitude(t) for t in tensors]
+        # large tensors by aminmax; the small ones (where dispatch, not the reduction, is the
+        # cost) in one _foreach_norm call
+        small: dict[torch.dtype, list[torch.Tensor]] = {}
+        parts = []
+        for t in tensors:
+            if t.numel() > SMALL:
+                parts.append(largest_magnitude(t))
+            else:
+                small.setdefault(t.dtype, []).append(t)
+        for same in small.values():
+            if len(same) >= FOREACH_MIN:
+                parts.append(torch.stack(torch._foreach_norm(same, float("inf"))).amax())
+            else:
+                parts += [largest_magnitude(t) for t in same]
     else:
         parts = torch._foreach_norm([t.float() if t.dtype in (torch.float16, torch.bfloat16)
                                      else t for t in tensors], float("inf"))

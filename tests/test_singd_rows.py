@@ -137,3 +137,27 @@ def test_largest_magnitude_and_finite_health(dtype):
         u = torch.tensor([[1.0, 2.0], [bad, -4.0]], dtype=dtype)
         assert not torch.isfinite(largest_magnitude(u))
         assert not torch.isfinite(finite_health([t, u]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_finite_health_of_many_small_tensors(dtype):
+    """Eight or more small tensors of a dtype share one _foreach_norm call on the CPU: the same
+    largest magnitude, each bad value seen wherever it sits, mixed with large tensors and
+    another dtype."""
+    from kfac_kernels._flags import FOREACH_MIN, SMALL, finite_health
+    gen = torch.Generator().manual_seed(0)
+    small = [torch.randn(5, 7, generator=gen).to(dtype) for _ in range(FOREACH_MIN + 3)]
+    large = torch.randn(SMALL + 1, generator=gen).to(dtype)
+    other = torch.randn(3, generator=gen, dtype=torch.float64)
+    every = small + [large, other]
+    want = max(float(t.abs().max()) for t in every)
+    assert float(finite_health(every)) == want
+    big = torch.finfo(dtype).max
+    small[2][0, 0] = -big                                    # no overflow from finite values
+    assert float(finite_health(every)) == float(big)
+    for i in (0, 5, len(small) - 1):
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            kept = small[i][1, 1].clone()
+            small[i][1, 1] = bad
+            assert not torch.isfinite(finite_health(every)), (i, bad)
+            small[i][1, 1] = kept
