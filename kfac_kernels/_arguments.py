@@ -24,6 +24,12 @@ def positive_int(who: str, name: str, value) -> int:
     return value
 
 
+def non_negative_int(who: str, name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{who}: {name} must be an int >= 0, got {value!r}")
+    return value
+
+
 def in_range(who: str, name: str, value, low: float = 0.0, high: float | None = None) -> float:
     """A finite number in ``[low, high)`` (``[low, inf)`` without ``high``)."""
     if not _is_number(value) or value < low or (high is not None and value >= high):

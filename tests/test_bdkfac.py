@@ -291,6 +291,8 @@ def test_load_state_dict_rejects_other_partitions():
     (dict(kl_clip=0.0), "BDKFAC: kl_clip must be a positive finite float or None, got 0.0"),
     (dict(eigh_backend="gpu"), "BDKFAC: eigh_backend must be one of"),
     (dict(factor_update_steps=0), "BDKFAC: factor_update_steps must be an int >= 1, got 0"),
+    (dict(inv_warmup_steps=-1), "BDKFAC: inv_warmup_steps must be an int >= 0, got -1"),
+    (dict(inv_warmup_steps=2.0), "BDKFAC: inv_warmup_steps must be an int >= 0, got 2.0"),
 ])
 def test_invalid_arguments(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):

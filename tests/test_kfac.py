@@ -1182,6 +1182,27 @@ def test_inv_update_steps_reuses_the_decomposition():
     assert not torch.equal(seen[2], seen[3])
 
 
+@pytest.mark.parametrize("factor_steps,expected", [(1, [0, 1, 2, 3, 4, 6, 9]),
+                                                    (2, [0, 2, 4, 6, 9])])
+def test_inv_warmup_steps_decompose_at_every_factor_update_first(factor_steps, expected):
+    """inv_warmup_steps=5 with inv_update_steps=3: a new decomposition at every factor update
+    of steps 0-4, then at every third step only (with factors every second step, step 3's
+    decomposition is of step 2's factors: the same as before)."""
+    model = mlp()
+    precond = KFAC(model, damping=0.1, inv_update_steps=3, inv_warmup_steps=5,
+                   factor_update_steps=factor_steps)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen, new = None, []
+    for s in range(10):
+        x, y = batch(seed=s)
+        train_step(model, opt, precond, x, y)
+        now = precond.preconditioners["0"]["eigvecs_A"].clone()
+        if seen is None or not torch.equal(seen, now):
+            new.append(s)
+        seen = now
+    assert new == expected
+
+
 def test_factor_update_steps_and_decay():
     model = mlp()
     precond = KFAC(model, damping=0.1, factor_update_steps=2, factor_decay=0.75)

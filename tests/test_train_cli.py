@@ -1,6 +1,7 @@
 """The ``kfac-train`` command (kfac_kernels.apps.train), its data set and its model."""
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 import statistics
@@ -17,7 +18,7 @@ from kfac_kernels.apps.data import load_digits_split
 from kfac_kernels.apps.models import DigitsCNN, build_digits_cnn
 from kfac_kernels.apps.defaults import default_lr
 from kfac_kernels.kfac import DEFAULT_RELATIVE_DAMPING
-from kfac_kernels.apps.train import BatchSampler, main
+from kfac_kernels.apps.train import BatchSampler, _make_optimizer, build_parser, main
 
 REQUIRED_KEYS = {"optimizer", "steps", "batch_size", "lr", "seed", "device", "dtype",
                  "train_loss", "train_accuracy", "test_loss", "test_accuracy", "wall_time_s",
@@ -298,6 +299,7 @@ def test_bdkfac_default_reaches_95_percent(tmp_path):
     result = _train(tmp_path, "--optimizer", "bdkfac", "--steps", "300")
     _check_metrics(result, "bdkfac", 300)
     assert result["num_blocks"] == 4 and result["damping"] == DEFAULT_RELATIVE_DAMPING
+    assert result["inv_warmup_steps"] == 20
     assert result["test_accuracy"] >= 0.95, result["test_accuracy"]
 
 
@@ -306,6 +308,36 @@ def test_bdkfac_options_are_passed_through(tmp_path):
                     "--kfac-approx", "reduce", "--kl-clip", "1e-3", "--damping", "0.1")
     assert result["num_blocks"] == 2 and result["kfac_approx"] == "reduce"
     assert math.isfinite(result["train_loss"])
+
+
+@pytest.mark.parametrize("optimizer,argv,expected", [
+    ("bdkfac", [], 20), ("bdkfac", ["--inv-warmup-steps", "0"], 0),
+    ("kfac", [], 0), ("kfac", ["--inv-warmup-steps", "7"], 7)])
+def test_inv_warmup_steps_reach_the_preconditioner(monkeypatch, optimizer, argv, expected):
+    """BD-KFAC's default warm-up of the inverses is kfac-train's (20), K-FAC's the
+    library's (0); --inv-warmup-steps overrides both, and the preconditioner gets it."""
+    from kfac_kernels import KFAC
+    made = []
+    original = KFAC.__init__
+
+    @functools.wraps(original)       # kfac-train reads the library's defaults off it
+    def spy(self, *a, **kw):
+        original(self, *a, **kw)
+        made.append(self.inv_warmup_steps)
+
+    monkeypatch.setattr(KFAC, "__init__", spy)
+    args = build_parser().parse_args(["--optimizer", optimizer, *argv])
+    if args.lr is None:
+        args.lr = 0.01
+    if args.damping is None:
+        args.damping = DEFAULT_RELATIVE_DAMPING
+    if args.weight_decay is None:
+        args.weight_decay = 0.0
+    from kfac_kernels.apps.workloads import WORKLOADS
+    workload = WORKLOADS["digits"]
+    model = workload.build_model(0, torch.float32, torch.device("cpu"), None)
+    _make_optimizer(args, model, workload)
+    assert made == [expected]
 
 
 def test_num_blocks_only_for_bdkfac(capsys):

@@ -29,7 +29,8 @@ from .defaults import ADAPTIVE_OPTIMIZERS, LR_GRID, OPTIMIZERS, OPTION_USERS, de
 # Options that are forwarded to every run unless they are at their parser default.
 _FORWARD = ("task", "steps", "batch_size", "lr", "momentum", "weight_decay", "device", "threads",
             "dtype", "damping", "kfac_approx", "damping_form", "factor_decay",
-            "factor_update_steps", "inv_update_steps", "kl_clip", "num_blocks", "backend",
+            "factor_update_steps", "inv_update_steps", "inv_warmup_steps", "kl_clip",
+            "num_blocks", "backend",
             "fisher", "absolute_damping", "lr_cov", "singd_damping", "alpha1", "singd_T",
             "block_size", "no_warm_start", "target", "eval_every", "log_every", "schedule",
             "warmup", "stop_at_target")

@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 from .defaults import (ADAPTIVE_DEFAULTS, ADAPTIVE_OPTIMIZERS, DEFAULT_LR, DEFAULT_MOMENTUM,
-                       DEFAULT_RELATIVE_DAMPING, DEFAULT_WEIGHT_DECAY, KFAC_KL_CLIP, OPTIMIZERS,
+                       DEFAULT_RELATIVE_DAMPING, DEFAULT_WEIGHT_DECAY, INV_WARMUP_STEPS,
+                       KFAC_KL_CLIP, OPTIMIZERS,
                        OPTION_USERS, SECOND_ORDER, SINGD_DEFAULTS, SINGD_OPTIMIZERS,
                        default_damping, default_lr)
 from .models import num_parameters
@@ -201,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     kfac.add_argument("--inv-update-steps", type=_positive_int, default=None,
                       help="recompute the eigendecompositions every this many steps (default: "
                            f"{_library_default('inv_update_steps')}, the library's)")
+    kfac.add_argument("--inv-warmup-steps", type=_non_negative_int, default=None,
+                      help="during the first this many steps recompute the decompositions at "
+                           "every factor update (default: "
+                           + ", ".join(f"{v} for {k}" for k, v in INV_WARMUP_STEPS.items())
+                           + f", else {_library_default('inv_warmup_steps')}, the library's)")
     kfac.add_argument("--fisher", choices=("empirical", "mc", "type-2"), default=None,
                       help="curvature of the factors (default: empirical for kfac/bdkfac, mc "
                            "for the adaptive optimizers)")
@@ -377,6 +383,10 @@ def _kfac_options(args: argparse.Namespace, model: nn.Module) -> dict:
     for key in ("factor_update_steps", "inv_update_steps"):
         if getattr(args, key) is not None:
             out[key] = getattr(args, key)
+    warmup = (args.inv_warmup_steps if args.inv_warmup_steps is not None
+              else INV_WARMUP_STEPS.get(args.optimizer))
+    if warmup is not None:
+        out["inv_warmup_steps"] = warmup
     return out
 
 
@@ -646,6 +656,8 @@ def _run(args: argparse.Namespace) -> dict:
         "damping": args.damping if args.optimizer in SECOND_ORDER else None,
         "kfac_approx": args.kfac_approx if args.optimizer in SECOND_ORDER else None,
         "num_blocks": args.num_blocks if args.optimizer == "bdkfac" else None,
+        "inv_warmup_steps": (_kfac_options(args, model).get("inv_warmup_steps", 0)
+                             if args.optimizer in SECOND_ORDER else None),
         "seed": args.seed,
         "device": args.device,
         "dtype": args.dtype,
