@@ -35,8 +35,8 @@ from . import distributed as dist_utils
 from ._backend import BACKENDS
 from ._flags import DeferredChecks, finite_health
 from .blocks import BLOCKS, run_jobs
-from .blocks.kronecker import (BatchedPreconditioner, KroneckerBlock,
-                               measure_largest_eigenvalues, pending_healths)
+from .blocks.kronecker import (BatchedPreconditioner, measure_largest_eigenvalues,
+                               pending_healths)
 from .blocks.decompositions import retry_in_float64
 from .capture import (Capture, DetachesHooksOnExit, default_factor_dtype, grad_scaler_scale,
                       weak_method)
@@ -491,7 +491,7 @@ class KFAC(DetachesHooksOnExit):
         blocks = [self.blocks[n] for n in names]
         if self.relative_damping and self.compute_method != "eigen":
             # their damping scales, all blocks in one batched power iteration
-            measure_largest_eigenvalues([b for b in blocks if isinstance(b, KroneckerBlock)])
+            measure_largest_eigenvalues(blocks)
         jobs = [b.decomposition_jobs(self.compute_method, self.damping, self._split,
                                      self.relative_damping) for b in blocks]
         results = iter(run_jobs([j for js in jobs for j in js], self.eigh_backend))

@@ -383,11 +383,18 @@ def _kfac_options(args: argparse.Namespace, model: nn.Module) -> dict:
     for key in ("factor_update_steps", "inv_update_steps"):
         if getattr(args, key) is not None:
             out[key] = getattr(args, key)
-    warmup = (args.inv_warmup_steps if args.inv_warmup_steps is not None
-              else INV_WARMUP_STEPS.get(args.optimizer))
+    warmup = _inv_warmup_steps(args)
     if warmup is not None:
         out["inv_warmup_steps"] = warmup
     return out
+
+
+def _inv_warmup_steps(args: argparse.Namespace) -> int | None:
+    """The command line's --inv-warmup-steps, else kfac-train's default for the optimizer
+    (``None``: the library's)."""
+    if args.inv_warmup_steps is not None:
+        return args.inv_warmup_steps
+    return INV_WARMUP_STEPS.get(args.optimizer)
 
 
 def _make_optimizer(args: argparse.Namespace, model: nn.Module, workload=None):
@@ -656,7 +663,7 @@ def _run(args: argparse.Namespace) -> dict:
         "damping": args.damping if args.optimizer in SECOND_ORDER else None,
         "kfac_approx": args.kfac_approx if args.optimizer in SECOND_ORDER else None,
         "num_blocks": args.num_blocks if args.optimizer == "bdkfac" else None,
-        "inv_warmup_steps": (_kfac_options(args, model).get("inv_warmup_steps", 0)
+        "inv_warmup_steps": ((_inv_warmup_steps(args) or _library_default("inv_warmup_steps"))
                              if args.optimizer in SECOND_ORDER else None),
         "seed": args.seed,
         "device": args.device,

@@ -106,12 +106,6 @@ class KroneckerBlock(CurvatureBlock):
         return DENSE, DENSE
 
     # --- factors ------------------------------------------------------------------------------
-    def pending_health(self) -> torch.Tensor | None:
-        """A 0-d tensor, finite iff this step's statistics are (the traces of Gram matrices:
-        a NaN or inf row makes a diagonal entry non-finite), or ``None`` if a side saw no
-        data."""
-        return pending_healths([self]).get(self.name)
-
     def fold_pending(self, decay: float, lerps: tuple[list, list] | None = None) -> None:
         """``F <- decay F + (1 - decay) S`` for both sides (the first step takes ``S``).
 
@@ -449,9 +443,10 @@ def _segment_index(segments: tuple[int, ...], device: torch.device) -> torch.Ten
 
 
 def pending_healths(blocks: list[KroneckerBlock]) -> dict[str, torch.Tensor]:
-    """:meth:`KroneckerBlock.pending_health` of every block with complete statistics, from
-    one ``_foreach_norm`` over the diagonals of all their parts (the 1-norm: NaN and inf
-    propagate, and only the diagonals are read) instead of a few ops per part."""
+    """By block name, for every block whose step statistics saw data on both sides, a 0-d
+    tensor finite iff they are: the 1-norm of the diagonals of its Gram parts (a NaN or inf
+    row makes a diagonal entry non-finite; only the diagonals are read). One
+    ``_foreach_norm`` serves all blocks instead of a few ops per part."""
     diagonals, owners = [], []
     for i, b in enumerate(blocks):
         p = b.pending
@@ -464,15 +459,14 @@ def pending_healths(blocks: list[KroneckerBlock]) -> dict[str, torch.Tensor]:
                 owners.append(i)
     if not diagonals:
         return {}
-    if len({d.device for d in diagonals}) > 1:      # a model spread over devices: per part
-        owned: dict[int, torch.Tensor] = {}
-        for i, d in zip(owners, diagonals):
-            norm = torch.linalg.vector_norm(d, 1).to(diagonals[0].device, torch.float64)
-            owned[i] = norm if i not in owned else owned[i] + norm
-        return {blocks[i].name: h for i, h in owned.items()}
-    norms = torch.stack(torch._foreach_norm(diagonals, 1))
+    device = diagonals[0].device
+    if any(d.device != device for d in diagonals):   # a model spread over devices: per part
+        norms = torch.stack([torch.linalg.vector_norm(d, 1).to(device) for d in diagonals])
+    else:
+        norms = torch.stack(torch._foreach_norm(diagonals, 1))
     present = sorted(set(owners))
-    index = _segment_index(tuple(present.index(i) for i in owners), norms.device)
+    position = {i: k for k, i in enumerate(present)}
+    index = _segment_index(tuple(position[i] for i in owners), device)
     per_block = norms.new_zeros(len(present)).index_add_(0, index, norms)
     return {blocks[i].name: h for i, h in zip(present, per_block.unbind(0))}
 
@@ -538,20 +532,21 @@ class BatchedPreconditioner:
 
     def __init__(self):
         self._stacks: dict[tuple, tuple[list, dict]] = {}
+        # by layer: (its decomposition, that decomposition's shapes or None if too large)
+        self._shapes: dict[str, tuple] = {}
 
-    @classmethod
-    def _key(cls, block: KroneckerBlock, mat: torch.Tensor) -> tuple | None:
+    def _key(self, name: str, block: KroneckerBlock, mat: torch.Tensor) -> tuple | None:
         dec = block.decomposition
         if dec is None or block.unverified is not None or (
                 type(block)._precondition is not KroneckerBlock._precondition):
             return None
-        cached = getattr(block, "_batch_key", None)
+        cached = self._shapes.get(name)
         if cached is None or cached[0] is not dec:
             tensors = [t for v in dec.values() for t in v]
-            shapes = None if sum(t.numel() for t in tensors) > cls.MAX_STACKED else tuple(
+            shapes = None if sum(t.numel() for t in tensors) > self.MAX_STACKED else tuple(
                 (k, tuple((tuple(t.shape[1:]), t.dtype, t.device) for t in v))
                 for k, v in dec.items())
-            cached = block._batch_key = (dec, shapes)
+            cached = self._shapes[name] = (dec, shapes)
         if cached[1] is None:
             return None
         return (block.a_layout, block.g_layout, cached[1], tuple(mat.shape[1:]), mat.dtype)
@@ -564,7 +559,7 @@ class BatchedPreconditioner:
         groups: dict[tuple, list[str]] = {}
         out = {}
         for name, mat in mats.items():
-            key = self._key(blocks[name], mat)
+            key = self._key(name, blocks[name], mat)
             if key is None:
                 out[name] = blocks[name].precondition(mat, method, damping, split, relative)
             else:
