@@ -1,13 +1,14 @@
-"""Where the cpu backend of ``patch_covariance`` should switch from the im2col-free kernel to
-chunked unfolding + BLAS: both algorithms timed on a grid of convolution shapes.
+"""Which algorithm the cpu backend of ``patch_covariance`` should run where: the im2col-free
+kernel, chunked unfolding + BLAS, and (stride-1 expand factors) the shifted correlations, timed
+on a grid of convolution shapes.
 
 For every shape (batch ``N``, channels ``C``, square input ``H x H``, kernel ``k``, padding
-``k // 2``, stride 1) and mode, ``algorithm="implicit"`` and ``algorithm="chunked"`` are checked
-against each other and timed alternately in one process, one thread, CPU time
-(``time.process_time``), ``--rounds`` times; the record keeps the medians, the spread (max / min
-over the rounds) and whether the rule of :func:`kfac_kernels.ops.patch_covariance.chunked_is_faster`
-picks the faster one. The summary lists the shapes where the rule's choice is slower than the other
-algorithm by more than 5 %.
+``k // 2``; stride 1, and stride 2 for 3x3 expand factors) and mode, ``algorithm="implicit"``, ``"chunked"`` and, where it applies,
+``"shifted"`` are checked against each other and timed alternately in one process, one thread,
+CPU time (``time.process_time``), ``--rounds`` times; the record keeps the medians, the spread
+(max / min over the rounds) and whether the rule of
+:func:`kfac_kernels.ops.patch_covariance.cpu_algorithm` picks the fastest. The summary lists the
+shapes where the rule's choice is slower than the fastest algorithm by more than 5 %.
 
     python bench/patch_covariance_crossover.py [--rounds 3] [--quick]
         [--json bench/results/patch_covariance_crossover_cpu.json]
@@ -29,12 +30,12 @@ import torch
 
 from bench.conftest import environment_info
 from kfac_kernels import ops
-from kfac_kernels.ops.patch_covariance import (Segments, chunked_is_faster, conv_geometry)
+from kfac_kernels.ops.patch_covariance import Segments, conv_geometry, cpu_algorithm
 
 GRID_C = (16, 32, 64, 128, 256, 512, 1024)
 GRID_HW = (4, 7, 8, 14, 16, 28, 32, 56)
-QUICK_C = (64, 128, 256, 512)
-QUICK_HW = (4, 7, 8, 16, 32)
+QUICK_C = (16, 32, 64, 128, 256, 512)
+QUICK_HW = (4, 7, 8, 14, 16, 32)
 MAX_UNFOLD_BYTES = 320 << 20
 
 
@@ -44,30 +45,33 @@ def _time(fn, x, kwargs) -> float:
     return time.process_time() - t0
 
 
-def measure(n: int, c: int, hw: int, k: int, mode: str, rounds: int, gen) -> dict:
+def measure(n: int, c: int, hw: int, k: int, mode: str, rounds: int, gen,
+            stride: int = 1) -> dict:
     x = torch.randn(n, c, hw, hw, generator=gen)
-    kwargs = dict(kernel_size=k, padding=k // 2, mode=mode, backend="cpu")
+    kwargs = dict(kernel_size=k, stride=stride, padding=k // 2, mode=mode, backend="cpu")
+    algorithms = ["implicit", "chunked"] + (
+        ["shifted"] if mode == "expand" and k > 1 and stride == 1 else [])
     implicit = ops.patch_covariance(x, algorithm="implicit", **kwargs)
-    chunked = ops.patch_covariance(x, algorithm="chunked", **kwargs)
-    rel = float((implicit - chunked).abs().max() / implicit.abs().max())
-    times = {"implicit": [], "chunked": []}
+    rel = max(float((ops.patch_covariance(x, algorithm=a, **kwargs) - implicit).abs().max()
+                    / implicit.abs().max()) for a in algorithms[1:])
+    times = {a: [] for a in algorithms}
     for _ in range(rounds):
         for algo in times:
             times[algo].append(_time(ops.patch_covariance, x, dict(kwargs, algorithm=algo)))
-    geom = conv_geometry((hw, hw), k, 1, k // 2)
+    geom = conv_geometry((hw, hw), k, stride, k // 2)
     seg = Segments(1, 0, c, c, False)
-    rule_chunked = chunked_is_faster(n, geom, seg, mode == "reduce")
     med = {a: statistics.median(t) for a, t in times.items()}
     d = c * k * k
     rows = n if mode == "reduce" else n * geom.positions
     fastest = min(med, key=med.get)
-    chosen = "chunked" if rule_chunked else "implicit"
-    return {"case": f"N{n}-C{c}-{hw}x{hw}-k{k}-{mode}", "n": n, "c": c, "hw": hw, "kernel": k,
+    chosen = cpu_algorithm(n, geom, seg, mode == "reduce")
+    return {"case": f"N{n}-C{c}-{hw}x{hw}-k{k}" + (f"-s{stride}" if stride > 1 else "")
+            + f"-{mode}", "n": n, "c": c, "hw": hw, "kernel": k, "stride": stride,
             "mode": mode, "d": d, "rows": rows, "rows_per_d": rows / d,
             "rel_diff": rel,
             **{f"{a}_median_s": m for a, m in med.items()},
             **{f"{a}_spread": max(t) / max(min(t), 1e-9) for a, t in times.items()},
-            "chunked_speedup": med["implicit"] / med["chunked"],
+            **{f"{a}_speedup": med["implicit"] / med[a] for a in algorithms[1:]},
             "fastest": fastest, "rule_chooses": chosen,
             "rule_loss": med[chosen] / med[fastest] - 1.0}
 
@@ -86,25 +90,29 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(0)
     grid_c, grid_hw = (QUICK_C, QUICK_HW) if args.quick else (GRID_C, GRID_HW)
     results = []
-    for k in (3, 1):
+    for k, stride, modes in ((3, 1, ("expand", "reduce")), (1, 1, ("expand", "reduce")),
+                             (3, 2, ("expand",))):
         for c in grid_c:
             for hw in grid_hw:
-                if args.batch * c * k * k * hw * hw * 4 > MAX_UNFOLD_BYTES:
+                if args.batch * c * k * k * hw * hw * 4 > MAX_UNFOLD_BYTES * stride * stride:
                     continue
-                for mode in ("expand", "reduce"):
-                    r = measure(args.batch, c, hw, k, mode, args.rounds, gen)
+                for mode in modes:
+                    r = measure(args.batch, c, hw, k, mode, args.rounds, gen, stride)
                     results.append(r)
-                    print(f"{r['case']:>28} rows/D {r['rows_per_d']:8.2f} implicit "
-                          f"{r['implicit_median_s']:.4f}s chunked {r['chunked_median_s']:.4f}s "
-                          f"speedup {r['chunked_speedup']:.2f} rule {r['rule_chooses']}",
-                          flush=True)
+                    times = " ".join(f"{a} {r[a + '_median_s']:.4f}s" for a in
+                                     ("implicit", "chunked", "shifted") if a + "_median_s" in r)
+                    print(f"{r['case']:>28} rows/D {r['rows_per_d']:8.2f} {times} fastest "
+                          f"{r['fastest']} rule {r['rule_chooses']}", flush=True)
     env["loadavg_1m_end"] = os.getloadavg()[0]
     misses = [r["case"] for r in results if r["rule_loss"] > 0.05]
     out = {"benchmark": "patch_covariance_crossover", "environment": env,
            "method": "one thread, time.process_time, algorithms alternated in one process, "
-                     f"median of {args.rounds} rounds; batch {args.batch}, stride 1, padding "
-                     "k // 2",
-           "rule": "chunked where D >= CROSSOVER_MIN_D and rows <= CROSSOVER_ROWS_PER_D * D",
+                     f"median of {args.rounds} rounds; batch {args.batch}, padding k // 2; "
+                     "stride 1 (3x3 and 1x1, expand and reduce) and 2 (3x3 expand: the "
+                     "downsampling convolutions)",
+           "rule": "shifted for stride-1 expand factors with C >= SHIFTED_MIN_CHANNELS and a "
+                   "flop ratio <= SHIFTED_MAX_FLOP_RATIO; else chunked where D >= "
+                   "CROSSOVER_MIN_D and rows >= CROSSOVER_ROWS_PER_D * D; else implicit",
            "rule_misses_over_5_percent": misses, "results": results}
     Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.json}; rule slower than the best by > 5 % at {len(misses)} of "

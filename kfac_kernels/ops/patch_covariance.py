@@ -25,9 +25,13 @@ compute one triangle and mirror it. They accumulate in fp32 (fp64 for fp64
 inputs). Memory of the ``cpu`` kernel beyond the returned factor: expand sums straight into the
 factor's upper triangle, so its temporaries are a panel of patch rows (at most about an eighth of
 the unfolded tensor, and a few MB) and per-thread tiles; reduce keeps the mean patches,
-``O(N * D)``. For large expand factors with many rows the ``cpu`` backend instead unfolds a chunk
-of examples at a time and adds its ``X X^T`` by BLAS (``algorithm``, see
-:func:`patch_covariance`): memory one chunk, never the whole unfolded tensor.
+``O(N * D)``. The ``cpu`` backend has two more algorithms for expand factors (``algorithm``, see
+:func:`patch_covariance`): for stride-1 convolutions, the shifted correlations of the padded
+input (:mod:`._shifted_gram`: every block pair with the same relative kernel offset shares one
+``gemm``, the padded images' margins are subtracted, about a third of the unfolded Gram's flops
+for 3x3 kernels; it subtracts, so a non-finite pixel spreads over its channel's rows), and for
+large factors with many rows, chunked unfolding with one BLAS ``X X^T`` per chunk of examples;
+both hold one chunk of examples at a time, never the whole unfolded tensor.
 """
 from __future__ import annotations
 
@@ -39,13 +43,14 @@ import torch.nn.functional as F
 from .._backend import native_has_op, resolve_backend
 from ._cuda_auto import cuda_order
 from ._library import check_same
+from ._shifted_gram import add_shifted_gram_, shift_plan, shifted_gram_flop_ratio
 from ._symmetric_matmul import add_symmetric_matmul_, block_edges, mirror_upper
 
 _OP = "patch_covariance"
 _MODES = ("expand", "reduce")
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-_ALGORITHMS = ("auto", "implicit", "chunked")
+_ALGORITHMS = ("auto", "implicit", "chunked", "shifted")
 
 
 @dataclass(frozen=True)
@@ -289,6 +294,82 @@ def patch_gram_chunked(x4: torch.Tensor, geom: ConvGeometry, seg: Segments, redu
     return out
 
 
+def patch_gram_shifted(x4: torch.Tensor, geom: ConvGeometry, seg: Segments,
+                       factor, decay: float, alpha: float) -> torch.Tensor:
+    """``decay * factor + alpha * sum`` for one segment batch of a stride-1 expand factor, from
+    the input's shifted correlations (:mod:`._shifted_gram`: one ``gemm`` per relative kernel
+    offset instead of one per pair of offsets, plus small Grams of the padded images' margins).
+    Accumulates in fp32 (fp64 for fp64 inputs); memory beyond the result: one chunk of padded
+    examples (at most ``max(CHUNK_BYTES, result / 4)``, one example at least), the
+    ``(2k-1)^2 / 2`` correlations of ``c x c`` and one kernel offset's rows of the result."""
+    dtype = accumulation_dtype(x4.dtype)
+    kh, kw = geom.kernel
+    n = x4.shape[0]
+    d0 = seg.channels * kh * kw
+    d = d0 + int(seg.bias)
+    item = torch.finfo(dtype).bits // 8
+    top, bottom, left, right = geom.pad
+    per_example = seg.channels * (x4.shape[2] + top + bottom) * (x4.shape[3] + left + right) * item
+    budget = max(CHUNK_BYTES, d * d * item // 4)
+    chunks = -(-n // max(1, budget // per_example))
+    step = -(-n // chunks)
+
+    def plan_of(examples: int):
+        return shift_plan(examples, geom.in_size, geom.kernel, geom.dilation, geom.pad,
+                          geom.out_size)
+
+    prior = factor is not None and decay != 0.0
+    out = factor.to(dtype) * decay if prior else torch.empty(seg.count, d, d, dtype=dtype,
+                                                             device=x4.device)
+    for s in range(seg.count):
+        c0 = seg.start + s * seg.step
+        xs = x4[:, c0:c0 + seg.channels]
+        add_shifted_gram_(out[s], xs, step, geom.pad, alpha, prior, plan_of)
+        if seg.bias:  # each coordinate's sum over the patches: its offset's window of the
+            # input, clipped to the unpadded pixels (the padding adds zeros)
+            (dh, dw), (ho, wo), (h, w) = geom.dilation, geom.out_size, xs.shape[2:]
+            sums = torch.stack([
+                xs[:, :, max(0, a * dh - top):min(h, a * dh - top + ho),
+                   max(0, b * dw - left):min(w, b * dw - left + wo)].sum((0, 2, 3), dtype=dtype)
+                for a in range(kh) for b in range(kw)], dim=1).view(d0)
+            if prior:
+                out[s, :d0, d0].add_(sums, alpha=alpha)
+                out[s, d0, d0] += alpha * n * geom.positions
+            else:
+                out[s, :d0, d0] = sums * alpha
+                out[s, d0, d0] = alpha * n * geom.positions
+            out[s, d0, :d0] = out[s, :d0, d0]
+    return out
+
+
+def shifted_is_faster(n: int, geom: ConvGeometry, seg: Segments, reduce: bool) -> bool:
+    """The measured rule for :func:`patch_gram_shifted` (see :func:`patch_covariance`)."""
+    if reduce or geom.stride != (1, 1) or geom.kernel == (1, 1):
+        return False
+    ratio = shifted_gram_flop_ratio(n, geom.in_size, geom.kernel, geom.dilation, geom.pad,
+                                    geom.out_size)
+    d = seg.channels * geom.kernel[0] * geom.kernel[1]
+    saved = n * geom.positions * d * d / 2 * (1.0 - ratio)
+    return ratio <= SHIFTED_MAX_FLOP_RATIO and saved >= SHIFTED_MIN_SAVED_MACS
+
+
+#: the shifted algorithm is chosen for stride-1 expand factors where it does at most this
+#: fraction of the unfolded Gram's multiply-adds and saves at least this many of them: below,
+#: its ~60 small operations per call (about 1 ms on one thread) and thinner products cost more
+#: than the arithmetic saved (``bench/results/patch_covariance_crossover_cpu.json``)
+SHIFTED_MAX_FLOP_RATIO = 0.6
+SHIFTED_MIN_SAVED_MACS = 4e7
+
+
+def cpu_algorithm(n: int, geom: ConvGeometry, seg: Segments, reduce: bool) -> str:
+    """What ``algorithm="auto"`` runs on the ``cpu`` backend: ``"shifted"`` where
+    :func:`shifted_is_faster`, else ``"chunked"`` where :func:`chunked_is_faster`, else
+    ``"implicit"``."""
+    if shifted_is_faster(n, geom, seg, reduce):
+        return "shifted"
+    return "chunked" if chunked_is_faster(n, geom, seg, reduce) else "implicit"
+
+
 def chunked_is_faster(n: int, geom: ConvGeometry, seg: Segments, reduce: bool) -> bool:
     """The measured rule (``bench/results/patch_covariance_crossover_cpu.json``): see
     :func:`patch_covariance`'s docstring."""
@@ -310,13 +391,23 @@ def patch_gram(x4: torch.Tensor, geom: ConvGeometry, seg: Segments, reduce: bool
                backend: str, algorithm: str = "auto") -> torch.Tensor:
     """``decay * factor + alpha * sum`` for one segment batch on a concrete backend, as
     ``(count, D, D)``; the native/Triton result has the accumulation dtype. ``algorithm``
-    (``cpu`` backend only): ``"auto"`` (:func:`chunked_is_faster`), ``"implicit"`` (the
-    im2col-free kernel) or ``"chunked"`` (:func:`patch_gram_chunked`)."""
+    (``cpu`` backend only): ``"auto"`` (:func:`cpu_algorithm`), ``"implicit"`` (the
+    im2col-free kernel), ``"chunked"`` (:func:`patch_gram_chunked`) or ``"shifted"``
+    (:func:`patch_gram_shifted`)."""
     if backend == "eager":
         return patch_gram_eager(x4, geom, seg, reduce, factor, decay, alpha)
-    if backend == "cpu" and (algorithm == "chunked" or algorithm == "auto" and chunked_is_faster(
-            x4.shape[0], geom, seg, reduce)):
-        return patch_gram_chunked(x4, geom, seg, reduce, factor, decay, alpha)
+    if backend == "cpu":
+        if algorithm == "auto":
+            algorithm = cpu_algorithm(x4.shape[0], geom, seg, reduce)
+        if algorithm == "shifted":
+            if reduce or geom.stride != (1, 1):
+                raise ValueError(
+                    f"{_OP}: algorithm='shifted' computes expand factors of stride-1 "
+                    f"convolutions; got mode={'reduce' if reduce else 'expand'!r}, stride "
+                    f"{geom.stride}")
+            return patch_gram_shifted(x4, geom, seg, factor, decay, alpha)
+        if algorithm == "chunked":
+            return patch_gram_chunked(x4, geom, seg, reduce, factor, decay, alpha)
     args = (x4, list(geom.kernel), list(geom.stride), list(geom.dilation),
             [geom.pad[0], geom.pad[2]], list(geom.out_size), seg.count, seg.start, seg.step,
             seg.channels, reduce, seg.bias, factor, float(decay), float(alpha))
@@ -413,22 +504,24 @@ def patch_covariance(x: torch.Tensor, kernel_size, stride=1, padding=0, dilation
             ``1 / (N R)`` for expand, ``1 / N`` for reduce).
         backend: ``"auto"``, ``"eager"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
         algorithm: how the ``cpu`` backend computes the factor: ``"auto"`` (by shape, below),
-            ``"implicit"`` (the im2col-free C++ kernel) or ``"chunked"`` (chunked unfolding and
-            BLAS). Other backends take ``"auto"`` only.
+            ``"implicit"`` (the im2col-free C++ kernel), ``"chunked"`` (chunked unfolding and
+            BLAS) or ``"shifted"`` (shifted correlations; stride-1 expand factors only). Other
+            backends take ``"auto"`` only.
 
-    The ``cpu`` backend's choice (``algorithm="auto"``): the chunked BLAS path for expand
+    The ``cpu`` backend's choice (``algorithm="auto"``, :func:`cpu_algorithm`): the shifted
+    correlations for stride-1 expand factors where they do at most 0.6 of the unfolded Gram's
+    multiply-adds and save at least ``4e7`` of them (on one thread, 2.1-2.8x the kernel's speed
+    for 3x3 convolutions of 64-512 channels at 14x14 and above, 1.1-1.4x at 7x7 and 8x8; at 4x4
+    the margins make it slower, and below ``4e7`` saved its per-call work costs more), e.g.
+    every stride-1 3x3 convolution of ResNet-18 on CIFAR but the last stage's. Otherwise
+    (strided or 1x1 convolutions, small factors, reduce): the chunked BLAS path for expand
     factors with ``D >= 1024`` and at least ``D / 2`` rows (``N R``; ``D = C/groups kh kw`` per
-    factor, or per block), e.g. 3x3 convolutions of 128 channels at 16x16 or 256 at 8x8 and
-    above with batch 32; the im2col-free kernel everywhere else. Measured with
+    factor, or per block), the im2col-free kernel everywhere else (for reduce, the kernel's
+    shared window sums beat per-offset ones everywhere, 2-8x). Measured with
     ``bench/patch_covariance_crossover.py`` (``bench/results/patch_covariance_crossover_cpu.json``,
-    one thread): the chunked path's ``gemm`` outruns the kernel's tiles by 3-18 % where ``D``
-    is large and the rows many; where the rows are few next to ``D`` (e.g. 512 channels at 4x4:
-    512 rows for ``D = 4608``) the product is thin and the ``O(D^2)`` passes over the result
-    (mirroring the triangle) cost more than BLAS gains, so the kernel stays (0.75-0.9x there);
-    for ``D`` below 1024 the kernel wins at every measured size; for reduce the kernel's shared
-    window sums beat per-offset ones everywhere (2-8x), so reduce always takes the kernel. Memory of
-    the chunked path beyond the result: one chunk of patches (at most ``max(8 MiB, result /
-    4)``, one example at least) and its padded input.
+    one thread, stride 1 and 2). Memory beyond the result of the shifted and chunked paths:
+    one chunk of examples (at most ``max(8 MiB, result / 4)`` of padded input or patches, one
+    example at least).
 
     Returns:
         ``(D, D)`` for ``groups == 1``, ``(groups, D_g, D_g)`` for ``groups > 1``, or with

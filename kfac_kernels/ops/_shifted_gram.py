@@ -1,0 +1,228 @@
+r"""The expand factor of a stride-1 convolution from shifted correlations of its input.
+
+For a stride-1 convolution the block of ``A`` that pairs kernel offsets ``t = (a, b)`` and
+``t' = (a', b')`` is
+
+.. math::
+
+    B_{t t'} = \sum_{o \in \mathrm{Out}} x_{o + \delta_t} \, x_{o + \delta_{t'}}^\top
+
+(``x`` the zero-padded input as a ``C``-vector per pixel, ``o`` the output positions, ``\delta``
+the offsets). Lay the padded images end to end as one flat sequence of pixels (``X``, a
+``(C, L)`` matrix) and let ``o`` run over *every* flat position instead of the output ones:
+each term then depends only on ``s = \delta_{t'} - \delta_t``, and the sum is the correlation
+
+.. math::
+
+    R_s = \sum_q X_q X_{q+s}^\top = X_{[0, L-s)} \, X_{[s, L)}^\top ,
+
+one ``gemm``, shared by every pair with the same relative offset. The extra terms, from flat
+positions that are not output positions (the right and bottom margins of each padded image,
+where a kernel offset reaches past the row or into the next image), are subtracted again:
+
+.. math::
+
+    B_{t t'} = R_{\delta_{t'} - \delta_t} - \sum_{o \notin \mathrm{Out}}
+               x_{o + \delta_t} \, x_{o + \delta_{t'}}^\top .
+
+That correction only involves the few offsets of each margin position that land on a pixel of
+an image (3 of 9 for a 3x3 kernel with padding 1), so it is computed per group of margin
+positions with the same landing offsets, one small Gram per group.
+
+Cost for a ``k x k`` kernel, ``C`` channels, ``N`` images of ``H x W`` padded to
+``H_p x W_p``: the ``((2k-1)^2 + 1) / 2`` correlations take about ``(2k-1)^2 N H_p W_p C^2``
+flops, against ``k^4 N H W C^2`` for the Gram of the unfolded patches (both counting the
+symmetric half once), i.e. ``25 / 81`` of the flops for 3x3 (``81 / 625`` for 5x5) before the
+margins; the margin Grams add about ``4 k^2 N (H + W) C^2 / 2``. No unfolded tensor is formed:
+memory beyond the result is the padded input and the ``(2k-1)^2`` correlations (``C x C``
+each, fewer entries than the result).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ShiftPlan:
+    """The index arithmetic of one geometry and batch size (cached: it depends on shapes only).
+
+    ``shifts``: the relative kernel offsets ``(dh, dw)`` computed by a ``gemm`` (the other half
+    are their transposes) and ``shift_of`` their flat shifts; ``partner[t][t']``: the relative
+    offset of the block ``(t, t')`` and whether it is the transpose of a computed one;
+    ``groups``: per group of margin positions, the kernel offsets that may land on a pixel and
+    the flat gather index ``(n_g, m_g)`` into the canvas (offsets that miss point at the
+    canvas's last pixel, which is always zero).
+    """
+
+    kernel: tuple[int, int]
+    canvas: tuple[int, int]  # padded height and width
+    prefix: int  # zero pixels in front of the first image (the largest offset)
+    length: int  # N * H_p * W_p
+    shifts: tuple[tuple[int, int], ...]
+    shift_of: dict
+    partner: tuple[tuple[tuple[tuple[int, int], bool], ...], ...]
+    groups: tuple[tuple[tuple[int, ...], torch.Tensor], ...]
+    flops: float  # the correlations' and margin Grams' multiply-adds per channel^2
+
+
+def _merge_patterns(patterns: list[tuple[int, ...]]) -> dict:
+    """Each landing pattern mapped to a maximal pattern that contains it (fewer, larger Grams;
+    the offsets a position lacks are gathered as zeros)."""
+    maximal = [p for p in patterns if not any(set(p) < set(q) for q in patterns)]
+    return {p: next(q for q in maximal if set(p) <= set(q)) for p in patterns}
+
+
+@functools.lru_cache(maxsize=64)
+def shift_plan(n: int, in_size: tuple[int, int], kernel: tuple[int, int],
+               dilation: tuple[int, int], pad: tuple[int, int, int, int],
+               out_size: tuple[int, int]) -> ShiftPlan:
+    kh, kw = kernel
+    dh, dw = dilation
+    top, bottom, left, right = pad
+    h, w = in_size
+    hp, wp = h + top + bottom, w + left + right
+    ho, wo = out_size
+    taps = [(a, b) for a in range(kh) for b in range(kw)]
+    offsets = torch.tensor([a * dh * wp + b * dw for a, b in taps])
+    prefix = int(offsets.max())
+    length = n * hp * wp
+    zero_pixel = prefix + length
+    # relative offsets in kernel steps, the half with a non-negative flat shift
+    shifts = [(ah, aw) for ah in range(kh) for aw in range(-(kw - 1), kw) if ah or aw >= 0]
+    shift_of = {key: key[0] * dh * wp + key[1] * dw for key in shifts}
+    partner = []
+    for a, b in taps:
+        row = []
+        for a2, b2 in taps:
+            key = (a2 - a, b2 - b)
+            row.append((key, False) if key in shift_of else ((-key[0], -key[1]), True))
+        partner.append(tuple(row))
+    # which pixels of the canvas (prefix, images, one zero pixel) hold data, and which flat
+    # positions o (-prefix <= o < length) are not output positions: the margins
+    data = torch.zeros(zero_pixel + 1, dtype=torch.bool)
+    data[prefix:zero_pixel].view(n, hp, wp)[:, top:top + h, left:left + w] = True
+    is_out = torch.zeros(zero_pixel, dtype=torch.bool)
+    is_out[prefix:].view(n, hp, wp)[:, :ho, :wo] = True
+    margin = torch.nonzero(~is_out).squeeze(1)
+    index = (margin[:, None] + offsets[None, :]).clamp_(max=zero_pixel)
+    lands = data[index]
+    index[~lands] = zero_pixel
+    keep = lands.any(1)
+    flops = 0.0
+    groups = []
+    if keep.any():
+        patterns, inverse = torch.unique(lands[keep], dim=0, return_inverse=True)
+        as_taps = [tuple(torch.nonzero(p).squeeze(1).tolist()) for p in patterns]
+        merged = _merge_patterns(as_taps)
+        kept = index[keep]
+        for target in dict.fromkeys(merged.values()):
+            members = [g for g, p in enumerate(as_taps) if merged[p] == target]
+            rows = kept[torch.isin(inverse, torch.tensor(members))][:, list(target)]
+            groups.append((target, rows.contiguous()))
+            flops += rows.shape[0] * len(target) ** 2 / 2
+    for key in shifts:
+        flops += (length - shift_of[key]) * (0.5 if key == (0, 0) else 1.0)
+    return ShiftPlan((kh, kw), (hp, wp), prefix, length, tuple(shifts), shift_of,
+                     tuple(partner), tuple(groups), flops)
+
+
+def shifted_gram_flop_ratio(n: int, in_size, kernel, dilation, pad, out_size) -> float:
+    """Multiply-adds of :func:`add_shifted_gram_` over those of the unfolded patches' symmetric
+    Gram (``n R D^2 / 2``, ``D = k_h k_w`` per channel pair): below 1 it does less arithmetic."""
+    plan = shift_plan(n, tuple(in_size), tuple(kernel), tuple(dilation), tuple(pad),
+                      tuple(out_size))
+    taps = kernel[0] * kernel[1]
+    return plan.flops / (n * out_size[0] * out_size[1] * taps * taps / 2)
+
+
+def _symmetric(gram: torch.Tensor) -> torch.Tensor:
+    """``gram``'s upper triangle mirrored: exactly symmetric (a BLAS ``X^T X`` need not be)."""
+    return torch.triu(gram).add_(torch.triu(gram, 1).mT)
+
+
+def _canvas(xs: torch.Tensor, plan: ShiftPlan, pad, dtype) -> torch.Tensor:
+    """``xs`` (``(n, c, h, w)``) zero-padded, images end to end behind ``plan.prefix`` zero
+    pixels and followed by one: ``(c, prefix + n H_p W_p + 1)``."""
+    n, c, h, w = xs.shape
+    top, _, left, _ = pad
+    hp, wp = plan.canvas
+    canvas = xs.new_zeros(c, plan.prefix + plan.length + 1, dtype=dtype)
+    canvas[:, plan.prefix:-1].view(c, n, hp, wp)[:, :, top:top + h, left:left + w] = \
+        xs.transpose(0, 1)
+    return canvas
+
+
+def _add_sums_(plan: ShiftPlan, canvas: torch.Tensor, corr: dict, grams: list) -> None:
+    """Add one chunk's correlations (per relative offset) and margin Grams (per group)."""
+    flat = canvas[:, plan.prefix:-1]
+    for key in plan.shifts:
+        s = plan.shift_of[key]
+        r = flat[:, :plan.length - s] @ flat[:, s:].mT
+        if key in corr:
+            corr[key] += r
+        else:
+            corr[key] = r
+    pixels = canvas.mT  # (pixels, c): a gather takes whole pixels
+    for g, (taps_g, index) in enumerate(plan.groups):
+        y = pixels[index.reshape(-1)].view(index.shape[0], len(taps_g) * canvas.shape[0])
+        if g < len(grams):
+            grams[g].addmm_(y.mT, y)
+        else:
+            grams.append(y.mT @ y)
+
+
+def add_shifted_gram_(out: torch.Tensor, x: torch.Tensor, examples_per_chunk: int, pad,
+                      alpha: float, accumulate: bool, plan_of) -> None:
+    """``out[:D0, :D0] (+)= alpha * sum_o patch_o patch_o^T`` for one channel segment ``x``
+    (``(N, c, h, w)``), ``D0 = c k_h k_w`` in ``weight.reshape(C_out, -1)`` order (channel-major,
+    then the kernel offsets); assigns when ``accumulate`` is false. Exactly symmetric if ``out``
+    was. ``plan_of(n)`` gives the :class:`ShiftPlan` of ``n`` examples.
+
+    The examples go ``examples_per_chunk`` at a time (one padded canvas alive at once); the
+    correlations and margin Grams (``c x c`` blocks) add up over the chunks. The result is then
+    written one kernel offset ``t`` at a time: the ``c`` rows of ``t`` are built contiguously
+    (``(c, c, k^2)``, a ninth of the result for 3x3) and added as whole rows, so no pass over
+    the result is strided by the kernel size."""
+    n, c = x.shape[:2]
+    corr: dict = {}
+    grams: list = []
+    plan = None
+    for e0 in range(0, n, examples_per_chunk):
+        xs = x[e0:e0 + examples_per_chunk]
+        plan = plan_of(xs.shape[0])
+        canvas = _canvas(xs, plan, pad, out.dtype)
+        _add_sums_(plan, canvas, corr, grams)
+        del canvas
+    taps = plan.kernel[0] * plan.kernel[1]
+    corr_t = {}
+    for key in plan.shifts:
+        corr[key] = (_symmetric(corr[key]) if key == (0, 0) else corr[key]).mul_(alpha)
+        corr_t[key] = corr[key] if key == (0, 0) else corr[key].mT.contiguous()
+    # the margins' corrections, per block (t, t'): (c, c), scaled; the transpose block takes
+    # the transpose of the same numbers, so the result stays exactly symmetric
+    fixes: dict = {}
+    for (taps_g, _), gram in zip(plan.groups, grams):
+        m = len(taps_g)
+        gram = gram.mul_(alpha).view(m, c, m, c)
+        for i, t in enumerate(taps_g):
+            fixes.setdefault((t, t), []).append(_symmetric(gram[i, :, i]))
+            for j in range(i + 1, m):
+                block = gram[i, :, j]
+                fixes.setdefault((t, taps_g[j]), []).append(block)
+                fixes.setdefault((taps_g[j], t), []).append(block.mT)
+    rows = out[:c * taps, :c * taps].view(c, taps, c * taps)
+    for t in range(taps):
+        blocks = []
+        for t2, (key, flipped) in enumerate(plan.partner[t]):
+            block = corr_t[key] if flipped else corr[key]
+            for fix in fixes.get((t, t2), ()):
+                block = block - fix
+            blocks.append(block)
+        row = torch.stack(blocks, dim=2).view(c, c * taps)
+        if accumulate:
+            rows[:, t].add_(row)
+        else:
+            rows[:, t].copy_(row)
