@@ -110,9 +110,9 @@ def main(argv=None) -> int:
                      f"median of {args.rounds} rounds; batch {args.batch}, padding k // 2; "
                      "stride 1 (3x3 and 1x1, expand and reduce) and 2 (3x3 expand: the "
                      "downsampling convolutions)",
-           "rule": "shifted for stride-1 expand factors with C >= SHIFTED_MIN_CHANNELS and a "
-                   "flop ratio <= SHIFTED_MAX_FLOP_RATIO; else chunked where D >= "
-                   "CROSSOVER_MIN_D and rows >= CROSSOVER_ROWS_PER_D * D; else implicit",
+           "rule": "shifted for stride-1 expand factors with a flop ratio <= "
+                   "SHIFTED_MAX_FLOP_RATIO that save >= SHIFTED_MIN_SAVED_MACS multiply-adds; "
+                   "else implicit (cpu_algorithm)",
            "rule_misses_over_5_percent": misses, "results": results}
     Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.json}; rule slower than the best by > 5 % at {len(misses)} of "

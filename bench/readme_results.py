@@ -57,6 +57,53 @@ def patch_covariance() -> list[str]:
     return out + [""]
 
 
+def patch_covariance_crossover() -> list[str]:
+    """The cpu backend's algorithms per shape: a grid per (kernel, stride, mode) of the chosen
+    algorithm's speed-up over the im2col-free kernel."""
+    d = _load("patch_covariance_crossover_cpu.json")
+    if d is None:
+        return []
+    short = {"implicit": "i", "chunked": "c", "shifted": "s"}
+    out = [f"**`patch_covariance`, cpu backend: which algorithm `auto` runs** ({_env(d)}; 1 "
+           "thread, CPU time, median of the rounds; batch 32, padding k // 2; "
+           "`bench/results/patch_covariance_crossover_cpu.json`). Each cell: the speed-up of "
+           "the fastest algorithm over the im2col-free kernel, the fastest (i: im2col-free, c: "
+           "chunked unfolding + BLAS, s: shifted correlations) and, if it differs, `auto`'s "
+           "pick in brackets.", ""]
+    groups: dict[tuple, dict] = {}
+    for r in d["results"]:
+        key = (r["kernel"], r.get("stride", 1), r["mode"])
+        groups.setdefault(key, {})[(r["c"], r["hw"])] = r
+    for (k, stride, mode), cells in groups.items():
+        if mode == "reduce" or k == 1:
+            continue  # the kernel wins every reduce and 1x1 case (see the JSON)
+        hws = sorted({hw for _, hw in cells})
+        out += [f"{k}x{k} {mode}, stride {stride}:", "",
+                "| C | " + " | ".join(f"{hw}x{hw}" for hw in hws) + " |",
+                "| ---: |" + " ---: |" * len(hws)]
+        for c in sorted({c for c, _ in cells}):
+            row = []
+            for hw in hws:
+                r = cells.get((c, hw))
+                if r is None:
+                    row.append("-")
+                    continue
+                best = r["fastest"]
+                speed = r["implicit_median_s"] / r[f"{best}_median_s"]
+                pick = "" if r["rule_chooses"] == best else f" ({short[r['rule_chooses']]})"
+                row.append(f"{speed:.2f}x {short[best]}{pick}")
+            out.append(f"| {c} | " + " | ".join(row) + " |")
+        out.append("")
+    misses = d.get("rule_misses_over_5_percent", [])
+    reduce_and_1x1 = [r for r in d["results"] if r["mode"] == "reduce" or r["kernel"] == 1]
+    kernel_wins = sum(r["fastest"] == "implicit" for r in reduce_and_1x1)
+    out += [f"Reduce and 1x1 factors: the im2col-free kernel is the fastest at {kernel_wins} of "
+            f"{len(reduce_and_1x1)} shapes. `auto`'s pick is more than 5 % slower than the "
+            f"fastest at {len(misses)} of {len(d['results'])} shapes"
+            + (f": {', '.join(misses)}." if misses else "."), ""]
+    return out
+
+
 def block_eigh() -> list[str]:
     d = _load("block_eigh_cpu.json")
     if d is None:
@@ -406,7 +453,7 @@ def gpu_targets() -> list[str]:
 def section() -> str:
     lines = [START, ""]
     for part in (evidence_grid(), amortisation(), evidence("digits_bf16"),
-                 patch_covariance(), peers(), bdkfac(),
+                 patch_covariance(), patch_covariance_crossover(), peers(), bdkfac(),
                  block_eigh(), singd(), singd("singd_cpu_bf16.json"), gpu_targets(), two_level()):
         lines += part
     lines.append(END)

@@ -128,27 +128,21 @@ def test_chunked_and_implicit_agree_on_a_channels_last_input():
 
 
 @needs_cpu_kernel
-def test_auto_follows_the_rule(monkeypatch):
-    """``algorithm='auto'`` runs the chunked path exactly where ``chunked_is_faster`` says so and
-    the shifted algorithm (checked first) does not apply."""
+def test_auto_never_takes_the_chunked_path(monkeypatch):
+    """The last crossover sweep found the chunked path slower than the im2col-free kernel at
+    every shape: ``algorithm='auto'`` runs it nowhere, also at the large strided and stride-1
+    expand factors it used to be chosen for."""
     calls = []
     real = pc.patch_gram_chunked
     monkeypatch.setattr(pc, "patch_gram_chunked",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
     for shape, mode, stride in (((2, 128, 20, 20), "expand", 1), ((2, 128, 4, 4), "expand", 1),
-                                ((2, 128, 20, 20), "reduce", 1), ((2, 16, 20, 20), "expand", 1),
-                                ((8, 128, 20, 20), "expand", 2)):
-        calls.clear()
+                                ((2, 128, 20, 20), "reduce", 1), ((8, 128, 20, 20), "expand", 2)):
         patch_covariance(torch.randn(*shape), 3, stride=stride, padding=1, mode=mode,
                          backend="cpu")
-        geom = pc.conv_geometry(shape[2:], 3, stride, 1)
-        seg = pc.Segments(1, 0, shape[1], shape[1], False)
-        rule = pc.chunked_is_faster(shape[0], geom, seg, mode == "reduce") and not \
-            pc.shifted_is_faster(shape[0], geom, seg, mode == "reduce")
-        assert bool(calls) == rule, (shape, mode)
-    assert calls, "the stride-2 case should take the chunked path"
-    assert pc.chunked_is_faster(2, pc.conv_geometry((20, 20), 3, 1, 1),
-                                pc.Segments(1, 0, 128, 128, False), False)
+    assert not calls
+    patch_covariance(torch.randn(2, 4, 5, 5), 3, backend="cpu", algorithm="chunked")
+    assert calls == [1]
 
 
 def test_algorithm_is_checked():
@@ -161,15 +155,12 @@ def test_algorithm_is_checked():
 
 @needs_cpu_kernel
 def test_chunked_memory_is_the_output_plus_one_chunk():
-    """Peak extra memory of a chunked call (fresh process, bench/memory.py; forced, since auto
-    takes the shifted algorithm at this stride-1 shape): the output plus one chunk of patches
-    (8 MiB) and its input copies, far below the 38 MB unfolded tensor."""
+    """Peak extra memory of a chunked call (fresh process, bench/memory.py): the output plus
+    one chunk of patches (8 MiB) and its input copies, far below the 38 MB unfolded tensor."""
     from bench.memory import peak_extra_memory
 
     n, c, hw, k = 32, 128, 16, 3
     unfold_bytes = n * c * k * k * hw * hw * 4
-    geom = pc.conv_geometry((hw, hw), k, 1, 1)
-    assert pc.chunked_is_faster(n, geom, pc.Segments(1, 0, c, c, False), False)
     mem = peak_extra_memory({"shape": [n, c, hw, hw], "dtype": "float32", "threads": 1,
                              "call": "kfac_kernels.ops:patch_covariance", "args": [k],
                              "kwargs": {"padding": 1, "backend": "cpu",

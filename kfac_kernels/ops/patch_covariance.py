@@ -357,33 +357,16 @@ def shifted_is_faster(n: int, geom: ConvGeometry, seg: Segments, reduce: bool) -
 #: fraction of the unfolded Gram's multiply-adds and saves at least this many of them: below,
 #: its ~60 small operations per call (about 1 ms on one thread) and thinner products cost more
 #: than the arithmetic saved (``bench/results/patch_covariance_crossover_cpu.json``)
-SHIFTED_MAX_FLOP_RATIO = 0.6
+SHIFTED_MAX_FLOP_RATIO = 0.75
 SHIFTED_MIN_SAVED_MACS = 4e7
 
 
 def cpu_algorithm(n: int, geom: ConvGeometry, seg: Segments, reduce: bool) -> str:
     """What ``algorithm="auto"`` runs on the ``cpu`` backend: ``"shifted"`` where
-    :func:`shifted_is_faster`, else ``"chunked"`` where :func:`chunked_is_faster`, else
-    ``"implicit"``."""
-    if shifted_is_faster(n, geom, seg, reduce):
-        return "shifted"
-    return "chunked" if chunked_is_faster(n, geom, seg, reduce) else "implicit"
-
-
-def chunked_is_faster(n: int, geom: ConvGeometry, seg: Segments, reduce: bool) -> bool:
-    """The measured rule (``bench/results/patch_covariance_crossover_cpu.json``): see
-    :func:`patch_covariance`'s docstring."""
-    if reduce:  # the kernel's shared window sums beat per-offset ones at every measured shape
-        return False
-    d = seg.channels * geom.kernel[0] * geom.kernel[1]
-    return d >= CROSSOVER_MIN_D and n * geom.positions >= CROSSOVER_ROWS_PER_D * d
-
-
-#: the chunked path is chosen for expand factors with D >= CROSSOVER_MIN_D and at least
-#: CROSSOVER_ROWS_PER_D * D rows (N R): below, the O(D^2) passes over the result (the mirror)
-#: and thin products cost more than the kernel's tiles lose to BLAS
-CROSSOVER_MIN_D = 1024
-CROSSOVER_ROWS_PER_D = 0.5
+    :func:`shifted_is_faster`, else ``"implicit"``. The chunked path is never picked: it was
+    slower than the im2col-free kernel at every one of the 178 shapes of the last crossover
+    sweep (by 0-25 % for large expand factors, stride 1 and 2; see :func:`patch_covariance`)."""
+    return "shifted" if shifted_is_faster(n, geom, seg, reduce) else "implicit"
 
 
 def patch_gram(x4: torch.Tensor, geom: ConvGeometry, seg: Segments, reduce: bool,
@@ -509,19 +492,18 @@ def patch_covariance(x: torch.Tensor, kernel_size, stride=1, padding=0, dilation
             backends take ``"auto"`` only.
 
     The ``cpu`` backend's choice (``algorithm="auto"``, :func:`cpu_algorithm`): the shifted
-    correlations for stride-1 expand factors where they do at most 0.6 of the unfolded Gram's
+    correlations for stride-1 expand factors where they do at most 0.75 of the unfolded Gram's
     multiply-adds and save at least ``4e7`` of them (on one thread, 2.1-2.8x the kernel's speed
     for 3x3 convolutions of 64-512 channels at 14x14 and above, 1.1-1.4x at 7x7 and 8x8; at 4x4
     the margins make it slower, and below ``4e7`` saved its per-call work costs more), e.g.
-    every stride-1 3x3 convolution of ResNet-18 on CIFAR but the last stage's. Otherwise
-    (strided or 1x1 convolutions, small factors, reduce): the chunked BLAS path for expand
-    factors with ``D >= 1024`` and at least ``D / 2`` rows (``N R``; ``D = C/groups kh kw`` per
-    factor, or per block), the im2col-free kernel everywhere else (for reduce, the kernel's
-    shared window sums beat per-offset ones everywhere, 2-8x). Measured with
-    ``bench/patch_covariance_crossover.py`` (``bench/results/patch_covariance_crossover_cpu.json``,
-    one thread, stride 1 and 2). Memory beyond the result of the shifted and chunked paths:
-    one chunk of examples (at most ``max(8 MiB, result / 4)`` of padded input or patches, one
-    example at least).
+    every stride-1 3x3 convolution of ResNet-18 on CIFAR but the last stage's; the im2col-free
+    kernel everywhere else (strided and 1x1 convolutions, small factors; for reduce, its shared
+    window sums beat per-offset ones everywhere, 2-8x). The chunked path is there to be asked
+    for: the last sweep found it 0-25 % slower than the kernel at every measured shape, stride
+    2 and large factors included. Measured with ``bench/patch_covariance_crossover.py``
+    (``bench/results/patch_covariance_crossover_cpu.json``, one thread, 178 shapes). Memory
+    beyond the result of the shifted and chunked paths: one chunk of examples (at most
+    ``max(8 MiB, result / 4)`` of padded input or patches, one example at least).
 
     Returns:
         ``(D, D)`` for ``groups == 1``, ``(groups, D_g, D_g)`` for ``groups > 1``, or with
