@@ -237,22 +237,27 @@ def test_shifted_memory_is_the_output_plus_the_padded_input():
 
 
 @needs_cpu_kernel
+@pytest.mark.parametrize("stored", [False, True])
 @pytest.mark.parametrize("examples_per_chunk", [1, 2])
-def test_chunks_of_examples_add_up(monkeypatch, examples_per_chunk):
+def test_chunks_of_examples_add_up(monkeypatch, examples_per_chunk, stored):
     """With one or two examples per padded canvas (5 examples: chunks of 2, 2, 1), the chunks'
-    correlations and margin Grams add up to the whole factor, on top of a stored one."""
+    correlations and margin Grams add up to the whole factor, alone or on top of a stored
+    one."""
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(5, 3, 5, 4, generator=gen, dtype=torch.float64)
-    per_example = 3 * 7 * 6 * 8  # channels x padded pixels x fp64
-    monkeypatch.setattr(pc, "CHUNK_BYTES", examples_per_chunk * per_example)
+    assert pc.shifted_chunk_examples(x.shape, pc.conv_geometry((5, 4), 3, 1, 1), 3,
+                                     torch.float64) == 5  # one chunk unless told otherwise
+    monkeypatch.setattr(pc, "shifted_chunk_examples", lambda *a: examples_per_chunk)
     calls = []
     real = pc.shift_plan
     monkeypatch.setattr(pc, "shift_plan", lambda n, *a: calls.append(n) or real(n, *a))
     prev = torch.randn(1, 28, 28, generator=gen, dtype=torch.float64)
     prev = prev + prev.mT
-    kwargs = dict(padding=1, bias=True, factor=prev, decay=0.5, alpha=0.25)
+    kwargs = dict(padding=1, bias=True, alpha=0.25)
+    if stored:
+        kwargs.update(factor=prev, decay=0.5)
     got = patch_covariance(x, 3, backend="cpu", algorithm="shifted", **kwargs)
-    assert calls == ([1] * 5 if examples_per_chunk == 1 else [2, 2, 1])
+    assert calls[1:] == ([1] * 5 if examples_per_chunk == 1 else [2, 2, 1])
     testing.assert_close_rel(got, patch_covariance(x, 3, backend="eager", **kwargs),
                              rtol=testing.RTOL[torch.float64])
     assert bool((got == got.mT).all())

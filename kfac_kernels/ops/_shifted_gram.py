@@ -162,74 +162,89 @@ def _canvas(xs: torch.Tensor, plan: ShiftPlan, pad, dtype) -> torch.Tensor:
     return canvas
 
 
-def _add_sums_(plan: ShiftPlan, canvas: torch.Tensor, corr: dict, grams: list) -> None:
-    """Add one chunk's correlations (per relative offset) and margin Grams (per group)."""
-    flat = canvas[:, plan.prefix:-1]
-    for key in plan.shifts:
-        s = plan.shift_of[key]
-        r = flat[:, :plan.length - s] @ flat[:, s:].mT
-        if key in corr:
-            corr[key] += r
-        else:
-            corr[key] = r
+#: bytes of result rows assembled at once (contiguously, then copied as whole rows)
+ROW_CHUNK_BYTES = 1 << 20
+
+
+def _subtract_margins_(out4: torch.Tensor, plan: ShiftPlan, canvas: torch.Tensor,
+                       alpha: float) -> None:
+    """``out4 -= alpha * (the margin positions' patch Grams)`` for one chunk's canvas, per group
+    and block (``i <= j``; the transpose into ``(j, i)``): one ``c x c`` product alive."""
+    c = canvas.shape[0]
     pixels = canvas.mT  # (pixels, c): a gather takes whole pixels
-    for g, (taps_g, index) in enumerate(plan.groups):
-        y = pixels[index.reshape(-1)].view(index.shape[0], len(taps_g) * canvas.shape[0])
-        if g < len(grams):
-            grams[g].addmm_(y.mT, y)
-        else:
-            grams.append(y.mT @ y)
+    for taps_g, index in plan.groups:
+        y = pixels[index.reshape(-1)].view(index.shape[0], len(taps_g), c)
+        for i, t in enumerate(taps_g):
+            for j in range(i, len(taps_g)):
+                b = y[:, i].mT @ y[:, j]
+                if i == j:
+                    out4[:, t, :, t].sub_(_symmetric(b).mul_(alpha))
+                else:
+                    b.mul_(alpha)
+                    out4[:, t, :, taps_g[j]].sub_(b)
+                    out4[:, taps_g[j], :, t].sub_(b.mT)
+
+
+def _add_rows_(rows: torch.Tensor, plan: ShiftPlan, corr: dict, assign: bool) -> None:
+    """Add (``assign``: write) the correlations into the result ``rows`` (``(c, k^2, D0)``) a
+    band at a time: one kernel offset ``t``, about :data:`ROW_CHUNK_BYTES` of its channels'
+    rows, built contiguously and written as whole rows (no pass over the result strided by the
+    kernel size)."""
+    c, taps, width = rows.shape
+    band = max(1, ROW_CHUNK_BYTES // (width * rows.element_size()))
+    for t in range(taps):
+        sources = [corr[key].mT if flipped else corr[key] for key, flipped in plan.partner[t]]
+        for r0 in range(0, c, band):
+            row = torch.stack([src[r0:r0 + band] for src in sources], dim=2)
+            row = row.view(row.shape[0], width)
+            if assign:
+                rows[r0:r0 + band, t].copy_(row)
+            else:
+                rows[r0:r0 + band, t].add_(row)
 
 
 def add_shifted_gram_(out: torch.Tensor, x: torch.Tensor, examples_per_chunk: int, pad,
                       alpha: float, accumulate: bool, plan_of) -> None:
     """``out[:D0, :D0] (+)= alpha * sum_o patch_o patch_o^T`` for one channel segment ``x``
     (``(N, c, h, w)``), ``D0 = c k_h k_w`` in ``weight.reshape(C_out, -1)`` order (channel-major,
-    then the kernel offsets); assigns when ``accumulate`` is false. Exactly symmetric if ``out``
-    was. ``plan_of(n)`` gives the :class:`ShiftPlan` of ``n`` examples.
+    then the kernel offsets); assigns when ``accumulate`` is false. ``plan_of(n)`` gives the
+    :class:`ShiftPlan` of ``n`` examples.
 
-    The examples go ``examples_per_chunk`` at a time (one padded canvas alive at once); the
-    correlations and margin Grams (``c x c`` blocks) add up over the chunks. The result is then
-    written one kernel offset ``t`` at a time: the ``c`` rows of ``t`` are built contiguously
-    (``(c, c, k^2)``, a ninth of the result for 3x3) and added as whole rows, so no pass over
-    the result is strided by the kernel size."""
+    The examples go ``examples_per_chunk`` at a time (one padded canvas alive at once) and
+    their correlations (``c x c``) add up; the margins' Grams are subtracted from the result
+    block by block, each chunk's while its canvas lives (with several chunks the result is
+    cleared first and the correlations added last; with one, they are written first). Exactly
+    symmetric if ``out`` was: every block and its mirror get the same numbers, transposed, in
+    the same order. Memory beyond ``out``: a canvas, the correlations, one band of rows and one
+    ``c x c`` product."""
     n, c = x.shape[:2]
+    single = examples_per_chunk >= n
     corr: dict = {}
-    grams: list = []
-    plan = None
+    plan = plan_of(min(n, examples_per_chunk))
+    taps = plan.kernel[0] * plan.kernel[1]
+    rows = out[:c * taps, :c * taps].view(c, taps, c * taps)
+    out4 = rows.view(c, taps, c, taps)
+    if not accumulate and not single:
+        rows.zero_()
     for e0 in range(0, n, examples_per_chunk):
         xs = x[e0:e0 + examples_per_chunk]
         plan = plan_of(xs.shape[0])
         canvas = _canvas(xs, plan, pad, out.dtype)
-        _add_sums_(plan, canvas, corr, grams)
-        del canvas
-    taps = plan.kernel[0] * plan.kernel[1]
-    corr_t = {}
-    for key in plan.shifts:
-        corr[key] = (_symmetric(corr[key]) if key == (0, 0) else corr[key]).mul_(alpha)
-        corr_t[key] = corr[key] if key == (0, 0) else corr[key].mT.contiguous()
-    # the margins' corrections, per block (t, t'): (c, c), scaled; the transpose block takes
-    # the transpose of the same numbers, so the result stays exactly symmetric
-    fixes: dict = {}
-    for (taps_g, _), gram in zip(plan.groups, grams):
-        m = len(taps_g)
-        gram = gram.mul_(alpha).view(m, c, m, c)
-        for i, t in enumerate(taps_g):
-            fixes.setdefault((t, t), []).append(_symmetric(gram[i, :, i]))
-            for j in range(i + 1, m):
-                block = gram[i, :, j]
-                fixes.setdefault((t, taps_g[j]), []).append(block)
-                fixes.setdefault((taps_g[j], t), []).append(block.mT)
-    rows = out[:c * taps, :c * taps].view(c, taps, c * taps)
-    for t in range(taps):
-        blocks = []
-        for t2, (key, flipped) in enumerate(plan.partner[t]):
-            block = corr_t[key] if flipped else corr[key]
-            for fix in fixes.get((t, t2), ()):
-                block = block - fix
-            blocks.append(block)
-        row = torch.stack(blocks, dim=2).view(c, c * taps)
-        if accumulate:
-            rows[:, t].add_(row)
-        else:
-            rows[:, t].copy_(row)
+        flat = canvas[:, plan.prefix:-1]
+        for key in plan.shifts:
+            s = plan.shift_of[key]
+            if key in corr:
+                corr[key].addmm_(flat[:, :plan.length - s], flat[:, s:].mT)
+            else:
+                corr[key] = flat[:, :plan.length - s] @ flat[:, s:].mT
+        if single:
+            for key in plan.shifts:
+                corr[key] = (_symmetric(corr[key]) if key == (0, 0) else corr[key]).mul_(alpha)
+            _add_rows_(rows, plan, corr, assign=not accumulate)
+            corr.clear()
+        _subtract_margins_(out4, plan, canvas, alpha)
+        del canvas, flat
+    if not single:
+        for key in plan.shifts:
+            corr[key] = (_symmetric(corr[key]) if key == (0, 0) else corr[key]).mul_(alpha)
+        _add_rows_(rows, plan, corr, assign=False)

@@ -299,20 +299,16 @@ def patch_gram_shifted(x4: torch.Tensor, geom: ConvGeometry, seg: Segments,
     """``decay * factor + alpha * sum`` for one segment batch of a stride-1 expand factor, from
     the input's shifted correlations (:mod:`._shifted_gram`: one ``gemm`` per relative kernel
     offset instead of one per pair of offsets, plus small Grams of the padded images' margins).
-    Accumulates in fp32 (fp64 for fp64 inputs); memory beyond the result: one chunk of padded
-    examples (at most ``max(CHUNK_BYTES, result / 4)``, one example at least), the
-    ``(2k-1)^2 / 2`` correlations of ``c x c`` and one kernel offset's rows of the result."""
+    Accumulates in fp32 (fp64 for fp64 inputs); memory beyond the result: a canvas of padded
+    examples and the ``(2k-1)^2 / 2`` correlations of ``c x c``, within
+    :func:`shifted_chunk_examples`'s budget, and a band of about 1 MiB of the result's rows."""
     dtype = accumulation_dtype(x4.dtype)
     kh, kw = geom.kernel
     n = x4.shape[0]
     d0 = seg.channels * kh * kw
     d = d0 + int(seg.bias)
-    item = torch.finfo(dtype).bits // 8
     top, bottom, left, right = geom.pad
-    per_example = seg.channels * (x4.shape[2] + top + bottom) * (x4.shape[3] + left + right) * item
-    budget = max(CHUNK_BYTES, d * d * item // 4)
-    chunks = -(-n // max(1, budget // per_example))
-    step = -(-n // chunks)
+    step = shifted_chunk_examples(x4.shape, geom, seg.channels, dtype)
 
     def plan_of(examples: int):
         return shift_plan(examples, geom.in_size, geom.kernel, geom.dilation, geom.pad,
@@ -340,6 +336,22 @@ def patch_gram_shifted(x4: torch.Tensor, geom: ConvGeometry, seg: Segments,
                 out[s, d0, d0] = alpha * n * geom.positions
             out[s, d0, :d0] = out[s, :d0, d0]
     return out
+
+
+def shifted_chunk_examples(shape, geom: ConvGeometry, channels: int, dtype) -> int:
+    """Examples per padded canvas of :func:`patch_gram_shifted`: the canvas and the
+    correlations within 15/16 of ``max(CHUNK_BYTES, result / 4)`` (the rest for BLAS's
+    buffers and the block in flight), one example at least, spread evenly over the chunks."""
+    n, _, h, w = shape
+    kh, kw = geom.kernel
+    top, bottom, left, right = geom.pad
+    item = torch.finfo(dtype).bits // 8
+    d = channels * kh * kw + 1
+    per_example = channels * (h + top + bottom) * (w + left + right) * item
+    correlations = (2 * kh - 1) * (2 * kw - 1) // 2 + 1
+    budget = max(CHUNK_BYTES, d * d * item // 4) * 15 // 16 - correlations * channels ** 2 * item
+    chunks = -(-n // max(1, budget // per_example))
+    return -(-n // chunks)
 
 
 def shifted_is_faster(n: int, geom: ConvGeometry, seg: Segments, reduce: bool) -> bool:
