@@ -94,11 +94,13 @@ def patch_covariance_diagonal(x: torch.Tensor, kernel_size, stride=1, padding=0,
         if alpha is None:
             alpha = 1.0 / x.shape[0]
         return (rows * rows).sum(dim=1) * alpha
-    x4, geom = padded_input(x, kernel_size, stride, padding, dilation, padding_mode,
-                            pad_zeros=True)
+    # Every padding mode copies pixels (or adds zeros), so it commutes with squaring and with
+    # the sum over the batch: pad the (1, C, H, W) sum of squares, not the input.
+    squares = (x * x).sum(dim=0, keepdim=True)
+    squares, geom = padded_input(squares, kernel_size, stride, padding, dilation, padding_mode,
+                                 pad_zeros=True)
     if alpha is None:
         alpha = _mean_alpha(x.shape[0], geom, mode)
-    squares = (x4 * x4).sum(dim=0, keepdim=True)
     diag = torch.stack([w.sum(dim=(0, 2, 3)) for w in _windows(squares, geom)], dim=-1)
     diag = diag.reshape(groups, -1) * alpha                        # channel-major, then offsets
     return _append_bias(diag, bias, float(x.shape[0] * geom.positions) * alpha)
