@@ -170,13 +170,12 @@ def _subtract_margins_(out4: torch.Tensor, plan: ShiftPlan, canvas: torch.Tensor
                        alpha: float) -> None:
     """``out4 -= alpha * (the margin positions' patch Grams)`` for one chunk's canvas, per group
     and block (``i <= j``; the transpose into ``(j, i)``): one ``c x c`` product alive."""
-    c = canvas.shape[0]
     pixels = canvas.mT  # (pixels, c): a gather takes whole pixels
     for taps_g, index in plan.groups:
-        y = pixels[index.reshape(-1)].view(index.shape[0], len(taps_g), c)
         for i, t in enumerate(taps_g):
+            y_i = pixels[index[:, i]]  # one offset's pixels at a time: (n_g, c)
             for j in range(i, len(taps_g)):
-                b = y[:, i].mT @ y[:, j]
+                b = y_i.mT @ (y_i if j == i else pixels[index[:, j]])
                 if i == j:
                     out4[:, t, :, t].sub_(_symmetric(b).mul_(alpha))
                 else:

@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from .._backend import native_has_op, resolve_backend
 from ._cuda_auto import cuda_order
 from ._library import check_same
-from ._shifted_gram import add_shifted_gram_, shift_plan, shifted_gram_flop_ratio
+from ._shifted_gram import (ROW_CHUNK_BYTES, add_shifted_gram_, shift_plan,
+                            shifted_gram_flop_ratio)
 from ._symmetric_matmul import add_symmetric_matmul_, block_edges, mirror_upper
 
 _OP = "patch_covariance"
@@ -339,9 +340,9 @@ def patch_gram_shifted(x4: torch.Tensor, geom: ConvGeometry, seg: Segments,
 
 
 def shifted_chunk_examples(shape, geom: ConvGeometry, channels: int, dtype) -> int:
-    """Examples per padded canvas of :func:`patch_gram_shifted`: the canvas and the
-    correlations within 15/16 of ``max(CHUNK_BYTES, result / 4)`` (the rest for BLAS's
-    buffers and the block in flight), one example at least, spread evenly over the chunks."""
+    """Examples per padded canvas of :func:`patch_gram_shifted`: the canvas, the correlations,
+    a band of the result's rows and 2 MiB for BLAS's buffers and the blocks in flight within
+    ``max(CHUNK_BYTES, result / 4)``; one example at least, spread evenly over the chunks."""
     n, _, h, w = shape
     kh, kw = geom.kernel
     top, bottom, left, right = geom.pad
@@ -349,7 +350,8 @@ def shifted_chunk_examples(shape, geom: ConvGeometry, channels: int, dtype) -> i
     d = channels * kh * kw + 1
     per_example = channels * (h + top + bottom) * (w + left + right) * item
     correlations = (2 * kh - 1) * (2 * kw - 1) // 2 + 1
-    budget = max(CHUNK_BYTES, d * d * item // 4) * 15 // 16 - correlations * channels ** 2 * item
+    budget = (max(CHUNK_BYTES, d * d * item // 4) - correlations * channels ** 2 * item
+              - ROW_CHUNK_BYTES - (2 << 20))
     chunks = -(-n // max(1, budget // per_example))
     return -(-n // chunks)
 
