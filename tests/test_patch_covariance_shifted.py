@@ -161,6 +161,12 @@ def test_auto_follows_the_rule(monkeypatch):
         assert bool(calls) == rule, (shape, mode, stride)
     assert pc.shifted_is_faster(2, pc.conv_geometry((16, 16), 3, 1, 1),
                                 pc.Segments(1, 0, 64, 64, False), False)
+    # many channels at few positions: the 13 correlations of c x c would hold more than a
+    # quarter of the unfolded tensor (13 * 512 > 32 * 49 * 9 / 4), so the kernel keeps them
+    for c, hw, expected in ((512, 7, False), (512, 14, True), (256, 8, True)):
+        seg = pc.Segments(1, 0, c, c, False)
+        assert pc.shifted_is_faster(32, pc.conv_geometry((hw, hw), 3, 1, 1), seg,
+                                    False) is expected, (c, hw)
 
 
 @needs_cpu_kernel

@@ -362,15 +362,21 @@ def shifted_is_faster(n: int, geom: ConvGeometry, seg: Segments, reduce: bool) -
         return False
     ratio = shifted_gram_flop_ratio(n, geom.in_size, geom.kernel, geom.dilation, geom.pad,
                                     geom.out_size)
-    d = seg.channels * geom.kernel[0] * geom.kernel[1]
+    kh, kw = geom.kernel
+    d = seg.channels * kh * kw
     saved = n * geom.positions * d * d / 2 * (1.0 - ratio)
-    return ratio <= SHIFTED_MAX_FLOP_RATIO and saved >= SHIFTED_MIN_SAVED_MACS
+    correlations = ((2 * kh - 1) * (2 * kw - 1) // 2 + 1) * seg.channels ** 2
+    return (ratio <= SHIFTED_MAX_FLOP_RATIO and saved >= SHIFTED_MIN_SAVED_MACS
+            and correlations <= n * geom.positions * d / 4)
 
 
 #: the shifted algorithm is chosen for stride-1 expand factors where it does at most this
 #: fraction of the unfolded Gram's multiply-adds and saves at least this many of them: below,
 #: its ~60 small operations per call (about 1 ms on one thread) and thinner products cost more
-#: than the arithmetic saved (``bench/results/patch_covariance_crossover_cpu.json``)
+#: than the arithmetic saved (``bench/results/patch_covariance_crossover_cpu.json``); and where
+#: its ``c x c`` correlations hold at most a quarter of the unfolded tensor's entries (many
+#: channels at few positions, e.g. 512 channels at 7x7 with batch 32, stay with the kernel,
+#: which was at most 1.3x slower there: its memory stays far below the unfolded tensor's)
 SHIFTED_MAX_FLOP_RATIO = 0.75
 SHIFTED_MIN_SAVED_MACS = 4e7
 
@@ -509,9 +515,10 @@ def patch_covariance(x: torch.Tensor, kernel_size, stride=1, padding=0, dilation
     correlations for stride-1 expand factors where they do at most 0.75 of the unfolded Gram's
     multiply-adds and save at least ``4e7`` of them (on one thread, 2.1-2.8x the kernel's speed
     for 3x3 convolutions of 64-512 channels at 14x14 and above, 1.1-1.4x at 7x7 and 8x8; at 4x4
-    the margins make it slower, and below ``4e7`` saved its per-call work costs more), e.g.
-    every stride-1 3x3 convolution of ResNet-18 on CIFAR but the last stage's; the im2col-free
-    kernel everywhere else (strided and 1x1 convolutions, small factors; for reduce, its shared
+    the margins make it slower, and below ``4e7`` saved its per-call work costs more) and its
+    ``(2k-1)^2 / 2`` correlations of ``c x c`` hold at most a quarter of the unfolded tensor,
+    e.g. every stride-1 3x3 convolution of ResNet-18 on CIFAR but the last stage's; the
+    im2col-free kernel everywhere else (strided and 1x1 convolutions, small factors; for reduce, its shared
     window sums beat per-offset ones everywhere, 2-8x). The chunked path is there to be asked
     for: the last sweep found it 0-25 % slower than the kernel at every measured shape, stride
     2 and large factors included. Measured with ``bench/patch_covariance_crossover.py``
