@@ -106,23 +106,27 @@ def test_chunks_add_up(monkeypatch, mode):
 
 
 @needs_cpu_kernel
+@pytest.mark.parametrize("algorithm", ["chunked", "shifted"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_chunked_low_precision_errs_no_more_than_eager(dtype):
+def test_blas_algorithms_low_precision_errs_no_more_than_eager(dtype, algorithm):
+    """The chunked and the shifted algorithm (:mod:`test_patch_covariance_shifted`) in fp16 and
+    bf16: at most twice eager's error in the same dtype."""
     x64 = torch.randn(4, 6, 7, 7, generator=torch.Generator().manual_seed(3),
                       dtype=torch.float64)
     x = x64.to(dtype)
     truth = patch_covariance(x.double(), 3, padding=1, backend="eager")
     eager_err = (patch_covariance(x, 3, padding=1, backend="eager").double() - truth).norm()
-    got = patch_covariance(x, 3, padding=1, backend="cpu", algorithm="chunked")
+    got = patch_covariance(x, 3, padding=1, backend="cpu", algorithm=algorithm)
     assert got.dtype == dtype
     assert (got.double() - truth).norm() <= testing.LOW_PRECISION_FACTOR * eager_err
 
 
 @needs_cpu_kernel
-def test_chunked_and_implicit_agree_on_a_channels_last_input():
+@pytest.mark.parametrize("algorithm", ["chunked", "shifted"])
+def test_blas_algorithms_and_implicit_agree_on_a_channels_last_input(algorithm):
     x = torch.randn(3, 16, 6, 5, generator=torch.Generator().manual_seed(4))
     x = x.contiguous(memory_format=torch.channels_last)
-    a = patch_covariance(x, 3, padding=1, bias=True, backend="cpu", algorithm="chunked")
+    a = patch_covariance(x, 3, padding=1, bias=True, backend="cpu", algorithm=algorithm)
     b = patch_covariance(x, 3, padding=1, bias=True, backend="cpu", algorithm="implicit")
     testing.assert_close_rel(a, b, rtol=testing.RTOL[torch.float32])
 

@@ -4,9 +4,10 @@ margins (:mod:`kfac_kernels.ops._shifted_gram`).
 
 Oracles: the eager definition (``F.unfold`` + matmul) in fp64 over geometries that exercise
 every margin case (asymmetric and zero padding, dilation, non-square and 1-d kernels, a padding
-wider than the kernel), a brute-force sum of patch outer products, exact symmetry, the low
-precision rule against eager in the same dtype, the implicit kernel inside a K-FAC step, and the
-peak memory of a call in a fresh process."""
+wider than the kernel), a brute-force sum of patch outer products, exact symmetry, the implicit
+kernel inside a K-FAC step, and the peak memory of a call in a fresh process. The low-precision
+rule and channels-last inputs are tested with the chunked algorithm's
+(``test_patch_covariance_chunked.py``)."""
 from __future__ import annotations
 
 import importlib
@@ -89,27 +90,6 @@ def test_shifted_update_of_a_stored_factor(bias):
     expected = patch_covariance(x, 3, backend="eager", **kwargs)
     testing.assert_close_rel(got, expected, rtol=testing.RTOL[torch.float64])
     assert bool((got == got.mT).all())
-
-
-@needs_cpu_kernel
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_shifted_low_precision_errs_no_more_than_eager(dtype):
-    x = torch.randn(4, 6, 7, 7, generator=torch.Generator().manual_seed(3),
-                    dtype=torch.float64).to(dtype)
-    truth = patch_covariance(x.double(), 3, padding=1, backend="eager")
-    eager_err = (patch_covariance(x, 3, padding=1, backend="eager").double() - truth).norm()
-    got = patch_covariance(x, 3, padding=1, backend="cpu", algorithm="shifted")
-    assert got.dtype == dtype
-    assert (got.double() - truth).norm() <= testing.LOW_PRECISION_FACTOR * eager_err
-
-
-@needs_cpu_kernel
-def test_shifted_fp32_channels_last_matches_implicit():
-    x = torch.randn(3, 16, 6, 5, generator=torch.Generator().manual_seed(4))
-    x = x.contiguous(memory_format=torch.channels_last)
-    a = patch_covariance(x, 3, padding=1, bias=True, backend="cpu", algorithm="shifted")
-    b = patch_covariance(x, 3, padding=1, bias=True, backend="cpu", algorithm="implicit")
-    testing.assert_close_rel(a, b, rtol=testing.RTOL[torch.float32])
 
 
 @needs_cpu_kernel
