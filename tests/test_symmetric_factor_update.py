@@ -133,6 +133,30 @@ def test_parity_shapes(device, backend, dtype, d, m):
     check(out, factor, x, decay, alpha, backend, before)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("m,d", [(300, 700), (2100, 100), (5, 300)],
+                         ids=["bands", "row-slices", "one-chunk"])
+def test_cpu_kernel_same_bits_for_any_thread_count(dtype, m, d):
+    """The C++ kernel splits work by problem size only: the packed chunk shared by a band of
+    tile rows (700 columns: more tile pairs than one band holds), row slices summed in a fixed
+    order (100 columns, 2100 rows), a single chunk. One thread and two give the same bits, and
+    the result matches the fp64 reference."""
+    if "cpu" not in testing.backends_for(torch.device("cpu")):
+        pytest.skip("the C++ extension is not built")
+    factor, x = make_inputs((m, d), dtype, "cpu", seed=d)
+    before = factor.clone()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = symmetric_factor_update(factor, x, 0.9, 1.0 / m, backend="cpu")
+        torch.set_num_threads(2)
+        two = symmetric_factor_update(factor, x, 0.9, 1.0 / m, backend="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    check(one, factor, x, 0.9, 1.0 / m, "cpu", before)
+
+
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
 @pytest.mark.parametrize("with_factor", [True, False], ids=["factor", "no_factor"])

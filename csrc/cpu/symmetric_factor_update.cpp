@@ -3,16 +3,20 @@
 //     out[b] = decay * factor[b] + alpha * x[b]^T x[b]
 //
 // Work is split into output tiles of kTile x kTile; only the pairs (ti, tj) with ti <= tj are
-// computed and each result is mirrored. For every tile pair, chunks of kKc rows of the two
-// column panels of x are packed (from any strides) into contiguous, zero-padded micro-panels:
-// the row panel in blocks of MR columns, the column panel in blocks of NR columns, k-major. A
-// register-blocked MR x NR micro-kernel then streams through them. The micro-kernel is compiled
-// three times (AVX-512, AVX2+FMA, baseline) and picked at run time from the CPU's features, so the
-// library needs no -march flag.
+// computed and each result is mirrored. Rows of x are taken kKc at a time and packed (from any
+// strides) into contiguous, zero-padded micro-panels, k-major, NR columns wide; the same packing
+// serves as row panel (read MR columns at a time) and as column panel. A register-blocked
+// MR x NR micro-kernel then streams through them. The micro-kernel is compiled three times
+// (AVX-512, AVX2+FMA, baseline) and picked at run time from the CPU's features, so the library
+// needs no -march flag.
 //
-// When there are few tile pairs but many rows, the rows are also split into slices whose partial
-// sums are added in a fixed order afterwards. The split depends only on the problem size, never on
-// the number of threads, so results are bitwise reproducible for any OMP_NUM_THREADS.
+// Usually (run_banded) each chunk of rows is packed once for a band of tile rows and every tile
+// pair of the band is accumulated from it; packing per tile pair instead (two panels per pair
+// and chunk) took a quarter of the time. When there are few tile pairs but many rows
+// (run_sliced), the rows are also split into slices whose partial sums are added in a fixed order
+// afterwards, and each work item packs its own panels. The split depends only on the problem
+// size, never on the number of threads, so results are bitwise reproducible for any
+// OMP_NUM_THREADS.
 //
 // The micro-kernel lives in gram_tiles.h (shared with patch_covariance.cpp), the ISA state in
 // cpu_isa.cpp.
@@ -21,6 +25,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -41,18 +46,25 @@ constexpr int64_t kKc = 128;              // rows of x packed per chunk
 constexpr int64_t kMinRowsPerSlice = 512; // never split m into slices shorter than this
 constexpr int64_t kTargetItems = 16;      // split m until there are about this many work items
 
-// One tile pair over one range of rows.
+// Columns [c0, c0 + w) of the rows r0 <= k < r1 of the chunk of rows [k0, k0 + kc) of x, to be
+// packed NR columns wide into dst.
 template <typename T>
-struct TileJob {
-  const T* xb;           // x of this batch element
-  int64_t srow, scol;    // strides of x along m and d
-  int64_t ci, wi;        // first column and width of the row panel (tile row ti)
-  int64_t cj, wj;        // first column and width of the column panel (tile column tj)
-  bool diag;             // ti == tj: only the upper triangle is needed
-  int64_t k_begin, k_end;
-  T* apack;              // kKc * kTile scratch
-  T* bpack;              // kKc * kTile scratch
-  T* c;                  // kTile x kTile result (row stride kTile), overwritten
+struct PackJob {
+  const T* xb;
+  int64_t srow, scol;
+  int64_t k0, kc, r0, r1, c0, w;
+  T* dst;
+};
+
+// One tile pair over one chunk of rows already packed (panels NR columns wide).
+template <typename T>
+struct PairJob {
+  int64_t kc;
+  const T* apanel;       // row panel (tile row ti)
+  const T* bpanel;       // column panel (tile column tj)
+  int64_t wi, wj;
+  bool diag;
+  T* c;                  // kTile x kTile partial result (row stride kTile), added to
 };
 
 template <typename T, int MR, int NR, int VL>
@@ -62,20 +74,48 @@ struct Kernel {
 
   using Micro = gram::MicroKernel<T, MR, NR, VL>;
 
-  // The micro-kernel on blocks packed MR columns wide (a[k * MR + r]).
+  // The micro-kernel on both operands packed NR columns wide (a[k * NR + r]): one packing serves
+  // as row and as column panel, and packs whole 64-byte runs.
   template <int NVU>
   static KFK_ALWAYS_INLINE void micro_rows(int64_t rows, int64_t kc, const T* a, const T* b, T* c,
                                            int64_t ldc) {
-    Micro::template micro_rows<NVU, MR>(rows, kc, a, b, c, ldc);
+    Micro::template micro_rows<NVU, NR>(rows, kc, a, b, c, ldc);
   }
 
-  // dst[(blk * kc + k) * W + l] = x[k0 + k][c0 + blk * W + l], zero past column w.
+  // c (row stride kTile) += A^T B over kc packed rows of a wi-column row panel and a wj-column
+  // column panel (both packed NR columns wide); on a diagonal tile only the blocks that reach
+  // the upper triangle.
+  static KFK_ALWAYS_INLINE void panels(int64_t kc, const T* apanel, const T* bpanel, int64_t wi,
+                                       int64_t wj, bool diag, T* c) {
+    const int64_t nbi = ceil_div(wi, MR);
+    const int64_t nbj = ceil_div(wj, NR);
+    // vectors of the last column block that hold columns < wj
+    const int64_t last_nv = ceil_div(wj - (nbj - 1) * NR, VL);
+    for (int64_t jb = 0; jb < nbj; ++jb) {
+      const T* bblk = bpanel + jb * kc * NR;
+      for (int64_t ib = 0; ib < nbi; ++ib) {
+        if (diag && ib * MR > jb * NR + NR - 1) break;
+        const T* ablk = apanel + (ib * MR / NR) * kc * NR + (ib * MR) % NR;
+        T* cblk = c + ib * MR * kTile + jb * NR;
+        const int64_t rows = std::min<int64_t>(MR, wi - ib * MR);
+        if (NV > 1 && jb == nbj - 1 && last_nv == 1) {
+          micro_rows<1>(rows, kc, ablk, bblk, cblk, kTile);
+        } else {
+          micro_rows<NV>(rows, kc, ablk, bblk, cblk, kTile);
+        }
+      }
+    }
+  }
+
+  // dst[(blk * kc + k) * W + l] = x[k0 + k][c0 + blk * W + l] for the rows r0 <= k < r1 of the
+  // kc-row chunk, zero past column w.
   template <int W>
   static KFK_ALWAYS_INLINE void pack(const T* xb, int64_t srow, int64_t scol, int64_t k0,
-                                     int64_t kc, int64_t c0, int64_t w, T* KFK_RESTRICT dst) {
+                                     int64_t kc, int64_t r0, int64_t r1, int64_t c0, int64_t w,
+                                     T* KFK_RESTRICT dst) {
     const int64_t nblk = ceil_div(w, W);
     if (scol == 1) {
-      for (int64_t k = 0; k < kc; ++k) {
+      for (int64_t k = r0; k < r1; ++k) {
         const T* row = xb + (k0 + k) * srow + c0;
         for (int64_t blk = 0; blk < nblk; ++blk) {
           T* out = dst + (blk * kc + k) * W;
@@ -89,7 +129,7 @@ struct Kernel {
         }
       }
     } else if ((scol < 0 ? -scol : scol) <= (srow < 0 ? -srow : srow)) {
-      for (int64_t k = 0; k < kc; ++k) {
+      for (int64_t k = r0; k < r1; ++k) {
         const T* row = xb + (k0 + k) * srow + c0 * scol;
         for (int64_t blk = 0; blk < nblk; ++blk) {
           T* out = dst + (blk * kc + k) * W;
@@ -105,87 +145,70 @@ struct Kernel {
         T* out = dst + (col / W) * kc * W + (col % W);
         if (col < w) {
           const T* src = xb + k0 * srow + (c0 + col) * scol;
-          for (int64_t k = 0; k < kc; ++k) out[k * W] = src[k * srow];
+          for (int64_t k = r0; k < r1; ++k) out[k * W] = src[k * srow];
         } else {
-          for (int64_t k = 0; k < kc; ++k) out[k * W] = T(0);
+          for (int64_t k = r0; k < r1; ++k) out[k * W] = T(0);
         }
       }
     }
   }
 
-  // Rows [0, round_up(wi, MR)) of job.c are overwritten; the result is in rows < wi, cols < wj.
-  static KFK_ALWAYS_INLINE void tile(const TileJob<T>& job) {
-    const int64_t nbi = ceil_div(job.wi, MR);
-    const int64_t nbj = ceil_div(job.wj, NR);
-    std::memset(job.c, 0, sizeof(T) * nbi * MR * kTile);
-    // vectors of the last column block that hold columns < wj
-    const int64_t last_nv = ceil_div(job.wj - (nbj - 1) * NR, VL);
-    for (int64_t k0 = job.k_begin; k0 < job.k_end; k0 += kKc) {
-      const int64_t kc = std::min(kKc, job.k_end - k0);
-      pack<MR>(job.xb, job.srow, job.scol, k0, kc, job.ci, job.wi, job.apack);
-      pack<NR>(job.xb, job.srow, job.scol, k0, kc, job.cj, job.wj, job.bpack);
-      for (int64_t jb = 0; jb < nbj; ++jb) {
-        const T* bblk = job.bpack + jb * kc * NR;
-        for (int64_t ib = 0; ib < nbi; ++ib) {
-          // On a diagonal tile, blocks entirely below the diagonal are not needed.
-          if (job.diag && ib * MR > jb * NR + NR - 1) break;
-          const T* ablk = job.apack + ib * kc * MR;
-          T* cblk = job.c + ib * MR * kTile + jb * NR;
-          const int64_t rows = std::min<int64_t>(MR, job.wi - ib * MR);
-          if (NV > 1 && jb == nbj - 1 && last_nv == 1) {
-            micro_rows<1>(rows, kc, ablk, bblk, cblk, kTile);
-          } else {
-            micro_rows<NV>(rows, kc, ablk, bblk, cblk, kTile);
-          }
-        }
-      }
-    }
+  // Columns [c0, c0 + w) of kc rows from k0, packed NR columns wide (zeros past w).
+  static KFK_ALWAYS_INLINE void pack_columns(const PackJob<T>& job) {
+    pack<NR>(job.xb, job.srow, job.scol, job.k0, job.kc, job.r0, job.r1, job.c0, job.w,
+             job.dst);
+  }
+
+  static KFK_ALWAYS_INLINE void pair(const PairJob<T>& job) {
+    panels(job.kc, job.apanel, job.bpanel, job.wi, job.wj, job.diag, job.c);
   }
 };
 
 template <typename T>
-using TileFn = void (*)(const TileJob<T>&);
+struct KernelSet {
+  void (*pack_columns)(const PackJob<T>&);
+  void (*pair)(const PairJob<T>&);
+  int64_t nr;  // the width the panels are packed in
+};
+
+// One set per ISA and type: the kernels are inlined into functions with the ISA's target.
+#define KFK_KERNEL_SET(NAME, ATTR, T, MR, NR, VL)                                         \
+  ATTR void NAME##_pack(const PackJob<T>& j) { Kernel<T, MR, NR, VL>::pack_columns(j); }   \
+  ATTR void NAME##_pair(const PairJob<T>& j) { Kernel<T, MR, NR, VL>::pair(j); }           \
+  constexpr KernelSet<T> NAME = {NAME##_pack, NAME##_pair, NR};
 
 // Baseline (SSE2 on x86-64, NEON on aarch64, scalar elsewhere).
-void tile_generic_f32(const TileJob<float>& j) { Kernel<float, 4, 8, 4>::tile(j); }
-void tile_generic_f64(const TileJob<double>& j) { Kernel<double, 4, 4, 2>::tile(j); }
-
+KFK_KERNEL_SET(generic_f32, , float, 4, 8, 4)
+KFK_KERNEL_SET(generic_f64, , double, 4, 4, 2)
 #if KFK_X86_DISPATCH
-KFK_TARGET("avx2,fma") void tile_avx2_f32(const TileJob<float>& j) {
-  Kernel<float, 4, 16, 8>::tile(j);
-}
-KFK_TARGET("avx2,fma") void tile_avx2_f64(const TileJob<double>& j) {
-  Kernel<double, 4, 8, 4>::tile(j);
-}
-KFK_TARGET("avx512f,avx2,fma") void tile_avx512_f32(const TileJob<float>& j) {
-  Kernel<float, 8, 32, 16>::tile(j);
-}
-KFK_TARGET("avx512f,avx2,fma") void tile_avx512_f64(const TileJob<double>& j) {
-  Kernel<double, 8, 16, 8>::tile(j);
-}
+KFK_KERNEL_SET(avx2_f32, KFK_TARGET("avx2,fma"), float, 4, 16, 8)
+KFK_KERNEL_SET(avx2_f64, KFK_TARGET("avx2,fma"), double, 4, 8, 4)
+KFK_KERNEL_SET(avx512_f32, KFK_TARGET("avx512f,avx2,fma"), float, 8, 32, 16)
+KFK_KERNEL_SET(avx512_f64, KFK_TARGET("avx512f,avx2,fma"), double, 8, 16, 8)
 #endif
+#undef KFK_KERNEL_SET
 
 template <typename T>
-TileFn<T> tile_fn(int isa);
+const KernelSet<T>& kernel_set(int isa);
 
 template <>
-TileFn<float> tile_fn<float>(int isa) {
+const KernelSet<float>& kernel_set<float>(int isa) {
 #if KFK_X86_DISPATCH
-  if (isa == kIsaAvx512) return tile_avx512_f32;
-  if (isa == kIsaAvx2) return tile_avx2_f32;
+  if (isa == kIsaAvx512) return avx512_f32;
+  if (isa == kIsaAvx2) return avx2_f32;
 #endif
   (void)isa;
-  return tile_generic_f32;
+  return generic_f32;
 }
 
 template <>
-TileFn<double> tile_fn<double>(int isa) {
+const KernelSet<double>& kernel_set<double>(int isa) {
 #if KFK_X86_DISPATCH
-  if (isa == kIsaAvx512) return tile_avx512_f64;
-  if (isa == kIsaAvx2) return tile_avx2_f64;
+  if (isa == kIsaAvx512) return avx512_f64;
+  if (isa == kIsaAvx2) return avx2_f64;
 #endif
   (void)isa;
-  return tile_generic_f64;
+  return generic_f64;
 }
 
 // Write the tile's entries (upper triangle only on a diagonal tile) to out[i][j] and out[j][i].
@@ -226,24 +249,73 @@ void finalize(const SymmetricFactorUpdateParams<T>& p, int64_t b, const T* g, in
   }
 }
 
+// Rows r0 <= k < r1 of the chunk of kc rows from k0, columns from col0 on, packed into packed
+// (row by row: x is read in order).
 template <typename T>
-void run(const SymmetricFactorUpdateParams<T>& p) {
-  const int64_t batch = p.batch, m = p.m, d = p.d;
-  if (batch <= 0 || d <= 0) return;
-  const TileFn<T> tile = tile_fn<T>(current_isa());
+inline void pack_rows(const KernelSet<T>& ks, const T* xb, int64_t srow, int64_t scol, int64_t d,
+                      int64_t k0, int64_t kc, int64_t r0, int64_t r1, int64_t col0, T* packed) {
+  PackJob<T> job{xb, srow, scol, k0, kc, r0, r1, col0, d - col0, packed};
+  ks.pack_columns(job);
+}
 
+constexpr int64_t kPackRows = 16;  // rows of a chunk packed per work item
+
+// c += the tile pair (ti, tj)'s product over the kc rows packed from column col0 on.
+template <typename T>
+inline void pair_on_packed(const KernelSet<T>& ks, int64_t kc, const T* packed, int64_t col0,
+                           int64_t d, int64_t ti, int64_t tj, T* c) {
+  const int64_t nr = ks.nr, ci = ti * kTile, cj = tj * kTile;
+  PairJob<T> job{kc, packed + (ci - col0) / nr * kc * nr, packed + (cj - col0) / nr * kc * nr,
+                 std::min(kTile, d - ci), std::min(kTile, d - cj), ti == tj, c};
+  ks.pair(job);
+}
+
+constexpr int64_t kTileElems = kTile * kTile;
+
+// A thread's scratch kept between calls (grown, never shrunk): buffers of this size allocated
+// per call come from mmap and fault their pages in again every time, which cost more than the
+// product itself for small m (0.09 -> 0.15 ms at m = 8, d = 300).
+template <typename T>
+class Workspace {
+ public:
+  T* get(size_t n) {
+    if (n > capacity_) {
+      buffer_.reset();
+      buffer_.reset(new Buffer<T>(n));
+      capacity_ = n;
+    }
+    return buffer_->get();
+  }
+
+ private:
+  std::unique_ptr<Buffer<T>> buffer_;
+  size_t capacity_ = 0;
+};
+
+enum WorkspaceSlot { kPacked, kTiles, kAcc, kSlots };
+
+template <typename T>
+T* workspace(WorkspaceSlot slot, size_t n) {
+  static thread_local Workspace<T> slots[kSlots];
+  return slots[slot].get(n);
+}
+
+// Each chunk of kKc rows is packed once, NR columns wide, from the first column of tile row
+// ti[0] on, and every listed tile pair is accumulated from it: packing per tile pair instead
+// (two panels per pair and chunk) took a quarter of the time. Pairs sum their chunks in row
+// order, each chunk's sum from zero (two-level summation).
+
+// Few tile pairs but many rows: work items are (batch element, slice of rows); each accumulates
+// all pairs over its rows, and the slices' partial sums are added in slice order afterwards.
+template <typename T>
+void run_sliced(const SymmetricFactorUpdateParams<T>& p, const KernelSet<T>& ks, int64_t slices,
+                int64_t rows_per_slice) {
+  const int64_t batch = p.batch, m = p.m, d = p.d;
   const int64_t nt = ceil_div(d, kTile);
   const int64_t npairs = nt * (nt + 1) / 2;
   const int64_t base = batch * npairs;
-
-  int64_t slices = 1, rows_per_slice = std::max<int64_t>(m, 1);
-  if (base < kTargetItems && m >= 2 * kMinRowsPerSlice) {
-    slices = std::min(ceil_div(kTargetItems, base), m / kMinRowsPerSlice);
-    rows_per_slice = round_up(ceil_div(m, slices), kKc);
-    slices = ceil_div(m, rows_per_slice);
-  }
-  const int64_t items = base * slices;
-  Buffer<T> partial(slices > 1 ? static_cast<size_t>(items * kTile * kTile) : 0);
+  const int64_t items = batch * slices;
+  T* partial = workspace<T>(kTiles, static_cast<size_t>(base * slices * kTileElems));
 
   // pair index -> (ti, tj), ti <= tj, row-major over the upper triangle
   Buffer<int64_t> pair_ti(static_cast<size_t>(npairs)), pair_tj(static_cast<size_t>(npairs));
@@ -255,66 +327,138 @@ void run(const SymmetricFactorUpdateParams<T>& p) {
         pair_tj.get()[q] = tj;
       }
   }
-
-  const double flops = static_cast<double>(base) * kTile * kTile * static_cast<double>(m) +
-                       static_cast<double>(batch) * d * d;
-  const bool parallel = items > 1 && flops > 2.0e5;
+  const bool parallel = items > 1;
   (void)parallel;
 
 #ifdef _OPENMP
 #pragma omp parallel if (parallel)
 #endif
   {
-    Buffer<T> apack(kKc * kTile), bpack(kKc * kTile), ctile(kTile * kTile);
-    TileJob<T> job;
-    job.srow = p.x_stride_row;
-    job.scol = p.x_stride_col;
-    job.apack = apack.get();
-    job.bpack = bpack.get();
-
+    T* packed = workspace<T>(kPacked, static_cast<size_t>(kKc * round_up(d, ks.nr)));
+    T* acc = workspace<T>(kAcc, static_cast<size_t>(kTileElems));
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
     for (int64_t it = 0; it < items; ++it) {
-      const int64_t s = it % slices;
-      const int64_t bp = it / slices;
-      const int64_t b = bp / npairs;
-      const int64_t q = bp % npairs;
-      const int64_t ti = pair_ti.get()[q], tj = pair_tj.get()[q];
-      job.xb = p.x + b * p.x_stride_batch;
-      job.ci = ti * kTile;
-      job.wi = std::min(kTile, d - job.ci);
-      job.cj = tj * kTile;
-      job.wj = std::min(kTile, d - job.cj);
-      job.diag = ti == tj;
-      job.k_begin = s * rows_per_slice;
-      job.k_end = std::min(m, job.k_begin + rows_per_slice);
-      job.c = slices > 1 ? partial.get() + it * kTile * kTile : ctile.get();
-      tile(job);
-      if (slices == 1) finalize(p, b, ctile.get(), job.ci, job.wi, job.cj, job.wj, job.diag);
+      const int64_t b = it / slices, s = it % slices;
+      const T* xb = p.x + b * p.x_stride_batch;
+      T* tiles = partial + (b * npairs * slices + s) * kTileElems;  // pair q: q * slices
+      for (int64_t q = 0; q < npairs; ++q)
+        std::memset(tiles + q * slices * kTileElems, 0, sizeof(T) * kTileElems);
+      const int64_t k_end = std::min(m, (s + 1) * rows_per_slice);
+      for (int64_t k0 = s * rows_per_slice; k0 < k_end; k0 += kKc) {
+        const int64_t kc = std::min(kKc, k_end - k0);
+        pack_rows(ks, xb, p.x_stride_row, p.x_stride_col, d, k0, kc, 0, kc, 0, packed);
+        for (int64_t q = 0; q < npairs; ++q)
+          pair_on_packed(ks, kc, packed, 0, d, pair_ti.get()[q], pair_tj.get()[q],
+                         tiles + q * slices * kTileElems);
+      }
     }
 
-    if (slices > 1) {
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
-      for (int64_t bp = 0; bp < base; ++bp) {
-        const int64_t b = bp / npairs;
-        const int64_t q = bp % npairs;
-        const int64_t ti = pair_ti.get()[q], tj = pair_tj.get()[q];
-        const int64_t ci = ti * kTile, cj = tj * kTile;
-        const int64_t wi = std::min(kTile, d - ci), wj = std::min(kTile, d - cj);
-        T* acc = ctile.get();
-        const T* first = partial.get() + bp * slices * kTile * kTile;
-        std::memcpy(acc, first, sizeof(T) * wi * kTile);
-        for (int64_t s = 1; s < slices; ++s) {
-          const T* part = first + s * kTile * kTile;
-          for (int64_t e = 0; e < wi * kTile; ++e) acc[e] += part[e];
-        }
-        finalize(p, b, acc, ci, wi, cj, wj, ti == tj);
+    for (int64_t bp = 0; bp < base; ++bp) {
+      const int64_t b = bp / npairs;
+      const int64_t q = bp % npairs;
+      const int64_t ti = pair_ti.get()[q], tj = pair_tj.get()[q];
+      const int64_t ci = ti * kTile, cj = tj * kTile;
+      const int64_t wi = std::min(kTile, d - ci), wj = std::min(kTile, d - cj);
+      const T* first = partial + bp * slices * kTileElems;
+      std::memcpy(acc, first, sizeof(T) * wi * kTile);
+      for (int64_t s = 1; s < slices; ++s) {
+        const T* part = first + s * kTileElems;
+        for (int64_t e = 0; e < wi * kTile; ++e) acc[e] += part[e];
       }
+      finalize(p, b, acc, ci, wi, cj, wj, ti == tj);
     }
   }
+}
+
+// Otherwise: bands of tile rows, each with its pairs' tiles in a scratch of at most kBandBytes
+// (one tile row at least); threads share a chunk's packing and then its pairs.
+constexpr int64_t kBandBytes = int64_t(1) << 20;
+
+template <typename T>
+void run_banded(const SymmetricFactorUpdateParams<T>& p, const KernelSet<T>& ks, bool parallel) {
+  const int64_t m = p.m, d = p.d;
+  const int64_t nt = ceil_div(d, kTile);
+  const int64_t max_pairs =
+      std::max<int64_t>(nt, kBandBytes / static_cast<int64_t>(kTileElems * sizeof(T)));
+  T* packed = workspace<T>(kPacked, static_cast<size_t>(kKc * round_up(d, ks.nr)));
+  T* scratch = workspace<T>(kTiles,
+                            static_cast<size_t>(std::min(max_pairs, nt * (nt + 1) / 2) * kTileElems));
+  Buffer<int64_t> band_ti(static_cast<size_t>(max_pairs)), band_tj(static_cast<size_t>(max_pairs));
+  (void)parallel;
+
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const T* xb = p.x + b * p.x_stride_batch;
+    for (int64_t t0 = 0; t0 < nt;) {
+      int64_t t1 = t0, npairs = 0;
+      while (t1 < nt && npairs + (nt - t1) <= max_pairs) {
+        for (int64_t tj = t1; tj < nt; ++tj, ++npairs) {
+          band_ti.get()[npairs] = t1;
+          band_tj.get()[npairs] = tj;
+        }
+        ++t1;
+      }
+      const int64_t col0 = t0 * kTile;
+#ifdef _OPENMP
+#pragma omp parallel if (parallel)
+#endif
+      {
+#ifdef _OPENMP
+#pragma omp for
+#endif
+        for (int64_t q = 0; q < npairs; ++q)
+          std::memset(scratch + q * kTileElems, 0, sizeof(T) * kTileElems);
+        for (int64_t k0 = 0; k0 < m; k0 += kKc) {
+          const int64_t kc = std::min(kKc, m - k0);
+#ifdef _OPENMP
+#pragma omp for
+#endif
+          for (int64_t r0 = 0; r0 < kc; r0 += kPackRows)
+            pack_rows(ks, xb, p.x_stride_row, p.x_stride_col, d, k0, kc, r0,
+                      std::min(kc, r0 + kPackRows), col0, packed);
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+          for (int64_t q = 0; q < npairs; ++q)
+            pair_on_packed(ks, kc, packed, col0, d, band_ti.get()[q], band_tj.get()[q],
+                           scratch + q * kTileElems);
+        }
+#ifdef _OPENMP
+#pragma omp for
+#endif
+        for (int64_t q = 0; q < npairs; ++q) {
+          const int64_t ci = band_ti.get()[q] * kTile, cj = band_tj.get()[q] * kTile;
+          finalize(p, b, scratch + q * kTileElems, ci, std::min(kTile, d - ci), cj,
+                   std::min(kTile, d - cj), ci == cj);
+        }
+      }
+      t0 = t1;
+    }
+  }
+}
+
+template <typename T>
+void run(const SymmetricFactorUpdateParams<T>& p) {
+  const int64_t batch = p.batch, m = p.m, d = p.d;
+  if (batch <= 0 || d <= 0) return;
+  const KernelSet<T>& ks = kernel_set<T>(current_isa());
+  const int64_t nt = ceil_div(d, kTile);
+  const int64_t base = batch * nt * (nt + 1) / 2;
+  // Few tile pairs but many rows: the rows are split into slices too (work for every thread).
+  if (base < kTargetItems && m >= 2 * kMinRowsPerSlice) {
+    int64_t slices = std::min(ceil_div(kTargetItems, base), m / kMinRowsPerSlice);
+    const int64_t rows_per_slice = round_up(ceil_div(m, slices), kKc);
+    slices = ceil_div(m, rows_per_slice);
+    run_sliced(p, ks, slices, rows_per_slice);
+    return;
+  }
+  const double flops = static_cast<double>(base) * kTile * kTile * static_cast<double>(m) +
+                       static_cast<double>(batch) * d * d;
+  run_banded(p, ks, base > 1 && flops > 2.0e5);
 }
 
 }  // namespace
