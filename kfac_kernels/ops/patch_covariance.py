@@ -212,6 +212,12 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 #: the chunked algorithm holds at most this many bytes of patches at once, or a quarter of the
 #: result where that is more (one chunk of examples; one example at least)
 CHUNK_BYTES = 8 << 20
+#: what the shifted path's canvas budget leaves for the blocks in flight and for BLAS's own
+#: packing buffers, which MKL allocates at a process's first product of a size. At 256
+#: channels (8x8 and 14x14, batch 32) a first call ends 0.3-0.5 MiB over one chunk with 2 MiB;
+#: 3 MiB cut that to 0.1-0.2 MiB but, by splitting the batch into 5 canvases instead of 2, cost
+#: 17-29 % in time (one pass over the result per canvas), so 2 MiB stays.
+SHIFTED_BLAS_BYTES = 2 << 20
 
 
 def _window(x4: torch.Tensor, geom: ConvGeometry, i: int, j: int) -> torch.Tensor:
@@ -341,8 +347,9 @@ def patch_gram_shifted(x4: torch.Tensor, geom: ConvGeometry, seg: Segments,
 
 def shifted_chunk_examples(shape, geom: ConvGeometry, channels: int, dtype) -> int:
     """Examples per padded canvas of :func:`patch_gram_shifted`: the canvas, the correlations,
-    a band of the result's rows and 2 MiB for BLAS's buffers and the blocks in flight within
-    ``max(CHUNK_BYTES, result / 4)``; one example at least, spread evenly over the chunks."""
+    a band of the result's rows and :data:`SHIFTED_BLAS_BYTES` for BLAS's buffers and the
+    blocks in flight within ``max(CHUNK_BYTES, result / 4)``; one example at least, spread
+    evenly over the chunks."""
     n, _, h, w = shape
     kh, kw = geom.kernel
     top, bottom, left, right = geom.pad
@@ -351,7 +358,7 @@ def shifted_chunk_examples(shape, geom: ConvGeometry, channels: int, dtype) -> i
     per_example = channels * (h + top + bottom) * (w + left + right) * item
     correlations = (2 * kh - 1) * (2 * kw - 1) // 2 + 1
     budget = (max(CHUNK_BYTES, d * d * item // 4) - correlations * channels ** 2 * item
-              - ROW_CHUNK_BYTES - (2 << 20))
+              - ROW_CHUNK_BYTES - SHIFTED_BLAS_BYTES)
     chunks = -(-n // max(1, budget // per_example))
     return -(-n // chunks)
 
