@@ -337,6 +337,7 @@ class SINGD(DetachesHooksOnExit, FusedSteps, torch.optim.Optimizer):
         if factor_step:
             self._update_factors(list(mats), stats, dict(zip(stats, ok[1:])))
         self._discard_pending()
+        updates = []
         for name, mat in mats.items():
             if self._fusable(name):
                 if self.structure_classes[0] is BlockDiagonal:
@@ -344,9 +345,9 @@ class SINGD(DetachesHooksOnExit, FusedSteps, torch.optim.Optimizer):
                 else:
                     self._fused_layer_step(name, self.blocks[name].factors(), group)
                 continue
-            self._apply_layer(name, self.blocks[name].precondition(mat, self.T), group)
-        for p in plain:
-            self._apply(p, p.grad.to(torch.promote_types(p.dtype, torch.float32)), group)
+            updates += self._layer_directions(name, self.blocks[name].precondition(mat, self.T))
+        updates += [(p, p.grad.to(torch.promote_types(p.dtype, torch.float32))) for p in plain]
+        self._apply_all(updates, group)
         self.steps += 1
         self._arm_capture()
         return loss
@@ -408,17 +409,50 @@ class SINGD(DetachesHooksOnExit, FusedSteps, torch.optim.Optimizer):
             f"SINGD: the factor update of module {name!r} is not finite (lr_cov too "
             "large for its curvature?); keeping its previous factors"))
 
-    def _apply_layer(self, name: str, direction: torch.Tensor, group) -> None:
+    def _layer_directions(self, name: str, direction: torch.Tensor) -> list[tuple]:
+        """``(parameter, its part of the layer's preconditioned gradient)`` pairs."""
         ad = self.adapters[name]
         w, b = ad.weight, ad.bias
         if b is not None:
-            self._apply(w, direction[..., :-1].reshape(w.shape), group)
-            self._apply(b, direction[..., -1].reshape(b.shape), group)
-        else:
-            self._apply(w, direction.reshape(w.shape), group)
+            return [(w, direction[..., :-1].reshape(w.shape)),
+                    (b, direction[..., -1].reshape(b.shape))]
+        return [(w, direction.reshape(w.shape))]
+
+    def _apply_all(self, updates: list[tuple], group) -> None:
+        """``m <- alpha2 m + direction + gamma p``; ``p <- p - beta2 m`` (fp32 or wider) for
+        every ``(p, direction)``: as one ``torch._foreach`` op per stage over the parameters
+        stored in their direction's dtype (the arithmetic of ``add_(x, alpha=...)``, the
+        reference implementation's), one parameter at a time for the others (low-precision
+        parameters with fp32 directions and momenta)."""
+        same = [(p, d) for p, d in updates if p.dtype == d.dtype]
+        for p, d in updates:
+            if p.dtype != d.dtype:
+                self._apply(p, d, group)
+        if not same:
+            return
+        wd, mom, lr = group["weight_decay"], group["momentum"], group["lr"]
+        params = [p for p, _ in same]
+        dirs = [d for _, d in same]
+        if wd != 0.0:   # out of place: a direction may be the parameter's .grad itself
+            dirs = torch._foreach_add(dirs, params, alpha=wd)
+        if mom != 0.0:
+            bufs, adds = [], []
+            for p, d in zip(params, dirs):
+                st = self.state[p]
+                if st.get("momentum_buffer") is None:
+                    st["momentum_buffer"] = d.clone()
+                else:
+                    bufs.append(st["momentum_buffer"])
+                    adds.append(d)
+            if bufs:
+                torch._foreach_mul_(bufs, mom)
+                torch._foreach_add_(bufs, adds)
+            dirs = [self.state[p]["momentum_buffer"] for p in params]
+        torch._foreach_add_(params, dirs, alpha=-lr)
 
     def _apply(self, p: torch.Tensor, direction: torch.Tensor, group) -> None:
-        """``m <- alpha2 m + direction + gamma p``; ``p <- p - beta2 m`` (fp32 or wider)."""
+        """``m <- alpha2 m + direction + gamma p``; ``p <- p - beta2 m`` in the direction's
+        dtype (fp32 or wider), for a parameter stored in a lower precision."""
         wd, mom, lr = group["weight_decay"], group["momentum"], group["lr"]
         d = direction
         if wd != 0.0:
