@@ -211,43 +211,48 @@ const KernelSet<double>& kernel_set<double>(int isa) {
   return generic_f64;
 }
 
-// Write the tile's entries (upper triangle only on a diagonal tile) to out[i][j] and out[j][i].
+// Write the tile's entries (upper triangle only on a diagonal tile) to out[i][j] and out[j][i],
+// both along rows of out: out[j][i] from a transposed copy of the tile. Each entry is
+// decay * factor + (alpha * sum), written as the same expression for both triangles, so equal
+// factor entries give bitwise equal outputs (the output of a symmetric factor is exactly
+// symmetric).
 template <typename T>
 void finalize(const SymmetricFactorUpdateParams<T>& p, int64_t b, const T* g, int64_t ci,
               int64_t wi, int64_t cj, int64_t wj, bool diag) {
   const int64_t d = p.d;
   T* outb = p.out + b * d * d;
-  const T alpha = p.alpha;
-  if (p.factor == nullptr) {
-    for (int64_t r = 0; r < wi; ++r) {
-      const int64_t i = ci + r;
-      for (int64_t c = diag ? r : 0; c < wj; ++c) {
-        const int64_t j = cj + c;
-        const T v = alpha * g[r * kTile + c];
-        outb[i * d + j] = v;
-        outb[j * d + i] = v;
+  const T alpha = p.alpha, decay = p.decay;
+  const T* fb = p.factor == nullptr ? nullptr : p.factor + b * p.factor_stride_batch;
+  const int64_t sr = p.factor_stride_row, sc = p.factor_stride_col;
+  // one row segment: out[i][j0 + c] for c in [c0, c1), from sums s[c * step]
+  auto row = [&](int64_t i, int64_t j0, int64_t c0, int64_t c1, const T* s, int64_t step) {
+    T* o = outb + i * d + j0;
+    if (fb == nullptr) {
+      for (int64_t c = c0; c < c1; ++c) o[c] = alpha * s[c * step];
+    } else if (sc == 1) {
+      const T* f = fb + i * sr + j0;
+      for (int64_t c = c0; c < c1; ++c) {
+        const T gv = alpha * s[c * step];
+        o[c] = decay * f[c] + gv;
+      }
+    } else {
+      const T* f = fb + i * sr + j0 * sc;
+      for (int64_t c = c0; c < c1; ++c) {
+        const T gv = alpha * s[c * step];
+        o[c] = decay * f[c * sc] + gv;
       }
     }
-    return;
-  }
-  const T decay = p.decay;
-  const T* fb = p.factor + b * p.factor_stride_batch;
-  const int64_t sr = p.factor_stride_row, sc = p.factor_stride_col;
-  for (int64_t r = 0; r < wi; ++r) {
-    const int64_t i = ci + r;
-    for (int64_t c = diag ? r : 0; c < wj; ++c) {
-      const int64_t j = cj + c;
-      const T gv = alpha * g[r * kTile + c];
-      const T fij = fb[i * sr + j * sc];
-      const T fji = fb[j * sr + i * sc];
-      const T vij = decay * fij + gv;
-      // Equal factor entries give bitwise equal outputs, whatever the compiler contracts.
-      const T vji = (fji == fij) ? vij : decay * fji + gv;
-      outb[i * d + j] = vij;
-      outb[j * d + i] = vji;
-    }
-  }
+  };
+  for (int64_t r = 0; r < wi; ++r) row(ci + r, cj, diag ? r : 0, wj, g + r * kTile, 1);
+  // the mirror: the tile transposed in blocks of 8 x 8 (in cache), then written along rows
+  alignas(64) T gt[kTile * kTile];
+  for (int64_t r0 = 0; r0 < wi; r0 += 8)
+    for (int64_t c0 = 0; c0 < wj; c0 += 8)
+      for (int64_t r = r0; r < std::min(wi, r0 + 8); ++r)
+        for (int64_t c = c0; c < std::min(wj, c0 + 8); ++c) gt[c * kTile + r] = g[r * kTile + c];
+  for (int64_t c = 0; c < wj; ++c) row(cj + c, ci, 0, diag ? c : wi, gt + c * kTile, 1);
 }
+
 
 // Rows r0 <= k < r1 of the chunk of kc rows from k0, columns from col0 on, packed into packed
 // (row by row: x is read in order).
