@@ -279,7 +279,9 @@ constexpr int64_t kTileElems = kTile * kTile;
 
 // A thread's scratch kept between calls (grown, never shrunk): buffers of this size allocated
 // per call come from mmap and fault their pages in again every time, which cost more than the
-// product itself for small m (0.09 -> 0.15 ms at m = 8, d = 300).
+// product itself for small m (0.09 -> 0.15 ms at m = 8, d = 300). What a thread keeps: the
+// packed chunk (kKc x d) and, on the calling thread, at most kBandBytes of tiles (run_banded)
+// or the row slices' tiles of fewer than kTargetItems pairs (run_sliced).
 template <typename T>
 class Workspace {
  public:
