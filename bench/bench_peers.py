@@ -34,12 +34,12 @@ rotated order) and the records keep the median, the minimum and the maximum over
   one inverse update amortised over them), as a ratio to
   one ``torch.optim.AdamW`` step of the same model. K-FAC contenders share damping ``1e-3``,
   factor decay 0.95 (ASDL: ``ema_decay=0.05``, its convention), the empirical Fisher, the
-  expand form, and precondition the same layers (``nn.Linear``, ``nn.Conv2d``; ASDL's norm
-  layers ignored): ours ``KFAC`` eigen (exact damping), inverse and cholesky (factored damping);
+  expand form, and precondition the same layers (``nn.Linear``, ``nn.Conv2d``; the norm layers
+  are left to SGD: :data:`PEER_SKIPPED`, ASDL's ``ignore_modules``): ours ``KFAC`` eigen (exact damping), inverse and cholesky (factored damping);
   kfac-pytorch eigen and inverse (its defaults otherwise: ``kl_clip=0.001``); ASDL's
   ``KfacGradientMaker`` (Cholesky inverses).
-* **singd**: ours ``SINGD`` (dense; diagonal ``fused=True``) against singd's ``SINGD`` with the
-  same hyperparameters (``lr=0.01, momentum=0.9, damping=1e-3, alpha1=0.5, lr_cov=1e-2``,
+* **singd**: ours ``SINGD`` (dense; diagonal ``fused=True``; norm layers left to the plain
+  update, as singd does) against singd's ``SINGD`` with the same hyperparameters (``lr=0.01, momentum=0.9, damping=1e-3, alpha1=0.5, lr_cov=1e-2``,
   expand), ``T`` in 1 and 10, as ratios to AdamW's step.
 
 The JSON records the CPU model, torch and peer versions, the thread count, the load average at
@@ -74,6 +74,10 @@ STAGES = {"cifar": ((64, 32), (128, 16), (256, 8), (512, 4)),
           "imagenet": ((64, 56), (128, 28), (256, 14), (512, 7))}
 FACTOR_RTOL = 1e-4
 DAMPING, DECAY, LR = 1e-3, 0.95, 0.01
+# The layers no peer preconditions (kfac-pytorch and singd: linear and conv layers only; ASDL is
+# told to ignore them): ours leave them to the base optimizer too, so that every contender does
+# the same work.
+PEER_SKIPPED = (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,7 +254,7 @@ def _ours_kfac(method: str, T: int):
             torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9),
             KFAC(model, damping=DAMPING, factor_decay=DECAY, factor_update_steps=1,
                  inv_update_steps=T, kfac_approx="expand", fisher_type="empirical",
-                 compute_method=method,
+                 compute_method=method, skip_modules=PEER_SKIPPED,
                  damping_form="exact" if method == "eigen" else "factored"))
     return _plain(opt)
 
@@ -319,7 +323,8 @@ def _ours_singd(structure: str, T: int):
     from kfac_kernels import SINGD
 
     return _plain(lambda m: SINGD(m, T=T, structures=structure, kfac_approx="expand",
-                                  fused=structure == "diagonal", **SINGD_HP))
+                                  fused=structure == "diagonal", skip_modules=PEER_SKIPPED,
+                                  **SINGD_HP))
 
 
 def _peer_singd(structure: str, T: int):
