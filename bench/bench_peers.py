@@ -35,12 +35,14 @@ rotated order) and the records keep the median, the minimum and the maximum over
   one ``torch.optim.AdamW`` step of the same model. K-FAC contenders share damping ``1e-3``,
   factor decay 0.95 (ASDL: ``ema_decay=0.05``, its convention), the empirical Fisher, the
   expand form, and precondition the same layers (``nn.Linear``, ``nn.Conv2d``; the norm layers
-  are left to SGD: :data:`PEER_SKIPPED`, ASDL's ``ignore_modules``): ours ``KFAC`` eigen (exact damping), inverse and cholesky (factored damping);
-  kfac-pytorch eigen and inverse (its defaults otherwise: ``kl_clip=0.001``); ASDL's
-  ``KfacGradientMaker`` (Cholesky inverses).
+  are left to SGD: :data:`PEER_SKIPPED`, ASDL's ``ignore_modules``): ours ``KFAC`` eigen
+  (exact damping), inverse and cholesky (factored damping); kfac-pytorch eigen and inverse
+  (its defaults otherwise: ``kl_clip=0.001``); ASDL's ``KfacGradientMaker`` (Cholesky
+  inverses).
 * **singd**: ours ``SINGD`` (dense; diagonal ``fused=True``; norm layers left to the plain
-  update, as singd does) against singd's ``SINGD`` with the same hyperparameters (``lr=0.01, momentum=0.9, damping=1e-3, alpha1=0.5, lr_cov=1e-2``,
-  expand), ``T`` in 1 and 10, as ratios to AdamW's step.
+  update, as singd does) against singd's ``SINGD`` with the same hyperparameters (``lr=0.01,
+  momentum=0.9, damping=1e-3, alpha1=0.5, lr_cov=1e-2``, expand), ``T`` in 1 and 10, as
+  ratios to AdamW's step.
 
 The JSON records the CPU model, torch and peer versions, the thread count, the load average at
 the start and end and ``"shared_machine"`` (``--shared-machine``, default on: say ``--quiet-machine``

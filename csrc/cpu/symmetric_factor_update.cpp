@@ -253,7 +253,6 @@ void finalize(const SymmetricFactorUpdateParams<T>& p, int64_t b, const T* g, in
   for (int64_t c = 0; c < wj; ++c) row(cj + c, ci, 0, diag ? c : wi, gt + c * kTile, 1);
 }
 
-
 // Rows r0 <= k < r1 of the chunk of kc rows from k0, columns from col0 on, packed into packed
 // (row by row: x is read in order).
 template <typename T>
@@ -277,6 +276,22 @@ inline void pair_on_packed(const KernelSet<T>& ks, int64_t kc, const T* packed, 
 
 constexpr int64_t kTileElems = kTile * kTile;
 
+// Lists the tile pairs (ti, tj), ti <= tj, row-major, of the tile rows from t0 on, as many whole
+// rows as max_pairs allows (one at least); returns the first row not listed and sets npairs.
+inline int64_t list_pairs(int64_t t0, int64_t nt, int64_t max_pairs, int64_t* ti, int64_t* tj,
+                          int64_t& npairs) {
+  int64_t t1 = t0;
+  npairs = 0;
+  while (t1 < nt && (t1 == t0 || npairs + (nt - t1) <= max_pairs)) {
+    for (int64_t j = t1; j < nt; ++j, ++npairs) {
+      ti[npairs] = t1;
+      tj[npairs] = j;
+    }
+    ++t1;
+  }
+  return t1;
+}
+
 // A thread's scratch kept between calls (grown, never shrunk): buffers of this size allocated
 // per call come from mmap and fault their pages in again every time, which cost more than the
 // product itself for small m (0.09 -> 0.15 ms at m = 8, d = 300). What a thread keeps: the
@@ -287,7 +302,7 @@ class Workspace {
  public:
   T* get(size_t n) {
     if (n > capacity_) {
-      buffer_.reset();
+      buffer_.reset();  // free the old one first: never both at once
       buffer_.reset(new Buffer<T>(n));
       capacity_ = n;
     }
@@ -307,11 +322,6 @@ T* workspace(WorkspaceSlot slot, size_t n) {
   return slots[slot].get(n);
 }
 
-// Each chunk of kKc rows is packed once, NR columns wide, from the first column of tile row
-// ti[0] on, and every listed tile pair is accumulated from it: packing per tile pair instead
-// (two panels per pair and chunk) took a quarter of the time. Pairs sum their chunks in row
-// order, each chunk's sum from zero (two-level summation).
-
 // Few tile pairs but many rows: work items are (batch element, slice of rows); each accumulates
 // all pairs over its rows, and the slices' partial sums are added in slice order afterwards.
 template <typename T>
@@ -324,16 +334,9 @@ void run_sliced(const SymmetricFactorUpdateParams<T>& p, const KernelSet<T>& ks,
   const int64_t items = batch * slices;
   T* partial = workspace<T>(kTiles, static_cast<size_t>(base * slices * kTileElems));
 
-  // pair index -> (ti, tj), ti <= tj, row-major over the upper triangle
   Buffer<int64_t> pair_ti(static_cast<size_t>(npairs)), pair_tj(static_cast<size_t>(npairs));
-  {
-    int64_t q = 0;
-    for (int64_t ti = 0; ti < nt; ++ti)
-      for (int64_t tj = ti; tj < nt; ++tj, ++q) {
-        pair_ti.get()[q] = ti;
-        pair_tj.get()[q] = tj;
-      }
-  }
+  int64_t listed;
+  list_pairs(0, nt, npairs, pair_ti.get(), pair_tj.get(), listed);
   const bool parallel = items > 1;
   (void)parallel;
 
@@ -401,14 +404,8 @@ void run_banded(const SymmetricFactorUpdateParams<T>& p, const KernelSet<T>& ks,
   for (int64_t b = 0; b < p.batch; ++b) {
     const T* xb = p.x + b * p.x_stride_batch;
     for (int64_t t0 = 0; t0 < nt;) {
-      int64_t t1 = t0, npairs = 0;
-      while (t1 < nt && npairs + (nt - t1) <= max_pairs) {
-        for (int64_t tj = t1; tj < nt; ++tj, ++npairs) {
-          band_ti.get()[npairs] = t1;
-          band_tj.get()[npairs] = tj;
-        }
-        ++t1;
-      }
+      int64_t npairs;
+      const int64_t t1 = list_pairs(t0, nt, max_pairs, band_ti.get(), band_tj.get(), npairs);
       const int64_t col0 = t0 * kTile;
 #ifdef _OPENMP
 #pragma omp parallel if (parallel)

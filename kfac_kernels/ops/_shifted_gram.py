@@ -83,6 +83,13 @@ def _merge_patterns(patterns: list[tuple[int, ...]]) -> dict:
 
 
 @functools.lru_cache(maxsize=64)
+def relative_offsets(kernel: tuple[int, int]) -> list[tuple[int, int]]:
+    """The relative kernel offsets ``(dh, dw)``, in kernel steps, that get a correlation each:
+    the half with a non-negative flat shift (``((2k_h-1)(2k_w-1) + 1) / 2`` of them)."""
+    kh, kw = kernel
+    return [(ah, aw) for ah in range(kh) for aw in range(-(kw - 1), kw) if ah or aw >= 0]
+
+
 def shift_plan(n: int, in_size: tuple[int, int], kernel: tuple[int, int],
                dilation: tuple[int, int], pad: tuple[int, int, int, int],
                out_size: tuple[int, int]) -> ShiftPlan:
@@ -97,8 +104,7 @@ def shift_plan(n: int, in_size: tuple[int, int], kernel: tuple[int, int],
     prefix = int(offsets.max())
     length = n * hp * wp
     zero_pixel = prefix + length
-    # relative offsets in kernel steps, the half with a non-negative flat shift
-    shifts = [(ah, aw) for ah in range(kh) for aw in range(-(kw - 1), kw) if ah or aw >= 0]
+    shifts = relative_offsets((kh, kw))
     shift_of = {key: key[0] * dh * wp + key[1] * dw for key in shifts}
     partner = []
     for a, b in taps:

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from .._backend import native_has_op, resolve_backend
 from ._cuda_auto import cuda_order
 from ._library import check_same
-from ._shifted_gram import (ROW_CHUNK_BYTES, add_shifted_gram_, shift_plan,
+from ._shifted_gram import (ROW_CHUNK_BYTES, add_shifted_gram_, relative_offsets, shift_plan,
                             shifted_gram_flop_ratio)
 from ._symmetric_matmul import add_symmetric_matmul_, block_edges, mirror_upper
 
@@ -356,7 +356,7 @@ def shifted_chunk_examples(shape, geom: ConvGeometry, channels: int, dtype) -> i
     item = torch.finfo(dtype).bits // 8
     d = channels * kh * kw + 1
     per_example = channels * (h + top + bottom) * (w + left + right) * item
-    correlations = (2 * kh - 1) * (2 * kw - 1) // 2 + 1
+    correlations = len(relative_offsets(geom.kernel))
     budget = (max(CHUNK_BYTES, d * d * item // 4) - correlations * channels ** 2 * item
               - ROW_CHUNK_BYTES - SHIFTED_BLAS_BYTES)
     chunks = -(-n // max(1, budget // per_example))
@@ -372,7 +372,7 @@ def shifted_is_faster(n: int, geom: ConvGeometry, seg: Segments, reduce: bool) -
     kh, kw = geom.kernel
     d = seg.channels * kh * kw
     saved = n * geom.positions * d * d / 2 * (1.0 - ratio)
-    correlations = ((2 * kh - 1) * (2 * kw - 1) // 2 + 1) * seg.channels ** 2
+    correlations = len(relative_offsets(geom.kernel)) * seg.channels ** 2
     return (ratio <= SHIFTED_MAX_FLOP_RATIO and saved >= SHIFTED_MIN_SAVED_MACS
             and correlations <= n * geom.positions * d / 4)
 
@@ -525,10 +525,10 @@ def patch_covariance(x: torch.Tensor, kernel_size, stride=1, padding=0, dilation
     the margins make it slower, and below ``4e7`` saved its per-call work costs more) and its
     ``(2k-1)^2 / 2`` correlations of ``c x c`` hold at most a quarter of the unfolded tensor,
     e.g. every stride-1 3x3 convolution of ResNet-18 on CIFAR but the last stage's; the
-    im2col-free kernel everywhere else (strided and 1x1 convolutions, small factors; for reduce, its shared
-    window sums beat per-offset ones everywhere, 2-8x). The chunked path is there to be asked
-    for: the last sweep found it 0-25 % slower than the kernel at every measured shape, stride
-    2 and large factors included. Measured with ``bench/patch_covariance_crossover.py``
+    im2col-free kernel everywhere else (strided and 1x1 convolutions, small factors; for
+    reduce, its shared window sums beat per-offset ones everywhere, 2-8x). The chunked path is
+    there to be asked for: the last sweep found it 0-25 % slower than the kernel at every
+    measured shape, stride 2 and large factors included. Measured with ``bench/patch_covariance_crossover.py``
     (``bench/results/patch_covariance_crossover_cpu.json``, one thread, 178 shapes). Memory
     beyond the result of the shifted and chunked paths: one chunk of examples (at most
     ``max(8 MiB, result / 4)`` of padded input or patches, one example at least).
