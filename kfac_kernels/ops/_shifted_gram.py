@@ -82,7 +82,6 @@ def _merge_patterns(patterns: list[tuple[int, ...]]) -> dict:
     return {p: next(q for q in maximal if set(p) <= set(q)) for p in patterns}
 
 
-@functools.lru_cache(maxsize=64)
 def relative_offsets(kernel: tuple[int, int]) -> list[tuple[int, int]]:
     """The relative kernel offsets ``(dh, dw)``, in kernel steps, that get a correlation each:
     the half with a non-negative flat shift (``((2k_h-1)(2k_w-1) + 1) / 2`` of them)."""
@@ -90,6 +89,7 @@ def relative_offsets(kernel: tuple[int, int]) -> list[tuple[int, int]]:
     return [(ah, aw) for ah in range(kh) for aw in range(-(kw - 1), kw) if ah or aw >= 0]
 
 
+@functools.lru_cache(maxsize=64)
 def shift_plan(n: int, in_size: tuple[int, int], kernel: tuple[int, int],
                dilation: tuple[int, int], pad: tuple[int, int, int, int],
                out_size: tuple[int, int]) -> ShiftPlan:
