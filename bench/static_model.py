@@ -21,7 +21,10 @@ register table of ``bench/triton_static.py``) so that a GPU run can put measurem
 
 The model is first-order: a kernel's time is the largest of its math, L2, DRAM and shared-memory
 times when it overlaps loads with math (asynchronous copies or ``num_stages`` pipelining), their
-sum when it does not (synchronous gathers: a block waits for its loads, then computes).
+sum when it does not (synchronous gathers: a block waits for its loads, then computes). For a
+pipelined Triton kernel the math counts whole waves of programs, and the issue of its product
+loop's SASS instructions (address arithmetic, masks, copies: what bounded the gathering kernels
+on the H200, ``bench/results/static_vs_h200.json``) is one more limit.
 """
 from __future__ import annotations
 
@@ -55,6 +58,7 @@ H100 = {
     "shared_bytes_per_sm": 228 * 1024,
     "shared_reserved_per_block": 1024,
     "max_threads_per_sm": 2048,
+    "issue_slots_per_clock_per_sm": 4,  # four schedulers, one warp instruction a clock each
     "max_blocks_per_sm": 32,
 }
 ASSUMPTIONS = {
@@ -196,6 +200,28 @@ def _sass_mix(sass: str) -> dict[str, dict]:
     return out
 
 
+def main_loop(sass: str) -> dict:
+    """The product loop of a one-kernel SASS listing (the shortest loop, between a backward
+    branch and its target, that holds tensor-core instructions; else the shortest loop): its
+    instructions per iteration (per warp), and among them the tensor-core (HGMMA / HMMA) and
+    asynchronous-copy (LDGSTS) ones."""
+    ins = [(int(m.group(1), 16), m.group(2)) for line in sass.splitlines()
+           if (m := re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line))]
+    loops = []
+    for addr, text in ins:
+        m = re.search(r"\bBRA (?:`\()?0x([0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < addr:
+            loops.append([t for a, t in ins if int(m.group(1), 16) <= a <= addr])
+    if not loops:
+        return {}
+    # the innermost loop holding tensor-core work (the product loop), else the innermost
+    with_mma = [b for b in loops if any(re.search(r"\bH[G]?MMA", t) for t in b)]
+    body = min(with_mma or loops, key=len)
+    return {"instructions": len(body),
+            "tensor_core": sum(bool(re.search(r"\bH[G]?MMA", t)) for t in body),
+            "async_copies": sum("LDGSTS" in t for t in body)}
+
+
 def occupancy(registers: int | None, threads: int, shared_bytes: int) -> int | None:
     """Blocks per SM from registers (allocated per warp in units of 256), threads, shared memory
     (None when the register count is unknown)."""
@@ -233,6 +259,10 @@ def _triton_targets():
                                                 "HAS_FACTOR=0", "SPLIT=0", "IEEE_DOT=1"),
         "patch_covariance expand fp32 (tf32)": ("_pc_expand_kernel", "x_ptr=fp32", "BLOCK=64,",
                                                 "HAS_FACTOR=0", "SPLIT=0", "IEEE_DOT=0"),
+        "patch_covariance expand bf16 (channels)": ("_pc_expand_channels_kernel", "x_ptr=bf16",
+                                                    "HAS_BIAS=0", "RAW=0"),
+        "patch_covariance expand fp32 (tf32, channels)": ("_pc_expand_channels_kernel",
+                                                          "x_ptr=fp32", "HAS_BIAS=0", "RAW=0"),
         "block_eigh n<=64 fp32": ("_block_eigh_kernel", "NP=64", "a_ptr=fp32"),
         "singd_diagonal_step fp32": ("singd_diagonal_step", "FIRST=0", "DECAY=1", "p_ptr=fp32"),
         "singd_block_step 32x32 fp32": ("singd_block_step", "BLOCK_C=32,BLOCK_K=32",
@@ -263,10 +293,16 @@ def triton_kernels_ptx(arch: int = 90) -> list[dict]:
         log = io.StringIO()
         with contextlib.redirect_stdout(log):
             compiled = triton.compile(
-                ASTSource(fn=cfg.kernel, signature=cfg.signature(), constexprs=cfg.constexprs),
-                target=GPUTarget("cuda", arch, 32), options={"num_warps": cfg.num_warps})
+                ASTSource(fn=cfg.kernel, signature=cfg.signature(),
+                          constexprs=cfg.all_constexprs(), attrs=cfg.attrs()),
+                target=GPUTarget("cuda", arch, 32), options=cfg.options())
         ptx = compiled.asm["ptx"]
         text = log.getvalue()
+        with tempfile.TemporaryDirectory() as tmp:
+            cubin = Path(tmp) / "k.cubin"
+            cubin.write_bytes(compiled.asm["cubin"])
+            sass = subprocess.run([_tool("cuobjdump"), "-sass", str(cubin)],
+                                  capture_output=True, text=True, check=True).stdout
         res = {key: int(m.group(1)) if (m := re.search(pattern, text)) else None
                for key, pattern in (("registers", r"Used (\d+) registers"),
                                     ("spill_store_bytes", r"(\d+) bytes spill stores"))}
@@ -277,7 +313,8 @@ def triton_kernels_ptx(arch: int = 90) -> list[dict]:
                      "shared_bytes": shared,
                      "occupancy_blocks_per_sm": occupancy(res.get("registers"),
                                                           32 * cfg.num_warps, shared),
-                     "ptx": {g: len(re.findall(p, ptx)) for g, p in _PTX_GROUPS.items()}})
+                     "ptx": {g: len(re.findall(p, ptx)) for g, p in _PTX_GROUPS.items()},
+                     "sass_main_loop": main_loop(sass)})
     return rows
 
 
@@ -302,20 +339,41 @@ def _limits(flops, pipe, l2_bytes, hbm_bytes, overlapped):
                                                    " (not overlapped)"}
 
 
+def _pipelined_limits(pipe, l2_bytes, hbm_bytes, *, ctas, occupancy_, iterations,
+                      flops_per_iteration, warps, loop_instructions):
+    """Limits of a kernel that overlaps its loads with its math, counted per wave of
+    ``SMs x occupancy`` programs (a last partial wave costs a whole one): the math of the
+    programs an SM holds; the issue of their product loops' instructions (every warp's
+    instructions through the SM's four schedulers: address arithmetic, masks and copies are
+    issued beside the asynchronous tensor-core instructions); L2 and DRAM bytes."""
+    waves = math.ceil(ctas / (H100["sms"] * occupancy_))
+    per_sm_rate = _pipe_rate(pipe) / H100["sms"]
+    t_math = waves * iterations * occupancy_ * flops_per_iteration / per_sm_rate
+    t_issue = (waves * iterations * occupancy_ * warps * loop_instructions
+               / (H100["issue_slots_per_clock_per_sm"] * H100["sm_clock_hz"]))
+    t_l2 = l2_bytes / _a("l2_bytes_per_s")
+    t_hbm = hbm_bytes / H100["hbm_bytes_per_s"]
+    times = {"math": t_math, "issue": t_issue, "L2": t_l2, "DRAM": t_hbm}
+    return {"t_math_s": t_math, "t_issue_s": t_issue, "t_l2_s": t_l2, "t_dram_s": t_hbm,
+            "waves": waves, "predicted_s": max(times.values()),
+            "limited_by": max(times, key=times.get)}
+
+
 def patch_covariance_expand(mix: dict, triton_rows: list[dict]) -> list[dict]:
-    """ResNet-50 stage 3: N = 64, C = 256, 14 x 14, k = 3, stride 1, padding 1."""
+    """ResNet-50 stage 3: N = 64, C = 256, 14 x 14, k = 3, stride 1, padding 1.
+
+    Per kernel, from its tiling: the generic kernels (CUDA, Triton) tile the columns in the
+    output's order, 64 wide; the Triton channels kernel 128 wide, a kernel offset and 128
+    channels per tile (``T = k^2 ceil(C / 128)`` tiles), after one channels-last copy of an NCHW
+    input (read and written once more from DRAM). Each computes the upper tile pairs, and reads
+    two gathered ``rows x tile`` panels per pair from L2."""
     n, c, h, w, k = 64, 256, 14, 14, 3
     m, d = n * h * w, c * k * k
     out = []
     for dtype, elem in (("bf16", 2), ("fp32", 4)):
-        block = 64
-        tiles = math.ceil(d / block)
-        upper = tiles * (tiles + 1) // 2
-        flops = 2 * m * block * block * upper            # the upper tiles the kernels compute
-        gather_l2 = upper * 2 * m * block * elem          # two gathered panels per tile
-        hbm = n * c * h * w * elem + d * d * 4            # input once, fp32 factor written
+        input_bytes = n * c * h * w * elem
         eager_flops = 2 * m * d * d                       # X^T X, both triangles
-        unfold_bytes = n * c * h * w * elem + 2 * m * d * elem
+        unfold_bytes = input_bytes + 2 * m * d * elem
         tensor_rate = (H100["bf16_tensor_flops"] if dtype == "bf16"
                        else H100["tf32_tensor_flops"])
 
@@ -324,27 +382,61 @@ def patch_covariance_expand(mix: dict, triton_rows: list[dict]) -> list[dict]:
                 H100["tf32_tensor_flops"] if pipe == "wgmma_tf32" else H100["bf16_tensor_flops"])
             return (unfold_bytes / H100["hbm_bytes_per_s"]
                     + eager_flops / (rate * _a("cublas_fraction")) + 2 * _a("eager_op_s"))
+        # (name, pipe, overlapped loads, tiles per side, tile width, extra DRAM bytes)
+        generic_tiles = math.ceil(d / 64)
+        channels_tiles = k * k * math.ceil(c / 128)
+        copy_bytes = 2 * input_bytes  # the channels-last copy: read and write
         kernels = []
         cuda_mix = mix.get(f"pc_tile_kernel<{'__nv_bfloat16' if dtype == 'bf16' else 'float'}"
                            f", false>", {})
         cuda_pipe = ("mma_sync_bf16" if cuda_mix.get("HMMA") else
                      "ffma_fp32") if dtype == "bf16" else "ffma_fp32"
-        kernels.append(("cuda pc_tile_kernel", cuda_pipe, bool(cuda_mix.get("LDGSTS"))))
+        kernels.append(("cuda pc_tile_kernel", cuda_pipe, bool(cuda_mix.get("LDGSTS")),
+                        generic_tiles, 64, 0))
+
         def ptx(name):
             return next((r["ptx"] for r in triton_rows if r["target"] == name), {})
+
+        def triton_row(name):
+            return next((r for r in triton_rows if r["target"] == name), None)
         if dtype == "bf16":
             mix_ = ptx("patch_covariance expand bf16")
             kernels.append(("triton _pc_expand_kernel", "wgmma_bf16" if mix_.get("wgmma")
-                            else "mma_sync_bf16", bool(mix_.get("cp_async"))))
+                            else "mma_sync_bf16", bool(mix_.get("cp_async")), generic_tiles,
+                            64, 0))
+            mix_ = ptx("patch_covariance expand bf16 (channels)")
+            kernels.append(("triton _pc_expand_channels_kernel", "wgmma_bf16"
+                            if mix_.get("wgmma") else "mma_sync_bf16",
+                            bool(mix_.get("cp_async")), channels_tiles, 128, copy_bytes,
+                            triton_row("patch_covariance expand bf16 (channels)")))
         else:
             mix_ = ptx("patch_covariance expand fp32 (ieee)")
-            kernels.append(("triton _pc_expand_kernel", "ffma_fp32", bool(mix_.get("cp_async"))))
+            kernels.append(("triton _pc_expand_kernel", "ffma_fp32", bool(mix_.get("cp_async")),
+                            generic_tiles, 64, 0))
             mix_ = ptx("patch_covariance expand fp32 (tf32)")
             kernels.append(("triton _pc_expand_kernel, TF32 (allow_tf32)",
                             "wgmma_tf32" if mix_.get("wgmma") else "ffma_fp32",
-                            bool(mix_.get("cp_async"))))
-        for name, pipe, overlapped in kernels:
-            lim = _limits(flops, pipe, gather_l2, hbm, overlapped)
+                            bool(mix_.get("cp_async")), generic_tiles, 64, 0))
+            mix_ = ptx("patch_covariance expand fp32 (tf32, channels)")
+            kernels.append(("triton _pc_expand_channels_kernel, TF32 (allow_tf32)",
+                            "wgmma_tf32" if mix_.get("wgmma") else "ffma_fp32",
+                            bool(mix_.get("cp_async")), channels_tiles, 128, copy_bytes,
+                            triton_row("patch_covariance expand fp32 (tf32, channels)")))
+        for name, pipe, overlapped, tiles, block, extra, *row in kernels:
+            upper = tiles * (tiles + 1) // 2
+            flops = 2 * m * block * block * upper         # the upper tiles the kernel computes
+            gather_l2 = upper * 2 * m * block * elem       # two gathered panels per tile pair
+            hbm = input_bytes + d * d * 4 + extra          # input once, fp32 factor written
+            row = row[0] if row else None
+            if overlapped and row and row.get("sass_main_loop"):
+                step = int(re.search(r"BLOCK_K=(\d+)", row["config"]).group(1))
+                lim = _pipelined_limits(
+                    pipe, gather_l2, hbm, ctas=upper, occupancy_=row["occupancy_blocks_per_sm"],
+                    iterations=math.ceil(m / step), flops_per_iteration=2 * step * block * block,
+                    warps=row["num_warps"],
+                    loop_instructions=row["sass_main_loop"]["instructions"])
+            else:
+                lim = _limits(flops, pipe, gather_l2, hbm, overlapped)
             out.append({
                 "target": f"patch_covariance expand {dtype}, ResNet-50 stage 3 "
                           f"(N={n}, C={c}, {h}x{w}, k={k}): rows {m}, D {d}",

@@ -80,8 +80,9 @@ def _compile(job: tuple[int, int]) -> dict:
     try:
         with contextlib.redirect_stdout(log):
             compiled = triton.compile(
-                ASTSource(fn=cfg.kernel, signature=cfg.signature(), constexprs=cfg.constexprs),
-                target=GPUTarget("cuda", arch, 32), options={"num_warps": cfg.num_warps})
+                ASTSource(fn=cfg.kernel, signature=cfg.signature(),
+                          constexprs=cfg.all_constexprs(), attrs=cfg.attrs()),
+                target=GPUTarget("cuda", arch, 32), options=cfg.options())
     except Exception as exc:  # reported, not raised: the run goes on to the other configs
         row["error"] = f"{type(exc).__name__}: {exc}"[-2000:]
         return row

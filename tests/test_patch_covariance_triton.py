@@ -90,7 +90,7 @@ def make_case(seed, *, n=2, c=4, h=7, w=6, kernel=(3, 3), stride=(1, 1), dilatio
     pt, pb, pl, pr = pads
     out_size = (out_len(h, kernel[0], stride[0], dilation[0], pt, pb),
                 out_len(w, kernel[1], stride[1], dilation[1], pl, pr))
-    s, start, step, channels = SEGMENTS[segments]
+    s, start, step, channels = SEGMENTS[segments] if isinstance(segments, str) else segments
     d = channels * kernel[0] * kernel[1] + int(bias)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     f = None
@@ -246,6 +246,107 @@ def test_empty_batch_gives_decayed_factor():
     assert torch.allclose(got, 0.95 * args[11])
 
 
+# ---------------------------------------------------------------------------------------------
+# the channels kernel (patch_covariance_channels: tiles of contiguous channels); under the
+# interpreter its tiles are 16 channels wide
+
+
+def _check_low_precision(got, x, args):
+    want = reference(x, *args)
+    if x.dtype == torch.float32:
+        assert_matches(got, want, 1e-5)
+        return
+    eager = reference(x, *args, dtype=x.dtype)
+    err = (got.double() - want).abs().max().item()
+    eager_err = (eager - want).abs().max().item()
+    assert err <= 2 * eager_err + 1e-6 * want.abs().max().item(), (err, eager_err)
+
+
+@interpreter_only
+@pytest.mark.parametrize("i, kernel, stride, dilation, pads, seg, reduce, bias, hw",
+                         [p for p in _grid_params(48) if "expand" in p.id])
+def test_channels_kernel_grid(i, kernel, stride, dilation, pads, seg, reduce, bias, hw):
+    """Every geometry of the grid (4 channels: each segment copied channels-last and padded with
+    zeros to 16) gives the reference, in fp32 or bf16 (every other case), exactly symmetric
+    with a symmetric factor."""
+    factor = ("none", "symmetric", "asymmetric")[i % 3]
+    for dtype in ((torch.float32, torch.bfloat16)[i % 2],):
+        x, args = make_case(300 + i, n=1 + i % 2, h=hw[0], w=hw[1], kernel=kernel, stride=stride,
+                            dilation=dilation, pads=pads, segments=seg, bias=bias, factor=factor,
+                            dtype=dtype)
+        got = patch_covariance_triton(x, *args, kernel="channels")
+        d = args[8] * kernel[0] * kernel[1] + bias
+        assert got.dtype == torch.float32 and got.shape == (args[5], d, d)
+        _check_low_precision(got, x, args)
+        if factor != "asymmetric":
+            assert torch.equal(got, got.mT)
+
+
+WIDE_SEGMENTS = {  # C = 40: (num_segments, start, step, channels)
+    "one segment, 3 channel tiles": (1, 0, 40, 40),
+    "two segments of 17, unaligned": (2, 3, 19, 17),
+    "two aligned segments of 16": (2, 0, 16, 16),
+}
+
+
+@interpreter_only
+@pytest.mark.parametrize("seg", list(WIDE_SEGMENTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp32", "bf16", "fp16"])
+def test_channels_kernel_several_channel_tiles(seg, dtype):
+    """Several channel tiles per kernel offset, segments at any offset, with and without a
+    bias, a factor, row ranges (partial tiles in the output's order, summed by the generic
+    reduction) and a channels-last input: the reference."""
+    for bias, factor, splits, channels_last in ((False, "none", None, False),
+                                               (True, "asymmetric", None, True),
+                                               (True, "symmetric", 3, False),
+                                               (False, "symmetric", 2, True)):
+        # a 1 x 3 kernel: three taps of two or three channel tiles (the interpreter runs each
+        # tile pair's program in turn: a 3 x 3 kernel would take minutes here)
+        x, args = make_case(17, n=2, c=40, h=4, w=5, kernel=(1, 3), pads=(0, 0, 1, 1),
+                            segments=WIDE_SEGMENTS[seg], bias=bias, factor=factor, dtype=dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        got = patch_covariance_triton(x, *args, splits=splits, kernel="channels")
+        _check_low_precision(got, x, args)
+        if factor != "asymmetric":
+            assert torch.equal(got, got.mT)
+
+
+@interpreter_only
+def test_channels_kernel_reads_aligned_channels_last_inputs_in_place():
+    """A channels-last input whose segments are multiples of 16 channels is read where it is
+    (no copy); any other layout is copied once, each segment padded to 16 channels."""
+    from kfac_kernels._triton.patch_covariance_channels import aligned_channels
+
+    x = torch.randn(2, 32, 5, 6).contiguous(memory_format=torch.channels_last)
+    same, start, step, loaded = aligned_channels(x, 2, 0, 16, 16)
+    assert same is x and (start, step, loaded) == (0, 16, 16)
+    copy, start, step, loaded = aligned_channels(x.contiguous(), 2, 3, 13, 13)
+    assert copy.stride(1) == 1 and (start, step, loaded) == (0, 16, 16)
+    for s in range(2):  # the segments' channels, then zeros
+        assert torch.equal(copy[:, 16 * s:16 * s + 13], x[:, 3 + 13 * s:16 + 13 * s])
+        assert not copy[:, 16 * s + 13:16 * (s + 1)].any()
+
+
+@interpreter_only
+def test_channels_kernel_is_the_default_for_wide_tensor_core_inputs():
+    """bf16 / fp16 inputs with segments of at least a channel tile run the channels kernel (the
+    same bits as asking for it), fp32 with full-precision products the generic one."""
+    x, args = make_case(5, n=2, c=40, h=5, w=5, kernel=(1, 1), pads=(0, 0, 0, 0),
+                        segments=WIDE_SEGMENTS["one segment, 3 channel tiles"],
+                        factor="symmetric", dtype=torch.bfloat16)
+    assert torch.equal(patch_covariance_triton(x, *args),
+                       patch_covariance_triton(x, *args, kernel="channels"))
+    x32 = x.float()
+    assert torch.equal(patch_covariance_triton(x32, *args),
+                       patch_covariance_triton(x32, *args, kernel="generic"))
+    with pytest.raises(ValueError, match="kernel must be"):
+        patch_covariance_triton(x, *args, kernel="im2col")
+    with pytest.raises(ValueError, match="channels kernel takes"):
+        patch_covariance_triton(x.double(), *args[:11], None, *args[12:], kernel="channels")
+
+
 @pytest.fixture
 def tf32_switch():
     """Sets ``torch.backends.cuda.matmul.allow_tf32`` (it is a process-wide switch), restored."""
@@ -330,6 +431,12 @@ GPU_SHAPES = [  # n, c, h, w, kernel, stride, pads, segments
     pytest.param(2, 12, 17, 9, (1, 3), (1, 1), (0, 0, 1, 1), (2, 0, 6, 6), id="groups2-1x3"),
     pytest.param(16, 3, 32, 32, (5, 5), (1, 1), (2, 2, 2, 2), (1, 0, 3, 3), id="many-rows"),
     pytest.param(2, 80, 6, 6, (3, 3), (1, 1), (1, 1, 1, 1), (1, 0, 80, 80), id="d720"),
+    # segments of >= 128 channels: the channels kernel for 16-bit inputs (two channel tiles,
+    # the second partly padding; two segments with row ranges)
+    pytest.param(4, 160, 10, 10, (3, 3), (1, 1), (1, 1, 1, 1), (1, 0, 160, 160),
+                 id="channels-160"),
+    pytest.param(2, 288, 7, 7, (3, 3), (2, 2), (1, 0, 1, 1), (2, 0, 144, 144),
+                 id="channels-2x144"),
 ]
 
 
@@ -377,6 +484,25 @@ def _check_gpu(fn, x, args, dtype):
 def test_triton_cuda(n, c, h, w, kernel, stride, pads, segs, dtype, reduce):
     x, args = _gpu_case(n, c, h, w, kernel, stride, pads, segs, dtype, reduce, True)
     _check_gpu(patch_covariance_triton, x, args, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_triton_cuda_channels_kernel_on_tf32(tf32_switch):
+    """fp32 with TF32 allowed runs the channels kernel on the tensor cores: the same result as
+    the generic kernel up to TF32's rounding of the inputs (10-bit mantissas: relative 2^-11 per
+    input, so 1e-3 of the largest entry bounds the difference of these sums of products of
+    positive-mean inputs)."""
+    tf32_switch(True)
+    x, args = _gpu_case(4, 160, 10, 10, (3, 3), (1, 1), (1, 1, 1, 1), (1, 0, 160, 160),
+                        torch.float32, False, True)
+    xd = x.cuda()
+    argsd = list(args)
+    argsd[11] = args[11].cuda()
+    got = patch_covariance_triton(xd, *argsd, kernel="channels").cpu()
+    assert_matches(got, reference(x, *args), 1e-3)
+    assert torch.equal(got, got.mT)
+    assert torch.equal(got, patch_covariance_triton(xd, *argsd).cpu())  # the default there
 
 
 def _native_cuda_reason() -> str:

@@ -153,14 +153,15 @@ def _within_cuda_limits(grid) -> bool:
 def test_launch_grids_within_cuda_limits(monkeypatch):
     """Every launcher at sizes past 65535 column blocks / row ranges: the grids it asks for fit
     CUDA's limits (the interpreter has none)."""
-    from kfac_kernels._triton import (_tiles, patch_covariance, singd_diagonal_step,
-                                      symmetric_factor_update)
+    from kfac_kernels._triton import (_tiles, patch_covariance, patch_covariance_channels,
+                                      singd_diagonal_step, symmetric_factor_update)
 
     recorders = {}
     for module, name in ((singd_diagonal_step, "_step_kernel"),
                          (symmetric_factor_update, "_sfu_kernel"),
                          (patch_covariance, "_pc_expand_kernel"),
                          (patch_covariance, "_pc_mean_kernel"),
+                         (patch_covariance_channels, "_pc_expand_channels_kernel"),
                          (_tiles, "split_reduce_kernel")):
         recorders[name] = _GridRecorder()
         monkeypatch.setattr(module, name, recorders[name])
@@ -177,6 +178,8 @@ def test_launch_grids_within_cuda_limits(monkeypatch):
     patch_covariance.patch_covariance_triton(x, *args, False, True, None, 0.0, 1.0,
                                              splits=10**6)
     patch_covariance.patch_covariance_triton(x, *args, True, True, None, 0.0, 1.0)
+    patch_covariance.patch_covariance_triton(x.to(torch.bfloat16), *args, False, True, None,
+                                             0.0, 1.0, splits=10**6, kernel="channels")
     for name, rec in recorders.items():
         assert rec.grids, f"{name} was not launched"
         for grid in rec.grids:

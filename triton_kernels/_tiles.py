@@ -55,6 +55,18 @@ def upper_tile(pid):
 
 
 @triton.jit
+def gram_dot(a, b, acc, IEEE_DOT: tl.constexpr, WIDEN: tl.constexpr):
+    """``acc + a^T b`` for ``[step, BLOCK]`` tiles: full-fp32 products (``IEEE_DOT``, the
+    16-bit tiles widened first with ``WIDEN``) or the tensor cores' (TF32 for fp32)."""
+    if IEEE_DOT:
+        if WIDEN:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        return tl.dot(tl.trans(a), b, acc, input_precision="ieee")
+    return tl.dot(tl.trans(a), b, acc)
+
+
+@triton.jit
 def epilogue_store(acc, f_base, o_base, decay, alpha, offs_i, offs_j, D, sfi, sfj, soi, soj,
                    HAS_FACTOR: tl.constexpr):
     """For the upper entries (i <= j) of the tile: ``out[i, j] = decay * F[i, j] + alpha * acc``

@@ -59,7 +59,11 @@ import triton
 import triton.language as tl
 
 from . import _tiles
-from ._tiles import epilogue_store, store_partial, upper_tile
+from ._tiles import epilogue_store, gram_dot, store_partial, upper_tile
+from .patch_covariance_channels import expand_channels
+from .patch_covariance_channels import launch_configs as channels_configs
+from .patch_covariance_channels import int32_offsets
+from .patch_covariance_channels import tiles as channels_tiles
 
 __all__ = ["patch_covariance_triton", "launch_configs"]
 
@@ -147,13 +151,8 @@ def _pc_expand_kernel(x_ptr, f_ptr, out_ptr, ws_ptr, scal_ptr, decay: tl.float64
             b = _gather(x_seg, row_off, y0, x0, row_ok, off_j, dy_j, dx_j, data_j, bias_j, H, W)
             if ACC_FP64:
                 part += tl.sum(a[:, :, None] * b[:, None, :], axis=0)
-            elif IEEE_DOT:
-                if WIDEN:
-                    a = a.to(tl.float32)
-                    b = b.to(tl.float32)
-                part = tl.dot(tl.trans(a), b, part, input_precision="ieee")
             else:
-                part = tl.dot(tl.trans(a), b, part)
+                part = gram_dot(a, b, part, IEEE_DOT, WIDEN)
         acc += part
     if SPLIT:
         store_partial(acc, ws_ptr, split, s64, offs_i, offs_j, D, wss, wsb, wsi, wsj)
@@ -244,8 +243,8 @@ def tile_steps(dtype: torch.dtype, block: int, on_gpu: bool) -> tuple[int, ...]:
 def launch_configs():
     """Every configuration a launch on a GPU can pick: per input dtype, each tile (defaults and
     overrides) of the expand kernel at its row step, with a factor or not, or a row range
-    writing its partial tile; the mean kernel of the reduce mode (whose Gram is
-    ``symmetric_factor_update``'s kernel)."""
+    writing its partial tile; the channels kernel's (:mod:`.patch_covariance_channels`); the
+    mean kernel of the reduce mode (whose Gram is ``symmetric_factor_update``'s kernel)."""
     from ._aot import KernelConfig
 
     out = []
@@ -267,7 +266,7 @@ def launch_configs():
         out.append(KernelConfig(_pc_mean_kernel, dict(
             ACC_FP64=acc == torch.float64, BLOCK_D=MEAN_BLOCK_D, BLOCK_P=MEAN_BLOCK_P),
             pointers={"x_ptr": t, "abar_ptr": _TYPES[acc]}))
-    return out + _tiles.split_reduce_configs()
+    return out + channels_configs() + _tiles.split_reduce_configs()
 
 
 def _pair(name: str, value) -> tuple[int, int]:
@@ -283,7 +282,7 @@ def patch_covariance_triton(x: torch.Tensor, kernel_size, stride, dilation, padd
                             segment_channels: int, reduce: bool, bias: bool,
                             factor: torch.Tensor | None, decay: float, alpha: float, *,
                             block: int | None = None, block_k: int | None = None,
-                            splits: int | None = None) -> torch.Tensor:
+                            splits: int | None = None, kernel: str | None = None) -> torch.Tensor:
     """The patch covariance of ``x`` computed by the Triton kernels (a new tensor).
 
     The arguments mean what they mean for ``torch.ops.kfac_kernels.patch_covariance`` (see the
@@ -307,6 +306,11 @@ def patch_covariance_triton(x: torch.Tensor, kernel_size, stride, dilation, padd
             (``_tiles.GRAM_BLOCKS``, :func:`tile_steps`).
         splits: number of row ranges of the expand kernel (default: chosen from the GPU's SM
             count, 1 on the CPU).
+        kernel: the expand kernel, ``"channels"`` (:mod:`.patch_covariance_channels`: tiles of
+            contiguous channels, asynchronous loads) or ``"generic"``; by default the channels
+            kernel where the products run on the tensor cores (16-bit inputs; fp32 with TF32
+            allowed), a segment has at least a channel tile of channels (128 on a GPU) and no
+            tile override is given; the generic one otherwise (and always for fp64).
 
     Returns:
         ``(num_segments, D, D)``, contiguous, float64 for a float64 ``x`` and float32 otherwise;
@@ -350,6 +354,27 @@ def patch_covariance_triton(x: torch.Tensor, kernel_size, stride, dilation, padd
         if reduce:
             return _reduce(x, geometry, oh, ow, num_segments, segment_start, segment_step,
                            dn, d, bias, factor, decay, alpha, acc_dtype)
+        interpreted = _tiles.interpreted()
+        ieee, widen = _dot_mode(x.dtype, interpreted, x.is_cuda and tf32_allowed())
+        if kernel is None:
+            tensor_cores = x.dtype in (torch.float16, torch.bfloat16) or not ieee
+            # the channels kernel's offsets are int32 (rows, input, output), and its tiles
+            # are a channel-tile wide: narrower segments would leave them mostly padding
+            fits = int32_offsets(x, n * oh * ow, d)
+            wide = segment_channels >= channels_tiles(x.dtype, interpreted)[0]
+            kernel = ("channels" if tensor_cores and fits and wide and block is None
+                      and block_k is None else "generic")
+        if kernel not in ("channels", "generic"):
+            raise ValueError(f"{_NAME}: kernel must be 'channels' or 'generic', got {kernel!r}")
+        if kernel == "channels":
+            if (x.dtype == torch.float64 or block is not None or block_k is not None
+                    or not int32_offsets(x, n * oh * ow, d)):
+                raise ValueError(f"{_NAME}: the channels kernel takes float32, float16 or "
+                                 f"bfloat16 inputs, fewer than 2^31 rows, input and output "
+                                 f"elements, and no tile override")
+            return expand_channels(x, geometry, oh, ow, num_segments, segment_start,
+                                   segment_step, segment_channels, dn, d, bias, factor, decay,
+                                   alpha, ieee, widen, splits, _NAME)
         return _expand(x, geometry, oh, ow, num_segments, segment_start, segment_step, dn, d,
                        bias, factor, decay, alpha, acc_dtype, block, block_k, splits)
 
