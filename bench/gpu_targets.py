@@ -138,11 +138,33 @@ def patch_covariance_targets(device: str, small: bool) -> list[dict]:
                     res["fraction_of_h100_peak"] = flops / t / peak[str(dtype)[6:]]
                 return res
             measure(row, be, case)
+        if mode == "expand" and blocks is None and "triton" in _backends(device):
+            # each Triton expand kernel by name: "triton" above is whichever the launcher picks
+            for kernel in ("generic", "channels"):
+                measure(row, f"triton_{kernel}",
+                        lambda kernel=kernel: _triton_expand_case(x, k, ref, row, kernel,
+                                                                  device))
         out.append(row)
         print(_line(row), flush=True)
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
     return out
+
+
+def _triton_expand_case(x, k, ref, row, kernel, device) -> dict:
+    """The expand covariance (stride 1, padding k // 2, no bias) by one named Triton kernel."""
+    from kfac_kernels._triton.patch_covariance import patch_covariance_triton
+
+    n, c, h, w = x.shape
+    args = ((k, k), (1, 1), (1, 1), (k // 2, k // 2), (h, w), 1, 0, c, c, False, False, None,
+            0.0, 1.0 / (n * h * w))
+
+    def run():
+        return patch_covariance_triton(x, *args, kernel=kernel)[0]
+    err = rel(run(), ref)
+    t = timed(run, device)
+    return {"s": t, "error": err, "vs_eager_op": row["eager_op_s"] / t,
+            "vs_unfold_matmul": row["unfold_matmul_s"] / t}
 
 
 def block_eigh_targets(device: str, small: bool) -> list[dict]:

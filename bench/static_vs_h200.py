@@ -67,6 +67,12 @@ def _pair(target: str, kernel: str, measured: dict):
         rows = [r for r in measured["patch_covariance"] if r["mode"] == "expand"
                 and r["num_blocks"] is None and r["dtype"] == dtype and r["allow_tf32"] == tf32]
         backend = "cuda" if kernel.startswith("cuda") else "triton"
+        if backend == "triton" and rows:
+            # a Triton kernel's own timing; runs before the channels kernel timed only
+            # "triton", which was then the generic kernel
+            named = "triton_channels" if "channels" in kernel else "triton_generic"
+            if named in rows[0] or named == "triton_channels":
+                backend = named
         return (rows[0], backend, "unfold_matmul_s") if rows else None
     if target.startswith("block_eigh"):
         n, b = (int(x) for x in re.findall(r"= (\d+)", target))  # "n = 64, B = 1024"
