@@ -57,8 +57,9 @@ from ._tiles import gram_dot, upper_tile
 # Column tile, row step, pipeline depth and warps of the launch on a GPU: 128 x 128 fp32
 # accumulators over 8 warps (64 registers a thread), and per stage two 64 x 128 16-bit input
 # tiles (32 KiB; the same for TF32's row steps of 32): three stages fit in an SM's shared
-# memory (one program per SM: the registers allow no second). The L2 traffic of the gathered tiles falls with the
-# tile width (two BLOCK-wide tiles per BLOCK x BLOCK product), which is why the tile is 128.
+# memory (one program per SM: the registers allow no second). The L2 traffic of the gathered
+# tiles falls with the tile width (two BLOCK-wide tiles per BLOCK x BLOCK product), which is why
+# the tile is 128.
 BLOCK = 128
 STEPS = {torch.float16: 64, torch.bfloat16: 64, torch.float32: 32}
 NUM_STAGES = 3
@@ -126,7 +127,8 @@ def _store_mirrored(o_base, acc, alpha, d_i, d_j, shift, D, soi, soj, SCALE: tl.
 @triton.jit
 def _pc_expand_channels_kernel(
         x_ptr, out_ptr, ws_ptr, scal_ptr, alpha: tl.float64,
-        M, OUT_H, OUT_W, H, W, D, DN, CSEG, CLOAD, C_START, C_STEP, KK, KW, CB, N_TILES, ROWS_PER_SPLIT,
+        M, OUT_H, OUT_W, H, W, D, DN, CSEG, CLOAD, C_START, C_STEP, KK, KW, CB, N_TILES,
+        ROWS_PER_SPLIT,
         sxn, sxc, sxh, sxw, STR_H, STR_W, DIL_H, DIL_W, PAD_T, PAD_L,
         sob, soi, soj, wss, wsb, wsi, wsj,
         HAS_BIAS: tl.constexpr, RAW: tl.constexpr,
@@ -147,8 +149,9 @@ def _pc_expand_channels_kernel(
     row_start = split * ROWS_PER_SPLIT
     row_end = tl.minimum(row_start + ROWS_PER_SPLIT, M)
     # Row r = (n, oh, ow): decomposed once, then advanced by BLOCK_K rows per step with carries
-    # instead of divisions; all offsets int32 (the launcher checks that x's offsets fit). Per
-    # copied row this leaves a few integer instructions beside the tensor-core work.
+    # instead of divisions (at most one carry each: the step's remainder is below one image,
+    # its row count below one row); all offsets int32 (the launcher checks that x's offsets
+    # fit). Per copied row this leaves a few integer instructions beside the tensor-core work.
     lane = tl.arange(0, BLOCK_K)
     r = row_start + lane
     n = r // (OUT_H * OUT_W)
@@ -187,6 +190,7 @@ def _pc_expand_channels_kernel(
         if SCALARS_IN_MEMORY:
             alpha = tl.load(scal_ptr + 1)  # [decay, alpha]
         _store_mirrored(out_ptr + s64 * sob, acc, alpha, d_i, d_j, shift, D, soi, soj, True)
+
 
 def tiles(dtype: torch.dtype, interpreted: bool) -> tuple[int, int]:
     """``(BLOCK, BLOCK_K)`` of a launch."""

@@ -22,7 +22,10 @@ The ``eager`` backend is the definition (``F.unfold`` then a matmul). The ``cpu`
 (additions of the window's own pixels only, never a subtraction of a larger sum: a huge or
 non-finite pixel changes only the entries that involve it, as in the definition), and both
 compute one triangle and mirror it. They accumulate in fp32 (fp64 for fp64
-inputs). Memory of the ``cpu`` kernel beyond the returned factor: expand sums straight into the
+inputs). On the tensor cores (16-bit inputs; fp32 with TF32 allowed) and for segments of at
+least 128 channels, the ``triton`` backend's expand kernel reads a channels-last copy of the
+input (``x`` itself when it is channels-last with 16-aligned segments) in contiguous 16-byte
+asynchronous copies (:mod:`kfac_kernels._triton.patch_covariance_channels`). Memory of the ``cpu`` kernel beyond the returned factor: expand sums straight into the
 factor's upper triangle, so its temporaries are a panel of patch rows (at most about an eighth of
 the unfolded tensor, and a few MB) and per-thread tiles; reduce keeps the mean patches,
 ``O(N * D)``. The ``cpu`` backend has two more algorithms for expand factors (``algorithm``, see
