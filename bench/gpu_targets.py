@@ -140,7 +140,9 @@ def patch_covariance_targets(device: str, small: bool) -> list[dict]:
             measure(row, be, case)
         if mode == "expand" and blocks is None and "triton" in _backends(device):
             # each Triton expand kernel by name: "triton" above is whichever the launcher picks
-            for kernel in ("generic", "channels"):
+            # (the channels kernel runs on the tensor cores only: fp32 with TF32 allowed)
+            kernels = ("generic", "channels") if dtype != torch.float32 or tf32 else ("generic",)
+            for kernel in kernels:
                 measure(row, f"triton_{kernel}",
                         lambda kernel=kernel: _triton_expand_case(x, k, ref, row, kernel,
                                                                   device))

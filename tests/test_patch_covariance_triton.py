@@ -343,6 +343,10 @@ def test_channels_kernel_is_the_default_for_wide_tensor_core_inputs():
                        patch_covariance_triton(x32, *args, kernel="generic"))
     with pytest.raises(ValueError, match="kernel must be"):
         patch_covariance_triton(x, *args, kernel="im2col")
+    reduce_args = list(args)
+    reduce_args[9] = True  # checked whatever the mode
+    with pytest.raises(ValueError, match="kernel must be"):
+        patch_covariance_triton(x, *reduce_args, kernel="im2col")
     with pytest.raises(ValueError, match="channels kernel takes"):
         patch_covariance_triton(x.double(), *args[:11], None, *args[12:], kernel="channels")
 
@@ -503,6 +507,9 @@ def test_triton_cuda_channels_kernel_on_tf32(tf32_switch):
     assert_matches(got, reference(x, *args), 1e-3)
     assert torch.equal(got, got.mT)
     assert torch.equal(got, patch_covariance_triton(xd, *argsd).cpu())  # the default there
+    tf32_switch(False)  # full fp32 products: the generic kernel's (the channels one refuses)
+    with pytest.raises(ValueError, match="need TF32 allowed"):
+        patch_covariance_triton(xd, *argsd, kernel="channels")
 
 
 def _native_cuda_reason() -> str:

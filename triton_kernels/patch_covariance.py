@@ -351,6 +351,8 @@ def patch_covariance_triton(x: torch.Tensor, kernel_size, stride, dilation, padd
     geometry = (kh, kw, sh, sw, dh, dw, pt, pl)
     guard = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
     with guard:
+        if kernel not in (None, "channels", "generic"):
+            raise ValueError(f"{_NAME}: kernel must be 'channels' or 'generic', got {kernel!r}")
         if reduce:
             return _reduce(x, geometry, oh, ow, num_segments, segment_start, segment_step,
                            dn, d, bias, factor, decay, alpha, acc_dtype)
@@ -364,14 +366,17 @@ def patch_covariance_triton(x: torch.Tensor, kernel_size, stride, dilation, padd
             wide = segment_channels >= channels_tiles(x.dtype, interpreted)[0]
             kernel = ("channels" if tensor_cores and fits and wide and block is None
                       and block_k is None else "generic")
-        if kernel not in ("channels", "generic"):
-            raise ValueError(f"{_NAME}: kernel must be 'channels' or 'generic', got {kernel!r}")
         if kernel == "channels":
             if (x.dtype == torch.float64 or block is not None or block_k is not None
                     or not int32_offsets(x, n * oh * ow, d)):
                 raise ValueError(f"{_NAME}: the channels kernel takes float32, float16 or "
                                  f"bfloat16 inputs, fewer than 2^31 rows, input and output "
                                  f"elements, and no tile override")
+            if ieee and not interpreted:
+                # its 128-wide tiles are compiled for the tensor cores only (launch_configs)
+                raise ValueError(f"{_NAME}: the channels kernel runs on the tensor cores: "
+                                 f"float32 inputs need TF32 allowed "
+                                 f"(torch.backends.cuda.matmul.allow_tf32)")
             return expand_channels(x, geometry, oh, ow, num_segments, segment_start,
                                    segment_step, segment_channels, dn, d, bias, factor, decay,
                                    alpha, ieee, widen, splits, _NAME)
