@@ -138,12 +138,14 @@ def cuda_kernels(arch: int = 90) -> list[dict]:
             if done.returncode != 0:
                 raise RuntimeError(f"nvcc failed on {cu.name}:\n{done.stderr[-2000:]}")
             report = _ptxas_report(done.stderr)
-            mix = _sass_mix(subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True,
-                                           text=True, check=True).stdout)
+            sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True,
+                                  text=True, check=True).stdout
+            mix = _sass_mix(sass)
+            loops = {name: main_loop(text) for name, text in _sass_functions(sass).items()}
             names = _demangle(list(report))
             for mangled, res in report.items():
                 row = {"file": f"csrc/cuda/{cu.name}", "kernel": names[mangled], **res,
-                       "sass": mix.get(mangled, {})}
+                       "sass": mix.get(mangled, {}), "sass_main_loop": loops.get(mangled, {})}
                 # static shared memory only: block_eigh's dynamic share is in its roofline rows
                 row["occupancy_blocks_per_sm"] = occupancy(res["registers"], 256,
                                                            res["shared_static_bytes"])
@@ -177,6 +179,20 @@ def _ptxas_report(text: str) -> dict[str, dict]:
     return out
 
 
+def _sass_functions(sass: str) -> dict[str, str]:
+    """The listing of each function of a ``cuobjdump -sass`` output."""
+    out: dict[str, list[str]] = {}
+    current = None
+    for line in sass.splitlines():
+        m = re.search(r"Function : (\S+)", line)
+        if m:
+            current = m.group(1)
+            out[current] = []
+        elif current:
+            out[current].append(line)
+    return {name: "\n".join(lines) for name, lines in out.items()}
+
+
 def _sass_mix(sass: str) -> dict[str, dict]:
     out: dict[str, dict] = {}
     current = None
@@ -202,7 +218,8 @@ def _sass_mix(sass: str) -> dict[str, dict]:
 
 def main_loop(sass: str) -> dict:
     """The product loop of a one-kernel SASS listing (the shortest loop, between a backward
-    branch and its target, that holds tensor-core instructions; else the shortest loop): its
+    branch and its target, that holds tensor-core instructions; else the shortest that loads
+    from global memory; else the shortest loop): its
     instructions per iteration (per warp), and among them the tensor-core (HGMMA / HMMA) and
     asynchronous-copy (LDGSTS) ones."""
     ins = [(int(m.group(1), 16), m.group(2)) for line in sass.splitlines()
@@ -214,9 +231,11 @@ def main_loop(sass: str) -> dict:
             loops.append([t for a, t in ins if int(m.group(1), 16) <= a <= addr])
     if not loops:
         return {}
-    # the innermost loop holding tensor-core work (the product loop), else the innermost
+    # the innermost loop holding tensor-core work (the product loop), else the innermost one
+    # that loads from global memory (not a set-up loop over shared tables), else the innermost
     with_mma = [b for b in loops if any(re.search(r"\bH[G]?MMA", t) for t in b)]
-    body = min(with_mma or loops, key=len)
+    loading = [b for b in loops if any(re.search(r"\bLDG", t) for t in b)]
+    body = min(with_mma or loading or loops, key=len)
     return {"instructions": len(body),
             "tensor_core": sum(bool(re.search(r"\bH[G]?MMA", t)) for t in body),
             "async_copies": sum("LDGSTS" in t for t in body)}
@@ -263,6 +282,10 @@ def _triton_targets():
                                                     "HAS_BIAS=0", "RAW=0"),
         "patch_covariance expand fp32 (tf32, channels)": ("_pc_expand_channels_kernel",
                                                           "x_ptr=fp32", "HAS_BIAS=0", "RAW=0"),
+        "patch_covariance reduce mean fp32": ("_pc_mean_kernel", "x_ptr=fp32"),
+        "patch_covariance reduce mean bf16": ("_pc_mean_kernel", "x_ptr=bf16"),
+        "symmetric_factor_update fp32 (reduce Gram)": ("_sfu_kernel", "x_ptr=fp32", "BLOCK=64,",
+                                                       "HAS_FACTOR=0", "SPLIT=0"),
         "block_eigh n<=64 fp32": ("_block_eigh_kernel", "NP=64", "a_ptr=fp32"),
         "singd_diagonal_step fp32": ("singd_diagonal_step", "FIRST=0", "DECAY=1", "p_ptr=fp32"),
         "singd_block_step 32x32 fp32": ("singd_block_step", "BLOCK_C=32,BLOCK_K=32",
@@ -341,15 +364,18 @@ def _limits(flops, pipe, l2_bytes, hbm_bytes, overlapped):
 
 def _pipelined_limits(pipe, l2_bytes, hbm_bytes, *, ctas, occupancy_, iterations,
                       flops_per_iteration, warps, loop_instructions):
-    """Limits of a kernel that overlaps its loads with its math, counted per wave of
-    ``SMs x occupancy`` programs (a last partial wave costs a whole one): the math of the
-    programs an SM holds; the issue of their product loops' instructions (every warp's
-    instructions through the SM's four schedulers: address arithmetic, masks and copies are
-    issued beside the asynchronous tensor-core instructions); L2 and DRAM bytes."""
+    """Limits of a kernel that overlaps its loads with its math, counted on the busiest SM,
+    which runs ``ceil(programs / SMs)`` programs (in waves of ``occupancy`` at a time; the
+    SM's math pipe and its schedulers are shared by the programs it holds, so occupancy hides
+    latency but adds no throughput): the math of those programs; the issue of their product
+    loops' instructions (every warp's instructions through the SM's four schedulers: address
+    arithmetic, masks and copies are issued beside the asynchronous tensor-core
+    instructions); L2 and DRAM bytes."""
     waves = math.ceil(ctas / (H100["sms"] * occupancy_))
+    per_sm = math.ceil(ctas / H100["sms"])
     per_sm_rate = _pipe_rate(pipe) / H100["sms"]
-    t_math = waves * iterations * occupancy_ * flops_per_iteration / per_sm_rate
-    t_issue = (waves * iterations * occupancy_ * warps * loop_instructions
+    t_math = per_sm * iterations * flops_per_iteration / per_sm_rate
+    t_issue = (per_sm * iterations * warps * loop_instructions
                / (H100["issue_slots_per_clock_per_sm"] * H100["sm_clock_hz"]))
     t_l2 = l2_bytes / _a("l2_bytes_per_s")
     t_hbm = hbm_bytes / H100["hbm_bytes_per_s"]
@@ -447,6 +473,117 @@ def patch_covariance_expand(mix: dict, triton_rows: list[dict]) -> list[dict]:
                 "eager": "unfold + cuBLAS X^T X (full product, same precision)",
                 "eager_s": eager_s(pipe), "ratio_vs_eager": eager_s(pipe) / lim["predicted_s"]})
     return out
+
+
+def patch_covariance_reduce(triton_rows: list[dict], cuda_rows: list[dict]) -> list[dict]:
+    """Reduce at ResNet-50 stage 3 (N = 64, C = 256, 14 x 14, k = 3): the Triton mean kernel
+    (each input element read once, the window sums a product with 0/1 indicators; fp32 dot with
+    16 offset columns, 9 used) writes ``abar`` (N, D) in fp32, then the symmetric factor update
+    kernel forms the upper 64 x 64 tiles of ``abar^T abar`` (K = N = 64) and writes both
+    triangles of the fp32 factor. Two launches. The eager op (``backend="eager"``): pad, unfold,
+    mean over the positions, the ones column, one full cuBLAS product, the scaling and the stack
+    of the segments, each a pass over its tensor in DRAM."""
+    n, c, h, w, k = 64, 256, 14, 14, 3
+    d = c * k * k + 1                                 # with the bias coordinate
+    launch = _a("kernel_launch_s")
+
+    def row(name):
+        return next((r for r in triton_rows if r["target"] == name), None)
+    gram = row("symmetric_factor_update fp32 (reduce Gram)")
+    out = []
+    for dtype, elem in (("fp32", 4), ("bf16", 2)):
+        mean = row(f"patch_covariance reduce mean {dtype}")
+        if mean is None or gram is None:
+            continue
+        block_c, block_x, block_t = (int(re.search(rf"{key}=(\d+)", mean["config"]).group(1))
+                                     for key in ("BLOCK_C", "BLOCK_X", "BLOCK_T"))
+        input_bytes = n * c * h * w * elem
+        abar_bytes = n * d * 4
+        programs = n * math.ceil(c / block_c) * math.ceil(k * k / block_t)
+        mean_lim = _pipelined_limits(
+            "ffma_fp32", input_bytes, input_bytes + abar_bytes, ctas=programs,
+            occupancy_=mean["occupancy_blocks_per_sm"],
+            iterations=h * math.ceil(w / block_x),       # a row chunk per step
+            flops_per_iteration=2 * block_c * block_x * block_t, warps=mean["num_warps"],
+            loop_instructions=mean["sass_main_loop"]["instructions"])
+        tiles = math.ceil(d / 64)
+        upper = tiles * (tiles + 1) // 2
+        gram_flops = 2 * n * 64 * 64 * upper
+        gram_l2 = upper * 2 * n * 64 * 4             # two (N x 64) fp32 panels per tile pair
+        gram_lim = _limits(gram_flops, "ffma_fp32", gram_l2, abar_bytes + d * d * 4,
+                           bool(gram["ptx"].get("cp_async")))
+        predicted = mean_lim["predicted_s"] + gram_lim["predicted_s"] + 2 * launch
+        cuda = cuda_reduce(cuda_rows, dtype, n, c, h, w, input_bytes + n * (d - 1) * 4,
+                           gram_flops, gram_l2, abar_bytes + d * d * 4)
+        # the eager op, pass by pass (bytes read + written)
+        unfolded = n * (d - 1) * h * w * elem
+        eager_bytes = (2 * input_bytes                  # F.pad
+                       + input_bytes + unfolded        # F.unfold
+                       + unfolded + n * (d - 1) * elem  # mean over the positions
+                       + 2 * n * d * elem              # the ones column (torch.cat)
+                       + 2 * n * d * elem + d * d * elem  # cuBLAS X^T X
+                       + 2 * d * d * elem              # alpha *
+                       + 2 * d * d * elem)             # torch.stack of the segments
+        rate = H100["fp32_ffma_flops"] if dtype == "fp32" else H100["bf16_tensor_flops"]
+        eager_flops = 2 * n * d * d
+        eager = (eager_bytes / H100["hbm_bytes_per_s"]
+                 + eager_flops / (rate * _a("cublas_fraction")) + 2 * _a("eager_op_s"))
+        out.append({
+            "target": f"patch_covariance reduce {dtype}, ResNet-50 stage 3 (N={n}, C={c}, "
+                      f"{h}x{w}, k={k}): D {d}",
+            "kernel": "triton _pc_mean_kernel (input read once) + _sfu_kernel (Gram)",
+            "mean_programs": programs, "mean_dram_bytes": input_bytes + abar_bytes,
+            "mean_t_dram_s": mean_lim["t_dram_s"], "mean_t_issue_s": mean_lim["t_issue_s"],
+            "mean_t_math_s": mean_lim["t_math_s"], "mean_waves": mean_lim["waves"],
+            "mean_predicted_s": mean_lim["predicted_s"],
+            "mean_limited_by": mean_lim["limited_by"],
+            "mean_before_l2_bytes": n * (d - 1) * h * w * elem,
+            "gram_flops": gram_flops, "gram_l2_bytes": gram_l2,
+            "gram_dram_bytes": abar_bytes + d * d * 4, "gram_t_math_s": gram_lim["t_math_s"],
+            "gram_t_dram_s": gram_lim["t_dram_s"], "gram_predicted_s": gram_lim["predicted_s"],
+            "gram_limited_by": gram_lim["limited_by"], "launches": 2,
+            "predicted_s": predicted,
+            "limited_by": f"mean {mean_lim['limited_by']} + Gram {gram_lim['limited_by']} "
+                          f"+ 2 launches",
+            "eager": "pad, unfold, mean, cat, cuBLAS X^T X, scale, stack (each a DRAM pass)",
+            "eager_dram_bytes": eager_bytes, "eager_s": eager,
+            "ratio_vs_eager": eager / predicted})
+        if cuda:
+            out.append({**out[-1], "kernel": "cuda pc_mean_plane_kernel (a warp per plane) + "
+                                             "pc_tile_kernel (Gram)", **cuda,
+                        "ratio_vs_eager": eager / cuda["predicted_s"]})
+            for key in [k for k in out[-1] if k.startswith("mean_") and k not in cuda]:
+                del out[-1][key]
+    return out
+
+
+def cuda_reduce(cuda_rows, dtype, n, c, h, w, mean_bytes, gram_flops, gram_l2, gram_bytes):
+    """The CUDA reduce pass at the same layer: a warp per (n, channel) plane reads each pixel once
+    (lanes over pixels: the pixel loop's SASS instructions a step, then a shuffle reduction of 16
+    sums, 5 shuffles and 5 adds each, and the stores), then the synchronous FFMA tile kernel on
+    the fp32 mean patches (math, then its L2 panels or the DRAM factor write: not overlapped)."""
+    in_type = {"fp32": "float", "bf16": "__nv_bfloat16"}[dtype]
+    mean = next((r for r in cuda_rows
+                 if r["kernel"] == f"pc_mean_plane_kernel<{in_type}, true>"), None)
+    gram = next((r for r in cuda_rows if r["kernel"].startswith("pc_tile_kernel<float")), None)
+    if mean is None or gram is None or not mean.get("sass_main_loop"):
+        return None
+    warps = n * c
+    per_warp = (math.ceil(h * w / 32) * mean["sass_main_loop"]["instructions"] + 16 * 10 + 16)
+    t_issue = warps * per_warp / (H100["sms"] * H100["issue_slots_per_clock_per_sm"]
+                                  * H100["sm_clock_hz"])
+    t_dram = mean_bytes / H100["hbm_bytes_per_s"]
+    mean_s = max(t_issue, t_dram)
+    gram_lim = _limits(gram_flops, "ffma_fp32", gram_l2, gram_bytes, False)
+    return {"mean_warps": warps, "mean_instructions_per_warp": per_warp,
+            "mean_dram_bytes": mean_bytes, "mean_t_issue_s": t_issue, "mean_t_dram_s": t_dram,
+            "mean_predicted_s": mean_s,
+            "mean_limited_by": "issue" if t_issue >= t_dram else "DRAM",
+            "gram_t_math_s": gram_lim["t_math_s"], "gram_t_dram_s": gram_lim["t_dram_s"],
+            "gram_predicted_s": gram_lim["predicted_s"], "gram_limited_by": gram_lim["limited_by"],
+            "predicted_s": mean_s + gram_lim["predicted_s"] + 2 * _a("kernel_launch_s"),
+            "limited_by": f"mean {'issue' if t_issue >= t_dram else 'DRAM'} + Gram "
+                          f"{gram_lim['limited_by']} + 2 launches"}
 
 
 def block_eigh_rows(cuda_rows: list[dict], banks: dict) -> list[dict]:
@@ -567,7 +704,9 @@ def main() -> int:
     from block_eigh_banks import bank_table
 
     banks = bank_table()
-    roofline = (patch_covariance_expand(mix, triton_rows) + block_eigh_rows(cuda, banks)
+    roofline = (patch_covariance_expand(mix, triton_rows)
+                + patch_covariance_reduce(triton_rows, cuda)
+                + block_eigh_rows(cuda, banks)
                 + singd_steps())
 
     data = json.loads(RESULT.read_text()) if RESULT.exists() else {"arch": "sm_90"}

@@ -246,6 +246,56 @@ def test_empty_batch_gives_decayed_factor():
     assert torch.allclose(got, 0.95 * args[11])
 
 
+# the reduce mode's mean kernel (patch_covariance_reduce): several channel blocks (BLOCK_C 32 in
+# fp32, 16 in fp64), several offset blocks (5x5 and 3x7 kernels: 25 and 21 > 16 offsets) and
+# rows longer than a BLOCK_X chunk (19 > 16 columns), with strides, dilations and
+# asymmetric padding that leave some offsets outside the plane at some output positions
+REDUCE_BLOCKS = {
+    "k5-s2x1-d1x2": ((5, 5), (2, 1), (1, 2), (2, 1, 0, 3)),
+    "k3x7-s1-d2x1": ((3, 7), (1, 1), (2, 1), (0, 0, 3, 3)),
+    "k5-s3-d1": ((5, 5), (3, 3), (1, 1), (1, 2, 2, 1)),
+}
+
+
+@interpreter_only
+@pytest.mark.parametrize("geometry", list(REDUCE_BLOCKS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16],
+                         ids=["fp32", "fp64", "bf16"])
+def test_reduce_mean_patches_over_several_blocks(geometry, dtype):
+    """The mean patches (window sums as a product with 0/1 indicators, each input read once per
+    offset block) equal the unfolded patches' means, and the reduce result the reference."""
+    from kfac_kernels._triton.patch_covariance_reduce import mean_patches
+
+    kernel, stride, dilation, pads = REDUCE_BLOCKS[geometry]
+    # two segments of 37 channels with a gap (start 2, step 40): three 16-channel blocks in fp64
+    x, args = make_case(21, n=2, c=80, h=7, w=19, kernel=kernel, stride=stride,
+                        dilation=dilation, pads=pads, segments=(2, 2, 40, 37), reduce=True,
+                        bias=True, factor="symmetric", dtype=dtype)
+    (kh, kw), _, _, (pt, pl), (oh, ow), s, start, step, channels = args[:9]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    d = channels * kh * kw + 1
+    abar = mean_patches(x, (kh, kw, *stride, *dilation, pt, pl), oh, ow, s, start, step,
+                        channels, d, acc, "test")
+    # the means from the reference's unfold, in fp64
+    # the means of the unfolded patches, in fp64
+    xp = F.pad(x.double(), (pl, pads[3], pt, pads[1]))
+    cols = F.unfold(xp, (kh, kw), dilation=dilation, stride=stride)
+    assert cols.shape[2] == oh * ow
+    cols = cols.reshape(x.shape[0], x.shape[1], kh * kw * oh * ow)
+    for seg in range(s):
+        c0 = start + seg * step
+        want = cols[:, c0:c0 + channels].reshape(x.shape[0], -1, oh * ow).mean(2)
+        want = torch.cat([want, torch.ones(x.shape[0], 1, dtype=torch.float64)], dim=1)
+        tol = 1e-12 if dtype == torch.float64 else 1e-6
+        assert_matches(abar[:, seg], want, tol)
+    # the whole op (the Gram of the mean patches) at a few channels, which keeps its D small
+    x, args = make_case(22, n=2, c=4, h=7, w=19, kernel=kernel, stride=stride,
+                        dilation=dilation, pads=pads, segments="groups2", reduce=True,
+                        bias=True, factor="symmetric", dtype=dtype)
+    assert_matches(patch_covariance_triton(x, *args), reference(x, *args),
+                   1e-10 if dtype == torch.float64 else 1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # the channels kernel (patch_covariance_channels: tiles of contiguous channels); under the
 # interpreter its tiles are 16 channels wide

@@ -154,13 +154,14 @@ def test_launch_grids_within_cuda_limits(monkeypatch):
     """Every launcher at sizes past 65535 column blocks / row ranges: the grids it asks for fit
     CUDA's limits (the interpreter has none)."""
     from kfac_kernels._triton import (_tiles, patch_covariance, patch_covariance_channels,
-                                      singd_diagonal_step, symmetric_factor_update)
+                                      patch_covariance_reduce, singd_diagonal_step,
+                                      symmetric_factor_update)
 
     recorders = {}
     for module, name in ((singd_diagonal_step, "_step_kernel"),
                          (symmetric_factor_update, "_sfu_kernel"),
                          (patch_covariance, "_pc_expand_kernel"),
-                         (patch_covariance, "_pc_mean_kernel"),
+                         (patch_covariance_reduce, "_pc_mean_kernel"),
                          (patch_covariance_channels, "_pc_expand_channels_kernel"),
                          (_tiles, "split_reduce_kernel")):
         recorders[name] = _GridRecorder()

@@ -40,10 +40,10 @@ whose partial tiles go to a workspace and are summed in a fixed order by a secon
 
 Reduce
 ------
-A first kernel writes the mean patches ``abar`` into an ``(N, S, D)`` buffer (the bias coordinate
-set to 1): one program per ``(n, s)`` and block of columns sums the patches over the output grid
-in ``BLOCK_P`` chunks. ``decay * factor + alpha * X^T X`` is then
-:func:`kfac_kernels._triton.symmetric_factor_update` on the buffer viewed as ``(S, N, D)``.
+:mod:`.patch_covariance_reduce`: a first kernel writes the mean patches ``abar`` into an
+``(N, S, D)`` buffer (the bias coordinate set to 1), reading each input element once (a window
+sum is a product of the plane with 0/1 row and column indicators); ``decay * factor + alpha *
+X^T X`` is then the symmetric factor update kernel on the buffer viewed as ``(S, N, D)``.
 
 ``decay`` and ``alpha`` are fp64 kernel arguments on a GPU; the interpreter narrows float
 arguments to fp32, so there they are read from a small fp64 tensor instead. Under
@@ -64,6 +64,8 @@ from .patch_covariance_channels import expand_channels
 from .patch_covariance_channels import launch_configs as channels_configs
 from .patch_covariance_channels import int32_offsets
 from .patch_covariance_channels import tiles as channels_tiles
+from .patch_covariance_reduce import launch_configs as reduce_configs
+from .patch_covariance_reduce import reduce_patch_covariance
 
 __all__ = ["patch_covariance_triton", "launch_configs"]
 
@@ -166,48 +168,6 @@ def _pc_expand_kernel(x_ptr, f_ptr, out_ptr, ws_ptr, scal_ptr, decay: tl.float64
 
 # Steps of the expand kernel summed before they join the running total (two-level summation).
 _CHUNK = 8
-# Tiles of the mean kernel: columns per program, output positions per step (the interpreter runs
-# a step as one NumPy operation, so there a larger one is cheaper).
-MEAN_BLOCK_D = 64
-MEAN_BLOCK_P = 32
-MEAN_BLOCK_P_INTERPRETED = 128
-
-
-@triton.jit
-def _pc_mean_kernel(x_ptr, abar_ptr, S, COL_BLOCKS, R, OUT_W, H, W, D, DN, C_START, C_STEP,
-                    sxn, sxc, sxh, sxw, KH, KW, STR_H, STR_W, DIL_H, DIL_W, PAD_T, PAD_L,
-                    ACC_FP64: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_P: tl.constexpr):
-    """abar[(n * S + s) * D + d] = mean over the output grid of patch column d (1 for the bias);
-    program ((n * S + s) * COL_BLOCKS + column block), one grid axis (no 65535 limit)."""
-    pid = tl.program_id(0)
-    row = pid // COL_BLOCKS
-    n = row // S
-    s = row - n * S
-    offs_d = (pid - row * COL_BLOCKS) * BLOCK_D + tl.arange(0, BLOCK_D)
-    off_d, dy, dx, data = _columns(offs_d, DN, KH, KW, DIL_H, DIL_W, PAD_T, PAD_L, sxc, sxh, sxw)
-    base = x_ptr + n.to(tl.int64) * sxn + (C_START + s.to(tl.int64) * C_STEP) * sxc
-    if ACC_FP64:
-        acc = tl.zeros((BLOCK_D,), dtype=tl.float64)
-    else:
-        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for p0 in range(0, R, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        ok = p < R
-        oh = p // OUT_W
-        ow = p - oh * OUT_W
-        y = (oh * STR_H)[:, None] + dy[None, :]
-        xx = (ow * STR_W)[:, None] + dx[None, :]
-        mask = ok[:, None] & data[None, :] & (y >= 0) & (y < H) & (xx >= 0) & (xx < W)
-        row_off = (oh * STR_H).to(tl.int64) * sxh + (ow * STR_W).to(tl.int64) * sxw
-        v = tl.load(base + row_off[:, None] + off_d[None, :], mask=mask, other=0.0)
-        acc += tl.sum(v.to(acc.dtype), axis=0)
-    mean = acc / R
-    mean = tl.where(offs_d == DN, 1.0, mean)  # the bias column (stored only when D = DN + 1)
-    tl.store(abar_ptr + row.to(tl.int64) * D + offs_d, mean.to(abar_ptr.dtype.element_ty),
-             mask=offs_d < D)
-
-
 _TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16",
           torch.bfloat16: "bf16"}
 
@@ -244,7 +204,8 @@ def launch_configs():
     """Every configuration a launch on a GPU can pick: per input dtype, each tile (defaults and
     overrides) of the expand kernel at its row step, with a factor or not, or a row range
     writing its partial tile; the channels kernel's (:mod:`.patch_covariance_channels`); the
-    mean kernel of the reduce mode (whose Gram is ``symmetric_factor_update``'s kernel)."""
+    mean kernel of the reduce mode (:mod:`.patch_covariance_reduce`, whose Gram is
+    ``symmetric_factor_update``'s kernel)."""
     from ._aot import KernelConfig
 
     out = []
@@ -263,10 +224,8 @@ def launch_configs():
                         IEEE_DOT=ieee, WIDEN=widen, BLOCK=block, BLOCK_K=step, CHUNK=_CHUNK,
                         SCALARS_IN_MEMORY=False), pointers=ptrs,
                         num_warps=_tiles.gram_num_warps(block)))
-        out.append(KernelConfig(_pc_mean_kernel, dict(
-            ACC_FP64=acc == torch.float64, BLOCK_D=MEAN_BLOCK_D, BLOCK_P=MEAN_BLOCK_P),
-            pointers={"x_ptr": t, "abar_ptr": _TYPES[acc]}))
-    return out + channels_configs() + _tiles.split_reduce_configs()
+    return (out + reduce_configs(_TYPES) + channels_configs()
+            + _tiles.split_reduce_configs())
 
 
 def _pair(name: str, value) -> tuple[int, int]:
@@ -354,8 +313,9 @@ def patch_covariance_triton(x: torch.Tensor, kernel_size, stride, dilation, padd
         if kernel not in (None, "channels", "generic"):
             raise ValueError(f"{_NAME}: kernel must be 'channels' or 'generic', got {kernel!r}")
         if reduce:
-            return _reduce(x, geometry, oh, ow, num_segments, segment_start, segment_step,
-                           dn, d, bias, factor, decay, alpha, acc_dtype)
+            return reduce_patch_covariance(x, geometry, oh, ow, num_segments, segment_start,
+                                           segment_step, segment_channels, d, factor, decay,
+                                           alpha, acc_dtype, _NAME)
         interpreted = _tiles.interpreted()
         ieee, widen = _dot_mode(x.dtype, interpreted, x.is_cuda and tf32_allowed())
         if kernel is None:
@@ -423,27 +383,3 @@ def _expand(x, geometry, oh, ow, num_segments, segment_start, segment_step, dn, 
                                    programs, fp64, block, in_memory)
     return out
 
-
-def _reduce(x, geometry, oh, ow, num_segments, segment_start, segment_step, dn, d, bias, factor,
-            decay, alpha, acc_dtype):
-    from .symmetric_factor_update import symmetric_factor_update_triton
-
-    kh, kw, sh, sw, dh, dw, pt, pl = geometry
-    n, _, h, w = x.shape
-    abar = torch.empty((n, num_segments, d), dtype=acc_dtype, device=x.device)
-    if n > 0:
-        block_p = MEAN_BLOCK_P_INTERPRETED if _tiles.interpreted() else MEAN_BLOCK_P
-        col_blocks = triton.cdiv(d, MEAN_BLOCK_D)
-        programs = n * num_segments * col_blocks
-        if programs > _tiles.MAX_GRID_X:
-            raise ValueError(f"{_NAME}: too many (example, segment, column block) programs for "
-                             f"one launch ({programs} > {_tiles.MAX_GRID_X})")
-        _pc_mean_kernel[(programs,)](
-            x, abar, num_segments, col_blocks, oh * ow, ow, h, w, d, dn, segment_start,
-            segment_step, *x.stride(), kh, kw, sh, sw, dh, dw, pt, pl,
-            ACC_FP64=acc_dtype == torch.float64, BLOCK_D=MEAN_BLOCK_D,
-            BLOCK_P=block_p,
-        )
-    # decay * factor + alpha * X[s]^T X[s] with X[s] = abar[:, s, :]  (N, D)
-    out = symmetric_factor_update_triton(factor, abar.transpose(0, 1), decay, alpha)
-    return out

@@ -27,9 +27,12 @@
 // whenever the factor is. Every summation order is fixed by the problem's shape: deterministic.
 //
 // reduce: kernel 1 computes the mean patches abar (N, S, Dn) (Dn = D without the bias coordinate)
-// into the workspace: one warp per (n, segment, channel) sums, for each kernel offset (i, j), the
-// input over the output grid (lanes over positions), or one thread per (n, segment, channel) when
-// channels are the fastest-varying dimension of x (channels_last). The factor is then the expand
+// into the workspace. While a plane has at most 512 rows and columns and the kernel at most 31 of
+// each, the plane kernels read each pixel once per 16 kernel offsets, adding it to the offsets that
+// see its row and its column (tabulated per block): one warp per (n, segment, channel), lanes over
+// pixels, or one thread per (n, segment, channel) when channels are the fastest-varying dimension
+// of x (channels_last). Otherwise a warp per (n, segment, channel) sums, for each offset (i, j),
+// the input over the output grid (each pixel read once per offset). The factor is then the expand
 // kernel applied to abar seen as an (N, S * Dn, 1, 1) input with 1 x 1 patches and S segments of
 // Dn channels: sum_n [abar_n, 1] [abar_n, 1]^T.
 #include <cuda_bf16.h>
@@ -618,36 +621,190 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// One thread per item (as above): consecutive threads take consecutive channels.
-template <typename In>
-__global__ void __launch_bounds__(kThreads)
-    pc_mean_thread_kernel(Problem P, int64_t n_items, Acc<In>* __restrict__ abar) {
+// Mean patches read from x once (the plane kernels, used while a plane's rows and columns fit the
+// shared tables and the kernel is at most 31 wide). Kernel offset t = (i, j) sees pixel (y, x)
+// exactly when y + pt - i * dil_h = oh * str_h with 0 <= oh < out_h and x + pl - j * dil_w =
+// ow * str_w with 0 <= ow < out_w, so its window sum is the sum of the plane's pixels whose row i
+// sees and whose column j sees. A block first tabulates these tests per row y and per column x
+// (the same tables serve every plane of the launch):
+//   * up to kTaps offsets (1x1 .. 4x4 kernels): as masks over the offsets, bit t of row[y] set
+//     when y passes t's row test and bit t of col[x] when x passes its column test; a pixel's
+//     offsets are then row[y] & col[x], and the plane is walked once;
+//   * more offsets: as the bits of the kernel rows i (row[y]) and columns j (col[x]) that see
+//     the coordinate; the plane is walked once per kTaps offsets, each offset testing its own
+//     two bits (bit 31 is never set, kh, kw <= 31: offsets past kh * kw point at it).
+constexpr int kSeenTable = 512;  // rows / columns a plane may have for the shared tables
+constexpr int kTaps = 16;        // kernel offsets summed per pass over a plane
+constexpr int kNoTap = 31;
+
+__host__ __device__ __forceinline__ bool plane_kernels_fit(const Problem& P) {
+  return P.H <= kSeenTable && P.W <= kSeenTable && P.kh < 32 && P.kw < 32;
+}
+
+// Bits a < k of the kernel rows (or columns) that see input coordinate v along one axis.
+__device__ __forceinline__ uint32_t seen_bits(int32_t v, int32_t pad, int32_t dil, int32_t str,
+                                              int32_t out, int32_t k) {
+  uint32_t bits = 0;
+  for (int32_t a = 0; a < k; ++a) {
+    const int32_t u = v + pad - a * dil;
+    if (u >= 0 && u % str == 0 && u / str < out) bits |= 1u << a;
+  }
+  return bits;
+}
+
+// The mask over offsets t < kh * kw whose kernel row (by_row) or column is in bits.
+__device__ __forceinline__ uint32_t offset_mask(uint32_t bits, const Problem& P, bool by_row) {
+  uint32_t mask = 0;
+  for (int32_t t = 0; t < P.kh * P.kw; ++t) {
+    const int32_t a = by_row ? t / P.kw : t % P.kw;
+    mask |= ((bits >> a) & 1u) << t;
+  }
+  return mask;
+}
+
+// Every thread of the block takes part (call before any early return).
+__device__ __forceinline__ void fill_seen_tables(const Problem& P, uint32_t* row,
+                                                 uint32_t* col) {
+  const bool masks = P.kh * P.kw <= kTaps;
+  for (int32_t y = threadIdx.x; y < P.H; y += blockDim.x) {
+    const uint32_t bits = seen_bits(y, P.pt, P.dil_h, P.str_h, P.out_h, P.kh);
+    row[y] = masks ? offset_mask(bits, P, true) : bits;
+  }
+  for (int32_t x = threadIdx.x; x < P.W; x += blockDim.x) {
+    const uint32_t bits = seen_bits(x, P.pl, P.dil_w, P.str_w, P.out_w, P.kw);
+    col[x] = masks ? offset_mask(bits, P, false) : bits;
+  }
+  __syncthreads();
+}
+
+// The kernel row and column of offsets t0 .. t0 + kTaps - 1 (kNoTap past the last one).
+__device__ __forceinline__ void tap_coordinates(const Problem& P, int32_t t0, int32_t* ti,
+                                                int32_t* tj) {
+  const int32_t kk = P.kh * P.kw;
+#pragma unroll
+  for (int u = 0; u < kTaps; ++u) {
+    const int32_t t = t0 + u;
+    ti[u] = t < kk ? t / P.kw : kNoTap;
+    tj[u] = t < kk ? t - (t / P.kw) * P.kw : kNoTap;
+  }
+}
+
+// The pass's offsets t0 + u (u < kTaps) that see a pixel, from its row and column table entries
+// (kMasks: the tables hold offset masks, one pass).
+template <bool kMasks>
+__device__ __forceinline__ uint32_t pass_mask(uint32_t row, uint32_t col, const int32_t* ti,
+                                              const int32_t* tj) {
+  if constexpr (kMasks) {
+    return row & col;
+  } else {
+    uint32_t m = 0;
+#pragma unroll
+    for (int u = 0; u < kTaps; ++u) m |= ((row >> ti[u]) & (col >> tj[u]) & 1u) << u;
+    return m;
+  }
+}
+
+template <typename A>
+__device__ __forceinline__ void add_masked(A* sum, A v, uint32_t mask) {
+#pragma unroll
+  for (int u = 0; u < kTaps; ++u)
+    if ((mask >> u) & 1u) sum[u] = add_rn(sum[u], v);
+}
+
+// One pass of a warp over the plane at xc: dst[t0 + u] = mean of offset t0 + u. Lanes over the
+// pixels p = y * W + x (advanced by carries); pixels no offset of the pass sees (strides,
+// dilations) are not read.
+template <bool kMasks, typename In>
+__device__ __forceinline__ void warp_plane_pass(const Problem& P, const In* xc,
+                                                const uint32_t* row_tab, const uint32_t* col_tab,
+                                                int32_t t0, Acc<In>* dst, Acc<In> inv_count) {
   using A = Acc<In>;
-  const int64_t item = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const int lane = threadIdx.x % 32;
+  int32_t ti[kTaps], tj[kTaps];
+  tap_coordinates(P, t0, ti, tj);
+  A sum[kTaps];
+#pragma unroll
+  for (int u = 0; u < kTaps; ++u) sum[u] = A(0);
+  const int32_t plane = P.H * P.W, dx = 32 % P.W, dy = 32 / P.W;
+  int32_t y = lane / P.W, x = lane % P.W;
+  for (int32_t p = lane; p < plane; p += 32) {
+    const uint32_t mask = pass_mask<kMasks>(row_tab[y], col_tab[x], ti, tj);
+    if (mask != 0) {
+      const int64_t off = static_cast<int64_t>(y) * P.sh + static_cast<int64_t>(x) * P.sw;
+      add_masked(sum, load_as<A>(xc + off), mask);
+    }
+    x += dx;
+    if (x >= P.W) x -= P.W, ++y;
+    y += dy;
+  }
+  const int32_t kk = P.kh * P.kw;
+#pragma unroll
+  for (int u = 0; u < kTaps; ++u) {
+    A total = sum[u];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) total = add_rn(total, __shfl_xor_sync(0xffffffffu, total, o));
+    if (lane == u && t0 + u < kk) dst[t0 + u] = mul_rn(total, inv_count);
+  }
+}
+
+// One pass of a thread over the plane at xc (as above, row by row).
+template <bool kMasks, typename In>
+__device__ __forceinline__ void thread_plane_pass(const Problem& P, const In* xc,
+                                                  const uint32_t* row_tab,
+                                                  const uint32_t* col_tab, int32_t t0,
+                                                  Acc<In>* dst, Acc<In> inv_count) {
+  using A = Acc<In>;
+  int32_t ti[kTaps], tj[kTaps];
+  tap_coordinates(P, t0, ti, tj);
+  A sum[kTaps];
+#pragma unroll
+  for (int u = 0; u < kTaps; ++u) sum[u] = A(0);
+  for (int32_t y = 0; y < P.H; ++y) {
+    const uint32_t row = row_tab[y];
+    if (row == 0) continue;  // a row no offset sees
+    const In* xr = xc + static_cast<int64_t>(y) * P.sh;
+    for (int32_t x = 0; x < P.W; ++x) {
+      const uint32_t mask = pass_mask<kMasks>(row, col_tab[x], ti, tj);
+      if (mask != 0) add_masked(sum, load_as<A>(xr + static_cast<int64_t>(x) * P.sw), mask);
+    }
+  }
+  const int32_t kk = P.kh * P.kw;
+#pragma unroll
+  for (int u = 0; u < kTaps; ++u)
+    if (t0 + u < kk) dst[t0 + u] = mul_rn(sum[u], inv_count);
+}
+
+// One warp per item (n, s, c) (kWarp) or one thread per item (channels_last: consecutive threads
+// take consecutive channels).
+template <typename In, bool kWarp>
+__global__ void __launch_bounds__(kThreads)
+    pc_mean_plane_kernel(Problem P, int64_t n_items, Acc<In>* __restrict__ abar) {
+  using A = Acc<In>;
+  __shared__ uint32_t row_tab[kSeenTable];
+  __shared__ uint32_t col_tab[kSeenTable];
+  fill_seen_tables(P, row_tab, col_tab);
+  const int64_t item = kWarp ? static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32
+                             : static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (item >= n_items) return;
   const int64_t c = item % P.cs;
   const int64_t ns = item / P.cs;
-  const int64_t s = ns % P.S;
-  const int64_t n = ns / P.S;
-  const In* xc = segment_base<In>(P, s) + n * P.sn + c * P.sc;
+  const In* xc = segment_base<In>(P, ns % P.S) + (ns / P.S) * P.sn + c * P.sc;
   A* dst = abar + ns * P.Dn + c * P.kh * P.kw;
   const A inv_count = P.R > 0 ? A(1) / static_cast<A>(P.R) : A(0);
-  for (int32_t i = 0; i < P.kh; ++i)
-    for (int32_t j = 0; j < P.kw; ++j) {
-      const int32_t dy = i * P.dil_h - P.pt, dx = j * P.dil_w - P.pl;
-      A sum = A(0);
-      for (int32_t oh = 0; oh < P.out_h; ++oh) {
-        const int32_t y = oh * P.str_h + dy;
-        if (static_cast<uint32_t>(y) >= static_cast<uint32_t>(P.H)) continue;
-        const In* xr = xc + static_cast<int64_t>(y) * P.sh;
-        for (int32_t ow = 0; ow < P.out_w; ++ow) {
-          const int32_t xx = ow * P.str_w + dx;
-          if (static_cast<uint32_t>(xx) < static_cast<uint32_t>(P.W))
-            sum = add_rn(sum, load_as<A>(xr + static_cast<int64_t>(xx) * P.sw));
-        }
-      }
-      dst[i * P.kw + j] = mul_rn(sum, inv_count);
+  const int32_t kk = P.kh * P.kw;
+  for (int32_t t0 = 0; t0 < kk; t0 += kTaps) {
+    if (kWarp) {
+      if (kk <= kTaps)
+        warp_plane_pass<true>(P, xc, row_tab, col_tab, t0, dst, inv_count);
+      else
+        warp_plane_pass<false>(P, xc, row_tab, col_tab, t0, dst, inv_count);
+    } else {
+      if (kk <= kTaps)
+        thread_plane_pass<true>(P, xc, row_tab, col_tab, t0, dst, inv_count);
+      else
+        thread_plane_pass<false>(P, xc, row_tab, col_tab, t0, dst, inv_count);
     }
+  }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -847,20 +1004,25 @@ template <typename In>
 cudaError_t launch_mean(const Problem& P, int64_t n, Acc<In>* abar, cudaStream_t stream) {
   const int64_t items = n * P.S * P.cs;
   if (items == 0) return cudaSuccess;
-  // Channels fastest in memory (channels_last) and enough items: one thread per item reads
-  // neighbouring channels side by side; otherwise a warp per item reads along the output grid.
-  const bool thread_per_item = iabs(P.sc) < iabs(P.sw) && P.W > 1 && items >= kMinThreadItems;
-  if (thread_per_item) {
+  // Planes and kernels that fit the shared tables: each pixel read once per 16 offsets, by a
+  // thread per item where channels are fastest in memory (channels_last: neighbouring threads
+  // read neighbouring channels) and there are enough items, else by a warp per item. Otherwise
+  // each pixel is read once per offset (pc_mean_warp_kernel).
+  if (plane_kernels_fit(P) && iabs(P.sc) < iabs(P.sw) && P.W > 1 && items >= kMinThreadItems) {
     const int64_t blocks = ceil_div(items, kThreads);
     if (blocks > kMaxGridX) return cudaErrorInvalidConfiguration;
-    pc_mean_thread_kernel<In><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(P, items,
-                                                                                      abar);
-  } else {
-    const int64_t blocks = ceil_div(items, kWarps);
-    if (blocks > kMaxGridX) return cudaErrorInvalidConfiguration;
+    pc_mean_plane_kernel<In, false>
+        <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(P, items, abar);
+    return cudaGetLastError();
+  }
+  const int64_t blocks = ceil_div(items, kWarps);
+  if (blocks > kMaxGridX) return cudaErrorInvalidConfiguration;
+  if (plane_kernels_fit(P))
+    pc_mean_plane_kernel<In, true>
+        <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(P, items, abar);
+  else
     pc_mean_warp_kernel<In><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(P, items,
                                                                                     abar);
-  }
   return cudaGetLastError();
 }
 

@@ -6,9 +6,9 @@
 // The grid covers every code path of csrc/cuda/patch_covariance.cu: the small kernel (D <= 16:
 // depthwise, 1x1 of few channels) and the tile kernel (one and several 64-wide tiles), each with
 // and without the split over rows, the tensor-core path (fp16 / bf16 with D > 16 on sm_80+), more
-// than 65535 segments (grid-y striding), expand and reduce (both mean-patch kernels: NCHW and
-// channels_last), bias, factors (none, symmetric, asymmetric, strided), four layouts of x and all
-// four input types. Outputs must agree with the CPU kernel, be exactly symmetric whenever the
+// than 65535 segments (grid-y striding), expand and reduce (the mean patches by the plane kernels,
+// NCHW and channels_last, and per offset past their tables), bias, factors (none, symmetric,
+// asymmetric, strided), four layouts of x and all four input types. Outputs must agree with the CPU kernel, be exactly symmetric whenever the
 // factor is, and be bitwise identical across two runs (determinism). One huge, NaN or inf pixel
 // must leave the entries that do not involve it as they are without it (run_extreme_pixel).
 #include <algorithm>
@@ -369,6 +369,7 @@ int main(int argc, char** argv) {
       {1, 12, 5, 5, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 12},  // 1x1, D = 12 / 13
       {2, 7, 6, 6, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 3, 0, 2, 3},    // overlapping block segments
       {1, 70, 1, 40, 1, 3, 1, 1, 1, 1, 0, 0, 1, 1, 1, 5, 0, 60},  // conv1d, one block, D = 180
+      {1, 2, 2, 40, 1, 33, 1, 1, 1, 1, 0, 0, 16, 16, 0, 0, 0, 2},  // 33 wide: per-offset means
   };
   const Shape large[] = {
       {4, 1, 40, 40, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 1},     // small kernel + split
@@ -378,6 +379,7 @@ int main(int argc, char** argv) {
       {1, 131080, 1, 1, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 2},  // 65540 segments, D = 18
       {4, 4096, 5, 5, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 1},   // channels_last reduce: a thread
                                                                    // per mean-patch item
+      {2, 3, 2, 600, 1, 3, 1, 2, 1, 1, 0, 0, 1, 1, 0, 0, 0, 3},    // 600 columns: past the tables
   };
   uint64_t seed = 1;
   for (const Shape& s : small) run_shape(s, seed, true);
