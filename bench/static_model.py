@@ -278,10 +278,14 @@ def _triton_targets():
                                                 "HAS_FACTOR=0", "SPLIT=0", "IEEE_DOT=1"),
         "patch_covariance expand fp32 (tf32)": ("_pc_expand_kernel", "x_ptr=fp32", "BLOCK=64,",
                                                 "HAS_FACTOR=0", "SPLIT=0", "IEEE_DOT=0"),
-        "patch_covariance expand bf16 (channels)": ("_pc_expand_channels_kernel", "x_ptr=bf16",
-                                                    "HAS_BIAS=0", "RAW=0"),
+        "patch_covariance expand bf16 (channels)": ("_pc_expand_channels_kernel", "BLOCK=128,",
+                                                    "x_ptr=bf16", "HAS_BIAS=0", "RAW=0"),
         "patch_covariance expand fp32 (tf32, channels)": ("_pc_expand_channels_kernel",
-                                                          "x_ptr=fp32", "HAS_BIAS=0", "RAW=0"),
+                                                          "BLOCK=128,", "x_ptr=fp32",
+                                                          "HAS_BIAS=0", "RAW=0"),
+        "patch_covariance expand bf16 (channels, 64 wide)": ("_pc_expand_channels_kernel",
+                                                             "BLOCK=64,", "x_ptr=bf16",
+                                                             "HAS_BIAS=0", "RAW=0"),
         "patch_covariance reduce mean fp32": ("_pc_mean_kernel", "x_ptr=fp32"),
         "patch_covariance reduce mean bf16": ("_pc_mean_kernel", "x_ptr=bf16"),
         "symmetric_factor_update fp32 (reduce Gram)": ("_sfu_kernel", "x_ptr=fp32", "BLOCK=64,",
@@ -473,6 +477,56 @@ def patch_covariance_expand(mix: dict, triton_rows: list[dict]) -> list[dict]:
                 "eager": "unfold + cuBLAS X^T X (full product, same precision)",
                 "eager_s": eager_s(pipe), "ratio_vs_eager": eager_s(pipe) / lim["predicted_s"]})
     return out
+
+
+def patch_covariance_blocks(triton_rows: list[dict]) -> list[dict]:
+    """Four diagonal blocks of 64 channels at ResNet-50 stage 3 (N = 64, C = 256, 14 x 14, k = 3;
+    ``num_blocks=4``: four segments of 64 channels, D = 576 each), bf16: the Triton channels
+    kernel at its 64-wide tiles (a kernel offset and the segment's 64 channels per tile, 9 tiles
+    and 45 tile pairs per segment, after one channels-last copy of the NCHW input), pipelined as
+    in ``patch_covariance_expand``. The eager op: one unfold, then per block the copy of its
+    rows, one cuBLAS product, the scaling; the stack of the four."""
+    row = next((r for r in triton_rows
+                if r["target"] == "patch_covariance expand bf16 (channels, 64 wide)"), None)
+    if row is None or not row.get("sass_main_loop"):
+        return []
+    n, c, h, w, k, blocks, elem = 64, 256, 14, 14, 3, 4, 2
+    m, cs = n * h * w, c // blocks
+    d = cs * k * k
+    block = int(re.search(r"BLOCK=(\d+),", row["config"]).group(1))
+    step = int(re.search(r"BLOCK_K=(\d+)", row["config"]).group(1))
+    tiles = k * k * math.ceil(cs / block)
+    pairs = blocks * tiles * (tiles + 1) // 2
+    input_bytes = n * c * h * w * elem
+    l2 = pairs * 2 * m * block * elem
+    hbm = 3 * input_bytes + blocks * d * d * 4       # input, its channels-last copy, factors
+    lim = _pipelined_limits("wgmma_bf16" if row["ptx"].get("wgmma") else "mma_sync_bf16", l2,
+                            hbm, ctas=pairs, occupancy_=row["occupancy_blocks_per_sm"],
+                            iterations=math.ceil(m / step),
+                            flops_per_iteration=2 * step * block * block,
+                            warps=row["num_warps"],
+                            loop_instructions=row["sass_main_loop"]["instructions"])
+    flops = pairs * 2 * m * block * block
+    unfolded = m * c * k * k * elem
+    eager_bytes = (input_bytes + unfolded            # unfold (the padding in the same pass)
+                   + 2 * unfolded                    # each block's rows copied contiguous
+                   + blocks * (d * d * elem + 2 * d * d * elem)  # product out, scaled
+                   + 2 * blocks * d * d * elem)      # stack
+    eager_flops = blocks * 2 * m * d * d
+    eager = (eager_bytes / H100["hbm_bytes_per_s"]
+             + eager_flops / (H100["bf16_tensor_flops"] * _a("cublas_fraction"))
+             + 2 * _a("eager_op_s"))                 # as the expand rows count it
+    return [{
+        "target": f"patch_covariance expand bf16, {blocks} diagonal blocks, ResNet-50 stage 3 "
+                  f"(N={n}, C={c}, {h}x{w}, k={k}): rows {m}, D {d} per block",
+        "kernel": f"triton _pc_expand_channels_kernel ({block}-wide tiles)", "pipe":
+        "wgmma_bf16" if row["ptx"].get("wgmma") else "mma_sync_bf16", "tile": block,
+        "flops": flops, "l2_bytes": l2, "dram_bytes": hbm, "overlapped_loads": True,
+        "programs": pairs, **lim,
+        "fraction_of_tensor_peak": flops / lim["predicted_s"] / H100["bf16_tensor_flops"],
+        "eager": "unfold, per block a row copy, cuBLAS X^T X and the scaling, stack",
+        "eager_dram_bytes": eager_bytes, "eager_s": eager,
+        "ratio_vs_eager": eager / lim["predicted_s"]}]
 
 
 def patch_covariance_reduce(triton_rows: list[dict], cuda_rows: list[dict]) -> list[dict]:
@@ -705,7 +759,7 @@ def main() -> int:
 
     banks = bank_table()
     roofline = (patch_covariance_expand(mix, triton_rows)
-                + patch_covariance_reduce(triton_rows, cuda)
+                + patch_covariance_blocks(triton_rows) + patch_covariance_reduce(triton_rows, cuda)
                 + block_eigh_rows(cuda, banks)
                 + singd_steps())
 

@@ -296,6 +296,25 @@ def test_reduce_mean_patches_over_several_blocks(geometry, dtype):
                    1e-10 if dtype == torch.float64 else 1e-5)
 
 
+@interpreter_only
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")],
+                         ids=["inf", "-inf", "nan"])
+def test_reduce_non_finite_pixel_reaches_only_the_offsets_that_see_it(value):
+    """With stride 2, pixel (2, 5) is seen by offsets (1, 0) and (1, 2) only: the mean patches'
+    other entries stay finite (a product with 0/1 indicators would make them 0 * inf = NaN), so
+    the factor is non-finite exactly where the unfold reference is."""
+    x, args = make_case(23, n=2, c=3, h=7, w=19, kernel=(3, 3), stride=(2, 2),
+                        pads=(1, 1, 1, 1), segments=(1, 0, 3, 3), reduce=True, bias=True)
+    x[0, 1, 2, 5] = value
+    got = patch_covariance_triton(x, *args).double()
+    want = reference(x, *args)
+    finite = torch.isfinite(want)
+    assert finite.any() and not finite.all()
+    assert torch.equal(torch.isfinite(got), finite)
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert_matches(got[finite], want[finite], 1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # the channels kernel (patch_covariance_channels: tiles of contiguous channels); under the
 # interpreter its tiles are 16 channels wide
@@ -377,6 +396,26 @@ def test_channels_kernel_reads_aligned_channels_last_inputs_in_place():
     for s in range(2):  # the segments' channels, then zeros
         assert torch.equal(copy[:, 16 * s:16 * s + 13], x[:, 3 + 13 * s:16 + 13 * s])
         assert not copy[:, 16 * s + 13:16 * (s + 1)].any()
+
+
+def test_channels_kernel_tile_width_follows_the_segment():
+    """On a GPU, segments of 128 channels or more take 128-wide tiles (8 warps), 64 to 127
+    channels 64-wide ones (4 warps), fewer the generic kernel; every width a launch picks is
+    among the configurations compiled ahead of time."""
+    from kfac_kernels._triton import patch_covariance_channels as pcc
+
+    for dtype, step in ((torch.bfloat16, 64), (torch.float16, 64), (torch.float32, 32)):
+        assert pcc.tiles(dtype, False, 64) == (64, step)
+        assert pcc.tiles(dtype, False, 127) == (64, step)
+        assert pcc.tiles(dtype, False, 128) == (128, step)
+        assert pcc.tiles(dtype, False, 1000) == (128, step)
+        assert pcc.tiles(dtype, True, 64) == (pcc.BLOCK_INTERPRETED, pcc.STEP_INTERPRETED)
+    assert pcc.min_channels(False) == 64 and pcc.min_channels(True) == pcc.BLOCK_INTERPRETED
+    compiled = {(c.constexprs["BLOCK"], c.constexprs["BLOCK_K"], c.pointers["x_ptr"], c.num_warps)
+                for c in pcc.launch_configs()}
+    for block, warps in ((128, 8), (64, 4)):
+        for t, step in (("bf16", 64), ("fp16", 64), ("fp32", 32)):
+            assert (block, step, t, warps) in compiled
 
 
 @interpreter_only
@@ -491,6 +530,11 @@ GPU_SHAPES = [  # n, c, h, w, kernel, stride, pads, segments
                  id="channels-160"),
     pytest.param(2, 288, 7, 7, (3, 3), (2, 2), (1, 0, 1, 1), (2, 0, 144, 144),
                  id="channels-2x144"),
+    # segments of 64 to 127 channels: its 64-wide tiles (4 diagonal blocks of 64; 96 channels,
+    # the second tile of each tap half padding)
+    pytest.param(4, 256, 7, 7, (3, 3), (1, 1), (1, 1, 1, 1), (4, 0, 64, 64),
+                 id="channels-4x64-blocks"),
+    pytest.param(3, 96, 9, 8, (3, 3), (1, 1), (1, 1, 1, 1), (1, 0, 96, 96), id="channels-96"),
 ]
 
 

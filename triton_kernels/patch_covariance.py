@@ -63,7 +63,7 @@ from ._tiles import epilogue_store, gram_dot, store_partial, upper_tile
 from .patch_covariance_channels import expand_channels
 from .patch_covariance_channels import launch_configs as channels_configs
 from .patch_covariance_channels import int32_offsets
-from .patch_covariance_channels import tiles as channels_tiles
+from .patch_covariance_channels import min_channels as channels_min
 from .patch_covariance_reduce import launch_configs as reduce_configs
 from .patch_covariance_reduce import reduce_patch_covariance
 
@@ -268,7 +268,8 @@ def patch_covariance_triton(x: torch.Tensor, kernel_size, stride, dilation, padd
         kernel: the expand kernel, ``"channels"`` (:mod:`.patch_covariance_channels`: tiles of
             contiguous channels, asynchronous loads) or ``"generic"``; by default the channels
             kernel where the products run on the tensor cores (16-bit inputs; fp32 with TF32
-            allowed), a segment has at least a channel tile of channels (128 on a GPU) and no
+            allowed), a segment has at least the narrowest channel tile of channels (64 on a GPU:
+            64-wide tiles up to 127 channels, 128-wide from there) and no
             tile override is given; the generic one otherwise (and always for fp64).
 
     Returns:
@@ -323,7 +324,7 @@ def patch_covariance_triton(x: torch.Tensor, kernel_size, stride, dilation, padd
             # the channels kernel's offsets are int32 (rows, input, output), and its tiles
             # are a channel-tile wide: narrower segments would leave them mostly padding
             fits = int32_offsets(x, n * oh * ow, d)
-            wide = segment_channels >= channels_tiles(x.dtype, interpreted)[0]
+            wide = segment_channels >= channels_min(interpreted)
             kernel = ("channels" if tensor_cores and fits and wide and block is None
                       and block_k is None else "generic")
         if kernel == "channels":
@@ -341,17 +342,17 @@ def patch_covariance_triton(x: torch.Tensor, kernel_size, stride, dilation, padd
                                    segment_step, segment_channels, dn, d, bias, factor, decay,
                                    alpha, ieee, widen, splits, _NAME)
         return _expand(x, geometry, oh, ow, num_segments, segment_start, segment_step, dn, d,
-                       bias, factor, decay, alpha, acc_dtype, block, block_k, splits)
+                       bias, factor, decay, alpha, acc_dtype, block, block_k, splits,
+                       interpreted, ieee, widen)
 
 
 def _expand(x, geometry, oh, ow, num_segments, segment_start, segment_step, dn, d, bias, factor,
-            decay, alpha, acc_dtype, block, block_k, splits):
+            decay, alpha, acc_dtype, block, block_k, splits, interpreted, ieee, widen):
     kh, kw, sh, sw, dh, dw, pt, pl = geometry
     n, _, h, w = x.shape
     out = torch.empty((num_segments, d, d), dtype=acc_dtype, device=x.device)
     m = n * oh * ow
     fp64 = x.dtype == torch.float64
-    interpreted = _tiles.interpreted()
     block = block or _tiles.gram_block(x.dtype, d)
     steps = tile_steps(x.dtype, block, not interpreted)
     block_k = block_k or max(steps)
@@ -360,7 +361,6 @@ def _expand(x, geometry, oh, ow, num_segments, segment_start, segment_step, dn, 
     n_tiles = n_t * (n_t + 1) // 2
     programs = num_segments * n_tiles
     n_split, rows_per_split = _tiles.plan_splits(_NAME, x.device, programs, m, block_k, splits)
-    ieee, widen = _dot_mode(x.dtype, interpreted, x.is_cuda and tf32_allowed())
     scal, in_memory = _tiles.scalar_args(decay, alpha, device=x.device, placeholder=out)
     f_arg = factor if factor is not None else out  # never read without HAS_FACTOR
     f_strides = factor.stride() if factor is not None else (0, 0, 0)

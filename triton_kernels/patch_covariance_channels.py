@@ -59,11 +59,14 @@ from ._tiles import gram_dot, upper_tile
 # tiles (32 KiB; the same for TF32's row steps of 32): three stages fit in an SM's shared
 # memory (one program per SM: the registers allow no second). The L2 traffic of the gathered
 # tiles falls with the tile width (two BLOCK-wide tiles per BLOCK x BLOCK product), which is why
-# the tile is 128.
+# the tile is 128. Segments of 64 to 127 channels (ResNet's first stage, the 64-channel
+# diagonal blocks of a 256-channel layer) would leave half of such a tile padding: they take
+# 64-wide tiles over 4 warps (NARROW_BLOCK; 16 KiB a stage, several programs per SM).
 BLOCK = 128
+NARROW_BLOCK = 64
 STEPS = {torch.float16: 64, torch.bfloat16: 64, torch.float32: 32}
 NUM_STAGES = 3
-NUM_WARPS = 8
+NUM_WARPS = {BLOCK: 8, NARROW_BLOCK: 4}
 # Under the interpreter (CPU tensors, tests) smaller tiles keep the NumPy work small.
 BLOCK_INTERPRETED = 16
 STEP_INTERPRETED = 32
@@ -192,11 +195,16 @@ def _pc_expand_channels_kernel(
         _store_mirrored(out_ptr + s64 * sob, acc, alpha, d_i, d_j, shift, D, soi, soj, True)
 
 
-def tiles(dtype: torch.dtype, interpreted: bool) -> tuple[int, int]:
-    """``(BLOCK, BLOCK_K)`` of a launch."""
+def tiles(dtype: torch.dtype, interpreted: bool, channels: int) -> tuple[int, int]:
+    """``(BLOCK, BLOCK_K)`` of a launch for segments of ``channels`` channels."""
     if interpreted:
         return BLOCK_INTERPRETED, STEP_INTERPRETED
-    return BLOCK, STEPS[dtype]
+    return (BLOCK if channels >= BLOCK else NARROW_BLOCK), STEPS[dtype]
+
+
+def min_channels(interpreted: bool) -> int:
+    """The fewest channels a segment needs for this kernel by default (its narrowest tile)."""
+    return BLOCK_INTERPRETED if interpreted else NARROW_BLOCK
 
 
 def int32_offsets(x: torch.Tensor, rows: int, d: int) -> bool:
@@ -245,7 +253,7 @@ def expand_channels(x, geometry, oh, ow, num_segments, segment_start, segment_st
     n, _, h, w = x.shape
     out = torch.empty((num_segments, d, d), dtype=torch.float32, device=x.device)
     m = n * oh * ow
-    block, block_k = tiles(x.dtype, interpreted)
+    block, block_k = tiles(x.dtype, interpreted, segment_channels)
     col_blocks = triton.cdiv(segment_channels, block)
     n_t = kh * kw * col_blocks + (1 if bias else 0)
     n_tiles = n_t * (n_t + 1) // 2
@@ -264,7 +272,8 @@ def expand_channels(x, geometry, oh, ow, num_segments, segment_start, segment_st
         col_blocks, n_tiles, rows_per_split, *x.stride(), sh, sw, dh, dw, pt, pl,
         *out.stride(), *ws.stride(),
         HAS_BIAS=bias, RAW=raw, IEEE_DOT=ieee, WIDEN=widen, BLOCK=block, BLOCK_K=block_k,
-        SCALARS_IN_MEMORY=in_memory, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        SCALARS_IN_MEMORY=in_memory, num_warps=NUM_WARPS.get(block, 4),  # (interpreter: any)
+        num_stages=NUM_STAGES,
     )
     if raw:
         # the raw sums are in the output's order: the generic reduction's tiles apply (with
@@ -285,17 +294,17 @@ _TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 def launch_configs():
-    """Every configuration a launch on a GPU can pick: per input dtype (fp32 on TF32 only),
-    with a bias tile or not, writing the result or raw sums; the rows aligned as
+    """Every configuration a launch on a GPU can pick: per input dtype (fp32 on TF32 only) and
+    tile width, with a bias tile or not, writing the result or raw sums; the rows aligned as
     :func:`aligned_channels` makes them."""
     from ._aot import KernelConfig
 
     return [KernelConfig(_pc_expand_channels_kernel,
                          dict(HAS_BIAS=has_bias, RAW=raw, IEEE_DOT=False, WIDEN=False,
-                              BLOCK=BLOCK, BLOCK_K=STEPS[dtype], SCALARS_IN_MEMORY=False),
+                              BLOCK=block, BLOCK_K=STEPS[dtype], SCALARS_IN_MEMORY=False),
                          pointers={"x_ptr": t, "out_ptr": "fp32", "ws_ptr": "fp32",
                                    "scal_ptr": "fp32"},
-                         num_warps=NUM_WARPS, num_stages=NUM_STAGES, ones=("sxc",),
+                         num_warps=NUM_WARPS[block], num_stages=NUM_STAGES, ones=("sxc",),
                          aligned=_ALIGNED)
-            for dtype, t in _TYPES.items() for has_bias in (False, True)
-            for raw in (False, True)]
+            for block in (BLOCK, NARROW_BLOCK) for dtype, t in _TYPES.items()
+            for has_bias in (False, True) for raw in (False, True)]

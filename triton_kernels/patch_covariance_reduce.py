@@ -23,7 +23,10 @@ it builds a column chunk's indicator once, by integer arithmetic (nothing is rea
 walks the rows, loading each input element once per offset block (a 3x3 kernel has one; a
 row chunk is contiguous in an NCHW input).
 The products run in fp32 (``tl.dot`` with full-precision products: the indicators are 0 or 1,
-so every product is exact) or fp64 (a sum of outer products). An earlier kernel summed every
+so every product is exact) or fp64 (sums selected by the indicators). A product turns an inf or
+NaN pixel into NaN for the offsets that do not see it (``0 * inf``), so a column chunk that
+holds one is summed again by selection (after its product loop, which only flags it), leaving
+those offsets' means finite as the definition has them. An earlier kernel summed every
 patch column over the output grid, reading each input element ``k^2`` times through a masked,
 per-element gather.
 
@@ -42,11 +45,33 @@ from . import _tiles
 __all__ = ["reduce_patch_covariance", "launch_configs"]
 
 #: channels, row positions and kernel offsets per program and step, (BLOCK_C, BLOCK_X, BLOCK_T)
-#: (fp32: 70 registers on sm_90, no spills; 64 channels took 96-120 registers and spilled for
-#: 16-bit inputs; fp64's sum of outer products holds a [BLOCK_C, BLOCK_X, BLOCK_T] slab). The
+#: (fp32: 105 registers on sm_90, no spills; 64 channels spilled for 16-bit inputs; the sums by
+#: selection hold a [BLOCK_C, BLOCK_X, BLOCK_T] slab, hence fp64's smaller tiles). The
 #: offsets of a 3x3 kernel fit one block of 16; larger kernels take a grid axis of offset blocks
 #: (each reading the input again), so one configuration per dtype serves every geometry.
 MEAN_TILES = {torch.float32: (32, 16, 16), torch.float64: (16, 16, 16)}
+
+
+@triton.jit
+def _row_sees(y, ti, PAD_T, DIL_H, STR_H, OUT_H):
+    """Whether row ``y`` passes the row test of kernel rows ``ti``: y + pt - i dh = oh sh with
+    0 <= oh < OUT_H."""
+    uy = y + PAD_T - ti * DIL_H
+    qy = tl.where(uy >= 0, uy, 0) // STR_H
+    return (uy >= 0) & (uy == qy * STR_H) & (qy < OUT_H)
+
+
+@triton.jit
+def _selected_sums(ptrs, mask, col, ti, H, sxh, PAD_T, DIL_H, STR_H, OUT_H, like):
+    """A column chunk's window sums, every row's pixels selected by the indicators (no
+    products): ``[BLOCK_C, BLOCK_T]`` in ``like``'s dtype."""
+    out = tl.zeros_like(like)
+    for y in range(0, H):
+        v = tl.load(ptrs, mask=mask, other=0.0).to(like.dtype)
+        ptrs += sxh
+        part = tl.sum(tl.where(col[None, :, :] != 0, v[:, :, None], 0.0), axis=1)
+        out += tl.where(_row_sees(y, ti, PAD_T, DIL_H, STR_H, OUT_H)[None, :], part, 0.0)
+    return out
 
 
 @triton.jit
@@ -86,20 +111,26 @@ def _pc_mean_kernel(x_ptr, abar_ptr, S, C_BLOCKS, T_BLOCKS, SEG_C, H, W, D, DN, 
         qx = tl.where(ux >= 0, ux, 0) // STR_W
         col = tl.where((ux >= 0) & (ux == qx * STR_W) & (qx < OUT_W) & x_ok[:, None]
                        & t_ok[None, :], 1.0, 0.0).to(acc.dtype)
-        ptrs = base + xs.to(tl.int64)[None, :] * sxw  # row y's chunk, advanced a row a step
+        ptrs = base + xs.to(tl.int64)[None, :] * sxw  # row 0's chunk
         mask = c_ok[:, None] & x_ok[None, :]
-        for y in range(0, H):
-            v = tl.load(ptrs, mask=mask, other=0.0).to(acc.dtype)
-            ptrs += sxh
-            # ... and row y iff y + pt - i dh = oh sh with 0 <= oh < OUT_H
-            uy = y + PAD_T - ti * DIL_H
-            qy = tl.where(uy >= 0, uy, 0) // STR_H
-            row_sees = tl.where((uy >= 0) & (uy == qy * STR_H) & (qy < OUT_H), 1.0, 0.0)
-            if ACC_FP64:
-                part = tl.sum(v[:, :, None] * col[None, :, :], axis=1)
-            else:
-                part = tl.dot(v, col, input_precision="ieee")
-            acc += part * row_sees.to(acc.dtype)[None, :]
+        if ACC_FP64:
+            acc += _selected_sums(ptrs, mask, col, ti, H, sxh, PAD_T, DIL_H, STR_H, OUT_H, acc)
+        else:
+            part = tl.zeros((BLOCK_C, BLOCK_T), dtype=tl.float32)
+            bad = tl.zeros((BLOCK_C, BLOCK_X), dtype=tl.int32)
+            row_ptrs = ptrs
+            for y in range(0, H):
+                v = tl.load(row_ptrs, mask=mask, other=0.0).to(tl.float32)
+                row_ptrs += sxh
+                bad = bad | ((v != v) | (tl.abs(v) == float("inf"))).to(tl.int32)
+                sees = _row_sees(y, ti, PAD_T, DIL_H, STR_H, OUT_H)
+                part += tl.where(sees[None, :], tl.dot(v, col, input_precision="ieee"), 0.0)
+            if tl.max(bad) > 0:
+                # the product made 0 * inf = NaN of the offsets that do not see a non-finite
+                # pixel of the chunk: sum it again by selection (rare)
+                part = _selected_sums(ptrs, mask, col, ti, H, sxh, PAD_T, DIL_H, STR_H, OUT_H,
+                                      part)
+            acc += part
     mean = acc / (OUT_H * OUT_W)
     out_row = abar_ptr + row.to(tl.int64) * D
     tl.store(out_row + offs_c[:, None] * kk + offs_t[None, :],
