@@ -78,10 +78,12 @@ def _check(param, grad, c, k, buf, lr, momentum, weight_decay, first) -> None:
 
 def _common_case(param, grad, c, k, buf, lr, momentum, weight_decay, first) -> bool:
     """Whether the arguments are valid in the common way (plain tensors, Python floats, a
-    bool), decided in one pass without building a message: the optimizer calls this op once per
-    parameter every step, and on a GPU the host's time per call bounds the fused step
-    (``bench/results/static_vs_h200.json``). Anything else goes to :func:`_check`, which accepts
-    it or says what is wrong."""
+    bool; ``param``, ``grad`` and ``buf`` with contiguous, non-overlapping rows, ``c`` and ``k``
+    contiguous), decided in one pass without building a message: the optimizer calls this op
+    once per parameter every step, and on a GPU the host's time per call bounds the fused step
+    (``bench/results/static_vs_h200.json``). Such arguments need no overlap check, copy or
+    conversion. Anything else goes to :func:`_check` and the general path, which accept it or
+    say what is wrong."""
     tensor = torch.Tensor
     if not (type(param) is tensor and type(grad) is tensor and type(c) is tensor
             and type(k) is tensor and type(buf) is tensor and type(lr) is float
@@ -92,10 +94,18 @@ def _common_case(param, grad, c, k, buf, lr, momentum, weight_decay, first) -> b
     if len(shape) != 2 or dtype not in _PARAM_DTYPES:
         return False
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    return (grad.shape == shape and grad.dtype == dtype and buf.shape == shape
+    if not (grad.shape == shape and grad.dtype == dtype and buf.shape == shape
             and buf.dtype == acc and c.shape == shape[:1] and c.dtype == acc
             and k.shape == shape[1:] and k.dtype == acc and grad.device == device
-            and c.device == device and k.device == device and buf.device == device)
+            and c.device == device and k.device == device and buf.device == device):
+        return False
+    rows, cols = shape
+    # rows of cols unit-stride elements, rows apart by at least cols: no element aliased
+    for t in (param, grad, buf):
+        s0, s1 = t.stride()
+        if not ((s1 == 1 or cols == 1) and (s0 >= cols or rows == 1)):
+            return False
+    return (c.stride(0) == 1 or rows == 1) and (k.stride(0) == 1 or cols == 1)
 
 
 def singd_diagonal_step(param: torch.Tensor, grad: torch.Tensor, c: torch.Tensor,
@@ -112,20 +122,23 @@ def singd_diagonal_step(param: torch.Tensor, grad: torch.Tensor, c: torch.Tensor
         first: the buffer has no history yet (``B <- D``).
         backend: ``"auto"``, ``"eager"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
     """
-    if not _common_case(param, grad, c, k, buf, lr, momentum, weight_decay, first):
+    common = _common_case(param, grad, c, k, buf, lr, momentum, weight_decay, first)
+    if not common:
         _check(param, grad, c, k, buf, lr, momentum, weight_decay, first)
-    check_writable(_OP, param=param, buf=buf)
+        check_writable(_OP, param=param, buf=buf)
+        lr, momentum, weight_decay = float(lr), float(momentum), float(weight_decay)
     chosen = resolve_backend(backend, param.device, _OP, cuda_order(_OP))
-    lr, momentum, weight_decay = float(lr), float(momentum), float(weight_decay)
     if chosen == "eager":
         singd_diagonal_step_eager(param, grad, c, k, buf, lr, momentum, weight_decay, first)
         return
-    for name, t in (("param", param), ("buf", buf)):
-        if t.shape[1] > 1 and t.stride(1) != 1:
-            raise ValueError(f"{_OP}: {name} must have contiguous rows (it is updated in place)")
-    if grad.shape[1] > 1 and grad.stride(1) != 1:
-        grad = grad.contiguous()
-    c, k = c.contiguous(), k.contiguous()
+    if not common:
+        for name, t in (("param", param), ("buf", buf)):
+            if t.shape[1] > 1 and t.stride(1) != 1:
+                raise ValueError(f"{_OP}: {name} must have contiguous rows (it is updated in "
+                                 f"place)")
+        if grad.shape[1] > 1 and grad.stride(1) != 1:
+            grad = grad.contiguous()
+        c, k = c.contiguous(), k.contiguous()
     if chosen == "triton":
         from kfac_kernels._triton.singd_diagonal_step import singd_diagonal_step_triton
         singd_diagonal_step_triton(param, grad, c, k, buf, lr, momentum, weight_decay, first)
