@@ -66,10 +66,10 @@ BLOCK = 128
 NARROW_BLOCK = 64
 STEPS = {torch.float16: 64, torch.bfloat16: 64, torch.float32: 32}
 NUM_STAGES = 3
-NUM_WARPS = {BLOCK: 8, NARROW_BLOCK: 4}
 # Under the interpreter (CPU tensors, tests) smaller tiles keep the NumPy work small.
 BLOCK_INTERPRETED = 16
 STEP_INTERPRETED = 32
+NUM_WARPS = {BLOCK: 8, NARROW_BLOCK: 4, BLOCK_INTERPRETED: 4}
 
 
 @triton.jit
@@ -272,7 +272,7 @@ def expand_channels(x, geometry, oh, ow, num_segments, segment_start, segment_st
         col_blocks, n_tiles, rows_per_split, *x.stride(), sh, sw, dh, dw, pt, pl,
         *out.stride(), *ws.stride(),
         HAS_BIAS=bias, RAW=raw, IEEE_DOT=ieee, WIDEN=widen, BLOCK=block, BLOCK_K=block_k,
-        SCALARS_IN_MEMORY=in_memory, num_warps=NUM_WARPS.get(block, 4),  # (interpreter: any)
+        SCALARS_IN_MEMORY=in_memory, num_warps=NUM_WARPS[block],
         num_stages=NUM_STAGES,
     )
     if raw:

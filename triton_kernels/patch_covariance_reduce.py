@@ -53,12 +53,12 @@ MEAN_TILES = {torch.float32: (32, 16, 16), torch.float64: (16, 16, 16)}
 
 
 @triton.jit
-def _row_sees(y, ti, PAD_T, DIL_H, STR_H, OUT_H):
-    """Whether row ``y`` passes the row test of kernel rows ``ti``: y + pt - i dh = oh sh with
-    0 <= oh < OUT_H."""
-    uy = y + PAD_T - ti * DIL_H
-    qy = tl.where(uy >= 0, uy, 0) // STR_H
-    return (uy >= 0) & (uy == qy * STR_H) & (qy < OUT_H)
+def _sees(v, a, PAD, DIL, STR, OUT):
+    """Whether input coordinate ``v`` passes the test of kernel offset ``a`` along one axis:
+    v + pad - a dil = o str with 0 <= o < OUT (rows: y and i; columns: x and j; broadcast)."""
+    u = v + PAD - a * DIL
+    q = tl.where(u >= 0, u, 0) // STR
+    return (u >= 0) & (u == q * STR) & (q < OUT)
 
 
 @triton.jit
@@ -70,7 +70,7 @@ def _selected_sums(ptrs, mask, col, ti, H, sxh, PAD_T, DIL_H, STR_H, OUT_H, like
         v = tl.load(ptrs, mask=mask, other=0.0).to(like.dtype)
         ptrs += sxh
         part = tl.sum(tl.where(col[None, :, :] != 0, v[:, :, None], 0.0), axis=1)
-        out += tl.where(_row_sees(y, ti, PAD_T, DIL_H, STR_H, OUT_H)[None, :], part, 0.0)
+        out += tl.where(_sees(y, ti, PAD_T, DIL_H, STR_H, OUT_H)[None, :], part, 0.0)
     return out
 
 
@@ -107,10 +107,8 @@ def _pc_mean_kernel(x_ptr, abar_ptr, S, C_BLOCKS, T_BLOCKS, SEG_C, H, W, D, DN, 
         x_ok = xs < W
         # offset (i, j) sees column x iff x + pl - j dw = ow sw with 0 <= ow < OUT_W: the
         # [BLOCK_X, BLOCK_T] column indicator, built once per column chunk
-        ux = xs[:, None] + PAD_L - tj[None, :] * DIL_W
-        qx = tl.where(ux >= 0, ux, 0) // STR_W
-        col = tl.where((ux >= 0) & (ux == qx * STR_W) & (qx < OUT_W) & x_ok[:, None]
-                       & t_ok[None, :], 1.0, 0.0).to(acc.dtype)
+        col = tl.where(_sees(xs[:, None], tj[None, :], PAD_L, DIL_W, STR_W, OUT_W)
+                       & x_ok[:, None] & t_ok[None, :], 1.0, 0.0).to(acc.dtype)
         ptrs = base + xs.to(tl.int64)[None, :] * sxw  # row 0's chunk
         mask = c_ok[:, None] & x_ok[None, :]
         if ACC_FP64:
@@ -123,7 +121,7 @@ def _pc_mean_kernel(x_ptr, abar_ptr, S, C_BLOCKS, T_BLOCKS, SEG_C, H, W, D, DN, 
                 v = tl.load(row_ptrs, mask=mask, other=0.0).to(tl.float32)
                 row_ptrs += sxh
                 bad = bad | ((v != v) | (tl.abs(v) == float("inf"))).to(tl.int32)
-                sees = _row_sees(y, ti, PAD_T, DIL_H, STR_H, OUT_H)
+                sees = _sees(y, ti, PAD_T, DIL_H, STR_H, OUT_H)
                 part += tl.where(sees[None, :], tl.dot(v, col, input_precision="ieee"), 0.0)
             if tl.max(bad) > 0:
                 # the product made 0 * inf = NaN of the offsets that do not see a non-finite
