@@ -26,6 +26,10 @@ class OpInfo:
     run: Callable[[dict, str], list[torch.Tensor]]
     dtypes: tuple = (F32, F64)
     float32_only: tuple = ()   # backends that compute in float32 only (documented)
+    backends: tuple | None = None  # the non-eager backends the op has (None: every one)
+
+    def has(self, backend: str) -> bool:
+        return self.backends is None or backend in self.backends
 
 
 def _rand(gen, *shape, dtype=F64, device="cpu", lo=None):
@@ -106,6 +110,10 @@ def _eigh_run(s, backend):
 
 def _inverse_run(s, backend):
     return [ops.block_damped_inverse(s["blocks"], s["damping"], backend=backend)]
+
+
+def _cholesky_run(s, backend):
+    return [ops.block_damped_cholesky(s["blocks"], s["damping"], backend=backend)]
 
 
 # --- SINGD ----------------------------------------------------------------------------------------
@@ -228,6 +236,7 @@ OPS: list[OpInfo] = [
     OpInfo("gradient_covariance", _gcov_make, _gcov_run),
     OpInfo("block_eigh", _spd_make, _eigh_run, float32_only=("triton",)),
     OpInfo("block_damped_inverse", _spd_make, _inverse_run, float32_only=("triton",)),
+    OpInfo("block_damped_cholesky", _spd_make, _cholesky_run, backends=("cpu",)),
     OpInfo("singd_diagonal_step", _diag_step_make, _diag_step_run),
     OpInfo("singd_diagonal_factor_update", _diag_factor_make, _diag_factor_run),
     OpInfo("singd_block_step", _block_step_make, _block_step_run),

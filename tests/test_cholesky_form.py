@@ -2,14 +2,18 @@
 per side give the preconditioned gradient of the precomputed damped inverses (fp64, to
 round-off) for every structure (dense, block-diagonal with norm layers, diagonal), with
 absolute and relative damping; the factor of a failed factorisation keeps the previous one; the
-op ``block_damped_cholesky`` against its definition."""
+op ``block_damped_cholesky`` against its definition on every backend, and its native kernel's
+confinement of non-finite blocks."""
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from kfac_kernels import BDKFAC, KFAC
+from kfac_kernels._backend import native_has_op
 from kfac_kernels.ops import block_damped_cholesky
 
 from test_bdkfac import cnn, data
@@ -69,14 +73,18 @@ def test_failed_factorisation_keeps_the_previous_factor():
         assert torch.equal(old, new)
 
 
+CHOLESKY_BACKENDS = ["eager"] + (["cpu"] if native_has_op("block_damped_cholesky") else [])
+
+
+@pytest.mark.parametrize("backend", CHOLESKY_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-def test_block_damped_cholesky_against_its_definition(dtype):
+def test_block_damped_cholesky_against_its_definition(dtype, backend):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 6, 9, generator=gen, dtype=torch.float64)
     a = x @ x.mT / 9
     gamma = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
     a[:, 0, 1] = 1e3  # the upper triangle is not read
-    chol = block_damped_cholesky(a.to(dtype), gamma.to(dtype))
+    chol = block_damped_cholesky(a.to(dtype), gamma.to(dtype), backend=backend)
     assert chol.dtype == dtype and torch.equal(chol, chol.tril())
     lower = a.tril() + a.tril(-1).mT + torch.diag_embed(gamma[:, None].expand(3, 6))
     tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
@@ -84,7 +92,38 @@ def test_block_damped_cholesky_against_its_definition(dtype):
     assert err <= tol
     bad = a.clone()
     bad[1] = -bad[1]
-    out = block_damped_cholesky(bad.to(dtype), 0.1)
+    out = block_damped_cholesky(bad.to(dtype), 0.1, backend=backend)
     assert out[1].isnan().all() and out[[0, 2]].isfinite().all()
     with pytest.raises(ValueError, match="block_damped_cholesky: damping must have one value"):
         block_damped_cholesky(a, [0.1, 0.2])
+
+
+@pytest.mark.skipif("cpu" not in CHOLESKY_BACKENDS, reason="needs the native extension")
+def test_native_cholesky_confines_non_finite_blocks_and_matches_lapack():
+    """The native kernel calls the LAPACK torch links on the row-major copy as it lies: the same
+    factor as ``torch.linalg.cholesky_ex`` up to the order of the rounding (uplo "U" on the
+    transposed storage), exactly lower triangular, with zeros (not the input) above the
+    diagonal; a non-finite entry spreads as in the eager factorisation and stays in its block;
+    a NaN damping fails its block (all NaN)."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 40, 60, generator=gen, dtype=torch.float64)
+    a = x @ x.mT / 60 + torch.full((40, 40), 7.0, dtype=torch.float64).triu(1)  # never read
+    gamma = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5], dtype=torch.float64)
+    native = block_damped_cholesky(a, gamma, backend="cpu")
+    eager = block_damped_cholesky(a, gamma, backend="eager")
+    assert torch.equal(native, native.tril())
+    assert (native - eager).abs().max() <= 1e-12 * eager.abs().max()
+    bad = a.clone()
+    bad[1, 7, 3] = float("inf")  # lower triangle: read
+    bad[2, 3, 7] = float("nan")  # upper triangle: not read
+    out = block_damped_cholesky(bad, gamma, backend="cpu")
+    want = block_damped_cholesky(bad, gamma, backend="eager")
+    assert not out[1].isfinite().all()
+    assert torch.equal(out.isfinite(), want.isfinite())
+    assert torch.equal(out[[0, 2, 3, 4]], native[[0, 2, 3, 4]])
+    # a damping tensor is not read on the host, so a NaN in it reaches the kernel
+    nan_damping = block_damped_cholesky(a, torch.tensor([0.1, math.nan, 0.3, 0.4, 0.5],
+                                                        dtype=torch.float64), backend="cpu")
+    assert nan_damping[1].isnan().all() and nan_damping[[0, 2]].isfinite().all()
+    with pytest.raises(ValueError, match="block_damped_cholesky: backend must be one of"):
+        block_damped_cholesky(a, gamma, backend="triton")

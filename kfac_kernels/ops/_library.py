@@ -29,6 +29,9 @@ SCHEMAS = {
     # Q (max(Lambda, 0) + damping[b] I)^-1 Q^T per block; (inverse, sweeps).
     "block_damped_inverse":
         "(Tensor blocks, Tensor damping, int max_sweeps, float tol) -> (Tensor, Tensor)",
+    # lower Cholesky factor of blocks + diag(damping) per block (lower triangle read), zeros
+    # above the diagonal; a failed or non-finite block is all NaN.
+    "block_damped_cholesky": "(Tensor blocks, Tensor damping) -> Tensor",
     "singd_diagonal_step":
         "(Tensor(a!) param, Tensor grad, Tensor c, Tensor k, Tensor(b!) buf, float lr, "
         "float momentum, float weight_decay, bool first) -> ()",

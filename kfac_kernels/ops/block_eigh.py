@@ -407,21 +407,29 @@ def block_damped_inverse(blocks, damping, *, backend: str = "auto", fallback: bo
     return inverse
 
 
-def block_damped_cholesky(blocks: torch.Tensor, damping) -> torch.Tensor:
-    """The lower Cholesky factor ``L`` of ``A + gamma I`` per block, ``L L^T = A + gamma I``
-    (``torch.linalg.cholesky_ex`` on every backend: it is LAPACK / cuSOLVER's, and the preferred
-    form when the damped inverse is applied only once or twice: two triangular solves with the
-    gradient cost what a product with the inverse costs, and forming the inverse (LAPACK
-    ``potri``) is skipped).
+def block_damped_cholesky(blocks: torch.Tensor, damping, *, backend: str = "auto") -> torch.Tensor:
+    """The lower Cholesky factor ``L`` of ``A + gamma I`` per block, ``L L^T = A + gamma I``:
+    the preferred form when the damped inverse is applied only once or twice (two triangular
+    solves with the gradient cost what a product with the inverse costs, and forming the
+    inverse, LAPACK ``potri``, is skipped).
+
+    Backends: ``"eager"`` is ``torch.linalg.cholesky_ex`` (LAPACK / cuSOLVER), the only one for
+    CUDA tensors and fp16/bf16 input; ``"cpu"`` (what ``"auto"`` runs on CPU tensors in fp32 and
+    fp64) calls LAPACK's ``?potrf`` on a row-major copy as it lies: the copy that adds the
+    damping also zeroes the upper triangle, where ``cholesky_ex`` copies to column-major and
+    zeroes the other triangle in a further pass (at a ViT's factors of order 128-513 on one
+    thread that pass was two thirds of the call).
 
     Args:
         blocks: ``(B, n, n)`` tensor; only the lower triangle is read.
         damping: non-negative float, or one value per block (sequence or 1-D tensor of length B).
+        backend: ``"auto"``, ``"eager"`` or ``"cpu"``.
 
     Returns:
         ``(B, n, n)``, lower triangular, in the input dtype (fp16/bf16 are factorised in fp32).
-        A block whose factorisation fails (indefinite beyond ``-gamma``, or non-finite) is all
-        NaN; nothing is read on the host.
+        A block whose factorisation fails (indefinite beyond ``-gamma``, or a NaN pivot) is all
+        NaN; another non-finite entry spreads as the factorisation carries it (``[[inf]]``
+        gives ``[[inf]]``), alike on both backends; nothing is read on the host.
     """
     op = "block_damped_cholesky"
     if not isinstance(blocks, torch.Tensor) or blocks.dim() != 3 or (
@@ -430,6 +438,8 @@ def block_damped_cholesky(blocks: torch.Tensor, damping) -> torch.Tensor:
                          f"{tuple(blocks.shape) if isinstance(blocks, torch.Tensor) else blocks!r}")
     if not blocks.is_floating_point():
         raise TypeError(f"{op}: blocks must be floating point, got {blocks.dtype}")
+    if backend not in ("auto", "eager", "cpu"):
+        raise ValueError(f"{op}: backend must be one of ('auto', 'eager', 'cpu'), got {backend!r}")
     compute = torch.float32 if blocks.dtype in _LOW else blocks.dtype
     values = _damping_values(damping, blocks.shape[0], op)
     if isinstance(values, torch.Tensor):  # 1-D, on its device: no host round trip
@@ -438,6 +448,12 @@ def block_damped_cholesky(blocks: torch.Tensor, damping) -> torch.Tensor:
         if isinstance(values, float):
             values = [values] * blocks.shape[0]
         gamma = torch.tensor(values, dtype=compute, device=blocks.device)
+    if backend == "cpu":
+        resolve_backend(backend, blocks.device, op)  # raises, naming why, where it cannot run
+    if backend == "cpu" or (backend == "auto" and blocks.device.type == "cpu"
+                            and native_has_op(op)):
+        return torch.ops.kfac_kernels.block_damped_cholesky(blocks.to(compute), gamma).to(
+            blocks.dtype)
     chol, info = _damped_cholesky_ex(blocks.to(compute), gamma)
     return chol.masked_fill_((info != 0)[:, None, None], math.nan).to(blocks.dtype)
 
@@ -463,6 +479,13 @@ def _register_fake() -> None:
         b = blocks.shape[0]
         check_same("block_damped_inverse", "damping", damping, (b,), blocks.dtype)
         return blocks.new_empty(blocks.shape), blocks.new_empty((b,), dtype=torch.int32)
+
+    @torch.library.register_fake("kfac_kernels::block_damped_cholesky")
+    def _(blocks, damping):
+        square_stack(blocks)
+        check_same("block_damped_cholesky", "damping", damping, (blocks.shape[0],),
+                   blocks.dtype)
+        return blocks.new_empty(blocks.shape)
 
 
 _register_fake()
