@@ -13,6 +13,7 @@
 #include <climits>
 
 #include "block_damped_cholesky.h"  // csrc/include: the torch-free kernel declarations
+#include "block_eigh_glue.h"        // the damping checks shared with block_damped_inverse
 
 extern "C" {
 // LAPACK (Fortran calling convention, 32-bit integers: the interface torch itself declares).
@@ -44,16 +45,7 @@ at::Tensor block_damped_cholesky_cpu(const at::Tensor& blocks_in, const at::Tens
               ": blocks must be a cpu tensor for this kernel, got blocks on ", blocks_in.device());
   TORCH_CHECK(blocks_in.size(1) <= INT_MAX, op, ": blocks of order ", blocks_in.size(1),
               " exceed LAPACK's 32-bit sizes");
-  TORCH_CHECK(damping_in.defined() && damping_in.dim() == 1 &&
-                  damping_in.size(0) == blocks_in.size(0),
-              op, ": damping must be a 1-D tensor with one value per block (", blocks_in.size(0),
-              "), got shape ", damping_in.sizes());
-  TORCH_CHECK(damping_in.scalar_type() == blocks_in.scalar_type(), op,
-              ": damping and blocks must have the same dtype, got damping ",
-              damping_in.scalar_type(), " and blocks ", blocks_in.scalar_type());
-  TORCH_CHECK(damping_in.device() == blocks_in.device(), op,
-              ": damping and blocks must be on the same device, got damping on ",
-              damping_in.device(), " and blocks on ", blocks_in.device());
+  glue::check_damping(op, blocks_in, damping_in);
   const at::Tensor blocks = blocks_in.contiguous();
   const at::Tensor damping = damping_in.contiguous();
   at::Tensor factors = at::empty(blocks.sizes(), blocks.options());
