@@ -2,7 +2,8 @@
 same-shape layers preconditioned as one stack (kfac_kernels/blocks/kronecker.py,
 BatchedPreconditioner), every block's damping scale from one power iteration
 (measure_largest_eigenvalues), a block-diagonal Gram's equal-width blocks in one call
-(layers/base.py, gram_of_rows) and every factor's moving average in one foreach call."""
+(layers/base.py, gram_of_rows), a bias coordinate's Gram without its ones column
+(gram_with_ones) and every factor's moving average in one foreach call."""
 from __future__ import annotations
 
 import pytest
@@ -13,7 +14,7 @@ from kfac_kernels import BDKFAC, KFAC
 from kfac_kernels.blocks import sides
 from kfac_kernels.blocks.kronecker import measure_largest_eigenvalues
 from kfac_kernels.layers import Layout
-from kfac_kernels.layers.base import gram_of_rows
+from kfac_kernels.layers.base import DENSE, gram_of_rows, gram_with_ones
 
 DT = torch.float64
 
@@ -151,6 +152,27 @@ def test_equal_width_blocks_in_one_gram_call(widths):
         x = rows[..., start:start + w]
         torch.testing.assert_close(part, 0.5 * x.mT @ x, rtol=1e-13, atol=1e-14)
         start += w
+
+
+@pytest.mark.parametrize("with_current", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, DT], ids=str)
+def test_bias_coordinate_without_the_ones_column(dtype, with_current):
+    """``gram_with_ones`` (the dense A of a layer with a bias, the ones column implicit) against
+    the Gram of the rows with that column appended; exactly symmetric."""
+    gen = torch.Generator().manual_seed(3)
+    rows = torch.randn(2, 11, 70, generator=gen, dtype=DT)  # 70: the last tile is 6 wide
+    ones = torch.cat([rows, rows.new_ones(2, 11, 1)], dim=-1)
+    current = None
+    if with_current:
+        base = torch.randn(2, 71, 80, generator=gen, dtype=DT)
+        current = (base @ base.mT).to(dtype)
+    got = gram_with_ones(current, rows.to(dtype), 0.7, 0.25, "auto")
+    want = gram_of_rows(current, ones.to(dtype), DENSE, 0.7, 0.25, "auto")
+    assert got.dtype == dtype and torch.equal(got, got.mT)
+    tol = 1e-13 if dtype == DT else 1e-5
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
+    exact = 0.25 * ones.mT @ ones + (0.7 * current.double() if with_current else 0)
+    torch.testing.assert_close(got.double(), exact, rtol=tol, atol=tol * exact.abs().max().item())
 
 
 def test_moving_average_of_all_factors_in_one_call_matches_per_part():

@@ -46,6 +46,10 @@ class LinearAdapter(LayerAdapter):
             rows, _ = graph_sums(rows, context)
         return rows.unsqueeze(0), rows.shape[0]
 
+    def bias_free_input_rows(self, x, approx, context=None):
+        # in a graph batch, reduce rows sum the bias coordinate too (not ones): no shortcut
+        return super().bias_free_input_rows(x, approx) if context is None else None
+
     def output_rows(self, grad, approx, context=None, groups=None):
         if context is None:
             return super().output_rows(grad, approx, groups=groups)

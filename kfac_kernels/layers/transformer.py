@@ -222,6 +222,9 @@ class _AttentionAdapter(LinearAdapter):
     def input_rows(self, x, approx, context=None):
         return super().input_rows(x, approx)  # batch first already: no graph context
 
+    def bias_free_input_rows(self, x, approx, context=None):
+        return super().bias_free_input_rows(x, approx)
+
     def output_rows(self, grad, approx, context=None, groups=None):
         return super().output_rows(_batch_first(grad, context), approx, None, groups)
 
