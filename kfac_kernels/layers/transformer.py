@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import DIAGONAL, LayerAdapter, Layout, gram_of_rows
+from .base import DIAGONAL, LayerAdapter, Layout, gram_of_rows, gram_with_ones
 from .linear import LinearAdapter
 
 
@@ -262,14 +262,19 @@ class AttentionInProjAdapter(_AttentionAdapter):
         """``x`` is ``(query, key, value)``, batch first. Each group's sum is rescaled to the
         first group's row count, so that each group's ``A`` is its own mean."""
         parts, counts = [], []
+        # dense with a bias: the ones column implicit (gram_with_ones)
+        implicit = layout.kind == "dense" and self.bias is not None
+        rows_of = LinearAdapter.bias_free_input_rows if implicit else LinearAdapter.input_rows
         for group, src in enumerate(x):
-            rows, count = LinearAdapter.input_rows(self, src, self.group_approx(group, approx))
+            rows, count = rows_of(self, src, self.group_approx(group, approx))
             parts.append(rows.to(dtype))
             counts.append(count)
         if counts[0] == 0:
             return current, 0
-        grams = [gram_of_rows(None, rows, layout, 0.0, alpha * (counts[0] / c if c else 0.0),
-                              backend) for rows, c in zip(parts, counts)]
+        scales = [alpha * (counts[0] / c if c else 0.0) for c in counts]
+        grams = [gram_with_ones(None, rows, 0.0, a, backend) if implicit else
+                 gram_of_rows(None, rows, layout, 0.0, a, backend)
+                 for rows, a in zip(parts, scales)]
         if layout.kind == "blocks":
             new = [torch.cat(blocks) for blocks in zip(*grams)]
         else:
