@@ -14,7 +14,8 @@ from kfac_kernels import BDKFAC, KFAC
 from kfac_kernels.blocks import sides
 from kfac_kernels.blocks.kronecker import measure_largest_eigenvalues
 from kfac_kernels.layers import Layout
-from kfac_kernels.layers.base import DENSE, gram_of_rows, gram_with_ones
+from kfac_kernels.layers.base import (DENSE, ROWS, GramRows, as_dense, gram_of_rows,
+                                      gram_with_ones)
 
 DT = torch.float64
 
@@ -173,6 +174,30 @@ def test_bias_coordinate_without_the_ones_column(dtype, with_current):
     torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
     exact = 0.25 * ones.mT @ ones + (0.7 * current.double() if with_current else 0)
     torch.testing.assert_close(got.double(), exact, rtol=tol, atol=tol * exact.abs().max().item())
+
+
+@pytest.mark.parametrize("layout", [DENSE, ROWS], ids=["dense", "rows"])
+@pytest.mark.parametrize("examples", [3, 40])
+def test_linear_layer_gram_with_and_without_the_ones_column(layout, examples):
+    """A linear layer's ``input_gram``: dense, or rows that do not fit (40 rows of 6), go through
+    ``gram_with_ones``; rows that fit stay rows with the ones column. Either way the Gram of the
+    rows with the ones column, summed over two calls."""
+    from kfac_kernels.layers import LinearAdapter
+
+    gen = torch.Generator().manual_seed(examples)
+    adapter = LinearAdapter("fc", nn.Linear(5, 3).double())
+    xs = [torch.randn(examples, 5, generator=gen, dtype=DT) for _ in range(2)]
+    total = None
+    for x in xs:
+        total, count = adapter.input_gram(x, "expand", layout, DT, "auto", total, 0.5, 2.0)
+        assert count == examples
+    ones = [torch.cat([x, x.new_ones(examples, 1)], dim=1) for x in xs]
+    want = 0.5 * 2.0 * ones[0].T @ ones[0] + 2.0 * ones[1].T @ ones[1]
+    fits = layout == ROWS and 2 * examples <= 6
+    assert isinstance(total, GramRows) == fits
+    got = as_dense(total)[0]
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
+    assert torch.equal(got, got.T)
 
 
 def test_moving_average_of_all_factors_in_one_call_matches_per_part():

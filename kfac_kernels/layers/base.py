@@ -102,6 +102,12 @@ def rows_fit(current, count: int, dim: int) -> bool:
     return (current.count if current is not None else 0) + count <= dim
 
 
+def stays_rows(current, count: int, dim: int, decay: float, alpha: float) -> bool:
+    """Whether :func:`gram_of_rows` keeps a :data:`ROWS` statistic as rows (else it forms the
+    dense matrix)."""
+    return alpha >= 0 and decay >= 0 and rows_fit(current, count, dim)
+
+
 def blocks(widths) -> Layout:
     return Layout("blocks", tuple(int(w) for w in widths))
 
@@ -120,7 +126,7 @@ def gram_of_rows(current, rows: torch.Tensor, layout: Layout, decay: float, alph
     (``current=None``: start from zero). Dense and block Grams go through
     :func:`kfac_kernels.ops.symmetric_factor_update` (one triangle, mirrored)."""
     if layout.kind == "rows":
-        if alpha >= 0 and decay >= 0 and rows_fit(current, rows.shape[1], rows.shape[-1]):
+        if stays_rows(current, rows.shape[1], rows.shape[-1], decay, alpha):
             return (GramRows(rows if alpha == 1.0 else rows * math.sqrt(alpha))
                     if current is None else current.extended(rows, decay, alpha))
         current = as_dense(current, backend)
@@ -338,12 +344,15 @@ class LayerAdapter:
         """``(decay * current + alpha * sum of input-row outer products, rows)`` in ``layout``;
         ``current=None`` starts a sum. Returns ``(current, 0)`` when there are no rows."""
         plain = (self.bias_free_input_rows(x, approx, context)
-                 if self.bias is not None and layout.kind == "dense" else None)
+                 if self.bias is not None and layout.kind in ("dense", "rows") else None)
         if plain is not None:
             rows, count = plain
             if count == 0:
                 return current, 0
-            return gram_with_ones(current, rows.to(dtype), decay, alpha, backend), count
+            if layout.kind == "dense" or not stays_rows(current, count, rows.shape[-1] + 1,
+                                                         decay, alpha):
+                return gram_with_ones(as_dense(current, backend), rows.to(dtype), decay, alpha,
+                                      backend), count
         rows, count = self.input_rows(x, approx, context)
         if count == 0:
             return current, 0
