@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kfac_kernels import BDKFAC, KFAC
+from kfac_kernels import BDKFAC, KFAC, BackendUnavailableError
 from kfac_kernels._backend import native_has_op
 from kfac_kernels.ops import block_damped_cholesky
 
@@ -125,5 +125,8 @@ def test_native_cholesky_confines_non_finite_blocks_and_matches_lapack():
     nan_damping = block_damped_cholesky(a, torch.tensor([0.1, math.nan, 0.3, 0.4, 0.5],
                                                         dtype=torch.float64), backend="cpu")
     assert nan_damping[1].isnan().all() and nan_damping[[0, 2]].isfinite().all()
-    with pytest.raises(ValueError, match="block_damped_cholesky: backend must be one of"):
+    with pytest.raises(BackendUnavailableError, match="block_damped_cholesky: backend='triton' "
+                       "is unavailable: the op has no triton kernel"):
         block_damped_cholesky(a, gamma, backend="triton")
+    with pytest.raises(ValueError, match="block_damped_cholesky: backend must be one of"):
+        block_damped_cholesky(a, gamma, backend="lapack")

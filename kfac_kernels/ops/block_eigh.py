@@ -102,7 +102,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .._backend import native_has_op, resolve_backend
+from .._backend import BackendUnavailableError, native_has_op, resolve_backend
 from ._cuda_auto import cuda_order
 from ._library import check_same
 
@@ -423,7 +423,8 @@ def block_damped_cholesky(blocks: torch.Tensor, damping, *, backend: str = "auto
     Args:
         blocks: ``(B, n, n)`` tensor; only the lower triangle is read.
         damping: non-negative float, or one value per block (sequence or 1-D tensor of length B).
-        backend: ``"auto"``, ``"eager"`` or ``"cpu"``.
+        backend: ``"auto"``, ``"eager"`` or ``"cpu"`` (``"cuda"`` and ``"triton"`` raise
+            :class:`~kfac_kernels.BackendUnavailableError`).
 
     Returns:
         ``(B, n, n)``, lower triangular, in the input dtype (fp16/bf16 are factorised in fp32).
@@ -438,8 +439,12 @@ def block_damped_cholesky(blocks: torch.Tensor, damping, *, backend: str = "auto
                          f"{tuple(blocks.shape) if isinstance(blocks, torch.Tensor) else blocks!r}")
     if not blocks.is_floating_point():
         raise TypeError(f"{op}: blocks must be floating point, got {blocks.dtype}")
-    if backend not in ("auto", "eager", "cpu"):
-        raise ValueError(f"{op}: backend must be one of ('auto', 'eager', 'cpu'), got {backend!r}")
+    if backend in ("cuda", "triton"):
+        raise BackendUnavailableError(
+            f"{op}: backend={backend!r} is unavailable: the op has no {backend} kernel; 'auto' "
+            "and 'eager' run torch.linalg.cholesky_ex (cuSOLVER on CUDA tensors)")
+    if backend != "auto":
+        resolve_backend(backend, blocks.device, op)  # an unknown name, or 'cpu' where it cannot run
     compute = torch.float32 if blocks.dtype in _LOW else blocks.dtype
     values = _damping_values(damping, blocks.shape[0], op)
     if isinstance(values, torch.Tensor):  # 1-D, on its device: no host round trip
@@ -448,8 +453,6 @@ def block_damped_cholesky(blocks: torch.Tensor, damping, *, backend: str = "auto
         if isinstance(values, float):
             values = [values] * blocks.shape[0]
         gamma = torch.tensor(values, dtype=compute, device=blocks.device)
-    if backend == "cpu":
-        resolve_backend(backend, blocks.device, op)  # raises, naming why, where it cannot run
     if backend == "cpu" or (backend == "auto" and blocks.device.type == "cpu"
                             and native_has_op(op)):
         return torch.ops.kfac_kernels.block_damped_cholesky(blocks.to(compute), gamma).to(
