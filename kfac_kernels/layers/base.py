@@ -319,7 +319,8 @@ class LayerAdapter:
                              context=None) -> tuple[torch.Tensor, int] | None:
         """:meth:`input_rows` without the bias coordinate, where that coordinate is a column of
         ones appended to them (the dense Gram then takes it without the copy:
-        :func:`gram_with_ones`); ``None`` where it is not."""
+        :func:`gram_with_ones`); ``None`` where it is not (such an adapter builds its own
+        :meth:`input_rows`, which here starts from these rows)."""
         pos = self.input_positions(x)
         groups, n, r, d = pos.shape
         rows = pos.reshape(groups, n * r, d) if approx == "expand" else pos.mean(dim=2)
