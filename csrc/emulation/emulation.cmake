@@ -103,10 +103,14 @@ foreach(test_src ${KFAC_CUDA_TESTS})
       set(digest ${CMAKE_CURRENT_BINARY_DIR}/cuda_emulation/digests/${name}.txt)
       list(APPEND digests ${digest})
       add_test(NAME ${name} COMMAND ${exe} ${quick_arg})
+      # One OpenMP thread for the CPU reference kernels: ctest -j runs the schedules side by
+      # side, and two processes of two OpenMP threads on two cores wait out a time slice at
+      # every barrier of the reference (symmetric_factor_update's quick test: 578 s per
+      # schedule side by side on 2 cores, 8 s alone; the emulation itself is single-threaded).
       set_tests_properties(${name} PROPERTIES
         LABELS cuda-emulated
         FIXTURES_SETUP ${kernel}_sm${arch}_schedules
-        ENVIRONMENT "KFAC_KERNELS_CUDA_EMULATION_SCHEDULE=${schedule};KFAC_KERNELS_CUDA_EMULATION_DIGEST=${digest}")
+        ENVIRONMENT "OMP_NUM_THREADS=1;KFAC_KERNELS_CUDA_EMULATION_SCHEDULE=${schedule};KFAC_KERNELS_CUDA_EMULATION_DIGEST=${digest}")
     endforeach()
     list(LENGTH digests n_digests)
     if(n_digests GREATER 1)
