@@ -155,6 +155,11 @@ def gram_of_rows(current, rows: torch.Tensor, layout: Layout, decay: float, alph
     return out
 
 
+def with_ones(rows: torch.Tensor) -> torch.Tensor:
+    """``rows`` with a column of ones appended (the bias coordinate)."""
+    return torch.cat([rows, rows.new_ones((*rows.shape[:-1], 1))], dim=-1)
+
+
 def gram_with_ones(current, rows: torch.Tensor, decay: float, alpha: float,
                    backend: str) -> torch.Tensor:
     """:func:`gram_of_rows` of ``rows`` with a column of ones appended, dense layout, without
@@ -311,9 +316,7 @@ class LayerAdapter:
         """Rows for A, ``(groups, m, D_g)`` with the bias coordinate, and their count (the
         normaliser: ``N * R`` for expand, ``N`` for reduce)."""
         rows, count = self.bias_free_input_rows(x, approx, context)
-        if self.bias is not None:
-            rows = torch.cat([rows, rows.new_ones((*rows.shape[:-1], 1))], dim=-1)
-        return rows, count
+        return (with_ones(rows) if self.bias is not None else rows), count
 
     def bias_free_input_rows(self, x: torch.Tensor, approx: str,
                              context=None) -> tuple[torch.Tensor, int] | None:
@@ -355,7 +358,9 @@ class LayerAdapter:
                                                          decay, alpha):
                 return gram_with_ones(as_dense(current, backend), rows.to(dtype), decay, alpha,
                                       backend), count
-        rows, count = self.input_rows(x, approx, context)
+            rows = with_ones(rows)  # they stay rows: the column is part of them
+        else:
+            rows, count = self.input_rows(x, approx, context)
         if count == 0:
             return current, 0
         return gram_of_rows(current, rows.to(dtype), layout, decay, alpha, backend), count

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..graph import active_graph_rows, check_rows, graph_sums
-from .base import LayerAdapter
+from .base import LayerAdapter, with_ones
 
 
 class LinearAdapter(LayerAdapter):
@@ -41,7 +41,7 @@ class LinearAdapter(LayerAdapter):
         check_rows(self.name, x, context)
         rows = x
         if self.bias is not None:
-            rows = torch.cat([rows, rows.new_ones((rows.shape[0], 1))], dim=1)
+            rows = with_ones(rows)
         if approx == "reduce":
             rows, _ = graph_sums(rows, context)
         return rows.unsqueeze(0), rows.shape[0]

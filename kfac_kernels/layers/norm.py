@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.patch_covariance import accumulation_dtype
-from .base import LayerAdapter, gram_of_rows
+from .base import LayerAdapter, gram_of_rows, with_ones
 
 NORM_TYPES = (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -117,7 +117,7 @@ class NormAdapter(LayerAdapter):
         a = self.normalized(x.to(dtype))
         rows = a.reshape(a.shape[0], -1).mean(dim=1, keepdim=True)[None]
         if self.bias is not None:
-            rows = torch.cat([rows, rows.new_ones((*rows.shape[:-1], 1))], dim=-1)
+            rows = with_ones(rows)
         return rows
 
 
