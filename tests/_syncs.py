@@ -1,7 +1,9 @@
 """Counting the calls that would synchronise the host with a GPU, on CPU tensors: reading a
 tensor's value on the host (``item``, ``bool``, ``float``, ``int``, ``tolist``, ``numpy``,
 ``cpu()``, ``nonzero`` whose size the host needs) and making a tensor from host data (``torch.tensor`` / ``torch.as_tensor``, a
-host-to-device copy on a GPU). Where the count grows, the line is recorded."""
+host-to-device copy on a GPU). Where the count grows, the line is recorded. While counting, CPU
+tensors take the path of device tensors (``kfac_kernels._flags.CPU_READS_FREE`` off: on the CPU
+the package reads values that decide what is stored at once, which costs nothing there)."""
 from __future__ import annotations
 
 import contextlib
@@ -17,6 +19,8 @@ _READS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "nu
 @contextlib.contextmanager
 def count_syncs(package: str = "kfac_kernels"):
     """Yield a Counter of ``(kind, file:line)`` for every such call made from ``package``."""
+    from kfac_kernels import _flags
+
     counts: Counter = Counter()
     originals = {}
 
@@ -44,8 +48,10 @@ def count_syncs(package: str = "kfac_kernels"):
         wrap(torch.Tensor, name)
     for name in ("tensor", "as_tensor"):
         wrap(torch, name)
+    free, _flags.CPU_READS_FREE = _flags.CPU_READS_FREE, False
     try:
         yield counts
     finally:
+        _flags.CPU_READS_FREE = free
         for (owner, name), original in originals.items():
             setattr(owner, name, original)

@@ -80,6 +80,15 @@ def _seed():
     yield
 
 
+@pytest.fixture(params=["host-read", "device-select"])
+def stored_health_path(request, monkeypatch):
+    """Both ways a health flag decides what is stored: read on the host (CPU tensors) and
+    selected on the device by ``torch.where`` (what a GPU does; ``CPU_READS_FREE`` off)."""
+    from kfac_kernels import _flags
+    monkeypatch.setattr(_flags, "CPU_READS_FREE", request.param == "host-read")
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def single_thread():
     """Run a module's tests with one intra-op thread (restored afterwards). Their tensors are

@@ -254,7 +254,7 @@ def test_norm_layer_gradients_are_preconditioned_by_the_block_inverses():
 # robustness, checkpoints, arguments
 # ---------------------------------------------------------------------------------------------
 
-def test_nonfinite_factor_keeps_previous_preconditioner():
+def test_nonfinite_factor_keeps_previous_preconditioner(stored_health_path):
     model = cnn()
     bd = bdkfac(model, factor_update_steps=1, inv_update_steps=1, kl_clip=None)
     x, y = data()

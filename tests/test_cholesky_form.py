@@ -56,7 +56,7 @@ def test_cholesky_form_equals_the_inverse_form(structure):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12 * float(w.abs().max()))
 
 
-def test_failed_factorisation_keeps_the_previous_factor():
+def test_failed_factorisation_keeps_the_previous_factor(stored_health_path):
     model = cnn()
     opt = KFAC(model, damping=1e-2, damping_form="factored", compute_method="cholesky",
                factor_update_steps=1, inv_update_steps=1)

@@ -232,7 +232,7 @@ def test_non_finite_gradients_skip_the_step():
 
 @pytest.mark.parametrize("structure,fused", [("dense", False), ("diagonal", False),
                                              ("diagonal", True), ("block-diagonal", True)])
-def test_non_finite_factor_update_keeps_the_previous_factors(structure, fused):
+def test_non_finite_factor_update_keeps_the_previous_factors(structure, fused, stored_health_path):
     """An lr_cov far too large for the curvature overflows the factor update: it is not
     stored (the factors stay the identity they started from), with one warning, on the
     reference path and on the fused ones. The check stays on the device: its warning comes with

@@ -2,6 +2,9 @@
 coordinates, ``K^T U K`` is computed as ``(X K)^T (X K) / m`` from the kept rows, never forming
 ``U``; with more rows the dense ``U`` is accumulated. Both must train exactly like the dense
 statistics of the reference path."""
+import math
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -161,3 +164,60 @@ def test_finite_health_of_many_small_tensors(dtype):
             small[i][1, 1] = bad
             assert not torch.isfinite(finite_health(every)), (i, bad)
             small[i][1, 1] = kept
+
+
+def test_keep_finite_reads_on_the_cpu_and_selects_on_the_device(stored_health_path):
+    """``keep_finite`` stores ``new`` where the health is finite and ``old`` where it is not:
+    on the CPU by reading the flag (the very tensors come back, no pass over them), on the
+    device path by ``torch.where`` (equal values, fresh tensors)."""
+    from kfac_kernels._flags import keep_finite
+    new, old = torch.randn(4, 5), torch.randn(4, 5)
+    good, bad = torch.tensor(3.0, dtype=torch.float64), torch.tensor(float("nan"),
+                                                                     dtype=torch.float64)
+    kept_new, kept_old = keep_finite(new, old, good), keep_finite(new, old, bad)
+    assert torch.equal(kept_new, new) and torch.equal(kept_old, old)
+    host = stored_health_path == "host-read"
+    assert (kept_new is new) == host and (kept_old is old) == host
+    assert keep_finite(new, None, bad) is new
+
+
+@pytest.mark.parametrize("name", ["kfac-cholesky", "singd-dense"])
+def test_host_read_and_device_select_train_alike(name):
+    """The two ways of deciding what is stored give bitwise equal training, through steps
+    whose new state is not finite: K-FAC's decompositions of a factor gone NaN (the previous
+    one is kept), SINGD's factor update with an infinite ``lr_cov`` (the previous factors are
+    kept)."""
+    from kfac_kernels import KFAC, SINGD, PreconditionedOptimizer, _flags
+
+    def run(free):
+        _flags.CPU_READS_FREE = free
+        try:
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+            if name == "kfac-cholesky":
+                precond = KFAC(model, damping=1e-2, compute_method="cholesky",
+                               damping_form="factored", inv_update_steps=1)
+                opt = PreconditionedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                              precond)
+            else:
+                opt = SINGD(model, lr=0.05, lr_cov=0.05, T=1, structures="dense")
+            gen = torch.Generator().manual_seed(1)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                for step in range(6):
+                    x = torch.randn(16, 6, generator=gen)
+                    y = torch.randint(0, 3, (16,), generator=gen)
+                    opt.zero_grad()
+                    nn.functional.cross_entropy(model(x), y).backward()
+                    if step == 3 and name == "kfac-cholesky":
+                        precond.blocks["2"].A[0][0, 0, 0] = float("nan")
+                    if name == "singd-dense":  # an update that is not finite at step 3
+                        opt.lr_cov = math.inf if step == 3 else 0.05
+                    opt.step()
+            assert any("not finite" in str(w.message) for w in caught)
+            return [p.detach().clone() for p in model.parameters()]
+        finally:
+            _flags.CPU_READS_FREE = True
+
+    for a, b in zip(run(True), run(False)):
+        assert torch.equal(a, b)

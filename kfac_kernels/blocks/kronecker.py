@@ -99,6 +99,7 @@ class KroneckerBlock(CurvatureBlock):
         # (key, (lambda_max(A), lambda_max(G))) of the factors last measured; the key changes
         # with every new factor list (the generation) and in-place update (tensor versions)
         self._largest: tuple | None = None
+        self._damping_memo: tuple | None = None  # (key, (gamma_A, gamma_G)): see _dampings
         self._generation = 0
 
     @classmethod
@@ -186,11 +187,19 @@ class KroneckerBlock(CurvatureBlock):
 
     def _dampings(self, damping: float, split: str, relative: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        # kept for the factors they were computed from: a decomposition asks for them twice
+        # (its jobs, then its results), and each time costs trace reductions and small ops
+        key = (self._factor_key(), damping, split, relative)
+        if self._damping_memo is not None and self._damping_memo[0] == key:
+            return self._damping_memo[1]
         if relative:
             a, g = self.largest_eigenvalues()
             root = math.sqrt(damping)
-            return root * a, root * g
-        return self._split_damping(damping, split, self._pi())
+            out = root * a, root * g
+        else:
+            out = self._split_damping(damping, split, self._pi())
+        self._damping_memo = (key, out)
+        return out
 
     def decomposition_jobs(self, method: str, damping: float, split: str,
                            relative: bool = False) -> list[Job]:
@@ -276,7 +285,7 @@ class KroneckerBlock(CurvatureBlock):
         them; precomputed inverses keep the damping of their decomposition."""
         out = self._precondition(mat, method, damping, split, relative)
         if self.unverified is not None:  # no decomposition known to be finite yet
-            out = torch.where(self.unverified.isfinite(), out, mat.to(out.dtype))
+            out = keep_finite(out, mat.to(out.dtype), self.unverified)
         return out
 
     def _precondition(self, mat, method, damping, split, relative):
