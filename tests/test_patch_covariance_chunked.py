@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from kfac_kernels import testing
 from kfac_kernels._backend import native_has_op
 from kfac_kernels.ops import patch_covariance
-from kfac_kernels.ops._symmetric_matmul import (MIN_BLOCK, add_symmetric_matmul_, block_edges,
-                                                symmetric_matmul)
+from kfac_kernels.ops._symmetric_matmul import (LARGE, MIN_BLOCK, add_symmetric_matmul_,
+                                                block_edges, symmetric_matmul)
 
 pc = importlib.import_module("kfac_kernels.ops.patch_covariance")  # the module, not the op
 
@@ -184,7 +184,7 @@ def test_chunked_memory_is_the_output_plus_one_chunk():
 
 
 @pytest.mark.parametrize("d,m", [(5, 3), (MIN_BLOCK * 2 - 1, 50), (MIN_BLOCK * 2, 7),
-                                 (MIN_BLOCK * 7 + 5, 64)])
+                                 (MIN_BLOCK * 7 + 5, 64), (LARGE + 5, 8)])
 def test_symmetric_matmul_is_the_product_and_exactly_symmetric(d, m):
     gen = torch.Generator().manual_seed(d)
     x = torch.randn(m, d, generator=gen, dtype=torch.float64)
