@@ -538,11 +538,17 @@ class KFAC(DetachesHooksOnExit):
             raise RuntimeError(f"{type(self).__name__}: kl_clip needs a learning rate: pass "
                                "lr=... to the constructor or to step(), or use "
                                "PreconditionedOptimizer")
-        terms = []
-        for name, v in updates.items():
-            layer_lr = lr(self.adapters[name].weight) if callable(lr) else lr
-            terms.append(layer_lr ** 2 * (v * grads[name].to(v.dtype)).sum().abs().double())
-        total = torch.stack(terms).sum()
+        # sum over layers of lr^2 |v . g|, the absolute values and a shared learning rate applied
+        # once to the stacked products (``v`` is usually not contiguous: a dot product of its
+        # flattened view would copy it)
+        names = list(updates)
+        dots = [(updates[n] * grads[n].to(updates[n].dtype)).sum().double() for n in names]
+        rates = [lr(self.adapters[n].weight) if callable(lr) else lr for n in names]
+        if len(set(rates)) > 1:
+            dots = [dot * rate ** 2 for dot, rate in zip(dots, rates)]
+        total = torch.stack(dots).abs().sum()
+        if len(set(rates)) == 1:
+            total = total * rates[0] ** 2
         nu = torch.sqrt(self.kl_clip / total.clamp_min(1e-300)).clamp_max(1.0)
         return torch.where(total > 0, nu, torch.ones_like(nu))
 
