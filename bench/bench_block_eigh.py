@@ -18,6 +18,9 @@ Every result is checked first (``||A Q - Q Lambda||_2 / ||A||_2`` and ``||Q^T Q 
 kernel on a sample of blocks). A case whose estimated kernel time exceeds ``--budget`` seconds
 (extrapolated from the smallest ``B`` of the same ``n``) is recorded as skipped.
 
+The pytest-benchmark file also times ``block_damped_cholesky``'s native CPU backend on one block
+of order 129 to 2304 against the eager ``cholesky_ex`` (``test_block_damped_cholesky``).
+
 Run as a pytest-benchmark file (the ``B = 64`` row only)::
 
     python -m pytest bench/bench_block_eigh.py --benchmark-only
@@ -45,12 +48,14 @@ import pytest
 import torch
 
 from kfac_kernels import testing
-from kfac_kernels.ops import block_eigh
+from kfac_kernels._backend import native_has_op
+from kfac_kernels.ops import block_damped_cholesky, block_eigh
 from kfac_kernels.ops.block_eigh import MAX_N
 
 GRID_N = (16, 32, 48, 64, 96, 128, 256)
 GRID_B = (64, 512, 4096)
 SMALL_N = (2, 4, 8)  # below the grid: where the CPU kernel's crossover with LAPACK lies
+CHOLESKY_N = (129, 513, 1152, 2304)  # a ViT's factor orders (d = 128, 512 with a bias), ResNet's
 
 
 # ------------------------------------------------------------------------------ block sets
@@ -235,6 +240,33 @@ def test_block_eigh(benchmark, device, n):
     check(blocks, *kernel(blocks)[:2])
     benchmark.extra_info["batched_eigh_s"] = best_time(lambda: torch.linalg.eigh(blocks), device)
     benchmark(lambda: (kernel(blocks), _sync(device)))
+
+
+@pytest.mark.parametrize("device", testing.devices(), ids=str)
+@pytest.mark.parametrize("n", CHOLESKY_N)
+def test_block_damped_cholesky(benchmark, device, n):
+    """The damped Cholesky factor of one SPD block (a ViT's and a ResNet's factor orders) by the
+    op's native backend, against the eager ``cholesky_ex`` (``extra_info``: its time and the
+    ratio); checked first: ``||L L^T - (A + gamma I)|| / ||A + gamma I||`` at most 1e-5."""
+    if "cpu" not in _cholesky_backends(device):
+        pytest.skip("no native block_damped_cholesky for this device")
+    blocks = random_spd(1, n, device)
+    gamma = 1e-3
+    chol = block_damped_cholesky(blocks, gamma, backend="cpu")
+    damped = blocks.double() + gamma * torch.eye(n, dtype=torch.float64, device=device)
+    err = float((chol.double() @ chol.double().mT - damped).norm() / damped.norm())
+    assert err <= 1e-5, err
+    eager_s = best_time(lambda: block_damped_cholesky(blocks, gamma, backend="eager"), device)
+    benchmark.extra_info["eager_s"] = eager_s
+    benchmark.extra_info["relative_error"] = err
+    benchmark(lambda: (block_damped_cholesky(blocks, gamma, backend="cpu"), _sync(device)))
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        benchmark.extra_info["speedup_vs_eager"] = eager_s / benchmark.stats.stats.min
+
+
+def _cholesky_backends(device) -> list[str]:
+    cpu = torch.device(device).type == "cpu" and native_has_op("block_damped_cholesky")
+    return ["cpu"] if cpu else []
 
 
 # ------------------------------------------------------------------------------ script mode
