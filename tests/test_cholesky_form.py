@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kfac_kernels import BDKFAC, KFAC, BackendUnavailableError
+from kfac_kernels import BDKFAC, KFAC, BackendUnavailableError, testing
 from kfac_kernels._backend import native_has_op
-from kfac_kernels.ops import block_damped_cholesky
+from kfac_kernels.ops import block_damped_cholesky, block_damped_inverse
 
 from test_bdkfac import cnn, data
 
@@ -130,3 +130,31 @@ def test_native_cholesky_confines_non_finite_blocks_and_matches_lapack():
         block_damped_cholesky(a, gamma, backend="triton")
     with pytest.raises(ValueError, match="block_damped_cholesky: backend must be one of"):
         block_damped_cholesky(a, gamma, backend="lapack")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_indefinite_block_above_the_jacobi_size_falls_back_to_the_clamped_inverse(dtype):
+    """Above the Jacobi kernels' size a damped inverse comes from a Cholesky factorisation
+    (on the CPU the native one); a block it cannot factor (indefinite beyond the damping) is the
+    clamped eigen-inverse with ``fallback=True`` and NaN without, its neighbours untouched."""
+    gen = torch.Generator().manual_seed(7)
+    n = 33
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    lam = torch.linspace(0.1, 2.0, n, dtype=torch.float64)
+    good = (q * lam) @ q.T
+    lam_bad = lam.clone()
+    lam_bad[:3] = -0.5
+    bad = (q * lam_bad) @ q.T
+    stack = torch.stack([good, bad, good]).to(dtype)
+    gamma = 0.1
+    clamped = (q * (1 / (lam_bad.clamp_min(0) + gamma))) @ q.T
+    plain = torch.linalg.inv(good + gamma * torch.eye(n, dtype=torch.float64))
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    inv = block_damped_inverse(stack, gamma)
+    testing.assert_close_rel(inv[1], clamped, tol)
+    for i in (0, 2):
+        testing.assert_close_rel(inv[i], plain, tol)
+    inv = block_damped_inverse(stack, gamma, fallback=False)
+    assert inv[1].isnan().all()
+    for i in (0, 2):
+        testing.assert_close_rel(inv[i], plain, tol)
