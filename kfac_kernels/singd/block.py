@@ -143,6 +143,12 @@ class SingdBlock(CurvatureBlock):
             state["C"][gi] = warm_factor(cc, kc, g, damping, self.compute).to(dc)
         self.state = state
 
+    def restart(self) -> None:
+        """Forget ``K``, ``C`` and their momenta: the next use starts them again (the identity,
+        or the warm start at the next factor update; :mod:`kfac_kernels.singd.guard`)."""
+        self.state = None
+        self._squares.clear()
+
     def factors(self) -> dict[str, list[StructuredMatrix]]:
         if self.state is None:
             self.state = self.initial_state()

@@ -10,6 +10,7 @@ from ..ops.singd_block_factor_update import singd_block_factor_update
 from ..ops.singd_block_step import singd_block_step
 from ..ops.singd_diagonal_factor_update import singd_diagonal_factor_update
 from ..ops.singd_diagonal_step import accumulation_dtype, singd_diagonal_step
+from .guard import bounded_health, fused_bound, select
 from .structures import BlockDiagonal, Diagonal, StructuredMatrix
 
 
@@ -125,14 +126,39 @@ class FusedSteps:
                 and self._dtypes(name)[2] == accumulation_dtype(w.dtype)
                 and w.dtype in (torch.float32, torch.float64, torch.bfloat16))
 
-    def _fused_block_layer_step(self, name: str, state, group) -> None:
+    def _fused_healths(self, states: dict, grad_max: torch.Tensor) -> dict:
+        """The health of every fused layer's direction (``states``: name -> its factors),
+        from the bound of :func:`kfac_kernels.singd.guard.fused_bound` with the largest
+        gradient entry of the step (``grad_max``, all layers': a bound for each) -- one
+        computation over all layers of a compute dtype."""
+        out: dict = {}
+        by_dtype: dict[torch.dtype, list[str]] = {}
+        for name in states:
+            by_dtype.setdefault(self._dtypes(name)[2], []).append(name)
+        for compute, names in by_dtype.items():
+            first = states[names[0]]["C"][0]
+            blocks = (first.k, states[names[0]]["K"][0].k) if isinstance(
+                first, BlockDiagonal) else (1, 1)
+            parts = {key: [[t for t in states[n][key][0].data if t.numel()] for n in names]
+                     for key in ("C", "K")}
+            flat = [t for key in ("C", "K") for ts in parts[key] for t in ts]
+            norms = iter(torch._foreach_norm(flat, float("inf")))
+            largest = {key: torch.stack([torch.stack([next(norms) for _ in ts]).amax()
+                                         for ts in parts[key]]) for key in ("C", "K")}
+            bound = fused_bound(largest["C"], largest["K"], grad_max, *blocks)
+            out.update(zip(names, bounded_health(bound, compute).unbind()))
+        return out
+
+    def _fused_block_layer_step(self, name: str, state, group, ok=True) -> None:
         """Steps 2-3 of Fig. 4 for block-diagonal factors: weight and bias (the last column of
         ``[W | b]``, coupled to the weight by the last block of ``K``) in one pass of
-        :func:`kfac_kernels.ops.singd_block_step`."""
+        :func:`kfac_kernels.ops.singd_block_step`. ``ok``: whether the layer's direction is
+        finite (else factors and gradients enter as zeros; :mod:`kfac_kernels.singd.guard`)."""
         ad = self.adapters[name]
         compute = self._dtypes(name)[2]
         c, c_dims = _slots(state["C"][0], compute)
         k, k_dims = _slots(state["K"][0], compute)
+        c, k = select(ok, c), select(ok, k)
         w, b = ad.weight, ad.bias
         d_o = w.shape[0]
         mom = group["momentum"]
@@ -147,27 +173,28 @@ class FusedSteps:
                                                                 device=p.device))
         db = None
         if b is not None:
-            db = b.grad if b.grad is not None else torch.zeros_like(b)
-        singd_block_step(w.view(d_o, -1), w.grad.reshape(d_o, -1), b, db, c, c_dims, k, k_dims,
-                         bufs[0].view(d_o, -1), bufs[1], group["lr"], mom,
+            db = select(ok, b.grad if b.grad is not None else torch.zeros_like(b))
+        singd_block_step(w.view(d_o, -1), select(ok, w.grad).reshape(d_o, -1), b, db, c, c_dims,
+                         k, k_dims, bufs[0].view(d_o, -1), bufs[1], group["lr"], mom,
                          group["weight_decay"], first, backend=self.backend)
         if mom != 0.0:
             for p, buf in zip((w, b), bufs):
                 if p is not None:
                     self.state[p]["momentum_buffer"] = buf
 
-    def _fused_layer_step(self, name: str, state, group) -> None:
-        """Steps 2-3 of Fig. 4 for diagonal factors, one kernel per weight and bias."""
+    def _fused_layer_step(self, name: str, state, group, ok=True) -> None:
+        """Steps 2-3 of Fig. 4 for diagonal factors, one kernel per weight and bias (``ok`` as
+        for :meth:`_fused_block_layer_step`)."""
         ad = self.adapters[name]
         compute = self._dtypes(name)[2]
-        c = state["C"][0].data[0].to(compute)
-        k = state["K"][0].data[0].to(compute)
+        c = select(ok, state["C"][0].data[0].to(compute))
+        k = select(ok, state["K"][0].data[0].to(compute))
         w, b = ad.weight, ad.bias
         d_o = w.shape[0]
-        pieces = [(w, w.grad, k[:w[0].numel()])]
+        pieces = [(w, select(ok, w.grad), k[:w[0].numel()])]
         if b is not None:
             db = b.grad if b.grad is not None else torch.zeros_like(b)
-            pieces.append((b, db, k[-1:]))
+            pieces.append((b, select(ok, db), k[-1:]))
         mom = group["momentum"]
         for p, grad, kk in pieces:
             st = self.state[p]

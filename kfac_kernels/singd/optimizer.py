@@ -56,10 +56,11 @@ from ..capture import (Capture, DetachesHooksOnExit, default_factor_dtype, grad_
                        weak_method)
 from ..curvature import check_common
 from ..layers import find_adapters, validate_skip_modules
-from .._flags import DeferredChecks
+from .._flags import DeferredChecks, largest_magnitude
 from .._skips import SkipCounter
 from .block import SingdBlock
 from .fused import FusedSteps
+from .guard import DirectionGuard, select
 from .structures import BlockDiagonal, Diagonal, StructuredMatrix, structure_class
 from .update import factor_update, precondition
 
@@ -73,7 +74,7 @@ def _pair(value):
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
-class SINGD(DetachesHooksOnExit, FusedSteps, torch.optim.Optimizer):
+class SINGD(DetachesHooksOnExit, FusedSteps, DirectionGuard, torch.optim.Optimizer):
     """Structured inverse-free natural gradient descent (SINGD; INGD, IKFAC as special cases).
 
     Args:
@@ -326,7 +327,8 @@ class SINGD(DetachesHooksOnExit, FusedSteps, torch.optim.Optimizer):
         stats = {n: st for n, st in stats.items() if st is not None}
         # The step's one host read: the gradients, this step's statistics and the checks of
         # earlier factor updates, together (kfac_kernels._flags).
-        ok = self.checks.read([gradient_health(grads)]
+        grad_max = gradient_health(grads)
+        ok = self.checks.read([grad_max]
                               + [SingdBlock.statistics_finite(st) for st in stats.values()])
         if not ok[0]:
             if not (self.grad_scaler is not None and self.grad_scaler.is_enabled()):
@@ -337,15 +339,22 @@ class SINGD(DetachesHooksOnExit, FusedSteps, torch.optim.Optimizer):
         if factor_step:
             self._update_factors(list(mats), stats, dict(zip(stats, ok[1:])))
         self._discard_pending()
+        # Every layer's direction is checked before it is applied (kfac_kernels.singd.guard).
+        # (the fused layers' factors are taken first: a restart below must not re-create them)
+        fused = {name: self.blocks[name].factors() for name in mats if self._fusable(name)}
+        directions = {name: self.blocks[name].precondition(mat, self.T)
+                      for name, mat in mats.items() if name not in fused}
+        healths = {name: largest_magnitude(d) for name, d in directions.items()}
+        healths.update(self._fused_healths(fused, grad_max))
+        ok = self._directions_ok(healths)
         updates = []
-        for name, mat in mats.items():
-            if self._fusable(name):
-                if self.structure_classes[0] is BlockDiagonal:
-                    self._fused_block_layer_step(name, self.blocks[name].factors(), group)
-                else:
-                    self._fused_layer_step(name, self.blocks[name].factors(), group)
-                continue
-            updates += self._layer_directions(name, self.blocks[name].precondition(mat, self.T))
+        for name, state in fused.items():
+            if self.structure_classes[0] is BlockDiagonal:
+                self._fused_block_layer_step(name, state, group, ok[name])
+            else:
+                self._fused_layer_step(name, state, group, ok[name])
+        for name, direction in directions.items():
+            updates += self._layer_directions(name, select(ok[name], direction))
         updates += [(p, p.grad.to(torch.promote_types(p.dtype, torch.float32))) for p in plain]
         self._apply_all(updates, group)
         self.steps += 1
