@@ -544,10 +544,11 @@ class KFAC(DetachesHooksOnExit):
         names = list(updates)
         dots = [(updates[n] * grads[n].to(updates[n].dtype)).sum().double() for n in names]
         rates = [lr(self.adapters[n].weight) if callable(lr) else lr for n in names]
-        if len(set(rates)) > 1:
+        shared = len(set(rates)) == 1
+        if not shared:
             dots = [dot * rate ** 2 for dot, rate in zip(dots, rates)]
         total = torch.stack(dots).abs().sum()
-        if len(set(rates)) == 1:
+        if shared:
             total = total * rates[0] ** 2
         nu = torch.sqrt(self.kl_clip / total.clamp_min(1e-300)).clamp_max(1.0)
         return torch.where(total > 0, nu, torch.ones_like(nu))

@@ -346,15 +346,15 @@ class SINGD(DetachesHooksOnExit, FusedSteps, DirectionGuard, torch.optim.Optimiz
                       for name, mat in mats.items() if name not in fused}
         healths = {name: largest_magnitude(d) for name, d in directions.items()}
         healths.update(self._fused_healths(fused, grad_max))
-        ok = self._directions_ok(healths)
+        finite = self._directions_ok(healths)
         updates = []
         for name, state in fused.items():
             if self.structure_classes[0] is BlockDiagonal:
-                self._fused_block_layer_step(name, state, group, ok[name])
+                self._fused_block_layer_step(name, state, group, finite[name])
             else:
-                self._fused_layer_step(name, state, group, ok[name])
+                self._fused_layer_step(name, state, group, finite[name])
         for name, direction in directions.items():
-            updates += self._layer_directions(name, select(ok[name], direction))
+            updates += self._layer_directions(name, select(finite[name], direction))
         updates += [(p, p.grad.to(torch.promote_types(p.dtype, torch.float32))) for p in plain]
         self._apply_all(updates, group)
         self.steps += 1
