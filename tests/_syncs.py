@@ -19,8 +19,6 @@ _READS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "nu
 @contextlib.contextmanager
 def count_syncs(package: str = "kfac_kernels"):
     """Yield a Counter of ``(kind, file:line)`` for every such call made from ``package``."""
-    from kfac_kernels import _flags
-
     counts: Counter = Counter()
     originals = {}
 
@@ -48,10 +46,22 @@ def count_syncs(package: str = "kfac_kernels"):
         wrap(torch.Tensor, name)
     for name in ("tensor", "as_tensor"):
         wrap(torch, name)
-    free, _flags.CPU_READS_FREE = _flags.CPU_READS_FREE, False
     try:
-        yield counts
+        with host_reads(False):
+            yield counts
     finally:
-        _flags.CPU_READS_FREE = free
         for (owner, name), original in originals.items():
             setattr(owner, name, original)
+
+
+@contextlib.contextmanager
+def host_reads(free: bool):
+    """CPU tensors read their health flags on the host (``free``) or take the device path
+    (``kfac_kernels._flags.CPU_READS_FREE``) inside the block."""
+    from kfac_kernels import _flags
+
+    before, _flags.CPU_READS_FREE = _flags.CPU_READS_FREE, free
+    try:
+        yield
+    finally:
+        _flags.CPU_READS_FREE = before

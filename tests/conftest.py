@@ -81,12 +81,12 @@ def _seed():
 
 
 @pytest.fixture(params=["host-read", "device-select"])
-def stored_health_path(request, monkeypatch):
+def stored_health_path(request):
     """Both ways a health flag decides what is stored: read on the host (CPU tensors) and
     selected on the device by ``torch.where`` (what a GPU does; ``CPU_READS_FREE`` off)."""
-    from kfac_kernels import _flags
-    monkeypatch.setattr(_flags, "CPU_READS_FREE", request.param == "host-read")
-    return request.param
+    from _syncs import host_reads
+    with host_reads(request.param == "host-read"):
+        yield request.param
 
 
 @pytest.fixture(scope="module")

@@ -292,15 +292,12 @@ def test_direction_guard_reads_on_the_cpu_and_selects_on_the_device_alike(struct
                                                                           warm_start):
     """The guard's host read (CPU) and its device-side selection with the restart at the next
     step's read give the same parameters, bit for bit, through restarts."""
-    from kfac_kernels import _flags
+    from _syncs import host_reads
 
     runs = []
     for free in (True, False):
-        _flags.CPU_READS_FREE = free
-        try:
+        with host_reads(free):
             model, messages = _exploding_run(structure, fused, warm_start, steps=12)
-        finally:
-            _flags.CPU_READS_FREE = True
         assert any("preconditioned gradient" in m for m in messages)
         runs.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*runs):

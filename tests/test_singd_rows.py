@@ -187,11 +187,12 @@ def test_host_read_and_device_select_train_alike(name):
     whose new state is not finite: K-FAC's decompositions of a factor gone NaN (the previous
     one is kept), SINGD's factor update with an infinite ``lr_cov`` (the previous factors are
     kept)."""
-    from kfac_kernels import KFAC, SINGD, PreconditionedOptimizer, _flags
+    from _syncs import host_reads
+
+    from kfac_kernels import KFAC, SINGD, PreconditionedOptimizer
 
     def run(free):
-        _flags.CPU_READS_FREE = free
-        try:
+        with host_reads(free):
             torch.manual_seed(0)
             model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
             if name == "kfac-cholesky":
@@ -216,8 +217,6 @@ def test_host_read_and_device_select_train_alike(name):
                     opt.step()
             assert any("not finite" in str(w.message) for w in caught)
             return [p.detach().clone() for p in model.parameters()]
-        finally:
-            _flags.CPU_READS_FREE = True
 
     for a, b in zip(run(True), run(False)):
         assert torch.equal(a, b)

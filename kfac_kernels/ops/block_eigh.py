@@ -259,20 +259,17 @@ def damped_inverse_by_cholesky(stack: torch.Tensor, damping: torch.Tensor,
     # symmetrising the result were two passes over transposed views: 2.3 s of a 17.9 s ResNet-18
     # K-FAC step at n = 4608 on one CPU thread.)
     if _native_cholesky(stack):
-        # block_damped_cholesky's CPU kernel: a failed factorisation is an all-NaN block (its
-        # inverse NaN too). 1.2-1.8x faster than through cholesky_ex at n = 16..1152 on one
-        # thread (bench/bench_block_eigh.py times the factorisation alone).
+        # block_damped_cholesky's CPU kernel (1.2-1.8x faster than through cholesky_ex at
+        # n = 16..1152 on one thread): a failed factorisation is an all-NaN block
         chol = torch.ops.kfac_kernels.block_damped_cholesky(stack, damping)
-        inverse = torch.cholesky_inverse(chol)
-        if not fallback:
-            return inverse
-        failed = chol.diagonal(dim1=-2, dim2=-1).isnan().any(-1).nonzero().flatten()
+        bad = chol.diagonal(dim1=-2, dim2=-1).isnan().any(-1)
     else:
         chol, info = _damped_cholesky_ex(stack, damping)
-        inverse = torch.cholesky_inverse(chol)
-        if not fallback:
-            return inverse.masked_fill_((info != 0)[:, None, None], math.nan)
-        failed = (info != 0).nonzero().flatten()
+        bad = info != 0
+    inverse = torch.cholesky_inverse(chol)
+    if not fallback:
+        return inverse.masked_fill_(bad[:, None, None], math.nan)
+    failed = bad.nonzero().flatten()
     if failed.numel():
         vals, vecs, _ = block_eigh_eager(stack[failed])
         inverse[failed] = damped_inverse_from_eigh(vals, vecs, damping[failed])
