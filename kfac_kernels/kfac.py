@@ -228,6 +228,9 @@ class KFAC(DetachesHooksOnExit):
         self.process_group = process_group
         self.distributed_strategy = distributed_strategy
         self.steps = 0
+        # Whether the capture folds dense factors' statistics into them as it forms them
+        # (KroneckerBlock.fold_decay); off, each step's sums are folded by a separate lerp.
+        self.fold_while_capturing = True
         # Why the last step() did nothing: None, "no gradients" or "non-finite gradients".
         self.skip_reason: str | None = None
         # Device-side checks read with the next step's one host read (kfac_kernels._flags).
@@ -288,6 +291,11 @@ class KFAC(DetachesHooksOnExit):
         """Capture only on factor-update steps; the empirical Fisher reads the user's backward,
         the others only the passes of :meth:`backward`."""
         on = self.is_factor_step
+        # Fold the coming statistics into the stored factors as the Gram kernels form them
+        # (KroneckerBlock.fold_decay); a distributed step all-reduces the plain sums first.
+        fold = None if self.is_distributed or not self.fold_while_capturing else self.factor_decay
+        for block in self.blocks.values():
+            block.fold_decay = fold
         self.capture.inputs_on = on
         self.capture.grads_on = on and self.fisher_type == "empirical"
         self.capture.world_size = (torch.distributed.get_world_size(self.process_group)

@@ -51,11 +51,21 @@ import math
 
 import torch
 
-from ..layers import DENSE, LayerAdapter, Layout, blocks
+from ..layers import DENSE, LayerAdapter, Layout, StepSums, blocks
 from .._flags import keep_finite
 from . import sides
 from .base import CurvatureBlock
 from .decompositions import Job
+
+
+def folds_while_capturing(adapter: LayerAdapter) -> bool:
+    """Whether ``adapter`` accumulates its statistics through the base class's
+    :meth:`~kfac_kernels.layers.LayerAdapter.accumulate_forward` / ``accumulate_backward``,
+    which honour :meth:`~kfac_kernels.layers.StepSums.fold_into` (an adapter that adds
+    statistics by hand, e.g. a tied embedding's token counts, keeps plain sums)."""
+    cls = type(adapter)
+    return (cls.accumulate_forward is LayerAdapter.accumulate_forward
+            and cls.accumulate_backward is LayerAdapter.accumulate_backward)
 
 
 def partition_sizes(features: int, num_blocks: int | None = None,
@@ -87,6 +97,15 @@ class KroneckerBlock(CurvatureBlock):
 
     structure = "dense"
 
+    #: When set (by :class:`~kfac_kernels.KFAC`, to its ``factor_decay``), the capture folds a
+    #: step's statistics of a dense side into the stored factor as they arrive:
+    #: ``decay F + (1 - decay) S`` comes out of the Gram kernel that forms ``S``
+    #: (:meth:`~kfac_kernels.layers.StepSums.fold_into`), a new tensor taken as the factor by
+    #: :meth:`fold_pending`, instead of one more pass over each factor (a ``lerp``, 1.7 ms of a
+    #: 4-layer ViT's step on one CPU thread). ``None``: the step's sums are kept apart (the
+    #: distributed all-reduce sums them first).
+    fold_decay: float | None = None
+
     def __init__(self, name: str, adapter: LayerAdapter, *, approx: str, dtype: torch.dtype,
                  backend: str = "auto", **options):
         super().__init__(name, adapter, approx=approx, dtype=dtype, backend=backend, **options)
@@ -107,8 +126,21 @@ class KroneckerBlock(CurvatureBlock):
         return DENSE, DENSE
 
     # --- factors ------------------------------------------------------------------------------
+    def _sums(self) -> StepSums:
+        if self.pending is None:
+            sums = super()._sums()
+            if self.fold_decay is not None and self.A is not None and folds_while_capturing(
+                    self.adapter):
+                priors = {side: stored[0] for side, stored, layout in (
+                    ("a", self.A, self.a_layout), ("g", self.G, self.g_layout))
+                    if layout.kind == "dense"}
+                if priors:
+                    sums.fold_into(priors, self.fold_decay)
+        return self.pending
+
     def fold_pending(self, decay: float, lerps: tuple[list, list] | None = None) -> None:
-        """``F <- decay F + (1 - decay) S`` for both sides (the first step takes ``S``).
+        """``F <- decay F + (1 - decay) S`` for both sides (the first step takes ``S``); a side
+        the capture already folded (:attr:`fold_decay`) is taken as it is.
 
         ``lerps``: two lists ``(stored, new)`` to which the parts are appended instead of
         folded here, for the caller to fold every block's parts in one
@@ -123,10 +155,22 @@ class KroneckerBlock(CurvatureBlock):
             self._generation += 1
             return
         stored_parts, new_parts = ([], []) if lerps is None else lerps
-        for stored, new in ((self.A, a), (self.G, g)):
-            stored_parts.extend(stored)
-            new_parts.extend(new)
-        if lerps is None:
+        for side, new in (("a", a), ("g", g)):
+            stored = self.A if side == "a" else self.G
+            if side not in p.folded:
+                stored_parts.extend(stored)
+                new_parts.extend(new)
+            elif p.keep == decay:
+                if side == "a":
+                    self.A = new
+                else:
+                    self.G = new
+                self._generation += 1
+            else:
+                # the decay changed since the capture (a schedule): F + w (keep F + (1 - keep) S
+                # - F) with w (1 - keep) = 1 - decay is the update with the new decay
+                torch._foreach_lerp_(stored, new, (1.0 - decay) / (1.0 - p.keep))
+        if lerps is None and stored_parts:
             torch._foreach_lerp_(stored_parts, new_parts, 1.0 - decay)
         self.A_count = decay * self.A_count + (1.0 - decay) * p.rows
 

@@ -207,11 +207,47 @@ class StepSums:
         self.rows = 0
         self.g = None
         self.g_passes = 0
+        # A consumer's moving average to fold the statistics into as they arrive (see
+        # fold_into): by side, the stored average; ``keep`` its weight.
+        self.priors: dict[str, torch.Tensor] = {}
+        self.keep = 0.0
+        self.folded: set[str] = set()  # the sides that hold ``keep * prior + (1 - keep) * sum``
 
     @property
     def complete(self) -> bool:
         """Whether both sides saw data."""
         return self.a is not None and self.rows > 0 and self.g is not None
+
+    def fold_into(self, priors: dict[str, torch.Tensor], keep: float) -> None:
+        """Accumulate ``keep * prior + (1 - keep) * (the step's sum)`` on the sides in
+        ``priors`` (``"a"``, ``"g"``; dense layouts) instead of the sum alone: the moving
+        average's update comes out of the Gram kernels' own ``decay * F + alpha * X^T X`` (the
+        prior is read, not modified), and the consumer takes the result as its new average
+        instead of a separate pass over each factor. A side whose first contribution cannot
+        take a prior (a grouped output, :meth:`LayerAdapter.accumulate_backward`) stays a
+        plain sum."""
+        self.priors, self.keep = dict(priors), float(keep)
+
+    def contribution(self, side: str, current, multiplier: float = 1.0):
+        """``(current, decay, alpha)`` for the next Gram of ``side`` added to ``current`` (the
+        side's sum so far) with weight ``multiplier``: the first contribution of a folded side
+        starts from the prior."""
+        prior = self.priors.get(side)
+        if prior is None:
+            return current, 1.0, multiplier
+        scale = 1.0 - self.keep
+        if current is None:
+            self.folded.add(side)
+            return prior, self.keep, multiplier * scale
+        return current, 1.0, multiplier * scale
+
+    def unfolded(self, side: str, multiplier: float = 1.0) -> float:
+        """The weight of a contribution added to ``side`` by hand: a side not started yet
+        stays a plain sum; a folded one scales it by ``1 - keep``."""
+        if side in self.folded:
+            return multiplier * (1.0 - self.keep)
+        self.priors.pop(side, None)
+        return multiplier
 
 
 class LayerAdapter:
@@ -375,8 +411,13 @@ class LayerAdapter:
     def accumulate_forward(self, sums: StepSums, x, approx: str, backend: str,
                            context=None) -> None:
         """Add a forward call's input to ``sums``."""
-        sums.a, count = self.input_gram(x, approx, sums.a_layout, sums.dtype, backend, sums.a,
-                                        context=context)
+        current, decay, alpha = sums.contribution("a", sums.a)
+        new, count = self.input_gram(x, approx, sums.a_layout, sums.dtype, backend, current,
+                                     decay, alpha, context=context)
+        if count == 0 and sums.a is None:   # nothing added: the side has not started
+            sums.folded.discard("a")
+            return
+        sums.a = new
         sums.rows += count
 
     def accumulate_backward(self, sums: StepSums, grad: torch.Tensor, approx: str, backend: str,
@@ -384,14 +425,16 @@ class LayerAdapter:
         """Add an output gradient (weighted by ``multiplier``) to ``sums``; ``group`` names the
         group of a grouped output (its gradient then covers that group only)."""
         if group is None:
-            sums.g = self.output_gram(grad, approx, sums.g_layout, sums.dtype, backend, sums.g,
-                                      alpha=multiplier, context=context)
+            current, decay, alpha = sums.contribution("g", sums.g, multiplier)
+            sums.g = self.output_gram(grad, approx, sums.g_layout, sums.dtype, backend, current,
+                                      decay, alpha, context=context)
         else:
+            alpha = sums.unfolded("g", multiplier)
             if sums.g is None:
                 sums.g = sums.g_layout.zeros(self.groups, self.out_features_per_group,
                                              dtype=sums.dtype, device=grad.device)
             part = self.output_gram(grad, self.group_approx(group, approx), sums.g_layout,
-                                    sums.dtype, backend, alpha=multiplier, context=context,
+                                    sums.dtype, backend, alpha=alpha, context=context,
                                     groups=1)
             _add_group(sums.g, part, group)
         sums.g_passes += 1
