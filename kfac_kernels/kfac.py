@@ -430,11 +430,17 @@ class KFAC(DetachesHooksOnExit):
                       lr=None, kl_clip: bool = True) -> None:
         """Scale ``updates`` by the KL-clipping factor (if on) and write them into the
         parameters' gradients."""
+        nu = None
         if kl_clip and self.kl_clip is not None and updates:
             nu = self.kl_clip_factor(updates, grads, lr)
-            updates = {name: v * nu.to(v.dtype) for name, v in updates.items()}
         for name, v in updates.items():
-            self.adapters[name].set_grad_matrix(v.to(grads[name].dtype))
+            dtype, scale = grads[name].dtype, None
+            if nu is not None:
+                if v.dtype == dtype:
+                    scale = nu.to(dtype)     # applied as the update is written: one pass
+                else:
+                    v = v * nu.to(v.dtype)   # before the one rounding to the gradient's dtype
+            self.adapters[name].set_grad_matrix(v.to(dtype), scale)
 
     @property
     def _split(self) -> str | None:

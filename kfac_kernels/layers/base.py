@@ -89,6 +89,14 @@ class GramRows:
         return GramRows(torch.cat([old, new.to(old.dtype)], dim=1))
 
 
+def write_scaled(dst: torch.Tensor, src: torch.Tensor, scale: torch.Tensor | None) -> None:
+    """``dst <- src`` (``src * scale`` if a scale is given): one pass over ``dst`` either way."""
+    if scale is None:
+        dst.copy_(src)
+    else:
+        torch.mul(src, scale, out=dst)
+
+
 def as_dense(value, backend: str = "auto"):
     """A statistic with :class:`GramRows` replaced by its dense matrix (others unchanged)."""
     return value.gram(backend) if isinstance(value, GramRows) else value
@@ -315,17 +323,18 @@ class LayerAdapter:
             mat = torch.cat([mat, db.reshape(self.groups, -1, 1)], dim=2)
         return mat
 
-    def set_grad_matrix(self, mat: torch.Tensor) -> None:
-        """Write a ``(groups, d_out_g, D_g)`` matrix back into ``weight.grad`` / ``bias.grad``."""
+    def set_grad_matrix(self, mat: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+        """Write a ``(groups, d_out_g, D_g)`` matrix (times ``scale``, a 0-d tensor, if given)
+        back into ``weight.grad`` / ``bias.grad``."""
         w, b = self.weight, self.bias
         if b is not None:
             wmat, bcol = mat[..., :-1], mat[..., -1]
             if b.grad is None:
                 b.grad = torch.empty_like(b)
-            b.grad.copy_(bcol.reshape(b.shape))
+            write_scaled(b.grad, bcol.reshape(b.shape), scale)
         else:
             wmat = mat
-        w.grad.copy_(wmat.reshape(w.shape))
+        write_scaled(w.grad, wmat.reshape(w.shape), scale)
 
     # --- hooks --------------------------------------------------------------------------------
     def attach(self, capture) -> list:

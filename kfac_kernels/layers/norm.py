@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.patch_covariance import accumulation_dtype
-from .base import LayerAdapter, gram_of_rows, with_ones
+from .base import LayerAdapter, gram_of_rows, with_ones, write_scaled
 
 NORM_TYPES = (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -58,13 +58,13 @@ class NormAdapter(LayerAdapter):
                         else torch.zeros_like(w.grad).reshape(-1))
         return torch.stack(cols, dim=1).unsqueeze(0)
 
-    def set_grad_matrix(self, mat: torch.Tensor) -> None:
+    def set_grad_matrix(self, mat: torch.Tensor, scale: torch.Tensor | None = None) -> None:
         w, b = self.weight, self.bias
-        w.grad.copy_(mat[0, :, 0].reshape(w.shape))
+        write_scaled(w.grad, mat[0, :, 0].reshape(w.shape), scale)
         if b is not None:
             if b.grad is None:
                 b.grad = torch.empty_like(b)
-            b.grad.copy_(mat[0, :, 1].reshape(b.shape))
+            write_scaled(b.grad, mat[0, :, 1].reshape(b.shape), scale)
 
     def normalized(self, x: torch.Tensor) -> torch.Tensor:
         """``a_hat`` exactly as the module normalises in training mode (batch statistics)."""

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import DIAGONAL, LayerAdapter, Layout, gram_of_rows, gram_with_ones
+from .base import DIAGONAL, LayerAdapter, Layout, gram_of_rows, gram_with_ones, write_scaled
 from .linear import LinearAdapter
 
 
@@ -92,8 +92,8 @@ class EmbeddingAdapter(LayerAdapter):
                              "supported; construct nn.Embedding with sparse=False")
         return g.T.unsqueeze(0)
 
-    def set_grad_matrix(self, mat: torch.Tensor) -> None:
-        self.weight.grad.copy_(mat[0].T)
+    def set_grad_matrix(self, mat: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+        write_scaled(self.weight.grad, mat[0].T, scale)
 
     def input_positions(self, x: torch.Tensor) -> torch.Tensor:
         ids = _token_rows(x)
