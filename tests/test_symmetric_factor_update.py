@@ -134,13 +134,14 @@ def test_parity_shapes(device, backend, dtype, d, m):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
-@pytest.mark.parametrize("m,d", [(300, 700), (2100, 100), (5, 300)],
-                         ids=["bands", "row-slices", "one-chunk"])
+@pytest.mark.parametrize("m,d", [(300, 700), (300, 768), (2100, 100), (5, 300)],
+                         ids=["direct", "direct-whole-tiles", "row-slices", "one-chunk"])
 def test_cpu_kernel_same_bits_for_any_thread_count(dtype, m, d):
-    """The C++ kernel splits work by problem size only: the packed chunk shared by a band of
-    tile rows (700 columns: more tile pairs than one band holds), row slices summed in a fixed
-    order (100 columns, 2100 rows), a single chunk. One thread and two give the same bits, and
-    the result matches the fp64 reference."""
+    """The C++ kernel splits work by problem size only: more tile pairs than one band holds
+    (700 columns: a partial last tile column in scratch tiles; 768: whole tiles only), summed
+    straight into the output chunk by chunk, row slices summed in a fixed order (100 columns,
+    2100 rows), a single chunk. One thread and two give the same bits, and the result matches
+    the fp64 reference."""
     if "cpu" not in testing.backends_for(torch.device("cpu")):
         pytest.skip("the C++ extension is not built")
     factor, x = make_inputs((m, d), dtype, "cpu", seed=d)

@@ -12,7 +12,8 @@
 //
 // Usually (run_banded) each chunk of rows is packed once for a band of tile rows and every tile
 // pair of the band is accumulated from it; packing per tile pair instead (two panels per pair
-// and chunk) took a quarter of the time. When there are few tile pairs but many rows
+// and chunk) took a quarter of the time. Where the pairs outgrow one band (run_direct), each
+// chunk is packed once for all of them and they accumulate straight into the output. When there are few tile pairs but many rows
 // (run_sliced), the rows are also split into slices whose partial sums are added in a fixed order
 // afterwards, and each work item packs its own panels. The split depends only on the problem
 // size, never on the number of threads, so results are bitwise reproducible for any
@@ -67,7 +68,8 @@ struct PairJob {
   const T* bpanel;       // column panel (tile column tj)
   int64_t wi, wj;
   bool diag;
-  T* c;                  // kTile x kTile partial result (row stride kTile), added to
+  T* c;                  // kTile x kTile partial result (row stride ldc), added to
+  int64_t ldc;
 };
 
 template <typename T, int MR, int NR, int VL>
@@ -85,11 +87,12 @@ struct Kernel {
     Micro::template micro_rows<NVU, NR>(rows, kc, a, b, c, ldc);
   }
 
-  // c (row stride kTile) += A^T B over kc packed rows of a wi-column row panel and a wj-column
+  // c (row stride ldc) += A^T B over kc packed rows of a wi-column row panel and a wj-column
   // column panel (both packed NR columns wide); on a diagonal tile only the blocks that reach
-  // the upper triangle.
+  // the upper triangle. Blocks are written whole (MR rows rounded as micro_rows does, NR-column
+  // vectors): c must have room for them past wi and wj, or the tile must be full.
   static KFK_ALWAYS_INLINE void panels(int64_t kc, const T* apanel, const T* bpanel, int64_t wi,
-                                       int64_t wj, bool diag, T* c) {
+                                       int64_t wj, bool diag, T* c, int64_t ldc) {
     const int64_t nbi = ceil_div(wi, MR);
     const int64_t nbj = ceil_div(wj, NR);
     // vectors of the last column block that hold columns < wj
@@ -99,12 +102,12 @@ struct Kernel {
       for (int64_t ib = 0; ib < nbi; ++ib) {
         if (diag && ib * MR > jb * NR + NR - 1) break;
         const T* ablk = apanel + (ib * MR / NR) * kc * NR + (ib * MR) % NR;
-        T* cblk = c + ib * MR * kTile + jb * NR;
+        T* cblk = c + ib * MR * ldc + jb * NR;
         const int64_t rows = std::min<int64_t>(MR, wi - ib * MR);
         if (NV > 1 && jb == nbj - 1 && last_nv == 1) {
-          micro_rows<1>(rows, kc, ablk, bblk, cblk, kTile);
+          micro_rows<1>(rows, kc, ablk, bblk, cblk, ldc);
         } else {
-          micro_rows<NV>(rows, kc, ablk, bblk, cblk, kTile);
+          micro_rows<NV>(rows, kc, ablk, bblk, cblk, ldc);
         }
       }
     }
@@ -163,7 +166,7 @@ struct Kernel {
   }
 
   static KFK_ALWAYS_INLINE void pair(const PairJob<T>& job) {
-    panels(job.kc, job.apanel, job.bpanel, job.wi, job.wj, job.diag, job.c);
+    panels(job.kc, job.apanel, job.bpanel, job.wi, job.wj, job.diag, job.c, job.ldc);
   }
 };
 
@@ -267,13 +270,15 @@ inline void pack_rows(const KernelSet<T>& ks, const T* xb, int64_t srow, int64_t
 
 constexpr int64_t kPackRows = 16;  // rows of a chunk packed per work item
 
-// c += the tile pair (ti, tj)'s product over the kc rows packed from column col0 on.
+// c += the tile pair (ti, tj)'s product over the kc rows packed from column col0 on (c: row
+// stride ldc, kTile x kTile room unless the tile is full).
 template <typename T>
 inline void pair_on_packed(const KernelSet<T>& ks, int64_t kc, const T* packed, int64_t col0,
-                           int64_t d, int64_t ti, int64_t tj, T* c) {
+                           int64_t d, int64_t ti, int64_t tj, T* c, int64_t ldc = kTile) {
   const int64_t nr = ks.nr, ci = ti * kTile, cj = tj * kTile;
-  PairJob<T> job{kc, packed + (ci - col0) / nr * kc * nr, packed + (cj - col0) / nr * kc * nr,
-                 std::min(kTile, d - ci), std::min(kTile, d - cj), ti == tj, c};
+  PairJob<T> job{kc,     packed + (ci - col0) / nr * kc * nr,
+                 packed + (cj - col0) / nr * kc * nr,
+                 std::min(kTile, d - ci), std::min(kTile, d - cj), ti == tj, c, ldc};
   ks.pair(job);
 }
 
@@ -448,6 +453,85 @@ void run_banded(const SymmetricFactorUpdateParams<T>& p, const KernelSet<T>& ks,
   }
 }
 
+// More tile pairs than one band holds: run_banded would pack every chunk of rows once per band,
+// and with bands of one or two tile rows the packing costs about as much as the products. Here
+// each chunk is packed once, whole, and every tile pair's chunk sum is added straight into its
+// place in out's upper triangle (out exists anyway: no O(d^2) scratch). The pairs of a partial
+// last tile column accumulate in kTile x kTile scratch tiles instead: the micro-kernel writes
+// whole blocks, which would reach past the row's end. At the end each upper tile is read back
+// and finalized with its mirror. Every entry is summed in run_banded's order (the chunk sums in
+// chunk order), so the two give bitwise the same results.
+template <typename T>
+void run_direct(const SymmetricFactorUpdateParams<T>& p, const KernelSet<T>& ks, bool parallel) {
+  const int64_t m = p.m, d = p.d;
+  const int64_t nt = ceil_div(d, kTile);
+  const int64_t npairs = nt * (nt + 1) / 2;
+  const int64_t whole = d / kTile;  // tile columns tj < whole are kTile wide
+  T* packed = workspace<T>(kPacked, static_cast<size_t>(kKc * round_up(d, ks.nr)));
+  T* partial = workspace<T>(kTiles, static_cast<size_t>(nt * kTileElems));
+  Buffer<int64_t> pair_ti(static_cast<size_t>(npairs)), pair_tj(static_cast<size_t>(npairs));
+  int64_t listed;
+  list_pairs(0, nt, npairs, pair_ti.get(), pair_tj.get(), listed);
+  (void)parallel;
+
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const T* xb = p.x + b * p.x_stride_batch;
+    T* outb = p.out + b * d * d;
+    // where pair q accumulates (row stride *ld)
+    auto sums_of = [&](int64_t q, int64_t* ld) -> T* {
+      const int64_t ti = pair_ti.get()[q], tj = pair_tj.get()[q];
+      if (tj < whole) {
+        *ld = d;
+        return outb + ti * kTile * d + tj * kTile;
+      }
+      *ld = kTile;
+      return partial + ti * kTileElems;
+    };
+#ifdef _OPENMP
+#pragma omp parallel if (parallel)
+#endif
+    {
+#ifdef _OPENMP
+#pragma omp for
+#endif
+      for (int64_t q = 0; q < npairs; ++q) {
+        int64_t ld;
+        T* c = sums_of(q, &ld);
+        for (int64_t r = 0; r < kTile; ++r) std::memset(c + r * ld, 0, sizeof(T) * kTile);
+      }
+      for (int64_t k0 = 0; k0 < m; k0 += kKc) {
+        const int64_t kc = std::min(kKc, m - k0);
+#ifdef _OPENMP
+#pragma omp for
+#endif
+        for (int64_t r0 = 0; r0 < kc; r0 += kPackRows)
+          pack_rows(ks, xb, p.x_stride_row, p.x_stride_col, d, k0, kc, r0,
+                    std::min(kc, r0 + kPackRows), 0, packed);
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+        for (int64_t q = 0; q < npairs; ++q) {
+          int64_t ld;
+          T* c = sums_of(q, &ld);
+          pair_on_packed(ks, kc, packed, 0, d, pair_ti.get()[q], pair_tj.get()[q], c, ld);
+        }
+      }
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+      for (int64_t q = 0; q < npairs; ++q) {
+        int64_t ld;
+        const T* c = sums_of(q, &ld);
+        const int64_t ci = pair_ti.get()[q] * kTile, cj = pair_tj.get()[q] * kTile;
+        const int64_t wi = std::min(kTile, d - ci), wj = std::min(kTile, d - cj);
+        alignas(64) T g[kTileElems];  // the sums, before finalize overwrites them in out
+        for (int64_t r = 0; r < wi; ++r) std::memcpy(g + r * kTile, c + r * ld, sizeof(T) * wj);
+        finalize(p, b, g, ci, wi, cj, wj, ci == cj);
+      }
+    }
+  }
+}
+
 template <typename T>
 void run(const SymmetricFactorUpdateParams<T>& p) {
   const int64_t batch = p.batch, m = p.m, d = p.d;
@@ -465,7 +549,15 @@ void run(const SymmetricFactorUpdateParams<T>& p) {
   }
   const double flops = static_cast<double>(base) * kTile * kTile * static_cast<double>(m) +
                        static_cast<double>(batch) * d * d;
-  run_banded(p, ks, base > 1 && flops > 2.0e5);
+  const bool parallel = base > 1 && flops > 2.0e5;
+  // More pairs than one band holds: run_direct (one thread, fp32, m = 2080: 0.58-0.60 of a full
+  // gemm's time at d = 704..1536 where bands took 0.59-0.65, 0.60-0.65 at d = 3072 where they
+  // took 0.75-0.90; bitwise the same results).
+  if (nt * (nt + 1) / 2 > kBandBytes / static_cast<int64_t>(kTileElems * sizeof(T))) {
+    run_direct(p, ks, parallel);
+    return;
+  }
+  run_banded(p, ks, parallel);
 }
 
 }  // namespace

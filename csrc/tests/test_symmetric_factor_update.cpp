@@ -144,8 +144,9 @@ void run_all(const char* isa) {
       {1, 0, 5},    {2, 0, 67},   {1, 7, 1},     {1, 1, 1},     {3, 13, 1},   {1, 131, 67},
       {3, 131, 67}, {1, 33, 64},  {1, 129, 128}, {2, 50, 130},  {1, 1030, 20}, {1, 2100, 40},
       {0, 10, 4},   {1, 160, 150}, {4, 700, 9},
-      // more tile pairs than one band holds (run_banded packs each chunk once per band)
-      {1, 3, 700},  {1, 131, 650},
+      // more tile pairs than one band holds (run_direct: sums straight into out; a partial
+      // last tile column in scratch tiles, or every tile whole; several chunks, a batch)
+      {1, 3, 700},  {1, 131, 650}, {2, 260, 704},
   };
   const Layout layouts[] = {Layout::kRowMajor, Layout::kColMajor, Layout::kPadded,
                             Layout::kStrided};
