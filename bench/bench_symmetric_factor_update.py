@@ -25,8 +25,9 @@ import torch.utils.benchmark as tbench
 from kfac_kernels import testing
 from kfac_kernels.ops import symmetric_factor_update
 
-# (B or None, m, d): a linear layer's A and G factors, a wide layer, and stacked groups
-SHAPES = [(None, 4096, 256), (None, 16384, 576), (8, 2048, 128)]
+# (B or None, m, d): a linear layer's A and G factors, a wide layer, stacked groups, and a
+# transformer MLP's 3072-wide side over 2080 tokens (more tile pairs than one band holds)
+SHAPES = [(None, 4096, 256), (None, 16384, 576), (8, 2048, 128), (None, 2080, 3072)]
 DECAY = 0.95
 
 
