@@ -270,6 +270,19 @@ inline void pack_rows(const KernelSet<T>& ks, const T* xb, int64_t srow, int64_t
 
 constexpr int64_t kPackRows = 16;  // rows of a chunk packed per work item
 
+// The chunk of kc rows from k0, columns from col0 on, packed into the shared panel by the
+// threads of the enclosing parallel region (an orphaned omp for: kPackRows rows per item).
+template <typename T>
+inline void pack_chunk(const SymmetricFactorUpdateParams<T>& p, const KernelSet<T>& ks,
+                       const T* xb, int64_t k0, int64_t kc, int64_t col0, T* packed) {
+#ifdef _OPENMP
+#pragma omp for
+#endif
+  for (int64_t r0 = 0; r0 < kc; r0 += kPackRows)
+    pack_rows(ks, xb, p.x_stride_row, p.x_stride_col, p.d, k0, kc, r0,
+              std::min(kc, r0 + kPackRows), col0, packed);
+}
+
 // c += the tile pair (ti, tj)'s product over the kc rows packed from column col0 on (c: row
 // stride ldc, kTile x kTile room unless the tile is full).
 template <typename T>
@@ -426,12 +439,7 @@ void run_banded(const SymmetricFactorUpdateParams<T>& p, const KernelSet<T>& ks,
           std::memset(scratch + q * kTileElems, 0, sizeof(T) * kTileElems);
         for (int64_t k0 = 0; k0 < m; k0 += kKc) {
           const int64_t kc = std::min(kKc, m - k0);
-#ifdef _OPENMP
-#pragma omp for
-#endif
-          for (int64_t r0 = 0; r0 < kc; r0 += kPackRows)
-            pack_rows(ks, xb, p.x_stride_row, p.x_stride_col, d, k0, kc, r0,
-                      std::min(kc, r0 + kPackRows), col0, packed);
+          pack_chunk(p, ks, xb, k0, kc, col0, packed);
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
@@ -501,12 +509,7 @@ void run_direct(const SymmetricFactorUpdateParams<T>& p, const KernelSet<T>& ks,
       }
       for (int64_t k0 = 0; k0 < m; k0 += kKc) {
         const int64_t kc = std::min(kKc, m - k0);
-#ifdef _OPENMP
-#pragma omp for
-#endif
-        for (int64_t r0 = 0; r0 < kc; r0 += kPackRows)
-          pack_rows(ks, xb, p.x_stride_row, p.x_stride_col, d, k0, kc, r0,
-                    std::min(kc, r0 + kPackRows), 0, packed);
+        pack_chunk(p, ks, xb, k0, kc, 0, packed);
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
