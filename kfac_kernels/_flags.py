@@ -101,6 +101,10 @@ def finite_health(tensors) -> torch.Tensor:
     else:
         parts = torch._foreach_norm([t.float() if t.dtype in (torch.float16, torch.bfloat16)
                                      else t for t in tensors], float("inf"))
+    if all(m.dtype == parts[0].dtype for m in parts):
+        # the largest of the magnitudes is one of them: taking it before the conversion to
+        # float64 is exact (inf and NaN included) and converts once
+        return torch.stack(parts).amax().to(torch.float64)
     return torch.stack([m.to(device, torch.float64) for m in parts]).amax()
 
 

@@ -433,14 +433,17 @@ class KFAC(DetachesHooksOnExit):
         nu = None
         if kl_clip and self.kl_clip is not None and updates:
             nu = self.kl_clip_factor(updates, grads, lr)
+        scales = {}   # nu in each dtype, converted once
         for name, v in updates.items():
             dtype, scale = grads[name].dtype, None
             if nu is not None:
+                if v.dtype not in scales:
+                    scales[v.dtype] = nu.to(v.dtype)
                 if v.dtype == dtype:
-                    scale = nu.to(dtype)     # applied as the update is written: one pass
+                    scale = scales[dtype]     # applied as the update is written: one pass
                 else:
-                    v = v * nu.to(v.dtype)   # before the one rounding to the gradient's dtype
-            self.adapters[name].set_grad_matrix(v.to(dtype), scale)
+                    v = v * scales[v.dtype]   # before the one rounding to the gradient's dtype
+            self.adapters[name].set_grad_matrix(v if v.dtype == dtype else v.to(dtype), scale)
 
     @property
     def _split(self) -> str | None:
@@ -556,7 +559,9 @@ class KFAC(DetachesHooksOnExit):
         # once to the stacked products (``v`` is usually not contiguous: a dot product of its
         # flattened view would copy it)
         names = list(updates)
-        dots = [(updates[n] * grads[n].to(updates[n].dtype)).sum().double() for n in names]
+        dots = [(updates[n] * (grads[n] if grads[n].dtype == updates[n].dtype
+                               else grads[n].to(updates[n].dtype))).sum().double()
+                for n in names]
         rates = [lr(self.adapters[n].weight) if callable(lr) else lr for n in names]
         shared = len(set(rates)) == 1
         if not shared:

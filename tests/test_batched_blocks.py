@@ -69,7 +69,7 @@ def test_stacked_layers_are_preconditioned_as_each_layer_alone(cls, kwargs):
     got = precond._precondition_many(grads)
     assert list(got) == list(grads)
     batches = precond._batched._stacks
-    assert batches and max(len(decs) for decs, _ in batches.values()) == 4  # the 4 repeats
+    assert batches and max(len(decs) for decs, *_ in batches.values()) == 4  # the 4 repeats
     for name, want in one_by_one(precond, grads).items():
         torch.testing.assert_close(got[name], want, rtol=1e-12, atol=1e-14)
 
@@ -103,7 +103,7 @@ def test_a_block_not_yet_verified_takes_its_own_path():
     grads = precond.gradient_matrices()
     got = precond._precondition_many(grads)
     assert torch.equal(got[name], grads[name])                   # left unpreconditioned
-    assert all(name not in decs for decs, _ in precond._batched._stacks.values())
+    assert all(name not in decs for decs, *_ in precond._batched._stacks.values())
 
 
 def test_largest_eigenvalues_of_many_blocks_at_once_and_cached():
@@ -155,11 +155,16 @@ def test_equal_width_blocks_in_one_gram_call(widths):
         start += w
 
 
+@pytest.mark.parametrize("edge", [True, False], ids=["edge", "copy"])
 @pytest.mark.parametrize("with_current", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, DT], ids=str)
-def test_bias_coordinate_without_the_ones_column(dtype, with_current):
+def test_bias_coordinate_without_the_ones_column(dtype, with_current, edge, monkeypatch):
     """``gram_with_ones`` (the dense A of a layer with a bias, the ones column implicit) against
-    the Gram of the rows with that column appended; exactly symmetric."""
+    the Gram of the rows with that column appended; exactly symmetric. ``edge``: the last row
+    and column written by hand (rows above ``ONES_COPY_MAX`` entries); else the ones column
+    appended (small rows)."""
+    from kfac_kernels.layers import base
+    monkeypatch.setattr(base, "ONES_COPY_MAX", 0 if edge else 1 << 16)
     gen = torch.Generator().manual_seed(3)
     rows = torch.randn(2, 11, 70, generator=gen, dtype=DT)  # 70: the last tile is 6 wide
     ones = torch.cat([rows, rows.new_ones(2, 11, 1)], dim=-1)
@@ -220,3 +225,64 @@ def test_moving_average_of_all_factors_in_one_call_matches_per_part():
         for now, old, new in zip((*b.A, *b.G), before[name], pending[name]):
             assert torch.equal(now, old.lerp(new, 1.0 - 0.7))   # bit for bit
         assert b.A_count == pytest.approx(0.7 * count[name] + 0.3 * rows[name])
+
+
+def _denominator_fresh(dec, damping, split, relative):
+    from kfac_kernels.blocks.kronecker import KroneckerBlock
+    return KroneckerBlock._eigen_denominator(dec, damping, split, relative)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(damping_form="factored", damping_split="pi"),
+                                    dict(damping=1e-2)],
+                         ids=["exact-relative", "factored-pi", "exact-absolute"])
+def test_eigen_denominator_memo_follows_the_decomposition_and_damping(kwargs):
+    """The eigen form's divisor is kept between steps (a small layer's seven small ops), and
+    recomputed for a new decomposition, an in-place change of its eigenvalues or ``pi`` (a
+    restored or broadcast one) and another damping: every step's result equals the one formed
+    from scratch."""
+    model = deep_mlp()
+    precond = KFAC(model, inv_update_steps=100, **kwargs)
+    capture_steps(precond, model, steps=2)
+    name = next(iter(precond.blocks))
+    block = precond.blocks[name]
+    mat = precond.gradient_matrices()[name]
+    split, relative = precond._split, precond.relative_damping
+
+    def check(damping):
+        got = block.precondition(mat, "eigen", damping, split, relative)
+        memo = block._denominator_memo
+        assert memo["dec"] is block.decomposition
+        assert torch.equal(memo["denom"], _denominator_fresh(block.decomposition, damping, split,
+                                                             relative))
+        return got
+
+    first = check(precond.damping)
+    kept = block._denominator_memo["denom"]
+    assert torch.equal(check(precond.damping), first)
+    assert block._denominator_memo["denom"] is kept                 # reused
+    block.decomposition["eigvals_A"][0].mul_(2.0)                    # in place: recomputed
+    moved = check(precond.damping)
+    assert block._denominator_memo["denom"] is not kept and not torch.equal(moved, first)
+    if "pi" in block.decomposition:
+        kept = block._denominator_memo["denom"]
+        block.decomposition["pi"][0].mul_(1.5)
+        check(precond.damping)
+        assert block._denominator_memo["denom"] is not kept
+    kept = block._denominator_memo["denom"]
+    check(precond.damping * 3)                                       # another damping
+    assert block._denominator_memo["denom"] is not kept
+    block.decomposition = {k: [t.clone() for t in v] for k, v in block.decomposition.items()}
+    check(precond.damping * 3)                                       # a new decomposition
+
+
+def test_eigen_denominator_of_a_large_layer_is_not_kept(monkeypatch):
+    from kfac_kernels.blocks.kronecker import KroneckerBlock
+    monkeypatch.setattr(KroneckerBlock, "MEMO_DENOMINATOR", 10)
+    model = deep_mlp()
+    precond = KFAC(model)
+    capture_steps(precond, model, steps=2)
+    for block in precond.blocks.values():
+        if block.has_factors:
+            block.precondition(precond.gradient_matrices()[block.name], "eigen",
+                               precond.damping, None, True)
+            assert block._denominator_memo == {}

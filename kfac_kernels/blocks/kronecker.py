@@ -119,6 +119,7 @@ class KroneckerBlock(CurvatureBlock):
         # with every new factor list (the generation) and in-place update (tensor versions)
         self._largest: tuple | None = None
         self._damping_memo: tuple | None = None  # (key, (gamma_A, gamma_G)): see _dampings
+        self._denominator_memo: dict = {}  # see _eigen_denominator
         self._generation = 0
 
     @classmethod
@@ -334,14 +335,15 @@ class KroneckerBlock(CurvatureBlock):
 
     def _precondition(self, mat, method, damping, split, relative):
         return self._apply(self.decomposition, self.a_layout, self.g_layout, mat, method,
-                           damping, split, relative)
+                           damping, split, relative, self._denominator_memo)
 
     @classmethod
-    def _apply(cls, dec, a_layout, g_layout, mat, method, damping, split, relative):
+    def _apply(cls, dec, a_layout, g_layout, mat, method, damping, split, relative, memo=None):
         """The preconditioned ``mat`` ``(groups, rows, cols)`` by decomposition ``dec`` (every
-        tensor with the same leading groups axis: one layer's, or several layers' stacked)."""
+        tensor with the same leading groups axis: one layer's, or several layers' stacked);
+        ``memo``: see :meth:`_eigen_denominator`."""
         ref = dec[{"eigen": "eigvals_A", "inverse": "inv_A", "cholesky": "chol_A"}[method]][0]
-        m = mat.to(ref.dtype)
+        m = mat if mat.dtype == ref.dtype else mat.to(ref.dtype)
         if method == "cholesky":
             out = sides.solve_left(dec["chol_G"], m, g_layout)
             return sides.solve_right(out, dec["chol_A"], a_layout)
@@ -350,10 +352,30 @@ class KroneckerBlock(CurvatureBlock):
             return sides.right(out, dec["inv_A"], a_layout)
         qa = dec["eigvecs_A"] or None
         qg = dec["eigvecs_G"] or None
-        la = sides.concat_values(dec["eigvals_A"])
-        lg = sides.concat_values(dec["eigvals_G"])
         rotated = sides.right(sides.left(qg, m, g_layout, transpose=True), qa,
                               a_layout)
+        denom = cls._eigen_denominator(dec, damping, split, relative, memo)
+        return sides.right(sides.left(qg, rotated / denom, g_layout), qa, a_layout,
+                           transpose=True)
+
+    #: the most entries of an eigen-form denominator that a memo keeps (small layers, where
+    #: the seven small ops that form it cost more in dispatch than the products; a large
+    #: layer would keep a gradient-sized tensor for nothing)
+    MEMO_DENOMINATOR = 1 << 16
+
+    @classmethod
+    def _eigen_denominator(cls, dec, damping, split, relative, memo=None) -> torch.Tensor:
+        """The eigen form's ``(groups, d_out, D)`` divisor of the rotated gradient. It changes
+        only with the decomposition and the damping: ``memo`` (a dict owned by the caller)
+        keeps the last one, checked by the decomposition's identity, its eigenvalues' and
+        ``pi``'s versions (in-place writes bump them) and the damping settings."""
+        values = (*dec["eigvals_A"], *dec["eigvals_G"], *dec.get("pi", ()))
+        if memo is not None:
+            key = (damping, split, relative, *(t._version for t in values))
+            if memo.get("dec") is dec and memo.get("key") == key:
+                return memo["denom"]
+        la = sides.concat_values(dec["eigvals_A"])
+        lg = sides.concat_values(dec["eigvals_G"])
         if relative:
             tiny = torch.finfo(la.dtype).tiny
             top_a, top_g = la.amax(-1).clamp_min(tiny), lg.amax(-1).clamp_min(tiny)
@@ -367,8 +389,11 @@ class KroneckerBlock(CurvatureBlock):
             else:
                 gamma_a, gamma_g = cls._split_damping(damping, split, dec["pi"][0])
             denom = ((lg + gamma_g[:, None])[:, :, None]) * ((la + gamma_a[:, None])[:, None, :])
-        return sides.right(sides.left(qg, rotated / denom, g_layout), qa, a_layout,
-                           transpose=True)
+        if memo is not None:
+            memo.clear()
+            if denom.numel() <= cls.MEMO_DENOMINATOR:
+                memo.update(dec=dec, key=key, denom=denom)
+        return denom
 
     def decomposition_cost(self) -> float:
         """``sum groups * n^3`` over the parts to decompose (the distributed share-out)."""
@@ -584,7 +609,7 @@ class BatchedPreconditioner:
     MAX_STACKED = 1 << 16
 
     def __init__(self):
-        self._stacks: dict[tuple, tuple[list, dict]] = {}
+        self._stacks: dict[tuple, tuple[list, dict, dict]] = {}  # (decs, stacked, memo)
         # by layer: (its decomposition, that decomposition's shapes or None if too large)
         self._shapes: dict[str, tuple] = {}
 
@@ -629,12 +654,12 @@ class BatchedPreconditioner:
                     a is not b for a, b in zip(cached[0], decs)):
                 stacked = {k: [torch.cat([d[k][j] for d in decs]) for j in range(len(v))]
                            for k, v in decs[0].items()}
-                cached = (decs, stacked)
+                cached = (decs, stacked, {})
             live[key] = cached
             first = blocks[names[0]]
             result = KroneckerBlock._apply(cached[1], first.a_layout, first.g_layout,
                                            torch.cat([mats[n] for n in names]), method,
-                                           damping, split, relative)
+                                           damping, split, relative, cached[2])
             out.update(zip(names, result.split([mats[n].shape[0] for n in names])))
         self._stacks = live       # the stacks of decompositions no longer in use are dropped
         return {name: out[name] for name in mats}
