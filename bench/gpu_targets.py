@@ -252,6 +252,30 @@ def singd_step_targets(device: str, small: bool) -> list[dict]:
             measure(row, be, case)
         out.append(row)
         print(_line(row), flush=True)
+    # the diagonal step of every layer in one call (one launch): the host's time per call
+    # bounds the per-layer calls above
+    row = {"target": f"singd_diagonal_step_foreach fp32 over ResNet-18's {len(layers)} layers "
+                     f"({params} parameters), one call", "layers": len(layers),
+           "parameters": params}
+    lists = [list(t) for t in zip(*diag)]
+    first = [False] * len(diag)
+
+    def run_all(be, lists=lists):
+        ops.singd_diagonal_step_foreach(*lists, 0.1, 0.9, 1e-4, first, backend=be)
+        return lists
+
+    pristine = [[t.clone() for t in ts] for ts in lists]
+    ref = run_all("eager", [[t.clone() for t in ts] for ts in pristine])
+    row["eager_s"] = timed(lambda: run_all("eager"), device)
+    for be in _backends(device):
+        def case(be=be):
+            mine = run_all(be, [[t.clone() for t in ts] for ts in pristine])
+            err = max(rel(m, r) for m, r in zip(mine[0], ref[0]))
+            t = timed(lambda: run_all(be), device)
+            return {"s": t, "error": err, "vs_eager": row["eager_s"] / t}
+        measure(row, be, case)
+    out.append(row)
+    print(_line(row), flush=True)
     return out
 
 

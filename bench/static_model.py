@@ -69,6 +69,13 @@ ASSUMPTIONS = {
     "kernel_launch_s": (3e-6, "one kernel launch in a stream"),
     "eager_op_s": (6e-6, "one eager PyTorch op (Python, dispatch, launch) when the GPU is not "
                          "the limit"),
+    "op_call_host_s": (21e-6, "one call of a kfac_kernels op from Python on a GPU machine's "
+                              "host (checks, torch.library dispatch, launch): the H200's host "
+                              "measured 21.3 us per layer of the per-layer fused SINGD step "
+                              "(static_vs_h200.json)"),
+    "foreach_entry_host_s": (0.8e-6, "an entry of a list argument of a native op (the "
+                                     "dispatcher and the glue's checks): 0.8 us per entry "
+                                     "measured on this CPU (torch.ops alone, 21-42 entries)"),
     "eigh_per_matrix_s": (1.5e-4, "torch.linalg.eigh per matrix for 32 < n <= 128 (cuSOLVER's "
                                   "batched Jacobi serves n <= 32; larger matrices one by one)"),
     "jacobi_sweeps": (8, "Jacobi sweeps to tol = eps at n = 64..128 (fp32)"),
@@ -728,6 +735,26 @@ def singd_steps() -> list[dict]:
                 "limited_by": "DRAM + launches", "eager": f"{eager_ops} elementwise ops per "
                 "layer", "eager_dram_bytes": eager_bytes, "eager_s": eager,
                 "ratio_vs_eager": eager / fused})
+    # the same step as one call of singd_diagonal_step_foreach, with the host's time counted:
+    # one call of the op per layer (as the H200 measured the per-layer op) against one call
+    # plus each entry's marshalling; launches of up to 24 parameters each
+    launches = -(-layers // 24)
+    dram = fused_bytes / H100["hbm_bytes_per_s"]
+    device_s = dram + launches * _a("kernel_launch_s")
+    host_s = _a("op_call_host_s") + layers * _a("foreach_entry_host_s")
+    per_layer_host = layers * _a("op_call_host_s")
+    eager_host = eager_bytes / H100["hbm_bytes_per_s"] + layers * eager_ops * _a("eager_op_s")
+    out.append({"target": f"singd_diagonal_step_foreach fp32, ResNet-18 ({params} parameters, "
+                          f"{layers} layers, one call)", "kernel": "fused step of all layers "
+                          "(cuda)", "dram_bytes": fused_bytes, "launches": launches,
+                "host_s": host_s, "per_layer_calls_host_s": per_layer_host,
+                "predicted_s": max(device_s, host_s),
+                "limited_by": "host (one call)" if host_s > device_s else "DRAM + launches",
+                "eager": f"{eager_ops} elementwise ops per layer", "eager_dram_bytes": eager_bytes,
+                "eager_s": eager_host, "ratio_vs_eager": eager_host / max(device_s, host_s),
+                "per_layer_calls_ratio_vs_eager": eager_host / max(dram + layers
+                                                                   * _a("kernel_launch_s"),
+                                                                   per_layer_host)})
     # block-diagonal, blocks of 32: per tile (C_i C_i^T) M (K_j K_j^T): 2 * 32 flops per entry
     # and product, on the FMA pipe; eager: block products by bmm plus the elementwise chain
     b = 32

@@ -83,10 +83,10 @@ def _pair(target: str, kernel: str, measured: dict):
         n, b = (int(x) for x in re.findall(r"= (\d+)", target))  # "n = 64, B = 1024"
         rows = [r for r in measured["block_eigh"] if r["n"] == n and r["B"] == b]
         return (rows[0], "cuda", "eigh_s") if rows else None
-    for op in ("singd_diagonal_step", "singd_block_step"):
-        if target.startswith(op):
-            rows = [r for r in measured["singd_steps"] if r["target"].startswith(op)]
-            return (rows[0], "cuda", "eager_s") if rows else None
+    op = target.split()[0]
+    if op in ("singd_diagonal_step", "singd_diagonal_step_foreach", "singd_block_step"):
+        rows = [r for r in measured["singd_steps"] if r["target"].split()[0] == op]
+        return (rows[0], "cuda", "eager_s") if rows else None
     return None
 
 
@@ -175,7 +175,8 @@ def corrections(model: dict, measured: dict) -> dict:
         "note": "TFLOP/s on the computed (upper) triangle at ResNet-50 stage 3: the rate of the "
                 "gather-bound tile kernels, to replace the math-pipe rate in the model"}
     # SINGD: host cost per call of an op, from the fused diagonal step over 21 layers
-    diag = next(r for r in measured["singd_steps"] if r["target"].startswith("singd_diagonal"))
+    diag = next(r for r in measured["singd_steps"]
+                if r["target"].split()[0] == "singd_diagonal_step")
     dram_s = 5 * 4 * diag["parameters"] / 4.8e12  # H200 bandwidth (the model's bytes)
     out["host_cost_per_op_call_s"] = {
         "model": model["model"]["assumptions"]["kernel_launch_s"]["value"],

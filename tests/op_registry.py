@@ -136,6 +136,30 @@ def _diag_step_run(s, backend):
     return [p, buf]
 
 
+def _diag_foreach_make(gen, dtype, device, size=0.3):
+    """1-4 parameters of the given dtype, their inputs as ``<name><i>`` entries of the sample (a
+    float32 list ends with a bfloat16 parameter when it has more than one)."""
+    n = _int(gen, 1, 4)
+    out = {}
+    for i in range(n):
+        entry = _diag_step_make(gen, dtype, device, size)
+        if dtype == F32 and n > 1 and i == n - 1:
+            for key in ("param", "grad"):
+                entry[key] = entry[key].to(torch.bfloat16)
+        out.update({f"{key}{i}": v for key, v in entry.items()})
+    return out
+
+
+def _diag_foreach_run(s, backend):
+    n = sum(1 for key in s if key.startswith("param"))
+    lists = {key: [s[f"{key}{i}"] for i in range(n)]
+             for key in ("param", "grad", "c", "k", "buf", "first")}
+    params, bufs = [_copy(t) for t in lists["param"]], [_copy(t) for t in lists["buf"]]
+    ops.singd_diagonal_step_foreach(params, lists["grad"], lists["c"], lists["k"], bufs, 0.1,
+                                    0.9, 1e-2, lists["first"], backend=backend)
+    return [t.float() if t.dtype == torch.bfloat16 else t for t in params + bufs]
+
+
 def _offsets(sizes):
     out = [0]
     for n in sizes:
@@ -238,6 +262,7 @@ OPS: list[OpInfo] = [
     OpInfo("block_damped_inverse", _spd_make, _inverse_run, float32_only=("triton",)),
     OpInfo("block_damped_cholesky", _spd_make, _cholesky_run, backends=("cpu",)),
     OpInfo("singd_diagonal_step", _diag_step_make, _diag_step_run),
+    OpInfo("singd_diagonal_step_foreach", _diag_foreach_make, _diag_foreach_run),
     OpInfo("singd_diagonal_factor_update", _diag_factor_make, _diag_factor_run),
     OpInfo("singd_block_step", _block_step_make, _block_step_run),
     OpInfo("singd_block_factor_update", _block_factor_make, _block_factor_run),

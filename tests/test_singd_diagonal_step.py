@@ -111,3 +111,103 @@ def test_overlapping_outputs_are_refused_as_eager_refuses_them(backend):
     with pytest.raises(RuntimeError, match="more than one element of the written-to tensor "
                                            "refers to a single memory location"):
         singd_diagonal_step(param, grad, c, k, buf, 0.1, 0.9, 0.0, True, backend=backend)
+
+
+# --- singd_diagonal_step_foreach: many parameters in one call --------------------------------
+
+def _foreach_lists(shapes_dtypes, seed=0):
+    entries = [_inputs(shape, dtype, seed=seed + i, strided=i % 2 == 1)
+               for i, (shape, dtype) in enumerate(shapes_dtypes)]
+    return [list(t) for t in zip(*entries)]
+
+
+MIXED = [((5, 7), torch.float32), ((1, 1), torch.float64), ((17, 70), torch.bfloat16),
+         ((3, 1), torch.float32), ((0, 4), torch.float32), ((2, 9), torch.float64)]
+
+
+@pytest.mark.parametrize("backend,device", kernel_cases())
+def test_foreach_equals_one_call_per_parameter(backend, device):
+    """Every entry of a mixed list (float32, float64, bfloat16, strided rows, an empty
+    parameter, first and accumulating entries) gets bitwise the result of its own
+    singd_diagonal_step call on the same backend."""
+    from kfac_kernels.ops import singd_diagonal_step_foreach
+
+    params, grads, cs, ks, bufs = _foreach_lists(MIXED)
+    first = [i % 3 == 0 for i in range(len(MIXED))]
+    mine = [[t.clone().to(device) for t in ts] for ts in (params, bufs)]
+    moved = [[t.to(device) for t in ts] for ts in (grads, cs, ks)]
+    singd_diagonal_step_foreach(mine[0], *moved, mine[1], 0.1, 0.9, 0.01, first,
+                                backend=backend)
+    for i, (p, g, c, k, b) in enumerate(zip(params, grads, cs, ks, bufs)):
+        p, b = p.clone().to(device), b.clone().to(device)
+        singd_diagonal_step(p, g.to(device), c.to(device), k.to(device), b, 0.1, 0.9, 0.01,
+                            first[i], backend=backend)
+        assert torch.equal(mine[0][i], p) and torch.equal(mine[1][i], b), i
+
+
+def test_foreach_bad_arguments_name_the_entry():
+    from kfac_kernels.ops import singd_diagonal_step_foreach
+
+    params, grads, cs, ks, bufs = _foreach_lists(MIXED[:3])
+    first = [False] * 3
+    with pytest.raises(ValueError, match=r"singd_diagonal_step_foreach: params, grads, cs, ks, "
+                                         r"bufs and first must have the same length, got 3, 3, "
+                                         r"3, 2, 3, 3"):
+        singd_diagonal_step_foreach(params, grads, cs, ks[:2], bufs, 0.1, 0.9, 0.0, first)
+    bad = list(ks)
+    bad[2] = bad[2][:5]
+    with pytest.raises(ValueError, match=r"singd_diagonal_step_foreach: entry 2: k must be a "
+                                         r"torch.float32 vector of 70 entries, got shape \(5,\)"):
+        singd_diagonal_step_foreach(params, grads, cs, bad, bufs, 0.1, 0.9, 0.0, first)
+    with pytest.raises(TypeError, match=r"singd_diagonal_step_foreach: params must be a list, "
+                                        r"got Tensor"):
+        singd_diagonal_step_foreach(params[0], grads, cs, ks, bufs, 0.1, 0.9, 0.0, first)
+    with pytest.raises(ValueError, match=r"singd_diagonal_step_foreach: lr must be a finite "
+                                         r"float, got inf"):
+        singd_diagonal_step_foreach(params, grads, cs, ks, bufs, float("inf"), 0.9, 0.0, first)
+    singd_diagonal_step_foreach([], [], [], [], [], 0.1, 0.9, 0.0, [])   # nothing to do
+
+
+@pytest.mark.skipif(not native_has_op("singd_diagonal_step_foreach"), reason="_C lacks the op")
+def test_foreach_native_checks_lengths():
+    params, grads, cs, ks, bufs = _foreach_lists(MIXED[:2])
+    with pytest.raises(RuntimeError, match="must have the same length"):
+        torch.ops.kfac_kernels.singd_diagonal_step_foreach(params, grads, cs, ks, bufs, 0.1,
+                                                           0.9, 0.0, [False])
+
+
+@pytest.mark.parametrize("backend", backends_for("cpu"))
+def test_foreach_refuses_what_the_single_step_refuses(backend):
+    """An entry that overlaps itself, or has strided gradient rows (copied first), is handled
+    as the per-parameter op handles it, whatever the backend."""
+    from kfac_kernels.ops import singd_diagonal_step_foreach
+
+    params, grads, cs, ks, bufs = _foreach_lists(MIXED[:2])
+    params[1] = torch.zeros(1, 1, dtype=torch.float64).expand(1, 1)   # fine: one element
+    params.append(torch.zeros(1, 4).expand(3, 4))
+    grads.append(torch.ones(4, 3).T)                                    # strided rows
+    cs.append(torch.ones(3))
+    ks.append(torch.ones(4))
+    bufs.append(torch.zeros(3, 4))
+    with pytest.raises(RuntimeError, match="singd_diagonal_step_foreach: entry 2: param: unsupported "
+                                           "operation: more "
+                                           "than one element of the written-to tensor refers "
+                                           "to a single memory location"):
+        singd_diagonal_step_foreach(params, grads, cs, ks, bufs, 0.1, 0.9, 0.0,
+                                    [True, False, True], backend=backend)
+    params[2] = torch.zeros(3, 4)
+    singd_diagonal_step_foreach(params, grads, cs, ks, bufs, 0.1, 0.9, 0.0,
+                                [True, False, True], backend=backend)
+    torch.testing.assert_close(params[2], torch.full((3, 4), -0.1))
+
+
+@pytest.mark.skipif(not native_has_op("singd_diagonal_step_foreach"), reason="_C lacks the op")
+def test_native_ops_refuse_a_parameter_that_overlaps_itself():
+    """The native glue's own check (the foreach op calls it before any Python check)."""
+    param = torch.zeros(1, 4).expand(3, 4)
+    args = (torch.ones(3, 4), torch.ones(3), torch.ones(4), torch.zeros(3, 4))
+    with pytest.raises(RuntimeError, match="must not overlap themselves"):
+        torch.ops.kfac_kernels.singd_diagonal_step(param, *args, 0.1, 0.9, 0.0, True)
+    with pytest.raises(RuntimeError, match="must not overlap themselves"):
+        torch.ops.kfac_kernels.singd_diagonal_step_foreach([param], *([a] for a in args), 0.1,
+                                                           0.9, 0.0, [True])

@@ -52,8 +52,15 @@ void singd_diagonal_step(const SingdDiagonalStepParams<A>& p) {
       [&](int64_t i, int64_t j, A v) { param[i * p.param_stride_row + j] = v; });
 }
 
+template <typename A>
+void singd_diagonal_steps(const SingdDiagonalStepParams<A>* list, int64_t count) {
+  for (int64_t t = 0; t < count; ++t) singd_diagonal_step<A>(list[t]);
+}
+
 template void singd_diagonal_step<float>(const SingdDiagonalStepParams<float>&);
 template void singd_diagonal_step<double>(const SingdDiagonalStepParams<double>&);
+template void singd_diagonal_steps<float>(const SingdDiagonalStepParams<float>*, int64_t);
+template void singd_diagonal_steps<double>(const SingdDiagonalStepParams<double>*, int64_t);
 
 }  // namespace cpu
 }  // namespace kfac_kernels

@@ -41,11 +41,21 @@ struct SingdDiagonalStepParams {
   bool first = false;             // initialise the buffer with d instead of accumulating
 };
 
+// The step of many parameters in one call (singd_diagonal_step_foreach): each entry of `list` is
+// one parameter's step, as above; the entries must not overlap. One call, and on a GPU one
+// launch per kMaxTensorsPerLaunch entries: a network's fused step is bound by the host's time
+// per call otherwise (one call per weight and bias).
+constexpr int kMaxTensorsPerLaunch = 24;  // the entries fit a kernel's 4 KiB of parameters
+
 namespace cpu {
 
 // OpenMP over rows when compiled with it; the result does not depend on the thread count.
 template <typename A>
 void singd_diagonal_step(const SingdDiagonalStepParams<A>& p);
+
+// Every entry of `list` (count entries) in turn.
+template <typename A>
+void singd_diagonal_steps(const SingdDiagonalStepParams<A>* list, int64_t count);
 
 }  // namespace cpu
 }  // namespace kfac_kernels
@@ -59,6 +69,13 @@ namespace cuda {
 // Enqueue the step on `stream` (device pointers). Returns the launch error or cudaSuccess.
 template <typename A>
 cudaError_t singd_diagonal_step(const SingdDiagonalStepParams<A>& p, cudaStream_t stream);
+
+// Enqueue every entry of `list` (a host array of count entries holding device pointers): one
+// launch per kMaxTensorsPerLaunch entries, the entries passed by value (no copy to the device,
+// no allocation). Any number of rows. Returns the first launch error or cudaSuccess.
+template <typename A>
+cudaError_t singd_diagonal_steps(const SingdDiagonalStepParams<A>* list, int64_t count,
+                                 cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace kfac_kernels

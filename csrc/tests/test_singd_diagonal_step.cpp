@@ -126,6 +126,48 @@ void run_case(int64_t rows, int64_t cols, bool first, double wd, bool bf16, uint
   check(ok_pad, "padding untouched", rows, cols, first, wd);
 }
 
+// singd_diagonal_steps over a list gives, entry by entry, the bits of one call per entry.
+void run_list_case(uint64_t seed) {
+  Rng rng(seed);
+  const int64_t shapes[][2] = {{3, 7}, {0, 2}, {17, 70}, {64, 1}};
+  std::vector<std::vector<float>> params, grads, bufs, cs, ks;
+  std::vector<SingdDiagonalStepParams<float>> list;
+  for (const auto& s : shapes) {
+    const size_t n = static_cast<size_t>(s[0] * s[1]);
+    for (auto* v : {&params, &grads, &bufs}) {
+      v->emplace_back(n);
+      for (auto& x : v->back()) x = static_cast<float>(rng.uniform());
+    }
+    cs.emplace_back(static_cast<size_t>(s[0]), 1.5f);
+    ks.emplace_back(static_cast<size_t>(s[1]), 0.75f);
+    SingdDiagonalStepParams<float> p;
+    p.rows = s[0], p.cols = s[1];
+    p.param_stride_row = p.grad_stride_row = p.buf_stride_row = s[1];
+    p.lr = 0.1f, p.momentum = 0.9f, p.weight_decay = 0.01f;
+    p.first = list.size() % 2 == 1;
+    list.push_back(p);
+  }
+  auto point = [&](std::vector<SingdDiagonalStepParams<float>>& l,
+                   std::vector<std::vector<float>>& ps, std::vector<std::vector<float>>& bs) {
+    for (size_t t = 0; t < l.size(); ++t) {
+      l[t].param = ps[t].data(), l[t].grad = grads[t].data(), l[t].buf = bs[t].data();
+      l[t].c = cs[t].data(), l[t].k = ks[t].data();
+    }
+  };
+  auto one_params = params, one_bufs = bufs;
+  auto one = list;
+  point(one, one_params, one_bufs);
+  for (const auto& p : one) kfac_kernels::cpu::singd_diagonal_step<float>(p);
+  point(list, params, bufs);
+  kfac_kernels::cpu::singd_diagonal_steps<float>(list.data(), static_cast<int64_t>(list.size()));
+  bool same = true;
+  for (size_t t = 0; t < list.size(); ++t) {
+    same &= std::memcmp(params[t].data(), one_params[t].data(), params[t].size() * 4) == 0;
+    same &= std::memcmp(bufs[t].data(), one_bufs[t].data(), bufs[t].size() * 4) == 0;
+  }
+  check(same, "list of steps bitwise equal to one call each", 4, 0, false, 0.01);
+}
+
 }  // namespace
 
 int main() {
@@ -140,5 +182,6 @@ int main() {
       }
     }
   }
+  run_list_case(seed++);
   return finish();
 }

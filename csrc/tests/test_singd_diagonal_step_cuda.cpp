@@ -4,7 +4,9 @@
 // strides for the parameter, the gradient and the buffer (the padding must stay untouched); first
 // and accumulating steps, weight decay; NaN and infinities in every input (a NaN stays NaN, also
 // through a bfloat16 store and for the device's NaN bit patterns 0x7fff / 0xffff); and the grid.y
-// limit. Exit status 0: all passed, 1: a failure, 77: no CUDA device.
+// limit. The many-parameter launcher (singd_diagonal_steps): lists of up to 53 entries (several
+// launches) of mixed shapes and element types against the CPU kernel. Exit status 0: all passed,
+// 1: a failure, 77: no CUDA device.
 #include <cstdint>
 #include <limits>
 #include <string>
@@ -134,6 +136,113 @@ void check_row_limit() {
   CUDA_OK(cudaFree(d));
 }
 
+// singd_diagonal_steps: `count` entries of cycling shapes (empty ones, one element, partial
+// blocks, an entry over several blocks, one column) in one list, float32 and bfloat16 parameters
+// alternating in a float list, first and accumulating entries, NaN and infinities in some; more
+// entries than one launch takes (kMaxTensorsPerLaunch). Against the CPU kernel on every entry.
+template <typename A>
+void run_list_case(int count, double wd, uint64_t seed) {
+  const int64_t shapes[][2] = {{3, 7}, {1, 1}, {17, 300}, {0, 4}, {70, 1}, {5, 513}, {2, 1030}};
+  struct Entry {
+    bool bf16;
+    int64_t rows, cols, sp, sg, sb;
+    std::vector<A> param, grad, buf, c, k;  // param and grad: values (bf16: rounded)
+    std::vector<uint16_t> param_bits, grad_bits;
+  };
+  Rng rng(seed);
+  std::vector<Entry> entries(static_cast<size_t>(count));
+  std::vector<SingdDiagonalStepParams<A>> host(entries.size()), dev(entries.size());
+  std::vector<void*> owned;
+  for (int t = 0; t < count; ++t) {
+    Entry& e = entries[static_cast<size_t>(t)];
+    e.bf16 = !std::is_same_v<A, double> && t % 2 == 1;
+    e.rows = shapes[t % 7][0], e.cols = shapes[t % 7][1];
+    e.sp = e.cols + (t % 3), e.sg = e.cols + 1, e.sb = e.cols + (t % 2);
+    const size_t np = static_cast<size_t>(e.rows * e.sp), ng = static_cast<size_t>(e.rows * e.sg);
+    e.buf.resize(static_cast<size_t>(e.rows * e.sb));
+    e.c.resize(static_cast<size_t>(e.rows));
+    e.k.resize(static_cast<size_t>(e.cols));
+    for (auto& v : e.buf) v = static_cast<A>(rng.uniform());
+    for (auto& v : e.c) v = static_cast<A>(0.5 + std::fabs(rng.uniform()));
+    for (auto& v : e.k) v = static_cast<A>(0.5 + std::fabs(rng.uniform()));
+    if (e.bf16) {
+      e.param_bits.resize(np), e.grad_bits.resize(ng);
+      for (auto& v : e.param_bits) v = bf16_bits(static_cast<float>(rng.uniform()));
+      for (auto& v : e.grad_bits) v = bf16_bits(static_cast<float>(rng.uniform()));
+    } else {
+      e.param.resize(np), e.grad.resize(ng);
+      for (auto& v : e.param) v = static_cast<A>(rng.uniform());
+      for (auto& v : e.grad) v = static_cast<A>(rng.uniform());
+    }
+    if (t % 5 == 2 && e.rows * e.cols > 1) {  // a NaN gradient and an infinite factor entry
+      if (e.bf16) {
+        e.grad_bits[0] = 0x7fc0;
+      } else {
+        e.grad[0] = std::numeric_limits<A>::quiet_NaN();
+      }
+      e.c[static_cast<size_t>(e.rows - 1)] = std::numeric_limits<A>::infinity();
+    }
+    SingdDiagonalStepParams<A> p;
+    p.param_type = e.bf16 ? ElementType::kBFloat16 : element_type_of<A>;
+    p.rows = e.rows, p.cols = e.cols;
+    p.param_stride_row = e.sp, p.grad_stride_row = e.sg, p.buf_stride_row = e.sb;
+    p.lr = static_cast<A>(0.1), p.momentum = static_cast<A>(0.9);
+    p.weight_decay = static_cast<A>(wd);
+    p.first = t % 3 == 0;
+    host[static_cast<size_t>(t)] = dev[static_cast<size_t>(t)] = p;
+  }
+  // the CPU kernel on copies, then the device
+  std::vector<Entry> want = entries;
+  for (int t = 0; t < count; ++t) {
+    Entry& w = want[static_cast<size_t>(t)];
+    auto& p = host[static_cast<size_t>(t)];
+    p.param = w.bf16 ? static_cast<void*>(w.param_bits.data()) : static_cast<void*>(w.param.data());
+    p.grad = w.bf16 ? static_cast<const void*>(w.grad_bits.data())
+                    : static_cast<const void*>(w.grad.data());
+    p.c = w.c.data(), p.k = w.k.data(), p.buf = w.buf.data();
+  }
+  kfac_kernels::cpu::singd_diagonal_steps<A>(host.data(), count);
+  for (int t = 0; t < count; ++t) {
+    Entry& e = entries[static_cast<size_t>(t)];
+    auto& p = dev[static_cast<size_t>(t)];
+    void* param = e.bf16 ? static_cast<void*>(to_device(e.param_bits))
+                         : static_cast<void*>(to_device(e.param));
+    void* grad = e.bf16 ? static_cast<void*>(to_device(e.grad_bits))
+                        : static_cast<void*>(to_device(e.grad));
+    A* buf = to_device(e.buf);
+    A* c = to_device(e.c);
+    A* k = to_device(e.k);
+    p.param = param, p.grad = grad, p.buf = buf, p.c = c, p.k = k;
+    owned.insert(owned.end(), {param, grad, buf, c, k});
+  }
+  CUDA_OK(kfac_kernels::cuda::singd_diagonal_steps<A>(dev.data(), count, nullptr));
+  CUDA_OK(cudaDeviceSynchronize());
+  const double tol = sizeof(A) == 8 ? 1e-14 : 1e-6;
+  for (int t = 0; t < count; ++t) {
+    const Entry& e = entries[static_cast<size_t>(t)];
+    const Entry& w = want[static_cast<size_t>(t)];
+    const auto& p = dev[static_cast<size_t>(t)];
+    const std::string where = std::string("list of ") + std::to_string(count) + " (" +
+                              (sizeof(A) == 8 ? "double" : "float") + "), entry " +
+                              std::to_string(t) + (e.bf16 ? " bfloat16" : "") + " rows=" +
+                              std::to_string(e.rows) + " cols=" + std::to_string(e.cols);
+    std::vector<A> got_buf(e.buf.size());
+    to_host(got_buf, p.buf);
+    expect_close(got_buf, w.buf, tol, "buffer", where.c_str());
+    if (e.bf16) {
+      std::vector<uint16_t> got(e.param_bits.size());
+      to_host(got, static_cast<const uint16_t*>(p.param));
+      expect_close(bf16_values(got), bf16_values(w.param_bits), 1.0 / 128, "parameter",
+                   where.c_str());
+    } else {
+      std::vector<A> got(e.param.size());
+      to_host(got, static_cast<const A*>(p.param));
+      expect_close(got, w.param, tol, "parameter", where.c_str());
+    }
+  }
+  for (void* ptr : owned) CUDA_OK(cudaFree(ptr));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -156,5 +265,9 @@ int main(int argc, char** argv) {
   if (!quick)
     for (const auto& s : big) run_shape(s[0], s[1]);
   check_row_limit();
+  for (int count : {1, 7, 24, 25, 53}) {
+    run_list_case<float>(count, count % 2 ? 0.01 : 0.0, seed++);
+    run_list_case<double>(count, 0.01, seed++);
+  }
   return finish();
 }

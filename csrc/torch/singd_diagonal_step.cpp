@@ -21,9 +21,20 @@ void singd_diagonal_step_cpu(at::Tensor param, const at::Tensor& grad, const at:
   }
 }
 
+void singd_diagonal_step_foreach_cpu(at::TensorList params, at::TensorList grads,
+                                     at::TensorList cs, at::TensorList ks, at::TensorList bufs,
+                                     double lr, double momentum, double weight_decay,
+                                     const c10::List<bool>& first) {
+  const auto lists = glue::checked_step_lists(params, grads, cs, ks, bufs, lr, momentum,
+                                              weight_decay, first, c10::kCPU);
+  cpu::singd_diagonal_steps<float>(lists.f.data(), static_cast<int64_t>(lists.f.size()));
+  cpu::singd_diagonal_steps<double>(lists.d.data(), static_cast<int64_t>(lists.d.size()));
+}
+
 }  // namespace
 }  // namespace kfac_kernels
 
 TORCH_LIBRARY_IMPL(kfac_kernels, CPU, m) {
   m.impl("singd_diagonal_step", &kfac_kernels::singd_diagonal_step_cpu);
+  m.impl("singd_diagonal_step_foreach", &kfac_kernels::singd_diagonal_step_foreach_cpu);
 }

@@ -40,9 +40,31 @@ void singd_diagonal_step_cuda(at::Tensor param, const at::Tensor& grad, const at
   }
 }
 
+// One launch per kMaxTensorsPerLaunch parameters of an accumulation type (the parameters' structs
+// travel in the launch itself: nothing is copied to the device or allocated).
+void singd_diagonal_step_foreach_cuda(at::TensorList params, at::TensorList grads,
+                                      at::TensorList cs, at::TensorList ks, at::TensorList bufs,
+                                      double lr, double momentum, double weight_decay,
+                                      const c10::List<bool>& first) {
+  const auto lists = glue::checked_step_lists(params, grads, cs, ks, bufs, lr, momentum,
+                                              weight_decay, first, c10::kCUDA);
+  if (params.empty()) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const auto stream = c10::cuda::getCurrentCUDAStream(params[0].device().index()).stream();
+  cudaError_t err = cuda::singd_diagonal_steps<float>(
+      lists.f.data(), static_cast<int64_t>(lists.f.size()), stream);
+  if (err == cudaSuccess) {
+    err = cuda::singd_diagonal_steps<double>(lists.d.data(),
+                                             static_cast<int64_t>(lists.d.size()), stream);
+  }
+  TORCH_CHECK(err == cudaSuccess, "kfac_kernels::singd_diagonal_step_foreach: CUDA kernel "
+              "launch failed: ", cudaGetErrorString(err));
+}
+
 }  // namespace
 }  // namespace kfac_kernels
 
 TORCH_LIBRARY_IMPL(kfac_kernels, CUDA, m) {
   m.impl("singd_diagonal_step", &kfac_kernels::singd_diagonal_step_cuda);
+  m.impl("singd_diagonal_step_foreach", &kfac_kernels::singd_diagonal_step_foreach_cuda);
 }

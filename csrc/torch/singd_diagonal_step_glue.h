@@ -3,9 +3,12 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/List.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <type_traits>
+#include <vector>
 
 #include "singd_diagonal_step.h"  // csrc/include: the torch-free kernel declarations
 
@@ -42,6 +45,10 @@ inline void check_singd_diagonal_step(const at::Tensor& param, const at::Tensor&
     TORCH_CHECK(t->size(1) <= 1 || t->stride(1) == 1, op,
                 ": param, grad and buf must have contiguous rows (stride 1 along dim 1)");
   }
+  for (const at::Tensor* t : {&param, &buf}) {  // written in place: no element twice
+    TORCH_CHECK(t->numel() == 0 || t->size(0) == 1 || t->stride(0) >= t->size(1), op,
+                ": param and buf must not overlap themselves (rows at least a row apart)");
+  }
   for (const at::Tensor* t : {&param, &grad, &c, &k, &buf}) {
     TORCH_CHECK(t->device().type() == device_type && t->device() == param.device(), op,
                 ": all tensors must be on the same ",
@@ -74,6 +81,65 @@ SingdDiagonalStepParams<A> make_step_params(at::Tensor& param, const at::Tensor&
   p.weight_decay = static_cast<A>(weight_decay);
   p.first = first;
   return p;
+}
+
+// singd_diagonal_step_foreach: the lists have one entry per parameter, each entry as for
+// check_singd_diagonal_step (on one device); `first` has one flag per entry.
+inline void check_singd_diagonal_step_foreach(at::TensorList params, at::TensorList grads,
+                                              at::TensorList cs, at::TensorList ks,
+                                              at::TensorList bufs, double lr, double momentum,
+                                              double weight_decay, const c10::List<bool>& first,
+                                              c10::DeviceType device_type) {
+  constexpr const char* op = "kfac_kernels::singd_diagonal_step_foreach";
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n && cs.size() == n && ks.size() == n && bufs.size() == n &&
+                  first.size() == n,
+              op, ": params, grads, cs, ks, bufs and first must have the same length, got ",
+              n, ", ", grads.size(), ", ", cs.size(), ", ", ks.size(), ", ", bufs.size(), " and ",
+              first.size());
+  for (size_t t = 0; t < n; ++t) {
+    check_singd_diagonal_step(params[t], grads[t], cs[t], ks[t], bufs[t], lr, momentum,
+                              weight_decay, device_type);
+    TORCH_CHECK(params[t].device() == params[0].device(), op,
+                ": all tensors must be on one device, got ", params[0].device(), " and ",
+                params[t].device());
+  }
+}
+
+// The kernel parameters of the entries whose accumulation type is A (float: float32 and
+// bfloat16 parameters; double: float64 ones).
+template <typename A>
+std::vector<SingdDiagonalStepParams<A>> make_step_list(at::TensorList params,
+                                                       at::TensorList grads, at::TensorList cs,
+                                                       at::TensorList ks, at::TensorList bufs,
+                                                       double lr, double momentum,
+                                                       double weight_decay,
+                                                       const c10::List<bool>& first) {
+  std::vector<SingdDiagonalStepParams<A>> out;
+  const bool want_double = std::is_same_v<A, double>;
+  for (size_t t = 0; t < params.size(); ++t) {
+    if ((params[t].scalar_type() == at::kDouble) != want_double) continue;
+    at::Tensor param = params[t], buf = bufs[t];  // handles: the data is written in place
+    out.push_back(make_step_params<A>(param, grads[t], cs[t], ks[t], buf, lr, momentum,
+                                      weight_decay, first.get(t)));
+  }
+  return out;
+}
+
+// The checked entries split by accumulation type, for the float and double kernels.
+struct StepLists {
+  std::vector<SingdDiagonalStepParams<float>> f;
+  std::vector<SingdDiagonalStepParams<double>> d;
+};
+
+inline StepLists checked_step_lists(at::TensorList params, at::TensorList grads,
+                                    at::TensorList cs, at::TensorList ks, at::TensorList bufs,
+                                    double lr, double momentum, double weight_decay,
+                                    const c10::List<bool>& first, c10::DeviceType device_type) {
+  check_singd_diagonal_step_foreach(params, grads, cs, ks, bufs, lr, momentum, weight_decay,
+                                    first, device_type);
+  return {make_step_list<float>(params, grads, cs, ks, bufs, lr, momentum, weight_decay, first),
+          make_step_list<double>(params, grads, cs, ks, bufs, lr, momentum, weight_decay, first)};
 }
 
 }  // namespace glue

@@ -11,7 +11,9 @@ from .singd_block_factor_update import (singd_block_factor_update,
 from .singd_block_step import singd_block_step, singd_block_step_eager
 from .singd_diagonal_factor_update import (singd_diagonal_factor_update,
                                            singd_diagonal_factor_update_eager)
-from .singd_diagonal_step import singd_diagonal_step, singd_diagonal_step_eager
+from .singd_diagonal_step import (singd_diagonal_step, singd_diagonal_step_eager,
+                                  singd_diagonal_step_foreach,
+                                  singd_diagonal_step_foreach_eager)
 from .symmetric_factor_update import symmetric_factor_update, symmetric_factor_update_eager
 
 __all__ = ["block_damped_cholesky", "block_damped_inverse", "block_eigh", "conv_geometry", "gradient_covariance", "padded_input",
@@ -20,7 +22,8 @@ __all__ = ["block_damped_cholesky", "block_damped_inverse", "block_eigh", "conv_
            "singd_block_factor_update", "singd_block_factor_update_eager",
            "singd_block_step", "singd_block_step_eager",
            "singd_diagonal_factor_update", "singd_diagonal_factor_update_eager",
-           "singd_diagonal_step", "singd_diagonal_step_eager", "symmetric_factor_update",
+           "singd_diagonal_step", "singd_diagonal_step_eager", "singd_diagonal_step_foreach",
+           "singd_diagonal_step_foreach_eager", "symmetric_factor_update",
            "symmetric_factor_update_eager"]
 
 # Ask once per op, at import, whether the extension has its kernel: torch.compile then reads a

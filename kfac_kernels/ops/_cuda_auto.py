@@ -26,6 +26,10 @@ _ORDER = {
     # P 512x4608 fp32: cuda 0.042, triton 0.065; 256x2305: 0.060, 0.101; bf16 mixed (0.112 vs
     # 0.088, 0.043 vs 0.067); ResNet-18's 21 layers fp32: cuda 0.495, triton 1.124
     "singd_diagonal_step": ("cuda", "triton", "eager"),
+    # not measured yet: one launch per 24 parameters (the per-layer ops are host-bound; the
+    # static model predicts 0.13 ms over ResNet-18 of which one launch); triton is a loop of
+    # the per-parameter Triton kernel
+    "singd_diagonal_step_foreach": ("cuda", "triton", "eager"),
     # 8 layers: cuda 0.086, triton 0.071; 20 layers: 0.045, 0.064
     "singd_diagonal_factor_update": ("cuda", "triton", "eager"),
     # blocks of 32, 4 cases: triton 0.149-0.339, cuda 0.338-0.774; ResNet-18: 2.23 vs 3.91

@@ -35,6 +35,10 @@ SCHEMAS = {
     "singd_diagonal_step":
         "(Tensor(a!) param, Tensor grad, Tensor c, Tensor k, Tensor(b!) buf, float lr, "
         "float momentum, float weight_decay, bool first) -> ()",
+    # singd_diagonal_step of many parameters in one call (one flag `first` per parameter).
+    "singd_diagonal_step_foreach":
+        "(Tensor(a!)[] params, Tensor[] grads, Tensor[] cs, Tensor[] ks, Tensor(b!)[] bufs, "
+        "float lr, float momentum, float weight_decay, bool[] first) -> ()",
     "singd_diagonal_factor_update":
         "(Tensor(a!) k, Tensor(b!) c, Tensor(c!)? m_k, Tensor(d!)? m_c, Tensor u, Tensor g, "
         "int[] k_offsets, int[] c_offsets, float damping, float alpha1, float lr_cov, "

@@ -1,6 +1,7 @@
 """The fused paths of :class:`kfac_kernels.singd.SINGD` (``fused=True``): the factor update of
 all layers of a diagonal or block-diagonal structure in one kernel call, and each layer's
-parameter step (``C C^T [dW | db] K K^T`` + weight decay + momentum + parameter) in one pass.
+parameter step (``C C^T [dW | db] K K^T`` + weight decay + momentum + parameter) in one pass
+(diagonal factors: the steps of all layers in one call).
 Same result as the readable path up to round-off; the structure packing lives here."""
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 from ..ops.singd_block_factor_update import singd_block_factor_update
 from ..ops.singd_block_step import singd_block_step
 from ..ops.singd_diagonal_factor_update import singd_diagonal_factor_update
-from ..ops.singd_diagonal_step import accumulation_dtype, singd_diagonal_step
+from ..ops.singd_diagonal_step import accumulation_dtype, singd_diagonal_step_foreach
 from .guard import bounded_health, fused_bound, select
 from .structures import BlockDiagonal, Diagonal, StructuredMatrix
 
@@ -182,28 +183,36 @@ class FusedSteps:
                 if p is not None:
                     self.state[p]["momentum_buffer"] = buf
 
-    def _fused_layer_step(self, name: str, state, group, ok=True) -> None:
-        """Steps 2-3 of Fig. 4 for diagonal factors, one kernel per weight and bias (``ok`` as
-        for :meth:`_fused_block_layer_step`)."""
-        ad = self.adapters[name]
-        compute = self._dtypes(name)[2]
-        c = select(ok, state["C"][0].data[0].to(compute))
-        k = select(ok, state["K"][0].data[0].to(compute))
-        w, b = ad.weight, ad.bias
-        d_o = w.shape[0]
-        pieces = [(w, select(ok, w.grad), k[:w[0].numel()])]
-        if b is not None:
-            db = b.grad if b.grad is not None else torch.zeros_like(b)
-            pieces.append((b, select(ok, db), k[-1:]))
+    def _fused_diagonal_steps(self, states: dict, group, finite: dict) -> None:
+        """Steps 2-3 of Fig. 4 for diagonal factors of every layer in ``states`` (name -> its
+        factors): all weights and biases in one call of
+        :func:`kfac_kernels.ops.singd_diagonal_step_foreach` (``finite``: by layer, whether its
+        direction is, as for :meth:`_fused_block_layer_step`)."""
         mom = group["momentum"]
-        for p, grad, kk in pieces:
-            st = self.state[p]
-            buf = st.get("momentum_buffer") if mom != 0.0 else None
-            first = buf is None
-            if first:
-                buf = torch.empty(p.shape, dtype=compute, device=p.device)
-            singd_diagonal_step(p.view(d_o, -1), grad.reshape(d_o, -1), c, kk,
-                                buf.view(d_o, -1), group["lr"], mom, group["weight_decay"],
-                                first, backend=self.backend)
-            if mom != 0.0:
-                st["momentum_buffer"] = buf
+        lists: tuple[list, ...] = ([], [], [], [], [], [])   # params, grads, cs, ks, bufs, first
+        created = []
+        for name, state in states.items():
+            ad, ok = self.adapters[name], finite[name]
+            compute = self._dtypes(name)[2]
+            c = select(ok, state["C"][0].data[0].to(compute))
+            k = select(ok, state["K"][0].data[0].to(compute))
+            w, b = ad.weight, ad.bias
+            d_o = w.shape[0]
+            pieces = [(w, select(ok, w.grad), k[:w[0].numel()])]
+            if b is not None:
+                db = b.grad if b.grad is not None else torch.zeros_like(b)
+                pieces.append((b, select(ok, db), k[-1:]))
+            for p, grad, kk in pieces:
+                buf = self.state[p].get("momentum_buffer") if mom != 0.0 else None
+                first = buf is None
+                if first:
+                    buf = torch.empty(p.shape, dtype=compute, device=p.device)
+                    created.append((p, buf))
+                for out, value in zip(lists, (p.view(d_o, -1), grad.reshape(d_o, -1), c, kk,
+                                              buf.view(d_o, -1), first)):
+                    out.append(value)
+        singd_diagonal_step_foreach(*lists[:5], group["lr"], mom, group["weight_decay"],
+                                    lists[5], backend=self.backend)
+        if mom != 0.0:
+            for p, buf in created:
+                self.state[p]["momentum_buffer"] = buf

@@ -348,11 +348,11 @@ class SINGD(DetachesHooksOnExit, FusedSteps, DirectionGuard, torch.optim.Optimiz
         healths.update(self._fused_healths(fused, grad_max))
         finite = self._directions_ok(healths)
         updates = []
-        for name, state in fused.items():
-            if self.structure_classes[0] is BlockDiagonal:
+        if fused and self.structure_classes[0] is BlockDiagonal:
+            for name, state in fused.items():
                 self._fused_block_layer_step(name, state, group, finite[name])
-            else:
-                self._fused_layer_step(name, state, group, finite[name])
+        elif fused:
+            self._fused_diagonal_steps(fused, group, finite)
         for name, direction in directions.items():
             updates += self._layer_directions(name, select(finite[name], direction))
         updates += [(p, p.grad.to(torch.promote_types(p.dtype, torch.float32))) for p in plain]
