@@ -5,7 +5,8 @@ Each (task, optimizer, period) is a model and optimizer built as ``kfac-train`` 
 of a task's configurations run interleaved in this one process, round after round (so that a
 change of load on a shared machine falls on all of them alike): per round every configuration
 takes ``--steps`` timed training steps (forward, backward, optimizer step; CPU time of the
-process, ``time.process_time``) after its warm-up. The result is the median over rounds of
+process, ``time.process_time``) after its warm-up, with denormal numbers flushed to zero as
+``kfac-train`` trains. The result is the median over rounds of
 each configuration's time per step divided by AdamW's in the same round.
 
     python bench/sweep_amortisation.py                       # every task
@@ -94,6 +95,7 @@ def main(argv=None) -> int:
                                          "amortisation_cpu.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    torch.set_flush_denormal(True)   # as kfac-train trains (--denormals flush)
     results = []
     for task in args.tasks:
         runners = {name: Runner(task, cfg) for name, cfg in configs()}
@@ -117,7 +119,7 @@ def main(argv=None) -> int:
     env["shared_machine"] = True
     Path(args.out).write_text(json.dumps({
         "command": "python bench/sweep_amortisation.py " + " ".join(argv or sys.argv[1:]),
-        "environment": env, "threads": 1, "steps_per_round": args.steps,
+        "environment": env, "threads": 1, "denormals": "flush", "steps_per_round": args.steps,
         "rounds": args.rounds, "results": results}, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0

@@ -80,6 +80,30 @@ def test_runs_are_reproducible(tmp_path):
         h["train_batch_loss"] for h in b["history"]]
 
 
+def test_denormals_are_flushed_during_the_run_and_recorded(tmp_path, monkeypatch):
+    """--denormals flush (the default) turns flushing on for the run only; keep leaves it off.
+    (The flag's state has no getter: it is observed through what a subnormal becomes.)"""
+    import kfac_kernels.apps.train as train_mod
+
+    seen = []
+    real = train_mod._run
+
+    def spy(args):
+        tiny = torch.tensor(torch.finfo(torch.float32).tiny)
+        seen.append(bool((tiny / 4 == 0).item()))   # flushed: the subnormal result is 0
+        return real(args)
+
+    monkeypatch.setattr(train_mod, "_run", spy)
+    flushed = _train(tmp_path, "--optimizer", "sgd", "--steps", "2")
+    kept = _train(tmp_path, "--optimizer", "sgd", "--steps", "2", "--denormals", "keep")
+    assert flushed["denormals"] == "flush" and kept["denormals"] == "keep"
+    if torch.set_flush_denormal(True):            # the CPU supports flushing
+        torch.set_flush_denormal(False)
+        assert seen == [True, False]
+    tiny = torch.tensor(torch.finfo(torch.float32).tiny)
+    assert (tiny / 4).item() > 0                  # off again after the run
+
+
 def test_same_batches_and_initial_weights_for_every_optimizer():
     # The mini-batch order depends only on (n, batch size, seed) ...
     s1, s2 = (BatchSampler(100, 32, seed=5, device=torch.device("cpu")) for _ in range(2))

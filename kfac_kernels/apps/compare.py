@@ -28,6 +28,7 @@ from .defaults import ADAPTIVE_OPTIMIZERS, LR_GRID, OPTIMIZERS, OPTION_USERS, de
 
 # Options that are forwarded to every run unless they are at their parser default.
 _FORWARD = ("task", "steps", "batch_size", "lr", "momentum", "weight_decay", "device", "threads",
+            "denormals",
             "dtype", "damping", "kfac_approx", "damping_form", "factor_decay",
             "factor_update_steps", "inv_update_steps", "inv_warmup_steps", "kl_clip",
             "num_blocks", "backend",
