@@ -146,6 +146,25 @@ def test_kfac_options_are_passed_through(tmp_path):
     assert math.isfinite(result["train_loss"])
 
 
+def test_update_periods_default_per_optimizer_and_are_recorded(tmp_path):
+    """bdkfac takes kfac-train's periods (factors every 5 steps, inverses every 50), kfac the
+    library's (1, 10); the command line overrides either; the JSON records what ran, and the
+    preconditioner was built with it."""
+    from kfac_kernels.apps.defaults import UPDATE_STEPS
+
+    args = build_parser().parse_args(["--optimizer", "bdkfac", "--lr", "0.003",
+                                      "--weight-decay", "0.01", "--damping", "0.1"])
+    precond = _make_optimizer(args, build_digits_cnn(0)).preconditioner
+    assert (precond.factor_update_steps, precond.inv_update_steps) == UPDATE_STEPS["bdkfac"]
+    bd = _train(tmp_path, "--optimizer", "bdkfac", "--steps", "2")
+    assert (bd["factor_update_steps"], bd["inv_update_steps"]) == UPDATE_STEPS["bdkfac"] == (5, 50)
+    kf = _train(tmp_path, "--optimizer", "kfac", "--steps", "2")
+    assert (kf["factor_update_steps"], kf["inv_update_steps"]) == (1, 10)
+    own = _train(tmp_path, "--optimizer", "bdkfac", "--steps", "2", "--factor-update-steps", "3")
+    assert (own["factor_update_steps"], own["inv_update_steps"]) == (3, 50)
+    assert _train(tmp_path, "--optimizer", "adamw", "--steps", "1")["inv_update_steps"] is None
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--optimizer", "lbfgs"], "invalid choice: 'lbfgs'"),
     (["--steps", "0"], "expected a positive integer"),

@@ -45,6 +45,18 @@ KFAC_KL_CLIP = 1e-3     # the KL-clipping of --optimizer kfac (kfac-pytorch's de
 # (graphs 60,80,110 -> 210,90,60; adaptive on digits-autoencoder 110,150,100 -> 230,140,-), so
 # they keep the library's 0.
 INV_WARMUP_STEPS = {"bdkfac": 20}
+# (factor_update_steps, inv_update_steps) of kfac-train's bdkfac: factors every 5 steps,
+# inverses every 50 (with the warm-up above: inverses at every factor update of the first 20
+# steps). Median steps / CPU s to target over seeds 0-2, each at the best of its 3 learning
+# rates, at 1/10 (the library's), 2/20 and 5/50 (CPU, one thread, denormals flushed):
+# digits 30/0.24, 30/0.18, 40/0.18; digits-bn 20/0.22, 20/0.16, 20/0.12; digits-autoencoder
+# 80/0.43, 80/0.33, 100/0.31; digits-vit 240/4.98, 230/4.04 (2 of 3 seeds), 230/3.87;
+# deep-linear 110/1.07, 110/0.91, 120/0.63; graphs 130/0.81, 90/0.46, 50/0.23: 5/50 is the
+# least CPU time on every task (17-72 % less than 1/10), at one evaluation interval more on
+# three. For K-FAC over SGD the same sweep was mixed (graphs 80/0.40, 70/0.31, 100/0.44;
+# digits 60/0.44, 70/0.42, 90/0.39; digits-autoencoder unreached at all three), so it keeps
+# the library's periods.
+UPDATE_STEPS = {"bdkfac": (5, 50)}
 # SINGD with warm-started factors (kfac_kernels.SINGD(warm_start=True)): the factors follow the
 # curvature from the first step, so lr_cov can be K-FAC's 1 - factor_decay (0.05); the
 # preconditioner is then K-FAC-sized, which wants K-FAC-like damping (0.1 on each factor) and a

@@ -39,8 +39,8 @@ from torch import nn
 
 from .defaults import (ADAPTIVE_DEFAULTS, ADAPTIVE_OPTIMIZERS, DEFAULT_LR, DEFAULT_MOMENTUM,
                        DEFAULT_RELATIVE_DAMPING, DEFAULT_WEIGHT_DECAY, INV_WARMUP_STEPS,
-                       KFAC_KL_CLIP, OPTIMIZERS,
-                       OPTION_USERS, SECOND_ORDER, SINGD_DEFAULTS, SINGD_OPTIMIZERS,
+                       KFAC_KL_CLIP, OPTIMIZERS, OPTION_USERS, SECOND_ORDER, SINGD_DEFAULTS,
+                       SINGD_OPTIMIZERS, UPDATE_STEPS,
                        default_damping, default_lr)
 from .models import num_parameters
 from .workloads import WORKLOADS
@@ -205,10 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="decay of the factors' moving average, in [0, 1)")
     kfac.add_argument("--factor-update-steps", type=_positive_int, default=None,
                       help="update the Kronecker factors every this many steps (default: "
-                           f"{_library_default('factor_update_steps')}, the library's)")
+                           + ", ".join(f"{v[0]} for {k}" for k, v in UPDATE_STEPS.items())
+                           + f", else {_library_default('factor_update_steps')}, the "
+                             "library's)")
     kfac.add_argument("--inv-update-steps", type=_positive_int, default=None,
-                      help="recompute the eigendecompositions every this many steps (default: "
-                           f"{_library_default('inv_update_steps')}, the library's)")
+                      help="recompute the decompositions every this many steps (default: "
+                           + ", ".join(f"{v[1]} for {k}" for k, v in UPDATE_STEPS.items())
+                           + f", else {_library_default('inv_update_steps')}, the library's)")
     kfac.add_argument("--inv-warmup-steps", type=_non_negative_int, default=None,
                       help="during the first this many steps recompute the decompositions at "
                            "every factor update (default: "
@@ -387,13 +390,21 @@ def _kfac_options(args: argparse.Namespace, model: nn.Module) -> dict:
     update on purpose: said as ``skip_modules``, so the run does not warn about its own model."""
     out = {"factor_decay": args.factor_decay, "kfac_approx": args.kfac_approx,
            "backend": args.backend, **_own_parameters_skipped(model)}
-    for key in ("factor_update_steps", "inv_update_steps"):
-        if getattr(args, key) is not None:
-            out[key] = getattr(args, key)
+    for key, value in zip(("factor_update_steps", "inv_update_steps"), _update_steps(args)):
+        if value is not None:
+            out[key] = value
     warmup = _inv_warmup_steps(args)
     if warmup is not None:
         out["inv_warmup_steps"] = warmup
     return out
+
+
+def _update_steps(args: argparse.Namespace) -> tuple[int | None, int | None]:
+    """The factor and inverse periods: the command line's, else kfac-train's default for the
+    optimizer (``None``: the library's)."""
+    defaults = UPDATE_STEPS.get(args.optimizer, (None, None))
+    return tuple(d if v is None else v for v, d in zip(
+        (args.factor_update_steps, args.inv_update_steps), defaults))
 
 
 def _inv_warmup_steps(args: argparse.Namespace) -> int | None:
@@ -677,6 +688,9 @@ def _run(args: argparse.Namespace) -> dict:
         "num_blocks": args.num_blocks if args.optimizer == "bdkfac" else None,
         "inv_warmup_steps": ((_inv_warmup_steps(args) or _library_default("inv_warmup_steps"))
                              if args.optimizer in SECOND_ORDER else None),
+        **{key: ((value or _library_default(key)) if args.optimizer in SECOND_ORDER else None)
+           for key, value in zip(("factor_update_steps", "inv_update_steps"),
+                                 _update_steps(args))},
         "seed": args.seed,
         "device": args.device,
         "dtype": args.dtype,
