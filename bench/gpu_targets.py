@@ -41,9 +41,7 @@ from kfac_kernels import SINGD, ops  # noqa: E402
 from kfac_kernels._backend import available_backends  # noqa: E402
 from kfac_kernels.testing import rel_error as rel  # noqa: E402
 
-RESNET18 = ([(64, 147)] + [(64, 576)] * 4 + [(128, 576), (128, 1152), (128, 1152), (128, 1152),
-            (128, 64)] + [(256, 1152), (256, 2304), (256, 2304), (256, 2304), (256, 128)]
-            + [(512, 2304), (512, 4608), (512, 4608), (512, 4608), (512, 256)] + [(1000, 513)])
+from kfac_kernels.apps.bench import RESNET18_WEIGHTS as RESNET18  # noqa: E402
 
 
 def timed(fn, device: str, min_runs: int = 5, max_runs: int = 50, budget_s: float = 1.0) -> float:

@@ -87,11 +87,20 @@ def _cases(full: bool) -> dict[str, list[tuple]]:
     return out
 
 
+# ResNet-18 (ImageNet): (rows, cols) of every conv / linear weight, cols = C_in k^2 (+1 bias)
+RESNET18_WEIGHTS = ([(64, 147)] + [(64, 576)] * 4
+                    + [(128, 576), (128, 1152), (128, 1152), (128, 1152), (128, 64)]
+                    + [(256, 1152), (256, 2304), (256, 2304), (256, 2304), (256, 128)]
+                    + [(512, 2304), (512, 4608), (512, 4608), (512, 4608), (512, 256)]
+                    + [(1000, 513)])
+
+
 def _singd_cases(full: bool) -> dict[str, list[tuple]]:
     """SINGD's in-place ops at ResNet-18 layer shapes (rows x cols, block size 32); each case
     returns the tensors it updated."""
     shapes = [(512, 4608), (256, 2305)] + ([(1024, 9216)] if full else [])
-    out: dict[str, list[tuple]] = {"singd_diagonal_step": [], "singd_diagonal_factor_update": [],
+    out: dict[str, list[tuple]] = {"singd_diagonal_step": [], "singd_diagonal_step_foreach": [],
+                                   "singd_diagonal_factor_update": [],
                                    "singd_block_step": [], "singd_block_factor_update": []}
 
     def blocks(n, b, dev, g, eye=1.0):
@@ -120,6 +129,22 @@ def _singd_cases(full: bool) -> dict[str, list[tuple]]:
                 f"[W|b] {rows}x{cols + 1} blocks 32 {str(dt)[6:]}", make_block_step,
                 lambda a, be: (ops.singd_block_step(*a, 0.1, 0.9, 1e-4, False, backend=be),
                                (a[0], a[2], a[8], a[9]))[1]))
+    # many parameters in one call: a network's weights and biases (host-bound when small)
+    for label, shapes_ in (("42 parameters of 64x64 and 64x1", [(64, 64), (64, 1)] * 21),
+                           ("ResNet-18's 21 layers (11.7M parameters)", RESNET18_WEIGHTS)):
+        n = len(shapes_)
+
+        def make_many(dev, g, shapes_=shapes_):
+            return (*(_gen_x(s, dev, g) for s in shapes_), *(_gen_x(s, dev, g) for s in shapes_),
+                    *(1 + 0.1 * _gen_x(s[:1], dev, g) for s in shapes_),
+                    *(1 + 0.1 * _gen_x(s[1:], dev, g) for s in shapes_),
+                    *(_gen_x(s, dev, g) for s in shapes_))
+
+        def run_many(a, be, n=n):   # flat arguments: the harness clones tensors, not lists
+            lists = [list(a[i * n:(i + 1) * n]) for i in range(5)]
+            ops.singd_diagonal_step_foreach(*lists, 0.1, 0.9, 1e-4, [False] * n, backend=be)
+            return tuple(lists[0] + lists[4])
+        out["singd_diagonal_step_foreach"].append((label, make_many, run_many))
     for layers in ([(4608, 512)] * 8, [(576, 64)] * 16 + [(2305, 256)] * 4):
         d_in = [i for i, _ in layers]
         d_out = [o for _, o in layers]
@@ -172,6 +197,7 @@ def _error(op: str, result, reference, args) -> float:
 
 # bfloat16 parameters: a last-bit difference of the fp32 value moves a bf16 result by one unit
 TOLERANCE = {"block_eigh": 1e-4, "block_damped_inverse": 1e-3, "singd_diagonal_step": 1e-3,
+             "singd_diagonal_step_foreach": 1e-3,
              "singd_block_step": 1e-3}
 
 
