@@ -114,6 +114,17 @@ def _common_case(param, grad, c, k, buf, lr, momentum, weight_decay, first) -> b
     return (c.stride(0) == 1 or rows == 1) and (k.stride(0) == 1 or cols == 1)
 
 
+def _kernel_layout(who: str, param, grad, c, k, buf):
+    """``(grad, c, k)`` as the kernels read them (strided gradient rows and factor vectors
+    copied); ``param`` and ``buf``, updated in place, must have contiguous rows already."""
+    for name, t in (("param", param), ("buf", buf)):
+        if t.shape[1] > 1 and t.stride(1) != 1:
+            raise ValueError(f"{who}: {name} must have contiguous rows (it is updated in place)")
+    if grad.shape[1] > 1 and grad.stride(1) != 1:
+        grad = grad.contiguous()
+    return grad, c.contiguous(), k.contiguous()
+
+
 def singd_diagonal_step(param: torch.Tensor, grad: torch.Tensor, c: torch.Tensor,
                         k: torch.Tensor, buf: torch.Tensor, lr: float, momentum: float,
                         weight_decay: float, first: bool, *, backend: str = "auto") -> None:
@@ -138,13 +149,7 @@ def singd_diagonal_step(param: torch.Tensor, grad: torch.Tensor, c: torch.Tensor
         singd_diagonal_step_eager(param, grad, c, k, buf, lr, momentum, weight_decay, first)
         return
     if not common:
-        for name, t in (("param", param), ("buf", buf)):
-            if t.shape[1] > 1 and t.stride(1) != 1:
-                raise ValueError(f"{_OP}: {name} must have contiguous rows (it is updated in "
-                                 f"place)")
-        if grad.shape[1] > 1 and grad.stride(1) != 1:
-            grad = grad.contiguous()
-        c, k = c.contiguous(), k.contiguous()
+        grad, c, k = _kernel_layout(_OP, param, grad, c, k, buf)
     if chosen == "triton":
         from kfac_kernels._triton.singd_diagonal_step import singd_diagonal_step_triton
         singd_diagonal_step_triton(param, grad, c, k, buf, lr, momentum, weight_decay, first)
@@ -217,13 +222,9 @@ def singd_diagonal_step_foreach(params: list[torch.Tensor], grads: list[torch.Te
             who = f"{_FOREACH}: entry {i}"
             _check(*entry, who=who)
             check_writable(who, param=params[i], buf=bufs[i])
-            for name, t in (("param", params[i]), ("buf", bufs[i])):
-                if t.shape[1] > 1 and t.stride(1) != 1:
-                    raise ValueError(f"{who}: {name} must have contiguous rows (it is updated "
-                                     "in place)")
-            if grads[i].shape[1] > 1 and grads[i].stride(1) != 1:
-                grads[i] = grads[i].contiguous()
-            cs[i], ks[i] = cs[i].contiguous(), ks[i].contiguous()
+            if chosen != "eager":
+                grads[i], cs[i], ks[i] = _kernel_layout(who, params[i], grads[i], cs[i], ks[i],
+                                                        bufs[i])
         if params[i].device != device:
             raise ValueError(f"{_FOREACH}: all tensors must be on one device, got {device} "
                              f"and {params[i].device}")
