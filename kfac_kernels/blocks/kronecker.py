@@ -347,16 +347,23 @@ class KroneckerBlock(CurvatureBlock):
         if method == "cholesky":
             out = sides.solve_left(dec["chol_G"], m, g_layout)
             return sides.solve_right(out, dec["chol_A"], a_layout)
+        # the block-diagonal sides' prepared forms, kept with the memo, one cache per side
+        forms = {} if memo is None else memo.setdefault("sides", {})
+
+        def cache(key):
+            return None if memo is None else forms.setdefault(key, {})
+
         if method == "inverse":
-            out = sides.left(dec["inv_G"], m, g_layout)
-            return sides.right(out, dec["inv_A"], a_layout)
+            out = sides.left(dec["inv_G"], m, g_layout, cache=cache("inv_G"))
+            return sides.right(out, dec["inv_A"], a_layout, cache=cache("inv_A"))
         qa = dec["eigvecs_A"] or None
         qg = dec["eigvecs_G"] or None
-        rotated = sides.right(sides.left(qg, m, g_layout, transpose=True), qa,
-                              a_layout)
+        ca, cg = cache("eigvecs_A"), cache("eigvecs_G")
+        rotated = sides.right(sides.left(qg, m, g_layout, transpose=True, cache=cg), qa,
+                              a_layout, cache=ca)
         denom = cls._eigen_denominator(dec, damping, split, relative, memo)
-        return sides.right(sides.left(qg, rotated / denom, g_layout), qa, a_layout,
-                           transpose=True)
+        return sides.right(sides.left(qg, rotated / denom, g_layout, cache=cg), qa,
+                           a_layout, transpose=True, cache=ca)
 
     #: the most entries of an eigen-form denominator that a memo keeps (small layers, where
     #: the seven small ops that form it cost more in dispatch than the products; a large
@@ -390,7 +397,8 @@ class KroneckerBlock(CurvatureBlock):
                 gamma_a, gamma_g = cls._split_damping(damping, split, dec["pi"][0])
             denom = ((lg + gamma_g[:, None])[:, :, None]) * ((la + gamma_a[:, None])[:, None, :])
         if memo is not None:
-            memo.clear()
+            for name in ("dec", "key", "denom"):
+                memo.pop(name, None)
             if denom.numel() <= cls.MEMO_DENOMINATOR:
                 memo.update(dec=dec, key=key, denom=denom)
         return denom

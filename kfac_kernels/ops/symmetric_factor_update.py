@@ -80,6 +80,16 @@ def symmetric_factor_update(factor: torch.Tensor | None, x: torch.Tensor, decay:
         alpha: multiplier of ``x^T x``.
         backend: ``"auto"``, ``"eager"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
     """
+    if (backend == "auto" and type(x) is torch.Tensor and x.device.type == "cpu"
+            and type(decay) is float and type(alpha) is float and native_has_op(_OP)):
+        # The common call (the capture's, about 50 per step on a 33-layer MLP): the native
+        # glue checks every argument that can reach it, so it is tried first, and the Python
+        # checks (3.5 us of the 8 us a 64 x 17 call took on one CPU thread) run only for a
+        # refused call, whose message they then give.
+        try:
+            return torch.ops.kfac_kernels.symmetric_factor_update(factor, x, decay, alpha)
+        except RuntimeError:
+            pass
     _check(factor, x, decay, alpha)
     chosen = resolve_backend(backend, x.device, _OP, cuda_order(_OP))
     decay, alpha = float(decay), float(alpha)
