@@ -10,8 +10,13 @@ import warnings
 
 
 class SkipCounter:
-    def __init__(self, who: str, every: int = 100):
+    #: what to change when the run has diverged
+    FIXES = ("lower the learning rate, raise the damping, or use a torch.amp.GradScaler for "
+             "low-precision training")
+
+    def __init__(self, who: str, every: int = 100, fixes: str | None = None):
         self.who = who
+        self.fixes = fixes or self.FIXES
         self.every = every
         self.count = 0
         self.first_step: int | None = None
@@ -23,9 +28,8 @@ class SkipCounter:
             self.first_step = step
             warnings.warn(
                 f"{self.who}: the gradients of step {step} are not finite (NaN/inf); the step is "
-                "skipped and changes nothing. If this repeats the run has diverged: lower the "
-                "learning rate, raise the damping, or use a torch.amp.GradScaler for "
-                "low-precision training", RuntimeWarning, stacklevel=stacklevel)
+                f"skipped and changes nothing. If this repeats the run has diverged: {self.fixes}",
+                RuntimeWarning, stacklevel=stacklevel)
         elif self.count % self.every == 0:
             warnings.warn(f"{self.who}: {self.count} steps skipped for non-finite gradients so "
                           f"far (the first at step {self.first_step})", RuntimeWarning,

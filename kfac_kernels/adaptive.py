@@ -174,7 +174,11 @@ class AdaptiveKFAC(DetachesHooksOnExit, torch.optim.Optimizer):
         self.damping = torch.tensor(self.damping, dtype=torch.float64,
                                     device=params[0].device if params else None)
         self.steps = 0
-        self.skips = SkipCounter(who)
+        # no learning rate here: the initial damping bounds the first steps, taken before the
+        # first reduction ratio is measured
+        self.skips = SkipCounter(who, fixes=(
+            f"raise the initial damping (damping={float(self.damping):g} now; the rule adapts it "
+            "from there), or use a torch.amp.GradScaler for low-precision training"))
         self.last: dict = {}
 
     def add_param_group(self, param_group: dict) -> None:

@@ -11,6 +11,8 @@ import pytest
 import torch
 from torch import nn
 
+from kfac_kernels import AdaptiveKFAC
+
 from optimizer_registry import OPTIMIZERS  # tests/ is on sys.path under pytest
 
 DT = torch.float64
@@ -108,9 +110,14 @@ def test_nonfinite_step_changes_nothing_and_is_said(info):
     hook = model[6].weight.register_hook(
         lambda g: g.index_put((torch.tensor([0]), torch.tensor([0])), torch.tensor(float("nan"),
                                                                                 dtype=g.dtype)))
-    with pytest.warns(RuntimeWarning, match="the gradients of step 2 are not finite"):
+    with pytest.warns(RuntimeWarning, match="the gradients of step 2 are not finite") as rec:
         info.train_step(opt, model, x, y)
     hook.remove()
+    # the advice fits the optimizer: an adaptive one has no learning rate to lower
+    said = " ".join(str(w.message) for w in rec)
+    adaptive = isinstance(opt, AdaptiveKFAC)
+    assert ("raise the initial damping (damping=" in said) == adaptive
+    assert ("lower the learning rate" in said) != adaptive
     for p, q in zip(model.parameters(), params):
         assert torch.equal(p, q)
     after = _flat_state(opt.state_dict())

@@ -756,7 +756,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"wall time {result['wall_time_s']:.2f} s  ({result['steps_per_s']:.1f} steps/s, "
           f"training only; CPU time {result['cpu_time_s']:.2f} s)")
     if not math.isfinite(result["train_loss"]):
-        print("warning: the training loss is not finite (diverged); try a smaller --lr",
+        fix = ("a larger --damping (the initial one)" if args.optimizer in ADAPTIVE_OPTIMIZERS
+               else "a smaller --lr")
+        print(f"warning: the training loss is not finite (diverged); try {fix}",
               file=sys.stderr)
     if args.json is not None:
         with open(args.json, "w", encoding="utf-8") as f:
