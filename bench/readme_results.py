@@ -230,20 +230,26 @@ def evidence(key: str) -> list[str]:
     rows = d["summary"]
     ref = next((r for r in rows if r["optimizer"] == "adamw"), None)
     first = next(iter(d["runs"].values()))[0]
+    # runs with a learning-rate grid record CPU time (the process's own), older ones wall time
+    cpu = "median_cpu_to_target_s" in rows[0]
+    time_key = "median_cpu_to_target_s" if cpu else "median_time_to_target_s"
+    what = "CPU time" if cpu else "time"
+    grid = ("; each optimizer at the best of its learning rates x "
+            f"{{{', '.join(f'{m:.3g}' for m in d['lr_grid'])}}}" if d.get("lr_grid") else "")
     out = [f"**`kfac-train --task {first['task']} --compare ...`, {first['dtype']}, "
            f"{first['steps']} steps, seeds {rows[0]['seeds']}, target {rows[0]['target']}** "
-           f"(medians over seeds; {d.get('device_name', first['device'])}, "
+           f"(medians over seeds{grid}; {d.get('device_name', first['device'])}, "
            f"{d.get('date', '')[:10]}; `bench/results/evidence_{key}.json`)", "",
-           "| optimizer | lr | reached | steps to target | steps vs AdamW | time to target | "
-           "time vs AdamW | final test loss | final test acc |",
+           f"| optimizer | lr | reached | steps to target | steps vs AdamW | {what} to target | "
+           f"{what} vs AdamW | final test loss | final test acc |",
            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        steps, secs = r["median_steps_to_target"], r["median_time_to_target_s"]
+        steps, secs = r["median_steps_to_target"], r[time_key]
         rs = (f"{steps / ref['median_steps_to_target']:.2f}" if ref and steps is not None
               and ref["median_steps_to_target"] else "-")
-        rt = (f"{secs / ref['median_time_to_target_s']:.2f}" if ref and secs is not None
-              and ref["median_time_to_target_s"] else "-")
-        out.append(f"| {r['optimizer']} | {r['lr']:g} | {r['reached']}/{len(r['seeds'])} | "
+        rt = (f"{secs / ref[time_key]:.2f}" if ref and secs is not None and ref[time_key]
+              else "-")
+        out.append(f"| {r['optimizer']} | {r['lr']:.3g} | {r['reached']}/{len(r['seeds'])} | "
                    f"{'-' if steps is None else f'{steps:g}'} | {rs} | "
                    f"{'-' if secs is None else f'{secs:.2f} s'} | {rt} | "
                    f"{r['median_test_loss']:.4f} | {r['median_test_accuracy']:.4f} |")
