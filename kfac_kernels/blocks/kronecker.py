@@ -348,10 +348,10 @@ class KroneckerBlock(CurvatureBlock):
             out = sides.solve_left(dec["chol_G"], m, g_layout)
             return sides.solve_right(out, dec["chol_A"], a_layout)
         # the block-diagonal sides' prepared forms, kept with the memo, one cache per side
-        forms = {} if memo is None else memo.setdefault("sides", {})
+        forms = None if memo is None else memo.setdefault("sides", {})
 
         def cache(key):
-            return None if memo is None else forms.setdefault(key, {})
+            return None if forms is None else forms.setdefault(key, {})
 
         if method == "inverse":
             out = sides.left(dec["inv_G"], m, g_layout, cache=cache("inv_G"))

@@ -91,25 +91,36 @@ def widths(parts: list[torch.Tensor]) -> list[int]:
     return [p.shape[-1] for p in parts]
 
 
+def _lead(parts: list[torch.Tensor]) -> int:
+    """How many leading parts share the first part's width (at least 1)."""
+    q = parts[0].shape[-1]
+    return next((i for i, p in enumerate(parts) if p.shape[-1] != q), len(parts))
+
+
+def _stacked_product(stacked: torch.Tensor, rest: list[torch.Tensor], mat: torch.Tensor,
+                     apply) -> torch.Tensor:
+    """``apply`` of the stacked equal-width parts ``(groups, lead, q, q)`` to their rows of
+    ``mat`` ``(groups, rows, cols)`` in one batched call, of each part of ``rest`` to the rows
+    after them, joined."""
+    groups, rows, cols = mat.shape
+    lead, q = stacked.shape[1], stacked.shape[-1]
+    out = [apply(stacked, mat[:, :q * lead].reshape(groups, lead, q, cols)).reshape(
+        groups, q * lead, cols)]
+    start = q * lead
+    for p in rest:
+        w = p.shape[-1]
+        out.append(apply(p, mat[:, start:start + w]))
+        start += w
+    return torch.cat(out, dim=1) if len(out) > 1 else out[0]
+
+
 def _blockwise(parts: list[torch.Tensor], mat: torch.Tensor, apply) -> torch.Tensor:
     """``apply(part, rows)`` for every part and its rows of ``mat`` ``(groups, rows, cols)``,
     joined; the leading equal-size parts are one batched call."""
     if len(parts) == 1:
         return apply(parts[0], mat)
-    groups, rows, cols = mat.shape
-    q = parts[0].shape[-1]
-    lead = next((i for i, p in enumerate(parts) if p.shape[-1] != q), len(parts))
-    out = []
-    if lead:
-        stacked = torch.stack(parts[:lead], dim=1)                     # (groups, n, q, q)
-        head = apply(stacked, mat[:, :q * lead].reshape(groups, lead, q, cols))
-        out.append(head.reshape(groups, q * lead, cols))
-    start = q * lead
-    for p in parts[lead:]:
-        w = p.shape[-1]
-        out.append(apply(p, mat[:, start:start + w]))
-        start += w
-    return torch.cat(out, dim=1) if len(out) > 1 else out[0]
+    lead = _lead(parts)
+    return _stacked_product(torch.stack(parts[:lead], dim=1), parts[lead:], mat, apply)
 
 
 #: a block-diagonal side is multiplied as one dense matrix, its zero blocks included, when it
@@ -146,8 +157,7 @@ def _prepare(parts: list[torch.Tensor], transpose: bool, dense: bool):
             out[:, start:start + w, start:start + w] = p
             start += w
         return ("dense", out)
-    q = parts[0].shape[-1]
-    lead = next((i for i, p in enumerate(parts) if p.shape[-1] != q), len(parts))
+    lead = _lead(parts)
     return ("stacked", torch.stack(parts[:lead], dim=1), parts[lead:])
 
 
@@ -169,17 +179,7 @@ def _prepared(parts: list[torch.Tensor], transpose: bool, cols: int, cache: dict
 def _apply_prepared(form, mat: torch.Tensor) -> torch.Tensor:
     if form[0] == "dense":
         return torch.matmul(form[1], mat)
-    _, stacked, rest = form
-    groups, rows, cols = mat.shape
-    lead, q = stacked.shape[1], stacked.shape[-1]
-    out = [torch.matmul(stacked, mat[:, :q * lead].reshape(groups, lead, q, cols)).reshape(
-        groups, q * lead, cols)]
-    start = q * lead
-    for p in rest:
-        w = p.shape[-1]
-        out.append(torch.matmul(p, mat[:, start:start + w]))
-        start += w
-    return torch.cat(out, dim=1) if len(out) > 1 else out[0]
+    return _stacked_product(form[1], form[2], mat, torch.matmul)
 
 
 def left(parts: list[torch.Tensor] | None, mat: torch.Tensor, layout: Layout,
