@@ -17,7 +17,19 @@ Each step, with ``g`` the gradient of the objective ``h`` (the loss, plus ``weig
 * every ``damping_adaptation_interval`` steps, the reduction ratio ``rho = (h(theta + delta) -
   h(theta)) / (M_0(delta) - M_0(0))`` of the *undamped* model ``M_0`` adapts the damping:
   ``lambda <- omega lambda`` when ``rho > 3/4``, ``lambda <- lambda / omega`` when ``rho < 1/4``,
-  ``omega = damping_adaptation_decay ** interval`` (Sec. 6.5).
+  ``omega = damping_adaptation_decay ** interval`` (Sec. 6.5);
+* optionally (``factor_damping_interval``; by default ``gamma = lambda``), the K-FAC
+  preconditioner keeps a damping of its own, ``gamma`` (relative, like ``lambda``; it starts
+  equal to it): every ``factor_damping_interval`` steps, ``Delta`` is computed with
+  ``gamma omega_2``, ``gamma`` and ``gamma / omega_2`` (``omega_2 = sqrt(decay) **
+  factor_damping_interval``), and the ``gamma`` whose ``alpha Delta + mu delta_prev`` gives the
+  lowest value of the damped model ``M`` is kept and its step taken (Sec. 6.6, the greedy
+  adaptation of a separate damping of the approximate Fisher). The rule above adapts the
+  trust region of the model; this one the quality of the direction. Tied to ``lambda``, the
+  damping falls to its floor wherever the model fits the batch (``rho`` near 1), and the
+  preconditioner then amplifies the weak directions so much that ``alpha`` shrinks to about
+  1e-3 (deep-linear, digits-vit); kept apart, it did not reach the kfac-train targets sooner
+  (see :data:`DEFAULT_FACTOR_DAMPING_INTERVAL`).
 
 No learning rate and no KL-clipping: the model's ``alpha`` sets the step length.
 
@@ -26,7 +38,8 @@ products ``J Delta`` and ``J delta_prev`` by forward-mode differentiation (``tor
 ``functional_call`` with dual parameters) of the closure's forward pass, one per vector (each
 about one to two forward passes; one on the first step), and products with the loss Hessian at
 the outputs (output-sized); every ``damping_adaptation_interval`` steps one more forward pass
-for ``h(theta + delta)``. These passes restore the random state of the closure's forward pass
+for ``h(theta + delta)``; every ``factor_damping_interval`` steps two more preconditionings and
+their two GGN-vector products. These passes restore the random state of the closure's forward pass
 (the same dropout masks) and run on copies of the buffers (batch-norm running statistics are
 updated once per step, by the closure's own pass); attention runs in PyTorch's math kernel
 there (the fused CPU kernels have no forward-mode derivative).
@@ -66,6 +79,14 @@ DEFAULT_INITIAL_DAMPING = 10.0
 # made the parameters NaN. 1e-4 (amplification at most 1e4 times the stiffest direction's)
 # trained it without failing and changed no other task's steps to target.
 DEFAULT_MIN_DAMPING = 1e-4
+# T_2 of Martens & Grosse (2015), Sec. 6.6 (how often the preconditioner's own damping is
+# re-chosen among three candidates): off by default, gamma tied to lambda. Kept apart, on the
+# kfac-train tasks (median steps to target of seeds 0-2, an evaluation every 5 steps, tied in
+# brackets): T_2 = 20: digits-bn 40 (40), digits 55 (50), deep-linear 90 (95), graphs 50 (40),
+# digits-autoencoder not reached on 2 seeds (110); T_2 = 5: 40, 60, 85, 40, 225; digits-vit
+# reached by neither (nor tied). The greedy choice on one mini-batch raised gamma early (10 to
+# 29 on the autoencoder), where the tied rule lowers it and gets off the plateau sooner.
+DEFAULT_FACTOR_DAMPING_INTERVAL = None
 
 
 def _check(who, name, value, low, high=None, low_open=True):
@@ -102,6 +123,10 @@ class AdaptiveKFAC(DetachesHooksOnExit, torch.optim.Optimizer):
         min_damping, max_damping: bounds of the adapted damping.
         damping_adaptation_interval: ``T_1`` of Martens & Grosse (2015), Sec. 6.5.
         damping_adaptation_decay: ``omega`` per step (``omega ** T_1`` per adaptation).
+        factor_damping_interval: ``T_2`` of Martens & Grosse (2015), Sec. 6.6: every
+            ``T_2`` steps the preconditioner's own damping ``gamma`` is chosen greedily among
+            ``gamma omega_2^{-1, 0, 1}`` (``omega_2 = sqrt(decay) ** T_2``); ``None`` (the
+            default): ``gamma`` is tied to ``lambda``.
         momentum: solve for ``mu`` (``False``: ``mu = 0``, only the step length ``alpha``).
         max_step: ``alpha`` and ``|mu|`` are clipped to ``max_step`` (a safeguard against a
             nearly singular model on a tiny batch).
@@ -116,7 +141,8 @@ class AdaptiveKFAC(DetachesHooksOnExit, torch.optim.Optimizer):
         :class:`~kfac_kernels.KFAC` that keeps the curvature, available as
         :attr:`preconditioner`.
 
-    Attributes after a step: ``damping`` (the current relative damping), ``last`` (a dict with
+    Attributes after a step: ``damping`` (the current relative damping ``lambda``),
+    ``factor_damping`` (the preconditioner's ``gamma``), ``last`` (a dict with
     ``alpha``, ``mu``, ``rho`` (``None`` on steps without adaptation), the undamped model's
     predicted change, the loss, and the model's coefficients: ``curvature`` ``[[D^T F D,
     D^T F d], [d^T F D, d^T F d]]`` (``D = Delta``, ``d = delta_prev``, ``F`` the GGN plus
@@ -127,6 +153,7 @@ class AdaptiveKFAC(DetachesHooksOnExit, torch.optim.Optimizer):
                  damping: float = DEFAULT_INITIAL_DAMPING,
                  min_damping: float = DEFAULT_MIN_DAMPING, max_damping: float = 1e4,
                  damping_adaptation_interval: int = 5, damping_adaptation_decay: float = 0.9,
+                 factor_damping_interval: int | None = DEFAULT_FACTOR_DAMPING_INTERVAL,
                  momentum: bool = True, max_step: float = 100.0, weight_decay: float = 0.0,
                  structure: str = "dense", fisher_type: str = "mc",
                  factor_update_steps: int = 1, inv_update_steps: int = 10, **kfac_options):
@@ -145,6 +172,12 @@ class AdaptiveKFAC(DetachesHooksOnExit, torch.optim.Optimizer):
                              f"{damping_adaptation_interval!r}")
         self.interval = damping_adaptation_interval
         self.decay = _check(who, "damping_adaptation_decay", damping_adaptation_decay, 0.0, 1.0)
+        if factor_damping_interval is not None and (isinstance(
+                factor_damping_interval, bool) or not isinstance(factor_damping_interval, int)
+                or factor_damping_interval < 1):
+            raise ValueError(f"{who}: factor_damping_interval must be an int >= 1 or None, got "
+                             f"{factor_damping_interval!r}")
+        self.factor_interval = factor_damping_interval
         if not isinstance(momentum, bool):
             raise TypeError(f"{who}: momentum must be a bool, got {momentum!r}")
         self.use_momentum = momentum
@@ -168,11 +201,14 @@ class AdaptiveKFAC(DetachesHooksOnExit, torch.optim.Optimizer):
         self._initialising = False
         covered = {id(p) for a in self.preconditioner.adapters.values() for p in a.params()}
         self._plain = [p for p in params if id(p) not in covered]
+        self._plain_ids = {id(p) for p in self._plain}
         self.model = model
         self.loss_fn = loss_fn
         # the current relative damping: a 0-d tensor, adapted on the device
         self.damping = torch.tensor(self.damping, dtype=torch.float64,
                                     device=params[0].device if params else None)
+        # the preconditioner's own relative damping (gamma), equal to lambda when not adapted
+        self.factor_damping = self.damping.clone()
         self.steps = 0
         # no learning rate here: the initial damping bounds the first steps, taken before the
         # first reduction ratio is measured
@@ -228,7 +264,9 @@ class AdaptiveKFAC(DetachesHooksOnExit, torch.optim.Optimizer):
         plain = [p.grad for p in self._plain if p.grad is not None]
         g = {p: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params}
         self.damping = self.damping.to(loss.device)
-        kfac.damping = self.damping
+        self.factor_damping = (self.factor_damping.to(loss.device) if self.factor_interval
+                               else self.damping)
+        kfac.damping = self.factor_damping
         updates = kfac.precondition_gradients(
             grads, health=gradient_health(plain + [loss.detach().reshape(1)]))
         if updates is None:
@@ -237,33 +275,54 @@ class AdaptiveKFAC(DetachesHooksOnExit, torch.optim.Optimizer):
             super().zero_grad(set_to_none=True)
             return loss.detach()
         weights = self._damping_weights(updates)
-        kfac.apply_updates(updates, grads, kl_clip=False)
-        if self._plain:
-            # the mean curvature scale of the covered layers, lambda times it their damping
-            scale = (torch.stack([w.double().mean() for w in weights.values()]).mean()
-                     / self.damping if weights else torch.ones_like(self.damping))
-            for p in self._plain:
-                weights[p] = (self.damping * scale).to(p.dtype)
-                if p.grad is not None:
-                    p.grad.div_(((1.0 + self.damping) * scale).to(p.dtype))
-        delta = {p: -(p.grad if p.grad is not None else torch.zeros_like(p)) for p in params}
+        # the mean curvature scale of the covered layers: the plain parameters' unit
+        plain_scale = (torch.stack([w.double().mean() for w in weights.values()]).mean()
+                       / self.damping if weights else torch.ones_like(self.damping))
+        for p in self._plain:
+            weights[p] = (self.damping * plain_scale).to(p.dtype)
+        gammas = [self.factor_damping]
+        if self.factor_interval and (self.steps + 1) % self.factor_interval == 0:
+            omega = math.sqrt(self.decay) ** self.factor_interval
+            gammas += [(self.factor_damping * omega).clamp_min(self.min_damping),
+                       (self.factor_damping / omega).clamp_max(self.max_damping)]
+        deltas = [self._direction(updates, grads, g, plain_scale, gammas[0])]
+        for gamma in gammas[1:]:
+            # the same factors and decompositions under another damping (no side effects)
+            kfac.damping = gamma
+            others = kfac.distribution.share_updates(kfac._precondition_many(
+                {n: m for n, m in grads.items() if kfac.distribution.preconditions(n)}), grads)
+            deltas.append(self._direction(others, grads, g, plain_scale, gamma))
+        kfac.damping = self.factor_damping
         prev = {p: self.state[p]["delta"] for p in params if "delta" in self.state[p]}
         use_prev = self.use_momentum and len(prev) == len(params)
-        vectors = [delta, prev] if use_prev else [delta]
 
-        jvps = self._jvps(closure, vectors, rng, devices)
+        jvps = self._jvps(closure, deltas + ([prev] if use_prev else []), rng, devices)
         hess = _loss_hessian_products(self.loss_fn, outputs.detach(), targets, jvps)
-        k = len(vectors)
-        pairs = [(i, j) for i in range(k) for j in range(k)]
-        gram, damp, lin = _subspace_products(vectors, g, weights)
-        curv = torch.stack([(jvps[i].double() * hess[j].double()).sum()
-                            for i, j in pairs]).reshape(k, k) + self.weight_decay * gram
-        curv = 0.5 * (curv + curv.mT)  # symmetric J^T H J: the two products differ by round-off
-        coef = self._solve(curv + damp, lin)
-        predicted = 0.5 * coef @ curv @ coef + lin @ coef
+        models = [self._model([delta] + ([prev] if use_prev else []),
+                              [jvps[c]] + jvps[len(deltas):], [hess[c]] + hess[len(deltas):], g,
+                              weights) for c, delta in enumerate(deltas)]
+        if len(models) == 1:
+            best = None
+            coef, curv, damp, lin, predicted, _ = models[0]
+            chosen = [1.0]
+        else:
+            # the candidate with the lowest damped model value, chosen on the device; a
+            # non-finite value never wins, ties keep the current gamma (listed first)
+            values = torch.stack([m[5] for m in models])
+            best = torch.where(values.isfinite(), values, math.inf).argmin().reshape(1)
+            coef, curv, damp, lin, predicted = (
+                torch.index_select(torch.stack([m[i] for m in models]), 0, best)[0]
+                for i in range(5))
+            chosen = [(best == c).to(coef.dtype)[0] for c in range(len(models))]
+            self.factor_damping = torch.index_select(torch.stack(gammas), 0, best)[0]
+        k = coef.shape[0]
         # delta = alpha Delta + mu delta_prev for all parameters at once (multi-tensor kernels),
-        # applied and kept as the next step's delta_prev
-        moves = torch._foreach_mul([delta[p] for p in params], coef[0])
+        # applied and kept as the next step's delta_prev; with candidates, each Delta is
+        # weighted by alpha where chosen and by 0 elsewhere (exact: x + 0 = x)
+        moves = torch._foreach_mul([deltas[0][p] for p in params], coef[0] * chosen[0])
+        for c in range(1, len(deltas)):
+            torch._foreach_add_(moves, torch._foreach_mul([deltas[c][p] for p in params],
+                                                          coef[0] * chosen[c]))
         if k == 2:
             torch._foreach_add_(moves, torch._foreach_mul([prev[p] for p in params], coef[1]))
         torch._foreach_add_(params, moves)
@@ -274,11 +333,13 @@ class AdaptiveKFAC(DetachesHooksOnExit, torch.optim.Optimizer):
         rho = None
         if self.steps % self.interval == 0:
             rho = self._adapt_damping(closure, rng, devices, loss, step, predicted)
+            if not self.factor_interval:
+                self.factor_damping = self.damping     # tied
         zero = torch.zeros_like(coef[0])
         self.last = {"alpha": coef[0], "mu": coef[1] if k == 2 else zero,
                      "rho": rho, "predicted_change": predicted, "loss": loss.detach(),
-                     "damping": self.damping, "curvature": curv, "damping_terms": damp,
-                     "linear": lin}
+                     "damping": self.damping, "factor_damping": self.factor_damping,
+                     "curvature": curv, "damping_terms": damp, "linear": lin}
         super().zero_grad(set_to_none=True)
         return loss.detach()
 
@@ -301,6 +362,35 @@ class AdaptiveKFAC(DetachesHooksOnExit, torch.optim.Optimizer):
             torch.where(lower_it, (self.damping * omega).clamp_min(self.min_damping),
                         self.damping))
         return rho
+
+    def _direction(self, updates: dict, grads: dict, g: dict, plain_scale: torch.Tensor,
+                   gamma: torch.Tensor) -> dict:
+        """``Delta`` by parameter: the preconditioned gradient matrices ``updates`` written back
+        in the parameters' shapes (through their gradients, which it overwrites), negated; the
+        parameters no layer covers get ``-g / ((1 + gamma) s)``, ``s`` their curvature unit."""
+        self.preconditioner.apply_updates(updates, grads, kl_clip=False)
+        out = {}
+        for p in self._params():
+            if id(p) in self._plain_ids:
+                out[p] = -(g[p] / ((1.0 + gamma) * plain_scale).to(p.dtype))
+            else:
+                out[p] = -(p.grad.clone() if p.grad is not None else torch.zeros_like(p))
+        return out
+
+    def _model(self, vectors: list, jvps: list, hess: list, g: dict, weights: dict) -> tuple:
+        """The quadratic model over ``d = V c`` (``V``: ``Delta`` and, with momentum,
+        ``delta_prev``): its minimiser ``c`` (``alpha, mu``), the undamped and damping
+        ``k x k`` matrices, the linear term, the undamped model's predicted change and the
+        damped model's value at ``c``."""
+        k = len(vectors)
+        pairs = [(i, j) for i in range(k) for j in range(k)]
+        gram, damp, lin = _subspace_products(vectors, g, weights)
+        curv = torch.stack([(jvps[i].double() * hess[j].double()).sum()
+                            for i, j in pairs]).reshape(k, k) + self.weight_decay * gram
+        curv = 0.5 * (curv + curv.mT)  # symmetric J^T H J: the two products differ by round-off
+        coef = self._solve(curv + damp, lin)
+        predicted = 0.5 * coef @ curv @ coef + lin @ coef
+        return coef, curv, damp, lin, predicted, predicted + 0.5 * coef @ damp @ coef
 
     def _solve(self, matrix: torch.Tensor, lin: torch.Tensor) -> torch.Tensor:
         """``argmin`` of ``c^T matrix c / 2 + lin^T c`` on the device: the 2 x 2 system, or
@@ -377,7 +467,8 @@ class AdaptiveKFAC(DetachesHooksOnExit, torch.optim.Optimizer):
         """torch.optim's state (the last update of every parameter) plus ``"adaptive"``: the
         damping, the step count and the K-FAC state."""
         sd = super().state_dict()
-        sd["adaptive"] = {"damping": self.damping, "steps": self.steps,
+        sd["adaptive"] = {"damping": self.damping, "factor_damping": self.factor_damping,
+                          "steps": self.steps,
                           "skips": self.skips.state_dict(),
                           "kfac": self.preconditioner.state_dict()}
         return sd
@@ -391,6 +482,9 @@ class AdaptiveKFAC(DetachesHooksOnExit, torch.optim.Optimizer):
         self.preconditioner.load_state_dict(extra["kfac"])
         self.damping = torch.as_tensor(extra["damping"], dtype=torch.float64).to(
             self.damping.device)
+        # (a state saved before gamma was kept apart had gamma = lambda)
+        self.factor_damping = torch.as_tensor(extra.get("factor_damping", extra["damping"]),
+                                              dtype=torch.float64).to(self.damping.device)
         self.steps = int(extra["steps"])
         self.skips.load_state_dict(extra.get("skips"))
 

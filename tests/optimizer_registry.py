@@ -93,6 +93,7 @@ def _adaptive(**kwargs):
     def build(model, accumulate=1):
         return AdaptiveKFAC(model, nn.CrossEntropyLoss(), factor_update_steps=1,
                             inv_update_steps=2, damping_adaptation_interval=2,
+                            factor_damping_interval=3,
                             grad_accumulation_steps=accumulate, **_fresh(kwargs))
     return build
 

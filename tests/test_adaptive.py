@@ -135,6 +135,59 @@ def test_block_diagonal_and_every_layer_kind_train():
     assert float(model.shift.abs().sum()) > 0
 
 
+class _ShiftedMLP(nn.Module):
+    """An MLP plus a parameter no layer adapter covers."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = _mlp(4)
+        self.shift = nn.Parameter(torch.zeros(3, dtype=DT))
+
+    def forward(self, x):
+        return self.body(x) + self.shift
+
+
+def _three_steps(interval, gamma=None):
+    """Three steps (the damping adapted on every one); ``gamma``: the preconditioner's damping
+    forced before the third."""
+    torch.manual_seed(4)
+    model = _ShiftedMLP()
+    gen = torch.Generator().manual_seed(4)
+    x, y = torch.randn(24, 5, generator=gen, dtype=DT), torch.randint(0, 3, (24,), generator=gen)
+    with pytest.warns(UserWarning, match="no Kronecker-factored curvature"):
+        opt = AdaptiveKFAC(model, nn.CrossEntropyLoss(), fisher_type="type-2", damping=1.0,
+                           damping_adaptation_interval=1, factor_damping_interval=interval)
+    for i in range(3):
+        if i == 2 and gamma is not None:
+            opt.factor_damping = torch.tensor(gamma, dtype=torch.float64)
+        opt.step(lambda: (model(x), y))
+    return model, opt
+
+
+def _damped_model_value(last) -> float:
+    c = torch.stack([last["alpha"], last["mu"]])
+    return float(0.5 * c @ (last["curvature"] + last["damping_terms"]) @ c + last["linear"] @ c)
+
+
+def test_preconditioner_damping_is_the_greedy_choice_of_martens_grosse():
+    """Every T_2 steps gamma becomes whichever of gamma omega_2^{-1, 0, 1} gives the lowest
+    damped model value (Martens & Grosse (2015), Sec. 6.6), and that candidate's step is taken:
+    checked against three runs that each keep one candidate fixed."""
+    model, opt = _three_steps(interval=3)      # gamma re-chosen at the third step
+    omega = (0.9 ** 0.5) ** 3                  # sqrt(decay) ** T_2
+    runs = {g: _three_steps(interval=10 ** 6, gamma=g) for g in (omega, 1.0, 1.0 / omega)}
+    values = {g: _damped_model_value(o.last) for g, (_, o) in runs.items()}
+    assert len({round(v, 12) for v in values.values()}) == 3   # the candidates differ
+    best = min(values, key=values.get)
+    assert opt.factor_damping.item() == pytest.approx(best, rel=1e-12)
+    assert _damped_model_value(opt.last) == pytest.approx(values[best], rel=1e-10)
+    for got, want in zip(model.parameters(), runs[best][0].parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    # factor_damping_interval=None ties gamma to the adapted lambda
+    _, tied = _three_steps(interval=None)
+    assert tied.factor_damping is tied.damping and tied.damping.item() != 1.0
+
+
 def test_arguments_are_checked():
     model = _mlp()
     with pytest.raises(ValueError, match="damping"):
@@ -143,6 +196,9 @@ def test_arguments_are_checked():
         AdaptiveKFAC(model, nn.CrossEntropyLoss(), lr=0.1)
     with pytest.raises(ValueError, match="damping_form"):
         AdaptiveKFAC(model, nn.CrossEntropyLoss(), damping_form="factored")
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="factor_damping_interval must be an int >= 1"):
+            AdaptiveKFAC(model, nn.CrossEntropyLoss(), factor_damping_interval=bad)
     opt = AdaptiveKFAC(model, nn.CrossEntropyLoss())
     with pytest.raises(TypeError, match="closure"):
         opt.step(None)

@@ -378,7 +378,11 @@ class KroneckerBlock(CurvatureBlock):
         ``pi``'s versions (in-place writes bump them) and the damping settings."""
         values = (*dec["eigvals_A"], *dec["eigvals_G"], *dec.get("pi", ()))
         if memo is not None:
-            key = (damping, split, relative, *(t._version for t in values))
+            # A tensor damping (an adapted one) is known by its identity and version: comparing
+            # two tensors by value would be a host read (the memo keeps it, so its id stays its).
+            tag = ((id(damping), damping._version) if isinstance(damping, torch.Tensor)
+                   else damping)
+            key = (tag, split, relative, *(t._version for t in values))
             if memo.get("dec") is dec and memo.get("key") == key:
                 return memo["denom"]
         la = sides.concat_values(dec["eigvals_A"])
@@ -397,10 +401,10 @@ class KroneckerBlock(CurvatureBlock):
                 gamma_a, gamma_g = cls._split_damping(damping, split, dec["pi"][0])
             denom = ((lg + gamma_g[:, None])[:, :, None]) * ((la + gamma_a[:, None])[:, None, :])
         if memo is not None:
-            for name in ("dec", "key", "denom"):
+            for name in ("dec", "key", "denom", "damping"):
                 memo.pop(name, None)
             if denom.numel() <= cls.MEMO_DENOMINATOR:
-                memo.update(dec=dec, key=key, denom=denom)
+                memo.update(dec=dec, key=key, denom=denom, damping=damping)
         return denom
 
     def decomposition_cost(self) -> float:
