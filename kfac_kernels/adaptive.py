@@ -212,9 +212,15 @@ class AdaptiveKFAC(DetachesHooksOnExit, torch.optim.Optimizer):
         self.steps = 0
         # no learning rate here: the initial damping bounds the first steps, taken before the
         # first reduction ratio is measured
-        self.skips = SkipCounter(who, fixes=(
-            f"raise the initial damping (damping={float(self.damping):g} now; the rule adapts it "
-            "from there), or use a torch.amp.GradScaler for low-precision training"))
+        fixes = (f"raise the initial damping (damping={float(self.damping):g} now; the rule "
+                 "adapts it from there), or use a torch.amp.GradScaler for low-precision training")
+        self.skips = SkipCounter(who, fixes=fixes)
+        # A step whose quadratic model is not finite (curvature products that overflowed at
+        # parameters that have run away) takes no step; found with the next step's host read.
+        self.model_skips = SkipCounter(
+            who, fixes=fixes, counted="a non-finite quadratic model",
+            cause="the quadratic model of step {step} is not finite (its curvature or gradient "
+                  "products overflowed: the parameters have likely run away)")
         self.last: dict = {}
 
     def add_param_group(self, param_group: dict) -> None:
@@ -315,6 +321,10 @@ class AdaptiveKFAC(DetachesHooksOnExit, torch.optim.Optimizer):
                 for i in range(5))
             chosen = [(best == c).to(coef.dtype)[0] for c in range(len(models))]
             self.factor_damping = torch.index_select(torch.stack(gammas), 0, best)[0]
+        # read with the next step's one host read; a non-finite model took no step (_solve)
+        finite = curv.isfinite().all() & damp.isfinite().all() & lin.isfinite().all()
+        kfac.checks.add(torch.where(finite, 0.0, math.nan), self, "_model_failed",
+                        self.steps + 1)
         k = coef.shape[0]
         # delta = alpha Delta + mu delta_prev for all parameters at once (multi-tensor kernels),
         # applied and kept as the next step's delta_prev; with candidates, each Delta is
@@ -362,6 +372,9 @@ class AdaptiveKFAC(DetachesHooksOnExit, torch.optim.Optimizer):
             torch.where(lower_it, (self.damping * omega).clamp_min(self.min_damping),
                         self.damping))
         return rho
+
+    def _model_failed(self, step: int) -> None:
+        self.model_skips.skipped(step, stacklevel=5)
 
     def _direction(self, updates: dict, grads: dict, g: dict, plain_scale: torch.Tensor,
                    gamma: torch.Tensor) -> dict:
@@ -470,6 +483,7 @@ class AdaptiveKFAC(DetachesHooksOnExit, torch.optim.Optimizer):
         sd["adaptive"] = {"damping": self.damping, "factor_damping": self.factor_damping,
                           "steps": self.steps,
                           "skips": self.skips.state_dict(),
+                          "model_skips": self.model_skips.state_dict(),
                           "kfac": self.preconditioner.state_dict()}
         return sd
 
@@ -487,6 +501,7 @@ class AdaptiveKFAC(DetachesHooksOnExit, torch.optim.Optimizer):
                                               dtype=torch.float64).to(self.damping.device)
         self.steps = int(extra["steps"])
         self.skips.load_state_dict(extra.get("skips"))
+        self.model_skips.load_state_dict(extra.get("model_skips"))
 
 
 def _scale_of(block) -> torch.Tensor:

@@ -3,6 +3,8 @@
 least squares, and its argument checks."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -186,6 +188,33 @@ def test_preconditioner_damping_is_the_greedy_choice_of_martens_grosse():
     # factor_damping_interval=None ties gamma to the adapted lambda
     _, tied = _three_steps(interval=None)
     assert tied.factor_damping is tied.damping and tied.damping.item() != 1.0
+
+
+def test_a_non_finite_quadratic_model_takes_no_step_and_says_so(monkeypatch):
+    """Curvature products that overflow (injected: NaN loss-Hessian products on the second
+    step) leave the parameters where they are, and the next step's read warns, naming the
+    step; the count survives a state_dict round trip."""
+    import kfac_kernels.adaptive as adaptive
+    model = _mlp(5)
+    gen = torch.Generator().manual_seed(5)
+    x, y = torch.randn(16, 5, generator=gen, dtype=DT), torch.randint(0, 3, (16,), generator=gen)
+    opt = AdaptiveKFAC(model, nn.CrossEntropyLoss(), fisher_type="type-2")
+    closure = lambda: (model(x), y)  # noqa: E731
+    opt.step(closure)
+    honest = adaptive._loss_hessian_products
+    monkeypatch.setattr(adaptive, "_loss_hessian_products",
+                        lambda *a: [torch.full_like(v, math.nan) for v in honest(*a)])
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step(closure)
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)
+    monkeypatch.setattr(adaptive, "_loss_hessian_products", honest)
+    with pytest.warns(RuntimeWarning, match="quadratic model of step 2 is not finite"):
+        opt.step(closure)
+    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    fresh = AdaptiveKFAC(_mlp(5), nn.CrossEntropyLoss(), fisher_type="type-2")
+    fresh.load_state_dict(opt.state_dict())
+    assert (fresh.model_skips.count, fresh.model_skips.first_step) == (1, 2)
 
 
 def test_arguments_are_checked():
