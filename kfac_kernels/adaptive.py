@@ -291,13 +291,15 @@ class AdaptiveKFAC(DetachesHooksOnExit, torch.optim.Optimizer):
             omega = math.sqrt(self.decay) ** self.factor_interval
             gammas += [(self.factor_damping * omega).clamp_min(self.min_damping),
                        (self.factor_damping / omega).clamp_max(self.max_damping)]
-        deltas = [self._direction(updates, grads, g, plain_scale, gammas[0])]
-        for gamma in gammas[1:]:
+        # (each candidate but the last is copied out of the gradients the next one overwrites)
+        deltas = [self._direction(updates, grads, g, plain_scale, gammas[0], len(gammas) > 1)]
+        for i, gamma in enumerate(gammas[1:], 2):
             # the same factors and decompositions under another damping (no side effects)
             kfac.damping = gamma
             others = kfac.distribution.share_updates(kfac._precondition_many(
                 {n: m for n, m in grads.items() if kfac.distribution.preconditions(n)}), grads)
-            deltas.append(self._direction(others, grads, g, plain_scale, gamma))
+            deltas.append(self._direction(others, grads, g, plain_scale, gamma,
+                                          i < len(gammas)))
         kfac.damping = self.factor_damping
         prev = {p: self.state[p]["delta"] for p in params if "delta" in self.state[p]}
         use_prev = self.use_momentum and len(prev) == len(params)
@@ -377,17 +379,19 @@ class AdaptiveKFAC(DetachesHooksOnExit, torch.optim.Optimizer):
         self.model_skips.skipped(step, stacklevel=5)
 
     def _direction(self, updates: dict, grads: dict, g: dict, plain_scale: torch.Tensor,
-                   gamma: torch.Tensor) -> dict:
+                   gamma: torch.Tensor, copy: bool) -> dict:
         """``Delta`` by parameter: the preconditioned gradient matrices ``updates`` written back
-        in the parameters' shapes (through their gradients, which it overwrites), negated; the
-        parameters no layer covers get ``-g / ((1 + gamma) s)``, ``s`` their curvature unit."""
+        in the parameters' shapes (through their gradients, which it overwrites), negated (in
+        place unless ``copy``); the parameters no layer covers get ``-g / ((1 + gamma) s)``,
+        ``s`` their curvature unit."""
         self.preconditioner.apply_updates(updates, grads, kl_clip=False)
         out = {}
         for p in self._params():
             if id(p) in self._plain_ids:
                 out[p] = -(g[p] / ((1.0 + gamma) * plain_scale).to(p.dtype))
             else:
-                out[p] = -(p.grad.clone() if p.grad is not None else torch.zeros_like(p))
+                out[p] = (torch.zeros_like(p) if p.grad is None
+                          else p.grad.neg() if copy else p.grad.neg_())
         return out
 
     def _model(self, vectors: list, jvps: list, hess: list, g: dict, weights: dict) -> tuple:
