@@ -310,7 +310,6 @@ class AdaptiveKFAC(DetachesHooksOnExit, torch.optim.Optimizer):
                               [jvps[c]] + jvps[len(deltas):], [hess[c]] + hess[len(deltas):], g,
                               weights) for c, delta in enumerate(deltas)]
         if len(models) == 1:
-            best = None
             coef, curv, damp, lin, predicted, _ = models[0]
             chosen = [1.0]
         else:
