@@ -47,6 +47,9 @@ def configs() -> list[tuple[str, list[str]]]:
     for t in SINGD_PERIODS:
         out.append((f"singd-diagonal T={t}", ["--optimizer", "singd-diagonal", "--singd-T",
                                               str(t)]))
+    # kfac-train's SINGD (INGD, T=1): the same-shape layers stacked, and one at a time
+    out.append(("ingd", ["--optimizer", "ingd"]))
+    out.append(("ingd per-layer", ["--optimizer", "ingd", "--singd-per-layer"]))
     return out
 
 

@@ -20,13 +20,15 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _model(seed=0):
-    """A conv (grouped), a BatchNorm, two Linear layers and a LayerNorm: every adapter kind the
-    structures treat differently."""
+    """A conv (grouped), a BatchNorm, Linear layers (two of the same shape: SINGD's dense
+    factors of those go as one stack) and a LayerNorm: every adapter kind the structures treat
+    differently."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
                              nn.Conv2d(4, 4, 3, stride=2, groups=2), nn.ReLU(), nn.Flatten(),
                              nn.Linear(4 * 3 * 3, 6), nn.LayerNorm(6), nn.Tanh(),
+                             nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(),
                              nn.Linear(6, 3)).to(DT)
 
 

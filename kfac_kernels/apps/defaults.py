@@ -123,6 +123,8 @@ OPTION_USERS: dict[str, tuple[tuple[str, ...], str]] = {
     "no_warm_start": (SINGD_OPTIMIZERS, _SINGD),
     "alpha1": (tuple(o for o in SINGD_OPTIMIZERS if o != "ikfac"), _SINGD + " except ikfac"),
     "block_size": (_BLOCK_STRUCTURES, "--optimizer " + ", ".join(_BLOCK_STRUCTURES)),
+    "singd_per_layer": (("ingd", "ikfac", "singd-dense"),
+                        "--optimizer ingd, ikfac or singd-dense (dense factors)"),
     "singd_fused": (("singd-diagonal", "singd-block-diagonal"),
                     "--optimizer singd-diagonal or singd-block-diagonal"),
 }

@@ -243,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="normalised updates of K and C (lr_cov / max(1, max|m|))")
     singd.add_argument("--singd-fused", action="store_true",
                        help="fused kernels for diagonal factors (singd-diagonal)")
+    singd.add_argument("--singd-per-layer", action="store_true",
+                       help="dense factors one layer at a time (the readable path) instead of "
+                            "the same-shape layers as one stack")
     singd.add_argument("--no-warm-start", action="store_true",
                        help="start K and C at the identity (the reference implementation) "
                             "instead of at the damped inverse roots of the first statistics")
@@ -322,7 +325,7 @@ def _make_singd(args: argparse.Namespace, model: nn.Module, loss_average: str = 
                  block_size=args.block_size, kfac_approx=args.kfac_approx,
                  loss_average=loss_average, kfac_like=kfac_like, backend=args.backend,
                  fused=args.singd_fused, normalize_lr_cov=args.normalize_lr_cov,
-                 warm_start=not args.no_warm_start)
+                 warm_start=not args.no_warm_start, stack_layers=not args.singd_per_layer)
 
 
 class MultiOptimizer:

@@ -58,6 +58,7 @@ from ..curvature import check_common
 from ..layers import find_adapters, validate_skip_modules
 from .._flags import DeferredChecks, largest_magnitude
 from .._skips import SkipCounter
+from . import stacked
 from .block import SingdBlock
 from .fused import FusedSteps
 from .guard import DirectionGuard, select
@@ -140,6 +141,13 @@ class SINGD(DetachesHooksOnExit, FusedSteps, DirectionGuard, torch.optim.Optimiz
             at the identity; then the factors follow the curvature from the first step and a
             larger ``lr_cov`` (e.g. ``1 - factor_decay`` of K-FAC, 0.05) is stable. ``False``
             (the default) is the reference implementation's start.
+        stack_layers: with dense ``K`` and ``C`` (INGD, IKFAC, ``"dense"``), the layers whose
+            factors, statistics and gradients have the same shapes and dtypes (the repeated
+            layers of a deep MLP or a transformer; widths below 256) are updated and
+            preconditioned as one stack, a batched op where each layer would take its own (on
+            the CPU such layers cost dispatch, not flops; :mod:`kfac_kernels.singd.stacked`).
+            Each layer keeps its own checks. ``False``: one layer at a time (the readable path).
+            Same result up to round-off.
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, momentum: float = 0.9,
@@ -152,7 +160,7 @@ class SINGD(DetachesHooksOnExit, FusedSteps, DirectionGuard, torch.optim.Optimiz
                  skip_modules: Iterable = (), backend: str = "auto", fused: bool = False,
                  normalize_lr_cov: bool = False, statistics_from_rows: bool = True,
                  grad_accumulation_steps: int = 1, distributed: bool | None = None,
-                 process_group=None, warm_start: bool = False):
+                 process_group=None, warm_start: bool = False, stack_layers: bool = True):
         who = "SINGD"
         args.instance(who, "model", model, nn.Module, "a torch.nn.Module", allow_none=False)
         lr = args.in_range(who, "lr", lr)
@@ -182,6 +190,7 @@ class SINGD(DetachesHooksOnExit, FusedSteps, DirectionGuard, torch.optim.Optimiz
             warnings.warn(f"{who}: kfac_like=True (IKFAC) has no Riemannian momentum; "
                           f"alpha1={self.alpha1} is not used", stacklevel=2)
         self.fused = args.flag(who, "fused", fused)
+        self.stack_layers = args.flag(who, "stack_layers", stack_layers)
         self.normalize_lr_cov = args.flag(who, "normalize_lr_cov", normalize_lr_cov)
         self.statistics_from_rows = args.flag(who, "statistics_from_rows", statistics_from_rows)
         dtypes = _pair(preconditioner_dtype)
@@ -221,6 +230,8 @@ class SINGD(DetachesHooksOnExit, FusedSteps, DirectionGuard, torch.optim.Optimiz
         self.skips = SkipCounter("SINGD")
         self.checks = DeferredChecks()  # read with the next step's one host read
         self.blocks = {name: self._make_block(name, ad) for name, ad in self.adapters.items()}
+        self._stacked_preconditioner = stacked.StackedPreconditioner()
+        self._layer_keys: dict[str, tuple | None] = {}
         self.capture = Capture(self.adapters, loss_average=loss_average,
                                loss_scale=weak_method(self._loss_scale), train_only=True)
         for name, block in self.blocks.items():
@@ -323,13 +334,12 @@ class SINGD(DetachesHooksOnExit, FusedSteps, DirectionGuard, torch.optim.Optimiz
             # U and G of the loss DDP optimises (see kfac_kernels.distributed); no
             # decompositions to share: every rank updates K and C from the same statistics.
             dist_utils.allreduce_pending(self.blocks, self.process_group)
-        stats = {n: self.blocks[n].pending_statistics() for n in mats} if factor_step else {}
-        stats = {n: st for n, st in stats.items() if st is not None}
+        stats, stat_stacks, stat_healths = (self._pending_statistics(list(mats)) if factor_step
+                                            else ({}, [], {}))
         # The step's one host read: the gradients, this step's statistics and the checks of
         # earlier factor updates, together (kfac_kernels._flags).
         grad_max = gradient_health(grads)
-        ok = self.checks.read([grad_max]
-                              + [SingdBlock.statistics_finite(st) for st in stats.values()])
+        ok = self.checks.read([grad_max] + list(stat_healths.values()))
         if not ok[0]:
             if not (self.grad_scaler is not None and self.grad_scaler.is_enabled()):
                 self.skips.skipped(self.steps + 1)
@@ -337,14 +347,14 @@ class SINGD(DetachesHooksOnExit, FusedSteps, DirectionGuard, torch.optim.Optimiz
             return loss
         group = self.param_groups[0]
         if factor_step:
-            self._update_factors(list(mats), stats, dict(zip(stats, ok[1:])))
+            self._update_factors(list(mats), stats, dict(zip(stat_healths, ok[1:])),
+                                 stat_stacks)
         self._discard_pending()
         # Every layer's direction is checked before it is applied (kfac_kernels.singd.guard).
         # (the fused layers' factors are taken first: a restart below must not re-create them)
         fused = {name: self.blocks[name].factors() for name in mats if self._fusable(name)}
-        directions = {name: self.blocks[name].precondition(mat, self.T)
-                      for name, mat in mats.items() if name not in fused}
-        healths = {name: largest_magnitude(d) for name, d in directions.items()}
+        directions, healths = self._precondition_layers(
+            {name: mat for name, mat in mats.items() if name not in fused})
         healths.update(self._fused_healths(fused, grad_max))
         finite = self._directions_ok(healths)
         updates = []
@@ -370,7 +380,28 @@ class SINGD(DetachesHooksOnExit, FusedSteps, DirectionGuard, torch.optim.Optimiz
                 and (all(c is Diagonal for c in self.structure_classes)
                      or all(c is BlockDiagonal for c in self.structure_classes)))
 
-    def _update_factors(self, names: list[str], stats: dict, finite: dict) -> None:
+    def _pending_statistics(self, names: list[str]) -> tuple[dict, list, dict]:
+        """This step's statistics of the layers ``names`` that have them: per layer its
+        ``[(U, G)]`` per group; the stacks (:mod:`kfac_kernels.singd.stacked`), ``(names,
+        stacked U and G)``; and per layer a 0-d tensor finite iff its statistics are."""
+        stacks, alone = self._stacks({name: self._stack_key(name, stats=True) for name in names})
+        stats, healths, stat_stacks = {}, {}, []
+        for members in stacks:
+            per_layer, stacked_stats, finite = stacked.pending_statistics(
+                [self.blocks[n] for n in members])
+            stats.update(zip(members, per_layer))
+            healths.update(zip(members, finite))
+            stat_stacks.append((members, stacked_stats))
+        for name in alone:
+            st = self.blocks[name].pending_statistics()
+            if st is not None:
+                stats[name] = st
+                healths[name] = SingdBlock.statistics_finite(st)
+        order = [n for n in names if n in stats]
+        return ({n: stats[n] for n in order}, stat_stacks, {n: healths[n] for n in order})
+
+    def _update_factors(self, names: list[str], stats: dict, finite: dict,
+                        stat_stacks: list = ()) -> None:
         """Step 1 of Fig. 4 for every layer with statistics (``finite``: by layer, whether
         they are; the others are skipped, warned once). A non-finite update is not stored;
         that is found with the next step's host read and warned then."""
@@ -402,8 +433,57 @@ class SINGD(DetachesHooksOnExit, FusedSteps, DirectionGuard, torch.optim.Optimiz
             return
         settings = dict(damping=self.damping, alpha1=self.alpha1, lr_cov=self.lr_cov,
                         kfac_like=self.kfac_like, normalize_lr_cov=self.normalize_lr_cov)
-        for name, st in stats.items():
-            self._check_update(name, self.blocks[name].update_factors(st, settings))
+        alone = set(stats)
+        for members, (u, g) in stat_stacks:
+            live = [n for n in members if n in stats]   # the ones with finite statistics
+            if len(live) < 2:
+                continue
+            if len(live) < len(members):
+                u, g = stacked.stack_statistics([stats[n][0] for n in live])
+            healths = stacked.update_factors([self.blocks[n] for n in live], u, g, settings)
+            for name, health in zip(live, healths):
+                self._check_update(name, health)
+            alone -= set(live)
+        for name in stats:
+            if name in alone:
+                self._check_update(name, self.blocks[name].update_factors(stats[name],
+                                                                          settings))
+
+    def _stacks(self, keys: dict[str, tuple | None]) -> tuple[list[list[str]], list[str]]:
+        """The layers updated or preconditioned as stacks (:mod:`kfac_kernels.singd.stacked`)
+        and the others, from their stack keys."""
+        if not self.stack_layers or self.normalize_lr_cov:
+            return [], list(keys)
+        return stacked.stack_groups(keys)
+
+    def _stack_key(self, name: str, stats: bool = False) -> tuple | None:
+        """Layer ``name``'s stack key (:func:`kfac_kernels.singd.stacked.layer_key`, kept);
+        ``stats``: with its pending statistics' (:func:`~kfac_kernels.singd.stacked.pending_key`),
+        ``None`` where it has none."""
+        if name not in self._layer_keys:
+            self._layer_keys[name] = stacked.layer_key(self.blocks[name])
+        key = self._layer_keys[name]
+        if key is None or not stats:
+            return key
+        kinds = stacked.pending_key(self.blocks[name])
+        return None if kinds is None else key + kinds
+
+    def _precondition_layers(self, mats: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+        """Each layer's preconditioned gradient matrix (compute dtype) and its largest
+        magnitude, in the order of ``mats``."""
+        stacks, alone = self._stacks({name: self._stack_key(name) for name in mats})
+        directions, healths = {}, {}
+        for names in stacks:
+            blocks = [self.blocks[n] for n in names]
+            outs, maxima = self._stacked_preconditioner(
+                blocks, [mats[n] for n in names], self.T, self._stack_key(names[0]))
+            directions.update(zip(names, outs))
+            healths.update(zip(names, maxima))
+        for name in alone:
+            directions[name] = self.blocks[name].precondition(mats[name], self.T)
+            healths[name] = largest_magnitude(directions[name])
+        return ({name: directions[name] for name in mats},
+                {name: healths[name] for name in mats})
 
     def _store_factor_update(self, name: str, gi: int, new: dict) -> None:
         """Store group ``gi``'s updated ``K``, ``C`` (and momenta) of layer ``name`` where
