@@ -7,7 +7,9 @@ change of load on a shared machine falls on all of them alike): per round every 
 takes ``--steps`` timed training steps (forward, backward, optimizer step; CPU time of the
 process, ``time.process_time``) after its warm-up, with denormal numbers flushed to zero as
 ``kfac-train`` trains. The result is the median over rounds of
-each configuration's time per step divided by AdamW's in the same round.
+each configuration's time per step divided by AdamW's in the same round. Besides the periods,
+kfac-train's INGD (``--optimizer ingd``, ``T = 1``) with its same-shape layers stacked (the
+default) and one layer at a time (``--singd-per-layer``).
 
     python bench/sweep_amortisation.py                       # every task
     python bench/sweep_amortisation.py --tasks digits --rounds 3
