@@ -33,6 +33,23 @@ def test_newton_schulz_inverse_root(dtype, tol):
     assert err < tol
 
 
+@pytest.mark.parametrize("cls,k", [(Dense, None), (BlockDiagonal, 4)])
+def test_warm_start_from_statistics_whose_norm_overflows_fp32(cls, k):
+    """A diverging run's statistics can be finite while their Frobenius norm overflows fp32
+    (entries ~1e34: a restarted layer warm-starts from them); the inverse root is then taken in
+    float64 and returned in fp32, not a crash (it raised an OverflowError)."""
+    s = 1e34 * _spd(8, 2, cond=10, dtype=torch.float32)
+    assert bool(s.isfinite().all()) and not bool(torch.linalg.matrix_norm(s).isfinite())
+    damping = 0.1
+    f = warm_factor(cls, k, s, damping, torch.float32).to_dense()
+    assert f.dtype == torch.float32 and bool(f.isfinite().all())
+    target = s.double() + damping * torch.eye(8, dtype=DT)
+    if cls is BlockDiagonal:
+        target = BlockDiagonal.project(target, k).to_dense()
+    err = (f.double() @ f.double().T @ target - torch.eye(8, dtype=DT)).norm()
+    assert err < 1e-4
+
+
 @pytest.mark.parametrize("cls,k", [(Dense, None), (Diagonal, None), (BlockDiagonal, 4),
                                    (LowerTriangular, None)])
 def test_warm_factor_per_structure(cls, k):

@@ -32,16 +32,24 @@ def inverse_sqrt_newton_schulz(mat: torch.Tensor, floor: float) -> torch.Tensor:
     are at least ``floor > 0``, by the coupled Newton-Schulz iteration ``T = (3 I - Z Y) / 2,
     Y <- Y T, Z <- T Z`` from ``Y = mat / s``, ``Z = I`` (``s`` the Frobenius norm, so that the
     eigenvalues of ``Y`` lie in ``(0, 1]``). Small eigenvalues grow by ~1.5 per iteration, so
-    ``log_1.5(s / floor)`` iterations bring them to 1 and a few more converge."""
+    ``log_1.5(s / floor)`` iterations bring them to 1 and a few more converge. Statistics so
+    large that their norm overflows ``mat``'s dtype (finite entries above ~1e19 in fp32: a run
+    that is diverging) are taken in float64, and the root is returned in ``mat``'s dtype."""
+    dtype = mat.dtype
+    s = torch.linalg.matrix_norm(mat).clamp_min(floor)[..., None, None]
+    top = float(s.max())
+    if not math.isfinite(top):
+        mat = mat.double()
+        s = torch.linalg.matrix_norm(mat).clamp_min(floor)[..., None, None]
+        top = float(s.max())
     n = mat.shape[-1]
     eye = torch.eye(n, dtype=mat.dtype, device=mat.device).expand_as(mat)
-    s = torch.linalg.matrix_norm(mat).clamp_min(floor)[..., None, None]
-    iters = int(math.ceil(math.log(max(float(s.max()) / floor, 1.0)) / math.log(1.5))) + 8
+    iters = int(math.ceil(math.log(max(top / floor, 1.0)) / math.log(1.5))) + 8
     y, z = mat / s, eye.clone()
     for _ in range(min(iters, 80)):
         t = 1.5 * eye - 0.5 * (z @ y)
         y, z = y @ t, t @ z
-    return z / s.sqrt()
+    return (z / s.sqrt()).to(dtype)
 
 
 def _dense(stat) -> torch.Tensor:
