@@ -256,7 +256,12 @@ def evidence(key: str) -> list[str]:
     return out + [""]
 
 
-KFAC_FAMILY = ("kfac", "bdkfac", "kfac-adaptive", "bdkfac-adaptive")
+# The Kronecker-factored methods: K-FAC, BD-KFAC, their adaptive forms, and the SINGD family
+# (INGD, IKFAC: inverse-free Kronecker-factored natural gradient).
+KFAC_FAMILY = ("kfac", "bdkfac", "kfac-adaptive", "bdkfac-adaptive", "ingd", "ikfac",
+               "singd-dense", "singd-diagonal", "singd-block-diagonal", "singd-hierarchical",
+               "singd-lower-triangular", "singd-rank-k-lower-triangular",
+               "singd-upper-triangular-toeplitz")
 EVIDENCE_TASKS = ("digits", "digits-bn", "digits-autoencoder", "digits-vit", "deep-linear",
                   "graphs", "char-lm")
 

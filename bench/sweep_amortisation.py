@@ -8,8 +8,8 @@ takes ``--steps`` timed training steps (forward, backward, optimizer step; CPU t
 process, ``time.process_time``) after its warm-up, with denormal numbers flushed to zero as
 ``kfac-train`` trains. The result is the median over rounds of
 each configuration's time per step divided by AdamW's in the same round. Besides the periods,
-kfac-train's INGD (``--optimizer ingd``, ``T = 1``) with its same-shape layers stacked (the
-default) and one layer at a time (``--singd-per-layer``).
+INGD (``--optimizer ingd``) at ``T = 1`` with its same-shape layers stacked (the default) and
+one layer at a time (``--singd-per-layer``).
 
     python bench/sweep_amortisation.py                       # every task
     python bench/sweep_amortisation.py --tasks digits --rounds 3
@@ -49,9 +49,10 @@ def configs() -> list[tuple[str, list[str]]]:
     for t in SINGD_PERIODS:
         out.append((f"singd-diagonal T={t}", ["--optimizer", "singd-diagonal", "--singd-T",
                                               str(t)]))
-    # kfac-train's SINGD (INGD, T=1): the same-shape layers stacked, and one at a time
-    out.append(("ingd", ["--optimizer", "ingd"]))
-    out.append(("ingd per-layer", ["--optimizer", "ingd", "--singd-per-layer"]))
+    # INGD at T=1: the same-shape layers stacked, and one at a time
+    out.append(("ingd T=1", ["--optimizer", "ingd", "--singd-T", "1"]))
+    out.append(("ingd T=1 per-layer", ["--optimizer", "ingd", "--singd-T", "1",
+                                       "--singd-per-layer"]))
     return out
 
 

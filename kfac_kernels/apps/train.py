@@ -40,7 +40,7 @@ from torch import nn
 from .defaults import (ADAPTIVE_DEFAULTS, ADAPTIVE_OPTIMIZERS, DEFAULT_LR, DEFAULT_MOMENTUM,
                        DEFAULT_RELATIVE_DAMPING, DEFAULT_WEIGHT_DECAY, INV_WARMUP_STEPS,
                        KFAC_KL_CLIP, OPTIMIZERS, OPTION_USERS, SECOND_ORDER, SINGD_DEFAULTS,
-                       SINGD_OPTIMIZERS, UPDATE_STEPS,
+                       SINGD_OPTIMIZERS, SINGD_T, UPDATE_STEPS,
                        default_damping, default_lr)
 from .models import num_parameters
 from .workloads import WORKLOADS
@@ -235,8 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
                        default=SINGD_DEFAULTS["damping"], help="lambda: damping of SINGD")
     singd.add_argument("--alpha1", type=_momentum, default=SINGD_DEFAULTS["alpha1"],
                        help="Riemannian momentum of the factors (not used by ikfac)")
-    singd.add_argument("--singd-T", type=_positive_int, default=SINGD_DEFAULTS["T"],
-                       help="update K and C every this many steps")
+    singd.add_argument("--singd-T", type=_positive_int, default=None,
+                       help="update K and C every this many steps (default: "
+                            + ", ".join(f"{t} for {o}" for o, t in SINGD_T.items())
+                            + f", {SINGD_DEFAULTS['T']} for the others)")
     singd.add_argument("--block-size", type=_positive_int, default=SINGD_DEFAULTS["block_size"],
                        help="k of the block-diagonal, hierarchical and rank-k structures")
     singd.add_argument("--normalize-lr-cov", action="store_true",
@@ -321,7 +323,7 @@ def _make_singd(args: argparse.Namespace, model: nn.Module, loss_average: str = 
     kfac_like = args.optimizer == "ikfac"
     return SINGD(model, **_own_parameters_skipped(model), lr=args.lr, momentum=args.momentum, damping=args.singd_damping,
                  alpha1=0.0 if kfac_like else args.alpha1, weight_decay=args.weight_decay,
-                 T=args.singd_T, lr_cov=args.lr_cov, structures=structure,
+                 T=_singd_T(args), lr_cov=args.lr_cov, structures=structure,
                  block_size=args.block_size, kfac_approx=args.kfac_approx,
                  loss_average=loss_average, kfac_like=kfac_like, backend=args.backend,
                  fused=args.singd_fused, normalize_lr_cov=args.normalize_lr_cov,
@@ -408,6 +410,13 @@ def _update_steps(args: argparse.Namespace) -> tuple[int | None, int | None]:
     defaults = UPDATE_STEPS.get(args.optimizer, (None, None))
     return tuple(d if v is None else v for v, d in zip(
         (args.factor_update_steps, args.inv_update_steps), defaults))
+
+
+def _singd_T(args: argparse.Namespace) -> int:
+    """The command line's --singd-T, else kfac-train's default for the SINGD optimizer."""
+    if args.singd_T is not None:
+        return args.singd_T
+    return SINGD_T.get(args.optimizer, SINGD_DEFAULTS["T"])
 
 
 def _inv_warmup_steps(args: argparse.Namespace) -> int | None:
