@@ -199,6 +199,19 @@ def test_symmetric_matmul_is_the_product_and_exactly_symmetric(d, m):
     assert bool((got == got.mT).all())
 
 
+def test_symmetric_matmul_batched_is_each_product():
+    """One panel (SINGD's stacked layers): a batch gives each matrix's own product, bit for bit;
+    wider products take 2-d operands only, and say so."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 9, 11, generator=gen, dtype=torch.float64)
+    got = symmetric_matmul(x.mT, x)
+    for i in range(4):
+        assert torch.equal(got[i], symmetric_matmul(x[i].mT, x[i]))
+    wide = torch.randn(2, 3, MIN_BLOCK * 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"symmetric_matmul: a product of 256 columns takes 2-d"):
+        symmetric_matmul(wide.mT, wide)
+
+
 def test_add_symmetric_matmul_beta_zero_ignores_what_out_held():
     d = MIN_BLOCK * 3
     x = torch.randn(20, d, generator=torch.Generator().manual_seed(5), dtype=torch.float64)

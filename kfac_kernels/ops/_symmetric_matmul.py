@@ -91,11 +91,15 @@ def add_symmetric_matmul_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *
 
 
 def symmetric_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` (2-d) for a product known to be symmetric, e.g. ``x.mT @ x`` or
-    ``k.mT @ (u @ k)`` with ``u`` symmetric; exactly symmetric."""
-    d = a.shape[0]
+    """``a @ b`` for a product known to be symmetric, e.g. ``x.mT @ x`` or ``k.mT @ (u @ k)``
+    with ``u`` symmetric; exactly symmetric. 2-d, or batched (leading axes) where the product
+    is one panel (``d < 2 MIN_BLOCK``)."""
+    d = a.shape[-2]
     if len(block_edges(d)) == 2:  # one panel: the full product, averaged with its transpose
         out = a @ b
         return out.add(out.mT).mul_(0.5)
+    if a.dim() != 2 or b.dim() != 2:
+        raise ValueError(f"symmetric_matmul: a product of {d} columns takes 2-d operands, got "
+                         f"{tuple(a.shape)} and {tuple(b.shape)}")
     out = torch.empty(d, d, dtype=torch.promote_types(a.dtype, b.dtype), device=a.device)
     return add_symmetric_matmul_(out, a, b, beta=0.0)

@@ -24,17 +24,9 @@ import torch
 
 from .._flags import reads_are_free
 from ..layers import GramRows
-from ..ops._symmetric_matmul import block_edges
+from ..ops._symmetric_matmul import block_edges, symmetric_matmul
 from .structures import Dense
 from .update import GramOfRows
-
-
-def _symmetric(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` known to be symmetric, batched, as
-    :func:`~kfac_kernels.ops._symmetric_matmul.symmetric_matmul` forms one panel: the product
-    averaged with its transpose (exactly symmetric)."""
-    out = torch.matmul(a, b)
-    return out.add(out.mT).mul_(0.5)
 
 
 def _one_panel(d: int) -> bool:
@@ -141,8 +133,8 @@ def _congruence(S: torch.Tensor, U) -> torch.Tensor:
     :func:`kfac_kernels.singd.update._congruence`)."""
     if isinstance(U, GramOfRows):
         y = torch.matmul(U.x, S)
-        return _symmetric(y.mT, y) * U.weight
-    return _symmetric(S.mT, torch.matmul(U, S))
+        return symmetric_matmul(y.mT, y) * U.weight
+    return symmetric_matmul(S.mT, torch.matmul(U, S))
 
 
 def update_factors(blocks: list, U, G, settings: dict) -> list[torch.Tensor]:
@@ -157,7 +149,7 @@ def update_factors(blocks: list, U, G, settings: dict) -> list[torch.Tensor]:
     d_i, d_o = first.adapter.in_features_per_group, first.adapter.out_features_per_group
     K, C = _stacked_factor(blocks, "K", compute), _stacked_factor(blocks, "C", compute)
     h_k, h_c = _congruence(K, U), _congruence(C, G)
-    ktk, ctc = _symmetric(K.mT, K), _symmetric(C.mT, C)
+    ktk, ctc = symmetric_matmul(K.mT, K), symmetric_matmul(C.mT, C)
 
     def trace(m):
         return torch.diagonal(m, dim1=-2, dim2=-1).sum(-1)[:, None, None]
@@ -234,8 +226,8 @@ class StackedPreconditioner:
             K = _stacked_factor(blocks, "K", compute)
             C = _stacked_factor(blocks, "C", compute)
             # one panel: a square pays where the rows it serves outnumber its width
-            kkt = _symmetric(K, K.mT) if uses * d_o > d_i else None
-            cct = _symmetric(C, C.mT) if uses * d_i > d_o else None
+            kkt = symmetric_matmul(K, K.mT) if uses * d_o > d_i else None
+            cct = symmetric_matmul(C, C.mT) if uses * d_i > d_o else None
             cached = self._squares[key] = (sources, K if kkt is None else kkt,
                                            C if cct is None else cct, kkt is not None,
                                            cct is not None)
